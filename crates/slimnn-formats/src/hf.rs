@@ -1,0 +1,1 @@
+//! Hugging Face BERT-family checkpoints (in progress).

@@ -1,0 +1,33 @@
+//! Model and tensor file formats: ONNX import and export ([`onnx`]), Hugging Face
+//! BERT-family checkpoints ([`hf`]: `config.json` + `model.safetensors`), and `.npy` tensors
+//! ([`npy`]). Every reader validates before it allocates, and every writer writes to a
+//! temporary file renamed into place, so a failure never leaves a half-written file.
+
+mod error;
+pub mod hf;
+pub mod npy;
+pub mod onnx;
+
+pub use error::FormatError;
+
+pub type Result<T, E = FormatError> = std::result::Result<T, E>;
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let file_name = path.file_name().ok_or_else(|| FormatError::Invalid(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
+    let io = |source| FormatError::Io { path: path.display().to_string(), source };
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(())
+}
