@@ -1,0 +1,4 @@
+//! The `slimnn` command-line tool's commands, as a library so tests can call them.
+
+pub mod model;
+pub mod tasks;

@@ -1,0 +1,95 @@
+//! Loading a model from any supported source, and describing it.
+
+use anyhow::{bail, Context, Result};
+use slimnn_formats::{hf, onnx};
+use slimnn_ir::Graph;
+use std::path::Path;
+
+/// Loads an `.onnx` file or a Hugging Face checkpoint folder (`config.json` + `model.safetensors`).
+pub fn load(path: &Path) -> Result<Graph> {
+    if !path.exists() {
+        bail!("{}: no such file or folder", path.display());
+    }
+    if path.is_dir() {
+        if hf::is_checkpoint_dir(path) {
+            return hf::load_bert(path).with_context(|| format!("loading {}", path.display()));
+        }
+        bail!("{}: a model folder needs config.json and model.safetensors", path.display());
+    }
+    onnx::load(path).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Bytes a model takes on disk (a folder counts every file in it).
+pub fn size_on_disk(path: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| walk(&e.path())).sum())
+                .unwrap_or(0),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        }
+    }
+    walk(path)
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ValueInfo {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<String>,
+}
+
+/// What `slimnn inspect` reports.
+#[derive(Debug, serde::Serialize)]
+pub struct Summary {
+    pub inputs: Vec<ValueInfo>,
+    pub outputs: Vec<ValueInfo>,
+    pub ops: std::collections::BTreeMap<String, usize>,
+    pub nodes: usize,
+    pub parameters: usize,
+    pub size_on_disk_bytes: u64,
+}
+
+pub fn summarize(g: &Graph, path: &Path) -> Summary {
+    let info = |name: &str, f: &slimnn_ir::Fact| ValueInfo {
+        name: name.to_string(),
+        dtype: f.dtype.to_string(),
+        shape: f.shape.iter().map(|d| d.to_string()).collect(),
+    };
+    Summary {
+        inputs: (0..g.inputs().len()).map(|i| info(g.input_name(i), g.input_fact(i))).collect(),
+        outputs: g.outputs().iter().map(|(n, o)| info(n, g.fact(*o))).collect(),
+        ops: g.op_histogram().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        nodes: g.op_histogram().values().sum(),
+        parameters: g.parameter_count(),
+        size_on_disk_bytes: size_on_disk(path),
+    }
+}
+
+/// `name` with every character outside `A-Za-z0-9._-` replaced by `_`, so it is a safe file name.
+pub fn safe_file_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .collect();
+    // "." and ".." are not usable as file names.
+    if s.is_empty() || s.chars().all(|c| c == '.') {
+        format!("_{s}")
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_names() {
+        assert_eq!(safe_file_name("last_hidden_state"), "last_hidden_state");
+        assert_eq!(safe_file_name("/encoder/layer.0:out"), "_encoder_layer.0_out");
+        assert_eq!(safe_file_name(".."), "_..");
+        assert_eq!(safe_file_name("é"), "_");
+    }
+}
