@@ -390,8 +390,10 @@ impl UnaryOp {
                     1.0
                 } else if x < 0.0 {
                     -1.0
+                } else if x == 0.0 {
+                    0.0
                 } else {
-                    x * 0.0
+                    x
                 }
             }
             Sin => x.sin(),
@@ -1016,6 +1018,8 @@ mod tests {
             [0.0, 2.0, 2.0, -0.0, -2.0, 0.0]
         );
         assert_eq!(unary_f64(Sign, &[-3.0, 0.0, 2.0]), [-1.0, 0.0, 1.0]);
+        let s = unary_f64(Sign, &[-0.0, f64::NAN]);
+        assert!(s[0] == 0.0 && s[0].is_sign_positive() && s[1].is_nan());
         assert_eq!(unary_f64(Sin, &[0.0]), [0.0]);
         assert_eq!(unary_f64(Cos, &[0.0]), [1.0]);
         assert_close(

@@ -623,6 +623,22 @@ mod tests {
             &[&x, &s],
         );
         assert_close(&y, &[-1.0, 3.0, -1.0, 3.0, -1.0, 3.0, -1.0, 3.0], 1e-12);
+        // A [2, 1] scale over normalised dims [2, 2] (checked against onnxruntime).
+        let x = t(&[2, 2, 2], (0..8).map(|v| v as f64).collect());
+        let s = t(&[2, 1], vec![1f64, 2.0]);
+        let y = run(
+            LayerNorm {
+                axis: 1,
+                epsilon: 0.0,
+            },
+            &[&x, &s],
+        );
+        let (a, b) = (1.3416407864998738, 0.4472135954999579);
+        assert_close(
+            &y,
+            &[-a, -b, 2.0 * b, 2.0 * a, -a, -b, 2.0 * b, 2.0 * a],
+            1e-12,
+        );
         let bad = t(&[3], vec![1f64; 3]);
         assert!(LayerNorm {
             axis: -1,
