@@ -1,0 +1,893 @@
+//! ONNX node -> canonical ops. Each converter reads the node's attributes and inputs in the
+//! form its opset uses and builds the one canonical form `slimnn_ir::ops` defines (axes as
+//! attributes, optional inputs made explicit, variadic ops as chains of binary ops).
+
+use super::spec::Attrs;
+use super::tensor::{dtype_from_onnx, tensor_from_proto};
+use crate::{FormatError, Result};
+use slimnn_ir::ops::*;
+use slimnn_ir::{Fact, Graph, Op, OutletId};
+use slimnn_tensor::{bf16, f16, DType, Tensor};
+use std::path::Path;
+use std::sync::Arc;
+
+/// What a converter sees of one node.
+pub(super) struct Cx<'a> {
+    pub g: &'a mut Graph,
+    /// The node's display name (its ONNX name, or `<op>_<index>` when it has none).
+    pub name: &'a str,
+    pub op_type: &'a str,
+    pub opset: i64,
+    pub attrs: Attrs<'a>,
+    /// One entry per ONNX input position; `None` for an omitted optional input and for inputs
+    /// only read as constants (see [`const_only_inputs`]), which are not added to the graph.
+    pub inputs: Vec<Option<OutletId>>,
+    /// Whether each input position is given (non-empty name).
+    pub present: Vec<bool>,
+    /// The value of each input known to be constant.
+    pub konsts: Vec<Option<Arc<Tensor>>>,
+    /// Number of ONNX outputs the node lists (omitted optional ones included).
+    pub n_outputs: usize,
+    pub base_dir: Option<&'a Path>,
+}
+
+impl Cx<'_> {
+    fn label(&self) -> String {
+        format!("node '{}' ({})", self.name, self.op_type)
+    }
+
+    pub fn invalid(&self, msg: impl std::fmt::Display) -> FormatError {
+        FormatError::malformed(self.label(), msg.to_string())
+    }
+
+    pub fn unsupported(&self, msg: impl std::fmt::Display) -> FormatError {
+        FormatError::Unsupported(format!("{}: {msg}", self.label()))
+    }
+
+    fn opt(&self, i: usize) -> Option<OutletId> {
+        self.inputs.get(i).copied().flatten()
+    }
+
+    fn input(&self, i: usize) -> Result<OutletId> {
+        self.opt(i)
+            .ok_or_else(|| self.invalid(format!("input {i} is required")))
+    }
+
+    fn fact(&self, o: OutletId) -> &Fact {
+        self.g.fact(o)
+    }
+
+    /// The value of optional input `i` when present; unsupported when it is not a constant.
+    fn const_input(&self, i: usize, what: &str) -> Result<Option<Arc<Tensor>>> {
+        if !self.present.get(i).copied().unwrap_or(false) {
+            return Ok(None);
+        }
+        match self.konsts.get(i).cloned().flatten() {
+            Some(t) => Ok(Some(t)),
+            None => Err(self.unsupported(format!("input {i} ({what}) must be a constant"))),
+        }
+    }
+
+    fn const_ints(&self, i: usize, what: &str) -> Result<Option<Vec<i64>>> {
+        match self.const_input(i, what)? {
+            None => Ok(None),
+            Some(t) if t.dtype().is_integer() && t.rank() <= 1 => Ok(Some(t.to_i64_vec()?)),
+            Some(t) => Err(self.invalid(format!(
+                "input {i} ({what}) must be a 1-d integer tensor, got {}{:?}",
+                t.dtype(),
+                t.shape()
+            ))),
+        }
+    }
+
+    /// Adds the node's main op under the node's own name.
+    fn add(&mut self, op: impl Into<Op>, inputs: Vec<OutletId>) -> Result<Vec<OutletId>> {
+        Ok(self.g.add_node(self.name, op, inputs)?)
+    }
+
+    /// Adds a helper node named after the node.
+    fn add_aux(
+        &mut self,
+        suffix: &str,
+        op: impl Into<Op>,
+        inputs: Vec<OutletId>,
+    ) -> Result<OutletId> {
+        let name = format!("{}/{suffix}", self.name);
+        Ok(self.g.add_node(&name, op, inputs)?[0])
+    }
+
+    fn konst(&mut self, suffix: &str, t: Tensor) -> Result<OutletId> {
+        let name = format!("{}/{suffix}", self.name);
+        Ok(self.g.add_const(&name, t)?)
+    }
+
+    fn usizes(&self, what: &str, v: &[i64]) -> Result<Vec<usize>> {
+        v.iter()
+            .map(|&x| {
+                usize::try_from(x)
+                    .map_err(|_| self.invalid(format!("{what} must not be negative, got {v:?}")))
+            })
+            .collect()
+    }
+
+    fn bool_attr(&self, name: &str, default: bool) -> bool {
+        self.attrs.i(name).map_or(default, |v| v != 0)
+    }
+
+    /// A zero tensor of `dtype` shaped like the (known-shape) value `like`, for zero points
+    /// that ONNX lets a model omit.
+    fn zero_point_like(&mut self, suffix: &str, dtype: DType, like: OutletId) -> Result<OutletId> {
+        let shape = self.fact(like).known_shape().ok_or_else(|| {
+            self.unsupported(format!(
+                "the shape of the scale must be known to supply the omitted {suffix}"
+            ))
+        })?;
+        let t = Tensor::zeros(dtype, shape)?;
+        self.konst(suffix, t)
+    }
+
+    fn scalar_zero(&mut self, suffix: &str, dtype: DType) -> Result<OutletId> {
+        let t = Tensor::zeros(dtype, vec![])?;
+        self.konst(suffix, t)
+    }
+}
+
+/// The smallest or largest value of a dtype as a scalar tensor (Clip's absent bounds).
+fn extreme(dtype: DType, high: bool) -> Option<Tensor> {
+    Some(match (dtype, high) {
+        (DType::F32, false) => Tensor::scalar(f32::MIN),
+        (DType::F32, true) => Tensor::scalar(f32::MAX),
+        (DType::F64, false) => Tensor::scalar(f64::MIN),
+        (DType::F64, true) => Tensor::scalar(f64::MAX),
+        (DType::F16, false) => Tensor::scalar(f16::MIN),
+        (DType::F16, true) => Tensor::scalar(f16::MAX),
+        (DType::BF16, false) => Tensor::scalar(bf16::MIN),
+        (DType::BF16, true) => Tensor::scalar(bf16::MAX),
+        (DType::I8, false) => Tensor::scalar(i8::MIN),
+        (DType::I8, true) => Tensor::scalar(i8::MAX),
+        (DType::U8, false) => Tensor::scalar(u8::MIN),
+        (DType::U8, true) => Tensor::scalar(u8::MAX),
+        (DType::I16, false) => Tensor::scalar(i16::MIN),
+        (DType::I16, true) => Tensor::scalar(i16::MAX),
+        (DType::I32, false) => Tensor::scalar(i32::MIN),
+        (DType::I32, true) => Tensor::scalar(i32::MAX),
+        (DType::I64, false) => Tensor::scalar(i64::MIN),
+        (DType::I64, true) => Tensor::scalar(i64::MAX),
+        _ => return None,
+    })
+}
+
+pub(super) fn unary_op(op_type: &str) -> Option<UnaryOp> {
+    Some(match op_type {
+        "Abs" => UnaryOp::Abs,
+        "Neg" => UnaryOp::Neg,
+        "Sqrt" => UnaryOp::Sqrt,
+        "Reciprocal" => UnaryOp::Reciprocal,
+        "Exp" => UnaryOp::Exp,
+        "Log" => UnaryOp::Log,
+        "Erf" => UnaryOp::Erf,
+        "Tanh" => UnaryOp::Tanh,
+        "Sigmoid" => UnaryOp::Sigmoid,
+        "Relu" => UnaryOp::Relu,
+        "Not" => UnaryOp::Not,
+        "Floor" => UnaryOp::Floor,
+        "Ceil" => UnaryOp::Ceil,
+        "Round" => UnaryOp::Round,
+        "Sign" => UnaryOp::Sign,
+        "Sin" => UnaryOp::Sin,
+        "Cos" => UnaryOp::Cos,
+        "Softplus" => UnaryOp::Softplus,
+        "HardSwish" => UnaryOp::HardSwish,
+        _ => return None,
+    })
+}
+
+pub(super) fn binary_op(op_type: &str) -> Option<BinaryOp> {
+    Some(match op_type {
+        "Add" => BinaryOp::Add,
+        "Sub" => BinaryOp::Sub,
+        "Mul" => BinaryOp::Mul,
+        "Div" => BinaryOp::Div,
+        "Pow" => BinaryOp::Pow,
+        "PRelu" => BinaryOp::PRelu,
+        "Equal" => BinaryOp::Equal,
+        "Less" => BinaryOp::Less,
+        "LessOrEqual" => BinaryOp::LessOrEqual,
+        "Greater" => BinaryOp::Greater,
+        "GreaterOrEqual" => BinaryOp::GreaterOrEqual,
+        "And" => BinaryOp::And,
+        "Or" => BinaryOp::Or,
+        "Xor" => BinaryOp::Xor,
+        _ => return None,
+    })
+}
+
+pub(super) fn reduce_op(op_type: &str) -> Option<ReduceOp> {
+    Some(match op_type {
+        "ReduceSum" => ReduceOp::Sum,
+        "ReduceMean" => ReduceOp::Mean,
+        "ReduceMax" => ReduceOp::Max,
+        "ReduceMin" => ReduceOp::Min,
+        "ReduceProd" => ReduceOp::Prod,
+        "ReduceL1" => ReduceOp::L1,
+        "ReduceL2" => ReduceOp::L2,
+        "ReduceSumSquare" => ReduceOp::SumSquare,
+        "ReduceLogSum" => ReduceOp::LogSum,
+        "ReduceLogSumExp" => ReduceOp::LogSumExp,
+        _ => return None,
+    })
+}
+
+pub(super) fn auto_pad(s: &str) -> Option<AutoPad> {
+    Some(match s {
+        "NOTSET" | "" => AutoPad::NotSet,
+        "SAME_UPPER" => AutoPad::SameUpper,
+        "SAME_LOWER" => AutoPad::SameLower,
+        "VALID" => AutoPad::Valid,
+        _ => return None,
+    })
+}
+
+pub(super) fn resize_mode(s: &str) -> Option<ResizeMode> {
+    Some(match s {
+        "nearest" => ResizeMode::Nearest,
+        "linear" => ResizeMode::Linear,
+        "cubic" => ResizeMode::Cubic,
+        _ => return None,
+    })
+}
+
+/// `tf_crop_and_resize` is left out on purpose: it needs `roi`, which the canonical op drops.
+pub(super) fn coord_mode(s: &str) -> Option<CoordMode> {
+    Some(match s {
+        "half_pixel" => CoordMode::HalfPixel,
+        "half_pixel_symmetric" => CoordMode::HalfPixelSymmetric,
+        "pytorch_half_pixel" => CoordMode::PytorchHalfPixel,
+        "align_corners" => CoordMode::AlignCorners,
+        "asymmetric" => CoordMode::Asymmetric,
+        _ => return None,
+    })
+}
+
+pub(super) fn nearest_mode(s: &str) -> Option<NearestMode> {
+    Some(match s {
+        "round_prefer_floor" => NearestMode::RoundPreferFloor,
+        "round_prefer_ceil" => NearestMode::RoundPreferCeil,
+        "floor" => NearestMode::Floor,
+        "ceil" => NearestMode::Ceil,
+        _ => return None,
+    })
+}
+
+pub(super) fn pad_mode(s: &str) -> Option<PadMode> {
+    Some(match s {
+        "constant" => PadMode::Constant,
+        "reflect" => PadMode::Reflect,
+        "edge" => PadMode::Edge,
+        "wrap" => PadMode::Wrap,
+        _ => return None,
+    })
+}
+
+/// Whether a reduction reads its axes from input 1 (ReduceSum from opset 13, the others
+/// from 18) rather than from the `axes` attribute.
+pub(super) fn reduce_axes_as_input(op_type: &str, opset: i64) -> bool {
+    opset >= 18 || (op_type == "ReduceSum" && opset >= 13)
+}
+
+/// Input positions a converter reads only as constants (axes, split sizes, Dropout's ratio,
+/// Resize's roi, ...): they are not added to the graph, so a model's constant parameters do
+/// not turn into unused constant nodes.
+pub(super) fn const_only_inputs(op_type: &str, opset: i64, present: &[bool]) -> Vec<usize> {
+    match op_type {
+        "Unsqueeze" | "Squeeze" | "Split" if opset >= 13 => vec![1],
+        _ if reduce_op(op_type).is_some() && reduce_axes_as_input(op_type, opset) => vec![1],
+        "Dropout" => vec![1, 2],
+        "Resize" if present.get(3).copied().unwrap_or(false) => vec![1, 2],
+        "Resize" => vec![1],
+        _ => vec![],
+    }
+}
+
+/// Why a node cannot be imported, for reasons visible without building anything (attribute
+/// values, outputs the model uses that slimnn does not produce). `used[i]` says whether output
+/// `i` is read by a node or is a graph output.
+pub(super) fn static_unsupported(op_type: &str, attrs: &Attrs, used: &[bool]) -> Option<String> {
+    let used_beyond = |n: usize| used.iter().skip(n).any(|&u| u);
+    match op_type {
+        "Dropout" if used_beyond(1) => Some("its mask output is used; only inference (output 0) is supported".into()),
+        "LayerNormalization" if used_beyond(1) => {
+            Some("its Mean / InvStdDev outputs are used; only output Y is supported".into())
+        }
+        "BatchNormalization" if attrs.i_or("training_mode", 0) != 0 => Some("training_mode = 1 is not supported".into()),
+        "BatchNormalization" if used_beyond(1) => {
+            Some("its training outputs (running / saved mean and variance) are used; only inference is supported".into())
+        }
+        "MaxPool" if used_beyond(1) => Some("the Indices output is not supported".into()),
+        "Cast" => match dtype_from_onnx(attrs.i_or("to", 0) as i32) {
+            Err(e) => Some(format!("cast target: {e}")),
+            Ok(_) => None,
+        },
+        "Resize" => {
+            let coord = attrs.s_or("coordinate_transformation_mode", "half_pixel");
+            if coord_mode(&coord).is_none() {
+                Some(format!("coordinate_transformation_mode '{coord}' is not supported"))
+            } else if resize_mode(&attrs.s_or("mode", "nearest")).is_none() {
+                Some(format!("mode '{}' is not supported", attrs.s_or("mode", "nearest")))
+            } else if nearest_mode(&attrs.s_or("nearest_mode", "round_prefer_floor")).is_none() {
+                Some(format!("nearest_mode '{}' is not supported", attrs.s_or("nearest_mode", "")))
+            } else if attrs.i_or("antialias", 0) != 0 {
+                Some("antialias = 1 is not supported".into())
+            } else if attrs.s_or("keep_aspect_ratio_policy", "stretch") != "stretch" {
+                Some(format!("keep_aspect_ratio_policy '{}' is not supported", attrs.s_or("keep_aspect_ratio_policy", "")))
+            } else {
+                None
+            }
+        }
+        "QuantizeLinear" | "DequantizeLinear" if attrs.i_or("block_size", 0) != 0 => {
+            Some("blocked quantization (block_size != 0) is not supported".into())
+        }
+        "QuantizeLinear" if attrs.has("output_dtype") && attrs.i_or("output_dtype", 0) != 0 => {
+            match dtype_from_onnx(attrs.i_or("output_dtype", 0) as i32) {
+                Ok(DType::U8 | DType::I8 | DType::I16) => None,
+                Ok(dt) => Some(format!("output_dtype {dt} is not supported")),
+                Err(e) => Some(format!("output_dtype: {e}")),
+            }
+        }
+        "Constant" if attrs.has("value_string") || attrs.has("value_strings") => {
+            Some("string constants are not supported".into())
+        }
+        "Constant"
+            if !["value", "value_float", "value_floats", "value_int", "value_ints"].iter().any(|a| attrs.has(a)) =>
+        {
+            Some("only value, value_float(s) and value_int(s) constants are supported".into())
+        }
+        _ => None,
+    }
+}
+
+/// Builds the canonical ops for one node and returns its outputs, in ONNX output order (outputs
+/// the model does not use may be left off the end).
+pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
+    let op_type = cx.op_type;
+    if let Some(u) = unary_op(op_type) {
+        return cx.add(Unary(u), vec![cx.input(0)?]);
+    }
+    if let Some(b) = binary_op(op_type) {
+        return cx.add(Binary(b), vec![cx.input(0)?, cx.input(1)?]);
+    }
+    if let Some(r) = reduce_op(op_type) {
+        return reduce(cx, r);
+    }
+    let a = &cx.attrs;
+    match op_type {
+        "LeakyRelu" => {
+            let alpha = a.f_or("alpha", 0.01);
+            cx.add(Unary(UnaryOp::LeakyRelu { alpha }), vec![cx.input(0)?])
+        }
+        "Elu" => {
+            let alpha = a.f_or("alpha", 1.0);
+            cx.add(Unary(UnaryOp::Elu { alpha }), vec![cx.input(0)?])
+        }
+        "HardSigmoid" => {
+            let (alpha, beta) = (a.f_or("alpha", 0.2), a.f_or("beta", 0.5));
+            cx.add(
+                Unary(UnaryOp::HardSigmoid { alpha, beta }),
+                vec![cx.input(0)?],
+            )
+        }
+        "Gelu" => {
+            let tanh = match a.s_or("approximate", "none").as_str() {
+                "none" => false,
+                "tanh" => true,
+                other => {
+                    return Err(cx.invalid(format!(
+                        "approximate must be 'none' or 'tanh', got '{other}'"
+                    )))
+                }
+            };
+            cx.add(Unary(UnaryOp::Gelu { tanh }), vec![cx.input(0)?])
+        }
+        "Identity" => cx.add(Identity, vec![cx.input(0)?]),
+        "Mod" => {
+            let fmod = cx.bool_attr("fmod", false);
+            cx.add(
+                Binary(BinaryOp::Mod { fmod }),
+                vec![cx.input(0)?, cx.input(1)?],
+            )
+        }
+        "Sum" | "Mean" | "Max" | "Min" => variadic(cx),
+        "Where" => cx.add(Where, vec![cx.input(0)?, cx.input(1)?, cx.input(2)?]),
+        "Cast" => {
+            let to = dtype_from_onnx(a.i_or("to", 0) as i32).map_err(|e| cx.unsupported(e))?;
+            cx.add(Cast { to }, vec![cx.input(0)?])
+        }
+        "CastLike" => {
+            let to = cx.fact(cx.input(1)?).dtype;
+            cx.add(Cast { to }, vec![cx.input(0)?])
+        }
+        "Clip" => {
+            let x = cx.input(0)?;
+            let dt = cx.fact(x).dtype;
+            let mut bounds = vec![x];
+            for (i, high) in [(1, false), (2, true)] {
+                let o = match cx.opt(i) {
+                    Some(o) => o,
+                    None => {
+                        let t = extreme(dt, high)
+                            .ok_or_else(|| cx.invalid(format!("Clip of {dt} is not defined")))?;
+                        cx.konst(if high { "max" } else { "min" }, t)?
+                    }
+                };
+                bounds.push(o);
+            }
+            cx.add(Clip, bounds)
+        }
+        "Dropout" => {
+            if let Some(t) = cx.const_input(2, "training_mode")? {
+                if t.to_f64_vec().iter().any(|&v| v != 0.0) {
+                    return Err(cx.unsupported("training_mode = true is not supported"));
+                }
+            }
+            cx.add(Identity, vec![cx.input(0)?])
+        }
+        "MatMul" => cx.add(MatMul, vec![cx.input(0)?, cx.input(1)?]),
+        "Gemm" => {
+            let op = Gemm {
+                alpha: a.f_or("alpha", 1.0),
+                beta: a.f_or("beta", 1.0),
+                trans_a: cx.bool_attr("transA", false),
+                trans_b: cx.bool_attr("transB", false),
+            };
+            let mut ins = vec![cx.input(0)?, cx.input(1)?];
+            ins.extend(cx.opt(2));
+            cx.add(op, ins)
+        }
+        "Softmax" | "LogSoftmax" => {
+            let legacy_2d = cx.opset < 13;
+            let axis = a.i_or("axis", if legacy_2d { 1 } else { -1 });
+            let x = cx.input(0)?;
+            if op_type == "Softmax" {
+                cx.add(Softmax { axis, legacy_2d }, vec![x])
+            } else {
+                cx.add(LogSoftmax { axis, legacy_2d }, vec![x])
+            }
+        }
+        "LayerNormalization" => {
+            let op = LayerNorm {
+                axis: a.i_or("axis", -1),
+                epsilon: a.f_or("epsilon", 1e-5),
+            };
+            let mut ins = vec![cx.input(0)?, cx.input(1)?];
+            ins.extend(cx.opt(2));
+            cx.add(op, ins)
+        }
+        "BatchNormalization" => {
+            let op = BatchNorm {
+                epsilon: a.f_or("epsilon", 1e-5),
+            };
+            let ins = (0..5).map(|i| cx.input(i)).collect::<Result<_>>()?;
+            cx.add(op, ins)
+        }
+        "ArgMax" | "ArgMin" => {
+            let op = ArgReduce {
+                max: op_type == "ArgMax",
+                axis: a.i_or("axis", 0),
+                keepdims: cx.bool_attr("keepdims", true),
+                select_last_index: cx.bool_attr("select_last_index", false),
+            };
+            cx.add(op, vec![cx.input(0)?])
+        }
+        "Shape" => {
+            let op = Shape {
+                start: a.i_or("start", 0),
+                end: a.i("end"),
+            };
+            cx.add(op, vec![cx.input(0)?])
+        }
+        "Reshape" => {
+            let op = Reshape {
+                allowzero: cx.bool_attr("allowzero", false),
+            };
+            cx.add(op, vec![cx.input(0)?, cx.input(1)?])
+        }
+        "Transpose" => {
+            let perm = a.ints("perm").map(|p| cx.usizes("perm", p)).transpose()?;
+            cx.add(Transpose { perm }, vec![cx.input(0)?])
+        }
+        "Unsqueeze" => {
+            let axes = if cx.opset < 13 {
+                a.ints("axes").map(<[i64]>::to_vec)
+            } else {
+                cx.const_ints(1, "axes")?
+            };
+            let axes = axes.ok_or_else(|| cx.invalid("axes are required"))?;
+            cx.add(Unsqueeze { axes }, vec![cx.input(0)?])
+        }
+        "Squeeze" => {
+            let axes = if cx.opset < 13 {
+                a.ints("axes").map(<[i64]>::to_vec)
+            } else {
+                cx.const_ints(1, "axes")?
+            };
+            cx.add(Squeeze { axes }, vec![cx.input(0)?])
+        }
+        "Concat" => {
+            let axis = a.i_or("axis", 0);
+            let ins = (0..cx.inputs.len())
+                .map(|i| cx.input(i))
+                .collect::<Result<_>>()?;
+            cx.add(Concat { axis }, ins)
+        }
+        "Slice" => slice(cx),
+        "Split" => split(cx),
+        "Expand" => cx.add(Expand, vec![cx.input(0)?, cx.input(1)?]),
+        "Gather" => {
+            let axis = a.i_or("axis", 0);
+            cx.add(Gather { axis }, vec![cx.input(0)?, cx.input(1)?])
+        }
+        "ConstantOfShape" => {
+            let value = match a.t("value") {
+                Some(t) => tensor_from_proto(t, cx.base_dir)?,
+                None => Tensor::from_vec(vec![1], vec![0f32])?,
+            };
+            if value.len() != 1 {
+                return Err(cx.invalid(format!(
+                    "value must hold one element, got shape {:?}",
+                    value.shape()
+                )));
+            }
+            cx.add(
+                ConstantOfShape {
+                    value: Arc::new(value),
+                },
+                vec![cx.input(0)?],
+            )
+        }
+        "Range" => cx.add(Range, vec![cx.input(0)?, cx.input(1)?, cx.input(2)?]),
+        "Flatten" => {
+            let axis = a.i_or("axis", 1);
+            cx.add(Flatten { axis }, vec![cx.input(0)?])
+        }
+        "Tile" => cx.add(Tile, vec![cx.input(0)?, cx.input(1)?]),
+        "Pad" => {
+            let mode_s = a.s_or("mode", "constant");
+            let mode =
+                pad_mode(&mode_s).ok_or_else(|| cx.invalid(format!("unknown mode '{mode_s}'")))?;
+            let x = cx.input(0)?;
+            let mut ins = vec![x, cx.input(1)?];
+            if let Some(axes) = cx.opt(3) {
+                let value = match cx.opt(2) {
+                    Some(v) => v,
+                    None => {
+                        let dt = cx.fact(x).dtype;
+                        cx.scalar_zero("constant_value", dt)?
+                    }
+                };
+                ins.extend([value, axes]);
+            } else {
+                ins.extend(cx.opt(2));
+            }
+            cx.add(Pad { mode }, ins)
+        }
+        "Conv" | "ConvTranspose" => {
+            let attrs = conv_attrs(cx)?;
+            let mut ins = vec![cx.input(0)?, cx.input(1)?];
+            ins.extend(cx.opt(2));
+            if op_type == "Conv" {
+                cx.add(Conv { attrs }, ins)
+            } else {
+                let output_padding = cx.usizes(
+                    "output_padding",
+                    cx.attrs.ints("output_padding").unwrap_or(&[]),
+                )?;
+                let output_shape = cx
+                    .attrs
+                    .ints("output_shape")
+                    .map(|v| cx.usizes("output_shape", v))
+                    .transpose()?;
+                cx.add(
+                    ConvTranspose {
+                        attrs,
+                        output_padding,
+                        output_shape,
+                    },
+                    ins,
+                )
+            }
+        }
+        "MaxPool" | "AveragePool" => {
+            let kind = if op_type == "MaxPool" {
+                PoolKind::Max
+            } else {
+                PoolKind::Average {
+                    count_include_pad: cx.bool_attr("count_include_pad", false),
+                }
+            };
+            let ap = a.s_or("auto_pad", "NOTSET");
+            let attrs = PoolAttrs {
+                kernel_shape: cx.usizes("kernel_shape", a.ints("kernel_shape").unwrap_or(&[]))?,
+                strides: cx.usizes("strides", a.ints("strides").unwrap_or(&[]))?,
+                pads: cx.usizes("pads", a.ints("pads").unwrap_or(&[]))?,
+                dilations: cx.usizes("dilations", a.ints("dilations").unwrap_or(&[]))?,
+                ceil_mode: cx.bool_attr("ceil_mode", false),
+                auto_pad: auto_pad(&ap)
+                    .ok_or_else(|| cx.invalid(format!("unknown auto_pad '{ap}'")))?,
+            };
+            cx.add(Pool { kind, attrs }, vec![cx.input(0)?])
+        }
+        "GlobalAveragePool" | "GlobalMaxPool" => cx.add(
+            GlobalPool {
+                max: op_type == "GlobalMaxPool",
+            },
+            vec![cx.input(0)?],
+        ),
+        "Resize" => resize(cx),
+        "QuantizeLinear" => {
+            let axis = a.i_or("axis", 1);
+            let out_dt = match a.i_or("output_dtype", 0) {
+                0 => None,
+                code => Some(dtype_from_onnx(code as i32).map_err(|e| cx.unsupported(e))?),
+            };
+            let (x, scale) = (cx.input(0)?, cx.input(1)?);
+            let zp = match cx.opt(2) {
+                Some(zp) => {
+                    let zdt = cx.fact(zp).dtype;
+                    if out_dt.is_some_and(|d| d != zdt) {
+                        return Err(cx.invalid(format!(
+                            "output_dtype {} differs from the zero point's {zdt}",
+                            out_dt.unwrap_or(zdt)
+                        )));
+                    }
+                    zp
+                }
+                None => cx.zero_point_like("y_zero_point", out_dt.unwrap_or(DType::U8), scale)?,
+            };
+            cx.add(QuantizeLinear { axis }, vec![x, scale, zp])
+        }
+        "DequantizeLinear" => {
+            let axis = a.i_or("axis", 1);
+            let (x, scale) = (cx.input(0)?, cx.input(1)?);
+            let zp = match cx.opt(2) {
+                Some(zp) => zp,
+                None => {
+                    let dt = cx.fact(x).dtype;
+                    cx.zero_point_like("x_zero_point", dt, scale)?
+                }
+            };
+            cx.add(DequantizeLinear { axis }, vec![x, scale, zp])
+        }
+        "DynamicQuantizeLinear" => cx.add(DynamicQuantizeLinear, vec![cx.input(0)?]),
+        "MatMulInteger" | "ConvInteger" => {
+            let (x, w) = (cx.input(0)?, cx.input(1)?);
+            let mut ins = vec![x, w];
+            for (i, of, what) in [(2, x, "a_zero_point"), (3, w, "b_zero_point")] {
+                let zp = match cx.opt(i) {
+                    Some(zp) => zp,
+                    None => {
+                        let dt = cx.fact(of).dtype;
+                        cx.scalar_zero(what, dt)?
+                    }
+                };
+                ins.push(zp);
+            }
+            if op_type == "MatMulInteger" {
+                cx.add(MatMulInteger, ins)
+            } else {
+                let attrs = conv_attrs(cx)?;
+                cx.add(ConvInteger { attrs }, ins)
+            }
+        }
+        "QLinearMatMul" | "QLinearConv" => {
+            // (a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp): zero points follow their data.
+            let mut ins = Vec::with_capacity(9);
+            for i in 0..8 {
+                let o = match (i, cx.opt(i)) {
+                    (_, Some(o)) => o,
+                    (2 | 5, None) => {
+                        let dt = cx.fact(cx.input(i - 2)?).dtype;
+                        cx.scalar_zero(
+                            if i == 2 {
+                                "a_zero_point"
+                            } else {
+                                "b_zero_point"
+                            },
+                            dt,
+                        )?
+                    }
+                    (7, None) => cx.scalar_zero("y_zero_point", DType::U8)?,
+                    _ => cx.input(i)?,
+                };
+                ins.push(o);
+            }
+            if op_type == "QLinearMatMul" {
+                cx.add(QLinearMatMul, ins)
+            } else {
+                ins.extend(cx.opt(8));
+                let attrs = conv_attrs(cx)?;
+                cx.add(QLinearConv { attrs }, ins)
+            }
+        }
+        other => Err(cx.unsupported(format!("op {other} has no converter"))),
+    }
+}
+
+/// The value of a `Constant` node.
+pub(super) fn constant_value(name: &str, a: &Attrs, base_dir: Option<&Path>) -> Result<Tensor> {
+    Ok(if let Some(t) = a.t("value") {
+        tensor_from_proto(t, base_dir)?
+    } else if let Some(v) = a.f("value_float") {
+        Tensor::scalar(v)
+    } else if let Some(v) = a.floats("value_floats") {
+        Tensor::from_vec(vec![v.len()], v.to_vec())?
+    } else if let Some(v) = a.i("value_int") {
+        Tensor::scalar(v)
+    } else if let Some(v) = a.ints("value_ints") {
+        Tensor::from_vec(vec![v.len()], v.to_vec())?
+    } else {
+        return Err(FormatError::Unsupported(format!(
+            "node '{name}' (Constant): no supported value attribute"
+        )));
+    })
+}
+
+fn conv_attrs(cx: &Cx) -> Result<ConvAttrs> {
+    let a = &cx.attrs;
+    let ap = a.s_or("auto_pad", "NOTSET");
+    let group = a.i_or("group", 1);
+    Ok(ConvAttrs {
+        kernel_shape: a
+            .ints("kernel_shape")
+            .map(|v| cx.usizes("kernel_shape", v))
+            .transpose()?,
+        strides: cx.usizes("strides", a.ints("strides").unwrap_or(&[]))?,
+        pads: cx.usizes("pads", a.ints("pads").unwrap_or(&[]))?,
+        dilations: cx.usizes("dilations", a.ints("dilations").unwrap_or(&[]))?,
+        group: usize::try_from(group)
+            .ok()
+            .filter(|&g| g > 0)
+            .ok_or_else(|| cx.invalid(format!("group must be positive, got {group}")))?,
+        auto_pad: auto_pad(&ap).ok_or_else(|| cx.invalid(format!("unknown auto_pad '{ap}'")))?,
+    })
+}
+
+fn reduce(cx: &mut Cx, op: ReduceOp) -> Result<Vec<OutletId>> {
+    let keepdims = cx.bool_attr("keepdims", true);
+    let (axes, noop_with_empty_axes) = if reduce_axes_as_input(cx.op_type, cx.opset) {
+        (
+            cx.const_ints(1, "axes")?,
+            cx.bool_attr("noop_with_empty_axes", false),
+        )
+    } else {
+        (cx.attrs.ints("axes").map(<[i64]>::to_vec), false)
+    };
+    // An empty axes list means "not given".
+    let axes = axes.filter(|v| !v.is_empty());
+    cx.add(
+        Reduce {
+            op,
+            axes,
+            keepdims,
+            noop_with_empty_axes,
+        },
+        vec![cx.input(0)?],
+    )
+}
+
+fn variadic(cx: &mut Cx) -> Result<Vec<OutletId>> {
+    let ins: Vec<OutletId> = (0..cx.inputs.len())
+        .map(|i| cx.input(i))
+        .collect::<Result<_>>()?;
+    let Some((&first, rest)) = ins.split_first() else {
+        return Err(cx.invalid("needs at least one input"));
+    };
+    let op = match cx.op_type {
+        "Max" => BinaryOp::Max,
+        "Min" => BinaryOp::Min,
+        _ => BinaryOp::Add,
+    };
+    let mean = cx.op_type == "Mean" && !rest.is_empty();
+    if rest.is_empty() {
+        return cx.add(Identity, vec![first]);
+    }
+    let mut acc = first;
+    for (i, &x) in rest.iter().enumerate() {
+        let last = i + 1 == rest.len() && !mean;
+        acc = if last {
+            cx.add(Binary(op), vec![acc, x])?[0]
+        } else {
+            cx.add_aux(&format!("{i}"), Binary(op), vec![acc, x])?
+        };
+    }
+    if mean {
+        let dt = cx.fact(acc).dtype;
+        let n = Tensor::from_f64s(dt, vec![], &[ins.len() as f64])?;
+        let n = cx.konst("count", n)?;
+        return cx.add(Binary(BinaryOp::Div), vec![acc, n]);
+    }
+    Ok(vec![acc])
+}
+
+fn slice(cx: &mut Cx) -> Result<Vec<OutletId>> {
+    let mut ins = vec![cx.input(0)?, cx.input(1)?, cx.input(2)?];
+    match (cx.opt(3), cx.opt(4)) {
+        (axes, None) => ins.extend(axes),
+        (Some(axes), Some(steps)) => ins.extend([axes, steps]),
+        (None, Some(steps)) => {
+            // Steps without axes: make the default axes (0..len(starts)) explicit.
+            let n = cx.fact(ins[1]).shape.first().and_then(|d| d.as_known());
+            let n =
+                n.ok_or_else(|| cx.unsupported("steps without axes need starts of known length"))?;
+            let axes = Tensor::from_vec(vec![n], (0..n as i64).collect::<Vec<_>>())?;
+            let axes = cx.konst("axes", axes)?;
+            ins.extend([axes, steps]);
+        }
+    }
+    cx.add(Slice, ins)
+}
+
+fn split(cx: &mut Cx) -> Result<Vec<OutletId>> {
+    let axis = cx.attrs.i_or("axis", 0);
+    let sizes = if cx.opset < 13 {
+        cx.attrs.ints("split").map(<[i64]>::to_vec)
+    } else {
+        cx.const_ints(1, "split")?
+    };
+    let split = sizes.map(|s| cx.usizes("split", &s)).transpose()?;
+    let num_outputs = cx.n_outputs;
+    if let Some(n) = cx.attrs.i("num_outputs") {
+        if n != num_outputs as i64 {
+            return Err(cx.invalid(format!(
+                "num_outputs is {n} but the node lists {num_outputs} outputs"
+            )));
+        }
+    }
+    if split.as_ref().is_some_and(|s| s.len() != num_outputs) {
+        return Err(cx.invalid(format!(
+            "split has {} sizes for {num_outputs} outputs",
+            split.as_ref().map_or(0, Vec::len)
+        )));
+    }
+    cx.add(
+        Split {
+            axis,
+            split,
+            num_outputs,
+        },
+        vec![cx.input(0)?],
+    )
+}
+
+fn resize(cx: &mut Cx) -> Result<Vec<OutletId>> {
+    let a = &cx.attrs;
+    let mode_s = a.s_or("mode", "nearest");
+    let coord_s = a.s_or("coordinate_transformation_mode", "half_pixel");
+    let nearest_s = a.s_or("nearest_mode", "round_prefer_floor");
+    let bad = |what: &str, v: &str| cx.unsupported(format!("{what} '{v}' is not supported"));
+    let mut op = Resize {
+        mode: resize_mode(&mode_s).ok_or_else(|| bad("mode", &mode_s))?,
+        coord: coord_mode(&coord_s)
+            .ok_or_else(|| bad("coordinate_transformation_mode", &coord_s))?,
+        nearest: nearest_mode(&nearest_s).ok_or_else(|| bad("nearest_mode", &nearest_s))?,
+        cubic_coeff_a: a.f_or("cubic_coeff_a", -0.75),
+        exclude_outside: cx.bool_attr("exclude_outside", false),
+        target: ResizeTarget::Scales,
+        axes: a.ints("axes").map(<[i64]>::to_vec),
+    };
+    let x = cx.input(0)?;
+    // Opset 11 requires a `scales` input even when `sizes` is given (then it is empty).
+    let target = match (cx.opt(2), cx.opt(3)) {
+        (_, Some(sizes)) => {
+            op.target = ResizeTarget::Sizes;
+            sizes
+        }
+        (Some(scales), None) => {
+            if cx.fact(scales).shape.first() == Some(&slimnn_tensor::Dim::Known(0)) {
+                return Err(cx.invalid("scales is empty and sizes is not given"));
+            }
+            scales
+        }
+        (None, None) => return Err(cx.invalid("one of scales or sizes must be given")),
+    };
+    cx.add(op, vec![x, target])
+}
