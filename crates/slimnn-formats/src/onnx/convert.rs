@@ -485,6 +485,25 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             };
             cx.add(op, vec![cx.input(0)?])
         }
+        "Size" => {
+            // Size = product of the shape, as an i64 scalar.
+            let x = cx.input(0)?;
+            let shape = cx.add_aux(
+                "shape",
+                Shape {
+                    start: 0,
+                    end: None,
+                },
+                vec![x],
+            )?;
+            let prod = Reduce {
+                op: ReduceOp::Prod,
+                axes: None,
+                keepdims: false,
+                noop_with_empty_axes: false,
+            };
+            cx.add(prod, vec![shape])
+        }
         "Reshape" => {
             let op = Reshape {
                 allowzero: cx.bool_attr("allowzero", false),

@@ -233,6 +233,7 @@ pub const SPECS: &[OpSpec] = &[
     op("ArgMax", 1, (1, 1), (1, 1), ARG_ATTRS),
     op("ArgMin", 1, (1, 1), (1, 1), ARG_ATTRS),
     op("Shape", 1, (1, 1), (1, 1), &[a("start", I), a("end", I)]),
+    unary("Size", 1),
     op("Reshape", 5, (2, 2), (1, 1), &[a("allowzero", I)]),
     op("Transpose", 1, (1, 1), (1, 1), &[a("perm", Is)]),
     op(
