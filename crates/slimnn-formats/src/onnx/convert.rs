@@ -910,3 +910,61 @@ fn resize(cx: &mut Cx) -> Result<Vec<OutletId>> {
     };
     cx.add(op, vec![x, target])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::attribute_proto::AttributeType;
+    use crate::onnx::proto::AttributeProto;
+
+    fn s_attr(name: &str, v: &str) -> AttributeProto {
+        AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(AttributeType::String as i32),
+            s: Some(v.as_bytes().to_vec()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn clip_extremes() {
+        assert_eq!(extreme(DType::U8, false), Some(Tensor::scalar(0u8)));
+        assert_eq!(extreme(DType::I64, true), Some(Tensor::scalar(i64::MAX)));
+        assert_eq!(extreme(DType::F32, false), Some(Tensor::scalar(f32::MIN)));
+        assert_eq!(extreme(DType::Bool, true), None);
+    }
+
+    #[test]
+    fn const_only_positions() {
+        assert_eq!(const_only_inputs("Unsqueeze", 13, &[true, true]), vec![1]);
+        assert!(const_only_inputs("Unsqueeze", 11, &[true]).is_empty());
+        assert_eq!(const_only_inputs("ReduceSum", 13, &[true, true]), vec![1]);
+        assert!(const_only_inputs("ReduceMean", 17, &[true, true]).is_empty());
+        assert_eq!(const_only_inputs("ReduceMean", 18, &[true, true]), vec![1]);
+        assert_eq!(
+            const_only_inputs("Resize", 11, &[true, true, true, true]),
+            vec![1, 2]
+        );
+        assert_eq!(
+            const_only_inputs("Resize", 13, &[true, true, true]),
+            vec![1]
+        );
+    }
+
+    #[test]
+    fn static_checks() {
+        let none = Attrs { list: &[] };
+        assert!(static_unsupported("MaxPool", &none, &[true, false]).is_none());
+        assert!(static_unsupported("MaxPool", &none, &[true, true]).is_some());
+        assert!(static_unsupported("LayerNormalization", &none, &[true, false, true]).is_some());
+        let tf = [s_attr(
+            "coordinate_transformation_mode",
+            "tf_crop_and_resize",
+        )];
+        let msg = static_unsupported("Resize", &Attrs { list: &tf }, &[true]).unwrap();
+        assert!(msg.contains("tf_crop_and_resize"), "{msg}");
+        let ok = [s_attr("mode", "linear")];
+        assert!(static_unsupported("Resize", &Attrs { list: &ok }, &[true]).is_none());
+        assert!(static_unsupported("Constant", &none, &[true]).is_some());
+    }
+}

@@ -805,3 +805,93 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opset_follows_the_ops() {
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[2, 3])).unwrap();
+        let y = g.add_node("r", Unary(UnaryOp::Relu), vec![x]).unwrap()[0];
+        g.add_output("y", y);
+        assert_eq!(required_opset(&g), 17);
+        let z = g
+            .add_node("g", Unary(UnaryOp::Gelu { tanh: false }), vec![y])
+            .unwrap()[0];
+        g.add_output("z", z);
+        assert_eq!(required_opset(&g), 20);
+        assert_eq!((ir_version(17), ir_version(20), ir_version(21)), (8, 9, 10));
+    }
+
+    #[test]
+    fn names_outputs_and_helpers() {
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[2, 3])).unwrap();
+        let u = g
+            .add_node("u", Unsqueeze { axes: vec![0] }, vec![x])
+            .unwrap()[0];
+        g.set_outlet_name(u, "unsq");
+        g.add_output("out", u);
+        g.add_output("x", x);
+        let m = export(&g).unwrap();
+        let gp = m.graph.unwrap();
+        // The named value keeps its name; the output gets an Identity; axes are an input.
+        let unsq = gp
+            .node
+            .iter()
+            .find(|n| n.op_type.as_deref() == Some("Unsqueeze"))
+            .unwrap();
+        assert_eq!(unsq.output, vec!["unsq".to_string()]);
+        assert_eq!(unsq.input.len(), 2);
+        assert!(gp
+            .initializer
+            .iter()
+            .any(|t| t.name.as_deref() == Some(unsq.input[1].as_str())));
+        let id = gp
+            .node
+            .iter()
+            .find(|n| n.op_type.as_deref() == Some("Identity"))
+            .unwrap();
+        assert_eq!(
+            (id.input.clone(), id.output.clone()),
+            (vec!["unsq".to_string()], vec!["out".to_string()])
+        );
+        let outs: Vec<_> = gp.output.iter().map(|v| v.name.clone().unwrap()).collect();
+        assert_eq!(outs, vec!["out", "x"]);
+    }
+
+    #[test]
+    fn uneven_split_gets_sizes() {
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[7])).unwrap();
+        let parts = g
+            .add_node(
+                "s",
+                Split {
+                    axis: 0,
+                    split: None,
+                    num_outputs: 3,
+                },
+                vec![x],
+            )
+            .unwrap();
+        for (i, p) in parts.iter().enumerate() {
+            g.add_output(&format!("p{i}"), *p);
+        }
+        let gp = export(&g).unwrap().graph.unwrap();
+        let split = gp
+            .node
+            .iter()
+            .find(|n| n.op_type.as_deref() == Some("Split"))
+            .unwrap();
+        let sizes = gp
+            .initializer
+            .iter()
+            .find(|t| t.name.as_deref() == Some(split.input[1].as_str()))
+            .unwrap();
+        let t = crate::onnx::tensor_from_proto(sizes, None).unwrap();
+        assert_eq!(t.as_slice::<i64>().unwrap(), &[3, 3, 1]);
+    }
+}
