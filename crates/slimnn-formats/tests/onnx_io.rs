@@ -986,6 +986,25 @@ fn repo_root() -> PathBuf {
 /// Saves `g`, runs it with ONNX Runtime (`scripts/ort_run.py`) on `feed`, and compares with
 /// `Graph::eval`. Returns false (after saying so) when the Python venv is missing.
 fn check_against_ort(tag: &str, g: &Graph, feed: Vec<(String, Tensor)>, expect_opset: i64) -> bool {
+    check_against_ort_with(
+        tag,
+        g,
+        feed,
+        expect_opset,
+        &onnx::SaveOptions::default(),
+        1e-5,
+    )
+}
+
+/// [`check_against_ort`] with save options and a tolerance.
+fn check_against_ort_with(
+    tag: &str,
+    g: &Graph,
+    feed: Vec<(String, Tensor)>,
+    expect_opset: i64,
+    opts: &onnx::SaveOptions,
+    tol: f64,
+) -> bool {
     let root = repo_root();
     let python = root.join(".venv/bin/python");
     let script = root.join("scripts/ort_run.py");
@@ -999,7 +1018,7 @@ fn check_against_ort(tag: &str, g: &Graph, feed: Vec<(String, Tensor)>, expect_o
     }
     let dir = tmp_dir(tag);
     let model = dir.join("model.onnx");
-    onnx::save(g, &model).unwrap();
+    onnx::save_with(g, &model, opts).unwrap();
     assert_eq!(opset_of(&std::fs::read(&model).unwrap()), expect_opset);
     let (ind, outd) = (dir.join("in"), dir.join("out"));
     std::fs::create_dir_all(&ind).unwrap();
@@ -1027,7 +1046,7 @@ fn check_against_ort(tag: &str, g: &Graph, feed: Vec<(String, Tensor)>, expect_o
         let d = mine
             .max_abs_diff(&theirs)
             .unwrap_or_else(|| panic!("{name}: shape {:?} vs {:?}", mine.shape(), theirs.shape()));
-        assert!(d <= 1e-5, "{name}: differs from ONNX Runtime by {d}");
+        assert!(d <= tol, "{name}: differs from ONNX Runtime by {d}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
     true
@@ -1144,4 +1163,53 @@ fn exported_model_matches_onnx_runtime() {
     if check_against_ort("ort17", &ort_graph(false), feed(), 17) {
         check_against_ort("ort20", &ort_graph(true), feed(), 20);
     }
+}
+
+/// MiniLM built from its Hugging Face checkpoint, exported with external data, read back
+/// identical, and run by ONNX Runtime (which reads our external data file).
+#[test]
+fn real_model_export_matches_onnx_runtime() {
+    let assets = std::env::var_os("SLIMNN_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("assets"));
+    let dir = assets.join("minilm");
+    if !dir.join("model.safetensors").is_file() {
+        eprintln!(
+            "SKIPPED: {} missing; run scripts/fetch-assets.sh",
+            dir.display()
+        );
+        return;
+    }
+    let g = slimnn_formats::hf::load_bert(&dir).unwrap();
+    let ids = Tensor::from_vec(
+        vec![2, 8],
+        (0..16).map(|i| 100 + i * 37).collect::<Vec<i64>>(),
+    )
+    .unwrap();
+    let mut mask = vec![1i64; 16];
+    mask[13..].fill(0);
+    let feed = vec![
+        ("input_ids".to_string(), ids),
+        (
+            "attention_mask".to_string(),
+            Tensor::from_vec(vec![2, 8], mask).unwrap(),
+        ),
+        (
+            "token_type_ids".to_string(),
+            Tensor::from_vec(vec![2, 8], vec![0i64; 16]).unwrap(),
+        ),
+    ];
+    let bytes = onnx::to_bytes(&g).unwrap();
+    let back = onnx::from_bytes(&bytes, None).unwrap();
+    assert_same_signature(&g, &back);
+    assert_eq!(weights(&g), weights(&back));
+    assert_eq!(
+        g.eval(feed.clone()).unwrap(),
+        back.eval(feed.clone()).unwrap()
+    );
+    let opset = onnx::required_opset(&g);
+    let ext = onnx::SaveOptions {
+        external_data_threshold: 1,
+    };
+    check_against_ort_with("minilm", &g, feed, opset, &ext, 1e-4);
 }
