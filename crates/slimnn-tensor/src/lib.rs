@@ -21,7 +21,7 @@ pub use dtype::{DType, Element};
 pub use error::TensorError;
 pub use quant::QuantParams;
 pub use shape::{broadcast_shapes, checked_numel, strides_of, Dim, MAX_TENSOR_BYTES_ENV};
-pub use tensor::{Tensor, TensorData};
+pub use tensor::{IntoData, Tensor, TensorData};
 
 pub use half::{bf16, f16};
 
