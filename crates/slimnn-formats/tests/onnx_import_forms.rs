@@ -482,3 +482,75 @@ fn dropout_in_training_mode_is_refused() {
         .to_string();
     assert!(e.contains("training_mode"), "{e}");
 }
+
+fn u8s(shape: &[usize], v: &[u8]) -> Tensor {
+    Tensor::from_vec(shape.to_vec(), v.to_vec()).unwrap()
+}
+
+/// The QOperator ops, whose conformance cases are all at opset 10, with omitted zero points.
+#[test]
+fn integer_and_qlinear_ops() {
+    let out = run(
+        vec![node("MatMulInteger", &["a", "b", "azp"], &["y"], vec![])],
+        &[
+            ("a", u8s(&[2, 2], &[1, 2, 3, 4])),
+            ("b", u8s(&[2, 2], &[1, 0, 0, 1])),
+        ],
+        &[("azp", Tensor::scalar(1u8))],
+        &["y"],
+        13,
+    );
+    assert_eq!(out[0].as_slice::<i32>().unwrap(), &[0, 1, 2, 3]);
+
+    let out = run(
+        vec![node("ConvInteger", &["x", "w", "", "wzp"], &["y"], vec![])],
+        &[("x", u8s(&[1, 1, 2, 2], &[1, 2, 3, 4]))],
+        &[
+            ("w", u8s(&[1, 1, 1, 1], &[2])),
+            ("wzp", Tensor::scalar(1u8)),
+        ],
+        &["y"],
+        13,
+    );
+    assert_eq!(out[0].as_slice::<i32>().unwrap(), &[1, 2, 3, 4]);
+
+    let qconv_inputs = ["x", "xs", "xzp", "w", "ws", "wzp", "ys", "yzp"];
+    let out = run(
+        vec![node("QLinearConv", &qconv_inputs, &["y"], vec![])],
+        &[("x", u8s(&[1, 1, 2, 2], &[10, 20, 30, 40]))],
+        &[
+            ("xs", Tensor::scalar(0.5f32)),
+            ("xzp", Tensor::scalar(10u8)),
+            ("w", Tensor::from_vec(vec![1, 1, 1, 1], vec![2i8]).unwrap()),
+            ("ws", Tensor::scalar(1.0f32)),
+            ("wzp", Tensor::scalar(0i8)),
+            ("ys", Tensor::scalar(2.0f32)),
+            ("yzp", Tensor::scalar(5u8)),
+        ],
+        &["y"],
+        13,
+    );
+    assert_eq!(out[0].as_slice::<u8>().unwrap(), &[5, 10, 15, 20]);
+
+    let out = run(
+        vec![node(
+            "QLinearMatMul",
+            &["a", "as", "azp", "b", "bs", "bzp", "ys", "yzp"],
+            &["y"],
+            vec![],
+        )],
+        &[("a", u8s(&[1, 2], &[12, 14]))],
+        &[
+            ("as", Tensor::scalar(0.5f32)),
+            ("azp", Tensor::scalar(10u8)),
+            ("b", u8s(&[2, 1], &[3, 5])),
+            ("bs", Tensor::scalar(1.0f32)),
+            ("bzp", Tensor::scalar(1u8)),
+            ("ys", Tensor::scalar(0.5f32)),
+            ("yzp", Tensor::scalar(0u8)),
+        ],
+        &["y"],
+        13,
+    );
+    assert_eq!(out[0].as_slice::<u8>().unwrap(), &[20]);
+}
