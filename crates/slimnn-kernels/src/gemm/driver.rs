@@ -1,0 +1,260 @@
+//! Cache blocking, edge tiles and the split over threads.
+
+use super::kernels::{Generic, TileEpilogue, TileKernel};
+use super::{Epilogue, PackedB, Par};
+use crate::cpu::CpuTier;
+use std::ops::Range;
+
+/// Below this many flops per task, threads cost more than they save.
+const MIN_FLOPS_PER_TASK: usize = 1 << 21;
+
+/// One validated GEMM, as raw pointers so tasks on several threads can write disjoint tiles.
+struct Job {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    panel_stride: usize,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    act: super::Activation,
+    res: *const f32,
+    res_ld: usize,
+    accumulate: bool,
+    store_only: bool,
+}
+
+// SAFETY: a Job only hands out reads of A, B, bias and residual (never written during the
+// GEMM; their borrows outlive every task) and writes to C through tasks whose row/panel ranges
+// are disjoint (see `run_tasks`).
+unsafe impl Sync for Job {}
+
+/// Runs a GEMM whose arguments `gemm` has validated.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    ep: &Epilogue<'_>,
+    par: Par<'_>,
+) {
+    let (k, n) = (b.k(), b.n());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let job = Job {
+        m,
+        k,
+        n,
+        a: a.as_ptr(),
+        lda,
+        b: b.data().as_ptr(),
+        panel_stride: b.panel_stride(),
+        c: c.as_mut_ptr(),
+        ldc,
+        bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
+        act: ep.activation,
+        res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
+        res_ld: ep.residual.map_or(0, |r| r.ld),
+        accumulate: ep.accumulate,
+        store_only: ep.is_store_only(),
+    };
+    match b.tier() {
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx512 | CpuTier::Amx => run_tasks::<super::kernels::Avx512>(&job, par),
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(&job, par),
+        _ => run_tasks::<Generic>(&job, par),
+    }
+}
+
+/// Splits C into a `tm x tn` grid of tasks (rows in MR multiples, columns in whole panels)
+/// and runs them.
+fn run_tasks<T: TileKernel>(job: &Job, par: Par<'_>) {
+    let flops = 2usize.saturating_mul(job.m).saturating_mul(job.n).saturating_mul(job.k.max(1));
+    let threads = par.threads().min(flops / MIN_FLOPS_PER_TASK).max(1);
+    let row_tiles = job.m.div_ceil(T::MR);
+    let panels = job.n.div_ceil(T::NR);
+    let (tm, tn) = grid(threads, row_tiles, panels, job.n >= job.m);
+    let rows_per = row_tiles.div_ceil(tm) * T::MR;
+    let panels_per = panels.div_ceil(tn);
+    let task = move |t: usize| {
+        let (ti, tj) = (t / tn, t % tn);
+        let rows = (ti * rows_per).min(job.m)..((ti + 1) * rows_per).min(job.m);
+        let cols = (tj * panels_per).min(panels)..((tj + 1) * panels_per).min(panels);
+        if !rows.is_empty() && !cols.is_empty() {
+            // SAFETY: `gemm` validated every buffer against m, k, n and the strides, and the
+            // packed B's tier is supported; tasks cover disjoint (rows x panels) blocks of C.
+            unsafe { run_block::<T>(job, rows, cols) }
+        }
+    };
+    let tasks = tm * tn;
+    if tasks == 1 {
+        return task(0);
+    }
+    let task = &task;
+    match par {
+        Par::Pool(pool) => pool.scope(|s| {
+            for t in 1..tasks {
+                s.spawn(move |_| task(t));
+            }
+            task(0);
+        }),
+        _ => rayon::scope(|s| {
+            for t in 1..tasks {
+                s.spawn(move |_| task(t));
+            }
+            task(0);
+        }),
+    }
+}
+
+/// Picks `tm x tn = threads` minimising the largest task, splitting N first when
+/// `prefer_n` (then each task reads only its share of the larger operand, B).
+fn grid(threads: usize, row_tiles: usize, panels: usize, prefer_n: bool) -> (usize, usize) {
+    let mut best = (1, 1);
+    let mut best_cost = usize::MAX;
+    for tm in 1..=threads {
+        if !threads.is_multiple_of(tm) {
+            continue;
+        }
+        let tn = threads / tm;
+        let cost = row_tiles.div_ceil(tm) * panels.div_ceil(tn);
+        let better = cost < best_cost || (cost == best_cost && (tn > best.1) == prefer_n);
+        if better {
+            best = (tm, tn);
+            best_cost = cost;
+        }
+    }
+    best
+}
+
+/// A stack tile for partial-width panels.
+#[repr(C, align(64))]
+struct ScratchTile([f32; 512]);
+
+/// Computes C rows `rows` x panels `panels`.
+///
+/// # Safety
+/// The job's buffers must be valid for its dimensions (as `gemm` validates), `T` supported by
+/// the host, and no other thread may touch this block of C meanwhile.
+unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<usize>) {
+    const { assert!(T::MR * T::NR <= 512 && T::MC % T::MR == 0) };
+    let mut scratch = ScratchTile([0.0; 512]);
+    if job.k == 0 {
+        return empty_k::<T>(job, rows, panels);
+    }
+    let null_or = |p: *const f32, off: usize| if p.is_null() { p } else { p.add(off) };
+    for ic in rows.clone().step_by(T::MC) {
+        let ic_end = (ic + T::MC).min(rows.end);
+        for jc in panels.clone().step_by(T::NC_PANELS) {
+            let jc_end = (jc + T::NC_PANELS).min(panels.end);
+            for pc in (0..job.k).step_by(T::KC) {
+                let kc = T::KC.min(job.k - pc);
+                let load_c = pc > 0 || job.accumulate;
+                let last = pc + kc == job.k;
+                for jr in jc..jc_end {
+                    let col0 = jr * T::NR;
+                    let cols = T::NR.min(job.n - col0);
+                    let bp = job.b.add(jr * job.panel_stride + pc * T::NR);
+                    // The B block used after this one, pulled into L2 by the first tiles.
+                    let next = if jr + 1 < jc_end {
+                        job.b.add((jr + 1) * job.panel_stride + pc * T::NR)
+                    } else if pc + kc < job.k {
+                        job.b.add(jc * job.panel_stride + (pc + kc) * T::NR)
+                    } else if jc_end < panels.end {
+                        job.b.add(jc_end * job.panel_stride)
+                    } else {
+                        bp
+                    };
+                    let mut ir = ic;
+                    let mut tile_no = 0;
+                    while ir < ic_end {
+                        let mr = T::MR.min(ic_end - ir);
+                        // Each tile prefetches kc lines; NR/16 tiles cover a kc x NR block.
+                        let pf = if tile_no < T::NR.div_ceil(16) { next.wrapping_add(tile_no * kc * 16) } else { bp };
+                        tile_no += 1;
+                        let ap = job.a.add(ir * job.lda + pc);
+                        let cp = job.c.add(ir * job.ldc + col0);
+                        if cols == T::NR {
+                            T::tile(mr, kc, ap, job.lda, bp, cp, job.ldc, load_c, pf);
+                        } else {
+                            // Partial panel: run the full-width kernel on a scratch tile and
+                            // copy the valid columns.
+                            let tmp = scratch.0.as_mut_ptr();
+                            if load_c {
+                                for r in 0..mr {
+                                    std::ptr::copy_nonoverlapping(cp.add(r * job.ldc), tmp.add(r * T::NR), cols);
+                                }
+                            }
+                            T::tile(mr, kc, ap, job.lda, bp, tmp, T::NR, load_c, pf);
+                            for r in 0..mr {
+                                std::ptr::copy_nonoverlapping(tmp.add(r * T::NR), cp.add(r * job.ldc), cols);
+                            }
+                        }
+                        if last && !job.store_only {
+                            let ep = TileEpilogue {
+                                bias: null_or(job.bias, col0),
+                                act: job.act,
+                                res: null_or(job.res, ir * job.res_ld + col0),
+                                res_ld: job.res_ld,
+                            };
+                            T::epilogue(mr, cols, cp, job.ldc, &ep);
+                        }
+                        ir += mr;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `k == 0`: the products are zero, so C is `act(bias [+ C]) + residual`.
+///
+/// # Safety
+/// As [`run_block`].
+unsafe fn empty_k<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<usize>) {
+    let col0 = panels.start * T::NR;
+    let cols = (panels.end * T::NR).min(job.n) - col0;
+    for r in rows.clone() {
+        let cp = job.c.add(r * job.ldc + col0);
+        if !job.accumulate {
+            std::ptr::write_bytes(cp, 0, cols);
+        }
+    }
+    if !job.store_only {
+        let null_or = |p: *const f32, off: usize| if p.is_null() { p } else { p.add(off) };
+        let ep = TileEpilogue {
+            bias: null_or(job.bias, col0),
+            act: job.act,
+            res: null_or(job.res, rows.start * job.res_ld + col0),
+            res_ld: job.res_ld,
+        };
+        T::epilogue(rows.len(), cols, job.c.add(rows.start * job.ldc + col0), job.ldc, &ep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grid;
+
+    #[test]
+    fn grid_splits_the_longer_side() {
+        assert_eq!(grid(1, 16, 64, true), (1, 1));
+        // 128 x 3072 on two threads: split the 64 panels.
+        assert_eq!(grid(2, 16, 64, true), (1, 2));
+        // Tall and narrow: split rows.
+        assert_eq!(grid(2, 100, 1, false), (2, 1));
+        assert_eq!(grid(4, 64, 16, true), (1, 4));
+        assert_eq!(grid(4, 64, 2, true), (2, 2));
+        // A prime thread count still yields a valid grid.
+        let (tm, tn) = grid(3, 10, 10, true);
+        assert_eq!(tm * tn, 3);
+    }
+}

@@ -1,0 +1,430 @@
+//! Register-blocked micro-kernels (`<isa>_sgemm_<mr>x<nr>`) and the tile epilogue, one set per
+//! tier, all instantiated from the generic bodies below.
+//!
+//! A micro-kernel computes an `mr x NR` tile of C from `mr` rows of A read in place (row-major,
+//! stride `lda`; each element is broadcast) and one packed `kc x NR` panel of B, with the
+//! accumulators held in registers for the whole `kc` loop.
+
+#![allow(clippy::too_many_arguments)] // kernel signatures: raw pointers and strides, kept flat for speed
+
+use super::Activation;
+use crate::cpu::CpuTier;
+use crate::math;
+use crate::simd::Simd;
+
+/// Epilogue operands with raw pointers already offset to a tile's first row and column.
+#[derive(Clone, Copy)]
+pub(crate) struct TileEpilogue {
+    /// Bias for the tile's first column, or null.
+    pub bias: *const f32,
+    pub act: Activation,
+    /// Residual at the tile's first element, or null.
+    pub res: *const f32,
+    pub res_ld: usize,
+}
+
+/// The kernels and blocking parameters of one tier.
+pub(crate) trait TileKernel {
+    /// Rows of a full micro-tile.
+    const MR: usize;
+    /// Columns of a micro-tile: the packed panel width.
+    const NR: usize;
+    /// Rows of A per cache block (a multiple of MR).
+    const MC: usize;
+    /// Depth of one K block: every tile of an MC block reuses one `KC x NR` panel of B (from
+    /// L1 or L2), and C is read and written once per K block.
+    const KC: usize;
+    /// Panels of B per N block: the `MC x NC_PANELS*NR` block of C stays in L2 across K blocks.
+    const NC_PANELS: usize;
+
+    /// `C[0..mr][0..NR] = (load_c ? C : 0) + A[0..mr][0..kc] * B[0..kc][0..NR]`, prefetching
+    /// `kc` consecutive cache lines from `pf` into L2 on the way (any address: prefetches
+    /// never fault).
+    ///
+    /// # Safety
+    /// The tier must be supported by the host; `1 <= mr <= MR`; `a` valid for `mr` rows of
+    /// `kc` values at stride `lda`; `b` valid for `kc * NR` values; `c` valid for `mr` rows of
+    /// `NR` values at stride `ldc`.
+    unsafe fn tile(
+        mr: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+    );
+
+    /// Applies bias, activation and residual to a finished `rows x cols` tile of C in place.
+    ///
+    /// # Safety
+    /// The tier must be supported; `c` valid for `rows` rows of `cols` values at stride `ldc`;
+    /// non-null `ep.bias` valid for `cols` values; non-null `ep.res` valid for `rows` rows of
+    /// `cols` values at stride `ep.res_ld`.
+    unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue);
+}
+
+/// `(MR, NR)` of `tier`'s f32 micro-kernel.
+pub(crate) fn tile_shape(tier: CpuTier) -> (usize, usize) {
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx512 | CpuTier::Amx => (Avx512::MR, Avx512::NR),
+        #[cfg(target_arch = "x86_64")]
+        CpuTier::Avx2 => (Avx2::MR, Avx2::NR),
+        _ => (Generic::MR, Generic::NR),
+    }
+}
+
+/// The micro-kernel body: `MR x (NV * S::LANES)` accumulators.
+///
+/// # Safety
+/// As [`TileKernel::tile`] with `mr = MR`, inside code where `S`'s features are enabled.
+#[inline(always)]
+unsafe fn kernel_body<S: Simd, const MR: usize, const NV: usize>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    pf: *const f32,
+) {
+    // Start pulling the C tile towards L1 now; it is read or written only after the k loop.
+    for i in 0..MR {
+        for j in 0..NV {
+            S::prefetch(c.add(i * ldc + j * S::LANES));
+        }
+    }
+    let mut acc = [[S::zero(); NV]; MR];
+    let mut ap = a;
+    let mut bp = b;
+    let mut pf = pf;
+    for _ in 0..kc {
+        let mut bv = [S::zero(); NV];
+        for (j, v) in bv.iter_mut().enumerate() {
+            *v = S::load(bp.add(j * S::LANES));
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = S::splat(*ap.add(i * lda));
+            for (x, &bj) in row.iter_mut().zip(&bv) {
+                *x = av.mul_add(bj, *x);
+            }
+        }
+        ap = ap.add(1);
+        bp = bp.add(NV * S::LANES);
+        S::prefetch_l2(pf);
+        pf = pf.wrapping_add(16);
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            let p = c.add(i * ldc + j * S::LANES);
+            let v = if load_c { x.add(S::load(p)) } else { x };
+            v.store(p);
+        }
+    }
+}
+
+/// The epilogue body (see [`TileKernel::epilogue`]).
+#[inline(always)]
+unsafe fn epilogue_body<S: Simd>(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+    match ep.act {
+        Activation::None => rows_apply::<S, ACT_NONE>(rows, cols, c, ldc, ep, 0.0, 0.0),
+        Activation::Relu => rows_apply::<S, ACT_RELU>(rows, cols, c, ldc, ep, 0.0, 0.0),
+        Activation::Clip { min, max } => rows_apply::<S, ACT_CLIP>(rows, cols, c, ldc, ep, min, max),
+        Activation::GeluErf => rows_apply::<S, ACT_GELU_ERF>(rows, cols, c, ldc, ep, 0.0, 0.0),
+        Activation::GeluTanh => rows_apply::<S, ACT_GELU_TANH>(rows, cols, c, ldc, ep, 0.0, 0.0),
+        Activation::Silu => rows_apply::<S, ACT_SILU>(rows, cols, c, ldc, ep, 0.0, 0.0),
+    }
+}
+
+const ACT_NONE: u8 = 0;
+const ACT_RELU: u8 = 1;
+const ACT_CLIP: u8 = 2;
+const ACT_GELU_ERF: u8 = 3;
+const ACT_GELU_TANH: u8 = 4;
+const ACT_SILU: u8 = 5;
+
+#[inline(always)]
+unsafe fn act<S: Simd, const A: u8>(x: S, lo: f32, hi: f32) -> S {
+    // NaN propagates: min/max return their second operand when either is NaN.
+    match A {
+        ACT_RELU => S::zero().max(x),
+        ACT_CLIP => S::splat(hi).min(S::splat(lo).max(x)),
+        ACT_GELU_ERF => math::gelu_erf(x),
+        ACT_GELU_TANH => math::gelu_tanh(x),
+        ACT_SILU => math::silu(x),
+        _ => x,
+    }
+}
+
+#[inline(always)]
+unsafe fn step<S: Simd, const A: u8>(c: *mut f32, bias: *const f32, res: *const f32, lo: f32, hi: f32) {
+    let mut v = S::load(c);
+    if !bias.is_null() {
+        v = v.add(S::load(bias));
+    }
+    v = act::<S, A>(v, lo, hi);
+    if !res.is_null() {
+        v = v.add(S::load(res));
+    }
+    v.store(c);
+}
+
+#[inline(always)]
+unsafe fn rows_apply<S: Simd, const A: u8>(
+    rows: usize,
+    cols: usize,
+    c: *mut f32,
+    ldc: usize,
+    ep: &TileEpilogue,
+    lo: f32,
+    hi: f32,
+) {
+    let at = |p: *const f32, j: usize| if p.is_null() { p } else { p.add(j) };
+    for r in 0..rows {
+        let crow = c.add(r * ldc);
+        let rrow = at(ep.res, r * ep.res_ld);
+        let mut j = 0;
+        while j + S::LANES <= cols {
+            step::<S, A>(crow.add(j), at(ep.bias, j), at(rrow, j), lo, hi);
+            j += S::LANES;
+        }
+        // The tail goes through the one-lane instantiation of the same math.
+        while j < cols {
+            step::<f32, A>(crow.add(j), at(ep.bias, j), at(rrow, j), lo, hi);
+            j += 1;
+        }
+    }
+}
+
+/// Dispatches a runtime `mr` to a const-generic partial kernel.
+macro_rules! partial_tile {
+    ($f:ident, $mr:expr, $($arg:expr),*) => {
+        match $mr {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => unreachable!("partial tile of {} rows", $mr),
+        }
+    };
+}
+
+/// Portable kernels: plain f32 code the compiler may auto-vectorise for the baseline ISA.
+pub(crate) struct Generic;
+
+/// The portable micro-kernel: 4 rows x 8 columns.
+///
+/// # Safety
+/// As [`TileKernel::tile`] with `mr = 4`.
+unsafe fn scalar_sgemm_4x8(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    pf: *const f32,
+) {
+    kernel_body::<f32, 4, 8>(kc, a, lda, b, c, ldc, load_c, pf)
+}
+
+unsafe fn scalar_sgemm_partial<const MR: usize>(
+    kc: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    pf: *const f32,
+) {
+    kernel_body::<f32, MR, 8>(kc, a, lda, b, c, ldc, load_c, pf)
+}
+
+impl TileKernel for Generic {
+    const MR: usize = 4;
+    const NR: usize = 8;
+    const MC: usize = 64;
+    const KC: usize = 256;
+    const NC_PANELS: usize = 64;
+
+    unsafe fn tile(
+        mr: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+    ) {
+        if mr == Self::MR {
+            scalar_sgemm_4x8(kc, a, lda, b, c, ldc, load_c, pf)
+        } else {
+            partial_tile!(scalar_sgemm_partial, mr, kc, a, lda, b, c, ldc, load_c, pf)
+        }
+    }
+
+    unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+        epilogue_body::<f32>(rows, cols, c, ldc, ep)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::{__m256, __m512};
+
+    /// AVX2 + FMA kernels.
+    pub(crate) struct Avx2;
+
+    /// The AVX2 micro-kernel: 6 rows x 16 columns (12 ymm accumulators).
+    ///
+    /// # Safety
+    /// As [`TileKernel::tile`] with `mr = 6`, on an AVX2+FMA host.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_sgemm_6x16(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+    ) {
+        kernel_body::<__m256, 6, 2>(kc, a, lda, b, c, ldc, load_c, pf)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_sgemm_partial<const MR: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+    ) {
+        kernel_body::<__m256, MR, 2>(kc, a, lda, b, c, ldc, load_c, pf)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+        epilogue_body::<__m256>(rows, cols, c, ldc, ep)
+    }
+
+    impl TileKernel for Avx2 {
+        const MR: usize = 6;
+        const NR: usize = 16;
+        const MC: usize = 144;
+        const KC: usize = 256;
+        const NC_PANELS: usize = 32;
+
+        unsafe fn tile(
+            mr: usize,
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            load_c: bool,
+            pf: *const f32,
+        ) {
+            if mr == Self::MR {
+                avx2_sgemm_6x16(kc, a, lda, b, c, ldc, load_c, pf)
+            } else {
+                partial_tile!(avx2_sgemm_partial, mr, kc, a, lda, b, c, ldc, load_c, pf)
+            }
+        }
+
+        unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+            avx2_epilogue(rows, cols, c, ldc, ep)
+        }
+    }
+
+    /// AVX-512 kernels (also used by the AMX tier: AMX has no f32 multiply).
+    pub(crate) struct Avx512;
+
+    /// The AVX-512 micro-kernel: 8 rows x 48 columns (24 zmm accumulators; per k step 3 panel
+    /// loads and 8 broadcasts feed 24 FMAs).
+    ///
+    /// # Safety
+    /// As [`TileKernel::tile`] with `mr = 8`, on an AVX-512F host.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_sgemm_8x48(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+    ) {
+        kernel_body::<__m512, 8, 3>(kc, a, lda, b, c, ldc, load_c, pf)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_sgemm_partial<const MR: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+    ) {
+        kernel_body::<__m512, MR, 3>(kc, a, lda, b, c, ldc, load_c, pf)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512_epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+        epilogue_body::<__m512>(rows, cols, c, ldc, ep)
+    }
+
+    impl TileKernel for Avx512 {
+        const MR: usize = 8;
+        const NR: usize = 48;
+        const MC: usize = 128;
+        const KC: usize = 384;
+        const NC_PANELS: usize = 16;
+
+        unsafe fn tile(
+            mr: usize,
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            load_c: bool,
+            pf: *const f32,
+        ) {
+            if mr == Self::MR {
+                avx512_sgemm_8x48(kc, a, lda, b, c, ldc, load_c, pf)
+            } else {
+                partial_tile!(avx512_sgemm_partial, mr, kc, a, lda, b, c, ldc, load_c, pf)
+            }
+        }
+
+        unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+            avx512_epilogue(rows, cols, c, ldc, ep)
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! f32 GEMM: `C = act(A·B + bias [+ C]) + residual`, with B packed ahead of time.
+//!
+//! * A is row-major `m x k` with row stride `lda`, read in place.
+//! * B is a [`PackedB`]: NR-wide column panels for one [`CpuTier`]'s micro-kernel.
+//! * C is row-major `m x n` with row stride `ldc`.
+//!
+//! The driver blocks M (MC rows), N (NC columns) and K (KC) for the caches and calls the tier's
+//! register-blocked micro-kernel (`avx512_sgemm_8x48`, `avx2_sgemm_6x16`, `scalar_sgemm_4x8`)
+//! per tile. The [`Epilogue`] runs on each tile right after its last K block, while the tile is
+//! still in L1. [`Par`] splits the work into disjoint blocks of C over a rayon pool.
+
+mod driver;
+pub(crate) mod kernels;
+mod pack;
+pub(crate) mod validate;
+
+pub use pack::PackedB;
+
+use crate::cpu::{self, CpuTier};
+use crate::error::{check_tier, KernelError};
+use std::cell::Cell;
+
+/// Element-wise activation applied in the GEMM epilogue.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Activation {
+    /// Identity.
+    #[default]
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, min), max)`; ReLU6 is `Clip { min: 0, max: 6 }`. Requires `min <= max`.
+    Clip { min: f32, max: f32 },
+    /// `0.5 x (1 + erf(x / sqrt 2))` (the exact GELU; erf within 1e-6).
+    GeluErf,
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+    GeluTanh,
+    /// `x * sigmoid(x)` (SiLU, swish).
+    Silu,
+}
+
+impl Activation {
+    /// `Clip { min: 0, max: 6 }`.
+    pub const RELU6: Activation = Activation::Clip { min: 0.0, max: 6.0 };
+}
+
+/// A matrix added after the activation: `m x n` row-major with row stride `ld`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Residual<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+}
+
+/// What happens to each output element `s = sum_k A[i][k] * B[k][j]`:
+///
+/// `C[i][j] = act(s + bias[j] + (accumulate ? C[i][j] : 0)) + residual[i][j]`
+///
+/// Absent parts drop out: the default epilogue is plain `C = A·B`. `accumulate` adds the old C
+/// before the activation, so a product split over K in several calls (activation only on the
+/// last) gives the same result as one call.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Epilogue<'a> {
+    /// One value per column of C (`n` values).
+    pub bias: Option<&'a [f32]>,
+    pub activation: Activation,
+    pub residual: Option<Residual<'a>>,
+    /// Add the GEMM into C instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Plain `C = A·B`.
+    pub const NONE: Epilogue<'static> =
+        Epilogue { bias: None, activation: Activation::None, residual: None, accumulate: false };
+
+    pub fn with_bias(mut self, bias: &'a [f32]) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    pub fn with_activation(mut self, activation: Activation) -> Self {
+        self.activation = activation;
+        self
+    }
+
+    pub fn with_residual(mut self, data: &'a [f32], ld: usize) -> Self {
+        self.residual = Some(Residual { data, ld });
+        self
+    }
+
+    pub fn accumulating(mut self) -> Self {
+        self.accumulate = true;
+        self
+    }
+
+    /// True when the epilogue has nothing to do after the products are stored.
+    fn is_store_only(&self) -> bool {
+        self.bias.is_none() && self.residual.is_none() && self.activation == Activation::None
+    }
+}
+
+/// How a GEMM may use threads.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Par<'a> {
+    /// The calling thread only; no rayon involvement.
+    #[default]
+    Seq,
+    /// Split across this pool's threads (the caller blocks until done).
+    Pool(&'a rayon::ThreadPool),
+    /// Split across the current rayon pool (the global one outside any `install`).
+    Current,
+}
+
+impl Par<'_> {
+    /// Threads this setting can use.
+    pub fn threads(&self) -> usize {
+        match self {
+            Par::Seq => 1,
+            Par::Pool(p) => p.current_num_threads().max(1),
+            Par::Current => rayon::current_num_threads().max(1),
+        }
+    }
+}
+
+/// `C = epilogue(A·B)` with B pre-packed: A is `m x b.k()` (stride `lda`), C is `m x b.n()`
+/// (stride `ldc`). Uses the kernels of `b.tier()`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    validate::check_gemm(m, b.k(), b.n(), a.len(), lda, c.len(), ldc, &epilogue)?;
+    // Re-checked so that a `PackedB` can never drive kernels the host lacks.
+    check_tier(b.tier())?;
+    driver::run(m, a, lda, b, c, ldc, &epilogue, par);
+    Ok(())
+}
+
+thread_local! {
+    /// `sgemm`'s packing buffer, taken out while in use so nested calls (e.g. from rayon work
+    /// stealing) get their own.
+    static SCRATCH_B: Cell<Option<PackedB>> = const { Cell::new(None) };
+}
+
+/// `C = epilogue(A·B)` with B unpacked (row-major `k x n`, stride `ldb`), using the active
+/// tier ([`cpu::tier`]). B is packed on the fly into a thread-local buffer that is reused by
+/// later calls, so repeated small GEMMs (attention's per-head products) do not allocate.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    sgemm_tier(cpu::tier(), m, k, n, a, lda, b, ldb, c, ldc, epilogue, par)
+}
+
+/// [`sgemm`] with the kernels of `tier`, which the host must support (tests and benchmarks use
+/// this to cover every tier).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_tier(
+    tier: CpuTier,
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: Epilogue<'_>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    validate::check_gemm(m, k, n, a.len(), lda, c.len(), ldc, &epilogue)?;
+    let mut packed = match SCRATCH_B.with(Cell::take) {
+        Some(p) if p.tier() == tier => p,
+        _ => PackedB::empty(tier)?,
+    };
+    let result = packed.pack(b, k, n, ldb).and_then(|()| gemm(m, a, lda, &packed, c, ldc, epilogue, par));
+    SCRATCH_B.with(|s| s.set(Some(packed)));
+    result
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,256 @@
+//! B packed into NR-wide column panels, each `k x NR` row-major, zero-padded and 64-byte aligned.
+
+use super::kernels::tile_shape;
+use super::validate::{matrix_extent, KERNEL};
+use crate::cpu::{self, CpuTier};
+use crate::error::{check_tier, KernelError};
+
+/// One cache line of f32.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// A growable f32 buffer whose start is 64-byte aligned.
+#[derive(Clone, Default)]
+pub(crate) struct AlignedVec {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedVec {
+    /// Sets the length to `len`; contents are unspecified (callers overwrite them).
+    pub(crate) fn resize(&mut self, len: usize) {
+        let lines = len.div_ceil(16);
+        if self.lines.len() < lines {
+            self.lines.resize(lines, Line::default());
+        }
+        self.len = len;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        // SAFETY: `lines` holds at least `len` f32 (resize keeps lines*16 >= len), `Line` is a
+        // repr(C) array of f32 with no padding, and the borrow ties the slice to `self`.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<f32>(), self.len) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as in `as_slice`, with a unique borrow of `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<f32>(), self.len) }
+    }
+}
+
+/// The right-hand matrix of a GEMM, packed once for the kernels of one [`CpuTier`].
+///
+/// Column panels of `nr` columns (the tier's micro-tile width) are stored one after another; a
+/// panel is `k` rows of `nr` contiguous values, the last panel zero-padded. Panels start on
+/// 64-byte boundaries. A `PackedB` is only valid on the machine (tier) that made it: never
+/// serialise it.
+#[derive(Clone)]
+pub struct PackedB {
+    tier: CpuTier,
+    k: usize,
+    n: usize,
+    nr: usize,
+    panel_stride: usize,
+    data: AlignedVec,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedB")
+            .field("tier", &self.tier)
+            .field("k", &self.k)
+            .field("n", &self.n)
+            .field("nr", &self.nr)
+            .finish()
+    }
+}
+
+impl PackedB {
+    /// Packs row-major `b` (`k x n`, row stride `ldb`) for the active tier ([`cpu::tier`]).
+    pub fn new(b: &[f32], k: usize, n: usize, ldb: usize) -> Result<Self, KernelError> {
+        let mut p = Self::empty(cpu::tier())?;
+        p.pack(b, k, n, ldb)?;
+        Ok(p)
+    }
+
+    /// Packs `b` given transposed: `bt` is `n x k` row-major with row stride `ldbt`, so
+    /// `B[kk][j] = bt[j * ldbt + kk]` (e.g. a linear layer's `[out, in]` weight).
+    pub fn from_transposed(bt: &[f32], k: usize, n: usize, ldbt: usize) -> Result<Self, KernelError> {
+        let mut p = Self::empty(cpu::tier())?;
+        p.pack_transposed(bt, k, n, ldbt)?;
+        Ok(p)
+    }
+
+    /// An empty (`0 x 0`) packed matrix for `tier`, to be filled by [`PackedB::pack`] or
+    /// [`PackedB::pack_transposed`]; refilling reuses the allocation, so a `PackedB` doubles as
+    /// caller-owned scratch for repeated GEMMs. Fails when the host cannot run `tier`.
+    pub fn empty(tier: CpuTier) -> Result<Self, KernelError> {
+        check_tier(tier)?;
+        let (_, nr) = tile_shape(tier);
+        Ok(PackedB { tier, k: 0, n: 0, nr, panel_stride: 0, data: AlignedVec::default() })
+    }
+
+    /// Replaces the contents with row-major `b` (`k x n`, row stride `ldb`).
+    pub fn pack(&mut self, b: &[f32], k: usize, n: usize, ldb: usize) -> Result<(), KernelError> {
+        matrix_extent("B", b.len(), k, n, ldb)?;
+        self.layout(k, n)?;
+        let (nr, stride) = (self.nr, self.panel_stride);
+        let dst = self.data.as_mut_slice();
+        for (p, panel) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(n.div_ceil(nr)) {
+            let j0 = p * nr;
+            let w = nr.min(n - j0);
+            for kk in 0..k {
+                let src = &b[kk * ldb + j0..kk * ldb + j0 + w];
+                let row = &mut panel[kk * nr..(kk + 1) * nr];
+                row[..w].copy_from_slice(src);
+                row[w..].fill(0.0);
+            }
+            panel[k * nr..].fill(0.0);
+        }
+        Ok(())
+    }
+
+    /// Replaces the contents with `B` given transposed (see [`PackedB::from_transposed`]).
+    pub fn pack_transposed(&mut self, bt: &[f32], k: usize, n: usize, ldbt: usize) -> Result<(), KernelError> {
+        matrix_extent("B transposed", bt.len(), n, k, ldbt)?;
+        self.layout(k, n)?;
+        let (nr, stride) = (self.nr, self.panel_stride);
+        let dst = self.data.as_mut_slice();
+        for (p, panel) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(n.div_ceil(nr)) {
+            let j0 = p * nr;
+            let w = nr.min(n - j0);
+            if w < nr {
+                panel.fill(0.0);
+            } else {
+                panel[k * nr..].fill(0.0);
+            }
+            for jj in (0..w).filter(|_| k > 0) {
+                let src = &bt[(j0 + jj) * ldbt..(j0 + jj) * ldbt + k];
+                for (kk, &v) in src.iter().enumerate() {
+                    panel[kk * nr + jj] = v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sizes the buffer for `k x n`.
+    fn layout(&mut self, k: usize, n: usize) -> Result<(), KernelError> {
+        let too_big = || KernelError::shape(KERNEL, format!("packed B of {k} x {n} is too large"));
+        // Round panels up to whole cache lines so every panel starts 64-byte aligned.
+        let panel_stride = k.checked_mul(self.nr).and_then(|s| s.checked_next_multiple_of(16)).ok_or_else(too_big)?;
+        let total = panel_stride
+            .checked_mul(n.div_ceil(self.nr))
+            .filter(|&t| t <= isize::MAX as usize / 4)
+            .ok_or_else(too_big)?;
+        self.k = k;
+        self.n = n;
+        self.panel_stride = panel_stride;
+        self.data.resize(total);
+        Ok(())
+    }
+
+    /// The tier whose kernels this packing is for.
+    pub fn tier(&self) -> CpuTier {
+        self.tier
+    }
+
+    /// Rows of B (the GEMM's inner dimension).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of B.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Panel width: the tier's micro-tile width.
+    pub fn nr(&self) -> usize {
+        self.nr
+    }
+
+    pub(crate) fn panel_stride(&self) -> usize {
+        self.panel_stride
+    }
+
+    pub(crate) fn data(&self) -> &[f32] {
+        self.data.as_slice()
+    }
+
+    /// Unpacks `B[kk][j]` (tests and debugging).
+    pub fn get(&self, kk: usize, j: usize) -> Option<f32> {
+        if kk >= self.k || j >= self.n {
+            return None;
+        }
+        let p = j / self.nr;
+        self.data.as_slice().get(p * self.panel_stride + kk * self.nr + j % self.nr).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_panels_with_zero_padding() {
+        for tier in crate::cpu::supported_tiers() {
+            let (k, n) = (3, 21);
+            let b: Vec<f32> = (0..k * 25).map(|i| i as f32).collect();
+            let p = PackedB::empty(tier).and_then(|mut p| p.pack(&b, k, n, 25).map(|_| p)).unwrap();
+            let nr = p.nr();
+            assert_eq!((p.k(), p.n(), p.tier()), (k, n, tier));
+            for kk in 0..k {
+                for j in 0..n {
+                    assert_eq!(p.get(kk, j), Some(b[kk * 25 + j]));
+                }
+            }
+            assert_eq!(p.get(k, 0), None);
+            assert_eq!(p.get(0, n), None);
+            // Padding columns of the last panel are zero.
+            let last = (n - 1) / nr;
+            let panel = &p.data()[last * p.panel_stride()..][..k * nr];
+            for kk in 0..k {
+                for jj in (n - last * nr)..nr {
+                    assert_eq!(panel[kk * nr + jj], 0.0);
+                }
+            }
+            assert_eq!(p.data().as_ptr() as usize % 64, 0);
+            assert_eq!(p.panel_stride() % 16, 0);
+        }
+    }
+
+    #[test]
+    fn transposed_matches_row_major() {
+        for tier in crate::cpu::supported_tiers() {
+            let (k, n) = (5, 37);
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32).sin()).collect();
+            let mut bt = vec![0.0; n * (k + 2)];
+            for kk in 0..k {
+                for j in 0..n {
+                    bt[j * (k + 2) + kk] = b[kk * n + j];
+                }
+            }
+            let mut p1 = PackedB::empty(tier).unwrap();
+            p1.pack(&b, k, n, n).unwrap();
+            let mut p2 = PackedB::empty(tier).unwrap();
+            // Refill a previously larger packing: stale data must not leak.
+            p2.pack(&vec![7.0; 64 * 64], 64, 64, 64).unwrap();
+            p2.pack_transposed(&bt, k, n, k + 2).unwrap();
+            assert_eq!(p1.data(), p2.data());
+        }
+    }
+
+    #[test]
+    fn rejects_short_buffers() {
+        let e = PackedB::new(&[0.0; 5], 2, 3, 3).unwrap_err();
+        assert!(matches!(e, KernelError::Shape { .. }), "{e}");
+        let e = PackedB::new(&[0.0; 6], 2, 3, 2).unwrap_err();
+        assert!(e.to_string().contains("ld"), "{e}");
+        assert!(PackedB::from_transposed(&[0.0; 5], 3, 2, 3).is_err());
+        assert!(PackedB::new(&[], 0, 3, 3).is_ok());
+        assert!(PackedB::new(&[], 3, 0, 0).is_ok());
+        assert!(PackedB::new(&[], usize::MAX, usize::MAX, usize::MAX).is_err());
+    }
+}

@@ -1,0 +1,201 @@
+use super::*;
+use crate::reference;
+
+fn tiers() -> Vec<CpuTier> {
+    cpu::supported_tiers()
+}
+
+#[test]
+fn two_by_two_by_hand_every_tier() {
+    // [1 2; 3 4] x [5 6; 7 8] = [19 22; 43 50]
+    let a = [1.0, 2.0, 3.0, 4.0];
+    let b = [5.0, 6.0, 7.0, 8.0];
+    for tier in tiers() {
+        let mut c = [f32::NAN; 6];
+        c[2] = 9.0;
+        c[5] = 9.0;
+        sgemm_tier(tier, 2, 2, 2, &a, 2, &b, 2, &mut c, 3, Epilogue::NONE, Par::Seq).unwrap();
+        // ldc = 3: the third column is untouched.
+        assert_eq!(c, [19.0, 22.0, 9.0, 43.0, 50.0, 9.0], "{tier}");
+    }
+}
+
+#[test]
+fn epilogue_order_by_hand() {
+    // act(AB + bias + C_old) + residual, with AB = [19 22; 43 50].
+    let a = [1.0, 2.0, 3.0, 4.0];
+    let b = [5.0, 6.0, 7.0, 8.0];
+    let bias = [-20.0, 1.0];
+    let res = [0.5, 0.5, 1.0, 1.0];
+    for tier in tiers() {
+        let ep = Epilogue::default()
+            .with_bias(&bias)
+            .with_activation(Activation::Relu)
+            .with_residual(&res, 2)
+            .accumulating();
+        let mut c = [0.0, 0.0, -100.0, 0.0];
+        sgemm_tier(tier, 2, 2, 2, &a, 2, &b, 2, &mut c, 2, ep, Par::Seq).unwrap();
+        assert_eq!(c, [0.5, 23.5, 1.0, 52.0], "{tier}");
+        let ep = Epilogue::default().with_activation(Activation::RELU6);
+        sgemm_tier(tier, 2, 2, 2, &a, 2, &b, 2, &mut c, 2, ep, Par::Seq).unwrap();
+        assert_eq!(c, [6.0; 4], "{tier}");
+    }
+}
+
+#[test]
+fn packed_transposed_weight() {
+    // A linear layer: y = x W^T with W = [out=3, in=2].
+    let w = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+    let x = [2.0, 3.0];
+    for tier in tiers() {
+        let mut p = PackedB::empty(tier).unwrap();
+        p.pack_transposed(&w, 2, 3, 2).unwrap();
+        let mut y = [0.0; 3];
+        gemm(1, &x, 2, &p, &mut y, 3, Epilogue::NONE, Par::Seq).unwrap();
+        assert_eq!(y, [2.0, 3.0, 5.0], "{tier}");
+    }
+}
+
+#[test]
+fn k_zero_gives_epilogue_of_zero() {
+    let bias = [1.0, -2.0, 3.0];
+    for tier in tiers() {
+        let mut c = [7.0; 6];
+        let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::Relu);
+        sgemm_tier(tier, 2, 0, 3, &[], 0, &[], 3, &mut c, 3, ep, Par::Seq).unwrap();
+        assert_eq!(c, [1.0, 0.0, 3.0, 1.0, 0.0, 3.0], "{tier}");
+        let mut c = [7.0; 6];
+        sgemm_tier(tier, 2, 0, 3, &[], 0, &[], 3, &mut c, 3, Epilogue::NONE.accumulating(), Par::Seq).unwrap();
+        assert_eq!(c, [7.0; 6], "{tier}");
+        let mut c = [7.0; 6];
+        sgemm_tier(tier, 2, 0, 3, &[], 0, &[], 3, &mut c, 3, Epilogue::NONE, Par::Seq).unwrap();
+        assert_eq!(c, [0.0; 6], "{tier}");
+    }
+}
+
+#[test]
+fn empty_m_or_n_is_a_no_op() {
+    let mut c: [f32; 0] = [];
+    sgemm(0, 3, 4, &[], 3, &[0.0; 12], 4, &mut c, 4, Epilogue::NONE, Par::Seq).unwrap();
+    sgemm(2, 3, 0, &[0.0; 6], 3, &[], 0, &mut c, 0, Epilogue::NONE, Par::Seq).unwrap();
+}
+
+#[test]
+fn rejects_bad_arguments() {
+    let a = [0.0; 6];
+    let b = [0.0; 6];
+    let mut c = [0.0; 4];
+    let call = |a: &[f32], lda, c: &mut [f32], ldc, ep| sgemm(2, 3, 2, a, lda, &b, 2, c, ldc, ep, Par::Seq);
+    // lda < k
+    let e = call(&a, 2, &mut c, 2, Epilogue::NONE).unwrap_err();
+    assert!(e.to_string().contains("A: leading dimension"), "{e}");
+    // A too short for its stride
+    assert!(call(&a, 4, &mut c, 2, Epilogue::NONE).is_err());
+    // C too short
+    assert!(call(&a, 3, &mut c[..3], 2, Epilogue::NONE).is_err());
+    // bias of the wrong length
+    let bias = [0.0; 3];
+    let e = call(&a, 3, &mut c, 2, Epilogue::default().with_bias(&bias)).unwrap_err();
+    assert!(matches!(e, KernelError::Epilogue { .. }), "{e}");
+    // residual too short
+    let res = [0.0; 3];
+    assert!(call(&a, 3, &mut c, 2, Epilogue::default().with_residual(&res, 2)).is_err());
+    // inverted or NaN clip
+    for (min, max) in [(1.0, 0.0), (f32::NAN, 1.0)] {
+        let ep = Epilogue::default().with_activation(Activation::Clip { min, max });
+        assert!(call(&a, 3, &mut c, 2, ep).is_err());
+    }
+    // B too short (unpacked)
+    assert!(sgemm(2, 3, 2, &a, 3, &b[..5], 2, &mut c, 2, Epilogue::NONE, Par::Seq).is_err());
+    // Nothing was written by the failed calls.
+    assert_eq!(c, [0.0; 4]);
+}
+
+#[test]
+fn unsupported_tier_is_an_error() {
+    let best = cpu::detected_tier();
+    if best == CpuTier::Amx {
+        eprintln!("skipped: every tier is supported here");
+        return;
+    }
+    let e = PackedB::empty(CpuTier::Amx).unwrap_err();
+    assert!(matches!(e, KernelError::TierUnsupported { .. }), "{e}");
+    let mut c = [0.0; 1];
+    assert!(sgemm_tier(CpuTier::Amx, 1, 1, 1, &[1.0], 1, &[1.0], 1, &mut c, 1, Epilogue::NONE, Par::Seq).is_err());
+}
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+fn check_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{what}: [{i}] got {g}, want {w}");
+    }
+}
+
+#[test]
+fn threaded_matches_sequential_and_reference() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let (m, k, n) = (77, 300, 211);
+    let mut seed = 1;
+    let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+    let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+    let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::GeluErf);
+    let mut want = vec![0.0; m * n];
+    reference::sgemm(m, k, n, &a, k, &b, n, &mut want, n, ep).unwrap();
+    for tier in tiers() {
+        for par in [Par::Seq, Par::Pool(&pool), Par::Current] {
+            let mut c = vec![0.0; m * n];
+            sgemm_tier(tier, m, k, n, &a, k, &b, n, &mut c, n, ep, par).unwrap();
+            check_close(&c, &want, 1e-5, &format!("{tier} {par:?}"));
+        }
+    }
+}
+
+#[test]
+fn split_k_with_accumulate_equals_one_call() {
+    let (m, k, n) = (9, 700, 50);
+    let mut seed = 7;
+    let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+    for tier in tiers() {
+        let mut whole = vec![0.0; m * n];
+        let ep = Epilogue::default().with_activation(Activation::Silu);
+        sgemm_tier(tier, m, k, n, &a, k, &b, n, &mut whole, n, ep, Par::Seq).unwrap();
+        let mut split = vec![0.0; m * n];
+        let k1 = 333;
+        sgemm_tier(tier, m, k1, n, &a, k, &b, n, &mut split, n, Epilogue::NONE, Par::Seq).unwrap();
+        sgemm_tier(tier, m, k - k1, n, &a[k1..], k, &b[k1 * n..], n, &mut split, n, ep.accumulating(), Par::Seq)
+            .unwrap();
+        check_close(&split, &whole, 1e-5, &tier.to_string());
+    }
+}
+
+#[test]
+fn nested_sgemm_inside_pool_tasks() {
+    // Many small products run from inside pool tasks, each with its own scratch.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let (m, k, n) = (128, 32, 128);
+    let mut seed = 3;
+    let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+    let mut want = vec![0.0; m * n];
+    reference::sgemm(m, k, n, &a, k, &b, n, &mut want, n, Epilogue::NONE).unwrap();
+    let mut outs = vec![vec![0.0f32; m * n]; 8];
+    pool.install(|| {
+        rayon::scope(|s| {
+            for out in outs.iter_mut() {
+                let (a, b) = (&a, &b);
+                s.spawn(move |_| {
+                    sgemm(m, k, n, a, k, b, n, out, n, Epilogue::NONE, Par::Current).unwrap();
+                });
+            }
+        })
+    });
+    for out in &outs {
+        check_close(out, &want, 1e-5, "nested");
+    }
+}

@@ -1,0 +1,39 @@
+//! CPU kernels for slimnn with run-time ISA dispatch.
+//!
+//! The crate is built for the baseline ISA; AVX2, AVX-512 and AMX code lives in
+//! `#[target_feature]` functions reached only through a [`CpuTier`] that [`cpu`] detected at
+//! run time. `SLIMNN_CPU_TIER=generic|avx2|avx512|amx` caps the tier so one host can test every
+//! kernel set. Each optimised kernel has a scalar counterpart in [`reference`] and property
+//! tests against it.
+//!
+//! Kernels:
+//! * [`gemm`]: f32 GEMM `C = act(A·B + bias [+ C]) + residual` with B packed once
+//!   ([`PackedB`]), a fused [`Epilogue`] and optional threading ([`Par`]); [`sgemm`] packs B on
+//!   the fly.
+//!
+//! ```
+//! use slimnn_kernels::{cpu, gemm, Activation, Epilogue, PackedB, Par};
+//!
+//! println!("kernels: {}", cpu::describe());
+//! // A: 2 x 3, B: 3 x 2 (packed once, e.g. a weight), C: 2 x 2.
+//! let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+//! let b = [1.0, 0.0, 0.0, 1.0, 1.0, -1.0];
+//! let packed = PackedB::new(&b, 3, 2, 2).unwrap();
+//! let bias = [0.5, 0.0];
+//! let mut c = [0.0f32; 4];
+//! let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::Relu);
+//! gemm(2, &a, 3, &packed, &mut c, 2, ep, Par::Seq).unwrap();
+//! // Row 0: [1 + 3 + 0.5, 2 - 3] -> relu -> [4.5, 0]
+//! assert_eq!(c, [4.5, 0.0, 10.5, 0.0]);
+//! ```
+
+pub mod cpu;
+mod error;
+pub mod gemm;
+mod math;
+pub mod reference;
+mod simd;
+
+pub use cpu::CpuTier;
+pub use error::KernelError;
+pub use gemm::{gemm, sgemm, sgemm_tier, Activation, Epilogue, PackedB, Par, Residual};
