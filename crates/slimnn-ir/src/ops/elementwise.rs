@@ -3,9 +3,7 @@
 use super::util::{broadcast_dims, expect_inputs, next_index};
 use super::OpDef;
 use crate::{op_bail, Fact, IrError, IrResult};
-use slimnn_tensor::{
-    bf16, checked_numel, dispatch_dtype, f16, strides_of, DType, Dim, Element, Tensor,
-};
+use slimnn_tensor::{bf16, checked_numel, dispatch_dtype, f16, strides_of, DType, Dim, Element, Tensor};
 
 /// Unary elementwise functions. Parameterised ones carry their ONNX attributes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -172,11 +170,8 @@ impl Broadcast {
             }
             // Axis `ax` continues the previous kept axis when, for every input, stepping the
             // previous axis equals stepping `ax` over its whole length.
-            let merge = !dims.is_empty()
-                && full
-                    .iter()
-                    .zip(&strides)
-                    .all(|(f, s)| s.last() == Some(&(f[ax] * shape[ax])));
+            let merge =
+                !dims.is_empty() && full.iter().zip(&strides).all(|(f, s)| s.last() == Some(&(f[ax] * shape[ax])));
             if let (true, Some(last)) = (merge, dims.last_mut()) {
                 *last *= shape[ax];
                 for (f, s) in full.iter().zip(strides.iter_mut()) {
@@ -191,11 +186,7 @@ impl Broadcast {
                 }
             }
         }
-        Ok(Broadcast {
-            shape,
-            dims,
-            strides,
-        })
+        Ok(Broadcast { shape, dims, strides })
     }
 
     /// Input `k`'s stride along the innermost run.
@@ -236,10 +227,7 @@ pub(crate) fn broadcast_map2<A: Copy, B: Copy, O: Element>(
     mut f: impl FnMut(A, B) -> O,
 ) -> IrResult<(Vec<usize>, Vec<O>)> {
     if sa == sb {
-        return Ok((
-            sa.to_vec(),
-            a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect(),
-        ));
+        return Ok((sa.to_vec(), a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()));
     }
     let plan = Broadcast::new(op, &[sa, sb])?;
     let mut out = Vec::with_capacity(checked_numel(&plan.shape, O::DTYPE)?);
@@ -266,11 +254,7 @@ pub(crate) fn broadcast_map3<A: Copy, B: Copy, C: Copy, O: Element>(
 ) -> IrResult<(Vec<usize>, Vec<O>)> {
     let plan = Broadcast::new(op, &[sa, sb, sc])?;
     let mut out = Vec::with_capacity(checked_numel(&plan.shape, O::DTYPE)?);
-    let (ia, ib, ic) = (
-        plan.inner_stride(0),
-        plan.inner_stride(1),
-        plan.inner_stride(2),
-    );
+    let (ia, ib, ic) = (plan.inner_stride(0), plan.inner_stride(1), plan.inner_stride(2));
     plan.for_each_run(|o, len| {
         let (a, b, c) = (&a[o[0]..], &b[o[1]..], &c[o[2]..]);
         out.extend((0..len).map(|j| f(a[j * ia], b[j * ib], c[j * ic])));
@@ -440,17 +424,11 @@ impl UnaryOp {
 fn unary_typed<T: Elem>(op: UnaryOp, x: &Tensor) -> IrResult<Tensor> {
     let v = T::slice(x)?;
     let out: Vec<T> = if T::DTYPE.is_float() {
-        v.iter()
-            .map(|&e| T::from_f64(op.apply_f64(e.to_f64())))
-            .collect()
+        v.iter().map(|&e| T::from_f64(op.apply_f64(e.to_f64()))).collect()
     } else if T::DTYPE == DType::Bool {
-        v.iter()
-            .map(|&e| T::from_i64(i64::from(e.to_i64() == 0)))
-            .collect()
+        v.iter().map(|&e| T::from_i64(i64::from(e.to_i64() == 0))).collect()
     } else {
-        v.iter()
-            .map(|&e| T::from_i64(op.apply_i64(e.to_i64())))
-            .collect()
+        v.iter().map(|&e| T::from_i64(op.apply_i64(e.to_i64()))).collect()
     };
     T::tensor(x.shape().to_vec(), out)
 }
@@ -537,10 +515,7 @@ impl BinaryOp {
             _ if !is_numeric(a) => op_bail!(name, "not defined for {a} inputs"),
             Less | LessOrEqual | Greater | GreaterOrEqual => Ok(DType::Bool),
             Mod { fmod: false } if a.is_float() => {
-                op_bail!(
-                    name,
-                    "fmod=0 is only defined for integers; {a} inputs need fmod=1"
-                )
+                op_bail!(name, "fmod=0 is only defined for integers; {a} inputs need fmod=1")
             }
             _ => Ok(a),
         }
@@ -617,18 +592,14 @@ fn arith_typed<T: Elem>(op: BinaryOp, a: &Tensor, b: &Tensor) -> IrResult<Tensor
     let name = op.onnx_name();
     let (x, y) = ((T::slice(a)?, a.shape()), (T::slice(b)?, b.shape()));
     let (shape, out) = if T::DTYPE.is_float() {
-        broadcast_map2(name, x, y, |p: T, q: T| {
-            T::from_f64(op.apply_f64(p.to_f64(), q.to_f64()))
-        })?
+        broadcast_map2(name, x, y, |p: T, q: T| T::from_f64(op.apply_f64(p.to_f64(), q.to_f64())))?
     } else {
         let mut zero_div = false;
-        let r = broadcast_map2(name, x, y, |p: T, q: T| {
-            match op.apply_i64(p.to_i64(), q.to_i64()) {
-                Some(v) => T::from_i64(v),
-                None => {
-                    zero_div = true;
-                    T::default()
-                }
+        let r = broadcast_map2(name, x, y, |p: T, q: T| match op.apply_i64(p.to_i64(), q.to_i64()) {
+            Some(v) => T::from_i64(v),
+            None => {
+                zero_div = true;
+                T::default()
             }
         })?;
         if zero_div {
@@ -682,9 +653,7 @@ fn pow_typed<T: Elem>(a: &Tensor, b: &Tensor) -> IrResult<Tensor> {
         let e = b.to_i64_vec()?;
         let y = (e.as_slice(), b.shape());
         if T::DTYPE.is_float() {
-            broadcast_map2(NAME, x, y, |p: T, q: i64| {
-                T::from_f64(p.to_f64().powf(q as f64))
-            })?
+            broadcast_map2(NAME, x, y, |p: T, q: i64| T::from_f64(p.to_f64().powf(q as f64)))?
         } else {
             let mut zero_neg = false;
             let r = broadcast_map2(NAME, x, y, |p: T, q: i64| {
@@ -720,10 +689,7 @@ impl OpDef for Binary {
         if self.0 == BinaryOp::PRelu {
             // The slope broadcasts to X, never the other way round.
             let grows = b.rank() > a.rank()
-                || a.shape
-                    .iter()
-                    .zip(&shape)
-                    .any(|(x, o)| x == &Dim::Known(1) && o != &Dim::Known(1));
+                || a.shape.iter().zip(&shape).any(|(x, o)| x == &Dim::Known(1) && o != &Dim::Known(1));
             if grows {
                 op_bail!(
                     name,
@@ -757,12 +723,8 @@ impl OpDef for Binary {
                     Or => |p: bool, q: bool| p || q,
                     _ => |p: bool, q: bool| p != q,
                 };
-                let (shape, out) = broadcast_map2(
-                    name,
-                    (a.as_slice::<bool>()?, a.shape()),
-                    (b.as_slice::<bool>()?, b.shape()),
-                    f,
-                )?;
+                let (shape, out) =
+                    broadcast_map2(name, (a.as_slice::<bool>()?, a.shape()), (b.as_slice::<bool>()?, b.shape()), f)?;
                 Tensor::from_vec(shape, out)?
             }
             Equal | Less | LessOrEqual | Greater | GreaterOrEqual => {
@@ -772,12 +734,7 @@ impl OpDef for Binary {
             _ => dispatch_dtype!(dt, arith_typed(self.0, a, b), block => Err(bad_dtype()))?,
         };
         if self.0 == PRelu && y.shape() != a.shape() {
-            op_bail!(
-                name,
-                "slope shape {:?} does not broadcast to input shape {:?}",
-                b.shape(),
-                a.shape()
-            );
+            op_bail!(name, "slope shape {:?} does not broadcast to input shape {:?}", b.shape(), a.shape());
         }
         Ok(vec![y])
     }
@@ -876,10 +833,7 @@ fn check_clip_dtypes(x: DType, lo: DType, hi: DType) -> IrResult<()> {
         op_bail!("Clip", "not defined for {x} inputs");
     }
     if lo != x || hi != x {
-        op_bail!(
-            "Clip",
-            "bounds must have the input dtype {x}, got {lo} and {hi}"
-        );
+        op_bail!("Clip", "bounds must have the input dtype {x}, got {lo} and {hi}");
     }
     Ok(())
 }
@@ -899,11 +853,7 @@ impl OpDef for Clip {
                 _ => false,
             };
             if !scalar {
-                op_bail!(
-                    "Clip",
-                    "{what} must be a scalar, got shape {}",
-                    super::util::show_dims(&f.shape)
-                );
+                op_bail!("Clip", "{what} must be a scalar, got shape {}", super::util::show_dims(&f.shape));
             }
         }
         Ok(vec![Fact::new(inputs[0].dtype, inputs[0].shape.clone())])
@@ -958,10 +908,7 @@ mod tests {
     }
 
     fn unary_f64(op: UnaryOp, xs: &[f64]) -> Vec<f64> {
-        run(Unary(op), &[&t(&[xs.len()], xs.to_vec())])
-            .as_slice::<f64>()
-            .unwrap()
-            .to_vec()
+        run(Unary(op), &[&t(&[xs.len()], xs.to_vec())]).as_slice::<f64>().unwrap().to_vec()
     }
 
     fn assert_close(got: &[f64], want: &[f64], tol: f64) {
@@ -1004,65 +951,28 @@ mod tests {
         assert_eq!(unary_f64(Log, &[1.0, 0.0]), [0.0, f64::NEG_INFINITY]);
         assert_close(&unary_f64(Erf, &[0.5]), &[0.5204998778130465], 1e-15);
         assert_eq!(unary_f64(Tanh, &[0.0]), [0.0]);
-        assert_close(
-            &unary_f64(Sigmoid, &[0.0, 1.0, -1000.0, 1000.0]),
-            &[0.5, 0.7310585786300049, 0.0, 1.0],
-            1e-15,
-        );
+        assert_close(&unary_f64(Sigmoid, &[0.0, 1.0, -1000.0, 1000.0]), &[0.5, 0.7310585786300049, 0.0, 1.0], 1e-15);
         assert_eq!(unary_f64(Relu, &[-1.0, 0.0, 2.0]), [0.0, 0.0, 2.0]);
         assert_eq!(unary_f64(Floor, &[-1.5, 1.5]), [-2.0, 1.0]);
         assert_eq!(unary_f64(Ceil, &[-1.5, 1.5]), [-1.0, 2.0]);
         // Half to even, as ONNX Round.
-        assert_eq!(
-            unary_f64(Round, &[0.5, 1.5, 2.5, -0.5, -1.5, 0.4]),
-            [0.0, 2.0, 2.0, -0.0, -2.0, 0.0]
-        );
+        assert_eq!(unary_f64(Round, &[0.5, 1.5, 2.5, -0.5, -1.5, 0.4]), [0.0, 2.0, 2.0, -0.0, -2.0, 0.0]);
         assert_eq!(unary_f64(Sign, &[-3.0, 0.0, 2.0]), [-1.0, 0.0, 1.0]);
         let s = unary_f64(Sign, &[-0.0, f64::NAN]);
         assert!(s[0] == 0.0 && s[0].is_sign_positive() && s[1].is_nan());
         assert_eq!(unary_f64(Sin, &[0.0]), [0.0]);
         assert_eq!(unary_f64(Cos, &[0.0]), [1.0]);
-        assert_close(
-            &unary_f64(Softplus, &[0.0, 1000.0, -1000.0]),
-            &[std::f64::consts::LN_2, 1000.0, 0.0],
-            1e-15,
-        );
-        assert_close(
-            &unary_f64(LeakyRelu { alpha: 0.5 }, &[-2.0, 3.0]),
-            &[-1.0, 3.0],
-            0.0,
-        );
-        assert_close(
-            &unary_f64(Elu { alpha: 1.0 }, &[-1.0, 2.0]),
-            &[-0.6321205588285577, 2.0],
-            1e-15,
-        );
-        assert_close(
-            &unary_f64(
-                HardSigmoid {
-                    alpha: 0.25,
-                    beta: 0.5,
-                },
-                &[1.0, 10.0, -10.0],
-            ),
-            &[0.75, 1.0, 0.0],
-            0.0,
-        );
-        assert_close(
-            &unary_f64(HardSwish, &[3.0, -3.0, 1.0]),
-            &[3.0, 0.0, 2.0 / 3.0],
-            1e-15,
-        );
+        assert_close(&unary_f64(Softplus, &[0.0, 1000.0, -1000.0]), &[std::f64::consts::LN_2, 1000.0, 0.0], 1e-15);
+        assert_close(&unary_f64(LeakyRelu { alpha: 0.5 }, &[-2.0, 3.0]), &[-1.0, 3.0], 0.0);
+        assert_close(&unary_f64(Elu { alpha: 1.0 }, &[-1.0, 2.0]), &[-0.6321205588285577, 2.0], 1e-15);
+        assert_close(&unary_f64(HardSigmoid { alpha: 0.25, beta: 0.5 }, &[1.0, 10.0, -10.0]), &[0.75, 1.0, 0.0], 0.0);
+        assert_close(&unary_f64(HardSwish, &[3.0, -3.0, 1.0]), &[3.0, 0.0, 2.0 / 3.0], 1e-15);
         assert_close(
             &unary_f64(Gelu { tanh: false }, &[1.0, -2.0, 0.0]),
             &[0.8413447460685429, -0.04550026389635842, 0.0],
             1e-15,
         );
-        assert_close(
-            &unary_f64(Gelu { tanh: true }, &[1.0]),
-            &[0.8411919906082768],
-            1e-15,
-        );
+        assert_close(&unary_f64(Gelu { tanh: true }, &[1.0]), &[0.8411919906082768], 1e-15);
     }
 
     #[test]
@@ -1070,14 +980,8 @@ mod tests {
         // f32 is computed in f64 and rounded once.
         let y = run(Unary(UnaryOp::Sigmoid), &[&t(&[1], vec![1f32])]);
         assert_eq!(f32s(&y), [0.7310586]);
-        let y = run(
-            Unary(UnaryOp::Exp),
-            &[&t(&[2], vec![f16::from_f32(0.0), f16::from_f32(1.0)])],
-        );
-        assert_eq!(
-            y.as_slice::<f16>().unwrap(),
-            &[f16::from_f32(1.0), f16::from_f64(std::f64::consts::E)]
-        );
+        let y = run(Unary(UnaryOp::Exp), &[&t(&[2], vec![f16::from_f32(0.0), f16::from_f32(1.0)])]);
+        assert_eq!(y.as_slice::<f16>().unwrap(), &[f16::from_f32(1.0), f16::from_f64(std::f64::consts::E)]);
         // Integer ops wrap like the integer type.
         let y = run(Unary(UnaryOp::Neg), &[&t(&[3], vec![-128i8, 5, 0])]);
         assert_eq!(y.as_slice::<i8>().unwrap(), &[-128, -5, 0]);
@@ -1100,20 +1004,12 @@ mod tests {
         for (op, dt) in bad {
             let f = Fact::known(dt, &[2]);
             let e = Unary(op).output_facts(&[&f]).unwrap_err();
-            assert!(
-                matches!(e, IrError::Op { op: n, .. } if n == op.onnx_name()),
-                "{e}"
-            );
-            assert!(Unary(op)
-                .eval(&[&Tensor::zeros(dt, vec![2]).unwrap()])
-                .is_err());
+            assert!(matches!(e, IrError::Op { op: n, .. } if n == op.onnx_name()), "{e}");
+            assert!(Unary(op).eval(&[&Tensor::zeros(dt, vec![2]).unwrap()]).is_err());
         }
         assert!(Unary(UnaryOp::Exp).output_facts(&[]).is_err());
         let f = Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(3)]);
-        assert_eq!(
-            Unary(UnaryOp::Exp).output_facts(&[&f]).unwrap(),
-            vec![f.clone()]
-        );
+        assert_eq!(Unary(UnaryOp::Exp).output_facts(&[&f]).unwrap(), vec![f.clone()]);
     }
 
     #[test]
@@ -1139,27 +1035,16 @@ mod tests {
         assert_eq!(f32s(&y), [-9.0, -19.0, -29.0, -8.0, -18.0, -28.0]);
         let y = run(Binary(BinaryOp::Mul), &[&t(&[], vec![2f32]), &b]);
         assert_eq!(f32s(&y), [20.0, 40.0, 60.0]);
-        let e = Binary(BinaryOp::Add)
-            .eval(&[&t(&[2], vec![1f32, 2.0]), &b])
-            .unwrap_err();
+        let e = Binary(BinaryOp::Add).eval(&[&t(&[2], vec![1f32, 2.0]), &b]).unwrap_err();
         assert!(e.to_string().contains("cannot broadcast"), "{e}");
         // Zero-size dims broadcast like any other.
         let y = run(Binary(BinaryOp::Add), &[&t(&[0, 1], Vec::<f32>::new()), &b]);
         assert_eq!(y.shape(), &[0, 3]);
 
-        let fa = Fact::new(
-            DType::F32,
-            vec![Dim::sym("batch"), Dim::Known(1), Dim::Known(4)],
-        );
+        let fa = Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(1), Dim::Known(4)]);
         let fb = Fact::known(DType::F32, &[3, 1]);
         let out = Binary(BinaryOp::Add).output_facts(&[&fa, &fb]).unwrap();
-        assert_eq!(
-            out,
-            vec![Fact::new(
-                DType::F32,
-                vec![Dim::sym("batch"), Dim::Known(3), Dim::Known(4)]
-            )]
-        );
+        assert_eq!(out, vec![Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(3), Dim::Known(4)])]);
         let fc = Fact::known(DType::F32, &[5]);
         assert!(Binary(BinaryOp::Add).output_facts(&[&fa, &fc]).is_err());
     }
@@ -1173,28 +1058,15 @@ mod tests {
         assert!(out(BinaryOp::Add, DType::Bool, DType::Bool).is_err());
         assert_eq!(out(BinaryOp::Less, DType::F32, DType::F32), Ok(DType::Bool));
         assert!(out(BinaryOp::Less, DType::Bool, DType::Bool).is_err());
-        assert_eq!(
-            out(BinaryOp::Equal, DType::Bool, DType::Bool),
-            Ok(DType::Bool)
-        );
+        assert_eq!(out(BinaryOp::Equal, DType::Bool, DType::Bool), Ok(DType::Bool));
         assert_eq!(out(BinaryOp::Pow, DType::F32, DType::I64), Ok(DType::F32));
         assert!(out(BinaryOp::Pow, DType::F32, DType::Bool).is_err());
-        assert_eq!(
-            out(BinaryOp::And, DType::Bool, DType::Bool),
-            Ok(DType::Bool)
-        );
+        assert_eq!(out(BinaryOp::And, DType::Bool, DType::Bool), Ok(DType::Bool));
         assert!(out(BinaryOp::Or, DType::I32, DType::I32).is_err());
         assert!(out(BinaryOp::Mod { fmod: false }, DType::F32, DType::F32).is_err());
-        assert_eq!(
-            out(BinaryOp::Mod { fmod: true }, DType::F32, DType::F32),
-            Ok(DType::F32)
-        );
-        assert!(Binary(BinaryOp::Add)
-            .output_facts(&[&f(DType::F32)])
-            .is_err());
-        let e = Binary(BinaryOp::Add)
-            .eval(&[&t(&[1], vec![1f32]), &t(&[1], vec![1f64])])
-            .unwrap_err();
+        assert_eq!(out(BinaryOp::Mod { fmod: true }, DType::F32, DType::F32), Ok(DType::F32));
+        assert!(Binary(BinaryOp::Add).output_facts(&[&f(DType::F32)]).is_err());
+        let e = Binary(BinaryOp::Add).eval(&[&t(&[1], vec![1f32]), &t(&[1], vec![1f64])]).unwrap_err();
         assert!(e.to_string().contains("Add"), "{e}");
     }
 
@@ -1207,9 +1079,7 @@ mod tests {
         let zero = t(&[1], vec![0i32]);
         let e = Binary(BinaryOp::Div).eval(&[&a, &zero]).unwrap_err();
         assert!(e.to_string().contains("division by zero"), "{e}");
-        assert!(Binary(BinaryOp::Mod { fmod: false })
-            .eval(&[&a, &zero])
-            .is_err());
+        assert!(Binary(BinaryOp::Mod { fmod: false }).eval(&[&a, &zero]).is_err());
 
         let a = t(&[2], vec![-7i64, 7]);
         let b = t(&[2], vec![3i64, -3]);
@@ -1217,32 +1087,17 @@ mod tests {
         assert_eq!(y.as_slice::<i64>().unwrap(), &[2, -2]);
         let y = run(Binary(BinaryOp::Mod { fmod: true }), &[&a, &b]);
         assert_eq!(y.as_slice::<i64>().unwrap(), &[-1, 1]);
-        let y = run(
-            Binary(BinaryOp::Mod { fmod: true }),
-            &[&t(&[2], vec![5.5f32, -5.5]), &t(&[], vec![2f32])],
-        );
+        let y = run(Binary(BinaryOp::Mod { fmod: true }), &[&t(&[2], vec![5.5f32, -5.5]), &t(&[], vec![2f32])]);
         assert_eq!(f32s(&y), [1.5, -1.5]);
 
         // Wrapping in the element type.
-        let y = run(
-            Binary(BinaryOp::Add),
-            &[&t(&[2], vec![250u8, 3]), &t(&[2], vec![10u8, 5])],
-        );
+        let y = run(Binary(BinaryOp::Add), &[&t(&[2], vec![250u8, 3]), &t(&[2], vec![10u8, 5])]);
         assert_eq!(y.as_slice::<u8>().unwrap(), &[4, 8]);
-        let y = run(
-            Binary(BinaryOp::Sub),
-            &[&t(&[1], vec![3u8]), &t(&[1], vec![5u8])],
-        );
+        let y = run(Binary(BinaryOp::Sub), &[&t(&[1], vec![3u8]), &t(&[1], vec![5u8])]);
         assert_eq!(y.as_slice::<u8>().unwrap(), &[254]);
-        let y = run(
-            Binary(BinaryOp::Mul),
-            &[&t(&[1], vec![100i8]), &t(&[1], vec![3i8])],
-        );
+        let y = run(Binary(BinaryOp::Mul), &[&t(&[1], vec![100i8]), &t(&[1], vec![3i8])]);
         assert_eq!(y.as_slice::<i8>().unwrap(), &[44]);
-        let y = run(
-            Binary(BinaryOp::Max),
-            &[&t(&[2], vec![1i16, 9]), &t(&[2], vec![5i16, 2])],
-        );
+        let y = run(Binary(BinaryOp::Max), &[&t(&[2], vec![1i16, 9]), &t(&[2], vec![5i16, 2])]);
         assert_eq!(y.as_slice::<i16>().unwrap(), &[5, 9]);
     }
 
@@ -1258,15 +1113,10 @@ mod tests {
 
         let x = t(&[2, 2], vec![-2f32, 3.0, -4.0, 5.0]);
         let slope = t(&[2], vec![0.5f32, 0.25]);
-        assert_eq!(
-            f32s(&run(Binary(BinaryOp::PRelu), &[&x, &slope])),
-            [-1.0, 3.0, -2.0, 5.0]
-        );
+        assert_eq!(f32s(&run(Binary(BinaryOp::PRelu), &[&x, &slope])), [-1.0, 3.0, -2.0, 5.0]);
         // The slope may not grow X.
         let big = t(&[3, 2], vec![0f32; 6]);
-        assert!(Binary(BinaryOp::PRelu)
-            .eval(&[&t(&[1, 2], vec![1f32, 2.0]), &big])
-            .is_err());
+        assert!(Binary(BinaryOp::PRelu).eval(&[&t(&[1, 2], vec![1f32, 2.0]), &big]).is_err());
         let fx = Fact::known(DType::F32, &[1, 2]);
         let fs = Fact::known(DType::F32, &[3, 2]);
         assert!(Binary(BinaryOp::PRelu).output_facts(&[&fx, &fs]).is_err());
@@ -1276,63 +1126,33 @@ mod tests {
 
     #[test]
     fn pow_exponent_types() {
-        let y = run(
-            Binary(BinaryOp::Pow),
-            &[&t(&[2], vec![2f32, 4.0]), &t(&[2], vec![3i64, -1])],
-        );
+        let y = run(Binary(BinaryOp::Pow), &[&t(&[2], vec![2f32, 4.0]), &t(&[2], vec![3i64, -1])]);
         assert_eq!(f32s(&y), [8.0, 0.25]);
-        let y = run(
-            Binary(BinaryOp::Pow),
-            &[&t(&[2], vec![4f32, 2.0]), &t(&[], vec![0.5f64])],
-        );
+        let y = run(Binary(BinaryOp::Pow), &[&t(&[2], vec![4f32, 2.0]), &t(&[], vec![0.5f64])]);
         assert_eq!(f32s(&y), [2.0, std::f32::consts::SQRT_2]);
-        let y = run(
-            Binary(BinaryOp::Pow),
-            &[
-                &t(&[5], vec![2i64, 2, -1, 3, -2]),
-                &t(&[5], vec![10i32, -1, -3, 0, 3]),
-            ],
-        );
+        let y = run(Binary(BinaryOp::Pow), &[&t(&[5], vec![2i64, 2, -1, 3, -2]), &t(&[5], vec![10i32, -1, -3, 0, 3])]);
         assert_eq!(y.as_slice::<i64>().unwrap(), &[1024, 0, -1, 1, -8]);
-        let y = run(
-            Binary(BinaryOp::Pow),
-            &[&t(&[1], vec![3i32]), &t(&[1], vec![2.5f32])],
-        );
+        let y = run(Binary(BinaryOp::Pow), &[&t(&[1], vec![3i32]), &t(&[1], vec![2.5f32])]);
         assert_eq!(y.as_slice::<i32>().unwrap(), &[15]);
-        assert!(Binary(BinaryOp::Pow)
-            .eval(&[&t(&[1], vec![0i32]), &t(&[1], vec![-1i32])])
-            .is_err());
+        assert!(Binary(BinaryOp::Pow).eval(&[&t(&[1], vec![0i32]), &t(&[1], vec![-1i32])]).is_err());
     }
 
     #[test]
     fn comparisons_and_logic() {
         let a = t(&[4], vec![1f32, 2.0, f32::NAN, -0.0]);
         let b = t(&[4], vec![2f32, 2.0, f32::NAN, 0.0]);
-        let cmp = |op| {
-            run(Binary(op), &[&a, &b])
-                .as_slice::<bool>()
-                .unwrap()
-                .to_vec()
-        };
+        let cmp = |op| run(Binary(op), &[&a, &b]).as_slice::<bool>().unwrap().to_vec();
         assert_eq!(cmp(BinaryOp::Equal), [false, true, false, true]);
         assert_eq!(cmp(BinaryOp::Less), [true, false, false, false]);
         assert_eq!(cmp(BinaryOp::LessOrEqual), [true, true, false, true]);
         assert_eq!(cmp(BinaryOp::Greater), [false, false, false, false]);
         assert_eq!(cmp(BinaryOp::GreaterOrEqual), [false, true, false, true]);
-        let y = run(
-            Binary(BinaryOp::Equal),
-            &[&t(&[2], vec![5i64, 6]), &t(&[], vec![6i64])],
-        );
+        let y = run(Binary(BinaryOp::Equal), &[&t(&[2], vec![5i64, 6]), &t(&[], vec![6i64])]);
         assert_eq!(y.as_slice::<bool>().unwrap(), &[false, true]);
 
         let p = t(&[4], vec![true, true, false, false]);
         let q = t(&[4], vec![true, false, true, false]);
-        let logic = |op| {
-            run(Binary(op), &[&p, &q])
-                .as_slice::<bool>()
-                .unwrap()
-                .to_vec()
-        };
+        let logic = |op| run(Binary(op), &[&p, &q]).as_slice::<bool>().unwrap().to_vec();
         assert_eq!(logic(BinaryOp::And), [true, false, false, false]);
         assert_eq!(logic(BinaryOp::Or), [true, true, true, false]);
         assert_eq!(logic(BinaryOp::Xor), [false, true, true, false]);
@@ -1354,9 +1174,7 @@ mod tests {
             vec![Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(3)])]
         );
         assert!(Where.output_facts(&[&fx, &fx, &fy]).is_err());
-        assert!(Where
-            .output_facts(&[&fc, &fx, &Fact::known(DType::F64, &[1])])
-            .is_err());
+        assert!(Where.output_facts(&[&fc, &fx, &Fact::known(DType::F64, &[1])]).is_err());
         assert!(Where.eval(&[&c, &x, &t(&[2], vec![1i64, 2])]).is_err());
     }
 
@@ -1379,27 +1197,14 @@ mod tests {
         assert_eq!(&y[..3], &[0.0, 0.5, 6.0]);
         assert!(y[3].is_nan());
         // min > max clips everything to max.
-        let y = run(
-            Clip,
-            &[
-                &t(&[2], vec![1i32, 9]),
-                &t(&[], vec![5i32]),
-                &t(&[], vec![3i32]),
-            ],
-        );
+        let y = run(Clip, &[&t(&[2], vec![1i32, 9]), &t(&[], vec![5i32]), &t(&[], vec![3i32])]);
         assert_eq!(y.as_slice::<i32>().unwrap(), &[3, 3]);
-        assert!(Clip
-            .eval(&[&x, &t(&[2], vec![0f32, 1.0]), &t(&[], vec![1f32])])
-            .is_err());
-        assert!(Clip
-            .eval(&[&x, &t(&[], vec![0f64]), &t(&[], vec![1f32])])
-            .is_err());
+        assert!(Clip.eval(&[&x, &t(&[2], vec![0f32, 1.0]), &t(&[], vec![1f32])]).is_err());
+        assert!(Clip.eval(&[&x, &t(&[], vec![0f64]), &t(&[], vec![1f32])]).is_err());
         assert!(Clip.eval(&[&x]).is_err());
         let fx = Fact::known(DType::F32, &[4]);
         let s = Fact::known(DType::F32, &[]);
-        assert!(Clip
-            .output_facts(&[&fx, &s, &Fact::known(DType::F32, &[2])])
-            .is_err());
+        assert!(Clip.output_facts(&[&fx, &s, &Fact::known(DType::F32, &[2])]).is_err());
         assert_eq!(Clip.output_facts(&[&fx, &s, &s]).unwrap(), vec![fx.clone()]);
         let fb = Fact::known(DType::Bool, &[4]);
         let sb = Fact::known(DType::Bool, &[]);
@@ -1415,10 +1220,7 @@ mod tests {
         let p = Broadcast::new("t", &[&[2, 3, 4], &[2, 3, 4]]).unwrap();
         assert_eq!(p.dims, [24]);
         let p = Broadcast::new("t", &[&[1, 32, 5, 5], &[1, 32, 1, 1]]).unwrap();
-        assert_eq!(
-            (p.dims.as_slice(), p.strides[1].as_slice()),
-            (&[32, 25][..], &[1, 0][..])
-        );
+        assert_eq!((p.dims.as_slice(), p.strides[1].as_slice()), (&[32, 25][..], &[1, 0][..]));
         let p = Broadcast::new("t", &[&[], &[]]).unwrap();
         let mut runs = vec![];
         p.for_each_run(|o, len| runs.push((o.to_vec(), len)));
@@ -1426,18 +1228,10 @@ mod tests {
     }
 
     /// Independent broadcasting: map each output multi-index back to the inputs.
-    fn naive_broadcast(
-        a: &[i64],
-        sa: &[usize],
-        b: &[i64],
-        sb: &[usize],
-    ) -> Option<(Vec<usize>, Vec<i64>)> {
+    fn naive_broadcast(a: &[i64], sa: &[usize], b: &[i64], sb: &[usize]) -> Option<(Vec<usize>, Vec<i64>)> {
         let rank = sa.len().max(sb.len());
-        let pad = |s: &[usize]| -> Vec<usize> {
-            std::iter::repeat_n(1, rank - s.len())
-                .chain(s.iter().copied())
-                .collect()
-        };
+        let pad =
+            |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, rank - s.len()).chain(s.iter().copied()).collect() };
         let (pa, pb) = (pad(sa), pad(sb));
         let mut out = vec![];
         for i in 0..rank {
@@ -1450,9 +1244,7 @@ mod tests {
         }
         let n: usize = out.iter().product();
         let flat = |shape: &[usize], idx: &[usize]| {
-            idx.iter()
-                .zip(shape)
-                .fold(0, |acc, (&i, &d)| acc * d + if d == 1 { 0 } else { i })
+            idx.iter().zip(shape).fold(0, |acc, (&i, &d)| acc * d + if d == 1 { 0 } else { i })
         };
         let vals = (0..n)
             .map(|mut f| {
@@ -1468,18 +1260,11 @@ mod tests {
     }
 
     fn shape_pair() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
-        (
-            prop::collection::vec(0usize..4, 0..5),
-            prop::collection::vec(any::<(bool, bool)>(), 5),
-            0usize..5,
-            0usize..5,
-        )
+        (prop::collection::vec(0usize..4, 0..5), prop::collection::vec(any::<(bool, bool)>(), 5), 0usize..5, 0usize..5)
             .prop_map(|(base, ones, ra, rb)| {
                 let take = |r: usize, pick: fn(&(bool, bool)) -> bool| -> Vec<usize> {
                     let r = r.min(base.len());
-                    (base.len() - r..base.len())
-                        .map(|i| if pick(&ones[i]) { 1 } else { base[i] })
-                        .collect()
+                    (base.len() - r..base.len()).map(|i| if pick(&ones[i]) { 1 } else { base[i] }).collect()
                 };
                 (take(ra, |o| o.0), take(rb, |o| o.1))
             })

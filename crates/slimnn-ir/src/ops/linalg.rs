@@ -42,17 +42,9 @@ fn gemm_f64<T: Copy + Into<f64>>(m: usize, k: usize, n: usize, a: &[T], b: &[T],
                 let brow = |kk: usize| &b[kk * n + j0..kk * n + j1];
                 let mut kk = k0;
                 while kk + 4 <= k1 {
-                    let (a0, a1, a2, a3) = (
-                        arow[kk].into(),
-                        arow[kk + 1].into(),
-                        arow[kk + 2].into(),
-                        arow[kk + 3].into(),
-                    );
-                    let rows = brow(kk)
-                        .iter()
-                        .zip(brow(kk + 1))
-                        .zip(brow(kk + 2))
-                        .zip(brow(kk + 3));
+                    let (a0, a1, a2, a3) =
+                        (arow[kk].into(), arow[kk + 1].into(), arow[kk + 2].into(), arow[kk + 3].into());
+                    let rows = brow(kk).iter().zip(brow(kk + 1)).zip(brow(kk + 2)).zip(brow(kk + 3));
                     for (c, (((&x0, &x1), &x2), &x3)) in crow.iter_mut().zip(rows) {
                         *c += a0 * x0.into() + a1 * x1.into() + a2 * x2.into() + a3 * x3.into();
                     }
@@ -110,9 +102,7 @@ impl<'a> Operand<'a> {
     /// The `rows × cols` matrix transposed into a new `cols × rows` one.
     fn transposed(self, rows: usize, cols: usize) -> Operand<'a> {
         fn tr<T: Copy>(x: &[T], rows: usize, cols: usize) -> Vec<T> {
-            (0..cols)
-                .flat_map(|c| (0..rows).map(move |r| x[r * cols + c]))
-                .collect()
+            (0..cols).flat_map(|c| (0..rows).map(move |r| x[r * cols + c])).collect()
         }
         match self {
             Operand::F32(x) => Operand::F32(Cow::Owned(tr(&x, rows, cols))),
@@ -132,19 +122,12 @@ enum Acc {
 type Kernel<T, A> = fn(usize, usize, usize, &[T], &[T], &mut [A]);
 
 /// `out[p] = a[pairs[p].0] · b[pairs[p].1]` for `m×k` matrices of `a` and `k×n` of `b`.
-fn batched(
-    (a, b): (&Operand, &Operand),
-    (m, k, n): (usize, usize, usize),
-    pairs: &[(usize, usize)],
-) -> IrResult<Acc> {
+fn batched((a, b): (&Operand, &Operand), (m, k, n): (usize, usize, usize), pairs: &[(usize, usize)]) -> IrResult<Acc> {
     let total = pairs.len() * m * n;
     checked_numel(&[total], DType::F64)?;
     // When every item reads the same `b` and consecutive `a`s, one tall product does them all
     // (a batch of sequences times a weight matrix).
-    let tall = pairs
-        .iter()
-        .enumerate()
-        .all(|(p, &(ia, ib))| ia == p && ib == 0);
+    let tall = pairs.iter().enumerate().all(|(p, &(ia, ib))| ia == p && ib == 0);
     fn run<T: Copy, A: Copy + Default>(
         (a, b): (&[T], &[T]),
         (m, k, n): (usize, usize, usize),
@@ -157,36 +140,18 @@ fn batched(
             return acc;
         }
         if tall {
-            kernel(
-                pairs.len() * m,
-                k,
-                n,
-                &a[..pairs.len() * m * k],
-                &b[..k * n],
-                &mut acc,
-            );
+            kernel(pairs.len() * m, k, n, &a[..pairs.len() * m * k], &b[..k * n], &mut acc);
         } else {
             for (out, &(ia, ib)) in acc.chunks_mut((m * n).max(1)).zip(pairs) {
-                kernel(
-                    m,
-                    k,
-                    n,
-                    &a[ia * m * k..(ia + 1) * m * k],
-                    &b[ib * k * n..(ib + 1) * k * n],
-                    out,
-                );
+                kernel(m, k, n, &a[ia * m * k..(ia + 1) * m * k], &b[ib * k * n..(ib + 1) * k * n], out);
             }
         }
         acc
     }
     let dims = (m, k, n);
     Ok(match (a, b) {
-        (Operand::F32(a), Operand::F32(b)) => {
-            Acc::F64(run((a, b), dims, pairs, tall, gemm_f64::<f32>))
-        }
-        (Operand::F64(a), Operand::F64(b)) => {
-            Acc::F64(run((a, b), dims, pairs, tall, gemm_f64::<f64>))
-        }
+        (Operand::F32(a), Operand::F32(b)) => Acc::F64(run((a, b), dims, pairs, tall, gemm_f64::<f32>)),
+        (Operand::F64(a), Operand::F64(b)) => Acc::F64(run((a, b), dims, pairs, tall, gemm_f64::<f64>)),
         (Operand::I64(a), Operand::I64(b)) => Acc::I64(run((a, b), dims, pairs, tall, gemm_i64)),
         _ => return Err(IrError::op("MatMul", "operands of different kinds")),
     })
@@ -225,29 +190,12 @@ impl OpDef for MatMul {
         let (a, b) = (inputs[0], inputs[1]);
         let dt = check_dtypes("MatMul", &[a.dtype, b.dtype])?;
         if a.rank() == 0 || b.rank() == 0 {
-            op_bail!(
-                "MatMul",
-                "operands must have rank >= 1, got {} and {}",
-                show_dims(&a.shape),
-                show_dims(&b.shape)
-            );
+            op_bail!("MatMul", "operands must have rank >= 1, got {} and {}", show_dims(&a.shape), show_dims(&b.shape));
         }
-        let sa = if a.rank() == 1 {
-            vec![Dim::Known(1), a.shape[0].clone()]
-        } else {
-            a.shape.clone()
-        };
-        let sb = if b.rank() == 1 {
-            vec![b.shape[0].clone(), Dim::Known(1)]
-        } else {
-            b.shape.clone()
-        };
+        let sa = if a.rank() == 1 { vec![Dim::Known(1), a.shape[0].clone()] } else { a.shape.clone() };
+        let sb = if b.rank() == 1 { vec![b.shape[0].clone(), Dim::Known(1)] } else { b.shape.clone() };
         let (ra, rb) = (sa.len(), sb.len());
-        let what = format!(
-            "inner dimension of {} @ {}",
-            show_dims(&a.shape),
-            show_dims(&b.shape)
-        );
+        let what = format!("inner dimension of {} @ {}", show_dims(&a.shape), show_dims(&b.shape));
         check_same("MatMul", &what, &sa[ra - 1], &sb[rb - 2])?;
         let mut shape = broadcast_dims("MatMul", &sa[..ra - 2], &sb[..rb - 2])?;
         if a.rank() >= 2 {
@@ -264,43 +212,18 @@ impl OpDef for MatMul {
         let (a, b) = (inputs[0], inputs[1]);
         let dt = check_dtypes("MatMul", &[a.dtype(), b.dtype()])?;
         if a.rank() == 0 || b.rank() == 0 {
-            op_bail!(
-                "MatMul",
-                "operands must have rank >= 1, got shapes {:?} and {:?}",
-                a.shape(),
-                b.shape()
-            );
+            op_bail!("MatMul", "operands must have rank >= 1, got shapes {:?} and {:?}", a.shape(), b.shape());
         }
-        let sa = if a.rank() == 1 {
-            vec![1, a.shape()[0]]
-        } else {
-            a.shape().to_vec()
-        };
-        let sb = if b.rank() == 1 {
-            vec![b.shape()[0], 1]
-        } else {
-            b.shape().to_vec()
-        };
+        let sa = if a.rank() == 1 { vec![1, a.shape()[0]] } else { a.shape().to_vec() };
+        let sb = if b.rank() == 1 { vec![b.shape()[0], 1] } else { b.shape().to_vec() };
         let (ra, rb) = (sa.len(), sb.len());
         let (m, k, n) = (sa[ra - 2], sa[ra - 1], sb[rb - 1]);
         if sb[rb - 2] != k {
-            op_bail!(
-                "MatMul",
-                "inner dimension mismatch: {:?} @ {:?}",
-                a.shape(),
-                b.shape()
-            );
+            op_bail!("MatMul", "inner dimension mismatch: {:?} @ {:?}", a.shape(), b.shape());
         }
         let (ba, bb) = (&sa[..ra - 2], &sb[..rb - 2]);
         let batch = broadcast_shapes(ba, bb).map_err(|_| {
-            IrError::op(
-                "MatMul",
-                format!(
-                    "cannot broadcast batch dims of {:?} and {:?}",
-                    a.shape(),
-                    b.shape()
-                ),
-            )
+            IrError::op("MatMul", format!("cannot broadcast batch dims of {:?} and {:?}", a.shape(), b.shape()))
         })?;
         let pairs = batch_pairs(ba, bb, &batch);
         let mut shape = batch;
@@ -350,12 +273,7 @@ fn batch_pairs(a: &[usize], b: &[usize], out: &[usize]) -> Vec<(usize, usize)> {
 impl Gemm {
     fn check_attrs(&self) -> IrResult<()> {
         if !self.alpha.is_finite() || !self.beta.is_finite() {
-            op_bail!(
-                "Gemm",
-                "alpha and beta must be finite, got {} and {}",
-                self.alpha,
-                self.beta
-            );
+            op_bail!("Gemm", "alpha and beta must be finite, got {} and {}", self.alpha, self.beta);
         }
         Ok(())
     }
@@ -373,23 +291,10 @@ impl OpDef for Gemm {
         let dt = check_dtypes("Gemm", &dts)?;
         let (a, b) = (inputs[0], inputs[1]);
         if a.rank() != 2 || b.rank() != 2 {
-            op_bail!(
-                "Gemm",
-                "A and B must be 2-d, got {} and {}",
-                show_dims(&a.shape),
-                show_dims(&b.shape)
-            );
+            op_bail!("Gemm", "A and B must be 2-d, got {} and {}", show_dims(&a.shape), show_dims(&b.shape));
         }
-        let (m, ka) = if self.trans_a {
-            (&a.shape[1], &a.shape[0])
-        } else {
-            (&a.shape[0], &a.shape[1])
-        };
-        let (kb, n) = if self.trans_b {
-            (&b.shape[1], &b.shape[0])
-        } else {
-            (&b.shape[0], &b.shape[1])
-        };
+        let (m, ka) = if self.trans_a { (&a.shape[1], &a.shape[0]) } else { (&a.shape[0], &a.shape[1]) };
+        let (kb, n) = if self.trans_b { (&b.shape[1], &b.shape[0]) } else { (&b.shape[0], &b.shape[1]) };
         check_same("Gemm", "inner dimension", ka, kb)?;
         if let Some(c) = inputs.get(2) {
             if c.rank() > 2 {
@@ -412,12 +317,7 @@ impl OpDef for Gemm {
         let dt = check_dtypes("Gemm", &dts)?;
         let (a, b) = (inputs[0], inputs[1]);
         if a.rank() != 2 || b.rank() != 2 {
-            op_bail!(
-                "Gemm",
-                "A and B must be 2-d, got shapes {:?} and {:?}",
-                a.shape(),
-                b.shape()
-            );
+            op_bail!("Gemm", "A and B must be 2-d, got shapes {:?} and {:?}", a.shape(), b.shape());
         }
         let (ar, ac) = (a.shape()[0], a.shape()[1]);
         let (br, bc) = (b.shape()[0], b.shape()[1]);
@@ -442,18 +342,13 @@ impl OpDef for Gemm {
                     _ => op_bail!("Gemm", "C must have rank <= 2, got shape {:?}", c.shape()),
                 };
                 if (cm != 1 && cm != m) || (cn != 1 && cn != n) {
-                    op_bail!(
-                        "Gemm",
-                        "C of shape {:?} does not broadcast to [{m}, {n}]",
-                        c.shape()
-                    );
+                    op_bail!("Gemm", "C of shape {:?} does not broadcast to [{m}, {n}]", c.shape());
                 }
                 Some((*c, cm, cn))
             }
         };
-        let c_at = |i: usize, j: usize, cm: usize, cn: usize| {
-            (if cm == 1 { 0 } else { i }) * cn + if cn == 1 { 0 } else { j }
-        };
+        let c_at =
+            |i: usize, j: usize, cm: usize, cn: usize| (if cm == 1 { 0 } else { i }) * cn + if cn == 1 { 0 } else { j };
         let mut oa = Operand::of(a)?;
         if self.trans_a {
             oa = oa.transposed(ar, ac);
@@ -494,9 +389,7 @@ impl OpDef for Gemm {
                         .iter()
                         .enumerate()
                         .map(|(idx, &y)| {
-                            let c = cv.as_ref().map_or(0.0, |(cv, cm, cn)| {
-                                cv[c_at(idx / n, idx % n, *cm, *cn)] as f64
-                            });
+                            let c = cv.as_ref().map_or(0.0, |(cv, cm, cn)| cv[c_at(idx / n, idx % n, *cm, *cn)] as f64);
                             alpha * y as f64 + beta * c
                         })
                         .collect();
@@ -536,21 +429,12 @@ mod tests {
         assert_eq!(y.as_slice::<f32>().unwrap(), &[58.0, 64.0, 139.0, 154.0]);
         let v = t(&[3], vec![1f32, 2.0, 3.0]);
         let y = run(MatMul, &[&v, &mat_b()]);
-        assert_eq!(
-            (y.shape(), y.as_slice::<f32>().unwrap()),
-            (&[2][..], &[58.0, 64.0][..])
-        );
+        assert_eq!((y.shape(), y.as_slice::<f32>().unwrap()), (&[2][..], &[58.0, 64.0][..]));
         let ones = t(&[3], vec![1f32; 3]);
         let y = run(MatMul, &[&mat_a(), &ones]);
-        assert_eq!(
-            (y.shape(), y.as_slice::<f32>().unwrap()),
-            (&[2][..], &[6.0, 15.0][..])
-        );
+        assert_eq!((y.shape(), y.as_slice::<f32>().unwrap()), (&[2][..], &[6.0, 15.0][..]));
         let y = run(MatMul, &[&v, &v]);
-        assert_eq!(
-            (y.shape(), y.as_slice::<f32>().unwrap()),
-            (&[][..], &[14.0][..])
-        );
+        assert_eq!((y.shape(), y.as_slice::<f32>().unwrap()), (&[][..], &[14.0][..]));
     }
 
     #[test]
@@ -574,10 +458,7 @@ mod tests {
         // A 1-d operand against a batch.
         let y = run(MatMul, &[&t(&[3], vec![1f64, 0.0, 0.0]), &b]);
         assert_eq!(y.shape(), &[3, 2]);
-        assert_eq!(
-            y.as_slice::<f64>().unwrap(),
-            &[0.0, 1.0, 6.0, 7.0, 12.0, 13.0]
-        );
+        assert_eq!(y.as_slice::<f64>().unwrap(), &[0.0, 1.0, 6.0, 7.0, 12.0, 13.0]);
     }
 
     #[test]
@@ -585,30 +466,14 @@ mod tests {
         let big = t(&[1, 1], vec![65536i32]);
         let y = run(MatMul, &[&big, &big]);
         assert_eq!(y.as_slice::<i32>().unwrap(), &[0]); // 2^32 wraps in i32
-        let y = run(
-            MatMul,
-            &[&t(&[1, 2], vec![3i64, -4]), &t(&[2, 1], vec![5i64, 6])],
-        );
+        let y = run(MatMul, &[&t(&[1, 2], vec![3i64, -4]), &t(&[2, 1], vec![5i64, 6])]);
         assert_eq!(y.as_slice::<i64>().unwrap(), &[-9]);
-        let h = |v: &[f32]| {
-            v.iter()
-                .map(|&x| slimnn_tensor::f16::from_f32(x))
-                .collect::<Vec<_>>()
-        };
-        let y = run(
-            MatMul,
-            &[&t(&[1, 2], h(&[1.5, 2.0])), &t(&[2, 1], h(&[2.0, 0.25]))],
-        );
+        let h = |v: &[f32]| v.iter().map(|&x| slimnn_tensor::f16::from_f32(x)).collect::<Vec<_>>();
+        let y = run(MatMul, &[&t(&[1, 2], h(&[1.5, 2.0])), &t(&[2, 1], h(&[2.0, 0.25]))]);
         assert_eq!(y.dtype(), DType::F16);
         assert_eq!(y.to_f64_vec(), [3.5]);
         // K = 0 gives zeros.
-        let y = run(
-            MatMul,
-            &[
-                &t(&[2, 0], Vec::<f32>::new()),
-                &t(&[0, 3], Vec::<f32>::new()),
-            ],
-        );
+        let y = run(MatMul, &[&t(&[2, 0], Vec::<f32>::new()), &t(&[0, 3], Vec::<f32>::new())]);
         assert_eq!(y.as_slice::<f32>().unwrap(), &[0.0; 6]);
     }
 
@@ -617,44 +482,23 @@ mod tests {
         let e = MatMul.eval(&[&mat_a(), &mat_a()]).unwrap_err();
         assert!(e.to_string().contains("inner dimension"), "{e}");
         assert!(MatMul.eval(&[&t(&[], vec![1f32]), &mat_b()]).is_err());
-        assert!(MatMul
-            .eval(&[&mat_a(), &t(&[3, 2], vec![0f64; 6])])
-            .is_err());
-        assert!(MatMul
-            .eval(&[&t(&[1, 1], vec![1i8]), &t(&[1, 1], vec![1i8])])
-            .is_err());
-        assert!(MatMul
-            .eval(&[&t(&[2, 1, 1], vec![0f32; 2]), &t(&[3, 1, 1], vec![0f32; 3])])
-            .is_err());
+        assert!(MatMul.eval(&[&mat_a(), &t(&[3, 2], vec![0f64; 6])]).is_err());
+        assert!(MatMul.eval(&[&t(&[1, 1], vec![1i8]), &t(&[1, 1], vec![1i8])]).is_err());
+        assert!(MatMul.eval(&[&t(&[2, 1, 1], vec![0f32; 2]), &t(&[3, 1, 1], vec![0f32; 3])]).is_err());
         assert!(MatMul.eval(&[&mat_a()]).is_err());
 
-        let x = Fact::new(
-            DType::F32,
-            vec![Dim::sym("batch"), Dim::sym("seq"), Dim::Known(384)],
-        );
+        let x = Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::sym("seq"), Dim::Known(384)]);
         let w = Fact::known(DType::F32, &[384, 1536]);
         assert_eq!(
             MatMul.output_facts(&[&x, &w]).unwrap(),
-            vec![Fact::new(
-                DType::F32,
-                vec![Dim::sym("batch"), Dim::sym("seq"), Dim::Known(1536)]
-            )]
+            vec![Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::sym("seq"), Dim::Known(1536)])]
         );
         let v = Fact::known(DType::F32, &[384]);
-        assert_eq!(
-            MatMul.output_facts(&[&x, &v]).unwrap()[0].shape,
-            vec![Dim::sym("batch"), Dim::sym("seq")]
-        );
+        assert_eq!(MatMul.output_facts(&[&x, &v]).unwrap()[0].shape, vec![Dim::sym("batch"), Dim::sym("seq")]);
         assert_eq!(MatMul.output_facts(&[&v, &v]).unwrap()[0].shape, vec![]);
-        assert!(MatMul
-            .output_facts(&[&x, &Fact::known(DType::F32, &[383, 2])])
-            .is_err());
-        assert!(MatMul
-            .output_facts(&[&x, &Fact::known(DType::F64, &[384, 2])])
-            .is_err());
-        assert!(MatMul
-            .output_facts(&[&x, &Fact::known(DType::F32, &[])])
-            .is_err());
+        assert!(MatMul.output_facts(&[&x, &Fact::known(DType::F32, &[383, 2])]).is_err());
+        assert!(MatMul.output_facts(&[&x, &Fact::known(DType::F64, &[384, 2])]).is_err());
+        assert!(MatMul.output_facts(&[&x, &Fact::known(DType::F32, &[])]).is_err());
         let q = Fact::new(DType::F32, vec![Dim::Known(2), Dim::Unknown, Dim::Known(4)]);
         let k = Fact::known(DType::F32, &[3, 4, 5]);
         assert!(MatMul.output_facts(&[&q, &k]).is_err());
@@ -680,48 +524,22 @@ mod tests {
     fn gemm_flags_alpha_beta_c() {
         let a = t(&[2, 2], vec![1f32, 2.0, 3.0, 4.0]);
         let b = t(&[2, 2], vec![5f32, 6.0, 7.0, 8.0]);
-        let g = |trans_a, trans_b, alpha, beta| Gemm {
-            alpha,
-            beta,
-            trans_a,
-            trans_b,
-        };
+        let g = |trans_a, trans_b, alpha, beta| Gemm { alpha, beta, trans_a, trans_b };
         let vals = |y: Tensor| y.as_slice::<f32>().unwrap().to_vec();
-        assert_eq!(
-            vals(run(g(false, false, 1.0, 1.0), &[&a, &b])),
-            [19.0, 22.0, 43.0, 50.0]
-        );
-        assert_eq!(
-            vals(run(g(true, false, 1.0, 1.0), &[&a, &b])),
-            [26.0, 30.0, 38.0, 44.0]
-        );
-        assert_eq!(
-            vals(run(g(false, true, 1.0, 1.0), &[&a, &b])),
-            [17.0, 23.0, 39.0, 53.0]
-        );
+        assert_eq!(vals(run(g(false, false, 1.0, 1.0), &[&a, &b])), [19.0, 22.0, 43.0, 50.0]);
+        assert_eq!(vals(run(g(true, false, 1.0, 1.0), &[&a, &b])), [26.0, 30.0, 38.0, 44.0]);
+        assert_eq!(vals(run(g(false, true, 1.0, 1.0), &[&a, &b])), [17.0, 23.0, 39.0, 53.0]);
         let c_row = t(&[2], vec![10f32, 20.0]);
-        assert_eq!(
-            vals(run(g(false, false, 2.0, 0.5), &[&a, &b, &c_row])),
-            [43.0, 54.0, 91.0, 110.0]
-        );
+        assert_eq!(vals(run(g(false, false, 2.0, 0.5), &[&a, &b, &c_row])), [43.0, 54.0, 91.0, 110.0]);
         let c_col = t(&[2, 1], vec![1f32, 2.0]);
-        assert_eq!(
-            vals(run(g(false, false, 1.0, 1.0), &[&a, &b, &c_col])),
-            [20.0, 23.0, 45.0, 52.0]
-        );
+        assert_eq!(vals(run(g(false, false, 1.0, 1.0), &[&a, &b, &c_col])), [20.0, 23.0, 45.0, 52.0]);
         let c_one = t(&[], vec![100f32]);
-        assert_eq!(
-            vals(run(g(false, false, 1.0, -1.0), &[&a, &b, &c_one])),
-            [-81.0, -78.0, -57.0, -50.0]
-        );
+        assert_eq!(vals(run(g(false, false, 1.0, -1.0), &[&a, &b, &c_one])), [-81.0, -78.0, -57.0, -50.0]);
         // Non-square with both transposes: A^T is 2x3, B^T is 3x1.
         let a = t(&[3, 2], vec![1f64, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let b = t(&[1, 3], vec![1f64, 1.0, 1.0]);
         let y = run(g(true, true, 1.0, 1.0), &[&a, &b]);
-        assert_eq!(
-            (y.shape(), y.as_slice::<f64>().unwrap()),
-            (&[2, 1][..], &[9.0, 12.0][..])
-        );
+        assert_eq!((y.shape(), y.as_slice::<f64>().unwrap()), (&[2, 1][..], &[9.0, 12.0][..]));
     }
 
     #[test]
@@ -729,12 +547,7 @@ mod tests {
         let a = t(&[2, 2], vec![1i32, 2, 3, 4]);
         let b = t(&[2, 2], vec![5i32, 6, 7, 8]);
         let c = t(&[2], vec![1i32, -1]);
-        let g = |alpha, beta| Gemm {
-            alpha,
-            beta,
-            trans_a: false,
-            trans_b: false,
-        };
+        let g = |alpha, beta| Gemm { alpha, beta, trans_a: false, trans_b: false };
         let y = run(g(1.0, 1.0), &[&a, &b, &c]);
         assert_eq!(y.as_slice::<i32>().unwrap(), &[20, 21, 44, 49]);
         let y = run(g(0.5, 0.0), &[&a, &b, &c]);
@@ -743,12 +556,7 @@ mod tests {
 
     #[test]
     fn gemm_errors_and_facts() {
-        let g = Gemm {
-            alpha: 1.0,
-            beta: 1.0,
-            trans_a: false,
-            trans_b: true,
-        };
+        let g = Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
         let a = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(384)]);
         let w = Fact::known(DType::F32, &[10, 384]);
         let c = Fact::known(DType::F32, &[10]);
@@ -756,52 +564,27 @@ mod tests {
             g.output_facts(&[&a, &w, &c]).unwrap(),
             vec![Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(10)])]
         );
-        assert!(g
-            .output_facts(&[&a, &w, &Fact::known(DType::F32, &[9])])
-            .is_err());
-        assert!(g
-            .output_facts(&[&a, &w, &Fact::known(DType::F32, &[1, 1, 10])])
-            .is_err());
-        assert!(g
-            .output_facts(&[&a, &Fact::known(DType::F32, &[10, 383])])
-            .is_err());
-        assert!(g
-            .output_facts(&[&a, &Fact::known(DType::F32, &[2, 10, 384])])
-            .is_err());
-        assert!(g
-            .output_facts(&[&a, &w, &Fact::known(DType::F64, &[10])])
-            .is_err());
+        assert!(g.output_facts(&[&a, &w, &Fact::known(DType::F32, &[9])]).is_err());
+        assert!(g.output_facts(&[&a, &w, &Fact::known(DType::F32, &[1, 1, 10])]).is_err());
+        assert!(g.output_facts(&[&a, &Fact::known(DType::F32, &[10, 383])]).is_err());
+        assert!(g.output_facts(&[&a, &Fact::known(DType::F32, &[2, 10, 384])]).is_err());
+        assert!(g.output_facts(&[&a, &w, &Fact::known(DType::F64, &[10])]).is_err());
         assert!(g.output_facts(&[&a]).is_err());
-        let bad = Gemm {
-            alpha: f32::NAN,
-            ..g
-        };
+        let bad = Gemm { alpha: f32::NAN, ..g };
         assert!(bad.output_facts(&[&a, &w]).is_err());
 
         let x = t(&[2, 3], vec![0f32; 6]);
         let e = g.eval(&[&x, &t(&[4, 2], vec![0f32; 8])]).unwrap_err();
         assert!(e.to_string().contains("inner dimension"), "{e}");
-        assert!(g
-            .eval(&[&x, &t(&[4, 3], vec![0f32; 12]), &t(&[3], vec![0f32; 3])])
-            .is_err());
-        assert!(g
-            .eval(&[&x, &t(&[4, 3], vec![0f32; 12]), &t(&[2, 4], vec![0f32; 8])])
-            .is_ok());
+        assert!(g.eval(&[&x, &t(&[4, 3], vec![0f32; 12]), &t(&[3], vec![0f32; 3])]).is_err());
+        assert!(g.eval(&[&x, &t(&[4, 3], vec![0f32; 12]), &t(&[2, 4], vec![0f32; 8])]).is_ok());
         assert!(g.eval(&[&t(&[6], vec![0f32; 6]), &x]).is_err());
     }
 
     /// Independent reference: numpy matmul by explicit index arithmetic.
     fn naive_matmul(a: &[f64], sa: &[usize], b: &[f64], sb: &[usize]) -> (Vec<usize>, Vec<f64>) {
-        let pa = if sa.len() == 1 {
-            vec![1, sa[0]]
-        } else {
-            sa.to_vec()
-        };
-        let pb = if sb.len() == 1 {
-            vec![sb[0], 1]
-        } else {
-            sb.to_vec()
-        };
+        let pa = if sa.len() == 1 { vec![1, sa[0]] } else { sa.to_vec() };
+        let pb = if sb.len() == 1 { vec![sb[0], 1] } else { sb.to_vec() };
         let (m, k, n) = (pa[pa.len() - 2], pa[pa.len() - 1], pb[pb.len() - 1]);
         let (ba, bb) = (&pa[..pa.len() - 2], &pb[..pb.len() - 2]);
         let r = ba.len().max(bb.len());
@@ -851,36 +634,17 @@ mod tests {
 
     fn matmul_shapes() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
         let batch = prop::collection::vec((1usize..4, any::<bool>(), any::<bool>()), 0..3);
-        (
-            batch,
-            0usize..3,
-            0usize..3,
-            (0usize..5, 0usize..6, 0usize..5),
-            any::<(bool, bool)>(),
-        )
-            .prop_map(|(batch, drop_a, drop_b, (m, k, n), (vec_a, vec_b))| {
-                let ba: Vec<usize> = batch
-                    .iter()
-                    .map(|&(d, one, _)| if one { 1 } else { d })
-                    .collect();
-                let bb: Vec<usize> = batch
-                    .iter()
-                    .map(|&(d, _, one)| if one { 1 } else { d })
-                    .collect();
+        (batch, 0usize..3, 0usize..3, (0usize..5, 0usize..6, 0usize..5), any::<(bool, bool)>()).prop_map(
+            |(batch, drop_a, drop_b, (m, k, n), (vec_a, vec_b))| {
+                let ba: Vec<usize> = batch.iter().map(|&(d, one, _)| if one { 1 } else { d }).collect();
+                let bb: Vec<usize> = batch.iter().map(|&(d, _, one)| if one { 1 } else { d }).collect();
                 let ba = &ba[drop_a.min(ba.len())..];
                 let bb = &bb[drop_b.min(bb.len())..];
-                let sa = if vec_a && ba.is_empty() {
-                    vec![k]
-                } else {
-                    [ba, &[m, k]].concat()
-                };
-                let sb = if vec_b && bb.is_empty() {
-                    vec![k]
-                } else {
-                    [bb, &[k, n]].concat()
-                };
+                let sa = if vec_a && ba.is_empty() { vec![k] } else { [ba, &[m, k]].concat() };
+                let sb = if vec_b && bb.is_empty() { vec![k] } else { [bb, &[k, n]].concat() };
                 (sa, sb)
-            })
+            },
+        )
     }
 
     proptest! {

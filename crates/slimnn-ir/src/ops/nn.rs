@@ -103,9 +103,7 @@ fn softmax_in_place(v: &mut [f64], n: usize, inner: usize, log: bool) {
         // Axis not last: walk rows of `inner` contiguous values, one running max / sum per column.
         let mut m = vec![f64::NEG_INFINITY; inner];
         for row in block.chunks(inner) {
-            m.iter_mut()
-                .zip(row)
-                .for_each(|(m, &x)| *m = nan_max(*m, x));
+            m.iter_mut().zip(row).for_each(|(m, &x)| *m = nan_max(*m, x));
         }
         let mut s = vec![0.0; inner];
         for row in block.chunks_mut(inner) {
@@ -125,12 +123,7 @@ fn softmax_in_place(v: &mut [f64], n: usize, inner: usize, log: bool) {
     }
 }
 
-fn softmax_facts(
-    op: &'static str,
-    axis: i64,
-    legacy: bool,
-    inputs: &[&Fact],
-) -> IrResult<Vec<Fact>> {
+fn softmax_facts(op: &'static str, axis: i64, legacy: bool, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
     expect_inputs(op, inputs, 1, 1)?;
     let x = inputs[0];
     check_float(op, "input", x.dtype)?;
@@ -138,23 +131,14 @@ fn softmax_facts(
     Ok(vec![x.without_value()])
 }
 
-fn softmax_eval(
-    op: &'static str,
-    axis: i64,
-    legacy: bool,
-    log: bool,
-    inputs: &[&Tensor],
-) -> IrResult<Vec<Tensor>> {
+fn softmax_eval(op: &'static str, axis: i64, legacy: bool, log: bool, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
     expect_inputs(op, inputs, 1, 1)?;
     let x = inputs[0];
     check_float(op, "input", x.dtype())?;
     let shape = x.shape();
     let a = softmax_axis(op, axis, legacy, shape.len())?;
-    let (n, inner) = if legacy {
-        (shape[a..].iter().product(), 1)
-    } else {
-        (shape[a], shape[a + 1..].iter().product())
-    };
+    let (n, inner) =
+        if legacy { (shape[a..].iter().product(), 1) } else { (shape[a], shape[a + 1..].iter().product()) };
     let mut v = x.to_f64_vec();
     softmax_in_place(&mut v, n, inner, log);
     Ok(vec![Tensor::from_f64s(x.dtype(), shape.to_vec(), &v)?])
@@ -192,20 +176,13 @@ const LN: &str = "LayerNormalization";
 /// Checks that `p` broadcasts to `x` without growing it (numpy rules, as ONNX's Mul/Add).
 fn check_broadcasts_to(op: &'static str, what: &str, p: &[Dim], x: &[Dim]) -> IrResult<()> {
     let fits = p.len() <= x.len()
-        && p.iter()
-            .zip(&x[x.len() - p.len()..])
-            .all(|(p, x)| match (p, x) {
-                (Dim::Known(1), _) => true,
-                (Dim::Known(a), Dim::Known(b)) => a == b,
-                _ => true,
-            });
+        && p.iter().zip(&x[x.len() - p.len()..]).all(|(p, x)| match (p, x) {
+            (Dim::Known(1), _) => true,
+            (Dim::Known(a), Dim::Known(b)) => a == b,
+            _ => true,
+        });
     if !fits {
-        op_bail!(
-            op,
-            "{what} of shape {} does not broadcast to input shape {}",
-            show_dims(p),
-            show_dims(x)
-        );
+        op_bail!(op, "{what} of shape {} does not broadcast to input shape {}", show_dims(p), show_dims(x));
     }
     Ok(())
 }
@@ -251,12 +228,7 @@ impl OpDef for LayerNorm {
         norm_axis(LN, self.axis, x.rank())?;
         for (f, what) in inputs[1..].iter().zip(["scale", "bias"]) {
             if f.dtype != x.dtype {
-                op_bail!(
-                    LN,
-                    "{what} dtype {} differs from input dtype {}",
-                    f.dtype,
-                    x.dtype
-                );
+                op_bail!(LN, "{what} dtype {} differs from input dtype {}", f.dtype, x.dtype);
             }
             check_broadcasts_to(LN, what, &f.shape, &x.shape)?;
         }
@@ -275,20 +247,12 @@ impl OpDef for LayerNorm {
         let axis = norm_axis(LN, self.axis, shape.len())?;
         for (t, what) in inputs[1..].iter().zip(["scale", "bias"]) {
             if t.dtype() != x.dtype() {
-                op_bail!(
-                    LN,
-                    "{what} dtype {} differs from input dtype {}",
-                    t.dtype(),
-                    x.dtype()
-                );
+                op_bail!(LN, "{what} dtype {} differs from input dtype {}", t.dtype(), x.dtype());
             }
         }
         let n: usize = shape[axis..].iter().product();
         let scale = expand_param(inputs[1], shape, axis)?;
-        let bias = inputs
-            .get(2)
-            .map(|b| expand_param(b, shape, axis))
-            .transpose()?;
+        let bias = inputs.get(2).map(|b| expand_param(b, shape, axis)).transpose()?;
         let mut v = x.to_f64_vec();
         if n > 0 {
             let eps = f64::from(self.epsilon);
@@ -298,8 +262,7 @@ impl OpDef for LayerNorm {
                 let inv = 1.0 / (var + eps).sqrt();
                 let at = |p: &[f64], j: usize| if p.len() == n { p[j] } else { p[r * n + j] };
                 for (j, x) in row.iter_mut().enumerate() {
-                    *x = (*x - mean) * inv * at(&scale, j)
-                        + bias.as_deref().map_or(0.0, |b| at(b, j));
+                    *x = (*x - mean) * inv * at(&scale, j) + bias.as_deref().map_or(0.0, |b| at(b, j));
                 }
             }
         }
@@ -398,39 +361,20 @@ mod tests {
         }
     }
 
-    const SM: Softmax = Softmax {
-        axis: -1,
-        legacy_2d: false,
-    };
-    const LSM: LogSoftmax = LogSoftmax {
-        axis: -1,
-        legacy_2d: false,
-    };
+    const SM: Softmax = Softmax { axis: -1, legacy_2d: false };
+    const LSM: LogSoftmax = LogSoftmax { axis: -1, legacy_2d: false };
 
     #[test]
     fn softmax_last_axis() {
         let x = t(&[1, 3], vec![1f64, 2.0, 3.0]);
-        assert_close(
-            &run(SM, &[&x]),
-            &[0.09003057317038046, 0.24472847105479764, 0.6652409557748218],
-            1e-16,
-        );
-        assert_close(
-            &run(LSM, &[&x]),
-            &[-2.40760596444438, -1.4076059644443804, -0.40760596444438046],
-            1e-15,
-        );
+        assert_close(&run(SM, &[&x]), &[0.09003057317038046, 0.24472847105479764, 0.6652409557748218], 1e-16);
+        assert_close(&run(LSM, &[&x]), &[-2.40760596444438, -1.4076059644443804, -0.40760596444438046], 1e-15);
         // Large and infinite inputs stay finite where the answer is.
         let x = t(&[2, 2], vec![1000f32, 1000.0, 0.0, f32::NEG_INFINITY]);
         assert_close(&run(SM, &[&x]), &[0.5, 0.5, 1.0, 0.0], 0.0);
         assert_close(
             &run(LSM, &[&x]),
-            &[
-                -std::f64::consts::LN_2,
-                -std::f64::consts::LN_2,
-                0.0,
-                f64::NEG_INFINITY,
-            ],
+            &[-std::f64::consts::LN_2, -std::f64::consts::LN_2, 0.0, f64::NEG_INFINITY],
             1e-7,
         );
     }
@@ -439,87 +383,19 @@ mod tests {
     fn softmax_inner_axis_and_legacy() {
         let x = t(&[1, 2, 2], vec![1f64, 2.0, 3.0, 4.0]);
         let (p, q) = (0.11920292202211755, 0.8807970779778823);
-        assert_close(
-            &run(
-                Softmax {
-                    axis: 1,
-                    legacy_2d: false,
-                },
-                &[&x],
-            ),
-            &[p, p, q, q],
-            1e-16,
-        );
-        assert_close(
-            &run(
-                Softmax {
-                    axis: -2,
-                    legacy_2d: false,
-                },
-                &[&x],
-            ),
-            &[p, p, q, q],
-            1e-16,
-        );
-        let lp = LogSoftmax {
-            axis: 1,
-            legacy_2d: false,
-        };
+        assert_close(&run(Softmax { axis: 1, legacy_2d: false }, &[&x]), &[p, p, q, q], 1e-16);
+        assert_close(&run(Softmax { axis: -2, legacy_2d: false }, &[&x]), &[p, p, q, q], 1e-16);
+        let lp = LogSoftmax { axis: 1, legacy_2d: false };
         assert_close(&run(lp, &[&x]), &[p.ln(), p.ln(), q.ln(), q.ln()], 1e-15);
         // Legacy: [1, 2*2] rows, softmax over all four values.
-        let all = [
-            0.03205860328008499,
-            0.08714431874203257,
-            0.23688281808991013,
-            0.6439142598879724,
-        ];
-        assert_close(
-            &run(
-                Softmax {
-                    axis: 1,
-                    legacy_2d: true,
-                },
-                &[&x],
-            ),
-            &all,
-            1e-16,
-        );
+        let all = [0.03205860328008499, 0.08714431874203257, 0.23688281808991013, 0.6439142598879724];
+        assert_close(&run(Softmax { axis: 1, legacy_2d: true }, &[&x]), &all, 1e-16);
         let logs: Vec<f64> = all.iter().map(|v| v.ln()).collect();
-        assert_close(
-            &run(
-                LogSoftmax {
-                    axis: -2,
-                    legacy_2d: true,
-                },
-                &[&x],
-            ),
-            &logs,
-            1e-15,
-        );
+        assert_close(&run(LogSoftmax { axis: -2, legacy_2d: true }, &[&x]), &logs, 1e-15);
         // Legacy axis == rank makes one-element rows.
-        assert_close(
-            &run(
-                Softmax {
-                    axis: 3,
-                    legacy_2d: true,
-                },
-                &[&x],
-            ),
-            &[1.0; 4],
-            0.0,
-        );
-        assert!(Softmax {
-            axis: 3,
-            legacy_2d: false
-        }
-        .eval(&[&x])
-        .is_err());
-        assert!(Softmax {
-            axis: 4,
-            legacy_2d: true
-        }
-        .eval(&[&x])
-        .is_err());
+        assert_close(&run(Softmax { axis: 3, legacy_2d: true }, &[&x]), &[1.0; 4], 0.0);
+        assert!(Softmax { axis: 3, legacy_2d: false }.eval(&[&x]).is_err());
+        assert!(Softmax { axis: 4, legacy_2d: true }.eval(&[&x]).is_err());
     }
 
     #[test]
@@ -532,170 +408,70 @@ mod tests {
         assert!(SM.output_facts(&[&Fact::known(DType::F32, &[])]).is_err());
         let two = Fact::known(DType::F32, &[2]);
         assert!(LSM.output_facts(&[&two, &two]).is_err());
-        assert!(Softmax {
-            axis: 2,
-            legacy_2d: false
-        }
-        .output_facts(&[&f])
-        .is_err());
+        assert!(Softmax { axis: 2, legacy_2d: false }.output_facts(&[&f]).is_err());
         let y = SM.eval(&[&t(&[0, 3], Vec::<f32>::new())]).unwrap();
         assert_eq!(y[0].shape(), &[0, 3]);
     }
 
     #[test]
     fn layer_norm_values() {
-        let ln = LayerNorm {
-            axis: -1,
-            epsilon: 0.0,
-        };
+        let ln = LayerNorm { axis: -1, epsilon: 0.0 };
         let x = t(&[1, 4], vec![1f32, 2.0, 3.0, 4.0]);
-        let n = [
-            -1.3416407864998738,
-            -0.4472135954999579,
-            0.4472135954999579,
-            1.3416407864998738,
-        ];
+        let n = [-1.3416407864998738, -0.4472135954999579, 0.4472135954999579, 1.3416407864998738];
         let ones = t(&[4], vec![1f32; 4]);
         assert_close(&run(ln, &[&x, &ones]), &n, 1e-7);
         let scale = t(&[4], vec![1f32, 2.0, 1.0, 2.0]);
         let bias = t(&[4], vec![0f32, 0.0, 1.0, 1.0]);
-        let want = [
-            -1.3416407864998738,
-            -0.8944271909999159,
-            1.4472135954999579,
-            3.6832815729997477,
-        ];
+        let want = [-1.3416407864998738, -0.8944271909999159, 1.4472135954999579, 3.6832815729997477];
         assert_close(&run(ln, &[&x, &scale, &bias]), &want, 1e-6);
         // Epsilon joins the variance: [1, 3] has var 1, so (x - 2) / sqrt(2).
         let x = t(&[2], vec![1f64, 3.0]);
         let h = std::f64::consts::FRAC_1_SQRT_2;
-        assert_close(
-            &run(
-                LayerNorm {
-                    axis: 0,
-                    epsilon: 1.0,
-                },
-                &[&x, &t(&[1], vec![1f64])],
-            ),
-            &[-h, h],
-            1e-15,
-        );
+        assert_close(&run(LayerNorm { axis: 0, epsilon: 1.0 }, &[&x, &t(&[1], vec![1f64])]), &[-h, h], 1e-15);
     }
 
     #[test]
     fn layer_norm_axes_and_param_shapes() {
         // axis 1 of [2, 2, 2] normalises each batch item's four values.
-        let x = t(
-            &[2, 2, 2],
-            vec![1f64, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0],
-        );
-        let n = [
-            -1.3416407864998738,
-            -0.4472135954999579,
-            0.4472135954999579,
-            1.3416407864998738,
-        ];
-        let y = run(
-            LayerNorm {
-                axis: 1,
-                epsilon: 0.0,
-            },
-            &[&x, &t(&[2, 2], vec![1f64; 4])],
-        );
+        let x = t(&[2, 2, 2], vec![1f64, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
+        let n = [-1.3416407864998738, -0.4472135954999579, 0.4472135954999579, 1.3416407864998738];
+        let y = run(LayerNorm { axis: 1, epsilon: 0.0 }, &[&x, &t(&[2, 2], vec![1f64; 4])]);
         assert_close(&y, &[n, n].concat(), 1e-12);
         // A scale that varies across rows ([2, 1, 2] against [2, 2, 2], axis -1).
         let s = t(&[2, 1, 2], vec![1f64, 1.0, 2.0, 2.0]);
-        let y = run(
-            LayerNorm {
-                axis: -1,
-                epsilon: 0.0,
-            },
-            &[&x, &s],
-        );
+        let y = run(LayerNorm { axis: -1, epsilon: 0.0 }, &[&x, &s]);
         assert_close(&y, &[-1.0, 1.0, -1.0, 1.0, -2.0, 2.0, -2.0, 2.0], 1e-12);
         // Leading ones in the scale are fine.
         let s = t(&[1, 1, 2], vec![1f64, 3.0]);
-        let y = run(
-            LayerNorm {
-                axis: -1,
-                epsilon: 0.0,
-            },
-            &[&x, &s],
-        );
+        let y = run(LayerNorm { axis: -1, epsilon: 0.0 }, &[&x, &s]);
         assert_close(&y, &[-1.0, 3.0, -1.0, 3.0, -1.0, 3.0, -1.0, 3.0], 1e-12);
         // A [2, 1] scale over normalised dims [2, 2] (checked against onnxruntime).
         let x = t(&[2, 2, 2], (0..8).map(|v| v as f64).collect());
         let s = t(&[2, 1], vec![1f64, 2.0]);
-        let y = run(
-            LayerNorm {
-                axis: 1,
-                epsilon: 0.0,
-            },
-            &[&x, &s],
-        );
+        let y = run(LayerNorm { axis: 1, epsilon: 0.0 }, &[&x, &s]);
         let (a, b) = (1.3416407864998738, 0.4472135954999579);
-        assert_close(
-            &y,
-            &[-a, -b, 2.0 * b, 2.0 * a, -a, -b, 2.0 * b, 2.0 * a],
-            1e-12,
-        );
+        assert_close(&y, &[-a, -b, 2.0 * b, 2.0 * a, -a, -b, 2.0 * b, 2.0 * a], 1e-12);
         let bad = t(&[3], vec![1f64; 3]);
-        assert!(LayerNorm {
-            axis: -1,
-            epsilon: 0.0
-        }
-        .eval(&[&x, &bad])
-        .is_err());
+        assert!(LayerNorm { axis: -1, epsilon: 0.0 }.eval(&[&x, &bad]).is_err());
     }
 
     #[test]
     fn layer_norm_facts_and_errors() {
-        let ln = LayerNorm {
-            axis: -1,
-            epsilon: 1e-12,
-        };
+        let ln = LayerNorm { axis: -1, epsilon: 1e-12 };
         assert_eq!(ln.name(), "LayerNormalization");
-        let x = Fact::new(
-            DType::F32,
-            vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(384)],
-        );
+        let x = Fact::new(DType::F32, vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(384)]);
         let s = Fact::known(DType::F32, &[384]);
         assert_eq!(ln.output_facts(&[&x, &s, &s]).unwrap(), vec![x.clone()]);
         assert!(ln.output_facts(&[&x]).is_err());
-        assert!(ln
-            .output_facts(&[&x, &Fact::known(DType::F32, &[383])])
-            .is_err());
-        assert!(ln
-            .output_facts(&[&x, &Fact::known(DType::F64, &[384])])
-            .is_err());
-        assert!(ln
-            .output_facts(&[&x, &Fact::known(DType::F32, &[1, 1, 1, 384])])
-            .is_err());
-        assert!(LayerNorm {
-            axis: 3,
-            epsilon: 0.0
-        }
-        .output_facts(&[&x, &s])
-        .is_err());
-        assert!(LayerNorm {
-            axis: -1,
-            epsilon: -1.0
-        }
-        .output_facts(&[&x, &s])
-        .is_err());
-        assert!(LayerNorm {
-            axis: -1,
-            epsilon: f32::NAN
-        }
-        .output_facts(&[&x, &s])
-        .is_err());
+        assert!(ln.output_facts(&[&x, &Fact::known(DType::F32, &[383])]).is_err());
+        assert!(ln.output_facts(&[&x, &Fact::known(DType::F64, &[384])]).is_err());
+        assert!(ln.output_facts(&[&x, &Fact::known(DType::F32, &[1, 1, 1, 384])]).is_err());
+        assert!(LayerNorm { axis: 3, epsilon: 0.0 }.output_facts(&[&x, &s]).is_err());
+        assert!(LayerNorm { axis: -1, epsilon: -1.0 }.output_facts(&[&x, &s]).is_err());
+        assert!(LayerNorm { axis: -1, epsilon: f32::NAN }.output_facts(&[&x, &s]).is_err());
         let xi = Fact::known(DType::I32, &[2, 4]);
-        assert!(ln
-            .output_facts(&[&xi, &Fact::known(DType::I32, &[4])])
-            .is_err());
-        let e = ln
-            .eval(&[&t(&[], vec![1f32]), &t(&[], vec![1f32])])
-            .unwrap_err();
+        assert!(ln.output_facts(&[&xi, &Fact::known(DType::I32, &[4])]).is_err());
+        let e = ln.eval(&[&t(&[], vec![1f32]), &t(&[], vec![1f32])]).unwrap_err();
         assert!(e.to_string().contains("rank"), "{e}");
     }
 
@@ -715,16 +491,7 @@ mod tests {
         assert_eq!(with(&x), [1.0, 3.0, 2.0, 7.0]);
         // Rank 1: a single channel.
         let one = t(&[1], vec![2f64]);
-        let y = run(
-            BatchNorm { epsilon: 3.0 },
-            &[
-                &t(&[2], vec![1f64, 3.0]),
-                &one,
-                &one,
-                &one,
-                &t(&[1], vec![1f64]),
-            ],
-        );
+        let y = run(BatchNorm { epsilon: 3.0 }, &[&t(&[2], vec![1f64, 3.0]), &one, &one, &one, &t(&[1], vec![1f64])]);
         assert_eq!(y, [1.0, 3.0]); // (x - 2) / sqrt(1 + 3) * 2 + 2
     }
 
@@ -732,27 +499,15 @@ mod tests {
     fn batch_norm_facts_and_errors() {
         let bn = BatchNorm { epsilon: 1e-5 };
         assert_eq!(bn.name(), "BatchNormalization");
-        let x = Fact::new(
-            DType::F32,
-            vec![Dim::sym("n"), Dim::Known(3), Dim::Unknown, Dim::Unknown],
-        );
+        let x = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(3), Dim::Unknown, Dim::Unknown]);
         let c = Fact::known(DType::F32, &[3]);
-        assert_eq!(
-            bn.output_facts(&[&x, &c, &c, &c, &c]).unwrap(),
-            vec![x.clone()]
-        );
+        assert_eq!(bn.output_facts(&[&x, &c, &c, &c, &c]).unwrap(), vec![x.clone()]);
         let c4 = Fact::known(DType::F32, &[4]);
         assert!(bn.output_facts(&[&x, &c, &c, &c4, &c]).is_err());
         assert!(bn.output_facts(&[&x, &c, &c, &c]).is_err());
-        assert!(bn
-            .output_facts(&[&x, &c, &c, &c, &Fact::known(DType::I64, &[3])])
-            .is_err());
-        assert!(bn
-            .output_facts(&[&x, &c, &c, &c, &Fact::known(DType::F32, &[3, 1])])
-            .is_err());
-        assert!(BatchNorm { epsilon: -1.0 }
-            .output_facts(&[&x, &c, &c, &c, &c])
-            .is_err());
+        assert!(bn.output_facts(&[&x, &c, &c, &c, &Fact::known(DType::I64, &[3])]).is_err());
+        assert!(bn.output_facts(&[&x, &c, &c, &c, &Fact::known(DType::F32, &[3, 1])]).is_err());
+        assert!(BatchNorm { epsilon: -1.0 }.output_facts(&[&x, &c, &c, &c, &c]).is_err());
         let xt = t(&[1, 3, 1], vec![0f32; 3]);
         let s2 = t(&[2], vec![1f32; 2]);
         let e = bn.eval(&[&xt, &s2, &s2, &s2, &s2]).unwrap_err();

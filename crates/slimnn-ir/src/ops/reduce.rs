@@ -95,16 +95,8 @@ fn fold_into<A: Copy, X: Copy>(
     init: A,
     mut f: impl FnMut(A, X, usize) -> A,
 ) -> Vec<A> {
-    let kshape: Vec<usize> = shape
-        .iter()
-        .zip(mask)
-        .map(|(&d, &m)| if m { 1 } else { d })
-        .collect();
-    let ostr: Vec<usize> = strides_of(&kshape)
-        .into_iter()
-        .zip(mask)
-        .map(|(s, &m)| if m { 0 } else { s })
-        .collect();
+    let kshape: Vec<usize> = shape.iter().zip(mask).map(|(&d, &m)| if m { 1 } else { d }).collect();
+    let ostr: Vec<usize> = strides_of(&kshape).into_iter().zip(mask).map(|(s, &m)| if m { 0 } else { s }).collect();
     let mut acc = vec![init; kshape.iter().product()];
     let Some((&len, outer)) = shape.split_last() else {
         if let (Some(a), Some(&v)) = (acc.first_mut(), x.first()) {
@@ -152,33 +144,20 @@ fn reduce_f64(op: ReduceOp, x: &[f64], shape: &[usize], mask: &[bool], count: us
             // m + ln(sum(exp(x - m))) with m the maximum, so exp never overflows.
             let m = fold_into(x, shape, mask, f64::NEG_INFINITY, |a, v, _| nan_max(a, v));
             let s = fold_into(x, shape, mask, 0.0, |a, v, o| a + (v - m[o]).exp());
-            m.iter()
-                .zip(s)
-                .map(|(&m, s)| if m.is_infinite() { m } else { m + s.ln() })
-                .collect()
+            m.iter().zip(s).map(|(&m, s)| if m.is_infinite() { m } else { m + s.ln() }).collect()
         }
     }
 }
 
 /// Integer (and bool) reductions for the ops that stay exact in integers, wrapping like the
 /// element type; `None` for the ops that need floats.
-fn reduce_i64(
-    op: ReduceOp,
-    dt: DType,
-    x: &[i64],
-    shape: &[usize],
-    mask: &[bool],
-    count: usize,
-) -> Option<Vec<i64>> {
+fn reduce_i64(op: ReduceOp, dt: DType, x: &[i64], shape: &[usize], mask: &[bool], count: usize) -> Option<Vec<i64>> {
     let (lo, hi) = int_range(dt);
     let sum = |g: fn(i64) -> i64| fold_into(x, shape, mask, 0i64, |a, v, _| a.wrapping_add(g(v)));
     Some(match op {
         ReduceOp::Sum => sum(|v| v),
         // Integer division truncates; an empty mean is 0 rather than a division by zero.
-        ReduceOp::Mean => sum(|v| v)
-            .into_iter()
-            .map(|s| s.checked_div(count as i64).unwrap_or(0))
-            .collect(),
+        ReduceOp::Mean => sum(|v| v).into_iter().map(|s| s.checked_div(count as i64).unwrap_or(0)).collect(),
         ReduceOp::Max => fold_into(x, shape, mask, lo, |a, v, _| a.max(v)),
         ReduceOp::Min => fold_into(x, shape, mask, hi, |a, v, _| a.min(v)),
         ReduceOp::Prod => fold_into(x, shape, mask, 1i64, |a, v, _| a.wrapping_mul(v)),
@@ -205,11 +184,7 @@ impl Reduce {
         let name = self.op.onnx_name();
         let axes = self.axes.as_deref().unwrap_or(&[]);
         if axes.is_empty() {
-            return Ok(if self.noop_with_empty_axes {
-                None
-            } else {
-                Some(vec![true; rank])
-            });
+            return Ok(if self.noop_with_empty_axes { None } else { Some(vec![true; rank]) });
         }
         if rank == 0 {
             op_bail!(name, "axes {axes:?} given for a scalar input");
@@ -263,12 +238,7 @@ impl OpDef for Reduce {
         let Some(mask) = self.mask(shape.len())? else {
             return Ok(vec![x.clone()]);
         };
-        let count: usize = shape
-            .iter()
-            .zip(&mask)
-            .filter(|(_, &m)| m)
-            .map(|(&d, _)| d)
-            .product();
+        let count: usize = shape.iter().zip(&mask).filter(|(_, &m)| m).map(|(&d, _)| d).product();
         let out_shape = self.out_dims(shape, &mask, 1);
         if !dt.is_float() {
             let v = x.to_i64_vec()?;
@@ -398,12 +368,7 @@ mod tests {
     }
 
     fn red(op: ReduceOp, axes: Option<Vec<i64>>, keepdims: bool) -> Reduce {
-        Reduce {
-            op,
-            axes,
-            keepdims,
-            noop_with_empty_axes: false,
-        }
+        Reduce { op, axes, keepdims, noop_with_empty_axes: false }
     }
 
     fn run(op: impl OpDef, x: &Tensor) -> Tensor {
@@ -417,20 +382,9 @@ mod tests {
     #[test]
     fn names_follow_onnx() {
         assert_eq!(red(ReduceOp::Mean, None, true).name(), "ReduceMean");
-        assert_eq!(
-            red(ReduceOp::SumSquare, None, true).name(),
-            "ReduceSumSquare"
-        );
-        assert_eq!(
-            red(ReduceOp::LogSumExp, None, true).name(),
-            "ReduceLogSumExp"
-        );
-        let arg = ArgReduce {
-            max: true,
-            axis: 0,
-            keepdims: true,
-            select_last_index: false,
-        };
+        assert_eq!(red(ReduceOp::SumSquare, None, true).name(), "ReduceSumSquare");
+        assert_eq!(red(ReduceOp::LogSumExp, None, true).name(), "ReduceLogSumExp");
+        let arg = ArgReduce { max: true, axis: 0, keepdims: true, select_last_index: false };
         assert_eq!(arg.name(), "ArgMax");
         assert_eq!(ArgReduce { max: false, ..arg }.name(), "ArgMin");
     }
@@ -454,15 +408,9 @@ mod tests {
         // Middle axis, and two axes around a kept one.
         let x = t(&[2, 3, 2], (0..12).map(|v| v as f64).collect());
         let y = run(red(ReduceOp::Sum, Some(vec![1]), false), &x);
-        assert_eq!(
-            (y.shape(), y.to_f64_vec()),
-            (&[2, 2][..], vec![6.0, 9.0, 24.0, 27.0])
-        );
+        assert_eq!((y.shape(), y.to_f64_vec()), (&[2, 2][..], vec![6.0, 9.0, 24.0, 27.0]));
         let y = run(red(ReduceOp::Sum, Some(vec![2, 0]), true), &x);
-        assert_eq!(
-            (y.shape(), y.to_f64_vec()),
-            (&[1, 3, 1][..], vec![14.0, 22.0, 30.0])
-        );
+        assert_eq!((y.shape(), y.to_f64_vec()), (&[1, 3, 1][..], vec![14.0, 22.0, 30.0]));
     }
 
     #[test]
@@ -473,14 +421,8 @@ mod tests {
         assert_eq!(all(ReduceOp::SumSquare, vec![1.0, 2.0, 3.0]), 14.0);
         assert_eq!(all(ReduceOp::LogSum, vec![1.0, 2.0, 3.0]), 6f64.ln());
         assert!((all(ReduceOp::LogSumExp, vec![1.0, 2.0, 3.0]) - 3.4076059644443806).abs() < 1e-15);
-        assert_eq!(
-            all(ReduceOp::LogSumExp, vec![1000.0, 1000.0]),
-            1000.0 + std::f64::consts::LN_2
-        );
-        assert_eq!(
-            all(ReduceOp::LogSumExp, vec![f64::NEG_INFINITY; 2]),
-            f64::NEG_INFINITY
-        );
+        assert_eq!(all(ReduceOp::LogSumExp, vec![1000.0, 1000.0]), 1000.0 + std::f64::consts::LN_2);
+        assert_eq!(all(ReduceOp::LogSumExp, vec![f64::NEG_INFINITY; 2]), f64::NEG_INFINITY);
         assert!(all(ReduceOp::Max, vec![1.0, f64::NAN, 3.0]).is_nan());
     }
 
@@ -499,33 +441,19 @@ mod tests {
         assert_eq!(y.as_slice::<i8>().unwrap(), &[-128, -128]);
         let xu = t(&[0], Vec::<u8>::new());
         let y = run(red(ReduceOp::Min, None, false), &xu);
-        assert_eq!(
-            (y.shape(), y.as_slice::<u8>().unwrap()),
-            (&[][..], &[255][..])
-        );
+        assert_eq!((y.shape(), y.as_slice::<u8>().unwrap()), (&[][..], &[255][..]));
         let y = run(red(ReduceOp::Mean, None, false), &xu);
         assert_eq!(y.as_slice::<u8>().unwrap(), &[0]);
         // Nothing to reduce into: an empty output.
-        let y = run(
-            red(ReduceOp::Sum, Some(vec![0]), true),
-            &t(&[3, 0], Vec::<f64>::new()),
-        );
+        let y = run(red(ReduceOp::Sum, Some(vec![0]), true), &t(&[3, 0], Vec::<f64>::new()));
         assert_eq!(y.shape(), &[1, 0]);
     }
 
     #[test]
     fn reduce_empty_axes_semantics() {
-        let noop = Reduce {
-            op: ReduceOp::Sum,
-            axes: None,
-            keepdims: false,
-            noop_with_empty_axes: true,
-        };
+        let noop = Reduce { op: ReduceOp::Sum, axes: None, keepdims: false, noop_with_empty_axes: true };
         assert_eq!(run(noop.clone(), &m23()), m23());
-        let noop_empty = Reduce {
-            axes: Some(vec![]),
-            ..noop.clone()
-        };
+        let noop_empty = Reduce { axes: Some(vec![]), ..noop.clone() };
         assert_eq!(run(noop_empty.clone(), &m23()), m23());
         let f = Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(3)]);
         assert_eq!(noop_empty.output_facts(&[&f]).unwrap(), vec![f.clone()]);
@@ -540,38 +468,13 @@ mod tests {
     #[test]
     fn reduce_integers_and_bools() {
         let x = t(&[2], vec![i32::MAX, 1]);
-        assert_eq!(
-            run(red(ReduceOp::Sum, None, false), &x)
-                .as_slice::<i32>()
-                .unwrap(),
-            &[i32::MIN]
-        );
+        assert_eq!(run(red(ReduceOp::Sum, None, false), &x).as_slice::<i32>().unwrap(), &[i32::MIN]);
         let x = t(&[2], vec![1i64, 2]);
-        assert_eq!(
-            run(red(ReduceOp::Mean, None, false), &x)
-                .as_slice::<i64>()
-                .unwrap(),
-            &[1]
-        );
+        assert_eq!(run(red(ReduceOp::Mean, None, false), &x).as_slice::<i64>().unwrap(), &[1]);
         let x = t(&[2], vec![3i32, -4]);
-        assert_eq!(
-            run(red(ReduceOp::L2, None, false), &x)
-                .as_slice::<i32>()
-                .unwrap(),
-            &[5]
-        );
-        assert_eq!(
-            run(red(ReduceOp::L1, None, false), &x)
-                .as_slice::<i32>()
-                .unwrap(),
-            &[7]
-        );
-        assert_eq!(
-            run(red(ReduceOp::Prod, None, false), &x)
-                .as_slice::<i32>()
-                .unwrap(),
-            &[-12]
-        );
+        assert_eq!(run(red(ReduceOp::L2, None, false), &x).as_slice::<i32>().unwrap(), &[5]);
+        assert_eq!(run(red(ReduceOp::L1, None, false), &x).as_slice::<i32>().unwrap(), &[7]);
+        assert_eq!(run(red(ReduceOp::Prod, None, false), &x).as_slice::<i32>().unwrap(), &[-12]);
         let b = t(&[2, 2], vec![true, false, false, false]);
         let y = run(red(ReduceOp::Max, Some(vec![1]), false), &b);
         assert_eq!(y.as_slice::<bool>().unwrap(), &[true, false]);
@@ -582,109 +485,52 @@ mod tests {
 
     #[test]
     fn reduce_facts_and_errors() {
-        let f = Fact::new(
-            DType::F32,
-            vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(384)],
-        );
+        let f = Fact::new(DType::F32, vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(384)]);
         let out = |r: Reduce| r.output_facts(&[&f]).map(|v| v[0].shape.clone());
         assert_eq!(
             out(red(ReduceOp::Mean, Some(vec![-1]), true)).unwrap(),
             vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(1)]
         );
-        assert_eq!(
-            out(red(ReduceOp::Mean, Some(vec![1]), false)).unwrap(),
-            vec![Dim::sym("b"), Dim::Known(384)]
-        );
+        assert_eq!(out(red(ReduceOp::Mean, Some(vec![1]), false)).unwrap(), vec![Dim::sym("b"), Dim::Known(384)]);
         assert_eq!(out(red(ReduceOp::Mean, None, false)).unwrap(), vec![]);
         assert!(out(red(ReduceOp::Mean, Some(vec![3]), false)).is_err());
         assert!(out(red(ReduceOp::Mean, Some(vec![-4]), false)).is_err());
         let e = out(red(ReduceOp::Mean, Some(vec![1, -2]), false)).unwrap_err();
         assert!(e.to_string().contains("repeated"), "{e}");
-        assert!(red(ReduceOp::Sum, Some(vec![0]), false)
-            .output_facts(&[&Fact::known(DType::F32, &[])])
-            .is_err());
-        assert!(red(ReduceOp::Sum, None, false)
-            .output_facts(&[&Fact::known(DType::Bool, &[2])])
-            .is_err());
-        assert!(red(ReduceOp::Sum, None, false)
-            .output_facts(&[&f, &f])
-            .is_err());
-        assert!(red(ReduceOp::Sum, Some(vec![2]), false)
-            .eval(&[&m23()])
-            .is_err());
+        assert!(red(ReduceOp::Sum, Some(vec![0]), false).output_facts(&[&Fact::known(DType::F32, &[])]).is_err());
+        assert!(red(ReduceOp::Sum, None, false).output_facts(&[&Fact::known(DType::Bool, &[2])]).is_err());
+        assert!(red(ReduceOp::Sum, None, false).output_facts(&[&f, &f]).is_err());
+        assert!(red(ReduceOp::Sum, Some(vec![2]), false).eval(&[&m23()]).is_err());
     }
 
     #[test]
     fn arg_max_min() {
         let x = t(&[2, 3], vec![1f32, 3.0, 3.0, 5.0, 0.0, 5.0]);
-        let arg = |max, axis, keepdims, last| ArgReduce {
-            max,
-            axis,
-            keepdims,
-            select_last_index: last,
-        };
+        let arg = |max, axis, keepdims, last| ArgReduce { max, axis, keepdims, select_last_index: last };
         let y = run(arg(true, 1, false, false), &x);
-        assert_eq!(
-            (y.shape(), y.as_slice::<i64>().unwrap()),
-            (&[2][..], &[1, 0][..])
-        );
-        assert_eq!(
-            run(arg(true, 1, false, true), &x)
-                .as_slice::<i64>()
-                .unwrap(),
-            &[2, 2]
-        );
-        assert_eq!(
-            run(arg(false, -1, false, false), &x)
-                .as_slice::<i64>()
-                .unwrap(),
-            &[0, 1]
-        );
+        assert_eq!((y.shape(), y.as_slice::<i64>().unwrap()), (&[2][..], &[1, 0][..]));
+        assert_eq!(run(arg(true, 1, false, true), &x).as_slice::<i64>().unwrap(), &[2, 2]);
+        assert_eq!(run(arg(false, -1, false, false), &x).as_slice::<i64>().unwrap(), &[0, 1]);
         let y = run(arg(true, 0, true, false), &x);
-        assert_eq!(
-            (y.shape(), y.as_slice::<i64>().unwrap()),
-            (&[1, 3][..], &[1, 0, 1][..])
-        );
-        let y = run(
-            arg(false, 0, true, false),
-            &t(&[2, 2], vec![7i32, -1, 7, -2]),
-        );
+        assert_eq!((y.shape(), y.as_slice::<i64>().unwrap()), (&[1, 3][..], &[1, 0, 1][..]));
+        let y = run(arg(false, 0, true, false), &t(&[2, 2], vec![7i32, -1, 7, -2]));
         assert_eq!(y.as_slice::<i64>().unwrap(), &[0, 1]);
         // NaN wins, as numpy has it.
         let n = t(&[3], vec![1f64, f64::NAN, 3.0]);
-        assert_eq!(
-            run(arg(true, 0, false, false), &n)
-                .as_slice::<i64>()
-                .unwrap(),
-            &[1]
-        );
-        assert_eq!(
-            run(arg(false, 0, false, false), &n)
-                .as_slice::<i64>()
-                .unwrap(),
-            &[1]
-        );
+        assert_eq!(run(arg(true, 0, false, false), &n).as_slice::<i64>().unwrap(), &[1]);
+        assert_eq!(run(arg(false, 0, false, false), &n).as_slice::<i64>().unwrap(), &[1]);
 
-        let e = arg(true, 1, false, false)
-            .eval(&[&t(&[2, 0], Vec::<f32>::new())])
-            .unwrap_err();
+        let e = arg(true, 1, false, false).eval(&[&t(&[2, 0], Vec::<f32>::new())]).unwrap_err();
         assert!(e.to_string().contains("empty"), "{e}");
         let y = run(arg(true, 1, false, false), &t(&[0, 2], Vec::<f32>::new()));
         assert_eq!(y.shape(), &[0]);
         assert!(arg(true, 2, false, false).eval(&[&x]).is_err());
-        assert!(arg(true, 0, false, false)
-            .eval(&[&t(&[], vec![1f32])])
-            .is_err());
-        assert!(arg(true, 0, false, false)
-            .eval(&[&t(&[1], vec![true])])
-            .is_err());
+        assert!(arg(true, 0, false, false).eval(&[&t(&[], vec![1f32])]).is_err());
+        assert!(arg(true, 0, false, false).eval(&[&t(&[1], vec![true])]).is_err());
 
         let f = Fact::new(DType::F16, vec![Dim::sym("b"), Dim::Known(10)]);
         let out = arg(true, -1, true, false).output_facts(&[&f]).unwrap();
-        assert_eq!(
-            out,
-            vec![Fact::new(DType::I64, vec![Dim::sym("b"), Dim::Known(1)])]
-        );
+        assert_eq!(out, vec![Fact::new(DType::I64, vec![Dim::sym("b"), Dim::Known(1)])]);
         let out = arg(true, 0, false, false).output_facts(&[&f]).unwrap();
         assert_eq!(out[0].shape, vec![Dim::Known(10)]);
         assert!(arg(true, 2, false, false).output_facts(&[&f]).is_err());
