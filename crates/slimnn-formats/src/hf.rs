@@ -169,7 +169,7 @@ fn build_bert(c: &BertConfig, w: &Weights) -> Result<Graph> {
             c.model_type
         )));
     }
-    if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+    if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return Err(FormatError::Invalid(format!(
             "config.json: hidden_size {} is not a multiple of num_attention_heads {}",
             c.hidden_size, c.num_attention_heads
@@ -222,7 +222,7 @@ fn build_bert(c: &BertConfig, w: &Weights) -> Result<Graph> {
         let p = format!("encoder.layer.{l}");
         let s = format!("/encoder/layer.{l}");
         let att = format!("{s}/attention/self");
-        let mut proj = |b: &mut Builder, name: &str, perm: Vec<usize>| -> Result<OutletId> {
+        let proj = |b: &mut Builder, name: &str, perm: Vec<usize>| -> Result<OutletId> {
             let y = b.linear(w, &format!("{att}/{name}"), &format!("{p}.attention.self.{name}"), x, h, h)?;
             let y = b.node(&format!("{att}/{name}/Reshape"), Reshape { allowzero: false }, vec![y, split_heads])?;
             b.node(&format!("{att}/{name}/Transpose"), Transpose { perm: Some(perm) }, vec![y])
