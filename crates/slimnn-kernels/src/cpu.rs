@@ -71,8 +71,10 @@ pub struct CpuFeatures {
     /// AMX-TILE, AMX-INT8 and AMX-BF16 all reported by CPUID.
     pub amx_cpuid: bool,
     /// The OS granted this process the AMX tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
-    /// Only requested when AMX is reported and the tier cap allows `amx`.
     pub amx_granted: bool,
+    /// Whether the grant was asked for: only when CPUID reports AMX and the tier cap allows
+    /// `amx` (a grant enlarges every signal frame of the process).
+    pub amx_requested: bool,
 }
 
 impl CpuFeatures {
@@ -147,8 +149,10 @@ fn detect(want_amx: bool) -> CpuFeatures {
         avx512bf16: std::is_x86_feature_detected!("avx512bf16"),
         amx_cpuid,
         amx_granted: false,
+        amx_requested: false,
     };
     if amx_cpuid && want_amx {
+        f.amx_requested = true;
         f.amx_granted = request_amx();
     }
     f
@@ -216,7 +220,11 @@ fn describe_with(active: CpuTier, detected: CpuTier, f: &CpuFeatures, bad_cap: O
     ];
     let mut parts: Vec<&str> = flags.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
     if f.amx_cpuid {
-        parts.push(if f.amx_granted { "amx granted" } else { "amx not granted" });
+        parts.push(match (f.amx_requested, f.amx_granted) {
+            (_, true) => "amx granted",
+            (true, false) => "amx refused by the OS",
+            (false, false) => "amx not requested",
+        });
     }
     let list = if parts.is_empty() { "no SIMD extensions used".to_string() } else { parts.join(", ") };
     let mut out = format!("{active} ({list})");
@@ -300,6 +308,7 @@ mod tests {
             avx512vnni: true,
             amx_cpuid: true,
             amx_granted: true,
+            amx_requested: true,
             ..Default::default()
         };
         assert_eq!(
@@ -310,6 +319,12 @@ mod tests {
         assert!(capped.starts_with("avx2 ("), "{capped}");
         assert!(capped.contains("capped by SLIMNN_CPU_TIER from amx"), "{capped}");
         assert!(capped.contains("ignored SLIMNN_CPU_TIER=\"sse\""), "{capped}");
+        let refused = CpuFeatures { amx_granted: false, ..f };
+        let text = describe_with(CpuTier::Avx512, CpuTier::Avx512, &refused, None);
+        assert!(text.ends_with("amx refused by the OS)"), "{text}");
+        let unasked = CpuFeatures { amx_requested: false, ..refused };
+        let text = describe_with(CpuTier::Avx512, CpuTier::Avx512, &unasked, None);
+        assert!(text.ends_with("amx not requested)"), "{text}");
         let none = describe_with(CpuTier::Generic, CpuTier::Generic, &CpuFeatures::default(), None);
         assert_eq!(none, "generic (no SIMD extensions used)");
         assert!(describe().starts_with(tier().name()));

@@ -2,7 +2,6 @@
 
 use super::kernels::{Generic, TileEpilogue, TileKernel};
 use super::{Epilogue, PackedB, Par};
-use crate::cpu::CpuTier;
 use std::ops::Range;
 
 /// Below this many flops per task, threads cost more than they save.
@@ -67,9 +66,9 @@ pub(super) fn run(
     };
     match b.tier() {
         #[cfg(target_arch = "x86_64")]
-        CpuTier::Avx512 | CpuTier::Amx => run_tasks::<super::kernels::Avx512>(&job, par),
+        crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<super::kernels::Avx512>(&job, par),
         #[cfg(target_arch = "x86_64")]
-        CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(&job, par),
+        crate::CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(&job, par),
         _ => run_tasks::<Generic>(&job, par),
     }
 }
