@@ -23,9 +23,9 @@ pub fn load(path: &Path) -> Result<Graph> {
 pub fn size_on_disk(path: &Path) -> u64 {
     fn walk(p: &Path) -> u64 {
         match std::fs::metadata(p) {
-            Ok(m) if m.is_dir() => std::fs::read_dir(p)
-                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| walk(&e.path())).sum())
-                .unwrap_or(0),
+            Ok(m) if m.is_dir() => {
+                std::fs::read_dir(p).map(|rd| rd.filter_map(|e| e.ok()).map(|e| walk(&e.path())).sum()).unwrap_or(0)
+            }
             Ok(m) => m.len(),
             Err(_) => 0,
         }
@@ -69,10 +69,8 @@ pub fn summarize(g: &Graph, path: &Path) -> Summary {
 
 /// `name` with every character outside `A-Za-z0-9._-` replaced by `_`, so it is a safe file name.
 pub fn safe_file_name(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
-        .collect();
+    let s: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect();
     // "." and ".." are not usable as file names.
     if s.is_empty() || s.chars().all(|c| c == '.') {
         format!("_{s}")

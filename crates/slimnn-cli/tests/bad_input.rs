@@ -63,7 +63,10 @@ fn bad_models_and_inputs_give_one_line_errors() {
     assert!(e.contains("truncated.onnx"), "{e}");
 
     let e = fails(&["inspect", s(&m("unknown_ops"))]);
-    assert!(e.contains("first_bad") && e.contains("FancyOp") && e.contains("second_bad") && e.contains("OtherOp"), "{e}");
+    assert!(
+        e.contains("first_bad") && e.contains("FancyOp") && e.contains("second_bad") && e.contains("OtherOp"),
+        "{e}"
+    );
 
     let e = fails(&["inspect", s(&m("dangling"))]);
     assert!(e.contains("ghost") && e.contains("add"), "{e}");

@@ -35,7 +35,11 @@ fn minilm_matches_onnxruntime_on_200_sentences_and_round_trips() {
             .collect()
     };
     let (w0, w1) = (weights(g), weights(&back));
-    assert_eq!(w0.keys().collect::<Vec<_>>(), w1.keys().collect::<Vec<_>>(), "weight names differ after export + import");
+    assert_eq!(
+        w0.keys().collect::<Vec<_>>(),
+        w1.keys().collect::<Vec<_>>(),
+        "weight names differ after export + import"
+    );
     for (name, t) in &w0 {
         assert!(t == &w1[name], "weight {name} differs after export + import");
     }
@@ -70,11 +74,8 @@ fn minilm_matches_onnxruntime_on_200_sentences_and_round_trips() {
 #[test]
 fn minilm_embeddings_separate_paraphrases_from_unrelated_text() {
     let embedder = SentenceEmbedder::load(&asset("minilm"), None).unwrap();
-    let texts = [
-        "A man is playing a guitar.",
-        "A man plays the guitar.",
-        "The quarterly tax report is due next Tuesday.",
-    ];
+    let texts =
+        ["A man is playing a guitar.", "A man plays the guitar.", "The quarterly tax report is due next Tuesday."];
     let e = embedder.embed(&texts, 3).unwrap();
     let v = e.as_slice::<f32>().unwrap();
     let d = e.shape()[1];

@@ -12,15 +12,20 @@ struct Chapter {
 /// collapsed, split after `.`, `!` or `?`, keeping those of `min_words..=max_words` words.
 pub fn moby_dick_sentences(dir: &Path, min_words: usize, max_words: usize) -> Result<Vec<String>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| DataError::File { path: dir.display().to_string(), msg: format!("{e} (run scripts/fetch-assets.sh)") })?
+        .map_err(|e| DataError::File {
+            path: dir.display().to_string(),
+            msg: format!("{e} (run scripts/fetch-assets.sh)"),
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
     let mut out = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|e| DataError::File { path: f.display().to_string(), msg: e.to_string() })?;
-        let ch: Chapter = serde_json::from_str(&text).map_err(|e| DataError::File { path: f.display().to_string(), msg: e.to_string() })?;
+        let text = std::fs::read_to_string(&f)
+            .map_err(|e| DataError::File { path: f.display().to_string(), msg: e.to_string() })?;
+        let ch: Chapter = serde_json::from_str(&text)
+            .map_err(|e| DataError::File { path: f.display().to_string(), msg: e.to_string() })?;
         let flat = ch.text.split_whitespace().collect::<Vec<_>>().join(" ");
         let mut start = 0;
         for (i, c) in flat.char_indices() {

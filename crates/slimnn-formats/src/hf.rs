@@ -80,9 +80,10 @@ impl<'a> Weights<'a> {
     /// The tensor `name` as f32, checked against `shape`.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let full = format!("{}{name}", self.prefix);
-        let view = self.st.tensor(&full).map_err(|_| {
-            FormatError::malformed(&self.file, format!("tensor '{full}' is missing"))
-        })?;
+        let view = self
+            .st
+            .tensor(&full)
+            .map_err(|_| FormatError::malformed(&self.file, format!("tensor '{full}' is missing")))?;
         if view.shape() != shape {
             return Err(FormatError::malformed(
                 &self.file,
@@ -148,14 +149,30 @@ impl Builder {
         self.node(name, Unary(op), vec![a])
     }
     /// `x @ W + b` for a PyTorch Linear named `path` (weights `path.weight`, `path.bias`).
-    fn linear(&mut self, w: &Weights, scope: &str, path: &str, x: OutletId, out: usize, inp: usize) -> Result<OutletId> {
+    fn linear(
+        &mut self,
+        w: &Weights,
+        scope: &str,
+        path: &str,
+        x: OutletId,
+        out: usize,
+        inp: usize,
+    ) -> Result<OutletId> {
         let wt = w.linear_t(&format!("{path}.weight"), out, inp)?;
         let wo = self.konst(&format!("{path}.weight.T"), wt)?;
         let b = self.konst(&format!("{path}.bias"), w.get(&format!("{path}.bias"), &[out])?)?;
         let mm = self.node(&format!("{scope}/MatMul"), MatMul, vec![x, wo])?;
         self.bin(&format!("{scope}/Add"), BinaryOp::Add, mm, b)
     }
-    fn layer_norm(&mut self, w: &Weights, scope: &str, path: &str, x: OutletId, dim: usize, eps: f64) -> Result<OutletId> {
+    fn layer_norm(
+        &mut self,
+        w: &Weights,
+        scope: &str,
+        path: &str,
+        x: OutletId,
+        dim: usize,
+        eps: f64,
+    ) -> Result<OutletId> {
         let s = self.konst(&format!("{path}.weight"), w.get(&format!("{path}.weight"), &[dim])?)?;
         let b = self.konst(&format!("{path}.bias"), w.get(&format!("{path}.bias"), &[dim])?)?;
         self.node(&format!("{scope}/LayerNormalization"), LayerNorm { axis: -1, epsilon: eps as f32 }, vec![x, s, b])
@@ -184,7 +201,8 @@ fn build_bert(c: &BertConfig, w: &Weights) -> Result<Graph> {
     let types = b.g.add_input("token_type_ids", Fact::new(DType::I64, dims))?;
 
     // Embeddings: word + token type + position (positions sliced to the sequence length).
-    let word_emb = b.konst("embeddings.word_embeddings.weight", w.get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?)?;
+    let word_emb =
+        b.konst("embeddings.word_embeddings.weight", w.get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?)?;
     let type_emb = b.konst(
         "embeddings.token_type_embeddings.weight",
         w.get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?,
@@ -194,7 +212,8 @@ fn build_bert(c: &BertConfig, w: &Weights) -> Result<Graph> {
         w.get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?,
     )?;
     let positions: Vec<i64> = (0..c.max_position_embeddings as i64).collect();
-    let pos_ids = b.konst("embeddings.position_ids", Tensor::from_vec(vec![1, c.max_position_embeddings], positions)?)?;
+    let pos_ids =
+        b.konst("embeddings.position_ids", Tensor::from_vec(vec![1, c.max_position_embeddings], positions)?)?;
     let shape = b.node("/embeddings/Shape", Shape { start: 0, end: None }, vec![ids])?;
     let one = b.ints("const_1", &[1])?;
     let zero = b.ints("const_0", &[0])?;
@@ -237,14 +256,29 @@ fn build_bert(c: &BertConfig, w: &Weights) -> Result<Graph> {
         let ctx = b.node(&format!("{att}/MatMul_1"), MatMul, vec![probs, v])?;
         let ctx = b.node(&format!("{att}/Transpose"), Transpose { perm: Some(vec![0, 2, 1, 3]) }, vec![ctx])?;
         let ctx = b.node(&format!("{att}/Reshape"), Reshape { allowzero: false }, vec![ctx, merge_heads])?;
-        let o = b.linear(w, &format!("{s}/attention/output/dense"), &format!("{p}.attention.output.dense"), ctx, h, h)?;
+        let o =
+            b.linear(w, &format!("{s}/attention/output/dense"), &format!("{p}.attention.output.dense"), ctx, h, h)?;
         let o = b.bin(&format!("{s}/attention/output/Add"), BinaryOp::Add, o, x)?;
-        let o = b.layer_norm(w, &format!("{s}/attention/output/LayerNorm"), &format!("{p}.attention.output.LayerNorm"), o, h, c.layer_norm_eps)?;
+        let o = b.layer_norm(
+            w,
+            &format!("{s}/attention/output/LayerNorm"),
+            &format!("{p}.attention.output.LayerNorm"),
+            o,
+            h,
+            c.layer_norm_eps,
+        )?;
         let f = b.linear(w, &format!("{s}/intermediate/dense"), &format!("{p}.intermediate.dense"), o, ffn, h)?;
         let f = activation(&mut b, &c.hidden_act, &format!("{s}/intermediate/intermediate_act_fn"), f)?;
         let f = b.linear(w, &format!("{s}/output/dense"), &format!("{p}.output.dense"), f, h, ffn)?;
         let f = b.bin(&format!("{s}/output/Add"), BinaryOp::Add, f, o)?;
-        x = b.layer_norm(w, &format!("{s}/output/LayerNorm"), &format!("{p}.output.LayerNorm"), f, h, c.layer_norm_eps)?;
+        x = b.layer_norm(
+            w,
+            &format!("{s}/output/LayerNorm"),
+            &format!("{p}.output.LayerNorm"),
+            f,
+            h,
+            c.layer_norm_eps,
+        )?;
     }
     b.g.add_output("last_hidden_state", x);
 

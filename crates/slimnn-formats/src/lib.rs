@@ -16,7 +16,8 @@ pub type Result<T, E = FormatError> = std::result::Result<T, E>;
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let file_name = path.file_name().ok_or_else(|| FormatError::Invalid(format!("{} is not a file path", path.display())))?;
+    let file_name =
+        path.file_name().ok_or_else(|| FormatError::Invalid(format!("{} is not a file path", path.display())))?;
     let tmp = dir.join(format!(".{}.{}.tmp", file_name.to_string_lossy(), std::process::id()));
     let io = |source| FormatError::Io { path: path.display().to_string(), source };
     let result = (|| {

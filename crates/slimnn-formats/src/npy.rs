@@ -101,11 +101,15 @@ pub fn from_bytes(b: &[u8]) -> Result<Tensor> {
     let descr = dict_value(header, "descr").ok_or_else(|| bad(format!("header has no 'descr': {header}")))?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
     let dtype = dtype_of(descr).ok_or_else(|| {
-        FormatError::Unsupported(format!(".npy dtype '{descr}' is not supported (little-endian numbers and bools only)"))
+        FormatError::Unsupported(format!(
+            ".npy dtype '{descr}' is not supported (little-endian numbers and bools only)"
+        ))
     })?;
     match dict_value(header, "fortran_order") {
         Some("False") => {}
-        Some("True") => return Err(FormatError::Unsupported(".npy in Fortran order is not supported; save with C order".into())),
+        Some("True") => {
+            return Err(FormatError::Unsupported(".npy in Fortran order is not supported; save with C order".into()))
+        }
         other => return Err(bad(format!("bad 'fortran_order' in header: {other:?}"))),
     }
     let shape_text = dict_value(header, "shape").ok_or_else(|| bad(format!("header has no 'shape': {header}")))?;
@@ -117,7 +121,9 @@ pub fn from_bytes(b: &[u8]) -> Result<Tensor> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.trim_end_matches('L').parse::<usize>().map_err(|_| bad(format!("bad dim '{s}' in shape {shape_text}"))))
+        .map(|s| {
+            s.trim_end_matches('L').parse::<usize>().map_err(|_| bad(format!("bad dim '{s}' in shape {shape_text}")))
+        })
         .collect::<Result<Vec<usize>>>()?;
     let numel = checked_numel(&shape, dtype)?;
     let data = &b[start + hlen..];
@@ -142,7 +148,9 @@ mod tests {
 
     #[test]
     fn roundtrip_all_npy_dtypes_and_ranks() {
-        for dt in [DType::F32, DType::F64, DType::F16, DType::I8, DType::U8, DType::I16, DType::I32, DType::I64, DType::Bool] {
+        for dt in
+            [DType::F32, DType::F64, DType::F16, DType::I8, DType::U8, DType::I16, DType::I32, DType::I64, DType::Bool]
+        {
             for shape in [vec![], vec![3], vec![2, 3], vec![1, 0, 2]] {
                 let n: usize = shape.iter().product();
                 let vals: Vec<f64> = (0..n).map(|i| i as f64).collect();

@@ -7,8 +7,8 @@ use slimnn_formats::onnx;
 use slimnn_formats::onnx::proto::attribute_proto::AttributeType;
 use slimnn_formats::onnx::proto::tensor_shape_proto::{dimension, Dimension};
 use slimnn_formats::onnx::proto::{
-    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
 };
 use slimnn_ir::{Graph, Op};
 use slimnn_tensor::{DType, Tensor};
@@ -56,10 +56,7 @@ fn vinfo(name: &str, t: &Tensor) -> ValueInfoProto {
     let dim = t
         .shape()
         .iter()
-        .map(|&d| Dimension {
-            denotation: None,
-            value: Some(dimension::Value::DimValue(d as i64)),
-        })
+        .map(|&d| Dimension { denotation: None, value: Some(dimension::Value::DimValue(d as i64)) })
         .collect();
     ValueInfoProto {
         name: Some(name.into()),
@@ -92,24 +89,15 @@ fn build(
 ) -> Graph {
     let m = ModelProto {
         ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(opset),
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
         graph: Some(GraphProto {
             node: nodes,
             name: Some("g".into()),
-            initializer: inits
-                .iter()
-                .map(|(n, t)| onnx::tensor_to_proto(t, n).unwrap())
-                .collect(),
+            initializer: inits.iter().map(|(n, t)| onnx::tensor_to_proto(t, n).unwrap()).collect(),
             input: inputs.iter().map(|(n, t)| vinfo(n, t)).collect(),
             output: outputs
                 .iter()
-                .map(|o| ValueInfoProto {
-                    name: Some(o.to_string()),
-                    ..Default::default()
-                })
+                .map(|o| ValueInfoProto { name: Some(o.to_string()), ..Default::default() })
                 .collect(),
             ..Default::default()
         }),
@@ -126,10 +114,7 @@ fn run(
     opset: i64,
 ) -> Vec<Tensor> {
     let g = build(nodes, inputs, inits, outputs, opset);
-    let feed = inputs
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.clone()))
-        .collect();
+    let feed = inputs.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
     g.eval(feed).unwrap_or_else(|e| panic!("eval: {e}"))
 }
 
@@ -144,13 +129,8 @@ fn close(t: &Tensor, want: &[f64]) {
 #[test]
 fn squeeze_unsqueeze_attribute_and_input_forms() {
     let x = f32s(&[1, 2], &[1.0, 2.0]);
-    let out = run(
-        vec![node("Squeeze", &["x"], &["y"], vec![ints("axes", &[0])])],
-        &[("x", x.clone())],
-        &[],
-        &["y"],
-        11,
-    );
+    let out =
+        run(vec![node("Squeeze", &["x"], &["y"], vec![ints("axes", &[0])])], &[("x", x.clone())], &[], &["y"], 11);
     assert_eq!(out[0].shape(), &[2]);
     let out = run(
         vec![node("Squeeze", &["x", "axes"], &["y"], vec![])],
@@ -160,13 +140,8 @@ fn squeeze_unsqueeze_attribute_and_input_forms() {
         13,
     );
     assert_eq!(out[0].shape(), &[2]);
-    let out = run(
-        vec![node("Unsqueeze", &["x"], &["y"], vec![ints("axes", &[-1])])],
-        &[("x", x.clone())],
-        &[],
-        &["y"],
-        12,
-    );
+    let out =
+        run(vec![node("Unsqueeze", &["x"], &["y"], vec![ints("axes", &[-1])])], &[("x", x.clone())], &[], &["y"], 12);
     assert_eq!(out[0].shape(), &[1, 2, 1]);
     let g = build(
         vec![node("Unsqueeze", &["x", "axes"], &["y"], vec![])],
@@ -183,12 +158,7 @@ fn squeeze_unsqueeze_attribute_and_input_forms() {
 fn split_forms() {
     let x = f32s(&[3], &[1.0, 2.0, 3.0]);
     let out = run(
-        vec![node(
-            "Split",
-            &["x"],
-            &["a", "b"],
-            vec![ints("split", &[1, 2])],
-        )],
+        vec![node("Split", &["x"], &["a", "b"], vec![ints("split", &[1, 2])])],
         &[("x", x.clone())],
         &[],
         &["a", "b"],
@@ -206,18 +176,8 @@ fn split_forms() {
     close(&out[0], &[1.0, 2.0]);
     close(&out[1], &[3.0]);
     // Opset 18: num_outputs, the last part smaller.
-    let out = run(
-        vec![node(
-            "Split",
-            &["x"],
-            &["a", "b"],
-            vec![int("num_outputs", 2)],
-        )],
-        &[("x", x)],
-        &[],
-        &["a", "b"],
-        18,
-    );
+    let out =
+        run(vec![node("Split", &["x"], &["a", "b"], vec![int("num_outputs", 2)])], &[("x", x)], &[], &["a", "b"], 18);
     close(&out[0], &[1.0, 2.0]);
     close(&out[1], &[3.0]);
 }
@@ -227,12 +187,7 @@ fn reduce_axes_by_opset() {
     let x = f32s(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
     let attr_form = |op: &str, opset| {
         run(
-            vec![node(
-                op,
-                &["x"],
-                &["y"],
-                vec![ints("axes", &[1]), int("keepdims", 0)],
-            )],
+            vec![node(op, &["x"], &["y"], vec![ints("axes", &[1]), int("keepdims", 0)])],
             &[("x", x.clone())],
             &[],
             &["y"],
@@ -253,26 +208,13 @@ fn reduce_axes_by_opset() {
     close(&input_form("ReduceSum", 13)[0], &[4.0, 6.0]);
     close(&input_form("ReduceMax", 18)[0], &[3.0, 4.0]);
     // No axes: everything; empty axes with noop: pass-through.
-    let all = run(
-        vec![node("ReduceSum", &["x"], &["y"], vec![int("keepdims", 0)])],
-        &[("x", x.clone())],
-        &[],
-        &["y"],
-        13,
-    );
+    let all =
+        run(vec![node("ReduceSum", &["x"], &["y"], vec![int("keepdims", 0)])], &[("x", x.clone())], &[], &["y"], 13);
     close(&all[0], &[10.0]);
     let noop = run(
-        vec![node(
-            "ReduceSum",
-            &["x", "axes"],
-            &["y"],
-            vec![int("noop_with_empty_axes", 1)],
-        )],
+        vec![node("ReduceSum", &["x", "axes"], &["y"], vec![int("noop_with_empty_axes", 1)])],
         &[("x", x)],
-        &[(
-            "axes",
-            Tensor::from_vec(vec![0], Vec::<i64>::new()).unwrap(),
-        )],
+        &[("axes", Tensor::from_vec(vec![0], Vec::<i64>::new()).unwrap())],
         &["y"],
         13,
     );
@@ -283,22 +225,10 @@ fn reduce_axes_by_opset() {
 fn softmax_legacy_meaning_before_opset_13() {
     // Opset 11, default axis 1: softmax over the 4 values of each batch row.
     let x = f32s(&[2, 2, 2], &[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
-    let out = run(
-        vec![node("Softmax", &["x"], &["y"], vec![])],
-        &[("x", x.clone())],
-        &[],
-        &["y"],
-        11,
-    );
+    let out = run(vec![node("Softmax", &["x"], &["y"], vec![])], &[("x", x.clone())], &[], &["y"], 11);
     close(&out[0], &[0.25; 8]);
     // Opset 13, default axis -1: over pairs.
-    let out = run(
-        vec![node("Softmax", &["x"], &["y"], vec![])],
-        &[("x", x)],
-        &[],
-        &["y"],
-        13,
-    );
+    let out = run(vec![node("Softmax", &["x"], &["y"], vec![])], &[("x", x)], &[], &["y"], 13);
     close(&out[0], &[0.5; 8]);
 }
 
@@ -322,13 +252,7 @@ fn clip_bounds_default_to_the_dtype_range() {
     );
     close(&out[0], &[0.0, 0.5, 5.0]);
     let xi = Tensor::from_vec(vec![2], vec![-100i8, 100]).unwrap();
-    let out = run(
-        vec![node("Clip", &["x"], &["y"], vec![])],
-        &[("x", xi)],
-        &[],
-        &["y"],
-        13,
-    );
+    let out = run(vec![node("Clip", &["x"], &["y"], vec![])], &[("x", xi)], &[], &["y"], 13);
     assert_eq!(out[0].as_slice::<i8>().unwrap(), &[-100, 100]);
 }
 
@@ -336,19 +260,11 @@ fn clip_bounds_default_to_the_dtype_range() {
 fn resize_opset_11_with_empty_scales_and_sizes() {
     let x = f32s(&[1, 1, 1, 2], &[1.0, 2.0]);
     let out = run(
-        vec![node(
-            "Resize",
-            &["x", "roi", "scales", "sizes"],
-            &["y"],
-            vec![string("mode", "nearest")],
-        )],
+        vec![node("Resize", &["x", "roi", "scales", "sizes"], &["y"], vec![string("mode", "nearest")])],
         &[("x", x)],
         &[
             ("roi", Tensor::from_vec(vec![0], Vec::<f32>::new()).unwrap()),
-            (
-                "scales",
-                Tensor::from_vec(vec![0], Vec::<f32>::new()).unwrap(),
-            ),
+            ("scales", Tensor::from_vec(vec![0], Vec::<f32>::new()).unwrap()),
             ("sizes", i64s(&[1, 1, 1, 4])),
         ],
         &["y"],
@@ -371,18 +287,9 @@ fn pad_with_axes_and_slice_with_steps_only() {
     assert_eq!(out[0].shape(), &[2, 3]);
     close(&out[0], &[0.0, 1.0, 2.0, 0.0, 3.0, 4.0]);
     let out = run(
-        vec![node(
-            "Slice",
-            &["x", "starts", "ends", "", "steps"],
-            &["y"],
-            vec![],
-        )],
+        vec![node("Slice", &["x", "starts", "ends", "", "steps"], &["y"], vec![])],
         &[("x", x)],
-        &[
-            ("starts", i64s(&[1])),
-            ("ends", i64s(&[-3])),
-            ("steps", i64s(&[-1])),
-        ],
+        &[("starts", i64s(&[1])), ("ends", i64s(&[-3])), ("steps", i64s(&[-1]))],
         &["y"],
         13,
     );
@@ -443,10 +350,7 @@ fn dropout_castlike_size_and_constants() {
             node("Add", &["n", "k"], &["n7"], vec![]),
         ],
         &[("x", x), ("like", like)],
-        &[
-            ("ratio", Tensor::scalar(0.5f32)),
-            ("training", Tensor::scalar(false)),
-        ],
+        &[("ratio", Tensor::scalar(0.5f32)), ("training", Tensor::scalar(false))],
         &["d", "c", "n7"],
         15,
     );
@@ -461,25 +365,17 @@ fn dropout_in_training_mode_is_refused() {
     let x = f32s(&[2], &[1.0, 2.0]);
     let m = ModelProto {
         ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
         graph: Some(GraphProto {
             node: vec![node("Dropout", &["x", "", "t"], &["y"], vec![])],
             initializer: vec![onnx::tensor_to_proto(&Tensor::scalar(true), "t").unwrap()],
             input: vec![vinfo("x", &x)],
-            output: vec![ValueInfoProto {
-                name: Some("y".into()),
-                ..Default::default()
-            }],
+            output: vec![ValueInfoProto { name: Some("y".into()), ..Default::default() }],
             ..Default::default()
         }),
         ..Default::default()
     };
-    let e = onnx::from_bytes(&m.encode_to_vec(), None)
-        .unwrap_err()
-        .to_string();
+    let e = onnx::from_bytes(&m.encode_to_vec(), None).unwrap_err().to_string();
     assert!(e.contains("training_mode"), "{e}");
 }
 
@@ -492,10 +388,7 @@ fn u8s(shape: &[usize], v: &[u8]) -> Tensor {
 fn integer_and_qlinear_ops() {
     let out = run(
         vec![node("MatMulInteger", &["a", "b", "azp"], &["y"], vec![])],
-        &[
-            ("a", u8s(&[2, 2], &[1, 2, 3, 4])),
-            ("b", u8s(&[2, 2], &[1, 0, 0, 1])),
-        ],
+        &[("a", u8s(&[2, 2], &[1, 2, 3, 4])), ("b", u8s(&[2, 2], &[1, 0, 0, 1]))],
         &[("azp", Tensor::scalar(1u8))],
         &["y"],
         13,
@@ -505,10 +398,7 @@ fn integer_and_qlinear_ops() {
     let out = run(
         vec![node("ConvInteger", &["x", "w", "", "wzp"], &["y"], vec![])],
         &[("x", u8s(&[1, 1, 2, 2], &[1, 2, 3, 4]))],
-        &[
-            ("w", u8s(&[1, 1, 1, 1], &[2])),
-            ("wzp", Tensor::scalar(1u8)),
-        ],
+        &[("w", u8s(&[1, 1, 1, 1], &[2])), ("wzp", Tensor::scalar(1u8))],
         &["y"],
         13,
     );
@@ -533,12 +423,7 @@ fn integer_and_qlinear_ops() {
     assert_eq!(out[0].as_slice::<u8>().unwrap(), &[5, 10, 15, 20]);
 
     let out = run(
-        vec![node(
-            "QLinearMatMul",
-            &["a", "as", "azp", "b", "bs", "bzp", "ys", "yzp"],
-            &["y"],
-            vec![],
-        )],
+        vec![node("QLinearMatMul", &["a", "as", "azp", "b", "bs", "bzp", "ys", "yzp"], &["y"], vec![])],
         &[("a", u8s(&[1, 2], &[12, 14]))],
         &[
             ("as", Tensor::scalar(0.5f32)),

@@ -6,8 +6,8 @@ use slimnn_formats::onnx::proto::attribute_proto::AttributeType;
 use slimnn_formats::onnx::proto::tensor_proto::{DataLocation, DataType};
 use slimnn_formats::onnx::proto::tensor_shape_proto::{dimension, Dimension};
 use slimnn_formats::onnx::proto::{
-    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use slimnn_formats::{onnx, FormatError};
 use slimnn_ir::ops::*;
@@ -27,14 +27,10 @@ fn tmp_dir(tag: &str) -> PathBuf {
 
 /// Deterministic pseudo-random values in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
@@ -51,9 +47,7 @@ fn konst(g: &mut Graph, name: &str, t: Tensor) -> OutletId {
 }
 
 fn node(g: &mut Graph, name: &str, op: impl Into<Op>, inputs: Vec<OutletId>) -> OutletId {
-    let o = g
-        .add_node(name, op, inputs)
-        .unwrap_or_else(|e| panic!("{name}: {e}"))[0];
+    let o = g.add_node(name, op, inputs).unwrap_or_else(|e| panic!("{name}: {e}"))[0];
     g.set_outlet_name(o, name);
     o
 }
@@ -64,10 +58,7 @@ fn weights(g: &Graph) -> Vec<(String, Arc<Tensor>)> {
         .nodes()
         .iter()
         .filter_map(|n| match &n.op {
-            Op::Const(c) => Some((
-                n.output_names[0].clone().unwrap_or_else(|| n.name.clone()),
-                c.0.clone(),
-            )),
+            Op::Const(c) => Some((n.output_names[0].clone().unwrap_or_else(|| n.name.clone()), c.0.clone())),
             _ => None,
         })
         .collect();
@@ -105,11 +96,7 @@ fn roundtrip(g: &Graph, feed: Vec<(String, Tensor)>, tol: f64, stable: bool) -> 
         assert_eq!(w.dtype(), o.dtype());
     }
     if stable {
-        assert_eq!(
-            onnx::to_bytes(&back).unwrap(),
-            bytes,
-            "a second export differs from the first"
-        );
+        assert_eq!(onnx::to_bytes(&back).unwrap(), bytes, "a second export differs from the first");
     }
     back
 }
@@ -121,13 +108,7 @@ fn opset_of(bytes: &[u8]) -> i64 {
 
 // ---------------------------------------------------------------- hand-built ModelProtos
 
-fn pnode(
-    name: &str,
-    op: &str,
-    inputs: &[&str],
-    outputs: &[&str],
-    attribute: Vec<AttributeProto>,
-) -> NodeProto {
+fn pnode(name: &str, op: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>) -> NodeProto {
     NodeProto {
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: outputs.iter().map(|s| s.to_string()).collect(),
@@ -148,10 +129,7 @@ fn vinfo(name: &str, dims: &[i64]) -> ValueInfoProto {
                 shape: Some(TensorShapeProto {
                     dim: dims
                         .iter()
-                        .map(|&d| Dimension {
-                            denotation: None,
-                            value: Some(dimension::Value::DimValue(d)),
-                        })
+                        .map(|&d| Dimension { denotation: None, value: Some(dimension::Value::DimValue(d)) })
                         .collect(),
                 }),
             })),
@@ -169,10 +147,7 @@ fn pmodel(
 ) -> ModelProto {
     ModelProto {
         ir_version: Some(8),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(opset),
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
         graph: Some(GraphProto {
             node: nodes,
             name: Some("g".into()),
@@ -194,40 +169,20 @@ fn import(m: &ModelProto) -> Result<Graph, FormatError> {
 #[test]
 fn roundtrip_identity_graph_keeps_symbols_and_metadata() {
     let mut g = Graph::default();
-    let x = g
-        .add_input(
-            "x",
-            Fact::new(
-                DType::F32,
-                vec![Dim::sym("batch"), Dim::Unknown, Dim::Known(4)],
-            ),
-        )
-        .unwrap();
+    let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Unknown, Dim::Known(4)])).unwrap();
     g.add_output("x", x);
-    let c = konst(
-        &mut g,
-        "table",
-        Tensor::from_vec(vec![3], vec![1i64, -2, 3]).unwrap(),
-    );
+    let c = konst(&mut g, "table", Tensor::from_vec(vec![3], vec![1i64, -2, 3]).unwrap());
     g.add_output("table_out", c);
     g.metadata.insert("producer".into(), "test".into());
     let feed = vec![("x".to_string(), randn(&[2, 3, 4], 1))];
     let back = roundtrip(&g, feed, 0.0, true);
-    assert_eq!(
-        back.input_fact(0).shape,
-        vec![Dim::sym("batch"), Dim::Unknown, Dim::Known(4)]
-    );
+    assert_eq!(back.input_fact(0).shape, vec![Dim::sym("batch"), Dim::Unknown, Dim::Known(4)]);
 }
 
 #[test]
 fn roundtrip_mlp() {
     let mut g = Graph::default();
-    let x = g
-        .add_input(
-            "x",
-            Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(4)]),
-        )
-        .unwrap();
+    let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(4)])).unwrap();
     let w1 = konst(&mut g, "w1", randn(&[4, 8], 2));
     let b1 = konst(&mut g, "b1", randn(&[8], 3));
     let h = node(&mut g, "mm1", MatMul, vec![x, w1]);
@@ -235,31 +190,13 @@ fn roundtrip_mlp() {
     let h = node(&mut g, "relu", Unary(UnaryOp::Relu), vec![h]);
     let w2 = konst(&mut g, "w2", randn(&[3, 8], 4));
     let b2 = konst(&mut g, "b2", randn(&[3], 5));
-    let gemm = Gemm {
-        alpha: 0.5,
-        beta: 2.0,
-        trans_a: false,
-        trans_b: true,
-    };
+    let gemm = Gemm { alpha: 0.5, beta: 2.0, trans_a: false, trans_b: true };
     let y = node(&mut g, "gemm", gemm, vec![h, w2, b2]);
     let lo = konst(&mut g, "lo", Tensor::scalar(-0.5f32));
     let hi = konst(&mut g, "hi", Tensor::scalar(0.5f32));
     let y = node(&mut g, "clip", Clip, vec![y, lo, hi]);
-    let y = node(
-        &mut g,
-        "lrelu",
-        Unary(UnaryOp::LeakyRelu { alpha: 0.1 }),
-        vec![y],
-    );
-    let y = node(
-        &mut g,
-        "sm",
-        Softmax {
-            axis: -1,
-            legacy_2d: false,
-        },
-        vec![y],
-    );
+    let y = node(&mut g, "lrelu", Unary(UnaryOp::LeakyRelu { alpha: 0.1 }), vec![y]);
+    let y = node(&mut g, "sm", Softmax { axis: -1, legacy_2d: false }, vec![y]);
     g.add_output("probs", y);
     let feed = vec![("x".to_string(), randn(&[5, 4], 6))];
     let bytes = onnx::to_bytes(&g).unwrap();
@@ -270,96 +207,31 @@ fn roundtrip_mlp() {
 #[test]
 fn roundtrip_shape_ops_and_names() {
     let mut g = Graph::default();
-    let x = g
-        .add_input(
-            "x",
-            Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(6)]),
-        )
-        .unwrap();
-    let t = node(
-        &mut g,
-        "t",
-        Transpose {
-            perm: Some(vec![1, 0]),
-        },
-        vec![x],
-    );
+    let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(6)])).unwrap();
+    let t = node(&mut g, "t", Transpose { perm: Some(vec![1, 0]) }, vec![x]);
     let u = node(&mut g, "u", Unsqueeze { axes: vec![0] }, vec![t]);
-    let s = node(
-        &mut g,
-        "s",
-        Squeeze {
-            axes: Some(vec![0]),
-        },
-        vec![u],
-    );
-    let parts = g
-        .add_node(
-            "split",
-            Split {
-                axis: 0,
-                split: None,
-                num_outputs: 2,
-            },
-            vec![s],
-        )
-        .unwrap();
+    let s = node(&mut g, "s", Squeeze { axes: Some(vec![0]) }, vec![u]);
+    let parts = g.add_node("split", Split { axis: 0, split: None, num_outputs: 2 }, vec![s]).unwrap();
     g.set_outlet_name(parts[0], "top");
     g.set_outlet_name(parts[1], "bottom");
     let c = node(&mut g, "cat", Concat { axis: 1 }, vec![parts[1], parts[0]]);
-    let shape = node(
-        &mut g,
-        "shape",
-        Shape {
-            start: 0,
-            end: None,
-        },
-        vec![c],
-    );
-    let idx = konst(
-        &mut g,
-        "idx",
-        Tensor::from_vec(vec![2], vec![2i64, 0]).unwrap(),
-    );
+    let shape = node(&mut g, "shape", Shape { start: 0, end: None }, vec![c]);
+    let idx = konst(&mut g, "idx", Tensor::from_vec(vec![2], vec![2i64, 0]).unwrap());
     let gat = node(&mut g, "gather", Gather { axis: 0 }, vec![c, idx]);
-    let starts = konst(
-        &mut g,
-        "starts",
-        Tensor::from_vec(vec![1], vec![1i64]).unwrap(),
-    );
-    let ends = konst(
-        &mut g,
-        "ends",
-        Tensor::from_vec(vec![1], vec![i64::MAX]).unwrap(),
-    );
+    let starts = konst(&mut g, "starts", Tensor::from_vec(vec![1], vec![1i64]).unwrap());
+    let ends = konst(&mut g, "ends", Tensor::from_vec(vec![1], vec![i64::MAX]).unwrap());
     let sl = node(&mut g, "slice", Slice, vec![gat, starts, ends]);
-    let newshape = konst(
-        &mut g,
-        "newshape",
-        Tensor::from_vec(vec![1], vec![-1i64]).unwrap(),
-    );
-    let flat = node(
-        &mut g,
-        "flat",
-        Reshape { allowzero: false },
-        vec![sl, newshape],
-    );
+    let newshape = konst(&mut g, "newshape", Tensor::from_vec(vec![1], vec![-1i64]).unwrap());
+    let flat = node(&mut g, "flat", Reshape { allowzero: false }, vec![sl, newshape]);
     g.add_output("flat", flat);
     g.add_output("shape", shape);
     g.add_output("also_top", parts[0]);
     let feed = vec![("x".to_string(), randn(&[3, 6], 7))];
     let back = roundtrip(&g, feed, 0.0, true);
     // Value names survive.
-    let names: Vec<String> = back
-        .nodes()
-        .iter()
-        .flat_map(|n| n.output_names.iter().flatten().cloned())
-        .collect();
+    let names: Vec<String> = back.nodes().iter().flat_map(|n| n.output_names.iter().flatten().cloned()).collect();
     for want in ["top", "bottom", "cat", "gather"] {
-        assert!(
-            names.iter().any(|n| n == want),
-            "value name {want} lost: {names:?}"
-        );
+        assert!(names.iter().any(|n| n == want), "value name {want} lost: {names:?}");
     }
     // Axes travel as inputs in opset 17 and come back as attributes, adding no constants.
     assert_eq!(weights(&g).len(), weights(&back).len());
@@ -369,18 +241,7 @@ fn roundtrip_shape_ops_and_names() {
 fn roundtrip_conv_net() {
     let mut g = Graph::default();
     let x = g
-        .add_input(
-            "image",
-            Fact::new(
-                DType::F32,
-                vec![
-                    Dim::sym("batch"),
-                    Dim::Known(3),
-                    Dim::Known(8),
-                    Dim::Known(8),
-                ],
-            ),
-        )
+        .add_input("image", Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(3), Dim::Known(8), Dim::Known(8)]))
         .unwrap();
     let w = konst(&mut g, "conv.w", randn(&[4, 3, 3, 3], 8));
     let b = konst(&mut g, "conv.b", randn(&[4], 9));
@@ -395,54 +256,16 @@ fn roundtrip_conv_net() {
     let y = node(&mut g, "conv", Conv { attrs }, vec![x, w, b]);
     let bn: Vec<OutletId> = (0..4)
         .map(|k| {
-            let v: Vec<f32> = values(4, 10 + k)
-                .iter()
-                .map(|v| if k == 3 { v.abs() + 0.5 } else { *v })
-                .collect();
-            konst(
-                &mut g,
-                &format!("bn.{k}"),
-                Tensor::from_vec(vec![4], v).unwrap(),
-            )
+            let v: Vec<f32> = values(4, 10 + k).iter().map(|v| if k == 3 { v.abs() + 0.5 } else { *v }).collect();
+            konst(&mut g, &format!("bn.{k}"), Tensor::from_vec(vec![4], v).unwrap())
         })
         .collect();
-    let y = node(
-        &mut g,
-        "bn",
-        BatchNorm { epsilon: 1e-5 },
-        vec![y, bn[0], bn[1], bn[2], bn[3]],
-    );
+    let y = node(&mut g, "bn", BatchNorm { epsilon: 1e-5 }, vec![y, bn[0], bn[1], bn[2], bn[3]]);
     let y = node(&mut g, "hs", Unary(UnaryOp::HardSwish), vec![y]);
-    let pool = PoolAttrs {
-        kernel_shape: vec![2, 2],
-        strides: vec![2, 2],
-        ..Default::default()
-    };
-    let y = node(
-        &mut g,
-        "pool",
-        Pool {
-            kind: PoolKind::Max,
-            attrs: pool,
-        },
-        vec![y],
-    );
-    let avg = PoolAttrs {
-        kernel_shape: vec![3, 3],
-        pads: vec![1, 1, 1, 1],
-        ..Default::default()
-    };
-    let y = node(
-        &mut g,
-        "avg",
-        Pool {
-            kind: PoolKind::Average {
-                count_include_pad: false,
-            },
-            attrs: avg,
-        },
-        vec![y],
-    );
+    let pool = PoolAttrs { kernel_shape: vec![2, 2], strides: vec![2, 2], ..Default::default() };
+    let y = node(&mut g, "pool", Pool { kind: PoolKind::Max, attrs: pool }, vec![y]);
+    let avg = PoolAttrs { kernel_shape: vec![3, 3], pads: vec![1, 1, 1, 1], ..Default::default() };
+    let y = node(&mut g, "avg", Pool { kind: PoolKind::Average { count_include_pad: false }, attrs: avg }, vec![y]);
     let y = node(&mut g, "gap", GlobalPool { max: false }, vec![y]);
     let y = node(&mut g, "flatten", Flatten { axis: 1 }, vec![y]);
     g.add_output("features", y);
@@ -453,70 +276,32 @@ fn roundtrip_conv_net() {
 #[test]
 fn roundtrip_reductions_and_quant() {
     let mut g = Graph::default();
-    let x = g
-        .add_input("x", Fact::known(DType::F32, &[2, 3, 4]))
-        .unwrap();
+    let x = g.add_input("x", Fact::known(DType::F32, &[2, 3, 4])).unwrap();
     let r1 = node(
         &mut g,
         "mean",
-        Reduce {
-            op: ReduceOp::Mean,
-            axes: Some(vec![-1]),
-            keepdims: true,
-            noop_with_empty_axes: false,
-        },
+        Reduce { op: ReduceOp::Mean, axes: Some(vec![-1]), keepdims: true, noop_with_empty_axes: false },
         vec![x],
     );
     let r2 = node(
         &mut g,
         "sum",
-        Reduce {
-            op: ReduceOp::Sum,
-            axes: Some(vec![0, 2]),
-            keepdims: false,
-            noop_with_empty_axes: false,
-        },
+        Reduce { op: ReduceOp::Sum, axes: Some(vec![0, 2]), keepdims: false, noop_with_empty_axes: false },
         vec![x],
     );
     let r3 = node(
         &mut g,
         "max",
-        Reduce {
-            op: ReduceOp::Max,
-            axes: None,
-            keepdims: false,
-            noop_with_empty_axes: false,
-        },
+        Reduce { op: ReduceOp::Max, axes: None, keepdims: false, noop_with_empty_axes: false },
         vec![x],
     );
-    let am = node(
-        &mut g,
-        "argmax",
-        ArgReduce {
-            max: true,
-            axis: 1,
-            keepdims: false,
-            select_last_index: false,
-        },
-        vec![x],
-    );
+    let am =
+        node(&mut g, "argmax", ArgReduce { max: true, axis: 1, keepdims: false, select_last_index: false }, vec![x]);
     let scale = konst(&mut g, "scale", Tensor::scalar(0.02f32));
     let zp = konst(&mut g, "zp", Tensor::scalar(3u8));
     let q = node(&mut g, "q", QuantizeLinear { axis: 1 }, vec![x, scale, zp]);
-    let dq = node(
-        &mut g,
-        "dq",
-        DequantizeLinear { axis: 1 },
-        vec![q, scale, zp],
-    );
-    for (name, o) in [
-        ("mean", r1),
-        ("sum", r2),
-        ("max", r3),
-        ("argmax", am),
-        ("q", q),
-        ("dq", dq),
-    ] {
+    let dq = node(&mut g, "dq", DequantizeLinear { axis: 1 }, vec![q, scale, zp]);
+    for (name, o) in [("mean", r1), ("sum", r2), ("max", r3), ("argmax", am), ("q", q), ("dq", dq)] {
         g.add_output(&format!("{name}_out"), o);
     }
     let feed = vec![("x".to_string(), randn(&[2, 3, 4], 21))];
@@ -526,33 +311,9 @@ fn roundtrip_reductions_and_quant() {
 #[test]
 fn legacy_softmax_and_gelu_choose_their_forms() {
     let mut g = Graph::default();
-    let x = g
-        .add_input(
-            "x",
-            Fact::new(
-                DType::F32,
-                vec![Dim::sym("b"), Dim::Known(3), Dim::Known(4)],
-            ),
-        )
-        .unwrap();
-    let s = node(
-        &mut g,
-        "sm",
-        Softmax {
-            axis: 1,
-            legacy_2d: true,
-        },
-        vec![x],
-    );
-    let l = node(
-        &mut g,
-        "lsm",
-        LogSoftmax {
-            axis: -1,
-            legacy_2d: true,
-        },
-        vec![x],
-    );
+    let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(3), Dim::Known(4)])).unwrap();
+    let s = node(&mut g, "sm", Softmax { axis: 1, legacy_2d: true }, vec![x]);
+    let l = node(&mut g, "lsm", LogSoftmax { axis: -1, legacy_2d: true }, vec![x]);
     g.add_output("sm", s);
     g.add_output("lsm", l);
     let feed = vec![("x".to_string(), randn(&[2, 3, 4], 22))];
@@ -576,20 +337,10 @@ fn external_data_roundtrip() {
     let y = node(&mut g, "add", Binary(BinaryOp::Add), vec![y, small]);
     g.add_output("y", y);
     let path = dir.join("model.onnx");
-    onnx::save_with(
-        &g,
-        &path,
-        &onnx::SaveOptions {
-            external_data_threshold: 1000,
-        },
-    )
-    .unwrap();
+    onnx::save_with(&g, &path, &onnx::SaveOptions { external_data_threshold: 1000 }).unwrap();
     let data = dir.join("model.onnx.data");
     assert!(data.is_file(), "no external data file");
-    assert!(
-        std::fs::metadata(&path).unwrap().len() < 64 * 32 * 4,
-        "weights stayed inline"
-    );
+    assert!(std::fs::metadata(&path).unwrap().len() < 64 * 32 * 4, "weights stayed inline");
     let back = onnx::load(&path).unwrap();
     assert_eq!(weights(&g), weights(&back));
     let feed = vec![("x".to_string(), randn(&[2, 64], 32))];
@@ -621,16 +372,10 @@ fn truncated_and_random_bytes_are_errors() {
     let bytes = small_model_bytes();
     assert!(onnx::from_bytes(&bytes, None).is_ok());
     for cut in [1, 7, bytes.len() / 3, bytes.len() / 2, bytes.len() - 1] {
-        assert!(
-            onnx::from_bytes(&bytes[..cut], None).is_err(),
-            "truncated at {cut} was accepted"
-        );
+        assert!(onnx::from_bytes(&bytes[..cut], None).is_err(), "truncated at {cut} was accepted");
     }
     for seed in 0..50u64 {
-        let junk: Vec<u8> = values(512, seed)
-            .iter()
-            .map(|v| (v.to_bits() >> 7) as u8)
-            .collect();
+        let junk: Vec<u8> = values(512, seed).iter().map(|v| (v.to_bits() >> 7) as u8).collect();
         assert!(onnx::from_bytes(&junk, None).is_err());
     }
     assert!(onnx::from_bytes(&[], None).is_err());
@@ -675,36 +420,20 @@ fn unknown_ops_are_all_listed() {
             assert_eq!(list.len(), 3, "{list:?}");
             assert_eq!(list[0], "node 'b' op FancyOp (opset 13)");
             assert_eq!(list[1], "node 'd' op OtherOp (opset 13)");
-            assert!(
-                list[2].starts_with("node 'e' op com.microsoft.FusedGelu"),
-                "{}",
-                list[2]
-            );
+            assert!(list[2].starts_with("node 'e' op com.microsoft.FusedGelu"), "{}", list[2]);
         }
         other => panic!("expected UnsupportedOps, got {other:?}"),
     }
     // An op newer than the model's opset counts as unsupported too.
-    let m = pmodel(
-        vec![pnode("g", "Gelu", &["x"], &["y"], vec![])],
-        vec![vinfo("x", &[2])],
-        &["y"],
-        vec![],
-        17,
-    );
+    let m = pmodel(vec![pnode("g", "Gelu", &["x"], &["y"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![], 17);
     let e = import(&m).unwrap_err().to_string();
-    assert!(
-        e.contains("node 'g' op Gelu (opset 17)") && e.contains("needs opset 20"),
-        "{e}"
-    );
+    assert!(e.contains("node 'g' op Gelu (opset 17)") && e.contains("needs opset 20"), "{e}");
 }
 
 #[test]
 fn dangling_edges_missing_attributes_and_opsets() {
     let m = pmodel(
-        vec![
-            pnode("a", "Relu", &["x"], &["r"], vec![]),
-            pnode("b", "Add", &["r", "nowhere"], &["y"], vec![]),
-        ],
+        vec![pnode("a", "Relu", &["x"], &["r"], vec![]), pnode("b", "Add", &["r", "nowhere"], &["y"], vec![])],
         vec![vinfo("x", &[2])],
         &["y"],
         vec![],
@@ -713,33 +442,15 @@ fn dangling_edges_missing_attributes_and_opsets() {
     let e = import(&m).unwrap_err().to_string();
     assert!(e.contains("node 'b'") && e.contains("'nowhere'"), "{e}");
 
-    let m = pmodel(
-        vec![pnode("a", "Relu", &["x"], &["r"], vec![])],
-        vec![vinfo("x", &[2])],
-        &["missing"],
-        vec![],
-        13,
-    );
+    let m = pmodel(vec![pnode("a", "Relu", &["x"], &["r"], vec![])], vec![vinfo("x", &[2])], &["missing"], vec![], 13);
     assert!(import(&m).unwrap_err().to_string().contains("'missing'"));
 
-    let m = pmodel(
-        vec![pnode("c", "Concat", &["x", "x"], &["y"], vec![])],
-        vec![vinfo("x", &[2])],
-        &["y"],
-        vec![],
-        13,
-    );
+    let m = pmodel(vec![pnode("c", "Concat", &["x", "x"], &["y"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![], 13);
     let e = import(&m).unwrap_err().to_string();
     assert!(e.contains("node 'c'") && e.contains("'axis'"), "{e}");
 
     for opset in [9, 22] {
-        let m = pmodel(
-            vec![pnode("a", "Relu", &["x"], &["y"], vec![])],
-            vec![vinfo("x", &[2])],
-            &["y"],
-            vec![],
-            opset,
-        );
+        let m = pmodel(vec![pnode("a", "Relu", &["x"], &["y"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![], opset);
         match import(&m) {
             Err(FormatError::Unsupported(msg)) => {
                 assert!(msg.contains(&format!("opset {opset}")), "{msg}")
@@ -750,10 +461,7 @@ fn dangling_edges_missing_attributes_and_opsets() {
 
     // Nodes out of order are sorted; a cycle is an error.
     let m = pmodel(
-        vec![
-            pnode("b", "Abs", &["r"], &["y"], vec![]),
-            pnode("a", "Relu", &["x"], &["r"], vec![]),
-        ],
+        vec![pnode("b", "Abs", &["r"], &["y"], vec![]), pnode("a", "Relu", &["x"], &["r"], vec![])],
         vec![vinfo("x", &[2])],
         &["y"],
         vec![],
@@ -761,10 +469,7 @@ fn dangling_edges_missing_attributes_and_opsets() {
     );
     assert!(import(&m).is_ok());
     let m = pmodel(
-        vec![
-            pnode("a", "Add", &["x", "q"], &["p"], vec![]),
-            pnode("b", "Abs", &["p"], &["q"], vec![]),
-        ],
+        vec![pnode("a", "Add", &["x", "q"], &["p"], vec![]), pnode("b", "Abs", &["p"], &["q"], vec![])],
         vec![vinfo("x", &[2])],
         &["q"],
         vec![],
@@ -782,10 +487,7 @@ fn non_constant_axes_are_unsupported() {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                 elem_type: Some(DataType::Int64 as i32),
                 shape: Some(TensorShapeProto {
-                    dim: vec![Dimension {
-                        denotation: None,
-                        value: Some(dimension::Value::DimValue(1)),
-                    }],
+                    dim: vec![Dimension { denotation: None, value: Some(dimension::Value::DimValue(1)) }],
                 }),
             })),
         }),
@@ -799,10 +501,9 @@ fn non_constant_axes_are_unsupported() {
         13,
     );
     match import(&m) {
-        Err(FormatError::Unsupported(msg)) => assert!(
-            msg.contains("node 'u'") && msg.contains("axes") && msg.contains("constant"),
-            "{msg}"
-        ),
+        Err(FormatError::Unsupported(msg)) => {
+            assert!(msg.contains("node 'u'") && msg.contains("axes") && msg.contains("constant"), "{msg}")
+        }
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
@@ -810,13 +511,8 @@ fn non_constant_axes_are_unsupported() {
 #[test]
 fn unused_outputs_of_training_ops() {
     // Dropout's mask may be listed as long as nothing reads it.
-    let m = pmodel(
-        vec![pnode("d", "Dropout", &["x"], &["y", "mask"], vec![])],
-        vec![vinfo("x", &[2])],
-        &["y"],
-        vec![],
-        13,
-    );
+    let m =
+        pmodel(vec![pnode("d", "Dropout", &["x"], &["y", "mask"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![], 13);
     assert!(import(&m).is_ok());
     let m = pmodel(
         vec![pnode("d", "Dropout", &["x"], &["y", "mask"], vec![])],
@@ -826,10 +522,7 @@ fn unused_outputs_of_training_ops() {
         13,
     );
     let e = import(&m).unwrap_err().to_string();
-    assert!(
-        e.contains("node 'd' op Dropout") && e.contains("mask"),
-        "{e}"
-    );
+    assert!(e.contains("node 'd' op Dropout") && e.contains("mask"), "{e}");
 }
 
 fn float_init(name: &str, dims: &[i64]) -> TensorProto {
@@ -843,12 +536,7 @@ fn float_init(name: &str, dims: &[i64]) -> TensorProto {
 
 #[test]
 fn huge_or_overflowing_tensors_are_refused() {
-    for dims in [
-        vec![1i64 << 40, 1 << 40],
-        vec![1 << 20, 1 << 30],
-        vec![-5],
-        vec![i64::MAX, 2],
-    ] {
+    for dims in [vec![1i64 << 40, 1 << 40], vec![1 << 20, 1 << 30], vec![-5], vec![i64::MAX, 2]] {
         let m = pmodel(
             vec![pnode("a", "Add", &["x", "w"], &["y"], vec![])],
             vec![vinfo("x", &[2])],
@@ -864,21 +552,12 @@ fn huge_or_overflowing_tensors_are_refused() {
     // Declared data shorter than the shape.
     let mut w = float_init("w", &[1000]);
     w.float_data = vec![1.0; 10];
-    let m = pmodel(
-        vec![pnode("a", "Add", &["x", "w"], &["y"], vec![])],
-        vec![vinfo("x", &[2])],
-        &["y"],
-        vec![w],
-        13,
-    );
+    let m = pmodel(vec![pnode("a", "Add", &["x", "w"], &["y"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![w], 13);
     assert!(import(&m).is_err());
 }
 
 fn external(name: &str, dims: &[i64], location: &str, offset: u64, length: u64) -> TensorProto {
-    let kv = |k: &str, v: String| StringStringEntryProto {
-        key: Some(k.into()),
-        value: Some(v),
-    };
+    let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
     TensorProto {
         data_location: Some(DataLocation::External as i32),
         external_data: vec![
@@ -898,13 +577,8 @@ fn external_data_is_confined_and_checked() {
     std::fs::write(root.join("secret.bin"), [0u8; 64]).unwrap();
     std::fs::write(dir.join("w.bin"), [0u8; 16]).unwrap();
     let try_load = |t: TensorProto| {
-        let m = pmodel(
-            vec![pnode("a", "Add", &["x", "w"], &["y"], vec![])],
-            vec![vinfo("x", &[2])],
-            &["y"],
-            vec![t],
-            13,
-        );
+        let m =
+            pmodel(vec![pnode("a", "Add", &["x", "w"], &["y"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![t], 13);
         let p = dir.join("m.onnx");
         std::fs::write(&p, m.encode_to_vec()).unwrap();
         onnx::load(&p)
@@ -925,9 +599,7 @@ fn external_data_is_confined_and_checked() {
     #[cfg(unix)]
     {
         std::os::unix::fs::symlink(root.join("secret.bin"), dir.join("link.bin")).unwrap();
-        let e = try_load(external("w", &[2], "link.bin", 0, 8))
-            .unwrap_err()
-            .to_string();
+        let e = try_load(external("w", &[2], "link.bin", 0, 8)).unwrap_err().to_string();
         assert!(e.contains("outside"), "{e}");
     }
     std::fs::remove_dir_all(&root).unwrap();
@@ -956,22 +628,14 @@ fn typed_initializers_and_constant_nodes() {
         ..Default::default()
     };
     let m = pmodel(
-        vec![
-            pnode("c", "Constant", &[], &["cf"], vec![cval]),
-            pnode("a", "Add", &["x", "cf"], &["y"], vec![]),
-        ],
+        vec![pnode("c", "Constant", &[], &["cf"], vec![cval]), pnode("a", "Add", &["x", "cf"], &["y"], vec![])],
         vec![vinfo("x", &[2])],
         &["y", "i", "h"],
         vec![i8s, halfs],
         13,
     );
     let g = import(&m).unwrap();
-    let out = g
-        .eval(vec![(
-            "x".into(),
-            Tensor::from_vec(vec![2], vec![0.5f32, 1.0]).unwrap(),
-        )])
-        .unwrap();
+    let out = g.eval(vec![("x".into(), Tensor::from_vec(vec![2], vec![0.5f32, 1.0]).unwrap())]).unwrap();
     assert_eq!(out[0].as_slice::<f32>().unwrap(), &[1.5, 3.0]);
     assert_eq!(out[1].as_slice::<i8>().unwrap(), &[-3, 4]);
     assert_eq!(out[2].to_f64_vec(), vec![1.0]);
@@ -986,14 +650,7 @@ fn repo_root() -> PathBuf {
 /// Saves `g`, runs it with ONNX Runtime (`scripts/ort_run.py`) on `feed`, and compares with
 /// `Graph::eval`. Returns false (after saying so) when the Python venv is missing.
 fn check_against_ort(tag: &str, g: &Graph, feed: Vec<(String, Tensor)>, expect_opset: i64) -> bool {
-    check_against_ort_with(
-        tag,
-        g,
-        feed,
-        expect_opset,
-        &onnx::SaveOptions::default(),
-        1e-5,
-    )
+    check_against_ort_with(tag, g, feed, expect_opset, &onnx::SaveOptions::default(), 1e-5)
 }
 
 /// [`check_against_ort`] with save options and a tolerance.
@@ -1009,11 +666,7 @@ fn check_against_ort_with(
     let python = root.join(".venv/bin/python");
     let script = root.join("scripts/ort_run.py");
     if !python.is_file() || !script.is_file() {
-        eprintln!(
-            "SKIPPED: {} or {} missing; run scripts/setup-python.sh",
-            python.display(),
-            script.display()
-        );
+        eprintln!("SKIPPED: {} or {} missing; run scripts/setup-python.sh", python.display(), script.display());
         return false;
     }
     let dir = tmp_dir(tag);
@@ -1034,11 +687,7 @@ fn check_against_ort_with(
         .arg(&outd)
         .output()
         .expect("python runs");
-    assert!(
-        out.status.success(),
-        "ort_run.py failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "ort_run.py failed: {}", String::from_utf8_lossy(&out.stderr));
     let ours = g.eval(feed).unwrap();
     for ((name, _), mine) in g.outputs().iter().zip(&ours) {
         let theirs = slimnn_formats::npy::read(&outd.join(format!("{name}.npy"))).unwrap();
@@ -1056,97 +705,31 @@ fn check_against_ort_with(
 /// attributes, Split sizes, legacy softmax); `gelu` adds Gelu, which moves the export to opset 20.
 fn ort_graph(gelu: bool) -> Graph {
     let mut g = Graph::default();
-    let dims = vec![
-        Dim::sym("batch"),
-        Dim::Known(3),
-        Dim::Known(7),
-        Dim::Known(7),
-    ];
+    let dims = vec![Dim::sym("batch"), Dim::Known(3), Dim::Known(7), Dim::Known(7)];
     let x = g.add_input("x", Fact::new(DType::F32, dims)).unwrap();
     let w = konst(&mut g, "conv.w", randn(&[4, 3, 3, 3], 50));
     let b = konst(&mut g, "conv.b", randn(&[4], 51));
-    let attrs = ConvAttrs {
-        kernel_shape: Some(vec![3, 3]),
-        pads: vec![1, 1, 1, 1],
-        group: 1,
-        ..Default::default()
-    };
+    let attrs = ConvAttrs { kernel_shape: Some(vec![3, 3]), pads: vec![1, 1, 1, 1], group: 1, ..Default::default() };
     let c = node(&mut g, "conv", Conv { attrs }, vec![x, w, b]);
     let c = node(&mut g, "relu", Unary(UnaryOp::Relu), vec![c]);
-    let legacy = node(
-        &mut g,
-        "legacy_sm",
-        Softmax {
-            axis: 1,
-            legacy_2d: true,
-        },
-        vec![c],
-    );
-    let parts = g
-        .add_node(
-            "split",
-            Split {
-                axis: 2,
-                split: None,
-                num_outputs: 3,
-            },
-            vec![c],
-        )
-        .unwrap();
+    let legacy = node(&mut g, "legacy_sm", Softmax { axis: 1, legacy_2d: true }, vec![c]);
+    let parts = g.add_node("split", Split { axis: 2, split: None, num_outputs: 3 }, vec![c]).unwrap();
     let y = node(&mut g, "gap", GlobalPool { max: false }, vec![c]);
     let y = node(&mut g, "flat", Flatten { axis: 1 }, vec![y]);
     let fc = konst(&mut g, "fc.w", randn(&[4, 5], 52));
     let y = node(&mut g, "fc", MatMul, vec![y, fc]);
     let y = node(&mut g, "tanh", Unary(UnaryOp::Tanh), vec![y]);
-    let sm = node(
-        &mut g,
-        "sm",
-        Softmax {
-            axis: -1,
-            legacy_2d: false,
-        },
-        vec![y],
-    );
-    let mean = Reduce {
-        op: ReduceOp::Mean,
-        axes: Some(vec![1]),
-        keepdims: true,
-        noop_with_empty_axes: false,
-    };
+    let sm = node(&mut g, "sm", Softmax { axis: -1, legacy_2d: false }, vec![y]);
+    let mean = Reduce { op: ReduceOp::Mean, axes: Some(vec![1]), keepdims: true, noop_with_empty_axes: false };
     let red = node(&mut g, "rm", mean, vec![y]);
-    let sum = Reduce {
-        op: ReduceOp::Sum,
-        axes: Some(vec![2, 3]),
-        keepdims: false,
-        noop_with_empty_axes: false,
-    };
+    let sum = Reduce { op: ReduceOp::Sum, axes: Some(vec![2, 3]), keepdims: false, noop_with_empty_axes: false };
     let red2 = node(&mut g, "rs", sum, vec![parts[2]]);
     let u = node(&mut g, "unsq", Unsqueeze { axes: vec![1, -1] }, vec![red2]);
-    let sq = node(
-        &mut g,
-        "sq",
-        Squeeze {
-            axes: Some(vec![1]),
-        },
-        vec![u],
-    );
+    let sq = node(&mut g, "sq", Squeeze { axes: Some(vec![1]) }, vec![u]);
     let ln_scale = konst(&mut g, "ln.s", randn(&[5], 53));
-    let mut last = node(
-        &mut g,
-        "ln",
-        LayerNorm {
-            axis: -1,
-            epsilon: 1e-5,
-        },
-        vec![y, ln_scale],
-    );
+    let mut last = node(&mut g, "ln", LayerNorm { axis: -1, epsilon: 1e-5 }, vec![y, ln_scale]);
     if gelu {
-        last = node(
-            &mut g,
-            "gelu",
-            Unary(UnaryOp::Gelu { tanh: false }),
-            vec![last],
-        );
+        last = node(&mut g, "gelu", Unary(UnaryOp::Gelu { tanh: false }), vec![last]);
     }
     g.add_output("probs", sm);
     g.add_output("mean", red);
@@ -1169,47 +752,27 @@ fn exported_model_matches_onnx_runtime() {
 /// identical, and run by ONNX Runtime (which reads our external data file).
 #[test]
 fn real_model_export_matches_onnx_runtime() {
-    let assets = std::env::var_os("SLIMNN_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("assets"));
+    let assets = std::env::var_os("SLIMNN_ASSETS").map(PathBuf::from).unwrap_or_else(|| repo_root().join("assets"));
     let dir = assets.join("minilm");
     if !dir.join("model.safetensors").is_file() {
-        eprintln!(
-            "SKIPPED: {} missing; run scripts/fetch-assets.sh",
-            dir.display()
-        );
+        eprintln!("SKIPPED: {} missing; run scripts/fetch-assets.sh", dir.display());
         return;
     }
     let g = slimnn_formats::hf::load_bert(&dir).unwrap();
-    let ids = Tensor::from_vec(
-        vec![2, 8],
-        (0..16).map(|i| 100 + i * 37).collect::<Vec<i64>>(),
-    )
-    .unwrap();
+    let ids = Tensor::from_vec(vec![2, 8], (0..16).map(|i| 100 + i * 37).collect::<Vec<i64>>()).unwrap();
     let mut mask = vec![1i64; 16];
     mask[13..].fill(0);
     let feed = vec![
         ("input_ids".to_string(), ids),
-        (
-            "attention_mask".to_string(),
-            Tensor::from_vec(vec![2, 8], mask).unwrap(),
-        ),
-        (
-            "token_type_ids".to_string(),
-            Tensor::from_vec(vec![2, 8], vec![0i64; 16]).unwrap(),
-        ),
+        ("attention_mask".to_string(), Tensor::from_vec(vec![2, 8], mask).unwrap()),
+        ("token_type_ids".to_string(), Tensor::from_vec(vec![2, 8], vec![0i64; 16]).unwrap()),
     ];
     let bytes = onnx::to_bytes(&g).unwrap();
     let back = onnx::from_bytes(&bytes, None).unwrap();
     assert_same_signature(&g, &back);
     assert_eq!(weights(&g), weights(&back));
-    assert_eq!(
-        g.eval(feed.clone()).unwrap(),
-        back.eval(feed.clone()).unwrap()
-    );
+    assert_eq!(g.eval(feed.clone()).unwrap(), back.eval(feed.clone()).unwrap());
     let opset = onnx::required_opset(&g);
-    let ext = onnx::SaveOptions {
-        external_data_threshold: 1,
-    };
+    let ext = onnx::SaveOptions { external_data_threshold: 1 };
     check_against_ort_with("minilm", &g, feed, opset, &ext, 1e-4);
 }

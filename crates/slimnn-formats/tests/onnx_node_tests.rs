@@ -48,37 +48,26 @@ fn parse_manifest(text: &str) -> Result<Vec<Entry>, String> {
         };
         let mut parts = line.split_whitespace();
         let pat = parts.next().unwrap_or("");
-        let re = Regex::new(pat)
-            .map_err(|e| format!("manifest line {}: bad regex {pat:?}: {e}", i + 1))?;
+        let re = Regex::new(pat).map_err(|e| format!("manifest line {}: bad regex {pat:?}: {e}", i + 1))?;
         let (mut rtol, mut atol) = (DEFAULT_RTOL, DEFAULT_ATOL);
         for p in parts {
-            let (k, v) = p
-                .split_once('=')
-                .ok_or_else(|| format!("manifest line {}: expected key=value, got {p:?}", i + 1))?;
-            let v: f64 = v
-                .parse()
-                .map_err(|_| format!("manifest line {}: {k} is not a number: {v:?}", i + 1))?;
+            let (k, v) =
+                p.split_once('=').ok_or_else(|| format!("manifest line {}: expected key=value, got {p:?}", i + 1))?;
+            let v: f64 = v.parse().map_err(|_| format!("manifest line {}: {k} is not a number: {v:?}", i + 1))?;
             match k {
                 "rtol" => rtol = v,
                 "atol" => atol = v,
                 _ => return Err(format!("manifest line {}: unknown option {k:?}", i + 1)),
             }
         }
-        entries.push(Entry {
-            re,
-            exclude,
-            rtol,
-            atol,
-            line: i + 1,
-        });
+        entries.push(Entry { re, exclude, rtol, atol, line: i + 1 });
     }
     Ok(entries)
 }
 
 fn read_tensor(path: &Path) -> Result<Tensor, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let p = proto::TensorProto::decode(bytes.as_slice())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let p = proto::TensorProto::decode(bytes.as_slice()).map_err(|e| format!("{}: {e}", path.display()))?;
     onnx::tensor_from_proto(&p, None).map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -89,11 +78,7 @@ fn numbered(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let k = name
-                .strip_prefix(prefix)?
-                .strip_suffix(".pb")?
-                .parse()
-                .ok()?;
+            let k = name.strip_prefix(prefix)?.strip_suffix(".pb")?.parse().ok()?;
             Some((k, e.path()))
         })
         .collect();
@@ -103,27 +88,17 @@ fn numbered(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 
 fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Result<(), String> {
     if got.dtype() != want.dtype() {
-        return Err(format!(
-            "dtype {} != expected {}",
-            got.dtype(),
-            want.dtype()
-        ));
+        return Err(format!("dtype {} != expected {}", got.dtype(), want.dtype()));
     }
     if got.shape() != want.shape() {
-        return Err(format!(
-            "shape {:?} != expected {:?}",
-            got.shape(),
-            want.shape()
-        ));
+        return Err(format!("shape {:?} != expected {:?}", got.shape(), want.shape()));
     }
     let exact = !want.dtype().is_float();
     let (g, w) = (got.to_f64_vec(), want.to_f64_vec());
     let mut worst: Option<(usize, f64, f64)> = None;
     let mut bad = 0usize;
     for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
-        let ok = a == b
-            || (a.is_nan() && b.is_nan())
-            || (!exact && (a - b).abs() <= atol + rtol * b.abs());
+        let ok = a == b || (a.is_nan() && b.is_nan()) || (!exact && (a - b).abs() <= atol + rtol * b.abs());
         if !ok {
             bad += 1;
             if worst.is_none_or(|(_, x, y)| (a - b).abs() > (x - y).abs() || (x - y).is_nan()) {
@@ -133,10 +108,7 @@ fn compare(got: &Tensor, want: &Tensor, rtol: f64, atol: f64) -> Result<(), Stri
     }
     match worst {
         None => Ok(()),
-        Some((i, a, b)) => Err(format!(
-            "{bad} of {} values differ; worst at {i}: got {a}, expected {b}",
-            w.len()
-        )),
+        Some((i, a, b)) => Err(format!("{bad} of {} values differ; worst at {i}: got {a}, expected {b}", w.len())),
     }
 }
 
@@ -146,43 +118,26 @@ fn run_case(dir: &Path, rtol: f64, atol: f64) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_"))
-        })
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("test_data_set_")))
         .collect();
     sets.sort();
     if sets.is_empty() {
         return Err("no test_data_set_* folder".into());
     }
     for set in sets {
-        let set_name = set
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let set_name = set.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let inputs = numbered(&set, "input_");
         if inputs.len() != graph.inputs().len() {
-            return Err(format!(
-                "{set_name}: {} input files for {} graph inputs",
-                inputs.len(),
-                graph.inputs().len()
-            ));
+            return Err(format!("{set_name}: {} input files for {} graph inputs", inputs.len(), graph.inputs().len()));
         }
         let mut feed = Vec::new();
         for (k, p) in inputs.iter().enumerate() {
             feed.push((graph.input_name(k).to_string(), read_tensor(p)?));
         }
-        let outs = graph
-            .eval(feed)
-            .map_err(|e| format!("{set_name}: eval: {e}"))?;
+        let outs = graph.eval(feed).map_err(|e| format!("{set_name}: eval: {e}"))?;
         let expected = numbered(&set, "output_");
         if expected.len() != outs.len() {
-            return Err(format!(
-                "{set_name}: {} outputs, expected {}",
-                outs.len(),
-                expected.len()
-            ));
+            return Err(format!("{set_name}: {} outputs, expected {}", outs.len(), expected.len()));
         }
         for (k, (got, p)) in outs.iter().zip(&expected).enumerate() {
             let want = read_tensor(p)?;
@@ -201,12 +156,7 @@ fn op_types(dir: &Path) -> Vec<String> {
     let Ok(m) = proto::ModelProto::decode(bytes.as_slice()) else {
         return vec![];
     };
-    let mut ops: Vec<String> = m
-        .graph
-        .iter()
-        .flat_map(|g| g.node.iter())
-        .filter_map(|n| n.op_type.clone())
-        .collect();
+    let mut ops: Vec<String> = m.graph.iter().flat_map(|g| g.node.iter()).filter_map(|n| n.op_type.clone()).collect();
     ops.sort();
     ops.dedup();
     ops
@@ -228,23 +178,17 @@ struct Outcome {
 
 #[test]
 fn onnx_node_tests() {
-    let assets = std::env::var_os("SLIMNN_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("assets"));
+    let assets = std::env::var_os("SLIMNN_ASSETS").map(PathBuf::from).unwrap_or_else(|| repo_root().join("assets"));
     let root = assets.join("onnx-node-tests");
     assert!(
         root.is_dir(),
         "{} is missing: run `scripts/fetch-assets.sh` (or set SLIMNN_ASSETS to the assets folder)",
         root.display()
     );
-    let manifest_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx-node-tests.manifest");
-    let text =
-        std::fs::read_to_string(&manifest_path).expect("the manifest is part of the repository");
+    let manifest_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx-node-tests.manifest");
+    let text = std::fs::read_to_string(&manifest_path).expect("the manifest is part of the repository");
     let entries = parse_manifest(&text).unwrap_or_else(|e| panic!("{e}"));
-    let only = std::env::var("SLIMNN_ONNX_CASES")
-        .ok()
-        .map(|r| Regex::new(&r).expect("SLIMNN_ONNX_CASES is a regex"));
+    let only = std::env::var("SLIMNN_ONNX_CASES").ok().map(|r| Regex::new(&r).expect("SLIMNN_ONNX_CASES is a regex"));
 
     // Ops may panic on cases they do not handle; a panic is a failure of that case only.
     let hook = std::panic::take_hook();
@@ -253,11 +197,7 @@ fn onnx_node_tests() {
     let mut used = vec![false; entries.len()];
     for suite in SUITES {
         let sdir = root.join(suite);
-        assert!(
-            sdir.is_dir(),
-            "{} is missing: run `scripts/fetch-assets.sh`",
-            sdir.display()
-        );
+        assert!(sdir.is_dir(), "{} is missing: run `scripts/fetch-assets.sh`", sdir.display());
         let mut cases: Vec<PathBuf> = std::fs::read_dir(&sdir)
             .expect("suite folder is readable")
             .flatten()
@@ -266,12 +206,8 @@ fn onnx_node_tests() {
             .collect();
         cases.sort();
         for case in cases {
-            let key = format!(
-                "{suite}/{}",
-                case.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            );
+            let key =
+                format!("{suite}/{}", case.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
             if only.as_ref().is_some_and(|r| !r.is_match(&key)) {
                 continue;
             }
@@ -279,9 +215,7 @@ fn onnx_node_tests() {
             if let Some(i) = entry {
                 used[i] = true;
             }
-            let (rtol, atol) = entry.map_or((DEFAULT_RTOL, DEFAULT_ATOL), |i| {
-                (entries[i].rtol, entries[i].atol)
-            });
+            let (rtol, atol) = entry.map_or((DEFAULT_RTOL, DEFAULT_ATOL), |i| (entries[i].rtol, entries[i].atol));
             let result = std::panic::catch_unwind(|| run_case(&case, rtol, atol))
                 .unwrap_or_else(|e| Err(format!("panicked: {}", panic_message(e.as_ref()))));
             outcomes.push(Outcome {
@@ -296,16 +230,10 @@ fn onnx_node_tests() {
 
     let mut summary = String::new();
     for suite in SUITES {
-        let of_suite: Vec<&Outcome> = outcomes
-            .iter()
-            .filter(|o| o.key.starts_with(&format!("{suite}/")))
-            .collect();
+        let of_suite: Vec<&Outcome> = outcomes.iter().filter(|o| o.key.starts_with(&format!("{suite}/"))).collect();
         let pass = of_suite.iter().filter(|o| o.result.is_ok()).count();
         let listed = of_suite.iter().filter(|o| o.listed).count();
-        let listed_pass = of_suite
-            .iter()
-            .filter(|o| o.listed && o.result.is_ok())
-            .count();
+        let listed_pass = of_suite.iter().filter(|o| o.listed && o.result.is_ok()).count();
         let unlisted_pass = pass - listed_pass;
         let _ = writeln!(
             summary,
@@ -317,11 +245,7 @@ fn onnx_node_tests() {
     if only.is_none() {
         for (e, u) in entries.iter().zip(&used) {
             if !u {
-                println!(
-                    "manifest line {} ({}) matches no case",
-                    e.line,
-                    e.re.as_str()
-                );
+                println!("manifest line {} ({}) matches no case", e.line, e.re.as_str());
             }
         }
     }
@@ -335,20 +259,12 @@ fn onnx_node_tests() {
     for o in outcomes.iter().filter(|o| !o.listed && o.result.is_ok()) {
         println!("passes but is not allow-listed: {}", o.key);
     }
-    assert!(
-        failures.is_empty(),
-        "{} allow-listed case(s) fail:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} allow-listed case(s) fail:\n{}", failures.len(), failures.join("\n"));
 }
 
 fn write_report(outcomes: &[Outcome], summary: &str) {
     let mut by_op: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for o in outcomes
-        .iter()
-        .filter(|o| !o.key.ends_with("_expanded") && !o.key.contains("_expanded_ver"))
-    {
+    for o in outcomes.iter().filter(|o| !o.key.ends_with("_expanded") && !o.key.contains("_expanded_ver")) {
         for op in &o.ops {
             let e = by_op.entry(op).or_default();
             e.1 += 1;
@@ -357,11 +273,15 @@ fn write_report(outcomes: &[Outcome], summary: &str) {
             }
         }
     }
-    let mut md = String::from("# ONNX node test results\n\nGenerated by `cargo test -p slimnn-formats --test onnx_node_tests`.\n\n");
+    let mut md = String::from(
+        "# ONNX node test results\n\nGenerated by `cargo test -p slimnn-formats --test onnx_node_tests`.\n\n",
+    );
     for line in summary.lines() {
         let _ = writeln!(md, "- {line}");
     }
-    md.push_str("\n## Per op (cases containing the op; `_expanded` cases left out)\n\n| op | pass | cases |\n|---|---|---|\n");
+    md.push_str(
+        "\n## Per op (cases containing the op; `_expanded` cases left out)\n\n| op | pass | cases |\n|---|---|---|\n",
+    );
     for (op, (p, t)) in &by_op {
         let _ = writeln!(md, "| {op} | {p} | {t} |");
     }
@@ -370,24 +290,14 @@ fn write_report(outcomes: &[Outcome], summary: &str) {
         if let Err(e) = &o.result {
             let mut e = e.replace('|', "\\|").replace('\n', " ");
             if e.len() > 300 {
-                let cut = (0..=300)
-                    .rev()
-                    .find(|&i| e.is_char_boundary(i))
-                    .unwrap_or(0);
+                let cut = (0..=300).rev().find(|&i| e.is_char_boundary(i)).unwrap_or(0);
                 e.truncate(cut);
                 e.push('…');
             }
-            let _ = writeln!(
-                md,
-                "| {} | {} | {e} |",
-                o.key,
-                if o.listed { "yes" } else { "" }
-            );
+            let _ = writeln!(md, "| {} | {} | {e} |", o.key, if o.listed { "yes" } else { "" });
         }
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
     let path = target.join("onnx-conformance.md");
     if let Err(e) = std::fs::create_dir_all(&target).and_then(|_| std::fs::write(&path, md)) {
         println!("could not write {}: {e}", path.display());
@@ -398,9 +308,7 @@ fn write_report(outcomes: &[Outcome], summary: &str) {
 
 #[test]
 fn manifest_parses() {
-    let e =
-        parse_manifest("# comment\n^1\\.12/test_relu$ rtol=1e-4 atol=0 # why\n\n^current/test_abs")
-            .unwrap();
+    let e = parse_manifest("# comment\n^1\\.12/test_relu$ rtol=1e-4 atol=0 # why\n\n^current/test_abs").unwrap();
     assert_eq!(e.len(), 2);
     assert_eq!((e[0].rtol, e[0].atol, e[0].line), (1e-4, 0.0, 2));
     assert_eq!((e[1].rtol, e[1].atol), (DEFAULT_RTOL, DEFAULT_ATOL));
@@ -416,11 +324,5 @@ fn manifest_parses() {
     assert!(compare(&a, &b, 1e-3, 0.0).is_ok());
     assert!(compare(&a, &b, 1e-5, 0.0).is_err());
     let i = Tensor::from_vec(vec![1], vec![1i64]).unwrap();
-    assert!(compare(
-        &i,
-        &Tensor::from_vec(vec![1], vec![2i64]).unwrap(),
-        1.0,
-        1.0
-    )
-    .is_err());
+    assert!(compare(&i, &Tensor::from_vec(vec![1], vec![2i64]).unwrap(), 1.0, 1.0).is_err());
 }

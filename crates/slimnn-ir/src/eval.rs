@@ -13,7 +13,10 @@ impl Graph {
         for (name, t) in inputs {
             if !self.inputs.iter().any(|&i| self.nodes[i].name == name) {
                 let known: Vec<&str> = self.inputs.iter().map(|&i| self.nodes[i].name.as_str()).collect();
-                return Err(IrError::Input { name, msg: format!("is not an input of this model (inputs: {})", known.join(", ")) });
+                return Err(IrError::Input {
+                    name,
+                    msg: format!("is not an input of this model (inputs: {})", known.join(", ")),
+                });
             }
             if by_name.insert(name.clone(), t).is_some() {
                 return Err(IrError::Input { name, msg: "given twice".into() });
@@ -24,13 +27,19 @@ impl Graph {
         for &id in &self.inputs {
             let name = &self.nodes[id].name;
             let fact = &self.nodes[id].outputs[0];
-            let t = by_name.remove(name).ok_or_else(|| IrError::Input { name: name.clone(), msg: "is missing".into() })?;
+            let t =
+                by_name.remove(name).ok_or_else(|| IrError::Input { name: name.clone(), msg: "is missing".into() })?;
             let bad = |msg: String| IrError::Input { name: name.clone(), msg };
             if t.dtype() != fact.dtype {
                 return Err(bad(format!("expected dtype {}, got {}", fact.dtype, t.dtype())));
             }
             if t.rank() != fact.rank() {
-                return Err(bad(format!("expected rank {} (shape {}), got shape {:?}", fact.rank(), crate::ops::util::show_dims(&fact.shape), t.shape())));
+                return Err(bad(format!(
+                    "expected rank {} (shape {}), got shape {:?}",
+                    fact.rank(),
+                    crate::ops::util::show_dims(&fact.shape),
+                    t.shape()
+                )));
             }
             for (axis, (d, &n)) in fact.shape.iter().zip(t.shape()).enumerate() {
                 match d {
@@ -85,11 +94,20 @@ impl Graph {
                     let args: Vec<&Tensor> = node
                         .inputs
                         .iter()
-                        .map(|o| values.get(o).ok_or_else(|| IrError::Graph(format!("value {}:{} was freed or never computed", o.node, o.slot))))
+                        .map(|o| {
+                            values.get(o).ok_or_else(|| {
+                                IrError::Graph(format!("value {}:{} was freed or never computed", o.node, o.slot))
+                            })
+                        })
                         .collect::<IrResult<_>>()?;
                     let outs = op.eval(&args).map_err(|e| e.at_node(&node.name, op.name()))?;
                     if outs.len() != node.outputs.len() {
-                        return Err(IrError::Graph(format!("node '{}' produced {} outputs, expected {}", node.name, outs.len(), node.outputs.len())));
+                        return Err(IrError::Graph(format!(
+                            "node '{}' produced {} outputs, expected {}",
+                            node.name,
+                            outs.len(),
+                            node.outputs.len()
+                        )));
                     }
                     outs
                 }
@@ -112,7 +130,9 @@ impl Graph {
         // Outputs may repeat an outlet, so clone rather than move.
         self.outputs
             .iter()
-            .map(|(name, o)| values.get(o).cloned().ok_or_else(|| IrError::Graph(format!("output '{name}' was not computed"))))
+            .map(|(name, o)| {
+                values.get(o).cloned().ok_or_else(|| IrError::Graph(format!("output '{name}' was not computed")))
+            })
             .collect()
     }
 }

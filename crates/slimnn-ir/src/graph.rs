@@ -150,7 +150,9 @@ impl Graph {
         self.nodes
             .iter()
             .filter_map(|n| match &n.op {
-                Op::Const(c) if !c.0.dtype().is_integer() && c.0.dtype() != slimnn_tensor::DType::Bool => Some(c.0.len()),
+                Op::Const(c) if !c.0.dtype().is_integer() && c.0.dtype() != slimnn_tensor::DType::Bool => {
+                    Some(c.0.len())
+                }
                 _ => None,
             })
             .sum()

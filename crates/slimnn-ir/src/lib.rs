@@ -25,8 +25,8 @@ mod fact;
 mod graph;
 pub mod ops;
 mod pass;
-mod patch;
 pub mod passes;
+mod patch;
 
 pub use error::{IrError, IrResult};
 pub use fact::Fact;

@@ -130,7 +130,8 @@ fn out0(n: NodeId) -> OutletId {
 fn as_vector(g: &Graph, o: OutletId, h: usize) -> Option<Tensor> {
     let t = g.fact(o).konst.as_ref()?;
     let s = t.shape();
-    (s.last() == Some(&h) && s[..s.len() - 1].iter().all(|&d| d == 1)).then(|| (**t).clone().into_shape(vec![h]).ok())?
+    (s.last() == Some(&h) && s[..s.len() - 1].iter().all(|&d| d == 1))
+        .then(|| (**t).clone().into_shape(vec![h]).ok())?
 }
 
 /// Fuses the decomposed layer normalisation exporters emit —
@@ -155,7 +156,8 @@ impl Pass for FuseLayerNorm {
             if !g.fact(x).dtype.is_float() {
                 continue;
             }
-            let Some(&(sub, _)) = m.binary_readers(x, BinaryOp::Sub).iter().find(|(_, other)| *other == out0(id)) else {
+            let Some(&(sub, _)) = m.binary_readers(x, BinaryOp::Sub).iter().find(|(_, other)| *other == out0(id))
+            else {
                 continue;
             };
             let d = out0(sub);
@@ -177,10 +179,11 @@ impl Pass for FuseLayerNorm {
             let Some(&sqrt) = m.unary_readers(out0(var), UnaryOp::Sqrt).first() else { continue };
             let s = out0(sqrt);
             // d / s, or d * (1 / s).
-            let normed = m.binary_readers(d, BinaryOp::Div).into_iter().find(|(_, o)| *o == s).map(|(n, _)| n).or_else(|| {
-                let r = *m.unary_readers(s, UnaryOp::Reciprocal).first()?;
-                m.binary_readers(d, BinaryOp::Mul).into_iter().find(|(_, o)| *o == out0(r)).map(|(n, _)| n)
-            });
+            let normed =
+                m.binary_readers(d, BinaryOp::Div).into_iter().find(|(_, o)| *o == s).map(|(n, _)| n).or_else(|| {
+                    let r = *m.unary_readers(s, UnaryOp::Reciprocal).first()?;
+                    m.binary_readers(d, BinaryOp::Mul).into_iter().find(|(_, o)| *o == out0(r)).map(|(n, _)| n)
+                });
             let Some(normed) = normed else { continue };
             let mut end = out0(normed);
             let dtype = g.fact(x).dtype;
@@ -242,9 +245,8 @@ impl Pass for FuseGelu {
                 continue;
             };
             let is_half_x = |o: OutletId| {
-                m.binary_of(o, BinaryOp::Mul).is_some_and(|(a, b)| {
-                    (a == x && m.is_scalar(b, 0.5, 0.0)) || (b == x && m.is_scalar(a, 0.5, 0.0))
-                })
+                m.binary_of(o, BinaryOp::Mul)
+                    .is_some_and(|(a, b)| (a == x && m.is_scalar(b, 0.5, 0.0)) || (b == x && m.is_scalar(a, 0.5, 0.0)))
             };
             let mut end = None;
             for (mul, other) in m.binary_readers(out0(one_plus), BinaryOp::Mul) {
@@ -257,7 +259,11 @@ impl Pass for FuseGelu {
                         .find(|(_, c)| m.is_scalar(*c, 0.5, 0.0))
                         .map(|(n, _)| out0(n));
                 } else if m.is_scalar(other, 0.5, 0.0) {
-                    end = m.binary_readers(out0(mul), BinaryOp::Mul).into_iter().find(|(_, o)| *o == x).map(|(n, _)| out0(n));
+                    end = m
+                        .binary_readers(out0(mul), BinaryOp::Mul)
+                        .into_iter()
+                        .find(|(_, o)| *o == x)
+                        .map(|(n, _)| out0(n));
                 }
                 if end.is_some() {
                     break;
@@ -265,7 +271,11 @@ impl Pass for FuseGelu {
             }
             let Some(end) = end else { continue };
             let mut p = Patch::new();
-            let gelu = p.add_node(&format!("{}.gelu", g.node(end.node).name), Unary(UnaryOp::Gelu { tanh: false }), vec![x.into()]);
+            let gelu = p.add_node(
+                &format!("{}.gelu", g.node(end.node).name),
+                Unary(UnaryOp::Gelu { tanh: false }),
+                vec![x.into()],
+            );
             p.shunt(end, Patch::wire(gelu, 0));
             return Ok(Some(p));
         }
@@ -309,7 +319,8 @@ mod tests {
             let mut g = Graph::default();
             let x = input(&mut g);
             let mean = |g: &mut Graph, v| {
-                let r = Reduce { op: ReduceOp::Mean, axes: Some(vec![-1]), keepdims: true, noop_with_empty_axes: false };
+                let r =
+                    Reduce { op: ReduceOp::Mean, axes: Some(vec![-1]), keepdims: true, noop_with_empty_axes: false };
                 let n = format!("mean{}", g.nodes().len());
                 g.add_node(&n, r, vec![v]).unwrap()[0]
             };

@@ -68,9 +68,7 @@ impl Graph {
             match w {
                 Wire::Graph(o) => Ok(o),
                 Wire::New { node, slot } if node < added => Ok(OutletId::new(base + node, slot)),
-                Wire::New { node, .. } => {
-                    Err(IrError::Graph(format!("patch node {node} is used before it is added")))
-                }
+                Wire::New { node, .. } => Err(IrError::Graph(format!("patch node {node} is used before it is added"))),
             }
         };
         for (k, n) in patch.nodes.into_iter().enumerate() {

@@ -7,7 +7,9 @@ pub enum TensorError {
     LengthMismatch { shape: Vec<usize>, numel: usize, len: usize },
     #[error("shape {shape:?}: element count overflows")]
     Overflow { shape: Vec<usize> },
-    #[error("shape {shape:?} of {dtype} needs {bytes} bytes, more than the limit of {limit} bytes (set {env} to raise it)")]
+    #[error(
+        "shape {shape:?} of {dtype} needs {bytes} bytes, more than the limit of {limit} bytes (set {env} to raise it)"
+    )]
     TooLarge { shape: Vec<usize>, dtype: DType, bytes: u128, limit: u128, env: &'static str },
     #[error("expected a {expected} tensor, got {actual}")]
     DType { expected: DType, actual: DType },

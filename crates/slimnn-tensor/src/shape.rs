@@ -30,7 +30,7 @@ impl Dim {
     pub fn broadcast(&self, other: &Dim) -> Option<Dim> {
         match (self, other) {
             (Dim::Known(1), d) | (d, Dim::Known(1)) => Some(d.clone()),
-            (Dim::Known(a), Dim::Known(b)) => (a == b).then(|| Dim::Known(*a)),
+            (Dim::Known(a), Dim::Known(b)) => (a == b).then_some(Dim::Known(*a)),
             (Dim::Sym(a), Dim::Sym(b)) if a == b => Some(self.clone()),
             (Dim::Known(n), _) | (_, Dim::Known(n)) => Some(Dim::Known(*n)),
             _ => Some(Dim::Unknown),
@@ -84,13 +84,7 @@ pub fn checked_numel(shape: &[usize], dtype: DType) -> Result<usize> {
     };
     let limit = byte_limit();
     if bytes > limit {
-        return Err(TensorError::TooLarge {
-            shape: shape.to_vec(),
-            dtype,
-            bytes,
-            limit,
-            env: MAX_TENSOR_BYTES_ENV,
-        });
+        return Err(TensorError::TooLarge { shape: shape.to_vec(), dtype, bytes, limit, env: MAX_TENSOR_BYTES_ENV });
     }
     Ok(n)
 }
@@ -135,14 +129,8 @@ mod tests {
 
     #[test]
     fn numel_guards() {
-        assert!(matches!(
-            checked_numel(&[usize::MAX, 2], DType::F32),
-            Err(TensorError::Overflow { .. })
-        ));
-        assert!(matches!(
-            checked_numel(&[1 << 40, 1 << 20], DType::F32),
-            Err(TensorError::TooLarge { .. })
-        ));
+        assert!(matches!(checked_numel(&[usize::MAX, 2], DType::F32), Err(TensorError::Overflow { .. })));
+        assert!(matches!(checked_numel(&[1 << 40, 1 << 20], DType::F32), Err(TensorError::TooLarge { .. })));
         assert_eq!(checked_numel(&[2, 3], DType::F32).unwrap(), 6);
         assert_eq!(strides_of(&[2, 3, 4]), vec![12, 4, 1]);
     }

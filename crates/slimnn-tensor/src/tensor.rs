@@ -258,7 +258,11 @@ impl Tensor {
             return Ok(Tensor { shape: self.shape.clone(), data: self.data.clone(), quant: None });
         }
         let shape = self.shape.clone();
-        if to.is_float() || to == DType::Bool || self.dtype().is_float() || matches!(self.data, TensorData::Block { .. }) {
+        if to.is_float()
+            || to == DType::Bool
+            || self.dtype().is_float()
+            || matches!(self.data, TensorData::Block { .. })
+        {
             if let DType::Block(_) = to {
                 return Err(TensorError::Cast { from: self.dtype(), to });
             }
@@ -302,7 +306,11 @@ impl Tensor {
                 raw.len()
             )));
         }
-        fn parse<T: IntoData, const N: usize>(raw: &[u8], shape: Vec<usize>, f: impl Fn([u8; N]) -> T) -> Result<Tensor> {
+        fn parse<T: IntoData, const N: usize>(
+            raw: &[u8],
+            shape: Vec<usize>,
+            f: impl Fn([u8; N]) -> T,
+        ) -> Result<Tensor> {
             let v = raw.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact yields N bytes"))).collect();
             Tensor::from_vec(shape, v)
         }
@@ -327,13 +335,16 @@ impl Tensor {
             return None;
         }
         let (a, b) = (self.to_f64_vec(), other.to_f64_vec());
-        Some(a.iter().zip(&b).fold(0f64, |m, (x, y)| {
-            if x == y || (x.is_nan() && y.is_nan()) {
-                m
-            } else {
-                m.max((x - y).abs())
-            }
-        }))
+        Some(a.iter().zip(&b).fold(
+            0f64,
+            |m, (x, y)| {
+                if x == y || (x.is_nan() && y.is_nan()) {
+                    m
+                } else {
+                    m.max((x - y).abs())
+                }
+            },
+        ))
     }
 }
 

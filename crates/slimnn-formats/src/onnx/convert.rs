@@ -49,8 +49,7 @@ impl Cx<'_> {
     }
 
     fn input(&self, i: usize) -> Result<OutletId> {
-        self.opt(i)
-            .ok_or_else(|| self.invalid(format!("input {i} is required")))
+        self.opt(i).ok_or_else(|| self.invalid(format!("input {i} is required")))
     }
 
     fn fact(&self, o: OutletId) -> &Fact {
@@ -86,12 +85,7 @@ impl Cx<'_> {
     }
 
     /// Adds a helper node named after the node.
-    fn add_aux(
-        &mut self,
-        suffix: &str,
-        op: impl Into<Op>,
-        inputs: Vec<OutletId>,
-    ) -> Result<OutletId> {
+    fn add_aux(&mut self, suffix: &str, op: impl Into<Op>, inputs: Vec<OutletId>) -> Result<OutletId> {
         let name = format!("{}/{suffix}", self.name);
         Ok(self.g.add_node(&name, op, inputs)?[0])
     }
@@ -103,10 +97,7 @@ impl Cx<'_> {
 
     fn usizes(&self, what: &str, v: &[i64]) -> Result<Vec<usize>> {
         v.iter()
-            .map(|&x| {
-                usize::try_from(x)
-                    .map_err(|_| self.invalid(format!("{what} must not be negative, got {v:?}")))
-            })
+            .map(|&x| usize::try_from(x).map_err(|_| self.invalid(format!("{what} must not be negative, got {v:?}"))))
             .collect()
     }
 
@@ -118,9 +109,7 @@ impl Cx<'_> {
     /// that ONNX lets a model omit.
     fn zero_point_like(&mut self, suffix: &str, dtype: DType, like: OutletId) -> Result<OutletId> {
         let shape = self.fact(like).known_shape().ok_or_else(|| {
-            self.unsupported(format!(
-                "the shape of the scale must be known to supply the omitted {suffix}"
-            ))
+            self.unsupported(format!("the shape of the scale must be known to supply the omitted {suffix}"))
         })?;
         let t = Tensor::zeros(dtype, shape)?;
         self.konst(suffix, t)
@@ -299,10 +288,12 @@ pub(super) fn static_unsupported(op_type: &str, attrs: &Attrs, used: &[bool]) ->
         "LayerNormalization" if used_beyond(1) => {
             Some("its Mean / InvStdDev outputs are used; only output Y is supported".into())
         }
-        "BatchNormalization" if attrs.i_or("training_mode", 0) != 0 => Some("training_mode = 1 is not supported".into()),
-        "BatchNormalization" if used_beyond(1) => {
-            Some("its training outputs (running / saved mean and variance) are used; only inference is supported".into())
+        "BatchNormalization" if attrs.i_or("training_mode", 0) != 0 => {
+            Some("training_mode = 1 is not supported".into())
         }
+        "BatchNormalization" if used_beyond(1) => Some(
+            "its training outputs (running / saved mean and variance) are used; only inference is supported".into(),
+        ),
         "MaxPool" if used_beyond(1) => Some("the Indices output is not supported".into()),
         "Cast" => match dtype_from_onnx(attrs.i_or("to", 0) as i32) {
             Err(e) => Some(format!("cast target: {e}")),
@@ -319,7 +310,10 @@ pub(super) fn static_unsupported(op_type: &str, attrs: &Attrs, used: &[bool]) ->
             } else if attrs.i_or("antialias", 0) != 0 {
                 Some("antialias = 1 is not supported".into())
             } else if attrs.s_or("keep_aspect_ratio_policy", "stretch") != "stretch" {
-                Some(format!("keep_aspect_ratio_policy '{}' is not supported", attrs.s_or("keep_aspect_ratio_policy", "")))
+                Some(format!(
+                    "keep_aspect_ratio_policy '{}' is not supported",
+                    attrs.s_or("keep_aspect_ratio_policy", "")
+                ))
             } else {
                 None
             }
@@ -371,30 +365,20 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
         }
         "HardSigmoid" => {
             let (alpha, beta) = (a.f_or("alpha", 0.2), a.f_or("beta", 0.5));
-            cx.add(
-                Unary(UnaryOp::HardSigmoid { alpha, beta }),
-                vec![cx.input(0)?],
-            )
+            cx.add(Unary(UnaryOp::HardSigmoid { alpha, beta }), vec![cx.input(0)?])
         }
         "Gelu" => {
             let tanh = match a.s_or("approximate", "none").as_str() {
                 "none" => false,
                 "tanh" => true,
-                other => {
-                    return Err(cx.invalid(format!(
-                        "approximate must be 'none' or 'tanh', got '{other}'"
-                    )))
-                }
+                other => return Err(cx.invalid(format!("approximate must be 'none' or 'tanh', got '{other}'"))),
             };
             cx.add(Unary(UnaryOp::Gelu { tanh }), vec![cx.input(0)?])
         }
         "Identity" => cx.add(Identity, vec![cx.input(0)?]),
         "Mod" => {
             let fmod = cx.bool_attr("fmod", false);
-            cx.add(
-                Binary(BinaryOp::Mod { fmod }),
-                vec![cx.input(0)?, cx.input(1)?],
-            )
+            cx.add(Binary(BinaryOp::Mod { fmod }), vec![cx.input(0)?, cx.input(1)?])
         }
         "Sum" | "Mean" | "Max" | "Min" => variadic(cx),
         "Where" => cx.add(Where, vec![cx.input(0)?, cx.input(1)?, cx.input(2)?]),
@@ -414,8 +398,7 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                 let o = match cx.opt(i) {
                     Some(o) => o,
                     None => {
-                        let t = extreme(dt, high)
-                            .ok_or_else(|| cx.invalid(format!("Clip of {dt} is not defined")))?;
+                        let t = extreme(dt, high).ok_or_else(|| cx.invalid(format!("Clip of {dt} is not defined")))?;
                         cx.konst(if high { "max" } else { "min" }, t)?
                     }
                 };
@@ -454,18 +437,13 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             }
         }
         "LayerNormalization" => {
-            let op = LayerNorm {
-                axis: a.i_or("axis", -1),
-                epsilon: a.f_or("epsilon", 1e-5),
-            };
+            let op = LayerNorm { axis: a.i_or("axis", -1), epsilon: a.f_or("epsilon", 1e-5) };
             let mut ins = vec![cx.input(0)?, cx.input(1)?];
             ins.extend(cx.opt(2));
             cx.add(op, ins)
         }
         "BatchNormalization" => {
-            let op = BatchNorm {
-                epsilon: a.f_or("epsilon", 1e-5),
-            };
+            let op = BatchNorm { epsilon: a.f_or("epsilon", 1e-5) };
             let ins = (0..5).map(|i| cx.input(i)).collect::<Result<_>>()?;
             cx.add(op, ins)
         }
@@ -479,35 +457,18 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             cx.add(op, vec![cx.input(0)?])
         }
         "Shape" => {
-            let op = Shape {
-                start: a.i_or("start", 0),
-                end: a.i("end"),
-            };
+            let op = Shape { start: a.i_or("start", 0), end: a.i("end") };
             cx.add(op, vec![cx.input(0)?])
         }
         "Size" => {
             // Size = product of the shape, as an i64 scalar.
             let x = cx.input(0)?;
-            let shape = cx.add_aux(
-                "shape",
-                Shape {
-                    start: 0,
-                    end: None,
-                },
-                vec![x],
-            )?;
-            let prod = Reduce {
-                op: ReduceOp::Prod,
-                axes: None,
-                keepdims: false,
-                noop_with_empty_axes: false,
-            };
+            let shape = cx.add_aux("shape", Shape { start: 0, end: None }, vec![x])?;
+            let prod = Reduce { op: ReduceOp::Prod, axes: None, keepdims: false, noop_with_empty_axes: false };
             cx.add(prod, vec![shape])
         }
         "Reshape" => {
-            let op = Reshape {
-                allowzero: cx.bool_attr("allowzero", false),
-            };
+            let op = Reshape { allowzero: cx.bool_attr("allowzero", false) };
             cx.add(op, vec![cx.input(0)?, cx.input(1)?])
         }
         "Transpose" => {
@@ -515,27 +476,17 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             cx.add(Transpose { perm }, vec![cx.input(0)?])
         }
         "Unsqueeze" => {
-            let axes = if cx.opset < 13 {
-                a.ints("axes").map(<[i64]>::to_vec)
-            } else {
-                cx.const_ints(1, "axes")?
-            };
+            let axes = if cx.opset < 13 { a.ints("axes").map(<[i64]>::to_vec) } else { cx.const_ints(1, "axes")? };
             let axes = axes.ok_or_else(|| cx.invalid("axes are required"))?;
             cx.add(Unsqueeze { axes }, vec![cx.input(0)?])
         }
         "Squeeze" => {
-            let axes = if cx.opset < 13 {
-                a.ints("axes").map(<[i64]>::to_vec)
-            } else {
-                cx.const_ints(1, "axes")?
-            };
+            let axes = if cx.opset < 13 { a.ints("axes").map(<[i64]>::to_vec) } else { cx.const_ints(1, "axes")? };
             cx.add(Squeeze { axes }, vec![cx.input(0)?])
         }
         "Concat" => {
             let axis = a.i_or("axis", 0);
-            let ins = (0..cx.inputs.len())
-                .map(|i| cx.input(i))
-                .collect::<Result<_>>()?;
+            let ins = (0..cx.inputs.len()).map(|i| cx.input(i)).collect::<Result<_>>()?;
             cx.add(Concat { axis }, ins)
         }
         "Slice" => slice(cx),
@@ -551,17 +502,9 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                 None => Tensor::from_vec(vec![1], vec![0f32])?,
             };
             if value.len() != 1 {
-                return Err(cx.invalid(format!(
-                    "value must hold one element, got shape {:?}",
-                    value.shape()
-                )));
+                return Err(cx.invalid(format!("value must hold one element, got shape {:?}", value.shape())));
             }
-            cx.add(
-                ConstantOfShape {
-                    value: Arc::new(value),
-                },
-                vec![cx.input(0)?],
-            )
+            cx.add(ConstantOfShape { value: Arc::new(value) }, vec![cx.input(0)?])
         }
         "Range" => cx.add(Range, vec![cx.input(0)?, cx.input(1)?, cx.input(2)?]),
         "Flatten" => {
@@ -571,8 +514,7 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
         "Tile" => cx.add(Tile, vec![cx.input(0)?, cx.input(1)?]),
         "Pad" => {
             let mode_s = a.s_or("mode", "constant");
-            let mode =
-                pad_mode(&mode_s).ok_or_else(|| cx.invalid(format!("unknown mode '{mode_s}'")))?;
+            let mode = pad_mode(&mode_s).ok_or_else(|| cx.invalid(format!("unknown mode '{mode_s}'")))?;
             let x = cx.input(0)?;
             let mut ins = vec![x, cx.input(1)?];
             if let Some(axes) = cx.opt(3) {
@@ -596,32 +538,16 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             if op_type == "Conv" {
                 cx.add(Conv { attrs }, ins)
             } else {
-                let output_padding = cx.usizes(
-                    "output_padding",
-                    cx.attrs.ints("output_padding").unwrap_or(&[]),
-                )?;
-                let output_shape = cx
-                    .attrs
-                    .ints("output_shape")
-                    .map(|v| cx.usizes("output_shape", v))
-                    .transpose()?;
-                cx.add(
-                    ConvTranspose {
-                        attrs,
-                        output_padding,
-                        output_shape,
-                    },
-                    ins,
-                )
+                let output_padding = cx.usizes("output_padding", cx.attrs.ints("output_padding").unwrap_or(&[]))?;
+                let output_shape = cx.attrs.ints("output_shape").map(|v| cx.usizes("output_shape", v)).transpose()?;
+                cx.add(ConvTranspose { attrs, output_padding, output_shape }, ins)
             }
         }
         "MaxPool" | "AveragePool" => {
             let kind = if op_type == "MaxPool" {
                 PoolKind::Max
             } else {
-                PoolKind::Average {
-                    count_include_pad: cx.bool_attr("count_include_pad", false),
-                }
+                PoolKind::Average { count_include_pad: cx.bool_attr("count_include_pad", false) }
             };
             let ap = a.s_or("auto_pad", "NOTSET");
             let attrs = PoolAttrs {
@@ -630,17 +556,13 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                 pads: cx.usizes("pads", a.ints("pads").unwrap_or(&[]))?,
                 dilations: cx.usizes("dilations", a.ints("dilations").unwrap_or(&[]))?,
                 ceil_mode: cx.bool_attr("ceil_mode", false),
-                auto_pad: auto_pad(&ap)
-                    .ok_or_else(|| cx.invalid(format!("unknown auto_pad '{ap}'")))?,
+                auto_pad: auto_pad(&ap).ok_or_else(|| cx.invalid(format!("unknown auto_pad '{ap}'")))?,
             };
             cx.add(Pool { kind, attrs }, vec![cx.input(0)?])
         }
-        "GlobalAveragePool" | "GlobalMaxPool" => cx.add(
-            GlobalPool {
-                max: op_type == "GlobalMaxPool",
-            },
-            vec![cx.input(0)?],
-        ),
+        "GlobalAveragePool" | "GlobalMaxPool" => {
+            cx.add(GlobalPool { max: op_type == "GlobalMaxPool" }, vec![cx.input(0)?])
+        }
         "Resize" => resize(cx),
         "QuantizeLinear" => {
             let axis = a.i_or("axis", 1);
@@ -705,14 +627,7 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                     (_, Some(o)) => o,
                     (2 | 5, None) => {
                         let dt = cx.fact(cx.input(i - 2)?).dtype;
-                        cx.scalar_zero(
-                            if i == 2 {
-                                "a_zero_point"
-                            } else {
-                                "b_zero_point"
-                            },
-                            dt,
-                        )?
+                        cx.scalar_zero(if i == 2 { "a_zero_point" } else { "b_zero_point" }, dt)?
                     }
                     (7, None) => cx.scalar_zero("y_zero_point", DType::U8)?,
                     _ => cx.input(i)?,
@@ -744,9 +659,7 @@ pub(super) fn constant_value(name: &str, a: &Attrs, base_dir: Option<&Path>) -> 
     } else if let Some(v) = a.ints("value_ints") {
         Tensor::from_vec(vec![v.len()], v.to_vec())?
     } else {
-        return Err(FormatError::Unsupported(format!(
-            "node '{name}' (Constant): no supported value attribute"
-        )));
+        return Err(FormatError::Unsupported(format!("node '{name}' (Constant): no supported value attribute")));
     })
 }
 
@@ -755,10 +668,7 @@ fn conv_attrs(cx: &Cx) -> Result<ConvAttrs> {
     let ap = a.s_or("auto_pad", "NOTSET");
     let group = a.i_or("group", 1);
     Ok(ConvAttrs {
-        kernel_shape: a
-            .ints("kernel_shape")
-            .map(|v| cx.usizes("kernel_shape", v))
-            .transpose()?,
+        kernel_shape: a.ints("kernel_shape").map(|v| cx.usizes("kernel_shape", v)).transpose()?,
         strides: cx.usizes("strides", a.ints("strides").unwrap_or(&[]))?,
         pads: cx.usizes("pads", a.ints("pads").unwrap_or(&[]))?,
         dilations: cx.usizes("dilations", a.ints("dilations").unwrap_or(&[]))?,
@@ -773,30 +683,17 @@ fn conv_attrs(cx: &Cx) -> Result<ConvAttrs> {
 fn reduce(cx: &mut Cx, op: ReduceOp) -> Result<Vec<OutletId>> {
     let keepdims = cx.bool_attr("keepdims", true);
     let (axes, noop_with_empty_axes) = if reduce_axes_as_input(cx.op_type, cx.opset) {
-        (
-            cx.const_ints(1, "axes")?,
-            cx.bool_attr("noop_with_empty_axes", false),
-        )
+        (cx.const_ints(1, "axes")?, cx.bool_attr("noop_with_empty_axes", false))
     } else {
         (cx.attrs.ints("axes").map(<[i64]>::to_vec), false)
     };
     // An empty axes list means "not given".
     let axes = axes.filter(|v| !v.is_empty());
-    cx.add(
-        Reduce {
-            op,
-            axes,
-            keepdims,
-            noop_with_empty_axes,
-        },
-        vec![cx.input(0)?],
-    )
+    cx.add(Reduce { op, axes, keepdims, noop_with_empty_axes }, vec![cx.input(0)?])
 }
 
 fn variadic(cx: &mut Cx) -> Result<Vec<OutletId>> {
-    let ins: Vec<OutletId> = (0..cx.inputs.len())
-        .map(|i| cx.input(i))
-        .collect::<Result<_>>()?;
+    let ins: Vec<OutletId> = (0..cx.inputs.len()).map(|i| cx.input(i)).collect::<Result<_>>()?;
     let Some((&first, rest)) = ins.split_first() else {
         return Err(cx.invalid("needs at least one input"));
     };
@@ -835,8 +732,7 @@ fn slice(cx: &mut Cx) -> Result<Vec<OutletId>> {
         (None, Some(steps)) => {
             // Steps without axes: make the default axes (0..len(starts)) explicit.
             let n = cx.fact(ins[1]).shape.first().and_then(|d| d.as_known());
-            let n =
-                n.ok_or_else(|| cx.unsupported("steps without axes need starts of known length"))?;
+            let n = n.ok_or_else(|| cx.unsupported("steps without axes need starts of known length"))?;
             let axes = Tensor::from_vec(vec![n], (0..n as i64).collect::<Vec<_>>())?;
             let axes = cx.konst("axes", axes)?;
             ins.extend([axes, steps]);
@@ -847,34 +743,20 @@ fn slice(cx: &mut Cx) -> Result<Vec<OutletId>> {
 
 fn split(cx: &mut Cx) -> Result<Vec<OutletId>> {
     let axis = cx.attrs.i_or("axis", 0);
-    let sizes = if cx.opset < 13 {
-        cx.attrs.ints("split").map(<[i64]>::to_vec)
-    } else {
-        cx.const_ints(1, "split")?
-    };
+    let sizes = if cx.opset < 13 { cx.attrs.ints("split").map(<[i64]>::to_vec) } else { cx.const_ints(1, "split")? };
     let split = sizes.map(|s| cx.usizes("split", &s)).transpose()?;
     let num_outputs = cx.n_outputs;
     if let Some(n) = cx.attrs.i("num_outputs") {
         if n != num_outputs as i64 {
-            return Err(cx.invalid(format!(
-                "num_outputs is {n} but the node lists {num_outputs} outputs"
-            )));
+            return Err(cx.invalid(format!("num_outputs is {n} but the node lists {num_outputs} outputs")));
         }
     }
     if split.as_ref().is_some_and(|s| s.len() != num_outputs) {
-        return Err(cx.invalid(format!(
-            "split has {} sizes for {num_outputs} outputs",
-            split.as_ref().map_or(0, Vec::len)
-        )));
+        return Err(
+            cx.invalid(format!("split has {} sizes for {num_outputs} outputs", split.as_ref().map_or(0, Vec::len)))
+        );
     }
-    cx.add(
-        Split {
-            axis,
-            split,
-            num_outputs,
-        },
-        vec![cx.input(0)?],
-    )
+    cx.add(Split { axis, split, num_outputs }, vec![cx.input(0)?])
 }
 
 fn resize(cx: &mut Cx) -> Result<Vec<OutletId>> {
@@ -885,8 +767,7 @@ fn resize(cx: &mut Cx) -> Result<Vec<OutletId>> {
     let bad = |what: &str, v: &str| cx.unsupported(format!("{what} '{v}' is not supported"));
     let mut op = Resize {
         mode: resize_mode(&mode_s).ok_or_else(|| bad("mode", &mode_s))?,
-        coord: coord_mode(&coord_s)
-            .ok_or_else(|| bad("coordinate_transformation_mode", &coord_s))?,
+        coord: coord_mode(&coord_s).ok_or_else(|| bad("coordinate_transformation_mode", &coord_s))?,
         nearest: nearest_mode(&nearest_s).ok_or_else(|| bad("nearest_mode", &nearest_s))?,
         cubic_coeff_a: a.f_or("cubic_coeff_a", -0.75),
         exclude_outside: cx.bool_attr("exclude_outside", false),
@@ -941,14 +822,8 @@ mod tests {
         assert_eq!(const_only_inputs("ReduceSum", 13, &[true, true]), vec![1]);
         assert!(const_only_inputs("ReduceMean", 17, &[true, true]).is_empty());
         assert_eq!(const_only_inputs("ReduceMean", 18, &[true, true]), vec![1]);
-        assert_eq!(
-            const_only_inputs("Resize", 11, &[true, true, true, true]),
-            vec![1, 2]
-        );
-        assert_eq!(
-            const_only_inputs("Resize", 13, &[true, true, true]),
-            vec![1]
-        );
+        assert_eq!(const_only_inputs("Resize", 11, &[true, true, true, true]), vec![1, 2]);
+        assert_eq!(const_only_inputs("Resize", 13, &[true, true, true]), vec![1]);
     }
 
     #[test]
@@ -957,10 +832,7 @@ mod tests {
         assert!(static_unsupported("MaxPool", &none, &[true, false]).is_none());
         assert!(static_unsupported("MaxPool", &none, &[true, true]).is_some());
         assert!(static_unsupported("LayerNormalization", &none, &[true, false, true]).is_some());
-        let tf = [s_attr(
-            "coordinate_transformation_mode",
-            "tf_crop_and_resize",
-        )];
+        let tf = [s_attr("coordinate_transformation_mode", "tf_crop_and_resize")];
         let msg = static_unsupported("Resize", &Attrs { list: &tf }, &[true]).unwrap();
         assert!(msg.contains("tf_crop_and_resize"), "{msg}");
         let ok = [s_attr("mode", "linear")];

@@ -6,8 +6,8 @@ use super::convert::reduce_axes_as_input;
 use super::proto::attribute_proto::AttributeType;
 use super::proto::tensor_shape_proto::{dimension, Dimension};
 use super::proto::{
-    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
+    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use super::tensor::{dtype_to_onnx, tensor_to_proto};
 use crate::{FormatError, Result};
@@ -20,39 +20,23 @@ use std::collections::{HashMap, HashSet};
 pub const BASE_OPSET: i64 = 17;
 
 fn attr(name: &str, ty: AttributeType) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.to_string()),
-        r#type: Some(ty as i32),
-        ..Default::default()
-    }
+    AttributeProto { name: Some(name.to_string()), r#type: Some(ty as i32), ..Default::default() }
 }
 
 fn attr_i(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        i: Some(v),
-        ..attr(name, AttributeType::Int)
-    }
+    AttributeProto { i: Some(v), ..attr(name, AttributeType::Int) }
 }
 
 fn attr_f(name: &str, v: f32) -> AttributeProto {
-    AttributeProto {
-        f: Some(v),
-        ..attr(name, AttributeType::Float)
-    }
+    AttributeProto { f: Some(v), ..attr(name, AttributeType::Float) }
 }
 
 fn attr_s(name: &str, v: &str) -> AttributeProto {
-    AttributeProto {
-        s: Some(v.as_bytes().to_vec()),
-        ..attr(name, AttributeType::String)
-    }
+    AttributeProto { s: Some(v.as_bytes().to_vec()), ..attr(name, AttributeType::String) }
 }
 
 fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        ints: v.to_vec(),
-        ..attr(name, AttributeType::Ints)
-    }
+    AttributeProto { ints: v.to_vec(), ..attr(name, AttributeType::Ints) }
 }
 
 fn attr_usizes(name: &str, v: &[usize]) -> AttributeProto {
@@ -60,10 +44,7 @@ fn attr_usizes(name: &str, v: &[usize]) -> AttributeProto {
 }
 
 fn attr_t(name: &str, t: TensorProto) -> AttributeProto {
-    AttributeProto {
-        t: Some(t),
-        ..attr(name, AttributeType::Tensor)
-    }
+    AttributeProto { t: Some(t), ..attr(name, AttributeType::Tensor) }
 }
 
 /// The opset the graph needs: [`BASE_OPSET`] unless one of its ops only exists (in the form
@@ -77,26 +58,11 @@ pub fn required_opset(g: &Graph) -> i64 {
             Op::Pad(_) if n.inputs.len() > 3 => 18,
             Op::Resize(r) if r.coord == CoordMode::HalfPixelSymmetric => 19,
             Op::Resize(r) if r.axes.is_some() => 18,
-            Op::Pool(p)
-                if matches!(p.kind, PoolKind::Average { .. })
-                    && p.attrs.dilations.iter().any(|&d| d != 1) =>
-            {
+            Op::Pool(p) if matches!(p.kind, PoolKind::Average { .. }) && p.attrs.dilations.iter().any(|&d| d != 1) => {
                 19
             }
-            Op::QuantizeLinear(_)
-                if n.inputs
-                    .get(2)
-                    .is_some_and(|&z| g.fact(z).dtype == DType::I16) =>
-            {
-                21
-            }
-            Op::DequantizeLinear(_)
-                if n.inputs
-                    .first()
-                    .is_some_and(|&x| g.fact(x).dtype == DType::I16) =>
-            {
-                21
-            }
+            Op::QuantizeLinear(_) if n.inputs.get(2).is_some_and(|&z| g.fact(z).dtype == DType::I16) => 21,
+            Op::DequantizeLinear(_) if n.inputs.first().is_some_and(|&x| g.fact(x).dtype == DType::I16) => 21,
             _ => BASE_OPSET,
         };
         v = v.max(need);
@@ -113,12 +79,8 @@ fn ir_version(opset: i64) -> i64 {
 }
 
 fn value_info(name: &str, f: &Fact) -> Result<ValueInfoProto> {
-    let elem = dtype_to_onnx(f.dtype).ok_or_else(|| {
-        FormatError::Unsupported(format!(
-            "value '{name}': {} has no ONNX tensor type",
-            f.dtype
-        ))
-    })?;
+    let elem = dtype_to_onnx(f.dtype)
+        .ok_or_else(|| FormatError::Unsupported(format!("value '{name}': {} has no ONNX tensor type", f.dtype)))?;
     let dim = f
         .shape
         .iter()
@@ -182,10 +144,7 @@ impl Ex<'_> {
 
     fn name(&self, o: OutletId) -> Result<String> {
         self.names.get(&o).cloned().ok_or_else(|| {
-            FormatError::Invalid(format!(
-                "outlet {}:{} has no name (graph not in order?)",
-                o.node, o.slot
-            ))
+            FormatError::Invalid(format!("outlet {}:{} has no name (graph not in order?)", o.node, o.slot))
         })
     }
 
@@ -246,17 +205,13 @@ pub fn export(g: &Graph) -> Result<ModelProto> {
     let mut seen_outputs = HashSet::new();
     for (name, o) in g.outputs() {
         if !seen_outputs.insert(name.as_str()) {
-            return Err(FormatError::Invalid(format!(
-                "graph output name '{name}' is used twice"
-            )));
+            return Err(FormatError::Invalid(format!("graph output name '{name}' is used twice")));
         }
         if ex.names.get(o) == Some(name) {
             continue;
         }
         if ex.taken.contains(name) {
-            return Err(FormatError::Invalid(format!(
-                "graph output '{name}' has the name of a graph input"
-            )));
+            return Err(FormatError::Invalid(format!("graph output '{name}' has the name of a graph input")));
         }
         ex.taken.insert(name.clone());
         let own = g.node(o.node).output_names.get(o.slot).cloned().flatten();
@@ -284,11 +239,9 @@ pub fn export(g: &Graph) -> Result<ModelProto> {
             continue;
         }
         write_node(&mut ex, id).map_err(|e| match e {
-            FormatError::Unsupported(m) => FormatError::Unsupported(format!(
-                "exporting node '{}' ({}): {m}",
-                n.name,
-                n.op.as_def().name()
-            )),
+            FormatError::Unsupported(m) => {
+                FormatError::Unsupported(format!("exporting node '{}' ({}): {m}", n.name, n.op.as_def().name()))
+            }
             other => other,
         })?;
     }
@@ -316,20 +269,14 @@ pub fn export(g: &Graph) -> Result<ModelProto> {
     };
     Ok(ModelProto {
         ir_version: Some(ir_version(opset)),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(opset),
-        }],
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
         producer_name: Some("slimnn".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         graph: Some(graph),
         metadata_props: g
             .metadata
             .iter()
-            .map(|(k, v)| StringStringEntryProto {
-                key: Some(k.clone()),
-                value: Some(v.clone()),
-            })
+            .map(|(k, v)| StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) })
             .collect(),
         ..Default::default()
     })
@@ -414,11 +361,7 @@ fn conv_attrs(a: &ConvAttrs) -> Vec<AttributeProto> {
     if let Some(k) = &a.kernel_shape {
         v.push(attr_usizes("kernel_shape", k));
     }
-    for (name, x) in [
-        ("strides", &a.strides),
-        ("pads", &a.pads),
-        ("dilations", &a.dilations),
-    ] {
+    for (name, x) in [("strides", &a.strides), ("pads", &a.pads), ("dilations", &a.dilations)] {
         if !x.is_empty() {
             v.push(attr_usizes(name, x));
         }
@@ -435,14 +378,8 @@ fn conv_attrs(a: &ConvAttrs) -> Vec<AttributeProto> {
 fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
     let g = ex.g;
     let n = g.node(id);
-    let ins: Vec<String> = n
-        .inputs
-        .iter()
-        .map(|&o| ex.name(o))
-        .collect::<Result<_>>()?;
-    let outs: Vec<String> = (0..n.outputs.len())
-        .map(|s| ex.name(OutletId::new(id, s)))
-        .collect::<Result<_>>()?;
+    let ins: Vec<String> = n.inputs.iter().map(|&o| ex.name(o)).collect::<Result<_>>()?;
+    let outs: Vec<String> = (0..n.outputs.len()).map(|s| ex.name(OutletId::new(id, s))).collect::<Result<_>>()?;
     let name = n.name.as_str();
     let opset = ex.opset;
     let simple = |ex: &mut Ex, op_type: &str, attrs: Vec<AttributeProto>| {
@@ -475,8 +412,7 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
         }
         Op::Where(_) => simple(ex, "Where", vec![]),
         Op::Cast(c) => {
-            let to = dtype_to_onnx(c.to)
-                .ok_or_else(|| FormatError::Unsupported(format!("cast to {}", c.to)))?;
+            let to = dtype_to_onnx(c.to).ok_or_else(|| FormatError::Unsupported(format!("cast to {}", c.to)))?;
             simple(ex, "Cast", vec![attr_i("to", to as i64)]);
         }
         Op::Clip(_) => simple(ex, "Clip", vec![]),
@@ -492,13 +428,8 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
             }
             simple(ex, "Gemm", a);
         }
-        Op::Softmax(Softmax { axis, legacy_2d })
-        | Op::LogSoftmax(LogSoftmax { axis, legacy_2d }) => {
-            let op_type = if matches!(n.op, Op::Softmax(_)) {
-                "Softmax"
-            } else {
-                "LogSoftmax"
-            };
+        Op::Softmax(Softmax { axis, legacy_2d }) | Op::LogSoftmax(LogSoftmax { axis, legacy_2d }) => {
+            let op_type = if matches!(n.op, Op::Softmax(_)) { "Softmax" } else { "LogSoftmax" };
             let rank = g.fact(n.inputs[0]).rank() as i64;
             let norm = if *axis < 0 { axis + rank } else { *axis };
             if !legacy_2d {
@@ -513,67 +444,31 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
                 let x = ins[0].clone();
                 let max = ex.fresh(&format!("{name}/max"));
                 let keep = || attr_i("keepdims", 1);
-                let max_attrs = if opset >= 18 {
-                    vec![keep()]
-                } else {
-                    vec![keep(), attr_ints("axes", &axes)]
-                };
+                let max_attrs = if opset >= 18 { vec![keep()] } else { vec![keep(), attr_ints("axes", &axes)] };
                 let mut max_in = vec![x.clone()];
                 if opset >= 18 {
                     max_in.push(ex.i64s(&format!("{name}/max_axes"), &axes)?);
                 }
-                ex.emit(
-                    &format!("{name}/max"),
-                    "ReduceMax",
-                    max_in,
-                    vec![max.clone()],
-                    max_attrs,
-                );
+                ex.emit(&format!("{name}/max"), "ReduceMax", max_in, vec![max.clone()], max_attrs);
                 let d = ex.fresh(&format!("{name}/shifted"));
-                ex.emit(
-                    &format!("{name}/shift"),
-                    "Sub",
-                    vec![x, max],
-                    vec![d.clone()],
-                    vec![],
-                );
+                ex.emit(&format!("{name}/shift"), "Sub", vec![x, max], vec![d.clone()], vec![]);
                 let e = ex.fresh(&format!("{name}/exp"));
-                ex.emit(
-                    &format!("{name}/exp"),
-                    "Exp",
-                    vec![d.clone()],
-                    vec![e.clone()],
-                    vec![],
-                );
+                ex.emit(&format!("{name}/exp"), "Exp", vec![d.clone()], vec![e.clone()], vec![]);
                 let axes_in = ex.i64s(&format!("{name}/sum_axes"), &axes)?;
                 let s = ex.fresh(&format!("{name}/sum"));
-                ex.emit(
-                    &format!("{name}/sum"),
-                    "ReduceSum",
-                    vec![e.clone(), axes_in],
-                    vec![s.clone()],
-                    vec![keep()],
-                );
+                ex.emit(&format!("{name}/sum"), "ReduceSum", vec![e.clone(), axes_in], vec![s.clone()], vec![keep()]);
                 if op_type == "Softmax" {
                     ex.emit(name, "Div", vec![e, s], outs.clone(), vec![]);
                 } else {
                     let l = ex.fresh(&format!("{name}/log_sum"));
-                    ex.emit(
-                        &format!("{name}/log"),
-                        "Log",
-                        vec![s],
-                        vec![l.clone()],
-                        vec![],
-                    );
+                    ex.emit(&format!("{name}/log"), "Log", vec![s], vec![l.clone()], vec![]);
                     ex.emit(name, "Sub", vec![d, l], outs.clone(), vec![]);
                 }
             }
         }
-        Op::LayerNorm(l) => simple(
-            ex,
-            "LayerNormalization",
-            vec![attr_i("axis", l.axis), attr_f("epsilon", l.epsilon)],
-        ),
+        Op::LayerNorm(l) => {
+            simple(ex, "LayerNormalization", vec![attr_i("axis", l.axis), attr_f("epsilon", l.epsilon)])
+        }
         Op::BatchNorm(b) => simple(ex, "BatchNormalization", vec![attr_f("epsilon", b.epsilon)]),
         Op::Reduce(r) => {
             let op_type = reduce_name(r.op);
@@ -597,10 +492,7 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
             }
         }
         Op::ArgReduce(r) => {
-            let mut a = vec![
-                attr_i("axis", r.axis),
-                attr_i("keepdims", r.keepdims as i64),
-            ];
+            let mut a = vec![attr_i("axis", r.axis), attr_i("keepdims", r.keepdims as i64)];
             if r.select_last_index {
                 a.push(attr_i("select_last_index", 1));
             }
@@ -617,30 +509,16 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
             simple(ex, "Shape", a);
         }
         Op::Reshape(r) => {
-            let a = if r.allowzero {
-                vec![attr_i("allowzero", 1)]
-            } else {
-                vec![]
-            };
+            let a = if r.allowzero { vec![attr_i("allowzero", 1)] } else { vec![] };
             simple(ex, "Reshape", a);
         }
         Op::Transpose(t) => {
-            let a = t
-                .perm
-                .as_ref()
-                .map(|p| vec![attr_usizes("perm", p)])
-                .unwrap_or_default();
+            let a = t.perm.as_ref().map(|p| vec![attr_usizes("perm", p)]).unwrap_or_default();
             simple(ex, "Transpose", a);
         }
         Op::Unsqueeze(u) => {
             let axes = ex.i64s(&format!("{name}/axes"), &u.axes)?;
-            ex.emit(
-                name,
-                "Unsqueeze",
-                vec![ins[0].clone(), axes],
-                outs.clone(),
-                vec![],
-            );
+            ex.emit(name, "Unsqueeze", vec![ins[0].clone(), axes], outs.clone(), vec![]);
         }
         Op::Squeeze(s) => {
             let mut i = vec![ins[0].clone()];
@@ -664,9 +542,7 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
                 let k = s.num_outputs;
                 (k > 0 && d % k != 0).then(|| {
                     let part = d.div_ceil(k);
-                    (0..k)
-                        .map(|j| part.min(d.saturating_sub(j * part)))
-                        .collect::<Vec<_>>()
+                    (0..k).map(|j| part.min(d.saturating_sub(j * part))).collect::<Vec<_>>()
                 })
             };
             let sizes = match &s.split {
@@ -734,23 +610,12 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
             if pa.auto_pad != AutoPad::NotSet {
                 a.push(attr_s("auto_pad", auto_pad_name(pa.auto_pad)));
             }
-            if let PoolKind::Average {
-                count_include_pad: true,
-            } = p.kind
-            {
+            if let PoolKind::Average { count_include_pad: true } = p.kind {
                 a.push(attr_i("count_include_pad", 1));
             }
             simple(ex, if is_max { "MaxPool" } else { "AveragePool" }, a);
         }
-        Op::GlobalPool(p) => simple(
-            ex,
-            if p.max {
-                "GlobalMaxPool"
-            } else {
-                "GlobalAveragePool"
-            },
-            vec![],
-        ),
+        Op::GlobalPool(p) => simple(ex, if p.max { "GlobalMaxPool" } else { "GlobalAveragePool" }, vec![]),
         Op::Resize(r) => {
             let mode = match r.mode {
                 ResizeMode::Nearest => "nearest",
@@ -817,9 +682,7 @@ mod tests {
         let y = g.add_node("r", Unary(UnaryOp::Relu), vec![x]).unwrap()[0];
         g.add_output("y", y);
         assert_eq!(required_opset(&g), 17);
-        let z = g
-            .add_node("g", Unary(UnaryOp::Gelu { tanh: false }), vec![y])
-            .unwrap()[0];
+        let z = g.add_node("g", Unary(UnaryOp::Gelu { tanh: false }), vec![y]).unwrap()[0];
         g.add_output("z", z);
         assert_eq!(required_opset(&g), 20);
         assert_eq!((ir_version(17), ir_version(20), ir_version(21)), (8, 9, 10));
@@ -829,35 +692,19 @@ mod tests {
     fn names_outputs_and_helpers() {
         let mut g = Graph::default();
         let x = g.add_input("x", Fact::known(DType::F32, &[2, 3])).unwrap();
-        let u = g
-            .add_node("u", Unsqueeze { axes: vec![0] }, vec![x])
-            .unwrap()[0];
+        let u = g.add_node("u", Unsqueeze { axes: vec![0] }, vec![x]).unwrap()[0];
         g.set_outlet_name(u, "unsq");
         g.add_output("out", u);
         g.add_output("x", x);
         let m = export(&g).unwrap();
         let gp = m.graph.unwrap();
         // The named value keeps its name; the output gets an Identity; axes are an input.
-        let unsq = gp
-            .node
-            .iter()
-            .find(|n| n.op_type.as_deref() == Some("Unsqueeze"))
-            .unwrap();
+        let unsq = gp.node.iter().find(|n| n.op_type.as_deref() == Some("Unsqueeze")).unwrap();
         assert_eq!(unsq.output, vec!["unsq".to_string()]);
         assert_eq!(unsq.input.len(), 2);
-        assert!(gp
-            .initializer
-            .iter()
-            .any(|t| t.name.as_deref() == Some(unsq.input[1].as_str())));
-        let id = gp
-            .node
-            .iter()
-            .find(|n| n.op_type.as_deref() == Some("Identity"))
-            .unwrap();
-        assert_eq!(
-            (id.input.clone(), id.output.clone()),
-            (vec!["unsq".to_string()], vec!["out".to_string()])
-        );
+        assert!(gp.initializer.iter().any(|t| t.name.as_deref() == Some(unsq.input[1].as_str())));
+        let id = gp.node.iter().find(|n| n.op_type.as_deref() == Some("Identity")).unwrap();
+        assert_eq!((id.input.clone(), id.output.clone()), (vec!["unsq".to_string()], vec!["out".to_string()]));
         let outs: Vec<_> = gp.output.iter().map(|v| v.name.clone().unwrap()).collect();
         assert_eq!(outs, vec!["out", "x"]);
     }
@@ -866,31 +713,13 @@ mod tests {
     fn uneven_split_gets_sizes() {
         let mut g = Graph::default();
         let x = g.add_input("x", Fact::known(DType::F32, &[7])).unwrap();
-        let parts = g
-            .add_node(
-                "s",
-                Split {
-                    axis: 0,
-                    split: None,
-                    num_outputs: 3,
-                },
-                vec![x],
-            )
-            .unwrap();
+        let parts = g.add_node("s", Split { axis: 0, split: None, num_outputs: 3 }, vec![x]).unwrap();
         for (i, p) in parts.iter().enumerate() {
             g.add_output(&format!("p{i}"), *p);
         }
         let gp = export(&g).unwrap().graph.unwrap();
-        let split = gp
-            .node
-            .iter()
-            .find(|n| n.op_type.as_deref() == Some("Split"))
-            .unwrap();
-        let sizes = gp
-            .initializer
-            .iter()
-            .find(|t| t.name.as_deref() == Some(split.input[1].as_str()))
-            .unwrap();
+        let split = gp.node.iter().find(|n| n.op_type.as_deref() == Some("Split")).unwrap();
+        let sizes = gp.initializer.iter().find(|t| t.name.as_deref() == Some(split.input[1].as_str())).unwrap();
         let t = crate::onnx::tensor_from_proto(sizes, None).unwrap();
         assert_eq!(t.as_slice::<i64>().unwrap(), &[3, 3, 1]);
     }

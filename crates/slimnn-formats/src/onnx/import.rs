@@ -27,25 +27,16 @@ fn node_name(n: &NodeProto, index: usize) -> String {
 }
 
 pub(super) fn import(model: &ModelProto, base_dir: Option<&Path>) -> Result<Graph> {
-    let gp = model
-        .graph
-        .as_ref()
-        .ok_or_else(|| FormatError::malformed("model", "it has no graph"))?;
+    let gp = model.graph.as_ref().ok_or_else(|| FormatError::malformed("model", "it has no graph"))?;
     let opsets: HashMap<String, i64> = model
         .opset_import
         .iter()
         .map(|o| {
             let d = o.domain.clone().unwrap_or_default();
-            (
-                if d == "ai.onnx" { String::new() } else { d },
-                o.version.unwrap_or(0),
-            )
+            (if d == "ai.onnx" { String::new() } else { d }, o.version.unwrap_or(0))
         })
         .collect();
-    let has_default_nodes = gp
-        .node
-        .iter()
-        .any(|n| is_default_domain(n.domain.as_deref()));
+    let has_default_nodes = gp.node.iter().any(|n| is_default_domain(n.domain.as_deref()));
     let opset = match opsets.get("") {
         Some(&v) if (MIN_OPSET..=MAX_OPSET).contains(&v) => v,
         Some(&v) => {
@@ -62,16 +53,13 @@ pub(super) fn import(model: &ModelProto, base_dir: Option<&Path>) -> Result<Grap
         None => MAX_OPSET,
     };
     if !gp.sparse_initializer.is_empty() {
-        return Err(FormatError::Unsupported(
-            "sparse initializers are not supported".into(),
-        ));
+        return Err(FormatError::Unsupported("sparse initializers are not supported".into()));
     }
     let order = check(gp, opset, &opsets)?;
     let mut g = build(gp, opset, &order, base_dir)?;
     for kv in &model.metadata_props {
         if let Some(k) = &kv.key {
-            g.metadata
-                .insert(k.clone(), kv.value.clone().unwrap_or_default());
+            g.metadata.insert(k.clone(), kv.value.clone().unwrap_or_default());
         }
     }
     Ok(g)
@@ -125,42 +113,31 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<V
         }
         let ni = n.input.len();
         let no = n.output.len();
-        let err = if ni > spec.inputs.1
-            || n.input.iter().take(spec.inputs.0).any(String::is_empty)
-            || ni < spec.inputs.0
-        {
-            Some(format!(
-                "takes {} inputs, got {ni} ({:?})",
-                if spec.inputs.0 == spec.inputs.1 {
-                    spec.inputs.0.to_string()
-                } else {
-                    format!("{} to {}", spec.inputs.0, spec.inputs.1)
-                },
-                n.input
-            ))
-        } else if no > spec.outputs.1
-            || no < spec.outputs.0
-            || n.output.iter().take(spec.outputs.0).any(String::is_empty)
-        {
-            Some(format!(
-                "has {no} outputs, expected {} to {}",
-                spec.outputs.0, spec.outputs.1
-            ))
-        } else {
-            spec::check_attrs(spec, &n.attribute, opset).err()
-        };
+        let err =
+            if ni > spec.inputs.1 || n.input.iter().take(spec.inputs.0).any(String::is_empty) || ni < spec.inputs.0 {
+                Some(format!(
+                    "takes {} inputs, got {ni} ({:?})",
+                    if spec.inputs.0 == spec.inputs.1 {
+                        spec.inputs.0.to_string()
+                    } else {
+                        format!("{} to {}", spec.inputs.0, spec.inputs.1)
+                    },
+                    n.input
+                ))
+            } else if no > spec.outputs.1
+                || no < spec.outputs.0
+                || n.output.iter().take(spec.outputs.0).any(String::is_empty)
+            {
+                Some(format!("has {no} outputs, expected {} to {}", spec.outputs.0, spec.outputs.1))
+            } else {
+                spec::check_attrs(spec, &n.attribute, opset).err()
+            };
         if let Some(msg) = err {
             first_error.get_or_insert_with(|| FormatError::malformed(label(), msg));
             continue;
         }
-        let used_out: Vec<bool> = n
-            .output
-            .iter()
-            .map(|o| !o.is_empty() && used.contains(o.as_str()))
-            .collect();
-        if let Some(why) =
-            convert::static_unsupported(op_type, &Attrs { list: &n.attribute }, &used_out)
-        {
+        let used_out: Vec<bool> = n.output.iter().map(|o| !o.is_empty() && used.contains(o.as_str())).collect();
+        if let Some(why) = convert::static_unsupported(op_type, &Attrs { list: &n.attribute }, &used_out) {
             unsupported.push(format!("{entry}: {why}"));
         }
     }
@@ -186,14 +163,8 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<V
                 }
                 None => {
                     return Err(FormatError::malformed(
-                        format!(
-                            "node '{}' ({})",
-                            node_name(n, i),
-                            n.op_type.as_deref().unwrap_or("")
-                        ),
-                        format!(
-                            "input '{inp}' is not produced by any node, initializer or graph input"
-                        ),
+                        format!("node '{}' ({})", node_name(n, i), n.op_type.as_deref().unwrap_or("")),
+                        format!("input '{inp}' is not produced by any node, initializer or graph input"),
                     ))
                 }
             }
@@ -208,10 +179,7 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<V
             ));
         }
     }
-    let mut ready: BinaryHeap<Reverse<usize>> = (0..gp.node.len())
-        .filter(|&i| indegree[i] == 0)
-        .map(Reverse)
-        .collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..gp.node.len()).filter(|&i| indegree[i] == 0).map(Reverse).collect();
     let mut order = Vec::with_capacity(gp.node.len());
     while let Some(Reverse(i)) = ready.pop() {
         order.push(i);
@@ -236,16 +204,11 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<V
 fn input_fact(v: &ValueInfoProto) -> Result<Fact> {
     let name = v.name.as_deref().unwrap_or("");
     let unsupported = |msg: &str| FormatError::Unsupported(format!("graph input '{name}': {msg}"));
-    let Some(type_proto::Value::TensorType(tt)) = v.r#type.as_ref().and_then(|t| t.value.as_ref())
-    else {
+    let Some(type_proto::Value::TensorType(tt)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
         return Err(unsupported("only tensor inputs are supported"));
     };
-    let dtype =
-        dtype_from_onnx(tt.elem_type.unwrap_or(0)).map_err(|e| unsupported(&e.to_string()))?;
-    let shape = tt
-        .shape
-        .as_ref()
-        .ok_or_else(|| unsupported("its shape (rank) is not declared"))?;
+    let dtype = dtype_from_onnx(tt.elem_type.unwrap_or(0)).map_err(|e| unsupported(&e.to_string()))?;
+    let shape = tt.shape.as_ref().ok_or_else(|| unsupported("its shape (rank) is not declared"))?;
     use super::proto::tensor_shape_proto::dimension::Value;
     let dims = shape
         .dim
@@ -294,14 +257,8 @@ impl Values {
 
 fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) -> Result<Graph> {
     let mut g = Graph::default();
-    let mut values = Values {
-        map: HashMap::new(),
-    };
-    let init_names: HashSet<&str> = gp
-        .initializer
-        .iter()
-        .filter_map(|t| t.name.as_deref())
-        .collect();
+    let mut values = Values { map: HashMap::new() };
+    let init_names: HashSet<&str> = gp.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
     for v in &gp.input {
         let name = v.name.as_deref().unwrap_or("");
         if init_names.contains(name) {
@@ -314,9 +271,7 @@ fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) 
     for t in &gp.initializer {
         let name = t.name.as_deref().unwrap_or("");
         let tensor = tensor_from_proto(t, base_dir)?;
-        values
-            .map
-            .insert(name.to_string(), Val::Pending(Arc::new(tensor)));
+        values.map.insert(name.to_string(), Val::Pending(Arc::new(tensor)));
     }
     let mut used: HashSet<&str> = gp.output.iter().filter_map(|v| v.name.as_deref()).collect();
     for n in &gp.node {
@@ -343,11 +298,7 @@ fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) 
                 konsts.push(None);
                 continue;
             }
-            inputs.push(if lazy.contains(&k) {
-                None
-            } else {
-                values.outlet(&mut g, s)?
-            });
+            inputs.push(if lazy.contains(&k) { None } else { values.outlet(&mut g, s)? });
             konsts.push(values.konst(&g, s));
         }
         let mut cx = Cx {
@@ -383,9 +334,9 @@ fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) 
     }
     for v in &gp.output {
         let name = v.name.as_deref().unwrap_or("");
-        let o = values.outlet(&mut g, name)?.ok_or_else(|| {
-            FormatError::malformed("graph", format!("output '{name}' is not produced"))
-        })?;
+        let o = values
+            .outlet(&mut g, name)?
+            .ok_or_else(|| FormatError::malformed("graph", format!("output '{name}' is not produced")))?;
         g.add_output(name, o);
     }
     Ok(g)

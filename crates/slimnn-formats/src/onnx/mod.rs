@@ -56,19 +56,15 @@ const PROTOBUF_LIMIT: usize = (1 << 31) - 1;
 
 /// Imports an ONNX model file; external data is resolved against the file's folder.
 pub fn load(path: &Path) -> Result<Graph> {
-    let bytes = std::fs::read(path).map_err(|source| FormatError::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| FormatError::Io { path: path.display().to_string(), source })?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     from_bytes(&bytes, Some(dir)).map_err(|e| match e {
-        FormatError::Malformed { what, msg } => FormatError::Malformed {
-            what: format!("{}: {what}", path.display()),
-            msg,
-        },
+        FormatError::Malformed { what, msg } => {
+            FormatError::Malformed { what: format!("{}: {what}", path.display()), msg }
+        }
         other => other,
     })
 }
@@ -76,9 +72,8 @@ pub fn load(path: &Path) -> Result<Graph> {
 /// Imports a serialized `ModelProto`. `base_dir` is the folder external data paths are relative
 /// to; models with external data cannot be read without it.
 pub fn from_bytes(bytes: &[u8], base_dir: Option<&Path>) -> Result<Graph> {
-    let model = proto::ModelProto::decode(bytes).map_err(|e| {
-        FormatError::malformed("ONNX model", format!("not a valid ModelProto: {e}"))
-    })?;
+    let model = proto::ModelProto::decode(bytes)
+        .map_err(|e| FormatError::malformed("ONNX model", format!("not a valid ModelProto: {e}")))?;
     import::import(&model, base_dir)
 }
 
@@ -109,9 +104,7 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions {
-            external_data_threshold: 1_800_000_000,
-        }
+        SaveOptions { external_data_threshold: 1_800_000_000 }
     }
 }
 
@@ -128,36 +121,22 @@ const EXTERNAL_ALIGN: usize = 64;
 /// [`save`] with explicit options.
 pub fn save_with(graph: &Graph, path: &Path, opts: &SaveOptions) -> Result<()> {
     let mut model = export::export(graph)?;
-    let gp = model
-        .graph
-        .as_mut()
-        .ok_or_else(|| FormatError::Invalid("exported model has no graph".into()))?;
-    let total: u64 = gp
-        .initializer
-        .iter()
-        .map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64))
-        .sum();
+    let gp = model.graph.as_mut().ok_or_else(|| FormatError::Invalid("exported model has no graph".into()))?;
+    let total: u64 = gp.initializer.iter().map(|t| t.raw_data.as_ref().map_or(0, |r| r.len() as u64)).sum();
     if total > opts.external_data_threshold {
-        let file_name = path.file_name().ok_or_else(|| {
-            FormatError::Invalid(format!("{} is not a file path", path.display()))
-        })?;
+        let file_name =
+            path.file_name().ok_or_else(|| FormatError::Invalid(format!("{} is not a file path", path.display())))?;
         let data_name = format!("{}.data", file_name.to_string_lossy());
         let mut data: Vec<u8> = Vec::new();
         for t in &mut gp.initializer {
-            if t.raw_data
-                .as_ref()
-                .is_none_or(|r| r.len() < EXTERNAL_MIN_BYTES)
-            {
+            if t.raw_data.as_ref().is_none_or(|r| r.len() < EXTERNAL_MIN_BYTES) {
                 continue;
             }
             let raw = t.raw_data.take().unwrap_or_default();
             data.resize(data.len().next_multiple_of(EXTERNAL_ALIGN), 0);
             let offset = data.len();
             data.extend_from_slice(&raw);
-            let kv = |k: &str, v: String| StringStringEntryProto {
-                key: Some(k.into()),
-                value: Some(v),
-            };
+            let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
             t.data_location = Some(DataLocation::External as i32);
             t.external_data = vec![
                 kv("location", data_name.clone()),

@@ -49,19 +49,11 @@ pub struct AttrSpec {
 }
 
 const fn a(name: &'static str, ty: AttrTy) -> AttrSpec {
-    AttrSpec {
-        name,
-        ty,
-        req: Req::No,
-    }
+    AttrSpec { name, ty, req: Req::No }
 }
 
 const fn req(name: &'static str, ty: AttrTy) -> AttrSpec {
-    AttrSpec {
-        name,
-        ty,
-        req: Req::Yes,
-    }
+    AttrSpec { name, ty, req: Req::Yes }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,13 +75,7 @@ const fn op(
     outputs: (usize, usize),
     attrs: &'static [AttrSpec],
 ) -> OpSpec {
-    OpSpec {
-        op,
-        since,
-        inputs,
-        outputs,
-        attrs,
-    }
+    OpSpec { op, since, inputs, outputs, attrs }
 }
 
 const fn unary(name: &'static str, since: i64) -> OpSpec {
@@ -102,14 +88,8 @@ const fn binary(name: &'static str, since: i64) -> OpSpec {
 
 use AttrTy::*;
 
-const CONV_ATTRS: &[AttrSpec] = &[
-    a("auto_pad", S),
-    a("dilations", Is),
-    a("group", I),
-    a("kernel_shape", Is),
-    a("pads", Is),
-    a("strides", Is),
-];
+const CONV_ATTRS: &[AttrSpec] =
+    &[a("auto_pad", S), a("dilations", Is), a("group", I), a("kernel_shape", Is), a("pads", Is), a("strides", Is)];
 const CONV_T_ATTRS: &[AttrSpec] = &[
     a("auto_pad", S),
     a("dilations", Is),
@@ -120,11 +100,7 @@ const CONV_T_ATTRS: &[AttrSpec] = &[
     a("output_padding", Is),
     a("output_shape", Is),
 ];
-const REDUCE_ATTRS: &[AttrSpec] = &[
-    a("axes", Is),
-    a("keepdims", I),
-    a("noop_with_empty_axes", I),
-];
+const REDUCE_ATTRS: &[AttrSpec] = &[a("axes", Is), a("keepdims", I), a("noop_with_empty_axes", I)];
 const ARG_ATTRS: &[AttrSpec] = &[a("axis", I), a("keepdims", I), a("select_last_index", I)];
 const SOFTMAX_ATTRS: &[AttrSpec] = &[a("axis", I)];
 
@@ -152,13 +128,7 @@ pub const SPECS: &[OpSpec] = &[
     unary("Identity", 1),
     op("LeakyRelu", 1, (1, 1), (1, 1), &[a("alpha", F)]),
     op("Elu", 1, (1, 1), (1, 1), &[a("alpha", F)]),
-    op(
-        "HardSigmoid",
-        1,
-        (1, 1),
-        (1, 1),
-        &[a("alpha", F), a("beta", F)],
-    ),
+    op("HardSigmoid", 1, (1, 1), (1, 1), &[a("alpha", F), a("beta", F)]),
     op("Gelu", 20, (1, 1), (1, 1), &[a("approximate", S)]),
     binary("Add", 1),
     binary("Sub", 1),
@@ -180,46 +150,16 @@ pub const SPECS: &[OpSpec] = &[
     op("Max", 1, (1, MANY), (1, 1), &[]),
     op("Min", 1, (1, MANY), (1, 1), &[]),
     op("Where", 9, (3, 3), (1, 1), &[]),
-    op(
-        "Cast",
-        1,
-        (1, 1),
-        (1, 1),
-        &[req("to", I), a("saturate", I), a("round_mode", S)],
-    ),
-    op(
-        "CastLike",
-        15,
-        (2, 2),
-        (1, 1),
-        &[a("saturate", I), a("round_mode", S)],
-    ),
+    op("Cast", 1, (1, 1), (1, 1), &[req("to", I), a("saturate", I), a("round_mode", S)]),
+    op("CastLike", 15, (2, 2), (1, 1), &[a("saturate", I), a("round_mode", S)]),
     op("Clip", 1, (1, 3), (1, 1), &[]),
     op("Dropout", 1, (1, 3), (1, 2), &[a("ratio", F), a("seed", I)]),
     op("MatMul", 1, (2, 2), (1, 1), &[]),
-    op(
-        "Gemm",
-        1,
-        (2, 3),
-        (1, 1),
-        &[a("alpha", F), a("beta", F), a("transA", I), a("transB", I)],
-    ),
+    op("Gemm", 1, (2, 3), (1, 1), &[a("alpha", F), a("beta", F), a("transA", I), a("transB", I)]),
     op("Softmax", 1, (1, 1), (1, 1), SOFTMAX_ATTRS),
     op("LogSoftmax", 1, (1, 1), (1, 1), SOFTMAX_ATTRS),
-    op(
-        "LayerNormalization",
-        17,
-        (2, 3),
-        (1, 3),
-        &[a("axis", I), a("epsilon", F), a("stash_type", I)],
-    ),
-    op(
-        "BatchNormalization",
-        1,
-        (5, 5),
-        (1, 5),
-        &[a("epsilon", F), a("momentum", F), a("training_mode", I)],
-    ),
+    op("LayerNormalization", 17, (2, 3), (1, 3), &[a("axis", I), a("epsilon", F), a("stash_type", I)]),
+    op("BatchNormalization", 1, (5, 5), (1, 5), &[a("epsilon", F), a("momentum", F), a("training_mode", I)]),
     op("ReduceSum", 1, (1, 2), (1, 1), REDUCE_ATTRS),
     op("ReduceMean", 1, (1, 2), (1, 1), REDUCE_ATTRS),
     op("ReduceMax", 1, (1, 2), (1, 1), REDUCE_ATTRS),
@@ -236,27 +176,11 @@ pub const SPECS: &[OpSpec] = &[
     unary("Size", 1),
     op("Reshape", 5, (2, 2), (1, 1), &[a("allowzero", I)]),
     op("Transpose", 1, (1, 1), (1, 1), &[a("perm", Is)]),
-    op(
-        "Unsqueeze",
-        1,
-        (1, 2),
-        (1, 1),
-        &[AttrSpec {
-            name: "axes",
-            ty: Is,
-            req: Req::Before(13),
-        }],
-    ),
+    op("Unsqueeze", 1, (1, 2), (1, 1), &[AttrSpec { name: "axes", ty: Is, req: Req::Before(13) }]),
     op("Squeeze", 1, (1, 2), (1, 1), &[a("axes", Is)]),
     op("Concat", 4, (1, MANY), (1, 1), &[req("axis", I)]),
     op("Slice", 10, (3, 5), (1, 1), &[]),
-    op(
-        "Split",
-        2,
-        (1, 2),
-        (1, MANY),
-        &[a("axis", I), a("split", Is), a("num_outputs", I)],
-    ),
+    op("Split", 2, (1, 2), (1, MANY), &[a("axis", I), a("split", Is), a("num_outputs", I)]),
     op("Expand", 8, (2, 2), (1, 1), &[]),
     op("Gather", 1, (2, 2), (1, 1), &[a("axis", I)]),
     op("ConstantOfShape", 9, (1, 1), (1, 1), &[a("value", T)]),
@@ -320,21 +244,9 @@ pub const SPECS: &[OpSpec] = &[
         10,
         (2, 3),
         (1, 1),
-        &[
-            a("axis", I),
-            a("saturate", I),
-            a("block_size", I),
-            a("output_dtype", I),
-            a("precision", I),
-        ],
+        &[a("axis", I), a("saturate", I), a("block_size", I), a("output_dtype", I), a("precision", I)],
     ),
-    op(
-        "DequantizeLinear",
-        10,
-        (2, 3),
-        (1, 1),
-        &[a("axis", I), a("block_size", I), a("output_dtype", I)],
-    ),
+    op("DequantizeLinear", 10, (2, 3), (1, 1), &[a("axis", I), a("block_size", I), a("output_dtype", I)]),
     op("DynamicQuantizeLinear", 11, (1, 1), (3, 3), &[]),
     op("MatMulInteger", 10, (2, 4), (1, 1), &[]),
     op("ConvInteger", 10, (2, 4), (1, 1), CONV_ATTRS),
@@ -457,9 +369,7 @@ impl<'a> Attrs<'a> {
     }
 
     pub fn s(&self, name: &str) -> Option<String> {
-        self.get(name)
-            .and_then(|a| a.s.as_ref())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
+        self.get(name).and_then(|a| a.s.as_ref()).map(|s| String::from_utf8_lossy(s).into_owned())
     }
 
     pub fn s_or(&self, name: &str, d: &str) -> String {
@@ -495,11 +405,7 @@ mod tests {
     #[test]
     fn names_are_unique() {
         for (i, s) in SPECS.iter().enumerate() {
-            assert!(
-                SPECS[..i].iter().all(|o| o.op != s.op),
-                "{} listed twice",
-                s.op
-            );
+            assert!(SPECS[..i].iter().all(|o| o.op != s.op), "{} listed twice", s.op);
         }
     }
 
@@ -507,18 +413,12 @@ mod tests {
     fn attribute_checks() {
         let concat = spec("Concat").unwrap();
         assert!(check_attrs(concat, &[int_attr("axis", 0)], 13).is_ok());
-        assert_eq!(
-            check_attrs(concat, &[], 13).unwrap_err(),
-            "required attribute 'axis' is missing"
-        );
+        assert_eq!(check_attrs(concat, &[], 13).unwrap_err(), "required attribute 'axis' is missing");
         let mut f = int_attr("axis", 0);
         f.r#type = Some(AttributeType::Float as i32);
         f.i = None;
         f.f = Some(1.0);
-        assert_eq!(
-            check_attrs(concat, &[f], 13).unwrap_err(),
-            "attribute 'axis' must be int, got float"
-        );
+        assert_eq!(check_attrs(concat, &[f], 13).unwrap_err(), "attribute 'axis' must be int, got float");
         let unsq = spec("Unsqueeze").unwrap();
         assert!(check_attrs(unsq, &[], 11).is_err());
         assert!(check_attrs(unsq, &[], 13).is_ok());

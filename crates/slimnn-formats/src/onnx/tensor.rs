@@ -10,8 +10,8 @@ use std::path::{Component, Path, PathBuf};
 /// The slimnn dtype of an ONNX `TensorProto.DataType` code, or an error naming the type when
 /// slimnn has no equivalent (strings, unsigned 16/32/64-bit, complex, fp8, 4-bit, ...).
 pub fn dtype_from_onnx(code: i32) -> Result<DType> {
-    let dt = DataType::try_from(code)
-        .map_err(|_| FormatError::Unsupported(format!("unknown ONNX data type {code}")))?;
+    let dt =
+        DataType::try_from(code).map_err(|_| FormatError::Unsupported(format!("unknown ONNX data type {code}")))?;
     Ok(match dt {
         DataType::Float => DType::F32,
         DataType::Double => DType::F64,
@@ -24,10 +24,7 @@ pub fn dtype_from_onnx(code: i32) -> Result<DType> {
         DataType::Int64 => DType::I64,
         DataType::Bool => DType::Bool,
         other => {
-            return Err(FormatError::Unsupported(format!(
-                "ONNX data type {} is not supported",
-                other.as_str_name()
-            )))
+            return Err(FormatError::Unsupported(format!("ONNX data type {} is not supported", other.as_str_name())))
         }
     })
 }
@@ -62,12 +59,10 @@ fn tensor_label(t: &TensorProto) -> String {
 pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Tensor> {
     let what = tensor_label(t);
     let bad = |msg: String| FormatError::malformed(what.clone(), msg);
-    let dtype = dtype_from_onnx(t.data_type.unwrap_or(0))
-        .map_err(|e| FormatError::Unsupported(format!("{what}: {e}")))?;
+    let dtype =
+        dtype_from_onnx(t.data_type.unwrap_or(0)).map_err(|e| FormatError::Unsupported(format!("{what}: {e}")))?;
     if t.segment.is_some() {
-        return Err(FormatError::Unsupported(format!(
-            "{what}: segmented tensors are not supported"
-        )));
+        return Err(FormatError::Unsupported(format!("{what}: segmented tensors are not supported")));
     }
     let shape: Vec<usize> = t
         .dims
@@ -95,22 +90,15 @@ pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Ten
     }
     let count = |n: usize, field: &str| {
         if n != numel {
-            Err(bad(format!(
-                "{field} holds {n} values but shape {shape:?} has {numel} elements"
-            )))
+            Err(bad(format!("{field} holds {n} values but shape {shape:?} has {numel} elements")))
         } else {
             Ok(())
         }
     };
     let t32 = &t.int32_data;
     let narrow = |field_vals: &[i32], lo: i64, hi: i64| -> Result<()> {
-        match field_vals
-            .iter()
-            .find(|&&v| (v as i64) < lo || (v as i64) > hi)
-        {
-            Some(v) => Err(bad(format!(
-                "int32_data value {v} is out of range for {dtype}"
-            ))),
+        match field_vals.iter().find(|&&v| (v as i64) < lo || (v as i64) > hi) {
+            Some(v) => Err(bad(format!("int32_data value {v} is out of range for {dtype}"))),
             None => Ok(()),
         }
     };
@@ -153,17 +141,11 @@ pub fn tensor_from_proto(t: &TensorProto, base_dir: Option<&Path>) -> Result<Ten
         // Half floats are stored as their 16 bits in the low half of each int32.
         DType::F16 => {
             count(t32.len(), "int32_data")?;
-            Tensor::from_vec(
-                shape.clone(),
-                t32.iter().map(|&v| f16::from_bits(v as u16)).collect(),
-            )?
+            Tensor::from_vec(shape.clone(), t32.iter().map(|&v| f16::from_bits(v as u16)).collect())?
         }
         DType::BF16 => {
             count(t32.len(), "int32_data")?;
-            Tensor::from_vec(
-                shape.clone(),
-                t32.iter().map(|&v| bf16::from_bits(v as u16)).collect(),
-            )?
+            Tensor::from_vec(shape.clone(), t32.iter().map(|&v| bf16::from_bits(v as u16)).collect())?
         }
         DType::Block(_) => unreachable!("dtype_from_onnx never yields block formats"),
     };
@@ -179,10 +161,7 @@ fn read_external(t: &TensorProto, base_dir: Option<&Path>, nbytes: u64) -> Resul
     let mut length: Option<u64> = None;
     for StringStringEntryProto { key, value } in &t.external_data {
         let value = value.as_deref().unwrap_or("");
-        let num = |v: &str| {
-            v.parse::<u64>()
-                .map_err(|_| bad(format!("external data {key:?} is not a number: {v:?}")))
-        };
+        let num = |v: &str| v.parse::<u64>().map_err(|_| bad(format!("external data {key:?} is not a number: {v:?}")));
         match key.as_deref() {
             Some("location") => location = Some(value.to_string()),
             Some("offset") => offset = num(value)?,
@@ -192,21 +171,14 @@ fn read_external(t: &TensorProto, base_dir: Option<&Path>, nbytes: u64) -> Resul
     }
     let location = location.ok_or_else(|| bad("external data has no location".into()))?;
     let base = base_dir.ok_or_else(|| {
-        bad(format!(
-            "external data '{location}' needs the model's folder (load the model from a file)"
-        ))
+        bad(format!("external data '{location}' needs the model's folder (load the model from a file)"))
     })?;
     let path = resolve_inside(base, &location)?;
-    let io = |e: std::io::Error| FormatError::Io {
-        path: path.display().to_string(),
-        source: e,
-    };
+    let io = |e: std::io::Error| FormatError::Io { path: path.display().to_string(), source: e };
     let mut file = std::fs::File::open(&path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     if offset > file_len {
-        return Err(bad(format!(
-            "external data offset {offset} is beyond the end of '{location}' ({file_len} bytes)"
-        )));
+        return Err(bad(format!("external data offset {offset} is beyond the end of '{location}' ({file_len} bytes)")));
     }
     let length = length.unwrap_or(file_len - offset);
     if length > file_len - offset {
@@ -215,9 +187,7 @@ fn read_external(t: &TensorProto, base_dir: Option<&Path>, nbytes: u64) -> Resul
         )));
     }
     if length != nbytes {
-        return Err(bad(format!(
-            "external data length {length} does not match the {nbytes} bytes the shape needs"
-        )));
+        return Err(bad(format!("external data length {length} does not match the {nbytes} bytes the shape needs")));
     }
     file.seek(SeekFrom::Start(offset)).map_err(io)?;
     let mut buf = Vec::new();
@@ -225,9 +195,7 @@ fn read_external(t: &TensorProto, base_dir: Option<&Path>, nbytes: u64) -> Resul
         .map_err(|_| bad(format!("cannot allocate {nbytes} bytes for external data")))?;
     file.take(nbytes).read_to_end(&mut buf).map_err(io)?;
     if buf.len() as u64 != nbytes {
-        return Err(bad(format!(
-            "external data file '{location}' shrank while reading"
-        )));
+        return Err(bad(format!("external data file '{location}' shrank while reading")));
     }
     Ok(buf)
 }
@@ -239,25 +207,18 @@ fn resolve_inside(base: &Path, location: &str) -> Result<PathBuf> {
     let rel = Path::new(location);
     if location.is_empty()
         || rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
     {
         return Err(bad(format!(
             "external data location '{location}' must be a relative path inside the model's folder"
         )));
     }
     let path = base.join(rel);
-    let io = |p: &Path, e: std::io::Error| FormatError::Io {
-        path: p.display().to_string(),
-        source: e,
-    };
+    let io = |p: &Path, e: std::io::Error| FormatError::Io { path: p.display().to_string(), source: e };
     let real_base = base.canonicalize().map_err(|e| io(base, e))?;
     let real = path.canonicalize().map_err(|e| io(&path, e))?;
     if !real.starts_with(&real_base) {
-        return Err(bad(format!(
-            "external data location '{location}' leads outside the model's folder"
-        )));
+        return Err(bad(format!("external data location '{location}' leads outside the model's folder")));
     }
     Ok(real)
 }
@@ -266,12 +227,8 @@ fn resolve_inside(base: &Path, location: &str) -> Result<PathBuf> {
 /// Block-quantized tensors and tensors carrying quantization parameters have no plain ONNX
 /// tensor form and are refused.
 pub fn tensor_to_proto(t: &Tensor, name: &str) -> Result<TensorProto> {
-    let code = dtype_to_onnx(t.dtype()).ok_or_else(|| {
-        FormatError::Unsupported(format!(
-            "tensor '{name}': {} has no ONNX tensor type",
-            t.dtype()
-        ))
-    })?;
+    let code = dtype_to_onnx(t.dtype())
+        .ok_or_else(|| FormatError::Unsupported(format!("tensor '{name}': {} has no ONNX tensor type", t.dtype())))?;
     if t.quant().is_some() {
         return Err(FormatError::Unsupported(format!(
             "tensor '{name}': quantization parameters attached to a tensor cannot be stored in ONNX"
@@ -291,25 +248,14 @@ mod tests {
     use super::*;
 
     fn proto(dt: DataType, dims: &[i64]) -> TensorProto {
-        TensorProto {
-            dims: dims.to_vec(),
-            data_type: Some(dt as i32),
-            name: Some("t".into()),
-            ..Default::default()
-        }
+        TensorProto { dims: dims.to_vec(), data_type: Some(dt as i32), name: Some("t".into()), ..Default::default() }
     }
 
     #[test]
     fn typed_fields() {
         let mut p = proto(DataType::Float, &[2]);
         p.float_data = vec![1.5, -2.0];
-        assert_eq!(
-            tensor_from_proto(&p, None)
-                .unwrap()
-                .as_slice::<f32>()
-                .unwrap(),
-            &[1.5, -2.0]
-        );
+        assert_eq!(tensor_from_proto(&p, None).unwrap().as_slice::<f32>().unwrap(), &[1.5, -2.0]);
 
         let mut p = proto(DataType::Float16, &[2]);
         // 0x3c00 = 1.0, 0xc000 = -2.0 in IEEE half.
@@ -323,43 +269,22 @@ mod tests {
 
         let mut p = proto(DataType::Uint8, &[3]);
         p.int32_data = vec![0, 7, 255];
-        assert_eq!(
-            tensor_from_proto(&p, None)
-                .unwrap()
-                .as_slice::<u8>()
-                .unwrap(),
-            &[0, 7, 255]
-        );
+        assert_eq!(tensor_from_proto(&p, None).unwrap().as_slice::<u8>().unwrap(), &[0, 7, 255]);
         p.int32_data = vec![0, 7, 256];
         assert!(tensor_from_proto(&p, None).is_err());
 
         let mut p = proto(DataType::Bool, &[2]);
         p.int32_data = vec![0, 1];
-        assert_eq!(
-            tensor_from_proto(&p, None)
-                .unwrap()
-                .as_slice::<bool>()
-                .unwrap(),
-            &[false, true]
-        );
+        assert_eq!(tensor_from_proto(&p, None).unwrap().as_slice::<bool>().unwrap(), &[false, true]);
 
         let mut p = proto(DataType::Int64, &[]);
         p.int64_data = vec![-3];
         let t = tensor_from_proto(&p, None).unwrap();
-        assert_eq!(
-            (t.shape(), t.as_slice::<i64>().unwrap()),
-            (&[][..], &[-3i64][..])
-        );
+        assert_eq!((t.shape(), t.as_slice::<i64>().unwrap()), (&[][..], &[-3i64][..]));
 
         let mut p = proto(DataType::Double, &[1]);
         p.double_data = vec![0.25];
-        assert_eq!(
-            tensor_from_proto(&p, None)
-                .unwrap()
-                .as_slice::<f64>()
-                .unwrap(),
-            &[0.25]
-        );
+        assert_eq!(tensor_from_proto(&p, None).unwrap().as_slice::<f64>().unwrap(), &[0.25]);
     }
 
     #[test]
@@ -370,10 +295,7 @@ mod tests {
 
         let mut short = p.clone();
         short.raw_data = Some(vec![0; 15]);
-        assert!(matches!(
-            tensor_from_proto(&short, None),
-            Err(FormatError::Malformed { .. })
-        ));
+        assert!(matches!(tensor_from_proto(&short, None), Err(FormatError::Malformed { .. })));
 
         let mut huge = proto(DataType::Float, &[1 << 40, 1 << 40]);
         assert!(tensor_from_proto(&huge, None).is_err());
@@ -388,12 +310,8 @@ mod tests {
         assert_eq!(tensor_from_proto(&empty, None).unwrap().shape(), &[0, 3]);
 
         let s = proto(DataType::String, &[1]);
-        assert!(matches!(
-            tensor_from_proto(&s, None),
-            Err(FormatError::Unsupported(_))
-        ));
-        let blk =
-            Tensor::from_blocks(vec![32], slimnn_tensor::BlockKind::Q8_0, vec![0; 34]).unwrap();
+        assert!(matches!(tensor_from_proto(&s, None), Err(FormatError::Unsupported(_))));
+        let blk = Tensor::from_blocks(vec![32], slimnn_tensor::BlockKind::Q8_0, vec![0; 34]).unwrap();
         assert!(tensor_to_proto(&blk, "b").is_err());
     }
 
@@ -405,10 +323,7 @@ mod tests {
         let ext = |loc: &str, off: &str, len: &str| {
             let mut p = proto(DataType::Float, &[2]);
             p.data_location = Some(DataLocation::External as i32);
-            let kv = |k: &str, v: &str| StringStringEntryProto {
-                key: Some(k.into()),
-                value: Some(v.into()),
-            };
+            let kv = |k: &str, v: &str| StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
             p.external_data = vec![kv("location", loc), kv("offset", off), kv("length", len)];
             p
         };

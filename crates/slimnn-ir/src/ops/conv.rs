@@ -95,39 +95,23 @@ impl Geometry {
     }
 }
 
-fn defaulted(
-    op: &'static str,
-    what: &str,
-    v: &[usize],
-    n: usize,
-    default: usize,
-    min: usize,
-) -> IrResult<Vec<usize>> {
-    let v = if v.is_empty() {
-        vec![default; n]
-    } else {
-        v.to_vec()
-    };
+fn defaulted(op: &'static str, what: &str, v: &[usize], n: usize, default: usize, min: usize) -> IrResult<Vec<usize>> {
+    let v = if v.is_empty() { vec![default; n] } else { v.to_vec() };
     if v.len() != n {
         op_bail!(op, "{what} has {} values, expected {n}", v.len());
     }
     if let Some(bad) = v.iter().find(|&&x| x < min || x > MAX_ATTR) {
-        op_bail!(
-            op,
-            "{what} value {bad} is out of range ({min} to {MAX_ATTR})"
-        );
+        op_bail!(op, "{what} value {bad} is out of range ({min} to {MAX_ATTR})");
     }
     Ok(v)
 }
 
 fn to_usize(op: &'static str, v: i128) -> IrResult<usize> {
-    usize::try_from(v)
-        .map_err(|_| crate::IrError::op(op, format!("window geometry gives an invalid size {v}")))
+    usize::try_from(v).map_err(|_| crate::IrError::op(op, format!("window geometry gives an invalid size {v}")))
 }
 
 fn to_i64(op: &'static str, v: i128) -> IrResult<i64> {
-    i64::try_from(v)
-        .map_err(|_| crate::IrError::op(op, format!("window geometry gives an invalid pad {v}")))
+    i64::try_from(v).map_err(|_| crate::IrError::op(op, format!("window geometry gives an invalid pad {v}")))
 }
 
 /// `ceil(a / b)` for `b > 0` and any sign of `a`.
@@ -236,26 +220,17 @@ impl Window {
         let upper = self.auto_pad == AutoPad::SameUpper;
         let (out, pb) = match (output_len, self.auto_pad) {
             (Some(o), _) => (o as i128, split_pad(full - o as i128, upper).0),
-            (None, AutoPad::SameUpper | AutoPad::SameLower) => {
-                (len * s, split_pad(full - len * s, upper).0)
-            }
+            (None, AutoPad::SameUpper | AutoPad::SameLower) => (len * s, split_pad(full - len * s, upper).0),
             (None, AutoPad::Valid) => (full, 0),
             (None, AutoPad::NotSet) => {
                 let (pb, pe) = (self.pads[i] as i128, self.pads[i + self.rank()] as i128);
                 if full - pb - pe < 0 {
-                    op_bail!(
-                        op,
-                        "pads {pb}+{pe} exceed the full output length {full} in spatial dim {i}"
-                    );
+                    op_bail!(op, "pads {pb}+{pe} exceed the full output length {full} in spatial dim {i}");
                 }
                 (full - pb - pe, pb)
             }
         };
-        Ok((
-            to_usize(op, out)?,
-            to_i64(op, pb)?,
-            to_i64(op, full - out - pb)?,
-        ))
+        Ok((to_usize(op, out)?, to_i64(op, pb)?, to_i64(op, full - out - pb)?))
     }
 
     /// Whether dim `i` keeps its length whatever it is (so a symbolic dim carries over).
@@ -298,15 +273,10 @@ impl Window {
             .map(|(i, d)| {
                 let want = output_shape.map(|o| o[i]);
                 match d {
-                    Dim::Known(len) => Ok(Dim::Known(
-                        self.resolve_transposed(op, i, *len, output_padding[i], want)?
-                            .0,
-                    )),
+                    Dim::Known(len) => Ok(Dim::Known(self.resolve_transposed(op, i, *len, output_padding[i], want)?.0)),
                     _ if want.is_some() => Ok(want.map_or(Dim::Unknown, Dim::Known)),
                     // SAME asks for `in * stride`.
-                    d if self.strides[i] == 1
-                        && matches!(self.auto_pad, AutoPad::SameUpper | AutoPad::SameLower) =>
-                    {
+                    d if self.strides[i] == 1 && matches!(self.auto_pad, AutoPad::SameUpper | AutoPad::SameLower) => {
                         Ok(d.clone())
                     }
                     _ => Ok(Dim::Unknown),
@@ -317,11 +287,7 @@ impl Window {
 
     fn check_rank(&self, op: &'static str, n: usize) -> IrResult<()> {
         if n != self.rank() {
-            op_bail!(
-                op,
-                "the window has {} spatial dims but the input has {n}",
-                self.rank()
-            );
+            op_bail!(op, "the window has {} spatial dims but the input has {n}", self.rank());
         }
         Ok(())
     }
@@ -352,9 +318,7 @@ impl Window {
     /// Concrete geometry for input spatial dims `input`.
     pub fn geometry(&self, op: &'static str, input: &[usize]) -> IrResult<Geometry> {
         self.check_rank(op, input.len())?;
-        let dims: Vec<_> = (0..input.len())
-            .map(|i| self.resolve(op, i, input[i]))
-            .collect::<IrResult<_>>()?;
+        let dims: Vec<_> = (0..input.len()).map(|i| self.resolve(op, i, input[i])).collect::<IrResult<_>>()?;
         Ok(self.widen(input, &dims))
     }
 
@@ -368,15 +332,7 @@ impl Window {
     ) -> IrResult<Geometry> {
         self.check_rank(op, input.len())?;
         let dims: Vec<_> = (0..input.len())
-            .map(|i| {
-                self.resolve_transposed(
-                    op,
-                    i,
-                    input[i],
-                    output_padding[i],
-                    output_shape.map(|o| o[i]),
-                )
-            })
+            .map(|i| self.resolve_transposed(op, i, input[i], output_padding[i], output_shape.map(|o| o[i])))
             .collect::<IrResult<_>>()?;
         Ok(self.widen(input, &dims))
     }
@@ -386,30 +342,18 @@ impl Window {
 pub(crate) fn valid_range(n: usize, limit: usize, step: usize, offset: i64) -> Range<usize> {
     let (s, off, lim) = (step as i64, offset, limit as i64);
     let lo = if off >= 0 { 0 } else { (s - 1 - off) / s };
-    let hi = if lim <= off {
-        0
-    } else {
-        (lim - off + s - 1) / s
-    };
+    let hi = if lim <= off { 0 } else { (lim - off + s - 1) / s };
     let hi = hi.min(n as i64).max(0) as usize;
     (lo as usize).min(hi)..hi
 }
 
 /// The kernel's spatial dims: `kernel_shape` when set (checked against the weights), else
 /// the weights' own; `None` when neither is known.
-fn kernel_dims(
-    op: &'static str,
-    attrs: &ConvAttrs,
-    w_spatial: &[Dim],
-) -> IrResult<Option<Vec<usize>>> {
+fn kernel_dims(op: &'static str, attrs: &ConvAttrs, w_spatial: &[Dim]) -> IrResult<Option<Vec<usize>>> {
     match &attrs.kernel_shape {
         Some(k) => {
             if k.len() != w_spatial.len() {
-                op_bail!(
-                    op,
-                    "kernel_shape {k:?} does not match the weights' {} spatial dims",
-                    w_spatial.len()
-                );
+                op_bail!(op, "kernel_shape {k:?} does not match the weights' {} spatial dims", w_spatial.len());
             }
             for (a, d) in k.iter().zip(w_spatial) {
                 if matches!(d, Dim::Known(n) if n != a) {
@@ -432,54 +376,24 @@ fn conv_window(op: &'static str, attrs: &ConvAttrs, w_spatial: &[Dim]) -> IrResu
     let kernel = kernel_dims(op, attrs, w_spatial)?;
     let known = kernel.is_some();
     let kernel = kernel.unwrap_or_else(|| vec![1; w_spatial.len()]);
-    let w = Window::new(
-        op,
-        &kernel,
-        &attrs.strides,
-        &attrs.pads,
-        &attrs.dilations,
-        attrs.auto_pad,
-        false,
-    )?;
+    let w = Window::new(op, &kernel, &attrs.strides, &attrs.pads, &attrs.dilations, attrs.auto_pad, false)?;
     Ok((w, known))
 }
 
 /// Checks the ranks and channel counts of a convolution's input and weights. `transposed`
 /// reads the weights as `[C, M / group, k...]` instead of `[M, C / group, k...]`.
-fn check_conv_operands(
-    op: &'static str,
-    group: usize,
-    x: &[Dim],
-    w: &[Dim],
-    transposed: bool,
-) -> IrResult<()> {
+fn check_conv_operands(op: &'static str, group: usize, x: &[Dim], w: &[Dim], transposed: bool) -> IrResult<()> {
     let r = x.len();
     if !(3..=5).contains(&r) {
-        op_bail!(
-            op,
-            "expects an input of rank 3 to 5 (N, C, 1 to 3 spatial dims), got shape {}",
-            show_dims(x)
-        );
+        op_bail!(op, "expects an input of rank 3 to 5 (N, C, 1 to 3 spatial dims), got shape {}", show_dims(x));
     }
     if w.len() != r {
-        op_bail!(
-            op,
-            "weights of shape {} must have the input's rank {r}",
-            show_dims(w)
-        );
+        op_bail!(op, "weights of shape {} must have the input's rank {r}", show_dims(w));
     }
-    let (x_c, w_c, w_m) = if transposed {
-        (&x[1], &w[0], None)
-    } else {
-        (&x[1], &w[1], Some(&w[0]))
-    };
+    let (x_c, w_c, w_m) = if transposed { (&x[1], &w[0], None) } else { (&x[1], &w[1], Some(&w[0])) };
     match (x_c, w_c) {
         (Dim::Known(c), Dim::Known(wc)) if transposed && c != wc => {
-            op_bail!(
-                op,
-                "input has {c} channels but the weights {} expect {wc}",
-                show_dims(w)
-            )
+            op_bail!(op, "input has {c} channels but the weights {} expect {wc}", show_dims(w))
         }
         (Dim::Known(c), Dim::Known(wc)) if !transposed && *c != wc * group => {
             op_bail!(
@@ -506,19 +420,10 @@ fn check_conv_operands(
 
 /// Output shape `[N, M, spatial...]` of a convolution of `x` by weights `w`, after checking
 /// ranks, channel counts and attributes. Shared by Conv, ConvInteger and QLinearConv.
-pub(crate) fn conv_output_dims(
-    op: &'static str,
-    attrs: &ConvAttrs,
-    x: &[Dim],
-    w: &[Dim],
-) -> IrResult<Vec<Dim>> {
+pub(crate) fn conv_output_dims(op: &'static str, attrs: &ConvAttrs, x: &[Dim], w: &[Dim]) -> IrResult<Vec<Dim>> {
     check_conv_operands(op, attrs.group(), x, w, false)?;
     let (window, known) = conv_window(op, attrs, &w[2..])?;
-    let spatial = if known {
-        window.output_dims(op, &x[2..])?
-    } else {
-        unknown_dims(x.len() - 2)
-    };
+    let spatial = if known { window.output_dims(op, &x[2..])? } else { unknown_dims(x.len() - 2) };
     Ok([vec![x[0].clone(), w[0].clone()], spatial].concat())
 }
 
@@ -701,12 +606,7 @@ fn check_float(op: &'static str, what: &str, dt: DType) -> IrResult<()> {
 fn check_float_operands(op: &'static str, dts: &[DType]) -> IrResult<()> {
     check_float(op, "input", dts[0])?;
     if dts[1] != dts[0] {
-        op_bail!(
-            op,
-            "weights must be {} like the input, got {}",
-            dts[0],
-            dts[1]
-        );
+        op_bail!(op, "weights must be {} like the input, got {}", dts[0], dts[1]);
     }
     Ok(())
 }
@@ -735,26 +635,13 @@ impl OpDef for Conv {
         check_float_operands(op, &[x.dtype(), w.dtype()])?;
         let bias = match inputs.get(2) {
             Some(b) if b.dtype() != x.dtype() || b.rank() != 1 => {
-                op_bail!(
-                    op,
-                    "bias must be a 1-d {} tensor, got {} of shape {:?}",
-                    x.dtype(),
-                    b.dtype(),
-                    b.shape()
-                )
+                op_bail!(op, "bias must be a 1-d {} tensor, got {} of shape {:?}", x.dtype(), b.dtype(), b.shape())
             }
             Some(b) => Some(b.to_f64_vec()),
             None => None,
         };
-        let (shape, y) = conv_f64(
-            op,
-            &self.attrs,
-            &x.to_f64_vec(),
-            x.shape(),
-            &w.to_f64_vec(),
-            w.shape(),
-            bias.as_deref(),
-        )?;
+        let (shape, y) =
+            conv_f64(op, &self.attrs, &x.to_f64_vec(), x.shape(), &w.to_f64_vec(), w.shape(), bias.as_deref())?;
         Ok(vec![Tensor::from_f64s(x.dtype(), shape, &y)?])
     }
 }
@@ -806,10 +693,7 @@ impl OpDef for ConvTranspose {
         if let Some(b) = inputs.get(2) {
             check_bias(op, b, &m, x.dtype)?;
         }
-        Ok(vec![Fact::new(
-            x.dtype,
-            [vec![x.shape[0].clone(), m], spatial].concat(),
-        )])
+        Ok(vec![Fact::new(x.dtype, [vec![x.shape[0].clone(), m], spatial].concat())])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
@@ -844,8 +728,7 @@ impl OpDef for ConvTranspose {
         let mut y = vec![0f64; total];
         if total > 0 {
             let (xv, wv) = (x.to_f64_vec(), w.to_f64_vec());
-            let (in_len, out_len, k_len, cpg) =
-                (g.input_len(), g.output_len(), g.kernel_len(), c / group);
+            let (in_len, out_len, k_len, cpg) = (g.input_len(), g.output_len(), g.kernel_len(), c / group);
             for (ni, yn) in y.chunks_exact_mut(m * out_len).enumerate() {
                 for (mi, yp) in yn.chunks_exact_mut(out_len).enumerate() {
                     yp.fill(bias.as_ref().map_or(0.0, |b| b[mi]));
@@ -877,17 +760,10 @@ mod tests {
 
     fn conv(attrs: ConvAttrs, inputs: &[&Tensor]) -> IrResult<Tensor> {
         let op = Conv { attrs };
-        let facts: Vec<Fact> = inputs
-            .iter()
-            .map(|x| Fact::known(x.dtype(), x.shape()))
-            .collect();
+        let facts: Vec<Fact> = inputs.iter().map(|x| Fact::known(x.dtype(), x.shape())).collect();
         let want = op.output_facts(&facts.iter().collect::<Vec<_>>())?;
         let y = op.eval(inputs)?.remove(0);
-        assert_eq!(
-            want[0].known_shape().as_deref(),
-            Some(y.shape()),
-            "facts agree with eval"
-        );
+        assert_eq!(want[0].known_shape().as_deref(), Some(y.shape()), "facts agree with eval");
         Ok(y)
     }
 
@@ -902,68 +778,21 @@ mod tests {
     #[test]
     fn output_sizes_and_pads() {
         // floor((5 + 1 + 1 - 3) / 2) + 1 = 3
-        assert_eq!(
-            win(3, 2, [1, 1], AutoPad::NotSet, false)
-                .resolve("T", 0, 5)
-                .unwrap(),
-            (3, 1, 1)
-        );
-        assert_eq!(
-            win(3, 2, [9, 9], AutoPad::Valid, false)
-                .resolve("T", 0, 6)
-                .unwrap(),
-            (2, 0, 0)
-        );
+        assert_eq!(win(3, 2, [1, 1], AutoPad::NotSet, false).resolve("T", 0, 5).unwrap(), (3, 1, 1));
+        assert_eq!(win(3, 2, [9, 9], AutoPad::Valid, false).resolve("T", 0, 6).unwrap(), (2, 0, 0));
         // SAME: out = ceil(6 / 4) = 2, total pad (2 - 1) * 4 + 3 - 6 = 1, odd pixel at the end (upper)
         // or the beginning (lower).
-        assert_eq!(
-            win(3, 4, [0, 0], AutoPad::SameUpper, false)
-                .resolve("T", 0, 6)
-                .unwrap(),
-            (2, 0, 1)
-        );
-        assert_eq!(
-            win(3, 4, [0, 0], AutoPad::SameLower, false)
-                .resolve("T", 0, 6)
-                .unwrap(),
-            (2, 1, 0)
-        );
+        assert_eq!(win(3, 4, [0, 0], AutoPad::SameUpper, false).resolve("T", 0, 6).unwrap(), (2, 0, 1));
+        assert_eq!(win(3, 4, [0, 0], AutoPad::SameLower, false).resolve("T", 0, 6).unwrap(), (2, 1, 0));
         // kernel smaller than the stride: no negative pads
-        assert_eq!(
-            win(1, 3, [0, 0], AutoPad::SameUpper, false)
-                .resolve("T", 0, 3)
-                .unwrap(),
-            (1, 0, 0)
-        );
+        assert_eq!(win(1, 3, [0, 0], AutoPad::SameUpper, false).resolve("T", 0, 3).unwrap(), (1, 0, 0));
         // ceil_mode: ceil((5 - 2) / 2) + 1 = 3 windows, the last one partly outside
-        assert_eq!(
-            win(2, 2, [0, 0], AutoPad::NotSet, true)
-                .resolve("T", 0, 5)
-                .unwrap()
-                .0,
-            3
-        );
-        assert_eq!(
-            win(2, 2, [0, 0], AutoPad::NotSet, false)
-                .resolve("T", 0, 5)
-                .unwrap()
-                .0,
-            2
-        );
+        assert_eq!(win(2, 2, [0, 0], AutoPad::NotSet, true).resolve("T", 0, 5).unwrap().0, 3);
+        assert_eq!(win(2, 2, [0, 0], AutoPad::NotSet, false).resolve("T", 0, 5).unwrap().0, 2);
         // ceil((3 + 2 - 2) / 2) + 1 = 3, but the third window would start in the end padding
-        assert_eq!(
-            win(2, 2, [1, 1], AutoPad::NotSet, true)
-                .resolve("T", 0, 3)
-                .unwrap()
-                .0,
-            2
-        );
-        assert!(win(3, 1, [0, 0], AutoPad::NotSet, false)
-            .resolve("T", 0, 2)
-            .is_err());
-        assert!(win(3, 1, [0, 0], AutoPad::Valid, false)
-            .resolve("T", 0, 2)
-            .is_err());
+        assert_eq!(win(2, 2, [1, 1], AutoPad::NotSet, true).resolve("T", 0, 3).unwrap().0, 2);
+        assert!(win(3, 1, [0, 0], AutoPad::NotSet, false).resolve("T", 0, 2).is_err());
+        assert!(win(3, 1, [0, 0], AutoPad::Valid, false).resolve("T", 0, 2).is_err());
         // dilation 2 makes a 3-tap kernel span 5
         let w = Window::new("T", &[3], &[1], &[], &[2], AutoPad::NotSet, false).unwrap();
         assert_eq!(w.resolve("T", 0, 7).unwrap().0, 3);
@@ -998,11 +827,7 @@ mod tests {
         assert_eq!(y.shape(), &[1, 1, 2, 2]);
         assert_eq!(values(&y), [12.0, 16.0, 24.0, 28.0]);
         // pads 1, stride 2: windows at (-1,-1), (-1,1), (1,-1), (1,1)
-        let attrs = ConvAttrs {
-            strides: vec![2, 2],
-            pads: vec![1, 1, 1, 1],
-            ..Default::default()
-        };
+        let attrs = ConvAttrs { strides: vec![2, 2], pads: vec![1, 1, 1, 1], ..Default::default() };
         let b = t(&[1], &[0.5]);
         let y = conv(attrs, &[&x, &w, &b]).unwrap();
         assert_eq!(values(&y), [1.5, 5.5, 11.5, 28.5]);
@@ -1012,27 +837,13 @@ mod tests {
     fn conv_grouped_and_depthwise() {
         let x = t(&[1, 2, 1, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let w = t(&[2, 1, 1, 2], &[1.0, 1.0, 1.0, -1.0]);
-        let y = conv(
-            ConvAttrs {
-                group: 2,
-                ..Default::default()
-            },
-            &[&x, &w],
-        )
-        .unwrap();
+        let y = conv(ConvAttrs { group: 2, ..Default::default() }, &[&x, &w]).unwrap();
         assert_eq!(y.shape(), &[1, 2, 1, 2]);
         assert_eq!(values(&y), [3.0, 5.0, -1.0, -1.0]);
         // 2 groups of 2 input channels -> 2 output channels each
         let x = seq(&[1, 4, 1, 1]);
         let w = t(&[4, 2, 1, 1], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, -1.0]);
-        let y = conv(
-            ConvAttrs {
-                group: 2,
-                ..Default::default()
-            },
-            &[&x, &w],
-        )
-        .unwrap();
+        let y = conv(ConvAttrs { group: 2, ..Default::default() }, &[&x, &w]).unwrap();
         assert_eq!(values(&y), [1.0, 2.0, 7.0, -1.0]);
     }
 
@@ -1040,32 +851,15 @@ mod tests {
     fn conv1d_dilated_and_3d() {
         let x = seq(&[1, 1, 5]);
         let w = t(&[1, 1, 2], &[1.0, 10.0]);
-        let y = conv(
-            ConvAttrs {
-                dilations: vec![2],
-                ..Default::default()
-            },
-            &[&x, &w],
-        )
-        .unwrap();
+        let y = conv(ConvAttrs { dilations: vec![2], ..Default::default() }, &[&x, &w]).unwrap();
         assert_eq!(values(&y), [31.0, 42.0, 53.0]);
         let x = seq(&[1, 1, 2, 2, 2]);
         let w = t(&[1, 1, 2, 2, 2], &[1.0; 8]);
-        assert_eq!(
-            values(&conv(ConvAttrs::default(), &[&x, &w]).unwrap()),
-            [36.0]
-        );
+        assert_eq!(values(&conv(ConvAttrs::default(), &[&x, &w]).unwrap()), [36.0]);
         // stride 2 over 3-d: only the corner windows
         let x = seq(&[1, 1, 3, 3, 3]);
         let w = t(&[1, 1, 1, 1, 1], &[2.0]);
-        let y = conv(
-            ConvAttrs {
-                strides: vec![2, 2, 2],
-                ..Default::default()
-            },
-            &[&x, &w],
-        )
-        .unwrap();
+        let y = conv(ConvAttrs { strides: vec![2, 2, 2], ..Default::default() }, &[&x, &w]).unwrap();
         assert_eq!(values(&y), [2.0, 6.0, 14.0, 18.0, 38.0, 42.0, 50.0, 54.0]);
     }
 
@@ -1073,30 +867,12 @@ mod tests {
     fn conv_auto_pad() {
         let x = t(&[1, 1, 4], &[1.0, 2.0, 3.0, 4.0]);
         let w = t(&[1, 1, 2], &[1.0, 10.0]);
-        let y = conv(
-            ConvAttrs {
-                auto_pad: AutoPad::SameUpper,
-                ..Default::default()
-            },
-            &[&x, &w],
-        )
-        .unwrap();
+        let y = conv(ConvAttrs { auto_pad: AutoPad::SameUpper, ..Default::default() }, &[&x, &w]).unwrap();
         assert_eq!(values(&y), [21.0, 32.0, 43.0, 4.0]);
-        let y = conv(
-            ConvAttrs {
-                auto_pad: AutoPad::SameLower,
-                ..Default::default()
-            },
-            &[&x, &w],
-        )
-        .unwrap();
+        let y = conv(ConvAttrs { auto_pad: AutoPad::SameLower, ..Default::default() }, &[&x, &w]).unwrap();
         assert_eq!(values(&y), [10.0, 21.0, 32.0, 43.0]);
         // VALID ignores pads
-        let attrs = ConvAttrs {
-            auto_pad: AutoPad::Valid,
-            pads: vec![3, 3],
-            ..Default::default()
-        };
+        let attrs = ConvAttrs { auto_pad: AutoPad::Valid, pads: vec![3, 3], ..Default::default() };
         assert_eq!(values(&conv(attrs, &[&x, &w]).unwrap()), [21.0, 32.0, 43.0]);
     }
 
@@ -1105,58 +881,26 @@ mod tests {
         let x = Tensor::from_vec(vec![1, 2, 1, 2], vec![1.0f64, 2.0, 3.0, 4.0]).unwrap();
         let w = Tensor::from_vec(vec![3, 2, 1, 1], vec![1.0f64, 1.0, 2.0, 0.0, 0.0, -1.0]).unwrap();
         let y = conv(ConvAttrs::default(), &[&x, &w]).unwrap();
-        assert_eq!(
-            y.as_slice::<f64>().unwrap(),
-            &[4.0, 6.0, 2.0, 4.0, -3.0, -4.0]
-        );
+        assert_eq!(y.as_slice::<f64>().unwrap(), &[4.0, 6.0, 2.0, 4.0, -3.0, -4.0]);
     }
 
     #[test]
     fn conv_errors() {
         let x = seq(&[1, 2, 3, 3]);
         let w = t(&[1, 2, 2, 2], &[1.0; 8]);
-        let err =
-            |attrs: ConvAttrs, inputs: &[&Tensor]| conv(attrs, inputs).unwrap_err().to_string();
-        assert!(err(
-            ConvAttrs {
-                kernel_shape: Some(vec![3, 3]),
-                ..Default::default()
-            },
-            &[&x, &w]
-        )
-        .contains("kernel_shape"));
-        assert!(err(
-            ConvAttrs {
-                group: 2,
-                ..Default::default()
-            },
-            &[&x, &w]
-        )
-        .contains("channels"));
+        let err = |attrs: ConvAttrs, inputs: &[&Tensor]| conv(attrs, inputs).unwrap_err().to_string();
+        assert!(
+            err(ConvAttrs { kernel_shape: Some(vec![3, 3]), ..Default::default() }, &[&x, &w]).contains("kernel_shape")
+        );
+        assert!(err(ConvAttrs { group: 2, ..Default::default() }, &[&x, &w]).contains("channels"));
         assert!(err(ConvAttrs::default(), &[&x, &w, &t(&[2], &[0.0, 0.0])]).contains("bias"));
         assert!(err(ConvAttrs::default(), &[&t(&[2, 3], &[0.0; 6]), &w]).contains("rank"));
-        assert!(
-            err(ConvAttrs::default(), &[&x, &t(&[1, 2, 4, 4], &[0.0; 32])]).contains("exceeds")
-        );
-        assert!(err(
-            ConvAttrs {
-                strides: vec![1],
-                ..Default::default()
-            },
-            &[&x, &w]
-        )
-        .contains("strides"));
+        assert!(err(ConvAttrs::default(), &[&x, &t(&[1, 2, 4, 4], &[0.0; 32])]).contains("exceeds"));
+        assert!(err(ConvAttrs { strides: vec![1], ..Default::default() }, &[&x, &w]).contains("strides"));
         let xi = Tensor::from_vec(vec![1, 2, 3, 3], vec![0i32; 18]).unwrap();
         assert!(err(ConvAttrs::default(), &[&xi, &w]).contains("float"));
         let w3 = t(&[3, 1, 1, 1], &[1.0; 3]);
-        assert!(err(
-            ConvAttrs {
-                group: 2,
-                ..Default::default()
-            },
-            &[&x, &w3]
-        )
-        .contains("divisible"));
+        assert!(err(ConvAttrs { group: 2, ..Default::default() }, &[&x, &w3]).contains("divisible"));
         assert!(conv(ConvAttrs::default(), &[&x]).is_err());
         let w64 = Tensor::from_vec(vec![1, 2, 2, 2], vec![0f64; 8]).unwrap();
         assert!(err(ConvAttrs::default(), &[&x, &w64]).contains("weights"));
@@ -1164,90 +908,44 @@ mod tests {
 
     #[test]
     fn conv_facts_symbolic() {
-        let op = Conv {
-            attrs: ConvAttrs {
-                pads: vec![1, 1, 1, 1],
-                ..Default::default()
-            },
-        };
-        let x = Fact::new(
-            DType::F32,
-            vec![Dim::sym("n"), Dim::Known(3), Dim::sym("h"), Dim::Known(8)],
-        );
+        let op = Conv { attrs: ConvAttrs { pads: vec![1, 1, 1, 1], ..Default::default() } };
+        let x = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(3), Dim::sym("h"), Dim::Known(8)]);
         let w = Fact::known(DType::F32, &[16, 3, 3, 3]);
         let y = op.output_facts(&[&x, &w]).unwrap();
         // 3x3 with pads 1 and stride 1 keeps the symbolic height
-        assert_eq!(
-            y[0].shape,
-            vec![Dim::sym("n"), Dim::Known(16), Dim::sym("h"), Dim::Known(8)]
-        );
-        let op = Conv {
-            attrs: ConvAttrs {
-                strides: vec![2, 2],
-                ..Default::default()
-            },
-        };
+        assert_eq!(y[0].shape, vec![Dim::sym("n"), Dim::Known(16), Dim::sym("h"), Dim::Known(8)]);
+        let op = Conv { attrs: ConvAttrs { strides: vec![2, 2], ..Default::default() } };
         let y = op.output_facts(&[&x, &w]).unwrap();
         assert_eq!(y[0].shape[2..], [Dim::Unknown, Dim::Known(3)]);
         // weights of unknown spatial size: spatial dims unknown, channel checks still apply
-        let wu = Fact::new(
-            DType::F32,
-            vec![Dim::Known(4), Dim::Known(3), Dim::Unknown, Dim::Unknown],
-        );
-        assert_eq!(
-            op.output_facts(&[&x, &wu]).unwrap()[0].shape[1..],
-            [Dim::Known(4), Dim::Unknown, Dim::Unknown]
-        );
+        let wu = Fact::new(DType::F32, vec![Dim::Known(4), Dim::Known(3), Dim::Unknown, Dim::Unknown]);
+        assert_eq!(op.output_facts(&[&x, &wu]).unwrap()[0].shape[1..], [Dim::Known(4), Dim::Unknown, Dim::Unknown]);
         let wbad = Fact::known(DType::F32, &[16, 2, 3, 3]);
         assert!(op.output_facts(&[&x, &wbad]).is_err());
     }
 
     fn conv_t(op: &ConvTranspose, inputs: &[&Tensor]) -> IrResult<Tensor> {
-        let facts: Vec<Fact> = inputs
-            .iter()
-            .map(|x| Fact::known(x.dtype(), x.shape()))
-            .collect();
+        let facts: Vec<Fact> = inputs.iter().map(|x| Fact::known(x.dtype(), x.shape())).collect();
         let want = op.output_facts(&facts.iter().collect::<Vec<_>>())?;
         let y = op.eval(inputs)?.remove(0);
-        assert_eq!(
-            want[0].known_shape().as_deref(),
-            Some(y.shape()),
-            "facts agree with eval"
-        );
+        assert_eq!(want[0].known_shape().as_deref(), Some(y.shape()), "facts agree with eval");
         Ok(y)
     }
 
-    fn transposed(
-        attrs: ConvAttrs,
-        output_padding: Vec<usize>,
-        output_shape: Option<Vec<usize>>,
-    ) -> ConvTranspose {
-        ConvTranspose {
-            attrs,
-            output_padding,
-            output_shape,
-        }
+    fn transposed(attrs: ConvAttrs, output_padding: Vec<usize>, output_shape: Option<Vec<usize>>) -> ConvTranspose {
+        ConvTranspose { attrs, output_padding, output_shape }
     }
 
     #[test]
     fn conv_transpose_sizes() {
         let x = t(&[1, 1, 3], &[1.0, 2.0, 3.0]);
         let w = t(&[1, 1, 2], &[1.0, 1.0]);
-        let s2 = || ConvAttrs {
-            strides: vec![2],
-            ..Default::default()
-        };
+        let s2 = || ConvAttrs { strides: vec![2], ..Default::default() };
         // full output: 2 * (3 - 1) + 2 = 6
         let y = conv_t(&transposed(s2(), vec![], None), &[&x, &w]).unwrap();
         assert_eq!(values(&y), [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
-        let attrs = ConvAttrs {
-            pads: vec![1, 0],
-            ..s2()
-        };
-        assert_eq!(
-            values(&conv_t(&transposed(attrs, vec![], None), &[&x, &w]).unwrap()),
-            [1.0, 2.0, 2.0, 3.0, 3.0]
-        );
+        let attrs = ConvAttrs { pads: vec![1, 0], ..s2() };
+        assert_eq!(values(&conv_t(&transposed(attrs, vec![], None), &[&x, &w]).unwrap()), [1.0, 2.0, 2.0, 3.0, 3.0]);
         // output_padding adds a (bias only) pixel at the end
         let b = t(&[1], &[0.5]);
         let y = conv_t(&transposed(s2(), vec![1], None), &[&x, &w, &b]).unwrap();
@@ -1255,31 +953,16 @@ mod tests {
         // output_shape 5: total padding 1 goes to the beginning unless SAME_UPPER
         let y = conv_t(&transposed(s2(), vec![], Some(vec![5])), &[&x, &w]).unwrap();
         assert_eq!(values(&y), [1.0, 2.0, 2.0, 3.0, 3.0]);
-        let upper = ConvAttrs {
-            auto_pad: AutoPad::SameUpper,
-            ..s2()
-        };
-        let y = conv_t(
-            &transposed(upper.clone(), vec![], Some(vec![1, 1, 5])),
-            &[&x, &w],
-        )
-        .unwrap();
+        let upper = ConvAttrs { auto_pad: AutoPad::SameUpper, ..s2() };
+        let y = conv_t(&transposed(upper.clone(), vec![], Some(vec![1, 1, 5])), &[&x, &w]).unwrap();
         assert_eq!(values(&y), [1.0, 1.0, 2.0, 2.0, 3.0]);
         // SAME: output = input * stride
-        assert_eq!(
-            conv_t(&transposed(upper, vec![], None), &[&x, &w])
-                .unwrap()
-                .shape(),
-            &[1, 1, 6]
-        );
+        assert_eq!(conv_t(&transposed(upper, vec![], None), &[&x, &w]).unwrap().shape(), &[1, 1, 6]);
         // stride 1 overlaps
         let y = conv_t(&transposed(ConvAttrs::default(), vec![], None), &[&x, &w]).unwrap();
         assert_eq!(values(&y), [1.0, 3.0, 5.0, 3.0]);
         // dilation 2: taps 2 apart
-        let attrs = ConvAttrs {
-            dilations: vec![2],
-            ..Default::default()
-        };
+        let attrs = ConvAttrs { dilations: vec![2], ..Default::default() };
         let y = conv_t(&transposed(attrs, vec![], None), &[&x, &w]).unwrap();
         assert_eq!(values(&y), [1.0, 2.0, 4.0, 2.0, 3.0]);
     }
@@ -1293,18 +976,7 @@ mod tests {
         let x = t(&[1, 2, 2], &[1.0, 2.0, 3.0, 4.0]);
         let w = t(&[2, 1, 1], &[2.0, 3.0]);
         let b = t(&[2], &[0.0, 1.0]);
-        let y = conv_t(
-            &transposed(
-                ConvAttrs {
-                    group: 2,
-                    ..Default::default()
-                },
-                vec![],
-                None,
-            ),
-            &[&x, &w, &b],
-        )
-        .unwrap();
+        let y = conv_t(&transposed(ConvAttrs { group: 2, ..Default::default() }, vec![], None), &[&x, &w, &b]).unwrap();
         assert_eq!(values(&y), [2.0, 4.0, 10.0, 13.0]);
         // one input channel feeding two output channels
         let x = t(&[1, 1, 2], &[1.0, 2.0]);
@@ -1318,53 +990,22 @@ mod tests {
     fn conv_transpose_errors() {
         let x = t(&[1, 2, 3], &[0.0; 6]);
         let w = t(&[1, 1, 2], &[1.0; 2]);
-        assert!(
-            conv_t(&transposed(ConvAttrs::default(), vec![], None), &[&x, &w])
-                .unwrap_err()
-                .to_string()
-                .contains("channels")
-        );
+        assert!(conv_t(&transposed(ConvAttrs::default(), vec![], None), &[&x, &w])
+            .unwrap_err()
+            .to_string()
+            .contains("channels"));
         let x = t(&[1, 1, 3], &[0.0; 3]);
         let bad_shape = transposed(ConvAttrs::default(), vec![], Some(vec![1, 2]));
         assert!(conv_t(&bad_shape, &[&x, &w]).is_err());
         let bad_pad = transposed(ConvAttrs::default(), vec![0, 0], None);
         assert!(conv_t(&bad_pad, &[&x, &w]).is_err());
-        let huge_pads = transposed(
-            ConvAttrs {
-                pads: vec![3, 3],
-                ..Default::default()
-            },
-            vec![],
-            None,
-        );
-        assert!(conv_t(&huge_pads, &[&x, &w])
-            .unwrap_err()
-            .to_string()
-            .contains("pads"));
+        let huge_pads = transposed(ConvAttrs { pads: vec![3, 3], ..Default::default() }, vec![], None);
+        assert!(conv_t(&huge_pads, &[&x, &w]).unwrap_err().to_string().contains("pads"));
         let bias = t(&[2], &[0.0; 2]);
-        assert!(conv_t(
-            &transposed(ConvAttrs::default(), vec![], None),
-            &[&x, &w, &bias]
-        )
-        .is_err());
-        let f = Fact::new(
-            DType::F32,
-            vec![Dim::sym("n"), Dim::Known(1), Dim::sym("l")],
-        );
-        let op = transposed(
-            ConvAttrs {
-                strides: vec![2],
-                ..Default::default()
-            },
-            vec![],
-            Some(vec![7]),
-        );
-        let y = op
-            .output_facts(&[&f, &Fact::known(DType::F32, &[1, 1, 2])])
-            .unwrap();
-        assert_eq!(
-            y[0].shape,
-            vec![Dim::sym("n"), Dim::Known(1), Dim::Known(7)]
-        );
+        assert!(conv_t(&transposed(ConvAttrs::default(), vec![], None), &[&x, &w, &bias]).is_err());
+        let f = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(1), Dim::sym("l")]);
+        let op = transposed(ConvAttrs { strides: vec![2], ..Default::default() }, vec![], Some(vec![7]));
+        let y = op.output_facts(&[&f, &Fact::known(DType::F32, &[1, 1, 2])]).unwrap();
+        assert_eq!(y[0].shape, vec![Dim::sym("n"), Dim::Known(1), Dim::Known(7)]);
     }
 }

@@ -84,11 +84,7 @@ fn check_float(op: &'static str, what: &str, dt: DType) -> IrResult<()> {
 /// many as `len` (when `len` is known).
 fn check_param_fact(op: &'static str, what: &str, f: &Fact, len: &Dim) -> IrResult<()> {
     if f.rank() > 1 {
-        op_bail!(
-            op,
-            "{what} must be a scalar or 1-d, got shape {}",
-            show_dims(&f.shape)
-        );
+        op_bail!(op, "{what} must be a scalar or 1-d, got shape {}", show_dims(&f.shape));
     }
     if let (Some(Dim::Known(n)), Dim::Known(l)) = (f.shape.first(), len) {
         if *n != 1 && n != l {
@@ -102,11 +98,7 @@ fn check_param_fact(op: &'static str, what: &str, f: &Fact, len: &Dim) -> IrResu
 /// exactly `len` values.
 fn per_channel(op: &'static str, what: &str, t: &Tensor, len: usize) -> IrResult<Vec<f64>> {
     if t.rank() > 1 {
-        op_bail!(
-            op,
-            "{what} must be a scalar or 1-d, got shape {:?}",
-            t.shape()
-        );
+        op_bail!(op, "{what} must be a scalar or 1-d, got shape {:?}", t.shape());
     }
     let v = t.to_f64_vec();
     match v.len() {
@@ -129,19 +121,9 @@ struct AxisParams {
 }
 
 impl AxisParams {
-    fn new(
-        op: &'static str,
-        shape: &[usize],
-        axis: i64,
-        scale: &Tensor,
-        zero: Option<&Tensor>,
-    ) -> IrResult<Self> {
+    fn new(op: &'static str, shape: &[usize], axis: i64, scale: &Tensor, zero: Option<&Tensor>) -> IrResult<Self> {
         if scale.rank() > 1 {
-            op_bail!(
-                op,
-                "blocked quantization (scale of shape {:?}) is not supported",
-                scale.shape()
-            );
+            op_bail!(op, "blocked quantization (scale of shape {:?}) is not supported", scale.shape());
         }
         let (len, inner) = if scale.len() == 1 {
             (1, 1)
@@ -153,11 +135,7 @@ impl AxisParams {
             Some(z) => per_channel(op, "zero point", z, len)?,
             None => vec![0.0; len],
         };
-        Ok(AxisParams {
-            scale: per_channel(op, "scale", scale, len)?,
-            zero,
-            inner,
-        })
+        Ok(AxisParams { scale: per_channel(op, "scale", scale, len)?, zero, inner })
     }
 
     fn channel(&self, i: usize) -> usize {
@@ -166,19 +144,9 @@ impl AxisParams {
 }
 
 /// Fact checks of per-tensor / per-axis scale and zero point for an input `x`.
-fn check_axis_facts(
-    op: &'static str,
-    x: &Fact,
-    axis: i64,
-    scale: &Fact,
-    zero: Option<&&Fact>,
-) -> IrResult<()> {
+fn check_axis_facts(op: &'static str, x: &Fact, axis: i64, scale: &Fact, zero: Option<&&Fact>) -> IrResult<()> {
     if scale.rank() > 1 {
-        op_bail!(
-            op,
-            "blocked quantization (scale of shape {}) is not supported",
-            show_dims(&scale.shape)
-        );
+        op_bail!(op, "blocked quantization (scale of shape {}) is not supported", show_dims(&scale.shape));
     }
     let len = match scale.shape.first() {
         Some(d) if *d != Dim::Known(1) => x.shape[norm_axis(op, axis, x.rank())?].clone(),
@@ -238,10 +206,7 @@ impl OpDef for QuantizeLinear {
 
 /// Runs `output_facts` on concrete inputs so `eval` validates exactly as inference does.
 fn check_eval(op: &dyn OpDef, inputs: &[&Tensor]) -> IrResult<Vec<Fact>> {
-    let facts: Vec<Fact> = inputs
-        .iter()
-        .map(|t| Fact::known(t.dtype(), t.shape()))
-        .collect();
+    let facts: Vec<Fact> = inputs.iter().map(|t| Fact::known(t.dtype(), t.shape())).collect();
     op.output_facts(&facts.iter().collect::<Vec<_>>())
 }
 
@@ -280,11 +245,7 @@ impl OpDef for DequantizeLinear {
                 (v - p.zero[c]) * p.scale[c]
             })
             .collect();
-        Ok(vec![Tensor::from_f64s(
-            scale.dtype(),
-            x.shape().to_vec(),
-            &y,
-        )?])
+        Ok(vec![Tensor::from_f64s(scale.dtype(), x.shape().to_vec(), &y)?])
     }
 }
 
@@ -307,57 +268,28 @@ impl OpDef for DynamicQuantizeLinear {
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
         let op = self.name();
         expect_inputs(op, inputs, 1, 1)?;
-        let x = inputs[0]
-            .as_slice::<f32>()
-            .map_err(|_| IrError::op(op, "input must be f32"))?;
+        let x = inputs[0].as_slice::<f32>().map_err(|_| IrError::op(op, "input must be f32"))?;
         // The range always includes 0 so that 0 is exactly representable.
-        let (lo, hi) = x
-            .iter()
-            .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = x.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         // An all-zero input would give scale 0; use 1 as ONNX Runtime does.
         let scale = if hi == lo { 1.0 } else { (hi - lo) / 255.0 };
         let zero = (0.0 - lo / scale).clamp(0.0, 255.0).round_ties_even();
-        let y: Vec<u8> = x
-            .iter()
-            .map(|&v| ((v / scale).round_ties_even() + zero).clamp(0.0, 255.0) as u8)
-            .collect();
-        Ok(vec![
-            Tensor::from_vec(inputs[0].shape().to_vec(), y)?,
-            Tensor::scalar(scale),
-            Tensor::scalar(zero as u8),
-        ])
+        let y: Vec<u8> = x.iter().map(|&v| ((v / scale).round_ties_even() + zero).clamp(0.0, 255.0) as u8).collect();
+        Ok(vec![Tensor::from_vec(inputs[0].shape().to_vec(), y)?, Tensor::scalar(scale), Tensor::scalar(zero as u8)])
     }
 }
 
 /// Numpy `matmul` output shape (batch dims broadcast; a 1-d operand's added dim removed).
 pub(crate) fn matmul_dims(op: &'static str, a: &[Dim], b: &[Dim]) -> IrResult<Vec<Dim>> {
     if a.is_empty() || b.is_empty() {
-        op_bail!(
-            op,
-            "operands must be at least 1-d, got shapes {} and {}",
-            show_dims(a),
-            show_dims(b)
-        );
+        op_bail!(op, "operands must be at least 1-d, got shapes {} and {}", show_dims(a), show_dims(b));
     }
-    let a2 = if a.len() == 1 {
-        vec![Dim::Known(1), a[0].clone()]
-    } else {
-        a.to_vec()
-    };
-    let b2 = if b.len() == 1 {
-        vec![b[0].clone(), Dim::Known(1)]
-    } else {
-        b.to_vec()
-    };
+    let a2 = if a.len() == 1 { vec![Dim::Known(1), a[0].clone()] } else { a.to_vec() };
+    let b2 = if b.len() == 1 { vec![b[0].clone(), Dim::Known(1)] } else { b.to_vec() };
     let (ra, rb) = (a2.len(), b2.len());
     if let (Dim::Known(k1), Dim::Known(k2)) = (&a2[ra - 1], &b2[rb - 2]) {
         if k1 != k2 {
-            op_bail!(
-                op,
-                "inner dims differ: shapes {} and {}",
-                show_dims(a),
-                show_dims(b)
-            );
+            op_bail!(op, "inner dims differ: shapes {} and {}", show_dims(a), show_dims(b));
         }
     }
     let mut out = broadcast_dims(op, &a2[..ra - 2], &b2[..rb - 2])?;
@@ -375,11 +307,7 @@ pub(crate) fn matmul_dims(op: &'static str, a: &[Dim], b: &[Dim]) -> IrResult<Ve
 fn batch_offset(idx: &[usize], dims: &[usize], matrix: usize) -> usize {
     let skip = idx.len() - dims.len();
     let strides = strides_of(dims);
-    dims.iter()
-        .zip(&strides)
-        .zip(&idx[skip..])
-        .map(|((&d, &s), &i)| if d == 1 { 0 } else { i * s })
-        .sum::<usize>()
+    dims.iter().zip(&strides).zip(&idx[skip..]).map(|((&d, &s), &i)| if d == 1 { 0 } else { i * s }).sum::<usize>()
         * matrix
 }
 
@@ -396,23 +324,12 @@ pub(crate) fn matmul_f64(
     let out_dims = matmul_dims(op, &dims(a_shape), &dims(b_shape))?;
     let out_shape: Vec<usize> = out_dims.iter().filter_map(Dim::as_known).collect();
     let total = checked_numel(&out_shape, DType::F64)?;
-    let a2 = if a_shape.len() == 1 {
-        vec![1, a_shape[0]]
-    } else {
-        a_shape.to_vec()
-    };
-    let b2 = if b_shape.len() == 1 {
-        vec![b_shape[0], 1]
-    } else {
-        b_shape.to_vec()
-    };
+    let a2 = if a_shape.len() == 1 { vec![1, a_shape[0]] } else { a_shape.to_vec() };
+    let b2 = if b_shape.len() == 1 { vec![b_shape[0], 1] } else { b_shape.to_vec() };
     let (ra, rb) = (a2.len(), b2.len());
     let (m, k, n) = (a2[ra - 2], a2[ra - 1], b2[rb - 1]);
     if a.len() != a2.iter().product::<usize>() || b.len() != b2.iter().product::<usize>() {
-        op_bail!(
-            op,
-            "operand values do not match shapes {a_shape:?} and {b_shape:?}"
-        );
+        op_bail!(op, "operand values do not match shapes {a_shape:?} and {b_shape:?}");
     }
     let batch: Vec<usize> = broadcast_shapes(&a2[..ra - 2], &b2[..rb - 2])?;
     let mut y = vec![0f64; total];
@@ -437,13 +354,7 @@ pub(crate) fn matmul_f64(
 
 /// Values of a matmul operand minus its zero point: a scalar, per row of `a` / per column
 /// of `b` (1-d), or an N-d tensor broadcasting to the operand (`[.., M, 1]` / `[.., 1, N]`).
-fn centered(
-    op: &'static str,
-    what: &str,
-    x: &Tensor,
-    zero: Option<&Tensor>,
-    rows: bool,
-) -> IrResult<Vec<f64>> {
+fn centered(op: &'static str, what: &str, x: &Tensor, zero: Option<&Tensor>, rows: bool) -> IrResult<Vec<f64>> {
     let mut v = x.to_f64_vec();
     let Some(z) = zero else { return Ok(v) };
     check_same(op, what, z.dtype(), x.dtype())?;
@@ -462,26 +373,16 @@ fn centered(
             let side = if rows { "rows" } else { "columns" };
             op_bail!(op, "{what} has {} values for {len} {side}", zv.len());
         }
-        v.iter_mut()
-            .enumerate()
-            .for_each(|(i, e)| *e -= zv[(i / step) % len]);
+        v.iter_mut().enumerate().for_each(|(i, e)| *e -= zv[(i / step) % len]);
     } else {
         if z.rank() != r || broadcast_shapes(shape, z.shape()).ok().as_deref() != Some(shape) {
-            op_bail!(
-                op,
-                "{what} of shape {:?} does not broadcast to {shape:?}",
-                z.shape()
-            );
+            op_bail!(op, "{what} of shape {:?} does not broadcast to {shape:?}", z.shape());
         }
         let zs = strides_of(z.shape());
         let mut idx = vec![0; r];
         for e in v.iter_mut() {
-            let off: usize = idx
-                .iter()
-                .zip(z.shape())
-                .zip(&zs)
-                .map(|((&i, &d), &s)| if d == 1 { 0 } else { i * s })
-                .sum();
+            let off: usize =
+                idx.iter().zip(z.shape()).zip(&zs).map(|((&i, &d), &s)| if d == 1 { 0 } else { i * s }).sum();
             *e -= zv[off];
             next_index(&mut idx, shape);
         }
@@ -521,25 +422,15 @@ impl OpDef for MatMulInteger {
         let (a, b) = (inputs[0], inputs[1]);
         check_8bit(op, "a", a.dtype)?;
         check_8bit(op, "b", b.dtype)?;
-        for (i, (name, operand)) in [("a_zero_point", a), ("b_zero_point", b)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (name, operand)) in [("a_zero_point", a), ("b_zero_point", b)].into_iter().enumerate() {
             if let Some(z) = inputs.get(i + 2) {
                 check_same(op, name, z.dtype, operand.dtype)?;
                 if z.rank() > operand.rank().max(1) {
-                    op_bail!(
-                        op,
-                        "{name} of shape {} has a higher rank than its operand",
-                        show_dims(&z.shape)
-                    );
+                    op_bail!(op, "{name} of shape {} has a higher rank than its operand", show_dims(&z.shape));
                 }
             }
         }
-        Ok(vec![Fact::new(
-            DType::I32,
-            matmul_dims(op, &a.shape, &b.shape)?,
-        )])
+        Ok(vec![Fact::new(DType::I32, matmul_dims(op, &a.shape, &b.shape)?)])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
@@ -582,10 +473,7 @@ impl OpDef for QLinearMatMul {
         for (name, s) in [("a_scale", a_s), ("b_scale", b_s), ("y_scale", y_s)] {
             check_float(op, name, s.dtype)?;
         }
-        Ok(vec![Fact::new(
-            y_z.dtype,
-            matmul_dims(op, &a.shape, &b.shape)?,
-        )])
+        Ok(vec![Fact::new(y_z.dtype, matmul_dims(op, &a.shape, &b.shape)?)])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
@@ -596,15 +484,9 @@ impl OpDef for QLinearMatMul {
         let av = centered(op, "a_zero_point", a, Some(a_z), true)?;
         let bv = centered(op, "b_zero_point", b, Some(b_z), false)?;
         let (shape, acc) = matmul_f64(op, &av, a.shape(), &bv, b.shape())?;
-        let (sa, sb) = (
-            per_channel(op, "a_scale", a_s, m)?,
-            per_channel(op, "b_scale", b_s, n)?,
-        );
-        let (sy, zy, range) = (
-            scalar(op, "y_scale", y_s)?,
-            scalar(op, "y_zero_point", y_z)?,
-            qrange(op, "y_zero_point", out)?,
-        );
+        let (sa, sb) = (per_channel(op, "a_scale", a_s, m)?, per_channel(op, "b_scale", b_s, n)?);
+        let (sy, zy, range) =
+            (scalar(op, "y_scale", y_s)?, scalar(op, "y_zero_point", y_z)?, qrange(op, "y_zero_point", out)?);
         let y: Vec<f64> = acc
             .iter()
             .enumerate()
@@ -638,9 +520,7 @@ fn centered_conv(
         check_same(op, "w_zero_point", z.dtype(), w.dtype())?;
         let z = per_channel(op, "w_zero_point", z, m)?;
         let per = wv.len() / m;
-        wv.iter_mut()
-            .enumerate()
-            .for_each(|(i, e)| *e -= z[i / per.max(1)]);
+        wv.iter_mut().enumerate().for_each(|(i, e)| *e -= z[i / per.max(1)]);
     }
     Ok((xv, wv))
 }
@@ -719,32 +599,15 @@ impl OpDef for QLinearConv {
         let [x, x_s, x_z, w, w_s, w_z, y_s, y_z] = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| inputs[i]);
         let (xv, wv) = centered_conv(op, x, Some(x_z), w, Some(w_z))?;
         let bias = inputs.get(8).map(|b| b.to_f64_vec());
-        let (shape, acc) = conv_f64(
-            op,
-            &self.attrs,
-            &xv,
-            x.shape(),
-            &wv,
-            w.shape(),
-            bias.as_deref(),
-        )?;
+        let (shape, acc) = conv_f64(op, &self.attrs, &xv, x.shape(), &wv, w.shape(), bias.as_deref())?;
         let m = shape[1];
         let plane: usize = shape[2..].iter().product();
         let sw = per_channel(op, "w_scale", w_s, m)?;
-        let (sx, sy) = (
-            scalar(op, "x_scale", x_s)? as f32,
-            scalar(op, "y_scale", y_s)? as f32,
-        );
-        let (zy, range) = (
-            scalar(op, "y_zero_point", y_z)?,
-            qrange(op, "y_zero_point", out)?,
-        );
+        let (sx, sy) = (scalar(op, "x_scale", x_s)? as f32, scalar(op, "y_scale", y_s)? as f32);
+        let (zy, range) = (scalar(op, "y_zero_point", y_z)?, qrange(op, "y_zero_point", out)?);
         let mult: Vec<f32> = sw.iter().map(|&s| sx * s as f32 / sy).collect();
-        let y: Vec<f64> = acc
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| requantize(v, mult[(i / plane) % m], zy, range))
-            .collect();
+        let y: Vec<f64> =
+            acc.iter().enumerate().map(|(i, &v)| requantize(v, mult[(i / plane) % m], zy, range)).collect();
         Ok(vec![Tensor::from_f64s(out, shape, &y)?])
     }
 }
@@ -768,10 +631,7 @@ mod tests {
         let want = check_eval(op, inputs)?;
         let got = op.eval(inputs)?;
         for (w, g) in want.iter().zip(&got) {
-            assert_eq!(
-                (w.dtype, w.known_shape().as_deref()),
-                (g.dtype(), Some(g.shape()))
-            );
+            assert_eq!((w.dtype, w.known_shape().as_deref()), (g.dtype(), Some(g.shape())));
         }
         Ok(got)
     }
@@ -837,19 +697,9 @@ mod tests {
         assert_eq!(y[0].as_slice::<f32>().unwrap(), &[-3.5, 50_000.0]);
         // per axis 0 of a [2, 2] tensor, output dtype from the scale
         let x = i8t(&[2, 2], &[1, 2, 3, 4]);
-        let s = Tensor::from_vec(
-            vec![2],
-            vec![
-                slimnn_tensor::f16::from_f32(1.0),
-                slimnn_tensor::f16::from_f32(0.5),
-            ],
-        )
-        .unwrap();
-        let y = run(
-            &DequantizeLinear { axis: 0 },
-            &[&x, &s, &i8t(&[2], &[1, -2])],
-        )
-        .unwrap();
+        let s = Tensor::from_vec(vec![2], vec![slimnn_tensor::f16::from_f32(1.0), slimnn_tensor::f16::from_f32(0.5)])
+            .unwrap();
+        let y = run(&DequantizeLinear { axis: 0 }, &[&x, &s, &i8t(&[2], &[1, -2])]).unwrap();
         assert_eq!(y[0].dtype(), DType::F16);
         assert_eq!(y[0].to_f64_vec(), [0.0, 1.0, 2.5, 3.0]);
         assert!(err(&d, &[&x, &f(&[], &[1.0]), &u8t(&[], &[0])]).contains("zero point"));
@@ -867,13 +717,7 @@ mod tests {
         assert_eq!(y[0].as_slice::<u8>().unwrap(), &[85, 255, 0, 170]);
         // positive values only: the range still starts at 0
         let y = run(&op, &[&f(&[2], &[1.0, 2.55])]).unwrap();
-        assert_eq!(
-            (
-                y[1].as_slice::<f32>().unwrap()[0],
-                y[2].as_slice::<u8>().unwrap()[0]
-            ),
-            (0.01, 0)
-        );
+        assert_eq!((y[1].as_slice::<f32>().unwrap()[0], y[2].as_slice::<u8>().unwrap()[0]), (0.01, 0));
         assert_eq!(y[0].as_slice::<u8>().unwrap(), &[100, 255]);
         // negative values only: zero point 255
         let y = run(&op, &[&f(&[2], &[-2.55, -1.0])]).unwrap();
@@ -881,13 +725,7 @@ mod tests {
         assert_eq!(y[0].as_slice::<u8>().unwrap(), &[0, 155]);
         // all zeros: scale 1 rather than a division by zero
         let y = run(&op, &[&f(&[2, 1], &[0.0, 0.0])]).unwrap();
-        assert_eq!(
-            (
-                y[1].as_slice::<f32>().unwrap()[0],
-                y[2].as_slice::<u8>().unwrap()[0]
-            ),
-            (1.0, 0)
-        );
+        assert_eq!((y[1].as_slice::<f32>().unwrap()[0], y[2].as_slice::<u8>().unwrap()[0]), (1.0, 0));
         assert_eq!(y[0].shape(), &[2, 1]);
         let x64 = Tensor::from_vec(vec![1], vec![1.0f64]).unwrap();
         assert!(err(&op, &[&x64]).contains("f32"));
@@ -949,27 +787,10 @@ mod tests {
         // i8 output saturates; acc 12 * 8 = 96 and 12 * 16 = 192 per column scale
         let b2 = u8t(&[2, 2], &[2, 2, 2, 2]);
         let sb2 = f(&[2], &[4.0, 8.0]);
-        let y = run(
-            &op,
-            &[
-                &a,
-                &sa,
-                &z,
-                &b2,
-                &sb2,
-                &u8t(&[2], &[0, 0]),
-                &f(&[], &[0.25]),
-                &i8t(&[], &[0]),
-            ],
-        )
-        .unwrap();
+        let y = run(&op, &[&a, &sa, &z, &b2, &sb2, &u8t(&[2], &[0, 0]), &f(&[], &[0.25]), &i8t(&[], &[0])]).unwrap();
         assert_eq!(y[0].as_slice::<i8>().unwrap(), &[96, 127]);
-        assert!(
-            err(&op, &[&a, &sa, &z, &b, &sb, &z, &f(&[2], &[1.0, 1.0]), &z]).contains("y_scale")
-        );
-        assert!(
-            err(&op, &[&a, &sa, &i8t(&[], &[0]), &b, &sb, &z, &sy, &z]).contains("a_zero_point")
-        );
+        assert!(err(&op, &[&a, &sa, &z, &b, &sb, &z, &f(&[2], &[1.0, 1.0]), &z]).contains("y_scale"));
+        assert!(err(&op, &[&a, &sa, &i8t(&[], &[0]), &b, &sb, &z, &sy, &z]).contains("a_zero_point"));
         assert!(err(&op, &[&a, &z, &z, &b, &sb, &z, &sy, &z]).contains("a_scale"));
     }
 
@@ -977,9 +798,7 @@ mod tests {
     fn conv_integer() {
         let x = u8t(&[1, 1, 2, 2], &[1, 2, 3, 4]);
         let w = u8t(&[1, 1, 1, 1], &[2]);
-        let op = ConvInteger {
-            attrs: ConvAttrs::default(),
-        };
+        let op = ConvInteger { attrs: ConvAttrs::default() };
         let y = run(&op, &[&x, &w, &u8t(&[], &[1]), &u8t(&[], &[0])]).unwrap();
         assert_eq!(y[0].as_slice::<i32>().unwrap(), &[0, 2, 4, 6]);
         // per-output-channel weight zero points: weights 3 - 1 and 5 - 2
@@ -987,10 +806,7 @@ mod tests {
         let y = run(&op, &[&x, &w2, &u8t(&[], &[1]), &u8t(&[2], &[1, 2])]).unwrap();
         assert_eq!(y[0].as_slice::<i32>().unwrap(), &[0, 2, 4, 6, 0, 3, 6, 9]);
         // a 2x2 kernel with padding, i8 weights
-        let attrs = ConvAttrs {
-            pads: vec![0, 0, 1, 1],
-            ..Default::default()
-        };
+        let attrs = ConvAttrs { pads: vec![0, 0, 1, 1], ..Default::default() };
         let op = ConvInteger { attrs };
         let w = i8t(&[1, 1, 2, 2], &[1, -1, -1, 1]);
         let y = run(&op, &[&x, &w]).unwrap();
@@ -1004,9 +820,7 @@ mod tests {
     fn qlinear_conv() {
         let x = u8t(&[1, 1, 2, 2], &[1, 2, 3, 4]);
         let w = u8t(&[2, 1, 1, 1], &[3, 5]);
-        let op = QLinearConv {
-            attrs: ConvAttrs::default(),
-        };
+        let op = QLinearConv { attrs: ConvAttrs::default() };
         let (one, z) = (f(&[], &[1.0]), u8t(&[], &[0]));
         let (xz, wz, ws) = (u8t(&[], &[1]), u8t(&[2], &[1, 2]), f(&[2], &[0.5, 1.0]));
         let bias = Tensor::from_vec(vec![2], vec![1i32, -1]).unwrap();
@@ -1016,20 +830,11 @@ mod tests {
         assert_eq!(y[0].as_slice::<u8>().unwrap(), &[0, 2, 2, 4, 0, 2, 5, 8]);
         // without bias, i8 output with zero point -3
         let y = run(&op, &[&x, &one, &xz, &w, &ws, &wz, &one, &i8t(&[], &[-3])]).unwrap();
-        assert_eq!(
-            y[0].as_slice::<i8>().unwrap(),
-            &[-3, -2, -1, 0, -3, 0, 3, 6]
-        );
+        assert_eq!(y[0].as_slice::<i8>().unwrap(), &[-3, -2, -1, 0, -3, 0, 3, 6]);
         let bad_bias = f(&[2], &[0.0; 2]);
         assert!(err(&op, &[&x, &one, &xz, &w, &ws, &wz, &one, &z, &bad_bias]).contains("bias"));
-        assert!(
-            err(&op, &[&x, &f(&[2], &[1.0; 2]), &xz, &w, &ws, &wz, &one, &z]).contains("x_scale")
-        );
-        assert!(err(
-            &op,
-            &[&x, &one, &xz, &w, &f(&[3], &[1.0; 3]), &wz, &one, &z]
-        )
-        .contains("w_scale"));
+        assert!(err(&op, &[&x, &f(&[2], &[1.0; 2]), &xz, &w, &ws, &wz, &one, &z]).contains("x_scale"));
+        assert!(err(&op, &[&x, &one, &xz, &w, &f(&[3], &[1.0; 3]), &wz, &one, &z]).contains("w_scale"));
         assert!(err(&op, &[&x, &one, &xz, &w, &ws, &wz, &one]).contains("inputs"));
         let f32_y = f(&[], &[0.0]);
         assert!(err(&op, &[&x, &one, &xz, &w, &ws, &wz, &one, &f32_y]).contains("y_zero_point"));

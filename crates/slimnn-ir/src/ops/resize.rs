@@ -60,10 +60,7 @@ impl Resize {
     fn check(&self, x: DType, t: DType, rank: usize) -> IrResult<Vec<usize>> {
         let op = self.name();
         if self.coord == CoordMode::TfCropAndResize {
-            op_bail!(
-                op,
-                "coordinate_transformation_mode tf_crop_and_resize is not supported"
-            );
+            op_bail!(op, "coordinate_transformation_mode tf_crop_and_resize is not supported");
         }
         if matches!(x, DType::Block(_)) || (self.mode != ResizeMode::Nearest && x == DType::Bool) {
             op_bail!(op, "{:?} mode does not support {x} inputs", self.mode);
@@ -77,10 +74,7 @@ impl Resize {
         }
         let axes = match &self.axes {
             None => (0..rank).collect(),
-            Some(a) => a
-                .iter()
-                .map(|&a| norm_axis(op, a, rank))
-                .collect::<IrResult<Vec<_>>>()?,
+            Some(a) => a.iter().map(|&a| norm_axis(op, a, rank)).collect::<IrResult<Vec<_>>>()?,
         };
         for (i, a) in axes.iter().enumerate() {
             if axes[..i].contains(a) {
@@ -95,12 +89,7 @@ impl Resize {
     fn targets(&self, t: &Tensor, n_axes: usize) -> IrResult<Vec<Target>> {
         let op = self.name();
         if t.rank() != 1 || t.len() != n_axes {
-            op_bail!(
-                op,
-                "{:?} must be 1-d with {n_axes} values, got shape {:?}",
-                self.target,
-                t.shape()
-            );
+            op_bail!(op, "{:?} must be 1-d with {n_axes} values, got shape {:?}", self.target, t.shape());
         }
         Ok(match self.target {
             ResizeTarget::Scales => {
@@ -141,14 +130,7 @@ impl Target {
             Target::Size(out) if len == 0 && out != 0 => {
                 op_bail!(op, "cannot resize an empty dim to {out}")
             }
-            Target::Size(out) => Ok((
-                out,
-                if len == 0 {
-                    1.0
-                } else {
-                    out as f64 / len as f64
-                },
-            )),
+            Target::Size(out) => Ok((out, if len == 0 { 1.0 } else { out as f64 / len as f64 })),
         }
     }
 }
@@ -171,15 +153,12 @@ fn source_coord(
         }
         CoordMode::PytorchHalfPixel if out_len > 1 => (x + 0.5) / scale - 0.5,
         CoordMode::PytorchHalfPixel => 0.0,
-        CoordMode::AlignCorners if out_len > 1 => {
-            x * (in_len as f64 - 1.0) / (out_len as f64 - 1.0)
-        }
+        CoordMode::AlignCorners if out_len > 1 => x * (in_len as f64 - 1.0) / (out_len as f64 - 1.0),
         CoordMode::AlignCorners => 0.0,
         CoordMode::Asymmetric => x / scale,
-        CoordMode::TfCropAndResize => op_bail!(
-            op,
-            "coordinate_transformation_mode tf_crop_and_resize is not supported"
-        ),
+        CoordMode::TfCropAndResize => {
+            op_bail!(op, "coordinate_transformation_mode tf_crop_and_resize is not supported")
+        }
     })
 }
 
@@ -208,18 +187,11 @@ fn interp_taps(r: &Resize, x: f64, in_len: usize) -> Vec<(usize, f64)> {
     let f = x.floor();
     let t = x - f;
     let (first, weights) = match r.mode {
-        ResizeMode::Cubic => (
-            f as i64 - 1,
-            cubic_coeffs(t, r.cubic_coeff_a as f64).to_vec(),
-        ),
+        ResizeMode::Cubic => (f as i64 - 1, cubic_coeffs(t, r.cubic_coeff_a as f64).to_vec()),
         _ => (f as i64, vec![1.0 - t, t]),
     };
     let last = in_len as i64 - 1;
-    let mut taps: Vec<(i64, f64)> = weights
-        .into_iter()
-        .enumerate()
-        .map(|(j, w)| (first + j as i64, w))
-        .collect();
+    let mut taps: Vec<(i64, f64)> = weights.into_iter().enumerate().map(|(j, w)| (first + j as i64, w)).collect();
     if r.exclude_outside {
         taps.retain(|&(i, _)| (0..=last).contains(&i));
         let sum: f64 = taps.iter().map(|t| t.1).sum();
@@ -228,19 +200,12 @@ fn interp_taps(r: &Resize, x: f64, in_len: usize) -> Vec<(usize, f64)> {
         }
     }
     // Taps outside the input repeat the edge values.
-    taps.into_iter()
-        .map(|(i, w)| (i.clamp(0, last.max(0)) as usize, w))
-        .collect()
+    taps.into_iter().map(|(i, w)| (i.clamp(0, last.max(0)) as usize, w)).collect()
 }
 
 /// Resamples axis `axis` of row-major `data`: output index `j` is the weighted sum of
 /// the input slices listed in `taps[j]`.
-fn resample_axis(
-    data: &[f64],
-    shape: &[usize],
-    axis: usize,
-    taps: &[Vec<(usize, f64)>],
-) -> Vec<f64> {
+fn resample_axis(data: &[f64], shape: &[usize], axis: usize, taps: &[Vec<(usize, f64)>]) -> Vec<f64> {
     let outer: usize = shape[..axis].iter().product();
     let inner: usize = shape[axis + 1..].iter().product();
     let (in_len, out_len) = (shape[axis], taps.len());
@@ -295,21 +260,10 @@ impl OpDef for Resize {
         let (x, t) = (inputs[0], inputs[1]);
         let axes = self.check(x.dtype, t.dtype, x.rank())?;
         if t.rank() != 1 {
-            op_bail!(
-                op,
-                "{:?} must be 1-d, got shape {}",
-                self.target,
-                show_dims(&t.shape)
-            );
+            op_bail!(op, "{:?} must be 1-d, got shape {}", self.target, show_dims(&t.shape));
         }
         if matches!(t.shape[0], Dim::Known(n) if n != axes.len()) {
-            op_bail!(
-                op,
-                "{:?} has {} values for {} resized axes",
-                self.target,
-                t.shape[0],
-                axes.len()
-            );
+            op_bail!(op, "{:?} has {} values for {} resized axes", self.target, t.shape[0], axes.len());
         }
         let mut shape = x.shape.clone();
         match &t.konst {
@@ -347,11 +301,11 @@ impl OpDef for Resize {
         }
         checked_numel(&out_shape, x.dtype())?;
         // Shrinking axes first keeps the intermediates small.
-        plan.sort_by(|p, q| {
-            (p.2 as f64 / p.1.max(1) as f64).total_cmp(&(q.2 as f64 / q.1.max(1) as f64))
-        });
+        plan.sort_by(|p, q| (p.2 as f64 / p.1.max(1) as f64).total_cmp(&(q.2 as f64 / q.1.max(1) as f64)));
         let coords = |&(a, in_len, out_len, scale): &(usize, usize, usize, f64)| -> IrResult<(usize, Vec<f64>)> {
-            let c = (0..out_len).map(|o| source_coord(op, self.coord, o, in_len, out_len, scale)).collect::<IrResult<_>>()?;
+            let c = (0..out_len)
+                .map(|o| source_coord(op, self.coord, o, in_len, out_len, scale))
+                .collect::<IrResult<_>>()?;
             Ok((a, c))
         };
         if self.mode == ResizeMode::Nearest {
@@ -359,12 +313,7 @@ impl OpDef for Resize {
                 .iter()
                 .map(|p| {
                     let (a, c) = coords(p)?;
-                    Ok((
-                        a,
-                        c.into_iter()
-                            .map(|x| nearest_index(self.nearest, x, p.1))
-                            .collect(),
-                    ))
+                    Ok((a, c.into_iter().map(|x| nearest_index(self.nearest, x, p.1)).collect()))
                 })
                 .collect::<IrResult<Vec<_>>>()?;
             let y = match_data!(x.data(), v => Tensor::from_vec(out_shape, gather_all(v, in_shape, &maps))?,
@@ -378,12 +327,7 @@ impl OpDef for Resize {
             let taps: Vec<_> = c.into_iter().map(|x| interp_taps(self, x, p.1)).collect();
             shape[a] = p.2;
             checked_numel(&shape, DType::F64)?;
-            cur = resample_axis(
-                &cur,
-                &[&shape[..a], &[p.1], &shape[a + 1..]].concat(),
-                a,
-                &taps,
-            );
+            cur = resample_axis(&cur, &[&shape[..a], &[p.1], &shape[a + 1..]].concat(), a, &taps);
         }
         Ok(vec![Tensor::from_f64s(x.dtype(), out_shape, &cur)?])
     }
@@ -424,11 +368,7 @@ mod tests {
         let ft = Fact::from_tensor(Arc::new(target.clone()));
         let want = r.output_facts(&[&fx, &ft])?;
         let y = r.eval(&[x, target])?.remove(0);
-        assert_eq!(
-            want[0].known_shape().as_deref(),
-            Some(y.shape()),
-            "facts agree with eval"
-        );
+        assert_eq!(want[0].known_shape().as_deref(), Some(y.shape()), "facts agree with eval");
         Ok(y)
     }
 
@@ -444,26 +384,13 @@ mod tests {
     fn nearest_modes() {
         let x = t(&[4], &[10.0, 20.0, 30.0, 40.0]);
         // asymmetric x2 samples at 0, 0.5, 1, ..., 3.5: every other one is a tie
-        let mut r = op(
-            ResizeMode::Nearest,
-            CoordMode::Asymmetric,
-            ResizeTarget::Scales,
-        );
+        let mut r = op(ResizeMode::Nearest, CoordMode::Asymmetric, ResizeTarget::Scales);
         let s = scales(&[2.0]);
-        assert_eq!(
-            values(&run(&r, &x, &s).unwrap()),
-            [10.0, 10.0, 20.0, 20.0, 30.0, 30.0, 40.0, 40.0]
-        );
+        assert_eq!(values(&run(&r, &x, &s).unwrap()), [10.0, 10.0, 20.0, 20.0, 30.0, 30.0, 40.0, 40.0]);
         r.nearest = NearestMode::RoundPreferCeil;
-        assert_eq!(
-            values(&run(&r, &x, &s).unwrap()),
-            [10.0, 20.0, 20.0, 30.0, 30.0, 40.0, 40.0, 40.0]
-        );
+        assert_eq!(values(&run(&r, &x, &s).unwrap()), [10.0, 20.0, 20.0, 30.0, 30.0, 40.0, 40.0, 40.0]);
         r.nearest = NearestMode::Ceil;
-        assert_eq!(
-            values(&run(&r, &x, &s).unwrap()),
-            [10.0, 20.0, 20.0, 30.0, 30.0, 40.0, 40.0, 40.0]
-        );
+        assert_eq!(values(&run(&r, &x, &s).unwrap()), [10.0, 20.0, 20.0, 30.0, 30.0, 40.0, 40.0, 40.0]);
         r.nearest = NearestMode::Floor;
         // half_pixel downsample by 2: samples at 0.5 and 2.5, floored
         r.coord = CoordMode::HalfPixel;
@@ -473,49 +400,23 @@ mod tests {
     #[test]
     fn nearest_keeps_any_dtype_exactly() {
         let x = Tensor::from_vec(vec![1, 2], vec![i64::MAX, -3]).unwrap();
-        let r = op(
-            ResizeMode::Nearest,
-            CoordMode::Asymmetric,
-            ResizeTarget::Sizes,
-        );
+        let r = op(ResizeMode::Nearest, CoordMode::Asymmetric, ResizeTarget::Sizes);
         let y = run(&r, &x, &sizes(&[2, 4])).unwrap();
-        assert_eq!(
-            y.as_slice::<i64>().unwrap(),
-            &[i64::MAX, i64::MAX, -3, -3, i64::MAX, i64::MAX, -3, -3]
-        );
+        assert_eq!(y.as_slice::<i64>().unwrap(), &[i64::MAX, i64::MAX, -3, -3, i64::MAX, i64::MAX, -3, -3]);
         let x = Tensor::from_vec(vec![2], vec![true, false]).unwrap();
-        assert_eq!(
-            run(&r, &x, &sizes(&[3]))
-                .unwrap()
-                .as_slice::<bool>()
-                .unwrap(),
-            &[true, false, false]
-        );
+        assert_eq!(run(&r, &x, &sizes(&[3])).unwrap().as_slice::<bool>().unwrap(), &[true, false, false]);
     }
 
     #[test]
     fn linear_coordinate_modes() {
         let x = t(&[2], &[0.0, 10.0]);
-        let mut r = op(
-            ResizeMode::Linear,
-            CoordMode::HalfPixel,
-            ResizeTarget::Sizes,
-        );
+        let mut r = op(ResizeMode::Linear, CoordMode::HalfPixel, ResizeTarget::Sizes);
         // samples at -0.25, 0.25, 0.75, 1.25; outside the input the edge value holds
-        assert_eq!(
-            values(&run(&r, &x, &sizes(&[4])).unwrap()),
-            [0.0, 2.5, 7.5, 10.0]
-        );
+        assert_eq!(values(&run(&r, &x, &sizes(&[4])).unwrap()), [0.0, 2.5, 7.5, 10.0]);
         r.coord = CoordMode::AlignCorners;
-        assert_eq!(
-            values(&run(&r, &x, &sizes(&[3])).unwrap()),
-            [0.0, 5.0, 10.0]
-        );
+        assert_eq!(values(&run(&r, &x, &sizes(&[3])).unwrap()), [0.0, 5.0, 10.0]);
         r.coord = CoordMode::Asymmetric;
-        assert_eq!(
-            values(&run(&r, &x, &sizes(&[4])).unwrap()),
-            [0.0, 5.0, 10.0, 10.0]
-        );
+        assert_eq!(values(&run(&r, &x, &sizes(&[4])).unwrap()), [0.0, 5.0, 10.0, 10.0]);
         // a single output samples 0 with pytorch_half_pixel, (0 + 0.5) * 3 - 0.5 = 1 with half_pixel
         let x = t(&[3], &[0.0, 10.0, 20.0]);
         r.coord = CoordMode::PytorchHalfPixel;
@@ -529,11 +430,7 @@ mod tests {
         // 4 * 0.6 = 2.4 -> 2 outputs; offset 2 * (1 - 2 / 2.4) = 1/3 shifts the samples to
         // 2/3 and 7/3
         let x = t(&[4], &[10.0, 20.0, 30.0, 40.0]);
-        let mut r = op(
-            ResizeMode::Linear,
-            CoordMode::HalfPixelSymmetric,
-            ResizeTarget::Scales,
-        );
+        let mut r = op(ResizeMode::Linear, CoordMode::HalfPixelSymmetric, ResizeTarget::Scales);
         let y = values(&run(&r, &x, &scales(&[0.6])).unwrap());
         assert!(close(&y, &[10.0 + 20.0 / 3.0, 10.0 + 70.0 / 3.0]), "{y:?}");
         r.mode = ResizeMode::Nearest;
@@ -543,16 +440,9 @@ mod tests {
     #[test]
     fn bilinear_over_resized_axes() {
         let x = t(&[1, 1, 2, 2], &[0.0, 10.0, 20.0, 30.0]);
-        let mut r = op(
-            ResizeMode::Linear,
-            CoordMode::AlignCorners,
-            ResizeTarget::Sizes,
-        );
+        let mut r = op(ResizeMode::Linear, CoordMode::AlignCorners, ResizeTarget::Sizes);
         let y = run(&r, &x, &sizes(&[1, 1, 3, 3])).unwrap();
-        assert_eq!(
-            values(&y),
-            [0.0, 5.0, 10.0, 10.0, 15.0, 20.0, 20.0, 25.0, 30.0]
-        );
+        assert_eq!(values(&y), [0.0, 5.0, 10.0, 10.0, 15.0, 20.0, 20.0, 25.0, 30.0]);
         r.axes = Some(vec![-1]);
         let y = run(&r, &x, &sizes(&[3])).unwrap();
         assert_eq!(y.shape(), &[1, 1, 2, 3]);
@@ -562,11 +452,7 @@ mod tests {
     #[test]
     fn cubic() {
         let x = t(&[4], &[0.0, 1.0, 2.0, 3.0]);
-        let mut r = op(
-            ResizeMode::Cubic,
-            CoordMode::Asymmetric,
-            ResizeTarget::Scales,
-        );
+        let mut r = op(ResizeMode::Cubic, CoordMode::Asymmetric, ResizeTarget::Scales);
         // weights at t = 0.5 with a = -0.75: [-3/32, 19/32, 19/32, -3/32]. At 1.5 a line is
         // reproduced; at 0.5 the left tap repeats the edge value 0.
         let y = values(&run(&r, &x, &scales(&[2.0])).unwrap());
@@ -580,110 +466,47 @@ mod tests {
     #[test]
     fn integer_linear_truncates() {
         let x = Tensor::from_vec(vec![2], vec![0u8, 3]).unwrap();
-        let r = op(
-            ResizeMode::Linear,
-            CoordMode::AlignCorners,
-            ResizeTarget::Sizes,
-        );
-        assert_eq!(
-            run(&r, &x, &sizes(&[3])).unwrap().as_slice::<u8>().unwrap(),
-            &[0, 1, 3]
-        );
+        let r = op(ResizeMode::Linear, CoordMode::AlignCorners, ResizeTarget::Sizes);
+        assert_eq!(run(&r, &x, &sizes(&[3])).unwrap().as_slice::<u8>().unwrap(), &[0, 1, 3]);
     }
 
     #[test]
     fn facts() {
-        let r = op(
-            ResizeMode::Nearest,
-            CoordMode::HalfPixel,
-            ResizeTarget::Scales,
-        );
-        let x = Fact::new(
-            DType::F32,
-            vec![Dim::sym("n"), Dim::Known(3), Dim::Known(5), Dim::Unknown],
-        );
+        let r = op(ResizeMode::Nearest, CoordMode::HalfPixel, ResizeTarget::Scales);
+        let x = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(3), Dim::Known(5), Dim::Unknown]);
         let s = Fact::from_tensor(Arc::new(scales(&[1.0, 1.0, 2.0, 2.0])));
         let y = r.output_facts(&[&x, &s]).unwrap();
-        assert_eq!(
-            y[0].shape,
-            vec![Dim::sym("n"), Dim::Known(3), Dim::Known(10), Dim::Unknown]
-        );
+        assert_eq!(y[0].shape, vec![Dim::sym("n"), Dim::Known(3), Dim::Known(10), Dim::Unknown]);
         let dynamic = Fact::known(DType::F32, &[4]);
         let y = r.output_facts(&[&x, &dynamic]).unwrap();
         assert_eq!(y[0].shape, vec![Dim::Unknown; 4]);
-        let mut r = op(
-            ResizeMode::Nearest,
-            CoordMode::HalfPixel,
-            ResizeTarget::Sizes,
-        );
+        let mut r = op(ResizeMode::Nearest, CoordMode::HalfPixel, ResizeTarget::Sizes);
         r.axes = Some(vec![2, 3]);
         let z = Fact::from_tensor(Arc::new(sizes(&[7, 9])));
         let y = r.output_facts(&[&x, &z]).unwrap();
-        assert_eq!(
-            y[0].shape,
-            vec![Dim::sym("n"), Dim::Known(3), Dim::Known(7), Dim::Known(9)]
-        );
+        assert_eq!(y[0].shape, vec![Dim::sym("n"), Dim::Known(3), Dim::Known(7), Dim::Known(9)]);
     }
 
     #[test]
     fn errors() {
         let x = t(&[2, 2], &[0.0; 4]);
-        let r = op(
-            ResizeMode::Linear,
-            CoordMode::TfCropAndResize,
-            ResizeTarget::Scales,
-        );
-        assert!(run(&r, &x, &scales(&[1.0, 2.0]))
-            .unwrap_err()
-            .to_string()
-            .contains("tf_crop_and_resize"));
-        let r = op(
-            ResizeMode::Linear,
-            CoordMode::HalfPixel,
-            ResizeTarget::Scales,
-        );
-        assert!(run(&r, &x, &scales(&[2.0]))
-            .unwrap_err()
-            .to_string()
-            .contains("resized axes"));
-        assert!(run(&r, &x, &scales(&[2.0, 0.0]))
-            .unwrap_err()
-            .to_string()
-            .contains("positive"));
+        let r = op(ResizeMode::Linear, CoordMode::TfCropAndResize, ResizeTarget::Scales);
+        assert!(run(&r, &x, &scales(&[1.0, 2.0])).unwrap_err().to_string().contains("tf_crop_and_resize"));
+        let r = op(ResizeMode::Linear, CoordMode::HalfPixel, ResizeTarget::Scales);
+        assert!(run(&r, &x, &scales(&[2.0])).unwrap_err().to_string().contains("resized axes"));
+        assert!(run(&r, &x, &scales(&[2.0, 0.0])).unwrap_err().to_string().contains("positive"));
         assert!(run(&r, &x, &scales(&[2.0, f32::NAN])).is_err());
-        assert!(run(&r, &x, &scales(&[1.0, 1e30]))
-            .unwrap_err()
-            .to_string()
-            .contains("too large"));
-        assert!(run(&r, &x, &sizes(&[2, 2]))
-            .unwrap_err()
-            .to_string()
-            .contains("floats"));
-        let r = op(
-            ResizeMode::Linear,
-            CoordMode::HalfPixel,
-            ResizeTarget::Sizes,
-        );
-        assert!(run(&r, &x, &scales(&[2.0, 2.0]))
-            .unwrap_err()
-            .to_string()
-            .contains("integers"));
+        assert!(run(&r, &x, &scales(&[1.0, 1e30])).unwrap_err().to_string().contains("too large"));
+        assert!(run(&r, &x, &sizes(&[2, 2])).unwrap_err().to_string().contains("floats"));
+        let r = op(ResizeMode::Linear, CoordMode::HalfPixel, ResizeTarget::Sizes);
+        assert!(run(&r, &x, &scales(&[2.0, 2.0])).unwrap_err().to_string().contains("integers"));
         assert!(run(&r, &x, &sizes(&[2, -1])).is_err());
-        assert!(run(&r, &t(&[0, 2], &[]), &sizes(&[2, 2]))
-            .unwrap_err()
-            .to_string()
-            .contains("empty"));
+        assert!(run(&r, &t(&[0, 2], &[]), &sizes(&[2, 2])).unwrap_err().to_string().contains("empty"));
         let b = Tensor::from_vec(vec![2], vec![true, false]).unwrap();
-        assert!(run(&r, &b, &sizes(&[4]))
-            .unwrap_err()
-            .to_string()
-            .contains("bool"));
+        assert!(run(&r, &b, &sizes(&[4])).unwrap_err().to_string().contains("bool"));
         let mut r2 = r.clone();
         r2.axes = Some(vec![1, -1]);
-        assert!(run(&r2, &x, &sizes(&[2, 2]))
-            .unwrap_err()
-            .to_string()
-            .contains("twice"));
+        assert!(run(&r2, &x, &sizes(&[2, 2])).unwrap_err().to_string().contains("twice"));
         r2.axes = Some(vec![2]);
         assert!(run(&r2, &x, &sizes(&[2])).is_err());
         assert!(r.eval(&[&x]).is_err());

@@ -8,8 +8,7 @@ use super::util::{broadcast_dims, expect_inputs, next_index, show_dims, unknown_
 use super::OpDef;
 use crate::{op_bail, Fact, IrError, IrResult};
 use slimnn_tensor::{
-    broadcast_shapes, checked_numel, match_data, strides_of, DType, Dim, Element, QuantParams,
-    Tensor,
+    broadcast_shapes, checked_numel, match_data, strides_of, DType, Dim, Element, QuantParams, Tensor,
 };
 use std::any::Any;
 use std::sync::Arc;
@@ -158,21 +157,13 @@ fn known(shape: &[usize]) -> Vec<Dim> {
 
 fn reject_block(op: &'static str, dtype: DType) -> IrResult<()> {
     if let DType::Block(_) = dtype {
-        op_bail!(
-            op,
-            "cannot move block-quantized ({dtype}) data; dequantize first"
-        );
+        op_bail!(op, "cannot move block-quantized ({dtype}) data; dequantize first");
     }
     Ok(())
 }
 
 /// Checks a 1-d integer input fact; returns its length when known and its values when constant.
-fn ints_fact(
-    op: &'static str,
-    what: &str,
-    f: &Fact,
-    dtypes: &[DType],
-) -> IrResult<(Option<usize>, Option<Vec<i64>>)> {
+fn ints_fact(op: &'static str, what: &str, f: &Fact, dtypes: &[DType]) -> IrResult<(Option<usize>, Option<Vec<i64>>)> {
     if !dtypes.contains(&f.dtype) {
         op_bail!(op, "{what} must be {}, got {}", dtype_list(dtypes), f.dtype);
     }
@@ -186,12 +177,7 @@ fn ints_fact(
 /// The values of a 1-d integer input tensor.
 fn ints(op: &'static str, what: &str, t: &Tensor, dtypes: &[DType]) -> IrResult<Vec<i64>> {
     if !dtypes.contains(&t.dtype()) {
-        op_bail!(
-            op,
-            "{what} must be {}, got {}",
-            dtype_list(dtypes),
-            t.dtype()
-        );
+        op_bail!(op, "{what} must be {}, got {}", dtype_list(dtypes), t.dtype());
     }
     if t.rank() != 1 {
         op_bail!(op, "{what} must be 1-d, got shape {:?}", t.shape());
@@ -204,9 +190,7 @@ fn check_dims(op: &'static str, dims: &[Dim]) -> IrResult<()> {
     let mut n: usize = 1;
     for d in dims {
         if let Dim::Known(k) = d {
-            n = n
-                .checked_mul(*k)
-                .ok_or_else(|| IrError::op(op, format!("shape {} overflows", show_dims(dims))))?;
+            n = n.checked_mul(*k).ok_or_else(|| IrError::op(op, format!("shape {} overflows", show_dims(dims))))?;
         }
     }
     Ok(())
@@ -229,18 +213,11 @@ fn dim_product(op: &'static str, dims: &[Dim]) -> IrResult<Dim> {
 }
 
 /// Splits dims into the product of the known ones, the symbols, and whether any is unknown.
-fn split_dims<'a>(
-    op: &'static str,
-    dims: impl Iterator<Item = &'a Dim>,
-) -> IrResult<(usize, Vec<Arc<str>>, bool)> {
+fn split_dims<'a>(op: &'static str, dims: impl Iterator<Item = &'a Dim>) -> IrResult<(usize, Vec<Arc<str>>, bool)> {
     let (mut k, mut syms, mut unknown) = (1usize, Vec::new(), false);
     for d in dims {
         match d {
-            Dim::Known(n) => {
-                k = k
-                    .checked_mul(*n)
-                    .ok_or_else(|| IrError::op(op, "element count overflows"))?
-            }
+            Dim::Known(n) => k = k.checked_mul(*n).ok_or_else(|| IrError::op(op, "element count overflows"))?,
             Dim::Sym(s) => syms.push(s.clone()),
             Dim::Unknown => unknown = true,
         }
@@ -258,10 +235,7 @@ fn slice_like<T: Element>(t: &Tensor) -> Option<&[T]> {
 fn carry_quant(out: Tensor, src: &Tensor, axis: impl FnOnce(usize) -> Option<usize>) -> Tensor {
     let q = src.quant().and_then(|q| match q.axis {
         None => Some(q.clone()),
-        Some(a) => axis(a).map(|a| QuantParams {
-            axis: Some(a),
-            ..q.clone()
-        }),
+        Some(a) => axis(a).map(|a| QuantParams { axis: Some(a), ..q.clone() }),
     });
     out.with_quant(q)
 }
@@ -282,11 +256,8 @@ fn take(
         // Also keeps huge dims next to a zero dim from sizing the tables below.
         return Ok(Tensor::zeros(src.dtype(), shape)?);
     }
-    let tables: Vec<Vec<Option<usize>>> = shape
-        .iter()
-        .enumerate()
-        .map(|(k, &n)| (0..n).map(|i| source(k, i)).collect())
-        .collect();
+    let tables: Vec<Vec<Option<usize>>> =
+        shape.iter().enumerate().map(|(k, &n)| (0..n).map(|i| source(k, i)).collect()).collect();
     match_data!(src.data(), v => {
         let out = take_typed(op, v, &shape, &tables, numel, fill)?;
         Ok(Tensor::from_vec(shape, out)?)
@@ -315,15 +286,11 @@ fn take_typed<T: Element>(
     };
     // Rows that read a contiguous run of the source are copied at once.
     let first = last.first().copied().flatten();
-    let contiguous =
-        first.is_some_and(|c0| last.iter().enumerate().all(|(i, &c)| c == Some(c0 + i)));
+    let contiguous = first.is_some_and(|c0| last.iter().enumerate().all(|(i, &c)| c == Some(c0 + i)));
     let outer_shape = &shape[..outer.len()];
     let mut idx = vec![0; outer.len()];
     loop {
-        let base = outer
-            .iter()
-            .zip(&idx)
-            .try_fold(0usize, |acc, (t, &i)| t[i].map(|c| acc + c));
+        let base = outer.iter().zip(&idx).try_fold(0usize, |acc, (t, &i)| t[i].map(|c| acc + c));
         match base {
             None => out.resize(out.len() + last.len(), fill),
             Some(b) if contiguous => {
@@ -371,11 +338,7 @@ impl OpDef for Shape {
         let (s, e) = self.range(inputs[0].rank());
         let dims = &inputs[0].shape[s..e];
         let mut out = Fact::known(DType::I64, &[e - s]);
-        if let Some(v) = dims
-            .iter()
-            .map(|d| d.as_known().map(|n| n as i64))
-            .collect::<Option<Vec<i64>>>()
-        {
+        if let Some(v) = dims.iter().map(|d| d.as_known().map(|n| n as i64)).collect::<Option<Vec<i64>>>() {
             out.konst = Some(Arc::new(Tensor::from_vec(vec![e - s], v)?));
         }
         Ok(vec![out])
@@ -421,22 +384,11 @@ fn reshape_dims(input: &[Dim], spec: &[i64], allowzero: bool) -> IrResult<Vec<Di
         out.push(d);
     }
     if allowzero && infer.is_some() && spec.contains(&0) {
-        op_bail!(
-            OP,
-            "shape {spec:?} has both 0 and -1 while allowzero is set"
-        );
+        op_bail!(OP, "shape {spec:?} has both 0 and -1 while allowzero is set");
     }
     // Cancel what both sides share: copied dims by position, symbols by name.
-    let rest_in = input
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| !copies(i))
-        .map(|(_, d)| d);
-    let rest_out = out
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| Some(i) != infer && !copies(i))
-        .map(|(_, d)| d);
+    let rest_in = input.iter().enumerate().filter(|&(i, _)| !copies(i)).map(|(_, d)| d);
+    let rest_out = out.iter().enumerate().filter(|&(i, _)| Some(i) != infer && !copies(i)).map(|(_, d)| d);
     let (kin, mut sin, uin) = split_dims(OP, rest_in)?;
     let (kout, mut sout, uout) = split_dims(OP, rest_out)?;
     sout.retain(|s| match sin.iter().position(|x| x == s) {
@@ -447,22 +399,12 @@ fn reshape_dims(input: &[Dim], spec: &[i64], allowzero: bool) -> IrResult<Vec<Di
         None => true,
     });
     let exact = !uin && !uout && sout.is_empty();
-    let mismatch = || {
-        IrError::op(
-            OP,
-            format!(
-                "cannot reshape {} to {spec:?}: element counts differ",
-                show_dims(input)
-            ),
-        )
-    };
+    let mismatch =
+        || IrError::op(OP, format!("cannot reshape {} to {spec:?}: element counts differ", show_dims(input)));
     match infer {
         Some(p) => {
             // A zero among the other dims leaves -1 undetermined; eval reports it.
-            let copied_zero = input
-                .iter()
-                .enumerate()
-                .any(|(i, d)| copies(i) && *d == Dim::Known(0));
+            let copied_zero = input.iter().enumerate().any(|(i, d)| copies(i) && *d == Dim::Known(0));
             if exact && kout > 0 && !copied_zero {
                 out[p] = match sin.as_slice() {
                     [] if kin % kout != 0 => return Err(mismatch()),
@@ -489,10 +431,7 @@ impl OpDef for Reshape {
         let dims = match (spec, len) {
             (Some(spec), _) => reshape_dims(&inputs[0].shape, &spec, self.allowzero)?,
             (None, Some(n)) => unknown_dims(n),
-            (None, None) => op_bail!(
-                "Reshape",
-                "the shape input has an unknown length, so the output rank is unknown"
-            ),
+            (None, None) => op_bail!("Reshape", "the shape input has an unknown length, so the output rank is unknown"),
         };
         check_dims("Reshape", &dims)?;
         Ok(vec![Fact::new(inputs[0].dtype, dims)])
@@ -504,13 +443,13 @@ impl OpDef for Reshape {
         let spec = ints("Reshape", "shape", inputs[1], I64_ONLY)?;
         let dims = reshape_dims(&known(data.shape()), &spec, self.allowzero)?;
         let Some(shape) = dims.iter().map(Dim::as_known).collect::<Option<Vec<_>>>() else {
-            op_bail!("Reshape", "cannot infer the -1 in {spec:?} for input shape {:?}: the other dims multiply to 0", data.shape());
+            op_bail!(
+                "Reshape",
+                "cannot infer the -1 in {spec:?} for input shape {:?}: the other dims multiply to 0",
+                data.shape()
+            );
         };
-        Ok(vec![carry_quant(
-            data.clone().into_shape(shape)?,
-            data,
-            |_| None,
-        )])
+        Ok(vec![carry_quant(data.clone().into_shape(shape)?, data, |_| None)])
     }
 }
 
@@ -542,10 +481,7 @@ impl OpDef for Transpose {
         expect_inputs("Transpose", inputs, 1, 1)?;
         reject_block("Transpose", inputs[0].dtype)?;
         let perm = self.perm(inputs[0].rank())?;
-        Ok(vec![Fact::new(
-            inputs[0].dtype,
-            perm.iter().map(|&a| inputs[0].shape[a].clone()).collect(),
-        )])
+        Ok(vec![Fact::new(inputs[0].dtype, perm.iter().map(|&a| inputs[0].shape[a].clone()).collect())])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
@@ -555,9 +491,7 @@ impl OpDef for Transpose {
         let st = strides_of(t.shape());
         let shape = perm.iter().map(|&a| t.shape()[a]).collect();
         let out = take("Transpose", t, shape, None, |k, i| Some(i * st[perm[k]]))?;
-        Ok(vec![carry_quant(out, t, |a| {
-            perm.iter().position(|&p| p == a)
-        })])
+        Ok(vec![carry_quant(out, t, |a| perm.iter().position(|&p| p == a))])
     }
 }
 
@@ -581,13 +515,7 @@ fn interleave<D: Clone>(input: &[D], inserted: &[bool], one: D) -> Vec<D> {
     let mut src = input.iter();
     inserted
         .iter()
-        .map(|&ins| {
-            if ins {
-                one.clone()
-            } else {
-                src.next().cloned().unwrap_or_else(|| one.clone())
-            }
-        })
+        .map(|&ins| if ins { one.clone() } else { src.next().cloned().unwrap_or_else(|| one.clone()) })
         .collect()
 }
 
@@ -599,10 +527,7 @@ impl OpDef for Unsqueeze {
     fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
         expect_inputs("Unsqueeze", inputs, 1, 1)?;
         let at = self.inserted(inputs[0].rank())?;
-        Ok(vec![Fact::new(
-            inputs[0].dtype,
-            interleave(&inputs[0].shape, &at, Dim::Known(1)),
-        )])
+        Ok(vec![Fact::new(inputs[0].dtype, interleave(&inputs[0].shape, &at, Dim::Known(1)))])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
@@ -624,11 +549,7 @@ impl Squeeze {
                 for a in axes_of("Squeeze", axes, shape.len())? {
                     if let Dim::Known(n) = shape[a] {
                         if n != 1 {
-                            op_bail!(
-                                "Squeeze",
-                                "cannot squeeze axis {a} of size {n} in {}",
-                                show_dims(shape)
-                            );
+                            op_bail!("Squeeze", "cannot squeeze axis {a} of size {n} in {}", show_dims(shape));
                         }
                     }
                     drop[a] = true;
@@ -657,13 +578,7 @@ impl OpDef for Squeeze {
     fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
         expect_inputs("Squeeze", inputs, 1, 1)?;
         let drop = self.removed(&inputs[0].shape)?;
-        let dims = inputs[0]
-            .shape
-            .iter()
-            .zip(&drop)
-            .filter(|(_, &d)| !d)
-            .map(|(d, _)| d.clone())
-            .collect();
+        let dims = inputs[0].shape.iter().zip(&drop).filter(|(_, &d)| !d).map(|(d, _)| d.clone()).collect();
         Ok(vec![Fact::new(inputs[0].dtype, dims)])
     }
 
@@ -671,35 +586,19 @@ impl OpDef for Squeeze {
         expect_inputs("Squeeze", inputs, 1, 1)?;
         let t = inputs[0];
         let drop = self.removed(&known(t.shape()))?;
-        let shape = t
-            .shape()
-            .iter()
-            .zip(&drop)
-            .filter(|(_, &d)| !d)
-            .map(|(&d, _)| d)
-            .collect();
+        let shape = t.shape().iter().zip(&drop).filter(|(_, &d)| !d).map(|(&d, _)| d).collect();
         let out = t.clone().into_shape(shape)?;
         let kept: Vec<usize> = (0..drop.len()).filter(|&i| !drop[i]).collect();
-        Ok(vec![carry_quant(out, t, |a| {
-            kept.iter().position(|&k| k == a)
-        })])
+        Ok(vec![carry_quant(out, t, |a| kept.iter().position(|&k| k == a))])
     }
 }
 
 impl Flatten {
     fn axis(&self, rank: usize) -> IrResult<usize> {
         let r = rank as i64;
-        let a = if self.axis < 0 {
-            self.axis + r
-        } else {
-            self.axis
-        };
+        let a = if self.axis < 0 { self.axis + r } else { self.axis };
         if a < 0 || a > r {
-            op_bail!(
-                "Flatten",
-                "axis {} is out of range for rank {rank}",
-                self.axis
-            );
+            op_bail!("Flatten", "axis {} is out of range for rank {rank}", self.axis);
         }
         Ok(a as usize)
     }
@@ -714,23 +613,14 @@ impl OpDef for Flatten {
         expect_inputs("Flatten", inputs, 1, 1)?;
         let s = &inputs[0].shape;
         let a = self.axis(s.len())?;
-        Ok(vec![Fact::new(
-            inputs[0].dtype,
-            vec![
-                dim_product("Flatten", &s[..a])?,
-                dim_product("Flatten", &s[a..])?,
-            ],
-        )])
+        Ok(vec![Fact::new(inputs[0].dtype, vec![dim_product("Flatten", &s[..a])?, dim_product("Flatten", &s[a..])?])])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
         expect_inputs("Flatten", inputs, 1, 1)?;
         let t = inputs[0];
         let a = self.axis(t.rank())?;
-        let shape = vec![
-            t.shape()[..a].iter().product(),
-            t.shape()[a..].iter().product(),
-        ];
+        let shape = vec![t.shape()[..a].iter().product(), t.shape()[a..].iter().product()];
         Ok(vec![carry_quant(t.clone().into_shape(shape)?, t, |_| None)])
     }
 }
@@ -753,10 +643,7 @@ impl OpDef for Concat {
         let mut dims = first.shape.clone();
         for (n, f) in inputs.iter().enumerate().skip(1) {
             if f.dtype != first.dtype || f.rank() != first.rank() {
-                op_bail!(
-                    "Concat",
-                    "input {n} is {f} but input 0 is {first}; dtypes and ranks must match"
-                );
+                op_bail!("Concat", "input {n} is {f} but input 0 is {first}; dtypes and ranks must match");
             }
             for (k, (d, e)) in dims.iter_mut().zip(&f.shape).enumerate() {
                 if k == axis {
@@ -764,10 +651,7 @@ impl OpDef for Concat {
                 }
                 *d = match (&*d, e) {
                     (Dim::Known(a), Dim::Known(b)) if a != b => {
-                        op_bail!(
-                            "Concat",
-                            "input {n} ({f}) differs from input 0 ({first}) at axis {k}"
-                        )
+                        op_bail!("Concat", "input {n} ({f}) differs from input 0 ({first}) at axis {k}")
                     }
                     (Dim::Known(_), _) => d.clone(),
                     (_, Dim::Known(_)) => e.clone(),
@@ -777,11 +661,7 @@ impl OpDef for Concat {
             }
         }
         // The axis dim is the sum of the inputs' dims.
-        let along: Vec<&Dim> = inputs
-            .iter()
-            .map(|f| &f.shape[axis])
-            .filter(|d| **d != Dim::Known(0))
-            .collect();
+        let along: Vec<&Dim> = inputs.iter().map(|f| &f.shape[axis]).filter(|d| **d != Dim::Known(0)).collect();
         dims[axis] = match along.as_slice() {
             [] => Dim::Known(0),
             [d] => (*d).clone(),
@@ -798,19 +678,13 @@ impl OpDef for Concat {
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
-        let Some(first) = inputs.first() else {
-            op_bail!("Concat", "expects at least 1 input")
-        };
+        let Some(first) = inputs.first() else { op_bail!("Concat", "expects at least 1 input") };
         let axis = axis_of("Concat", self.axis, first.rank())?;
         let mut shape = first.shape().to_vec();
         shape[axis] = 0;
         for (n, t) in inputs.iter().enumerate() {
             let same_rest = t.rank() == first.rank()
-                && t.shape()
-                    .iter()
-                    .zip(first.shape())
-                    .enumerate()
-                    .all(|(k, (a, b))| k == axis || a == b);
+                && t.shape().iter().zip(first.shape()).enumerate().all(|(k, (a, b))| k == axis || a == b);
             if t.dtype() != first.dtype() || !same_rest {
                 op_bail!(
                     "Concat",
@@ -830,11 +704,7 @@ impl OpDef for Concat {
         let out = match_data!(first.data(), v => Tensor::from_vec(shape, concat_typed(v, inputs, outer, &chunks, numel)?)?,
             block => op_bail!("Concat", "cannot move block-quantized data"));
         let q = first.quant();
-        let out = if inputs.iter().all(|t| t.quant() == q) {
-            carry_quant(out, first, Some)
-        } else {
-            out
-        };
+        let out = if inputs.iter().all(|t| t.quant() == q) { carry_quant(out, first, Some) } else { out };
         Ok(vec![out])
     }
 }
@@ -848,17 +718,12 @@ fn concat_typed<T: Element>(
 ) -> IrResult<Vec<T>> {
     let parts: Vec<&[T]> = inputs
         .iter()
-        .map(|t| {
-            slice_like::<T>(t).ok_or_else(|| IrError::op("Concat", "inputs must share one dtype"))
-        })
+        .map(|t| slice_like::<T>(t).ok_or_else(|| IrError::op("Concat", "inputs must share one dtype")))
         .collect::<IrResult<_>>()?;
     let mut out = Vec::with_capacity(numel);
     for o in 0..outer {
         for (p, &c) in parts.iter().zip(chunks) {
-            out.extend_from_slice(
-                p.get(o * c..(o + 1) * c)
-                    .ok_or_else(|| IrError::op("Concat", "input too short"))?,
-            );
+            out.extend_from_slice(p.get(o * c..(o + 1) * c).ok_or_else(|| IrError::op("Concat", "input too short"))?);
         }
     }
     Ok(out)
@@ -884,8 +749,7 @@ fn slice_axes(
     steps: Option<&[i64]>,
 ) -> IrResult<Vec<SliceAxis>> {
     let n = starts.len();
-    if ends.len() != n || axes.is_some_and(|a| a.len() != n) || steps.is_some_and(|s| s.len() != n)
-    {
+    if ends.len() != n || axes.is_some_and(|a| a.len() != n) || steps.is_some_and(|s| s.len() != n) {
         op_bail!("Slice", "starts {starts:?}, ends {ends:?}, axes {axes:?} and steps {steps:?} must have one length");
     }
     let default_axes: Vec<i64> = (0..n as i64).collect();
@@ -896,12 +760,7 @@ fn slice_axes(
             if step == 0 {
                 op_bail!("Slice", "steps must not be 0, got {steps:?}");
             }
-            Ok(SliceAxis {
-                axis: axes[i],
-                start: starts[i],
-                end: ends[i],
-                step,
-            })
+            Ok(SliceAxis { axis: axes[i], start: starts[i], end: ends[i], step })
         })
         .collect()
 }
@@ -969,9 +828,7 @@ impl OpDef for Slice {
                     *d = match d {
                         Dim::Known(k) => Dim::Known(slice_range(*k, sa.start, sa.end, sa.step).1),
                         // The whole axis, whatever its size.
-                        _ if sa.start == 0 && sa.step == 1 && sa.end >= i32::MAX as i64 => {
-                            d.clone()
-                        }
+                        _ if sa.start == 0 && sa.step == 1 && sa.end >= i32::MAX as i64 => d.clone(),
                         _ => Dim::Unknown,
                     };
                 }
@@ -991,31 +848,17 @@ impl OpDef for Slice {
         let data = inputs[0];
         let starts = ints("Slice", "starts", inputs[1], INDEX_TYPES)?;
         let ends = ints("Slice", "ends", inputs[2], INDEX_TYPES)?;
-        let axes = inputs
-            .get(3)
-            .map(|t| ints("Slice", "axes", t, INDEX_TYPES))
-            .transpose()?;
-        let steps = inputs
-            .get(4)
-            .map(|t| ints("Slice", "steps", t, INDEX_TYPES))
-            .transpose()?;
+        let axes = inputs.get(3).map(|t| ints("Slice", "axes", t, INDEX_TYPES)).transpose()?;
+        let steps = inputs.get(4).map(|t| ints("Slice", "steps", t, INDEX_TYPES)).transpose()?;
         let mut shape = data.shape().to_vec();
         let mut first = vec![0i128; shape.len()];
         let mut step = vec![1i128; shape.len()];
-        for sa in slice_axes(
-            data.rank(),
-            &starts,
-            &ends,
-            axes.as_deref(),
-            steps.as_deref(),
-        )? {
+        for sa in slice_axes(data.rank(), &starts, &ends, axes.as_deref(), steps.as_deref())? {
             let (f, c) = slice_range(shape[sa.axis], sa.start, sa.end, sa.step);
             (first[sa.axis], step[sa.axis], shape[sa.axis]) = (f, sa.step as i128, c);
         }
         let st = strides_of(data.shape());
-        let out = take("Slice", data, shape, None, |k, i| {
-            Some((first[k] + i as i128 * step[k]) as usize * st[k])
-        })?;
+        let out = take("Slice", data, shape, None, |k, i| Some((first[k] + i as i128 * step[k]) as usize * st[k]))?;
         Ok(vec![carry_quant(out, data, |_| None)])
     }
 }
@@ -1050,10 +893,7 @@ impl Split {
                 s[k - 1] = last;
                 Ok(Some(s))
             }
-            None => op_bail!(
-                "Split",
-                "cannot split a dim of {d} into {k} parts of {chunk}"
-            ),
+            None => op_bail!("Split", "cannot split a dim of {d} into {k} parts of {chunk}"),
         }
     }
 }
@@ -1093,9 +933,7 @@ impl OpDef for Split {
         for s in sizes {
             let mut shape = t.shape().to_vec();
             shape[axis] = s;
-            let out = take("Split", t, shape, None, |k, i| {
-                Some((i + if k == axis { offset } else { 0 }) * st[k])
-            })?;
+            let out = take("Split", t, shape, None, |k, i| Some((i + if k == axis { offset } else { 0 }) * st[k]))?;
             outs.push(carry_quant(out, t, |_| None));
             offset += s;
         }
@@ -1116,15 +954,11 @@ impl OpDef for Expand {
         reject_block("Expand", inputs[0].dtype)?;
         let (len, spec) = ints_fact("Expand", "shape", inputs[1], I64_ONLY)?;
         let target = match (spec, len) {
-            (Some(v), _) => v
-                .iter()
-                .map(|&d| to_usize("Expand", "a dim", d).map(Dim::Known))
-                .collect::<IrResult<_>>()?,
+            (Some(v), _) => {
+                v.iter().map(|&d| to_usize("Expand", "a dim", d).map(Dim::Known)).collect::<IrResult<_>>()?
+            }
             (None, Some(n)) => unknown_dims(n),
-            (None, None) => op_bail!(
-                "Expand",
-                "the shape input has an unknown length, so the output rank is unknown"
-            ),
+            (None, None) => op_bail!("Expand", "the shape input has an unknown length, so the output rank is unknown"),
         };
         let dims = broadcast_dims("Expand", &inputs[0].shape, &target)?;
         check_dims("Expand", &dims)?;
@@ -1135,23 +969,13 @@ impl OpDef for Expand {
         expect_inputs("Expand", inputs, 2, 2)?;
         let t = inputs[0];
         let spec = ints("Expand", "shape", inputs[1], I64_ONLY)?;
-        let target = spec
-            .iter()
-            .map(|&d| to_usize("Expand", "a dim", d))
-            .collect::<IrResult<Vec<_>>>()?;
+        let target = spec.iter().map(|&d| to_usize("Expand", "a dim", d)).collect::<IrResult<Vec<_>>>()?;
         let shape = broadcast_shapes(t.shape(), &target)?;
         // Source strides aligned to the output's trailing axes; broadcast axes read offset 0.
         let lead = shape.len() - t.rank();
         let st = strides_of(t.shape());
-        let stride: Vec<usize> = (0..shape.len())
-            .map(|k| {
-                if k < lead || t.shape()[k - lead] == 1 {
-                    0
-                } else {
-                    st[k - lead]
-                }
-            })
-            .collect();
+        let stride: Vec<usize> =
+            (0..shape.len()).map(|k| if k < lead || t.shape()[k - lead] == 1 { 0 } else { st[k - lead] }).collect();
         let out = take("Expand", t, shape, None, |k, i| Some(i * stride[k]))?;
         Ok(vec![carry_quant(out, t, |_| None)])
     }
@@ -1168,12 +992,7 @@ impl OpDef for Tile {
         reject_block("Tile", data.dtype)?;
         let (len, reps) = ints_fact("Tile", "repeats", inputs[1], I64_ONLY)?;
         if len.is_some_and(|n| n != data.rank()) {
-            op_bail!(
-                "Tile",
-                "repeats has {} values for a rank-{} input",
-                inputs[1].shape[0],
-                data.rank()
-            );
+            op_bail!("Tile", "repeats has {} values for a rank-{} input", inputs[1].shape[0], data.rank());
         }
         let Some(reps) = reps else {
             return Ok(vec![Fact::new(data.dtype, unknown_dims(data.rank()))]);
@@ -1186,10 +1005,9 @@ impl OpDef for Tile {
                 Ok(match (d, to_usize("Tile", "repeats", r)?) {
                     (_, 0) => Dim::Known(0),
                     (d, 1) => d.clone(),
-                    (Dim::Known(n), r) => Dim::Known(
-                        n.checked_mul(r)
-                            .ok_or_else(|| IrError::op("Tile", "output dim overflows"))?,
-                    ),
+                    (Dim::Known(n), r) => {
+                        Dim::Known(n.checked_mul(r).ok_or_else(|| IrError::op("Tile", "output dim overflows"))?)
+                    }
                     _ => Dim::Unknown,
                 })
             })
@@ -1203,12 +1021,7 @@ impl OpDef for Tile {
         let t = inputs[0];
         let reps = ints("Tile", "repeats", inputs[1], I64_ONLY)?;
         if reps.len() != t.rank() {
-            op_bail!(
-                "Tile",
-                "repeats has {} values for a rank-{} input",
-                reps.len(),
-                t.rank()
-            );
+            op_bail!("Tile", "repeats has {} values for a rank-{} input", reps.len(), t.rank());
         }
         let shape = t
             .shape()
@@ -1221,9 +1034,7 @@ impl OpDef for Tile {
             .collect::<IrResult<Vec<_>>>()?;
         let st = strides_of(t.shape());
         // Only called for non-empty outputs, where every input dim is non-zero.
-        let out = take("Tile", t, shape, None, |k, i| {
-            Some((i % t.shape()[k]) * st[k])
-        })?;
+        let out = take("Tile", t, shape, None, |k, i| Some((i % t.shape()[k]) * st[k]))?;
         Ok(vec![carry_quant(out, t, |_| None)])
     }
 }
@@ -1241,12 +1052,7 @@ impl OpDef for Gather {
         let (data, idx) = (inputs[0], inputs[1]);
         reject_block("Gather", data.dtype)?;
         if !INDEX_TYPES.contains(&idx.dtype) {
-            op_bail!(
-                "Gather",
-                "indices must be {}, got {}",
-                dtype_list(INDEX_TYPES),
-                idx.dtype
-            );
+            op_bail!("Gather", "indices must be {}, got {}", dtype_list(INDEX_TYPES), idx.dtype);
         }
         let axis = axis_of("Gather", self.axis, data.rank())?;
         if let (Some(t), Some(d)) = (&idx.konst, data.shape[axis].as_known()) {
@@ -1262,12 +1068,7 @@ impl OpDef for Gather {
         expect_inputs("Gather", inputs, 2, 2)?;
         let (data, indices) = (inputs[0], inputs[1]);
         if !INDEX_TYPES.contains(&indices.dtype()) {
-            op_bail!(
-                "Gather",
-                "indices must be {}, got {}",
-                dtype_list(INDEX_TYPES),
-                indices.dtype()
-            );
+            op_bail!("Gather", "indices must be {}, got {}", dtype_list(INDEX_TYPES), indices.dtype());
         }
         let axis = axis_of("Gather", self.axis, data.rank())?;
         let s = data.shape();
@@ -1295,16 +1096,9 @@ impl OpDef for Gather {
 fn norm_indices(idx: &[i64], d: usize, axis: usize) -> IrResult<Vec<usize>> {
     idx.iter()
         .map(|&i| {
-            let j = if i < 0 {
-                i as i128 + d as i128
-            } else {
-                i as i128
-            };
+            let j = if i < 0 { i as i128 + d as i128 } else { i as i128 };
             if j < 0 || j >= d as i128 {
-                op_bail!(
-                    "Gather",
-                    "index {i} is out of range for axis {axis} of size {d}"
-                );
+                op_bail!("Gather", "index {i} is out of range for axis {axis} of size {d}");
             }
             Ok(j as usize)
         })
@@ -1318,11 +1112,7 @@ impl ConstantOfShape {
     fn check_value(&self) -> IrResult<()> {
         reject_block("ConstantOfShape", self.value.dtype())?;
         if self.value.len() != 1 {
-            op_bail!(
-                "ConstantOfShape",
-                "value must hold one element, got shape {:?}",
-                self.value.shape()
-            );
+            op_bail!("ConstantOfShape", "value must hold one element, got shape {:?}", self.value.shape());
         }
         Ok(())
     }
@@ -1338,15 +1128,13 @@ impl OpDef for ConstantOfShape {
         self.check_value()?;
         let (len, spec) = ints_fact("ConstantOfShape", "shape", inputs[0], I64_ONLY)?;
         let dims = match (spec, len) {
-            (Some(v), _) => v
-                .iter()
-                .map(|&d| to_usize("ConstantOfShape", "a dim", d).map(Dim::Known))
-                .collect::<IrResult<_>>()?,
+            (Some(v), _) => {
+                v.iter().map(|&d| to_usize("ConstantOfShape", "a dim", d).map(Dim::Known)).collect::<IrResult<_>>()?
+            }
             (None, Some(n)) => unknown_dims(n),
-            (None, None) => op_bail!(
-                "ConstantOfShape",
-                "the shape input has an unknown length, so the output rank is unknown"
-            ),
+            (None, None) => {
+                op_bail!("ConstantOfShape", "the shape input has an unknown length, so the output rank is unknown")
+            }
         };
         check_dims("ConstantOfShape", &dims)?;
         Ok(vec![Fact::new(self.value.dtype(), dims)])
@@ -1356,10 +1144,7 @@ impl OpDef for ConstantOfShape {
         expect_inputs("ConstantOfShape", inputs, 1, 1)?;
         self.check_value()?;
         let spec = ints("ConstantOfShape", "shape", inputs[0], I64_ONLY)?;
-        let shape = spec
-            .iter()
-            .map(|&d| to_usize("ConstantOfShape", "a dim", d))
-            .collect::<IrResult<Vec<_>>>()?;
+        let shape = spec.iter().map(|&d| to_usize("ConstantOfShape", "a dim", d)).collect::<IrResult<Vec<_>>>()?;
         let n = checked_numel(&shape, self.value.dtype())?;
         let out = match_data!(self.value.data(), v => match v.first() {
             Some(&x) => Tensor::from_vec(shape, vec![x; n])?,
@@ -1370,17 +1155,11 @@ impl OpDef for ConstantOfShape {
 }
 
 fn first_f64(t: &Tensor) -> IrResult<f64> {
-    t.to_f64_vec()
-        .first()
-        .copied()
-        .ok_or_else(|| IrError::op("Range", "empty scalar"))
+    t.to_f64_vec().first().copied().ok_or_else(|| IrError::op("Range", "empty scalar"))
 }
 
 fn first_i64(t: &Tensor) -> IrResult<i64> {
-    t.to_i64_vec()?
-        .first()
-        .copied()
-        .ok_or_else(|| IrError::op("Range", "empty scalar"))
+    t.to_i64_vec()?.first().copied().ok_or_else(|| IrError::op("Range", "empty scalar"))
 }
 
 fn range_dtype_ok(d: DType) -> bool {
@@ -1397,24 +1176,14 @@ fn range_count(dtype: DType, start: &Tensor, limit: &Tensor, delta: &Tensor) -> 
         }
         let n = ((l - s) / d).ceil();
         if !n.is_finite() {
-            op_bail!(
-                "Range",
-                "start {s}, limit {l} and delta {d} give no finite count"
-            );
+            op_bail!("Range", "start {s}, limit {l} and delta {d} give no finite count");
         }
         if n > 1e30 {
-            op_bail!(
-                "Range",
-                "start {s}, limit {l} and delta {d} give {n} elements"
-            );
+            op_bail!("Range", "start {s}, limit {l} and delta {d} give {n} elements");
         }
         n as i128
     } else {
-        let (s, l, d) = (
-            first_i64(start)? as i128,
-            first_i64(limit)? as i128,
-            first_i64(delta)? as i128,
-        );
+        let (s, l, d) = (first_i64(start)? as i128, first_i64(limit)? as i128, first_i64(delta)? as i128);
         if d == 0 {
             op_bail!("Range", "delta must not be 0");
         }
@@ -1425,8 +1194,7 @@ fn range_count(dtype: DType, start: &Tensor, limit: &Tensor, delta: &Tensor) -> 
             q
         }
     };
-    let n = usize::try_from(n.max(0))
-        .map_err(|_| IrError::op("Range", format!("{n} elements are too many")))?;
+    let n = usize::try_from(n.max(0)).map_err(|_| IrError::op("Range", format!("{n} elements are too many")))?;
     checked_numel(&[n], dtype)?;
     Ok(n)
 }
@@ -1434,25 +1202,14 @@ fn range_count(dtype: DType, start: &Tensor, limit: &Tensor, delta: &Tensor) -> 
 fn range_check(dtypes: &[DType], shapes: &[Vec<Dim>]) -> IrResult<DType> {
     let dt = dtypes[0];
     if dtypes.iter().any(|&d| d != dt) {
-        op_bail!(
-            "Range",
-            "start, limit and delta must share one dtype, got {}",
-            dtype_list(dtypes)
-        );
+        op_bail!("Range", "start, limit and delta must share one dtype, got {}", dtype_list(dtypes));
     }
     if !range_dtype_ok(dt) {
-        op_bail!(
-            "Range",
-            "dtype {dt} is not supported (floats and signed integers are)"
-        );
+        op_bail!("Range", "dtype {dt} is not supported (floats and signed integers are)");
     }
     for (what, s) in ["start", "limit", "delta"].iter().zip(shapes) {
         if !(s.is_empty() || s.as_slice() == [Dim::Known(1)]) {
-            op_bail!(
-                "Range",
-                "{what} must be a scalar, got shape {}",
-                show_dims(s)
-            );
+            op_bail!("Range", "{what} must be a scalar, got shape {}", show_dims(s));
         }
     }
     Ok(dt)
@@ -1509,12 +1266,7 @@ fn pad_axes(axes: Option<&[i64]>, rank: usize) -> IrResult<Vec<usize>> {
 /// Output size of a padded axis.
 fn pad_dim(d: usize, begin: i64, end: i64) -> IrResult<usize> {
     let n = d as i128 + begin as i128 + end as i128;
-    usize::try_from(n).map_err(|_| {
-        IrError::op(
-            "Pad",
-            format!("pads {begin}, {end} on a dim of {d} give size {n}"),
-        )
-    })
+    usize::try_from(n).map_err(|_| IrError::op("Pad", format!("pads {begin}, {end} on a dim of {d} give size {n}")))
 }
 
 /// Reflects `i` into `0..d` without repeating the edge (numpy's `reflect`), for `d >= 1`.
@@ -1543,15 +1295,8 @@ impl OpDef for Pad {
         let rank = data.rank();
         let (plen, pads) = ints_fact("Pad", "pads", inputs[1], I64_ONLY)?;
         if let Some(c) = inputs.get(2) {
-            if c.dtype != data.dtype
-                || c.rank() > 1
-                || c.shape.iter().any(|d| d.as_known().is_some_and(|n| n > 1))
-            {
-                op_bail!(
-                    "Pad",
-                    "constant_value must be one {} value, got {c}",
-                    data.dtype
-                );
+            if c.dtype != data.dtype || c.rank() > 1 || c.shape.iter().any(|d| d.as_known().is_some_and(|n| n > 1)) {
+                op_bail!("Pad", "constant_value must be one {} value, got {c}", data.dtype);
             }
         }
         let (nlen, axes) = match inputs.get(3) {
@@ -1563,11 +1308,7 @@ impl OpDef for Pad {
         };
         if let (Some(p), Some(n)) = (plen, nlen) {
             if p != 2 * n {
-                op_bail!(
-                    "Pad",
-                    "pads has {p} values for {n} axes; expected {}",
-                    2 * n
-                );
+                op_bail!("Pad", "pads has {p} values for {n} axes; expected {}", 2 * n);
             }
         }
         let mut dims = data.shape.clone();
@@ -1598,30 +1339,16 @@ impl OpDef for Pad {
         // An empty constant_value is ONNX's "not given".
         let fill = match inputs.get(2) {
             Some(c) if c.dtype() != data.dtype() || c.len() > 1 => {
-                op_bail!(
-                    "Pad",
-                    "constant_value must be one {} value, got {}{:?}",
-                    data.dtype(),
-                    c.dtype(),
-                    c.shape()
-                )
+                op_bail!("Pad", "constant_value must be one {} value, got {}{:?}", data.dtype(), c.dtype(), c.shape())
             }
             Some(c) if c.len() == 1 => Some(*c),
             _ => None,
         };
-        let axes = inputs
-            .get(3)
-            .map(|t| ints("Pad", "axes", t, INDEX_TYPES))
-            .transpose()?;
+        let axes = inputs.get(3).map(|t| ints("Pad", "axes", t, INDEX_TYPES)).transpose()?;
         let axes = pad_axes(axes.as_deref(), rank)?;
         let n = axes.len();
         if pads.len() != 2 * n {
-            op_bail!(
-                "Pad",
-                "pads has {} values for {n} axes; expected {}",
-                pads.len(),
-                2 * n
-            );
+            op_bail!("Pad", "pads has {} values for {n} axes; expected {}", pads.len(), 2 * n);
         }
         // Negative pads crop first; the rest pads around the cropped range `lo..lo + len`, as
         // ONNX Runtime does (it matters for wrap and for reflections longer than the data).
@@ -1636,36 +1363,26 @@ impl OpDef for Pad {
             len[a] = len[a] - (-b).max(0) - (-e).max(0);
             before[a] = b.max(0);
             if len[a] <= 0 && shape[a] > 0 && self.mode != PadMode::Constant {
-                op_bail!(
-                    "Pad",
-                    "cannot pad an empty axis {a} in {:?} mode",
-                    self.mode
-                );
+                op_bail!("Pad", "cannot pad an empty axis {a} in {:?} mode", self.mode);
             }
         }
         let st = strides_of(data.shape());
         let mode = self.mode;
-        let out = take(
-            "Pad",
-            data,
-            shape,
-            fill.filter(|_| mode == PadMode::Constant),
-            |k, i| {
-                let d = len[k];
-                let s = i as i128 - before[k];
-                let s = if (0..d).contains(&s) {
-                    s
-                } else {
-                    match mode {
-                        PadMode::Constant => return None,
-                        PadMode::Edge => s.clamp(0, d - 1),
-                        PadMode::Reflect => reflect(s, d),
-                        PadMode::Wrap => s.rem_euclid(d),
-                    }
-                };
-                Some((lo[k] + s) as usize * st[k])
-            },
-        )?;
+        let out = take("Pad", data, shape, fill.filter(|_| mode == PadMode::Constant), |k, i| {
+            let d = len[k];
+            let s = i as i128 - before[k];
+            let s = if (0..d).contains(&s) {
+                s
+            } else {
+                match mode {
+                    PadMode::Constant => return None,
+                    PadMode::Edge => s.clamp(0, d - 1),
+                    PadMode::Reflect => reflect(s, d),
+                    PadMode::Wrap => s.rem_euclid(d),
+                }
+            };
+            Some((lo[k] + s) as usize * st[k])
+        })?;
         Ok(vec![carry_quant(out, data, |_| None)])
     }
 }
@@ -1721,10 +1438,7 @@ mod tests {
 
     fn err(r: IrResult<impl std::fmt::Debug>, needle: &str) {
         match r {
-            Err(e) => assert!(
-                e.to_string().contains(needle),
-                "error '{e}' lacks '{needle}'"
-            ),
+            Err(e) => assert!(e.to_string().contains(needle), "error '{e}' lacks '{needle}'"),
             Ok(v) => panic!("expected an error containing '{needle}', got {v:?}"),
         }
     }
@@ -1740,88 +1454,26 @@ mod tests {
     #[test]
     fn shape_slices_and_folds() {
         let x = fact(DType::F32, "2,3,4");
-        let f = facts1(
-            &Shape {
-                start: 0,
-                end: None,
-            },
-            &[&x],
-        );
+        let f = facts1(&Shape { start: 0, end: None }, &[&x]);
         assert_eq!(f.shape, dims("3"));
         assert_eq!(i64s(f.konst.as_ref().unwrap()), vec![2, 3, 4]);
-        let f = facts1(
-            &Shape {
-                start: -2,
-                end: Some(100),
-            },
-            &[&x],
-        );
+        let f = facts1(&Shape { start: -2, end: Some(100) }, &[&x]);
         assert_eq!(i64s(f.konst.as_ref().unwrap()), vec![3, 4]);
-        let f = facts1(
-            &Shape {
-                start: 2,
-                end: Some(1),
-            },
-            &[&x],
-        );
+        let f = facts1(&Shape { start: 2, end: Some(1) }, &[&x]);
         assert_eq!(f.shape, dims("0"));
-        let f = facts1(
-            &Shape {
-                start: -100,
-                end: Some(-1),
-            },
-            &[&x],
-        );
+        let f = facts1(&Shape { start: -100, end: Some(-1) }, &[&x]);
         assert_eq!(i64s(f.konst.as_ref().unwrap()), vec![2, 3]);
         // Symbolic: the length is known, the value is not.
-        let f = facts1(
-            &Shape {
-                start: 0,
-                end: None,
-            },
-            &[&fact(DType::F32, "batch,3")],
-        );
+        let f = facts1(&Shape { start: 0, end: None }, &[&fact(DType::F32, "batch,3")]);
         assert_eq!((f.shape, f.konst), (dims("2"), None));
         // A known slice of a partly symbolic shape is still a constant.
-        let f = facts1(
-            &Shape {
-                start: 1,
-                end: None,
-            },
-            &[&fact(DType::F32, "batch,3")],
-        );
+        let f = facts1(&Shape { start: 1, end: None }, &[&fact(DType::F32, "batch,3")]);
         assert_eq!(i64s(f.konst.as_ref().unwrap()), vec![3]);
 
-        let out = run1(
-            &Shape {
-                start: 1,
-                end: None,
-            },
-            &[&iota(&[2, 3, 4])],
-        );
-        assert_eq!(
-            (out.dtype(), out.shape(), i64s(&out)),
-            (DType::I64, &[2usize][..], vec![3, 4])
-        );
-        assert_eq!(
-            run1(
-                &Shape {
-                    start: 0,
-                    end: None
-                },
-                &[&Tensor::scalar(1f32)]
-            )
-            .shape(),
-            &[0]
-        );
-        err(
-            Shape {
-                start: 0,
-                end: None,
-            }
-            .output_facts(&[]),
-            "expects 1 inputs",
-        );
+        let out = run1(&Shape { start: 1, end: None }, &[&iota(&[2, 3, 4])]);
+        assert_eq!((out.dtype(), out.shape(), i64s(&out)), (DType::I64, &[2usize][..], vec![3, 4]));
+        assert_eq!(run1(&Shape { start: 0, end: None }, &[&Tensor::scalar(1f32)]).shape(), &[0]);
+        err(Shape { start: 0, end: None }.output_facts(&[]), "expects 1 inputs");
     }
 
     #[test]
@@ -1829,78 +1481,32 @@ mod tests {
         let r = Reshape { allowzero: false };
         let shape = |v: &[i64]| c(ti(&[v.len()], v));
         let x = fact(DType::F32, "batch,seq,384");
+        assert_eq!(facts1(&r, &[&x, &shape(&[0, 0, 12, 32])]).shape, dims("batch,seq,12,32"));
         assert_eq!(
-            facts1(&r, &[&x, &shape(&[0, 0, 12, 32])]).shape,
-            dims("batch,seq,12,32")
-        );
-        assert_eq!(
-            facts1(
-                &r,
-                &[&fact(DType::F32, "batch,seq,12,32"), &shape(&[0, 0, -1])]
-            )
-            .shape,
+            facts1(&r, &[&fact(DType::F32, "batch,seq,12,32"), &shape(&[0, 0, -1])]).shape,
             dims("batch,seq,384")
         );
         // -1 absorbing a symbol that the known dims cancel.
-        assert_eq!(
-            facts1(&r, &[&fact(DType::F32, "batch,12,32"), &shape(&[-1, 384])]).shape,
-            dims("batch,384")
-        );
-        assert_eq!(
-            facts1(&r, &[&fact(DType::F32, "batch,6"), &shape(&[-1, 3])]).shape,
-            dims("?,3")
-        );
-        assert_eq!(
-            facts1(&r, &[&fact(DType::F32, "2,3,4"), &shape(&[-1, 4])]).shape,
-            dims("6,4")
-        );
-        assert_eq!(
-            facts1(&r, &[&fact(DType::F32, "2,?"), &shape(&[0, -1])]).shape,
-            dims("2,?")
-        );
+        assert_eq!(facts1(&r, &[&fact(DType::F32, "batch,12,32"), &shape(&[-1, 384])]).shape, dims("batch,384"));
+        assert_eq!(facts1(&r, &[&fact(DType::F32, "batch,6"), &shape(&[-1, 3])]).shape, dims("?,3"));
+        assert_eq!(facts1(&r, &[&fact(DType::F32, "2,3,4"), &shape(&[-1, 4])]).shape, dims("6,4"));
+        assert_eq!(facts1(&r, &[&fact(DType::F32, "2,?"), &shape(&[0, -1])]).shape, dims("2,?"));
         let r0 = Reshape { allowzero: true };
-        assert_eq!(
-            facts1(&r0, &[&fact(DType::F32, "0,3"), &shape(&[3, 0])]).shape,
-            dims("3,0")
-        );
+        assert_eq!(facts1(&r0, &[&fact(DType::F32, "0,3"), &shape(&[3, 0])]).shape, dims("3,0"));
         // Non-constant shape of known length: rank known, dims not.
         assert_eq!(facts1(&r, &[&x, &fact(DType::I64, "2")]).shape, dims("?,?"));
 
-        err(
-            r.output_facts(&[&x, &fact(DType::I64, "?")]),
-            "unknown length",
-        );
+        err(r.output_facts(&[&x, &fact(DType::I64, "?")]), "unknown length");
         err(r.output_facts(&[&x, &shape(&[-1, -1])]), "more than one -1");
         err(r.output_facts(&[&x, &shape(&[-2, 4])]), "invalid dim -2");
-        err(
-            r.output_facts(&[&fact(DType::F32, "2,3"), &shape(&[4])]),
-            "element counts differ",
-        );
-        err(
-            r.output_facts(&[&fact(DType::F32, "2,3"), &shape(&[-1, 4])]),
-            "element counts differ",
-        );
-        err(
-            r.output_facts(&[&fact(DType::F32, "batch,6"), &shape(&[0, 4])]),
-            "element counts differ",
-        );
-        err(
-            r.output_facts(&[&fact(DType::F32, "6"), &shape(&[0, 0])]),
-            "copies dim 1",
-        );
-        err(
-            r0.output_facts(&[&fact(DType::F32, "6"), &shape(&[0, -1])]),
-            "both 0 and -1",
-        );
-        err(
-            r.output_facts(&[&x, &c(Tensor::from_vec(vec![1], vec![1i32]).unwrap())]),
-            "must be i64",
-        );
+        err(r.output_facts(&[&fact(DType::F32, "2,3"), &shape(&[4])]), "element counts differ");
+        err(r.output_facts(&[&fact(DType::F32, "2,3"), &shape(&[-1, 4])]), "element counts differ");
+        err(r.output_facts(&[&fact(DType::F32, "batch,6"), &shape(&[0, 4])]), "element counts differ");
+        err(r.output_facts(&[&fact(DType::F32, "6"), &shape(&[0, 0])]), "copies dim 1");
+        err(r0.output_facts(&[&fact(DType::F32, "6"), &shape(&[0, -1])]), "both 0 and -1");
+        err(r.output_facts(&[&x, &c(Tensor::from_vec(vec![1], vec![1i32]).unwrap())]), "must be i64");
         err(r.output_facts(&[&x, &c(ti(&[], &[1]))]), "must be 1-d");
-        err(
-            r.output_facts(&[&fact(DType::F32, "?"), &shape(&[1 << 40, 1 << 40])]),
-            "overflows",
-        );
+        err(r.output_facts(&[&fact(DType::F32, "?"), &shape(&[1 << 40, 1 << 40])]), "overflows");
     }
 
     #[test]
@@ -1911,10 +1517,7 @@ mod tests {
         assert_eq!((out.shape(), f32s(&out)), (&[3usize, 2][..], f32s(&x)));
         assert_eq!(run1(&r, &[&x, &ti(&[3], &[0, 1, 3])]).shape(), &[2, 1, 3]);
         let empty = tf(&[0, 3], &[]);
-        assert_eq!(
-            run1(&Reshape { allowzero: true }, &[&empty, &ti(&[2], &[3, 0])]).shape(),
-            &[3, 0]
-        );
+        assert_eq!(run1(&Reshape { allowzero: true }, &[&empty, &ti(&[2], &[3, 0])]).shape(), &[3, 0]);
         assert_eq!(run1(&r, &[&empty, &ti(&[2], &[-1, 3])]).shape(), &[0, 3]);
         err(r.eval(&[&empty, &ti(&[2], &[0, -1])]), "multiply to 0");
         err(r.eval(&[&x, &ti(&[2], &[1 << 62, 1 << 62])]), "overflows");
@@ -1924,61 +1527,21 @@ mod tests {
 
     #[test]
     fn transpose() {
-        let t = Transpose {
-            perm: Some(vec![2, 0, 1]),
-        };
-        assert_eq!(
-            facts1(&t, &[&fact(DType::F32, "b,3,4")]).shape,
-            dims("4,b,3")
-        );
+        let t = Transpose { perm: Some(vec![2, 0, 1]) };
+        assert_eq!(facts1(&t, &[&fact(DType::F32, "b,3,4")]).shape, dims("4,b,3"));
         let x = iota(&[2, 3, 4]);
         let out = run1(&t, &[&x]);
         assert_eq!(out.shape(), &[4, 2, 3]);
         // out[k][i][j] = x[i][j][k] = 12i + 4j + k
         assert_eq!(f32s(&out)[..7], [0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 1.0]);
         let rev = run1(&Transpose { perm: None }, &[&iota(&[2, 3])]);
-        assert_eq!(
-            (rev.shape(), f32s(&rev)),
-            (&[3usize, 2][..], vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0])
-        );
-        assert_eq!(
-            run1(&Transpose { perm: None }, &[&Tensor::scalar(7i8)])
-                .as_slice::<i8>()
-                .unwrap(),
-            &[7]
-        );
-        assert_eq!(
-            run1(&Transpose { perm: None }, &[&tf(&[0, 5], &[])]).shape(),
-            &[5, 0]
-        );
-        err(
-            Transpose {
-                perm: Some(vec![0, 0]),
-            }
-            .output_facts(&[&fact(DType::F32, "2,3")]),
-            "not a permutation",
-        );
-        err(
-            Transpose {
-                perm: Some(vec![0]),
-            }
-            .eval(&[&iota(&[2, 3])]),
-            "not a permutation",
-        );
-        err(
-            Transpose {
-                perm: Some(vec![1, 0, 2]),
-            }
-            .eval(&[&iota(&[2, 3])]),
-            "not a permutation",
-        );
-        err(
-            Transpose {
-                perm: Some(vec![0, 2]),
-            }
-            .eval(&[&iota(&[2, 3])]),
-            "not a permutation",
-        );
+        assert_eq!((rev.shape(), f32s(&rev)), (&[3usize, 2][..], vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]));
+        assert_eq!(run1(&Transpose { perm: None }, &[&Tensor::scalar(7i8)]).as_slice::<i8>().unwrap(), &[7]);
+        assert_eq!(run1(&Transpose { perm: None }, &[&tf(&[0, 5], &[])]).shape(), &[5, 0]);
+        err(Transpose { perm: Some(vec![0, 0]) }.output_facts(&[&fact(DType::F32, "2,3")]), "not a permutation");
+        err(Transpose { perm: Some(vec![0]) }.eval(&[&iota(&[2, 3])]), "not a permutation");
+        err(Transpose { perm: Some(vec![1, 0, 2]) }.eval(&[&iota(&[2, 3])]), "not a permutation");
+        err(Transpose { perm: Some(vec![0, 2]) }.eval(&[&iota(&[2, 3])]), "not a permutation");
     }
 
     #[test]
@@ -1986,109 +1549,51 @@ mod tests {
         for dt in DType::PLAIN {
             let x = Tensor::from_f64s(dt, vec![2, 3], &[0.0, 1.0, 0.0, 1.0, 1.0, 0.0]).unwrap();
             let out = run1(&Transpose { perm: None }, &[&x]);
-            assert_eq!(
-                (out.dtype(), out.to_f64_vec()),
-                (dt, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
-                "{dt}"
-            );
+            assert_eq!((out.dtype(), out.to_f64_vec()), (dt, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]), "{dt}");
             let g = run1(&Gather { axis: 1 }, &[&x, &ti(&[2], &[-1, 0])]);
             assert_eq!(g.to_f64_vec(), vec![0.0, 0.0, 0.0, 1.0], "{dt}");
             let fill = Tensor::from_f64s(dt, vec![], &[1.0]).unwrap();
-            let p = run1(
-                &Pad {
-                    mode: PadMode::Constant,
-                },
-                &[&x, &ti(&[4], &[0, 1, 0, 0]), &fill],
-            );
-            assert_eq!(
-                p.to_f64_vec(),
-                vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0],
-                "{dt}"
-            );
+            let p = run1(&Pad { mode: PadMode::Constant }, &[&x, &ti(&[4], &[0, 1, 0, 0]), &fill]);
+            assert_eq!(p.to_f64_vec(), vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0], "{dt}");
             let cat = run1(&Concat { axis: 0 }, &[&x, &x]);
             assert_eq!(cat.shape(), &[4, 3], "{dt}");
-            let cs = ConstantOfShape {
-                value: Arc::new(fill.clone()),
-            };
-            assert_eq!(
-                run1(&cs, &[&ti(&[1], &[2])]).to_f64_vec(),
-                vec![1.0, 1.0],
-                "{dt}"
-            );
+            let cs = ConstantOfShape { value: Arc::new(fill.clone()) };
+            assert_eq!(run1(&cs, &[&ti(&[1], &[2])]).to_f64_vec(), vec![1.0, 1.0], "{dt}");
         }
     }
 
     #[test]
     fn quantization_follows_the_data() {
         let q = QuantParams::per_channel(vec![0.5, 0.25], vec![0, 1], 0);
-        let x = Tensor::from_vec(vec![2, 3], vec![1i8, 2, 3, 4, 5, 6])
-            .unwrap()
-            .with_quant(Some(q));
+        let x = Tensor::from_vec(vec![2, 3], vec![1i8, 2, 3, 4, 5, 6]).unwrap().with_quant(Some(q));
         let out = run1(&Transpose { perm: None }, &[&x]);
         assert_eq!(out.quant().unwrap().axis, Some(1));
         let out = run1(&Unsqueeze { axes: vec![0] }, &[&x]);
         assert_eq!(out.quant().unwrap().axis, Some(1));
         // A reshape scrambles channels, so per-channel parameters cannot follow.
-        assert!(run1(&Reshape { allowzero: false }, &[&x, &ti(&[1], &[6])])
-            .quant()
-            .is_none());
+        assert!(run1(&Reshape { allowzero: false }, &[&x, &ti(&[1], &[6])]).quant().is_none());
         let p = x.clone().with_quant(Some(QuantParams::per_tensor(0.5, 3)));
-        assert_eq!(
-            run1(&Reshape { allowzero: false }, &[&p, &ti(&[1], &[6])]).quant(),
-            p.quant()
-        );
+        assert_eq!(run1(&Reshape { allowzero: false }, &[&p, &ti(&[1], &[6])]).quant(), p.quant());
     }
 
     #[test]
     fn unsqueeze_squeeze_flatten() {
         let u = Unsqueeze { axes: vec![0, -1] };
-        assert_eq!(
-            facts1(&u, &[&fact(DType::F32, "b,3")]).shape,
-            dims("1,b,3,1")
-        );
+        assert_eq!(facts1(&u, &[&fact(DType::F32, "b,3")]).shape, dims("1,b,3,1"));
         assert_eq!(run1(&u, &[&iota(&[3])]).shape(), &[1, 3, 1]);
-        assert_eq!(
-            run1(&Unsqueeze { axes: vec![0] }, &[&Tensor::scalar(1i64)]).shape(),
-            &[1]
-        );
-        err(
-            Unsqueeze { axes: vec![1, -2] }.output_facts(&[&fact(DType::F32, "3")]),
-            "repeated",
-        );
-        err(
-            Unsqueeze { axes: vec![3] }.eval(&[&iota(&[3])]),
-            "out of range",
-        );
+        assert_eq!(run1(&Unsqueeze { axes: vec![0] }, &[&Tensor::scalar(1i64)]).shape(), &[1]);
+        err(Unsqueeze { axes: vec![1, -2] }.output_facts(&[&fact(DType::F32, "3")]), "repeated");
+        err(Unsqueeze { axes: vec![3] }.eval(&[&iota(&[3])]), "out of range");
 
-        let s = Squeeze {
-            axes: Some(vec![0, -1]),
-        };
+        let s = Squeeze { axes: Some(vec![0, -1]) };
         assert_eq!(facts1(&s, &[&fact(DType::F32, "1,b,?")]).shape, dims("b"));
-        assert_eq!(
-            facts1(&Squeeze { axes: None }, &[&fact(DType::F32, "1,3,1,2")]).shape,
-            dims("3,2")
-        );
+        assert_eq!(facts1(&Squeeze { axes: None }, &[&fact(DType::F32, "1,3,1,2")]).shape, dims("3,2"));
         assert_eq!(run1(&s, &[&iota(&[1, 3, 1])]).shape(), &[3]);
-        assert_eq!(
-            run1(&Squeeze { axes: None }, &[&iota(&[1, 1])]).shape(),
-            &[0usize; 0]
-        );
-        err(
-            s.output_facts(&[&fact(DType::F32, "2,3,1")]),
-            "axis 0 of size 2",
-        );
+        assert_eq!(run1(&Squeeze { axes: None }, &[&iota(&[1, 1])]).shape(), &[0usize; 0]);
+        err(s.output_facts(&[&fact(DType::F32, "2,3,1")]), "axis 0 of size 2");
         err(s.eval(&[&iota(&[1, 3, 2])]), "axis 2 of size 2");
-        err(
-            Squeeze { axes: None }.output_facts(&[&fact(DType::F32, "1,batch")]),
-            "give axes",
-        );
-        err(
-            Squeeze {
-                axes: Some(vec![0, 0]),
-            }
-            .output_facts(&[&fact(DType::F32, "1,2")]),
-            "repeated",
-        );
+        err(Squeeze { axes: None }.output_facts(&[&fact(DType::F32, "1,batch")]), "give axes");
+        err(Squeeze { axes: Some(vec![0, 0]) }.output_facts(&[&fact(DType::F32, "1,2")]), "repeated");
 
         let f = |axis| Flatten { axis };
         let x = fact(DType::F32, "2,3,4");
@@ -2096,18 +1601,9 @@ mod tests {
         assert_eq!(facts1(&f(0), &[&x]).shape, dims("1,24"));
         assert_eq!(facts1(&f(3), &[&x]).shape, dims("24,1"));
         assert_eq!(facts1(&f(-1), &[&x]).shape, dims("6,4"));
-        assert_eq!(
-            facts1(&f(1), &[&fact(DType::F32, "batch,3,4")]).shape,
-            dims("batch,12")
-        );
-        assert_eq!(
-            facts1(&f(2), &[&fact(DType::F32, "batch,3,4")]).shape,
-            dims("?,4")
-        );
-        assert_eq!(
-            facts1(&f(1), &[&fact(DType::F32, "batch,0,4")]).shape,
-            dims("batch,0")
-        );
+        assert_eq!(facts1(&f(1), &[&fact(DType::F32, "batch,3,4")]).shape, dims("batch,12"));
+        assert_eq!(facts1(&f(2), &[&fact(DType::F32, "batch,3,4")]).shape, dims("?,4"));
+        assert_eq!(facts1(&f(1), &[&fact(DType::F32, "batch,0,4")]).shape, dims("batch,0"));
         let out = run1(&f(2), &[&iota(&[2, 3, 4])]);
         assert_eq!((out.shape(), f32s(&out)[5]), (&[6usize, 4][..], 5.0));
         err(f(4).output_facts(&[&x]), "out of range");
@@ -2117,67 +1613,25 @@ mod tests {
     #[test]
     fn concat() {
         let cat = |axis| Concat { axis };
-        let f = facts1(
-            &cat(0),
-            &[
-                &fact(DType::F32, "2,b"),
-                &fact(DType::F32, "3,?"),
-                &fact(DType::F32, "0,4"),
-            ],
-        );
+        let f = facts1(&cat(0), &[&fact(DType::F32, "2,b"), &fact(DType::F32, "3,?"), &fact(DType::F32, "0,4")]);
         assert_eq!(f.shape, dims("5,4"));
-        assert_eq!(
-            facts1(
-                &cat(-1),
-                &[&fact(DType::F32, "b,2"), &fact(DType::F32, "b,s")]
-            )
-            .shape,
-            dims("b,?")
-        );
-        assert_eq!(
-            facts1(
-                &cat(1),
-                &[&fact(DType::F32, "b,0"), &fact(DType::F32, "b,s")]
-            )
-            .shape,
-            dims("b,s")
-        );
+        assert_eq!(facts1(&cat(-1), &[&fact(DType::F32, "b,2"), &fact(DType::F32, "b,s")]).shape, dims("b,?"));
+        assert_eq!(facts1(&cat(1), &[&fact(DType::F32, "b,0"), &fact(DType::F32, "b,s")]).shape, dims("b,s"));
         let a = tf(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
         let b = tf(&[2, 1], &[5.0, 6.0]);
         let e = tf(&[2, 0], &[]);
         let out = run1(&cat(1), &[&a, &e, &b]);
-        assert_eq!(
-            (out.shape(), f32s(&out)),
-            (&[2usize, 3][..], vec![1.0, 2.0, 5.0, 3.0, 4.0, 6.0])
-        );
+        assert_eq!((out.shape(), f32s(&out)), (&[2usize, 3][..], vec![1.0, 2.0, 5.0, 3.0, 4.0, 6.0]));
         let out = run1(&cat(0), &[&a, &b.clone().into_shape(vec![1, 2]).unwrap()]);
         assert_eq!(f32s(&out), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        err(
-            cat(0).output_facts(&[&fact(DType::F32, "2,3"), &fact(DType::F32, "2,4")]),
-            "differs",
-        );
-        err(
-            cat(0).output_facts(&[&fact(DType::F32, "2,3"), &fact(DType::I64, "2,3")]),
-            "must match",
-        );
-        err(
-            cat(0).output_facts(&[&fact(DType::F32, "2,3"), &fact(DType::F32, "6")]),
-            "must match",
-        );
-        err(
-            cat(0).output_facts(&[&fact(DType::F32, "")]),
-            "out of range",
-        );
-        err(
-            cat(2).output_facts(&[&fact(DType::F32, "2,3")]),
-            "out of range",
-        );
+        err(cat(0).output_facts(&[&fact(DType::F32, "2,3"), &fact(DType::F32, "2,4")]), "differs");
+        err(cat(0).output_facts(&[&fact(DType::F32, "2,3"), &fact(DType::I64, "2,3")]), "must match");
+        err(cat(0).output_facts(&[&fact(DType::F32, "2,3"), &fact(DType::F32, "6")]), "must match");
+        err(cat(0).output_facts(&[&fact(DType::F32, "")]), "out of range");
+        err(cat(2).output_facts(&[&fact(DType::F32, "2,3")]), "out of range");
         err(cat(0).output_facts(&[]), "at least 1");
         err(cat(0).eval(&[&a, &b]), "only axis 0 may differ");
-        err(
-            cat(0).eval(&[&a, &ti(&[1, 2], &[1, 2])]),
-            "only axis 0 may differ",
-        );
+        err(cat(0).eval(&[&a, &ti(&[1, 2], &[1, 2])]), "only axis 0 may differ");
     }
 
     #[test]
@@ -2185,60 +1639,26 @@ mod tests {
         let x = tf(&[2, 4], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
         let v = |v: &[i64]| ti(&[v.len()], v);
         let out = run1(&Slice, &[&x, &v(&[0, 1]), &v(&[-1, 1000])]);
-        assert_eq!(
-            (out.shape(), f32s(&out)),
-            (&[1usize, 3][..], vec![2.0, 3.0, 4.0])
-        );
+        assert_eq!((out.shape(), f32s(&out)), (&[1usize, 3][..], vec![2.0, 3.0, 4.0]));
         // Reversal with INT_MIN as end, on axis -1.
-        let out = run1(
-            &Slice,
-            &[&x, &v(&[-1]), &v(&[i64::MIN]), &v(&[-1]), &v(&[-1])],
-        );
+        let out = run1(&Slice, &[&x, &v(&[-1]), &v(&[i64::MIN]), &v(&[-1]), &v(&[-1])]);
         assert_eq!(f32s(&out), vec![4.0, 3.0, 2.0, 1.0, 8.0, 7.0, 6.0, 5.0]);
-        let out = run1(
-            &Slice,
-            &[&x, &v(&[i64::MAX]), &v(&[0]), &v(&[1]), &v(&[-2])],
-        );
+        let out = run1(&Slice, &[&x, &v(&[i64::MAX]), &v(&[0]), &v(&[1]), &v(&[-2])]);
         assert_eq!(f32s(&out), vec![4.0, 2.0, 8.0, 6.0]);
         let out = run1(&Slice, &[&x, &v(&[1]), &v(&[i64::MAX]), &v(&[1]), &v(&[2])]);
         assert_eq!(f32s(&out), vec![2.0, 4.0, 6.0, 8.0]);
         let out = run1(&Slice, &[&x, &v(&[3]), &v(&[1]), &v(&[1])]);
         assert_eq!(out.shape(), &[2, 0]);
         let i32s = |v: i32| Tensor::from_vec(vec![1], vec![v]).unwrap();
-        assert_eq!(
-            run1(&Slice, &[&x, &i32s(1), &i32s(i32::MAX)]).shape(),
-            &[1, 4]
-        );
-        assert_eq!(
-            run1(
-                &Slice,
-                &[&tf(&[0], &[]), &v(&[-1]), &v(&[-10]), &v(&[0]), &v(&[-1])]
-            )
-            .shape(),
-            &[0]
-        );
+        assert_eq!(run1(&Slice, &[&x, &i32s(1), &i32s(i32::MAX)]).shape(), &[1, 4]);
+        assert_eq!(run1(&Slice, &[&tf(&[0], &[]), &v(&[-1]), &v(&[-10]), &v(&[0]), &v(&[-1])]).shape(), &[0]);
 
-        err(
-            Slice.eval(&[&x, &v(&[0]), &v(&[1]), &v(&[0]), &v(&[0])]),
-            "steps must not be 0",
-        );
-        err(
-            Slice.eval(&[&x, &v(&[0, 0]), &v(&[1, 1]), &v(&[0, -2])]),
-            "repeated",
-        );
+        err(Slice.eval(&[&x, &v(&[0]), &v(&[1]), &v(&[0]), &v(&[0])]), "steps must not be 0");
+        err(Slice.eval(&[&x, &v(&[0, 0]), &v(&[1, 1]), &v(&[0, -2])]), "repeated");
         err(Slice.eval(&[&x, &v(&[0, 0]), &v(&[1])]), "one length");
-        err(
-            Slice.eval(&[&x, &v(&[0]), &v(&[1]), &v(&[2])]),
-            "out of range",
-        );
-        err(
-            Slice.eval(&[&x, &v(&[0, 0, 0]), &v(&[1, 1, 1])]),
-            "out of range",
-        );
-        err(
-            Slice.eval(&[&x, &tf(&[1], &[0.0]), &v(&[1])]),
-            "must be i32 or i64",
-        );
+        err(Slice.eval(&[&x, &v(&[0]), &v(&[1]), &v(&[2])]), "out of range");
+        err(Slice.eval(&[&x, &v(&[0, 0, 0]), &v(&[1, 1, 1])]), "out of range");
+        err(Slice.eval(&[&x, &tf(&[1], &[0.0]), &v(&[1])]), "must be i32 or i64");
     }
 
     #[test]
@@ -2247,61 +1667,26 @@ mod tests {
         let x = fact(DType::F32, "b,10,s");
         let f = facts1(&Slice, &[&x, &v(&[2, 0]), &v(&[-1, i64::MAX]), &v(&[1, 2])]);
         assert_eq!(f.shape, dims("b,7,s"));
-        let f = facts1(
-            &Slice,
-            &[
-                &x,
-                &v(&[0, 1]),
-                &v(&[i64::MAX, i64::MAX]),
-                &v(&[0, 1]),
-                &v(&[1, 3]),
-            ],
-        );
+        let f = facts1(&Slice, &[&x, &v(&[0, 1]), &v(&[i64::MAX, i64::MAX]), &v(&[0, 1]), &v(&[1, 3])]);
         assert_eq!(f.shape, dims("b,3,s"));
         let f = facts1(&Slice, &[&x, &v(&[1]), &v(&[2]), &v(&[0])]);
         assert_eq!(f.shape, dims("?,10,s"));
         // Run-time bounds: the sliced axes are known, their sizes are not.
-        let f = facts1(
-            &Slice,
-            &[
-                &x,
-                &fact(DType::I64, "1"),
-                &fact(DType::I64, "1"),
-                &v(&[-1]),
-            ],
-        );
+        let f = facts1(&Slice, &[&x, &fact(DType::I64, "1"), &fact(DType::I64, "1"), &v(&[-1])]);
         assert_eq!(f.shape, dims("b,10,?"));
-        let f = facts1(
-            &Slice,
-            &[&x, &fact(DType::I64, "2"), &fact(DType::I64, "2")],
-        );
+        let f = facts1(&Slice, &[&x, &fact(DType::I64, "2"), &fact(DType::I64, "2")]);
         assert_eq!(f.shape, dims("?,?,s"));
         let f = facts1(&Slice, &[&x, &v(&[0]), &v(&[1]), &fact(DType::I64, "1")]);
         assert_eq!(f.shape, dims("?,?,?"));
-        err(
-            Slice.output_facts(&[&x, &v(&[0]), &v(&[1, 2])]),
-            "one length",
-        );
-        err(
-            Slice.output_facts(&[&x, &v(&[0]), &v(&[1]), &v(&[0]), &v(&[0])]),
-            "must not be 0",
-        );
+        err(Slice.output_facts(&[&x, &v(&[0]), &v(&[1, 2])]), "one length");
+        err(Slice.output_facts(&[&x, &v(&[0]), &v(&[1]), &v(&[0]), &v(&[0])]), "must not be 0");
         err(Slice.output_facts(&[&x, &v(&[0])]), "expects 3 to 5 inputs");
     }
 
     #[test]
     fn split() {
-        let sp = |split: Option<Vec<usize>>, n| Split {
-            axis: -1,
-            split,
-            num_outputs: n,
-        };
-        let sizes = |op: &Split, x: &Tensor| {
-            run(op, &[x])
-                .iter()
-                .map(|t| t.shape()[1])
-                .collect::<Vec<_>>()
-        };
+        let sp = |split: Option<Vec<usize>>, n| Split { axis: -1, split, num_outputs: n };
+        let sizes = |op: &Split, x: &Tensor| run(op, &[x]).iter().map(|t| t.shape()[1]).collect::<Vec<_>>();
         let x = iota(&[2, 7]);
         assert_eq!(sizes(&sp(None, 3), &x), vec![3, 3, 1]);
         assert_eq!(sizes(&sp(None, 3), &iota(&[2, 6])), vec![2, 2, 2]);
@@ -2309,34 +1694,16 @@ mod tests {
         let outs = run(&sp(Some(vec![2, 5]), 2), &[&x]);
         assert_eq!(f32s(&outs[0]), vec![0.0, 1.0, 7.0, 8.0]);
         assert_eq!(f32s(&outs[1])[..3], [2.0, 3.0, 4.0]);
-        let f = sp(None, 3)
-            .output_facts(&[&fact(DType::F32, "b,7")])
-            .unwrap();
-        assert_eq!(
-            f.iter().map(|f| f.shape.clone()).collect::<Vec<_>>(),
-            vec![dims("b,3"), dims("b,3"), dims("b,1")]
-        );
-        let f = sp(None, 2)
-            .output_facts(&[&fact(DType::F32, "2,s")])
-            .unwrap();
+        let f = sp(None, 3).output_facts(&[&fact(DType::F32, "b,7")]).unwrap();
+        assert_eq!(f.iter().map(|f| f.shape.clone()).collect::<Vec<_>>(), vec![dims("b,3"), dims("b,3"), dims("b,1")]);
+        let f = sp(None, 2).output_facts(&[&fact(DType::F32, "2,s")]).unwrap();
         assert_eq!(f[1].shape, dims("2,?"));
-        assert_eq!(
-            facts1(&sp(Some(vec![1, 2]), 2), &[&fact(DType::F32, "2,s")]).shape,
-            dims("2,1")
-        );
+        assert_eq!(facts1(&sp(Some(vec![1, 2]), 2), &[&fact(DType::F32, "2,s")]).shape, dims("2,1"));
         err(sp(Some(vec![2, 4]), 2).eval(&[&x]), "do not add up");
         err(sp(Some(vec![7]), 2).eval(&[&x]), "1 sizes for 2 outputs");
         err(sp(None, 0).eval(&[&x]), "at least 1");
         err(sp(None, 4).eval(&[&iota(&[2, 5])]), "into 4 parts");
-        err(
-            Split {
-                axis: 2,
-                split: None,
-                num_outputs: 2,
-            }
-            .output_facts(&[&fact(DType::F32, "2,3")]),
-            "out of range",
-        );
+        err(Split { axis: 2, split: None, num_outputs: 2 }.output_facts(&[&fact(DType::F32, "2,3")]), "out of range");
     }
 
     #[test]
@@ -2345,59 +1712,26 @@ mod tests {
         let x = tf(&[3, 1], &[1.0, 2.0, 3.0]);
         let out = run1(&Expand, &[&x, &shape(&[2, 1, 2])]);
         assert_eq!(out.shape(), &[2, 3, 2]);
-        assert_eq!(
-            f32s(&out),
-            vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
-        );
+        assert_eq!(f32s(&out), vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
         // Bidirectional: a target dim of 1 keeps the data's dim.
         assert_eq!(run1(&Expand, &[&x, &shape(&[1, 1])]).shape(), &[3, 1]);
         assert_eq!(run1(&Expand, &[&x, &shape(&[0, 1, 1])]).shape(), &[0, 3, 1]);
-        assert_eq!(
-            facts1(&Expand, &[&fact(DType::F32, "b,1"), &c(shape(&[1, 4]))]).shape,
-            dims("b,4")
-        );
-        assert_eq!(
-            facts1(&Expand, &[&fact(DType::F32, "3,1"), &fact(DType::I64, "3")]).shape,
-            dims("?,3,?")
-        );
+        assert_eq!(facts1(&Expand, &[&fact(DType::F32, "b,1"), &c(shape(&[1, 4]))]).shape, dims("b,4"));
+        assert_eq!(facts1(&Expand, &[&fact(DType::F32, "3,1"), &fact(DType::I64, "3")]).shape, dims("?,3,?"));
         err(Expand.eval(&[&x, &shape(&[2, 2])]), "broadcast");
-        err(
-            Expand.output_facts(&[&fact(DType::F32, "3"), &c(shape(&[2]))]),
-            "broadcast",
-        );
+        err(Expand.output_facts(&[&fact(DType::F32, "3"), &c(shape(&[2]))]), "broadcast");
         err(Expand.eval(&[&x, &shape(&[-1, 1])]), "negative");
-        err(
-            Expand.output_facts(&[&fact(DType::F32, "1,1"), &c(shape(&[1 << 40, 1 << 40]))]),
-            "overflows",
-        );
-        err(
-            Expand.eval(&[&tf(&[1], &[1.0]), &shape(&[1 << 20, 1 << 30])]),
-            "bytes",
-        );
+        err(Expand.output_facts(&[&fact(DType::F32, "1,1"), &c(shape(&[1 << 40, 1 << 40]))]), "overflows");
+        err(Expand.eval(&[&tf(&[1], &[1.0]), &shape(&[1 << 20, 1 << 30])]), "bytes");
 
         let x = tf(&[1, 2], &[1.0, 2.0]);
         let out = run1(&Tile, &[&x, &shape(&[2, 2])]);
-        assert_eq!(
-            (out.shape(), f32s(&out)),
-            (
-                &[2usize, 4][..],
-                vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0]
-            )
-        );
+        assert_eq!((out.shape(), f32s(&out)), (&[2usize, 4][..], vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0]));
         assert_eq!(run1(&Tile, &[&x, &shape(&[0, 3])]).shape(), &[0, 6]);
-        assert_eq!(
-            facts1(&Tile, &[&fact(DType::F32, "b,2,s"), &c(shape(&[1, 3, 2]))]).shape,
-            dims("b,6,?")
-        );
-        assert_eq!(
-            facts1(&Tile, &[&fact(DType::F32, "b,2"), &fact(DType::I64, "2")]).shape,
-            dims("?,?")
-        );
+        assert_eq!(facts1(&Tile, &[&fact(DType::F32, "b,2,s"), &c(shape(&[1, 3, 2]))]).shape, dims("b,6,?"));
+        assert_eq!(facts1(&Tile, &[&fact(DType::F32, "b,2"), &fact(DType::I64, "2")]).shape, dims("?,?"));
         err(Tile.eval(&[&x, &shape(&[2])]), "repeats has 1 values");
-        err(
-            Tile.output_facts(&[&fact(DType::F32, "b,2"), &fact(DType::I64, "3")]),
-            "repeats has 3 values",
-        );
+        err(Tile.output_facts(&[&fact(DType::F32, "b,2"), &fact(DType::I64, "3")]), "repeats has 3 values");
         err(Tile.eval(&[&x, &shape(&[1, -1])]), "negative");
     }
 
@@ -2405,65 +1739,27 @@ mod tests {
     fn gather() {
         let emb = iota(&[4, 3]);
         let out = run1(&Gather { axis: 0 }, &[&emb, &ti(&[1, 2], &[3, -4])]);
-        assert_eq!(
-            (out.shape(), f32s(&out)),
-            (&[1usize, 2, 3][..], vec![9.0, 10.0, 11.0, 0.0, 1.0, 2.0])
-        );
+        assert_eq!((out.shape(), f32s(&out)), (&[1usize, 2, 3][..], vec![9.0, 10.0, 11.0, 0.0, 1.0, 2.0]));
         let idx32 = Tensor::from_vec(vec![2], vec![2i32, -1]).unwrap();
         let out = run1(&Gather { axis: -1 }, &[&emb, &idx32]);
-        assert_eq!(
-            (out.shape(), f32s(&out)[..4].to_vec()),
-            (&[4usize, 2][..], vec![2.0, 2.0, 5.0, 5.0])
-        );
+        assert_eq!((out.shape(), f32s(&out)[..4].to_vec()), (&[4usize, 2][..], vec![2.0, 2.0, 5.0, 5.0]));
         let out = run1(&Gather { axis: 1 }, &[&emb, &ti(&[], &[1])]);
-        assert_eq!(
-            (out.shape(), f32s(&out)),
-            (&[4usize][..], vec![1.0, 4.0, 7.0, 10.0])
-        );
-        assert_eq!(
-            run1(&Gather { axis: 0 }, &[&emb, &ti(&[0], &[])]).shape(),
-            &[0, 3]
-        );
-        let f = facts1(
-            &Gather { axis: 1 },
-            &[&fact(DType::F32, "b,10,4"), &fact(DType::I64, "s,2")],
-        );
+        assert_eq!((out.shape(), f32s(&out)), (&[4usize][..], vec![1.0, 4.0, 7.0, 10.0]));
+        assert_eq!(run1(&Gather { axis: 0 }, &[&emb, &ti(&[0], &[])]).shape(), &[0, 3]);
+        let f = facts1(&Gather { axis: 1 }, &[&fact(DType::F32, "b,10,4"), &fact(DType::I64, "s,2")]);
         assert_eq!(f.shape, dims("b,s,2,4"));
-        err(
-            Gather { axis: 0 }.eval(&[&emb, &ti(&[1], &[4])]),
-            "index 4 is out of range",
-        );
-        err(
-            Gather { axis: 0 }.eval(&[&emb, &ti(&[1], &[-5])]),
-            "index -5 is out of range",
-        );
-        err(
-            Gather { axis: 0 }.eval(&[&emb, &ti(&[1], &[i64::MIN])]),
-            "out of range",
-        );
-        err(
-            Gather { axis: 0 }.output_facts(&[&fact(DType::F32, "4"), &c(ti(&[1], &[9]))]),
-            "index 9",
-        );
-        err(
-            Gather { axis: 0 }.output_facts(&[&fact(DType::F32, ""), &fact(DType::I64, "")]),
-            "out of range",
-        );
-        err(
-            Gather { axis: 2 }.eval(&[&emb, &ti(&[1], &[0])]),
-            "out of range",
-        );
-        err(
-            Gather { axis: 0 }.eval(&[&emb, &tf(&[1], &[0.0])]),
-            "indices must be",
-        );
+        err(Gather { axis: 0 }.eval(&[&emb, &ti(&[1], &[4])]), "index 4 is out of range");
+        err(Gather { axis: 0 }.eval(&[&emb, &ti(&[1], &[-5])]), "index -5 is out of range");
+        err(Gather { axis: 0 }.eval(&[&emb, &ti(&[1], &[i64::MIN])]), "out of range");
+        err(Gather { axis: 0 }.output_facts(&[&fact(DType::F32, "4"), &c(ti(&[1], &[9]))]), "index 9");
+        err(Gather { axis: 0 }.output_facts(&[&fact(DType::F32, ""), &fact(DType::I64, "")]), "out of range");
+        err(Gather { axis: 2 }.eval(&[&emb, &ti(&[1], &[0])]), "out of range");
+        err(Gather { axis: 0 }.eval(&[&emb, &tf(&[1], &[0.0])]), "indices must be");
     }
 
     #[test]
     fn constant_of_shape() {
-        let op = ConstantOfShape {
-            value: Arc::new(Tensor::from_vec(vec![1], vec![7i32]).unwrap()),
-        };
+        let op = ConstantOfShape { value: Arc::new(Tensor::from_vec(vec![1], vec![7i32]).unwrap()) };
         let out = run1(&op, &[&ti(&[2], &[2, 3])]);
         assert_eq!(
             (out.dtype(), out.shape(), out.as_slice::<i32>().unwrap()),
@@ -2473,75 +1769,40 @@ mod tests {
         assert_eq!(scalar.shape(), &[0usize; 0]);
         assert_eq!(scalar.as_slice::<i32>().unwrap(), &[7]);
         assert_eq!(facts1(&op, &[&c(ti(&[2], &[2, 0]))]).shape, dims("2,0"));
-        assert_eq!(
-            facts1(&op, &[&fact(DType::I64, "3")]),
-            fact(DType::I32, "?,?,?")
-        );
+        assert_eq!(facts1(&op, &[&fact(DType::I64, "3")]), fact(DType::I32, "?,?,?"));
         err(op.eval(&[&ti(&[2], &[2, -3])]), "negative");
         err(op.eval(&[&ti(&[2], &[1 << 40, 1 << 40])]), "overflows");
         err(op.eval(&[&ti(&[2], &[1 << 20, 1 << 40])]), "bytes");
         err(op.output_facts(&[&fact(DType::I64, "?")]), "unknown length");
         err(op.output_facts(&[&fact(DType::I32, "2")]), "must be i64");
-        let two = ConstantOfShape {
-            value: Arc::new(tf(&[2], &[1.0, 2.0])),
-        };
+        let two = ConstantOfShape { value: Arc::new(tf(&[2], &[1.0, 2.0])) };
         err(two.eval(&[&ti(&[1], &[2])]), "one element");
     }
 
     #[test]
     fn range() {
         let s = |v: i64| ti(&[], &[v]);
-        assert_eq!(
-            i64s(&run1(&Range, &[&s(0), &s(10), &s(3)])),
-            vec![0, 3, 6, 9]
-        );
-        assert_eq!(
-            i64s(&run1(&Range, &[&s(10), &s(4), &s(-2)])),
-            vec![10, 8, 6]
-        );
+        assert_eq!(i64s(&run1(&Range, &[&s(0), &s(10), &s(3)])), vec![0, 3, 6, 9]);
+        assert_eq!(i64s(&run1(&Range, &[&s(10), &s(4), &s(-2)])), vec![10, 8, 6]);
         assert_eq!(run1(&Range, &[&s(5), &s(1), &s(1)]).shape(), &[0]);
         let i16s = |v: i16| Tensor::scalar(v);
-        assert_eq!(
-            run1(&Range, &[&i16s(-3), &i16s(0), &i16s(1)])
-                .as_slice::<i16>()
-                .unwrap(),
-            &[-3, -2, -1]
-        );
+        assert_eq!(run1(&Range, &[&i16s(-3), &i16s(0), &i16s(1)]).as_slice::<i16>().unwrap(), &[-3, -2, -1]);
         let f = |v: f32| Tensor::scalar(v);
         let out = run1(&Range, &[&f(1.0), &f(2.0), &f(0.3)]);
         assert_eq!(out.shape(), &[4]);
         assert!((f32s(&out)[3] - 1.9).abs() < 1e-6);
         let fact_of = facts1(&Range, &[&c(s(0)), &c(s(10)), &c(s(3))]);
         assert_eq!(fact_of, fact(DType::I64, "4"));
-        assert_eq!(
-            facts1(&Range, &[&fact(DType::I64, ""), &c(s(10)), &c(s(3))]),
-            fact(DType::I64, "?")
-        );
+        assert_eq!(facts1(&Range, &[&fact(DType::I64, ""), &c(s(10)), &c(s(3))]), fact(DType::I64, "?"));
         err(Range.eval(&[&s(0), &s(10), &s(0)]), "delta must not be 0");
-        err(
-            Range.eval(&[&f(0.0), &f(1.0), &f(0.0)]),
-            "delta must not be 0",
-        );
+        err(Range.eval(&[&f(0.0), &f(1.0), &f(0.0)]), "delta must not be 0");
         err(Range.eval(&[&s(0), &s(i64::MAX), &s(1)]), "bytes");
         err(Range.eval(&[&s(i64::MIN), &s(i64::MAX), &s(1)]), "bytes");
         err(Range.eval(&[&f(0.0), &f(f32::INFINITY), &f(1.0)]), "finite");
         err(Range.eval(&[&f(0.0), &f(1e30), &f(1e-30)]), "elements");
-        err(
-            Range.output_facts(&[&c(s(0)), &c(f(1.0)), &c(s(1))]),
-            "one dtype",
-        );
-        err(
-            Range.output_facts(&[&fact(DType::I64, "2"), &c(s(1)), &c(s(1))]),
-            "scalar",
-        );
-        err(
-            Range.eval(&[
-                &Tensor::scalar(true),
-                &Tensor::scalar(true),
-                &Tensor::scalar(true),
-            ]),
-            "not supported",
-        );
+        err(Range.output_facts(&[&c(s(0)), &c(f(1.0)), &c(s(1))]), "one dtype");
+        err(Range.output_facts(&[&fact(DType::I64, "2"), &c(s(1)), &c(s(1))]), "scalar");
+        err(Range.eval(&[&Tensor::scalar(true), &Tensor::scalar(true), &Tensor::scalar(true)]), "not supported");
     }
 
     #[test]
@@ -2551,47 +1812,23 @@ mod tests {
         let x = tf(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
         let out = run1(&p(PadMode::Constant), &[&x, &v(&[0, 1, 0, 2])]);
         assert_eq!(out.shape(), &[2, 5]);
-        assert_eq!(
-            f32s(&out),
-            vec![0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0]
-        );
-        let out = run1(
-            &p(PadMode::Constant),
-            &[&x, &v(&[1, 0, 0, 0]), &tf(&[], &[9.0])],
-        );
+        assert_eq!(f32s(&out), vec![0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0]);
+        let out = run1(&p(PadMode::Constant), &[&x, &v(&[1, 0, 0, 0]), &tf(&[], &[9.0])]);
         assert_eq!(f32s(&out), vec![9.0, 9.0, 1.0, 2.0, 3.0, 4.0]);
         // An empty constant_value is "not given"; axes picks the padded dims.
-        let out = run1(
-            &p(PadMode::Constant),
-            &[&x, &v(&[1, 0]), &tf(&[0], &[]), &v(&[-1])],
-        );
+        let out = run1(&p(PadMode::Constant), &[&x, &v(&[1, 0]), &tf(&[0], &[]), &v(&[-1])]);
         assert_eq!(f32s(&out), vec![0.0, 1.0, 2.0, 0.0, 3.0, 4.0]);
         // Expected values from numpy.pad.
         let r = tf(&[3], &[1.0, 2.0, 3.0]);
         let out = run1(&p(PadMode::Reflect), &[&r, &v(&[5, 4])]);
-        assert_eq!(
-            f32s(&out),
-            vec![2.0, 1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0]
-        );
+        assert_eq!(f32s(&out), vec![2.0, 1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0, 2.0, 1.0, 2.0, 3.0]);
         let out = run1(&p(PadMode::Wrap), &[&r, &v(&[5, 4])]);
-        assert_eq!(
-            f32s(&out),
-            vec![2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0]
-        );
+        assert_eq!(f32s(&out), vec![2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0]);
         let out = run1(&p(PadMode::Edge), &[&r, &v(&[2, 1])]);
         assert_eq!(f32s(&out), vec![1.0, 1.0, 1.0, 2.0, 3.0, 3.0]);
-        assert_eq!(
-            f32s(&run1(
-                &p(PadMode::Reflect),
-                &[&tf(&[1], &[7.0]), &v(&[2, 1])]
-            )),
-            vec![7.0; 4]
-        );
+        assert_eq!(f32s(&run1(&p(PadMode::Reflect), &[&tf(&[1], &[7.0]), &v(&[2, 1])])), vec![7.0; 4]);
         // Negative pads crop.
-        let out = run1(
-            &p(PadMode::Constant),
-            &[&tf(&[4], &[1.0, 2.0, 3.0, 4.0]), &v(&[-1, 1])],
-        );
+        let out = run1(&p(PadMode::Constant), &[&tf(&[4], &[1.0, 2.0, 3.0, 4.0]), &v(&[-1, 1])]);
         assert_eq!(f32s(&out), vec![2.0, 3.0, 4.0, 0.0]);
         // Crop, then pad around what is left (values from ONNX Runtime; for a single row left,
         // reflect repeats it as numpy does).
@@ -2599,107 +1836,39 @@ mod tests {
         assert_eq!(f32s(&out), vec![1.0, 2.0, 1.0, 2.0]);
         let x3 = tf(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let out = run1(&p(PadMode::Wrap), &[&x3, &v(&[3, 0, -1, 0])]);
-        assert_eq!(
-            f32s(&out),
-            vec![3.0, 4.0, 1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]
-        );
+        assert_eq!(f32s(&out), vec![3.0, 4.0, 1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
         let y = tf(&[4], &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(
-            f32s(&run1(&p(PadMode::Wrap), &[&y, &v(&[1, -1])])),
-            vec![3.0, 1.0, 2.0, 3.0]
-        );
-        assert_eq!(
-            f32s(&run1(&p(PadMode::Wrap), &[&y, &v(&[-1, 2])])),
-            vec![2.0, 3.0, 4.0, 2.0, 3.0]
-        );
-        assert_eq!(
-            f32s(&run1(&p(PadMode::Reflect), &[&y, &v(&[-1, 2])])),
-            vec![2.0, 3.0, 4.0, 3.0, 2.0]
-        );
-        assert_eq!(
-            f32s(&run1(&p(PadMode::Edge), &[&y, &v(&[1, -1])])),
-            vec![1.0, 1.0, 2.0, 3.0]
-        );
+        assert_eq!(f32s(&run1(&p(PadMode::Wrap), &[&y, &v(&[1, -1])])), vec![3.0, 1.0, 2.0, 3.0]);
+        assert_eq!(f32s(&run1(&p(PadMode::Wrap), &[&y, &v(&[-1, 2])])), vec![2.0, 3.0, 4.0, 2.0, 3.0]);
+        assert_eq!(f32s(&run1(&p(PadMode::Reflect), &[&y, &v(&[-1, 2])])), vec![2.0, 3.0, 4.0, 3.0, 2.0]);
+        assert_eq!(f32s(&run1(&p(PadMode::Edge), &[&y, &v(&[1, -1])])), vec![1.0, 1.0, 2.0, 3.0]);
         err(p(PadMode::Edge).eval(&[&y, &v(&[-4, 1])]), "empty axis");
-        assert_eq!(
-            run1(&p(PadMode::Constant), &[&tf(&[0], &[]), &v(&[1, 1])]).shape(),
-            &[2]
-        );
+        assert_eq!(run1(&p(PadMode::Constant), &[&tf(&[0], &[]), &v(&[1, 1])]).shape(), &[2]);
 
-        err(
-            p(PadMode::Constant).eval(&[&x, &v(&[1, 1])]),
-            "pads has 2 values for 2 axes",
-        );
-        err(
-            p(PadMode::Constant).eval(&[&x, &v(&[-3, 0, 0, 0])]),
-            "give size -1",
-        );
-        err(
-            p(PadMode::Edge).eval(&[&tf(&[0], &[]), &v(&[1, 0])]),
-            "empty axis",
-        );
-        err(
-            p(PadMode::Constant).eval(&[&x, &v(&[0, 0, 0, 0]), &ti(&[], &[1])]),
-            "constant_value",
-        );
-        err(
-            p(PadMode::Constant).eval(&[&x, &v(&[0, 0]), &tf(&[], &[0.0]), &v(&[0, 0])]),
-            "repeated",
-        );
-        err(
-            p(PadMode::Constant).eval(&[&x, &v(&[i64::MAX, i64::MAX, 0, 0])]),
-            "overflows",
-        );
+        err(p(PadMode::Constant).eval(&[&x, &v(&[1, 1])]), "pads has 2 values for 2 axes");
+        err(p(PadMode::Constant).eval(&[&x, &v(&[-3, 0, 0, 0])]), "give size -1");
+        err(p(PadMode::Edge).eval(&[&tf(&[0], &[]), &v(&[1, 0])]), "empty axis");
+        err(p(PadMode::Constant).eval(&[&x, &v(&[0, 0, 0, 0]), &ti(&[], &[1])]), "constant_value");
+        err(p(PadMode::Constant).eval(&[&x, &v(&[0, 0]), &tf(&[], &[0.0]), &v(&[0, 0])]), "repeated");
+        err(p(PadMode::Constant).eval(&[&x, &v(&[i64::MAX, i64::MAX, 0, 0])]), "overflows");
     }
 
     #[test]
     fn pad_facts() {
-        let p = Pad {
-            mode: PadMode::Constant,
-        };
+        let p = Pad { mode: PadMode::Constant };
         let v = |v: &[i64]| c(ti(&[v.len()], v));
         let x = fact(DType::F32, "b,3,s");
-        assert_eq!(
-            facts1(&p, &[&x, &v(&[0, 1, 0, 0, 2, 0])]).shape,
-            dims("b,6,s")
-        );
-        assert_eq!(
-            facts1(&p, &[&x, &v(&[1, 0, 0, 0, 0, 0])]).shape,
-            dims("?,3,s")
-        );
+        assert_eq!(facts1(&p, &[&x, &v(&[0, 1, 0, 0, 2, 0])]).shape, dims("b,6,s"));
+        assert_eq!(facts1(&p, &[&x, &v(&[1, 0, 0, 0, 0, 0])]).shape, dims("?,3,s"));
         let cv = c(tf(&[], &[0.0]));
-        assert_eq!(
-            facts1(&p, &[&x, &v(&[1, 1]), &cv, &v(&[1])]).shape,
-            dims("b,5,s")
-        );
-        assert_eq!(
-            facts1(&p, &[&x, &fact(DType::I64, "2"), &cv, &v(&[-1])]).shape,
-            dims("b,3,?")
-        );
-        assert_eq!(
-            facts1(&p, &[&x, &fact(DType::I64, "6")]).shape,
-            dims("?,?,?")
-        );
-        err(
-            p.output_facts(&[&x, &v(&[1, 1])]),
-            "pads has 2 values for 3 axes",
-        );
-        err(
-            p.output_facts(&[&x, &fact(DType::I64, "4"), &cv, &v(&[0])]),
-            "pads has 4 values for 1 axes",
-        );
-        err(
-            p.output_facts(&[&x, &v(&[0, -4, 0, 0, 0, 0])]),
-            "give size -1",
-        );
-        err(
-            p.output_facts(&[&x, &v(&[0; 6]), &c(ti(&[], &[0]))]),
-            "constant_value",
-        );
-        err(
-            p.output_facts(&[&x, &v(&[0; 6]), &cv, &v(&[3])]),
-            "out of range",
-        );
+        assert_eq!(facts1(&p, &[&x, &v(&[1, 1]), &cv, &v(&[1])]).shape, dims("b,5,s"));
+        assert_eq!(facts1(&p, &[&x, &fact(DType::I64, "2"), &cv, &v(&[-1])]).shape, dims("b,3,?"));
+        assert_eq!(facts1(&p, &[&x, &fact(DType::I64, "6")]).shape, dims("?,?,?"));
+        err(p.output_facts(&[&x, &v(&[1, 1])]), "pads has 2 values for 3 axes");
+        err(p.output_facts(&[&x, &fact(DType::I64, "4"), &cv, &v(&[0])]), "pads has 4 values for 1 axes");
+        err(p.output_facts(&[&x, &v(&[0, -4, 0, 0, 0, 0])]), "give size -1");
+        err(p.output_facts(&[&x, &v(&[0; 6]), &c(ti(&[], &[0]))]), "constant_value");
+        err(p.output_facts(&[&x, &v(&[0; 6]), &cv, &v(&[3])]), "out of range");
     }
 
     /// The BERT pattern: reshape to `[batch, seq, heads, head_dim]` from a shape computed at run time.
@@ -2707,34 +1876,13 @@ mod tests {
     fn shape_arithmetic_in_a_graph() {
         let mut g = Graph::default();
         let x = g.add_input("x", fact(DType::F32, "batch,seq,8")).unwrap();
-        let shape = g
-            .add_node(
-                "shape",
-                Shape {
-                    start: 0,
-                    end: Some(2),
-                },
-                vec![x],
-            )
-            .unwrap()[0];
+        let shape = g.add_node("shape", Shape { start: 0, end: Some(2) }, vec![x]).unwrap()[0];
         let tail = g.add_const("tail", ti(&[2], &[2, -1])).unwrap();
-        let full = g
-            .add_node("cat", Concat { axis: 0 }, vec![shape, tail])
-            .unwrap()[0];
+        let full = g.add_node("cat", Concat { axis: 0 }, vec![shape, tail]).unwrap()[0];
         assert_eq!(g.fact(full).shape, dims("4"));
-        let y = g
-            .add_node("reshape", Reshape { allowzero: false }, vec![x, full])
-            .unwrap()[0];
+        let y = g.add_node("reshape", Reshape { allowzero: false }, vec![x, full]).unwrap()[0];
         assert_eq!(g.fact(y).shape, dims("?,?,?,?"));
-        let t = g
-            .add_node(
-                "t",
-                Transpose {
-                    perm: Some(vec![0, 2, 1, 3]),
-                },
-                vec![y],
-            )
-            .unwrap()[0];
+        let t = g.add_node("t", Transpose { perm: Some(vec![0, 2, 1, 3]) }, vec![y]).unwrap()[0];
         g.add_output("y", t);
         let out = g.eval(vec![("x".into(), iota(&[1, 3, 8]))]).unwrap();
         assert_eq!(out[0].shape(), &[1, 2, 3, 4]);
@@ -2743,32 +1891,11 @@ mod tests {
         // With a known shape, Shape is a constant and everything downstream folds.
         let mut g = Graph::default();
         let x = g.add_input("x", fact(DType::F32, "2,3")).unwrap();
-        let shape = g
-            .add_node(
-                "shape",
-                Shape {
-                    start: 0,
-                    end: None,
-                },
-                vec![x],
-            )
-            .unwrap()[0];
+        let shape = g.add_node("shape", Shape { start: 0, end: None }, vec![x]).unwrap()[0];
         let zero = g.add_const("zero", ti(&[], &[0])).unwrap();
-        let rows = g
-            .add_node("rows", Gather { axis: 0 }, vec![shape, zero])
-            .unwrap()[0];
-        let rows = g
-            .add_node("unsq", Unsqueeze { axes: vec![0] }, vec![rows])
-            .unwrap()[0];
-        let k = g
-            .add_node(
-                "cos",
-                ConstantOfShape {
-                    value: Arc::new(tf(&[1], &[1.0])),
-                },
-                vec![rows],
-            )
-            .unwrap()[0];
+        let rows = g.add_node("rows", Gather { axis: 0 }, vec![shape, zero]).unwrap()[0];
+        let rows = g.add_node("unsq", Unsqueeze { axes: vec![0] }, vec![rows]).unwrap()[0];
+        let k = g.add_node("cos", ConstantOfShape { value: Arc::new(tf(&[1], &[1.0])) }, vec![rows]).unwrap()[0];
         assert_eq!(g.fact(k).shape, dims("2"));
         assert_eq!(f32s(g.fact(k).konst.as_ref().unwrap()), vec![1.0, 1.0]);
     }
