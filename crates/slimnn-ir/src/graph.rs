@@ -207,3 +207,40 @@ impl Graph {
         Ok(())
     }
 }
+
+impl Graph {
+    /// A copy with every input's symbolic and unknown dims replaced by the concrete `shapes`
+    /// (one per input, in signature order), facts re-inferred and small constants folded. Shape
+    /// computations then become constants, which lets a runtime plan for one input shape.
+    pub fn specialized(&self, shapes: &[Vec<usize>]) -> IrResult<Graph> {
+        if shapes.len() != self.inputs.len() {
+            return Err(IrError::Graph(format!("{} input shapes given for {} inputs", shapes.len(), self.inputs.len())));
+        }
+        let mut g = self.clone();
+        for (&id, shape) in self.inputs.iter().zip(shapes) {
+            let node = &mut g.nodes[id];
+            let Op::Input(input) = &mut node.op else {
+                return Err(IrError::Graph(format!("graph input {id} is not an Input node")));
+            };
+            if input.fact.rank() != shape.len() {
+                return Err(IrError::Input {
+                    name: node.name.clone(),
+                    msg: format!("expected rank {}, got shape {shape:?}", input.fact.rank()),
+                });
+            }
+            for (axis, (d, &n)) in input.fact.shape.iter().zip(shape).enumerate() {
+                if let slimnn_tensor::Dim::Known(k) = d {
+                    if *k != n {
+                        return Err(IrError::Input {
+                            name: node.name.clone(),
+                            msg: format!("dim {axis} must be {k}, got {n}"),
+                        });
+                    }
+                }
+            }
+            input.fact = Fact::known(input.fact.dtype, shape);
+        }
+        g.compact()?;
+        Ok(g)
+    }
+}

@@ -1,0 +1,33 @@
+//! The optimised runtime against the reference evaluator on the real MiniLM (differential).
+
+mod common;
+
+use common::*;
+use slimnn_cli::tasks::SentenceEmbedder;
+use slimnn_data::corpus::moby_dick_sentences;
+use slimnn_runtime::{Runnable, RuntimeConfig};
+
+#[test]
+fn runtime_matches_reference_on_minilm() {
+    let embedder = SentenceEmbedder::load(&asset("minilm"), Some(128)).unwrap();
+    let sentences = moby_dick_sentences(&asset("moby-dick"), 4, 120).unwrap();
+    let texts: Vec<&str> = (0..16).map(|i| sentences[i * 97 % sentences.len()].as_str()).collect();
+    for threads in [1, 2] {
+        let rt = Runnable::new(embedder.graph.clone(), RuntimeConfig { threads }).unwrap();
+        let mut state = rt.new_state();
+        for chunk in texts.chunks(8) {
+            let inputs = embedder.tokenizer.encode(chunk).unwrap().into_named();
+            let shapes: Vec<Vec<usize>> = inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
+            let reference = embedder.graph.eval(inputs.clone()).unwrap();
+            let fast = rt.run(&mut state, inputs).unwrap();
+            for ((name, _), (r, f)) in embedder.graph.outputs().iter().zip(reference.iter().zip(&fast)) {
+                let d = r.max_abs_diff(f).unwrap();
+                eprintln!("threads {threads} shapes {:?} {name}: max abs diff {d:e}", shapes[0]);
+                assert!(d <= 1e-4, "{name}: {d}");
+            }
+            let summary = rt.plan_for(&shapes).unwrap().summary();
+            assert_eq!(summary.kernels.get("attention"), Some(&6), "{:#?}", summary.kernels);
+            eprintln!("{:#?}", summary.kernels);
+        }
+    }
+}

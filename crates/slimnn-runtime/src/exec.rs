@@ -1,0 +1,195 @@
+//! Executing a plan: values in slots, f32 buffers recycled through the caller's [`State`].
+
+use crate::fast::{self, AttnDims};
+use crate::plan::{Kernel, Plan};
+use crate::Result;
+use slimnn_ir::{IrError, OpDef};
+use slimnn_kernels::{gemm, Epilogue, Par};
+use slimnn_tensor::{DType, Tensor};
+use std::sync::Arc;
+
+enum Value {
+    Const(Arc<Tensor>),
+    Owned(Tensor),
+}
+
+impl Value {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Value::Const(t) => t,
+            Value::Owned(t) => t,
+        }
+    }
+}
+
+/// One caller's working memory: value slots and a pool of f32 buffers reused across steps and
+/// runs, so a steady stream of same-shaped runs stops allocating activations.
+#[derive(Default)]
+pub struct State {
+    values: Vec<Option<Value>>,
+    pool: Vec<Vec<f32>>,
+    live_bytes: usize,
+    peak_bytes: usize,
+}
+
+impl State {
+    /// Most bytes of activations (f32 buffers from the pool) alive at once so far.
+    pub fn peak_activation_bytes(&self) -> usize {
+        self.peak_bytes
+    }
+
+    /// Bytes held by the pool and live values (what this state keeps between runs).
+    pub fn retained_bytes(&self) -> usize {
+        self.pool.iter().map(|v| v.capacity() * 4).sum::<usize>() + self.live_bytes
+    }
+
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        // Best fit: the smallest pooled buffer that holds `len`.
+        let best =
+            (0..self.pool.len()).filter(|&i| self.pool[i].capacity() >= len).min_by_key(|&i| self.pool[i].capacity());
+        let mut v = match best {
+            Some(i) => self.pool.swap_remove(i),
+            None => Vec::with_capacity(len),
+        };
+        v.clear();
+        v.resize(len, 0.0);
+        self.live_bytes += v.capacity() * 4;
+        self.peak_bytes = self.peak_bytes.max(self.live_bytes);
+        v
+    }
+
+    fn release(&mut self, v: Value) {
+        if let Value::Owned(t) = v {
+            if t.dtype() == DType::F32 {
+                if let Ok(buf) = t.into_vec::<f32>() {
+                    self.live_bytes = self.live_bytes.saturating_sub(buf.capacity() * 4);
+                    self.pool.push(buf);
+                }
+            }
+        }
+    }
+
+    fn get(&self, slot: usize) -> Result<&Tensor> {
+        self.values
+            .get(slot)
+            .and_then(|v| v.as_ref())
+            .map(Value::tensor)
+            .ok_or_else(|| IrError::Graph(format!("value slot {slot} is empty")).into())
+    }
+}
+
+fn f32s(t: &Tensor) -> Result<&[f32]> {
+    Ok(t.as_slice::<f32>()?)
+}
+
+pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: bool) -> Result<Vec<Tensor>> {
+    st.values.clear();
+    st.values.resize_with(plan.slots, || None);
+    for (&s, t) in plan.inputs.iter().zip(inputs) {
+        st.values[s] = Some(Value::Owned(t));
+    }
+    for (s, t) in &plan.consts {
+        st.values[*s] = Some(Value::Const(t.clone()));
+    }
+    let gpar = if par { Par::Current } else { Par::Seq };
+    for step in &plan.steps {
+        let result = run_step(step, st, par, gpar).map_err(|e| match e {
+            crate::RuntimeError::Ir(ir) => crate::RuntimeError::Ir(ir.at_node(&step.name, "step")),
+            other => other,
+        });
+        let outs = result?;
+        for (&s, t) in step.outputs.iter().zip(outs) {
+            st.values[s] = Some(Value::Owned(t));
+        }
+        for &s in &step.frees {
+            if let Some(v) = st.values[s].take() {
+                st.release(v);
+            }
+        }
+    }
+    let mut outputs = Vec::with_capacity(plan.outputs.len());
+    for &s in &plan.outputs {
+        outputs.push(st.get(s)?.clone());
+    }
+    for s in 0..st.values.len() {
+        if let Some(v) = st.values[s].take() {
+            st.release(v);
+        }
+    }
+    Ok(outputs)
+}
+
+fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> Result<Vec<Tensor>> {
+    let shape = step.output_shapes.first().cloned().unwrap_or_default();
+    let numel: usize = shape.iter().product();
+    match &step.kernel {
+        Kernel::Ref(op) => {
+            let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| st.get(s)).collect::<Result<_>>()?;
+            Ok(op.eval(&ins)?)
+        }
+        Kernel::Gemm { packed, bias, activation, residual } => {
+            let mut out = st.take(numel);
+            let a = f32s(st.get(step.inputs[0])?)?;
+            let (k, n) = (packed.k(), packed.n());
+            let m = a.len() / k.max(1);
+            let mut ep = Epilogue::NONE.with_activation(*activation);
+            if let Some(b) = bias {
+                ep = ep.with_bias(b);
+            }
+            if *residual {
+                ep = ep.with_residual(f32s(st.get(step.inputs[1])?)?, n);
+            }
+            gemm(m, a, k, packed, &mut out, n, ep, gpar)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::Attention { heads, head_dim, scale, mask_shape } => {
+            let mut out = st.take(numel);
+            let q = st.get(step.inputs[0])?;
+            let k = st.get(step.inputs[1])?;
+            let dims = AttnDims {
+                batch: q.shape()[0],
+                seq_q: q.shape()[1],
+                seq_k: k.shape()[1],
+                heads: *heads,
+                head_dim: *head_dim,
+            };
+            let mask = match mask_shape {
+                Some(ms) => Some((f32s(st.get(step.inputs[3])?)?, *ms)),
+                None => None,
+            };
+            fast::attention(f32s(q)?, f32s(k)?, f32s(st.get(step.inputs[2])?)?, mask, dims, *scale, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::LayerNorm { scale, bias, epsilon } => {
+            let mut out = st.take(numel);
+            let n = *shape.last().unwrap_or(&1);
+            fast::layer_norm(f32s(st.get(step.inputs[0])?)?, n, scale, bias, *epsilon, &mut out, par);
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::Softmax => {
+            let mut out = st.take(numel);
+            let n = *shape.last().unwrap_or(&1);
+            fast::softmax(f32s(st.get(step.inputs[0])?)?, n, &mut out, par);
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::Activation(act) => {
+            let mut out = st.take(numel);
+            fast::activation(f32s(st.get(step.inputs[0])?)?, *act, &mut out, par);
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::Binary(op) => {
+            let mut out = st.take(numel);
+            let row = *shape.last().unwrap_or(&1);
+            let (a, b) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
+            fast::binary(*op, a, b, row, &mut out, par);
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::Embedding { table } => {
+            let mut out = st.take(numel);
+            let idx = st.get(step.inputs[1])?.as_slice::<i64>()?;
+            let (rows, n) = (table.shape()[0], table.shape()[1]);
+            fast::embedding(f32s(table)?, rows, n, idx, &mut out)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+    }
+}

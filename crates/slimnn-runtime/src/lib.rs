@@ -1,0 +1,156 @@
+//! slimnn's CPU runtime.
+//!
+//! [`Runnable::new`] canonicalises a graph (constant folding, identity removal, LayerNorm and
+//! GELU fusion) once. For each concrete input shape it then specialises the graph (shape
+//! computations fold to constants) and lowers it to a [`plan`]: fused steps on the kernels of
+//! `slimnn-kernels` (GEMM with bias/activation/residual epilogues, multi-head attention, layer
+//! norm, ...) and the reference evaluator for everything else. Plans are cached per shape;
+//! weights are packed once per runnable. A [`State`] holds one caller's buffers, recycled
+//! between runs, so steady-state runs reuse memory instead of allocating it.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), slimnn_runtime::RuntimeError> {
+//! # let graph = slimnn_ir::Graph::default();
+//! # let inputs = vec![];
+//! use slimnn_runtime::{Runnable, RuntimeConfig};
+//! let runnable = Runnable::new(graph, RuntimeConfig::default())?;
+//! let mut state = runnable.new_state();
+//! let outputs = runnable.run(&mut state, inputs)?;
+//! # Ok(()) }
+//! ```
+
+mod exec;
+mod fast;
+mod lower;
+mod optimize;
+pub mod plan;
+
+pub use exec::State;
+pub use optimize::{optimize, OptimizeReport};
+pub use plan::{Fusion, PlanSummary};
+
+use slimnn_ir::{Graph, IrError};
+use slimnn_kernels::KernelError;
+use slimnn_tensor::Tensor;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Ir(#[from] IrError),
+    #[error("kernel: {0}")]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Tensor(#[from] slimnn_tensor::TensorError),
+    #[error("thread pool: {0}")]
+    Threads(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// How a runnable executes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Worker threads (1 runs on the caller's thread only).
+    pub threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { threads: physical_cores() }
+    }
+}
+
+/// Physical cores of this machine (hyper-threads do not add FMA throughput).
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else { return logical };
+    let mut cores = std::collections::HashSet::new();
+    let mut physical = "0".to_string();
+    for line in info.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim() {
+                "physical id" => physical = v.trim().to_string(),
+                "core id" => {
+                    cores.insert((physical.clone(), v.trim().to_string()));
+                }
+                _ => {}
+            }
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
+}
+
+/// An optimised model ready to run: immutable and shareable across threads; each caller
+/// brings its own [`State`].
+pub struct Runnable {
+    graph: Graph,
+    report: OptimizeReport,
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
+    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<plan::Plan>>>,
+    packed: lower::PackCache,
+}
+
+impl Runnable {
+    pub fn new(graph: Graph, config: RuntimeConfig) -> Result<Runnable> {
+        let (graph, report) = optimize(graph)?;
+        let threads = config.threads.max(1);
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("slimnn-{i}"))
+                    .build()
+                    .map_err(|e| RuntimeError::Threads(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        Ok(Runnable { graph, report, pool, threads, plans: Mutex::new(HashMap::new()), packed: Default::default() })
+    }
+
+    /// The canonicalised graph this runnable executes.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn report(&self) -> &OptimizeReport {
+        &self.report
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub fn new_state(&self) -> State {
+        State::default()
+    }
+
+    /// The plan for one set of input shapes (built and cached on first use).
+    pub fn plan_for(&self, shapes: &[Vec<usize>]) -> Result<Arc<plan::Plan>> {
+        if let Some(p) = self.plans.lock().unwrap_or_else(|e| e.into_inner()).get(shapes) {
+            return Ok(p.clone());
+        }
+        let specialized = self.graph.specialized(shapes)?;
+        let plan = Arc::new(lower::lower(&specialized, &self.packed)?);
+        self.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(shapes.to_vec(), plan.clone());
+        Ok(plan)
+    }
+
+    /// Runs on named inputs; returns outputs in signature order.
+    pub fn run(&self, state: &mut State, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>> {
+        let bound = self.graph.bind_inputs(inputs)?;
+        let shapes: Vec<Vec<usize>> = bound.iter().map(|t| t.shape().to_vec()).collect();
+        let plan = self.plan_for(&shapes)?;
+        match &self.pool {
+            Some(pool) => pool.install(|| exec::execute(&plan, state, bound, true)),
+            None => exec::execute(&plan, state, bound, false),
+        }
+    }
+}

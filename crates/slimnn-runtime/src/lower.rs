@@ -1,0 +1,480 @@
+//! Lowering a shape-specialised graph to a [`Plan`]: fusion groups found by meaning, each
+//! emitted as one kernel step; every other node runs on the reference evaluator.
+
+use crate::plan::{FastBinary, Fusion, Kernel, Plan, Slot, Step};
+use crate::Result;
+use slimnn_ir::ops::{Binary, BinaryOp, Clip, Gemm, LayerNorm, MatMul, Reshape, Softmax, Transpose, Unary, UnaryOp};
+use slimnn_ir::{Graph, NodeId, Op, OutletId};
+use slimnn_kernels::{Activation, PackedB};
+use slimnn_tensor::{DType, Tensor};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// Weights packed once per runnable, keyed by the address of their constant tensor (kept alive
+/// alongside so the address stays unique).
+#[derive(Default)]
+pub(crate) struct PackCache(Mutex<HashMap<usize, (Arc<Tensor>, Arc<PackedB>)>>);
+
+impl PackCache {
+    fn get(&self, w: &Arc<Tensor>, transposed: bool) -> Result<Arc<PackedB>> {
+        let key = Arc::as_ptr(w) as usize ^ transposed as usize;
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = map.get(&key) {
+            return Ok(p.clone());
+        }
+        let data = w.as_slice::<f32>()?;
+        let (r, c) = (w.shape()[0], w.shape()[1]);
+        let packed = if transposed { PackedB::from_transposed(data, c, r, c)? } else { PackedB::new(data, r, c, c)? };
+        let p = Arc::new(packed);
+        map.insert(key, (w.clone(), p.clone()));
+        Ok(p)
+    }
+}
+
+struct Group {
+    members: Vec<NodeId>,
+    kernel: Kernel,
+    inputs: Vec<OutletId>,
+    fusion: Fusion,
+}
+
+struct Ctx<'a> {
+    g: &'a Graph,
+    readers: HashMap<OutletId, Vec<(NodeId, usize)>>,
+    outputs: HashSet<OutletId>,
+    taken: HashSet<NodeId>,
+}
+
+fn out0(n: NodeId) -> OutletId {
+    OutletId::new(n, 0)
+}
+
+impl Ctx<'_> {
+    fn op(&self, o: OutletId) -> &Op {
+        &self.g.node(o.node).op
+    }
+    fn shape(&self, o: OutletId) -> Option<Vec<usize>> {
+        self.g.fact(o).known_shape()
+    }
+    fn is_f32(&self, o: OutletId) -> bool {
+        self.g.fact(o).dtype == DType::F32
+    }
+    fn konst(&self, o: OutletId) -> Option<&Arc<Tensor>> {
+        self.g.fact(o).konst.as_ref()
+    }
+    /// The only reader of `o`, if `o` is read once, is not a graph output, and the reader is
+    /// not already part of a fusion.
+    fn sole_reader(&self, o: OutletId) -> Option<NodeId> {
+        match self.readers.get(&o).map(Vec::as_slice) {
+            Some([(n, _)]) if !self.outputs.contains(&o) && !self.taken.contains(n) => Some(*n),
+            _ => None,
+        }
+    }
+    fn scalar(&self, o: OutletId) -> Option<f32> {
+        let t = self.konst(o)?;
+        (t.len() == 1 && t.dtype().is_float()).then(|| t.to_f64_vec()[0] as f32)
+    }
+    /// `(other operand)` when node `n` is `Binary(op)` reading `o`.
+    fn binary_other(&self, n: NodeId, o: OutletId, op: BinaryOp) -> Option<OutletId> {
+        let node = self.g.node(n);
+        if node.op != Op::Binary(Binary(op)) {
+            return None;
+        }
+        match (node.inputs[0] == o, node.inputs[1] == o) {
+            (true, false) => Some(node.inputs[1]),
+            (false, true) if matches!(op, BinaryOp::Add | BinaryOp::Mul) => Some(node.inputs[0]),
+            _ => None,
+        }
+    }
+    fn names(&self, ids: &[NodeId]) -> Vec<String> {
+        ids.iter().map(|&i| self.g.node(i).name.clone()).collect()
+    }
+}
+
+/// `act(x · W + bias) + residual` starting at a MatMul (or Gemm) with a constant 2-d weight.
+fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
+    let node = c.g.node(id);
+    let (a, packed, mut bias): (OutletId, Arc<PackedB>, Option<Arc<[f32]>>) = match &node.op {
+        Op::MatMul(MatMul) => {
+            let (a, w) = (node.inputs[0], node.inputs[1]);
+            let Some(wt) = c.konst(w) else { return Ok(None) };
+            if !c.is_f32(a) || wt.dtype() != DType::F32 || wt.rank() != 2 || c.g.fact(a).rank() < 1 {
+                return Ok(None);
+            }
+            (a, packs.get(wt, false)?, None)
+        }
+        Op::Gemm(Gemm { alpha, beta, trans_a: false, trans_b }) if *alpha == 1.0 => {
+            let (a, w) = (node.inputs[0], node.inputs[1]);
+            let Some(wt) = c.konst(w) else { return Ok(None) };
+            if !c.is_f32(a) || wt.dtype() != DType::F32 {
+                return Ok(None);
+            }
+            let n = if *trans_b { wt.shape()[0] } else { wt.shape()[1] };
+            let bias = match node.inputs.get(2) {
+                None => None,
+                Some(&b) => match c.konst(b) {
+                    Some(t)
+                        if *beta == 1.0 && t.len() == n && t.dtype() == DType::F32 && t.shape().last() == Some(&n) =>
+                    {
+                        Some(Arc::from(t.as_slice::<f32>()?))
+                    }
+                    _ => return Ok(None),
+                },
+            };
+            (a, packs.get(wt, *trans_b)?, bias)
+        }
+        _ => return Ok(None),
+    };
+    let n = packed.n();
+    let mut members = vec![id];
+    let mut end = out0(id);
+    let mut notes = vec![];
+    if bias.is_none() {
+        if let Some(r) = c.sole_reader(end) {
+            if let Some(b) = c.binary_other(r, end, BinaryOp::Add) {
+                if let Some(t) = c.konst(b).filter(|t| t.len() == n && t.dtype() == DType::F32) {
+                    bias = Some(Arc::from(t.as_slice::<f32>()?));
+                    members.push(r);
+                    end = out0(r);
+                }
+            }
+        }
+    }
+    let mut activation = Activation::None;
+    if let Some(r) = c.sole_reader(end) {
+        let act = match &c.g.node(r).op {
+            Op::Unary(Unary(UnaryOp::Relu)) => Some(Activation::Relu),
+            Op::Unary(Unary(UnaryOp::Gelu { tanh: false })) => Some(Activation::GeluErf),
+            Op::Unary(Unary(UnaryOp::Gelu { tanh: true })) => Some(Activation::GeluTanh),
+            Op::Clip(Clip) => {
+                let ins = &c.g.node(r).inputs;
+                match (c.scalar(ins[1]), c.scalar(ins[2])) {
+                    (Some(lo), Some(hi)) if lo <= hi => Some(Activation::Clip { min: lo, max: hi }),
+                    _ => {
+                        notes.push("clip bounds are not constant".to_string());
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(act) = act {
+            activation = act;
+            members.push(r);
+            end = out0(r);
+        }
+    }
+    let mut inputs = vec![a];
+    let mut residual = false;
+    if let Some(r) = c.sole_reader(end) {
+        if let Some(other) = c.binary_other(r, end, BinaryOp::Add) {
+            if c.is_f32(other) && c.shape(other).is_some() && c.shape(other) == c.shape(end) && c.konst(other).is_none()
+            {
+                residual = true;
+                inputs.push(other);
+                members.push(r);
+            }
+        }
+    }
+    let kernel = Kernel::Gemm { packed, bias, activation, residual };
+    let kind = kernel.name();
+    let note = if notes.is_empty() { String::new() } else { notes.join("; ") };
+    Ok(Some(Group { fusion: Fusion { kind, nodes: c.names(&members), note }, members, kernel, inputs }))
+}
+
+/// Multi-head attention from its exported pattern, anchored at the Softmax:
+/// `Reshape(Transpose(Softmax(Q·Kᵀ * scale + mask) · V))` with Q, K, V split into heads by
+/// Reshape + Transpose of `[batch, seq, heads * head_dim]` projections.
+fn match_attention(c: &Ctx, sm: NodeId) -> Option<Group> {
+    let node = c.g.node(sm);
+    let Op::Softmax(Softmax { axis, .. }) = node.op else { return None };
+    let x = node.inputs[0];
+    let [b, h, sq, sk] = <[usize; 4]>::try_from(c.shape(x)?).ok()?;
+    if !(axis == -1 || axis == 3) || !c.is_f32(x) {
+        return None;
+    }
+    let mut members = vec![sm];
+    // Optional additive mask.
+    let (mut y, mut mask) = (x, None);
+    if let Op::Binary(Binary(BinaryOp::Add)) = c.op(x) {
+        let ins = c.g.node(x.node).inputs.clone();
+        let scores_side = ins.iter().position(|&i| leads_to_matmul(c, i))?;
+        let m = ins[1 - scores_side];
+        let ms = c.shape(m)?;
+        if ms.len() > 4 || !c.is_f32(m) {
+            return None;
+        }
+        let mut m4 = [1usize; 4];
+        m4[4 - ms.len()..].copy_from_slice(&ms);
+        if m4[3] != sk || m4.iter().zip([b, h, sq, sk]).any(|(&d, t)| d != 1 && d != t) {
+            return None;
+        }
+        c.sole_reader(x).filter(|&r| r == sm)?;
+        members.push(x.node);
+        mask = Some((m, m4));
+        y = ins[scores_side];
+    }
+    // Optional scale.
+    let mut scale = 1.0f32;
+    match c.op(y) {
+        Op::Binary(Binary(BinaryOp::Div)) | Op::Binary(Binary(BinaryOp::Mul)) => {
+            let ins = &c.g.node(y.node).inputs;
+            let is_div = matches!(c.op(y), Op::Binary(Binary(BinaryOp::Div)));
+            let (s, k) = if let Some(k) = c.scalar(ins[1]) {
+                (ins[0], k)
+            } else if !is_div {
+                (ins[1], c.scalar(ins[0])?)
+            } else {
+                return None;
+            };
+            scale = if is_div { 1.0 / k } else { k };
+            c.sole_reader(y)?;
+            members.push(y.node);
+            y = s;
+        }
+        _ => {}
+    }
+    if c.g.node(y.node).op != Op::MatMul(MatMul) {
+        return None;
+    }
+    c.sole_reader(y)?;
+    members.push(y.node);
+    let (q4, k4t) = (c.g.node(y.node).inputs[0], c.g.node(y.node).inputs[1]);
+    let (qp, qm) = split_heads(c, q4, &[0, 2, 1, 3], h)?;
+    let (kp, km) = split_heads(c, k4t, &[0, 2, 3, 1], h).or_else(|| {
+        // Transpose(K4, [0,1,3,2]) of K4 = Transpose(Reshape(kp), [0,2,1,3]).
+        let t = k4t;
+        if c.op(t) != &Op::Transpose(Transpose { perm: Some(vec![0, 1, 3, 2]) }) {
+            return None;
+        }
+        c.sole_reader(t)?;
+        let (kp, mut km) = split_heads(c, c.g.node(t.node).inputs[0], &[0, 2, 1, 3], h)?;
+        km.push(t.node);
+        Some((kp, km))
+    })?;
+    let probs = out0(sm);
+    let pv = c.sole_reader(probs)?;
+    if c.g.node(pv).op != Op::MatMul(MatMul) || c.g.node(pv).inputs[0] != probs {
+        return None;
+    }
+    let (vp, vm) = split_heads(c, c.g.node(pv).inputs[1], &[0, 2, 1, 3], h)?;
+    let t = c.sole_reader(out0(pv))?;
+    if c.g.node(t).op != Op::Transpose(Transpose { perm: Some(vec![0, 2, 1, 3]) }) {
+        return None;
+    }
+    let r = c.sole_reader(out0(t))?;
+    if !matches!(c.g.node(r).op, Op::Reshape(Reshape { .. })) {
+        return None;
+    }
+    let d = c.shape(qp)?[2] / h;
+    if c.shape(out0(r))? != vec![b, sq, h * d]
+        || c.shape(kp)? != vec![b, sk, h * d]
+        || c.shape(vp)? != vec![b, sk, h * d]
+    {
+        return None;
+    }
+    members.extend(qm);
+    members.extend(km);
+    members.extend(vm);
+    members.extend([pv, t, r]);
+    let mut inputs = vec![qp, kp, vp];
+    let mask_shape = mask.map(|(m, m4)| {
+        inputs.push(m);
+        m4
+    });
+    let kernel = Kernel::Attention { heads: h, head_dim: d, scale, mask_shape };
+    let note = format!("{h} heads of {d}, scale {scale}, mask {mask_shape:?}");
+    Some(Group { fusion: Fusion { kind: "attention".into(), nodes: c.names(&members), note }, members, kernel, inputs })
+}
+
+fn leads_to_matmul(c: &Ctx, o: OutletId) -> bool {
+    match c.op(o) {
+        Op::MatMul(_) => true,
+        Op::Binary(Binary(BinaryOp::Div | BinaryOp::Mul)) => {
+            c.g.node(o.node).inputs.iter().any(|&i| matches!(c.op(i), Op::MatMul(_)))
+        }
+        _ => false,
+    }
+}
+
+/// `Transpose(Reshape(p, [b, s, heads, d]), perm)` → `(p, [reshape, transpose])` when `p` is
+/// `[b, s, heads * d]`.
+fn split_heads(c: &Ctx, o: OutletId, perm: &[usize], heads: usize) -> Option<(OutletId, Vec<NodeId>)> {
+    if c.op(o) != &Op::Transpose(Transpose { perm: Some(perm.to_vec()) }) {
+        return None;
+    }
+    c.sole_reader(o)?;
+    let r = c.g.node(o.node).inputs[0];
+    if !matches!(c.op(r), Op::Reshape(_)) {
+        return None;
+    }
+    c.sole_reader(r)?;
+    let p = c.g.node(r.node).inputs[0];
+    let ps = c.shape(p)?;
+    let rs = c.shape(r)?;
+    if ps.len() != 3 || rs.len() != 4 || rs[0] != ps[0] || rs[1] != ps[1] || rs[2] != heads || rs[2] * rs[3] != ps[2] {
+        return None;
+    }
+    Some((p, vec![r.node, o.node]))
+}
+
+/// A single node on a fast kernel when its shapes and dtypes allow.
+fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
+    let node = c.g.node(id);
+    let ins = &node.inputs;
+    let all_f32 = ins.iter().all(|&i| c.is_f32(i)) && c.is_f32(out0(id));
+    Ok(match &node.op {
+        Op::LayerNorm(LayerNorm { axis, epsilon, num_outputs: 1 }) if all_f32 => {
+            let Some(shape) = c.shape(ins[0]) else { return Ok(None) };
+            let n = *shape.last().unwrap_or(&0);
+            let last = *axis == -1 || *axis == shape.len() as i64 - 1;
+            let scale = c.konst(ins[1]).filter(|t| t.len() == n);
+            let bias = match ins.get(2) {
+                Some(&b) => {
+                    c.konst(b).filter(|t| t.len() == n).map(|t| t.as_slice::<f32>().map(Arc::from)).transpose()?
+                }
+                None => Some(Arc::from(vec![0f32; n])),
+            };
+            match (last, scale, bias) {
+                (true, Some(s), Some(b)) => {
+                    Some(Kernel::LayerNorm { scale: Arc::from(s.as_slice::<f32>()?), bias: b, epsilon: *epsilon })
+                }
+                _ => None,
+            }
+        }
+        Op::Softmax(Softmax { axis, .. }) if all_f32 => {
+            let rank = c.g.fact(ins[0]).rank() as i64;
+            (*axis == -1 || *axis == rank - 1).then_some(Kernel::Softmax)
+        }
+        Op::Unary(Unary(u)) if all_f32 => match u {
+            UnaryOp::Relu => Some(Kernel::Activation(Activation::Relu)),
+            UnaryOp::Gelu { tanh: false } => Some(Kernel::Activation(Activation::GeluErf)),
+            UnaryOp::Gelu { tanh: true } => Some(Kernel::Activation(Activation::GeluTanh)),
+            _ => None,
+        },
+        Op::Binary(Binary(op)) if all_f32 => {
+            let fast = match op {
+                BinaryOp::Add => FastBinary::Add,
+                BinaryOp::Sub => FastBinary::Sub,
+                BinaryOp::Mul => FastBinary::Mul,
+                BinaryOp::Div => FastBinary::Div,
+                _ => return Ok(None),
+            };
+            let (Some(a), Some(b), Some(o)) = (c.shape(ins[0]), c.shape(ins[1]), c.shape(out0(id))) else {
+                return Ok(None);
+            };
+            let bl: usize = b.iter().product();
+            let row = a.last().copied().unwrap_or(1);
+            let ok = a == o && (b == a || bl == 1 || (bl == row && b.last() == Some(&row) && b.len() <= a.len()));
+            ok.then_some(Kernel::Binary(fast))
+        }
+        Op::Gather(slimnn_ir::ops::Gather { axis: 0 }) => {
+            let table = c.konst(ins[0]).filter(|t| t.dtype() == DType::F32 && t.rank() == 2);
+            match table {
+                Some(t) if c.g.fact(ins[1]).dtype == DType::I64 => Some(Kernel::Embedding { table: t.clone() }),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
+}
+
+pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
+    let mut c = Ctx {
+        g,
+        readers: g.consumers(),
+        outputs: g.outputs().iter().map(|(_, o)| *o).collect(),
+        taken: HashSet::new(),
+    };
+    // Fusion groups, keyed by the node whose output they produce (their last member in
+    // topological order, so every input is ready when the step runs).
+    let mut groups: HashMap<NodeId, Group> = HashMap::new();
+    let claim = |c: &mut Ctx, grp: Group, groups: &mut HashMap<NodeId, Group>| {
+        let last = *grp.members.iter().max().expect("a group has members");
+        c.taken.extend(grp.members.iter().copied());
+        groups.insert(last, grp);
+    };
+    for id in 0..g.nodes().len() {
+        if !c.taken.contains(&id) {
+            if let Some(grp) = match_attention(&c, id) {
+                claim(&mut c, grp, &mut groups);
+            }
+        }
+    }
+    for id in 0..g.nodes().len() {
+        if !c.taken.contains(&id) {
+            if let Some(grp) = match_gemm(&c, id, packs)? {
+                claim(&mut c, grp, &mut groups);
+            }
+        }
+    }
+
+    let mut slot_of: HashMap<OutletId, Slot> = HashMap::new();
+    let mut next = 0;
+    let mut slot = |o: OutletId, slot_of: &mut HashMap<OutletId, Slot>| -> Slot {
+        *slot_of.entry(o).or_insert_with(|| {
+            next += 1;
+            next - 1
+        })
+    };
+    let mut plan = Plan { steps: vec![], slots: 0, inputs: vec![], outputs: vec![], consts: vec![], fusions: vec![] };
+    for &i in g.inputs() {
+        plan.inputs.push(slot(out0(i), &mut slot_of));
+    }
+    for (id, node) in g.nodes().iter().enumerate() {
+        if matches!(node.op, Op::Input(_)) {
+            continue;
+        }
+        // Constants, and values the specialised shapes made constant (shape arithmetic).
+        if node.outputs.iter().all(|f| f.konst.is_some()) && !c.taken.contains(&id) {
+            for (s, f) in node.outputs.iter().enumerate() {
+                let sl = slot(OutletId::new(id, s), &mut slot_of);
+                plan.consts.push((sl, f.konst.clone().expect("checked above")));
+            }
+            continue;
+        }
+        if let Some(grp) = groups.remove(&id) {
+            let inputs = grp.inputs.iter().map(|&o| slot(o, &mut slot_of)).collect();
+            let output = slot(out0(id), &mut slot_of);
+            plan.fusions.push(grp.fusion);
+            plan.steps.push(Step {
+                name: node.name.clone(),
+                kernel: grp.kernel,
+                inputs,
+                outputs: vec![output],
+                output_shapes: vec![g.fact(out0(id)).known_shape().unwrap_or_default()],
+                frees: vec![],
+            });
+            continue;
+        }
+        if c.taken.contains(&id) {
+            continue;
+        }
+        let kernel = match single_kernel(&c, id)? {
+            Some(k) => k,
+            None => Kernel::Ref(node.op.clone()),
+        };
+        let inputs = node.inputs.iter().map(|&o| slot(o, &mut slot_of)).collect();
+        let outputs = (0..node.outputs.len()).map(|s| slot(OutletId::new(id, s), &mut slot_of)).collect();
+        let output_shapes = node.outputs.iter().map(|f| f.known_shape().unwrap_or_default()).collect();
+        plan.steps.push(Step { name: node.name.clone(), kernel, inputs, outputs, output_shapes, frees: vec![] });
+    }
+    for (_, o) in g.outputs() {
+        plan.outputs.push(slot(*o, &mut slot_of));
+    }
+    plan.slots = next;
+    // Free each owned value after its last reader; graph outputs and constants are never freed.
+    let keep: HashSet<Slot> = plan.outputs.iter().chain(plan.consts.iter().map(|(s, _)| s)).copied().collect();
+    let mut last: HashMap<Slot, usize> = HashMap::new();
+    for (i, s) in plan.steps.iter().enumerate() {
+        for &x in s.inputs.iter().chain(&s.outputs) {
+            last.insert(x, i);
+        }
+    }
+    for (x, i) in last {
+        if !keep.contains(&x) {
+            plan.steps[i].frees.push(x);
+        }
+    }
+    Ok(plan)
+}

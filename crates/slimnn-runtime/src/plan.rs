@@ -1,0 +1,117 @@
+//! Lowered plans: a shape-specialised list of steps over value slots.
+
+use slimnn_ir::Op;
+use slimnn_kernels::{Activation, PackedB};
+use slimnn_tensor::Tensor;
+use std::sync::Arc;
+
+/// Index of a value in a plan.
+pub type Slot = usize;
+
+/// A lowered op: a chosen kernel with its prepared operands. Valid only on the machine (CPU
+/// tier) that built it; never serialised.
+#[derive(Debug)]
+pub enum Kernel {
+    /// The reference evaluator's implementation of a canonical op.
+    Ref(Op),
+    /// `act(A·W + bias) + residual` with `W` packed; inputs `[a, residual?]`, A is
+    /// `[.., k]` flattened to `m x k`.
+    Gemm { packed: Arc<PackedB>, bias: Option<Arc<[f32]>>, activation: Activation, residual: bool },
+    /// Multi-head scaled dot-product attention on projections laid out `[batch, seq, heads *
+    /// head_dim]`; inputs `[q, k, v, mask?]` (mask additive, broadcast to
+    /// `[batch, heads, seq_q, seq_k]`); output `[batch, seq_q, heads * head_dim]`.
+    Attention { heads: usize, head_dim: usize, scale: f32, mask_shape: Option<[usize; 4]> },
+    /// Layer normalisation over the last axis; inputs `[x]`.
+    LayerNorm { scale: Arc<[f32]>, bias: Arc<[f32]>, epsilon: f32 },
+    /// Softmax over the last axis.
+    Softmax,
+    /// Elementwise f32 activation.
+    Activation(Activation),
+    /// `a op b` on f32 where `b` is the same shape as `a`, a scalar, or a row vector
+    /// repeated over `a`'s last axis.
+    Binary(FastBinary),
+    /// Rows of a constant f32 table gathered by i64 indices (embeddings).
+    Embedding { table: Arc<Tensor> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastBinary {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Debug)]
+pub struct Step {
+    pub name: String,
+    pub kernel: Kernel,
+    pub inputs: Vec<Slot>,
+    pub outputs: Vec<Slot>,
+    pub output_shapes: Vec<Vec<usize>>,
+    /// Slots whose last reader is this step (freed after it runs).
+    pub frees: Vec<Slot>,
+}
+
+/// A fusion made (or refused) while lowering, for `slimnn inspect --optimized`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fusion {
+    pub kind: String,
+    pub nodes: Vec<String>,
+    pub note: String,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub slots: usize,
+    pub inputs: Vec<Slot>,
+    pub outputs: Vec<Slot>,
+    pub consts: Vec<(Slot, Arc<Tensor>)>,
+    pub fusions: Vec<Fusion>,
+}
+
+/// A plan in numbers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlanSummary {
+    pub steps: usize,
+    pub kernels: std::collections::BTreeMap<String, usize>,
+    pub fusions: Vec<Fusion>,
+}
+
+impl Kernel {
+    pub fn name(&self) -> String {
+        match self {
+            Kernel::Ref(op) => format!("ref:{}", slimnn_ir::OpDef::name(op)),
+            Kernel::Gemm { bias, activation, residual, .. } => {
+                let mut s = "gemm".to_string();
+                if bias.is_some() {
+                    s.push_str("+bias");
+                }
+                if *activation != Activation::None {
+                    s.push_str(&format!("+{activation:?}").to_lowercase());
+                }
+                if *residual {
+                    s.push_str("+residual");
+                }
+                s
+            }
+            Kernel::Attention { .. } => "attention".into(),
+            Kernel::LayerNorm { .. } => "layer_norm".into(),
+            Kernel::Softmax => "softmax".into(),
+            Kernel::Activation(a) => format!("{a:?}").to_lowercase(),
+            Kernel::Binary(b) => format!("{b:?}").to_lowercase(),
+            Kernel::Embedding { .. } => "embedding".into(),
+        }
+    }
+}
+
+impl Plan {
+    pub fn summary(&self) -> PlanSummary {
+        let mut kernels = std::collections::BTreeMap::new();
+        for s in &self.steps {
+            *kernels.entry(s.kernel.name()).or_insert(0) += 1;
+        }
+        PlanSummary { steps: self.steps.len(), kernels, fusions: self.fusions.clone() }
+    }
+}
