@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 /// Weights packed once per runnable, keyed by the address of their constant tensor (kept alive
 /// alongside so the address stays unique).
 #[derive(Default)]
-pub(crate) struct PackCache(Mutex<HashMap<usize, (Arc<Tensor>, Arc<PackedB>)>>);
+pub(crate) struct PackCache(Mutex<HashMap<usize, PackedWeight>>);
+
+/// A packed weight and the constant it came from.
+type PackedWeight = (Arc<Tensor>, Arc<PackedB>);
 
 impl PackCache {
     fn get(&self, w: &Arc<Tensor>, transposed: bool) -> Result<Arc<PackedB>> {
