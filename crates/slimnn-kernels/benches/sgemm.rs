@@ -13,8 +13,17 @@ use std::hint::black_box;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const SHAPES: [(usize, usize, usize); 6] =
-    [(128, 768, 3072), (128, 3072, 768), (128, 384, 384), (128, 384, 1536), (128, 1536, 384), (512, 768, 768)];
+/// BERT-base-like layer shapes at 128 tokens, then one head of attention (Q·K^T, P·V).
+const SHAPES: [(usize, usize, usize); 8] = [
+    (128, 768, 3072),
+    (128, 3072, 768),
+    (128, 384, 384),
+    (128, 384, 1536),
+    (128, 1536, 384),
+    (512, 768, 768),
+    (128, 32, 128),
+    (128, 128, 32),
+];
 
 struct Row {
     shape: (usize, usize, usize),

@@ -181,10 +181,12 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                         tile_no += 1;
                         let ap = job.a.add(ir * job.lda + pc);
                         let cp = job.c.add(ir * job.ldc + col0);
-                        if cols == T::NR {
-                            T::tile(mr, kc, ap, job.lda, bp, cp, job.ldc, load_c, pf);
+                        // Edge panels compute only the vectors that hold valid columns.
+                        let width = cols.div_ceil(T::LANES) * T::LANES;
+                        if width == cols {
+                            T::tile(mr, width, kc, ap, job.lda, bp, cp, job.ldc, load_c, pf);
                         } else {
-                            // Partial panel: run the full-width kernel on a scratch tile and
+                            // The last vector is partial: run the kernel on a scratch tile and
                             // copy the valid columns.
                             let tmp = scratch.0.as_mut_ptr();
                             if load_c {
@@ -192,7 +194,7 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                                     std::ptr::copy_nonoverlapping(cp.add(r * job.ldc), tmp.add(r * T::NR), cols);
                                 }
                             }
-                            T::tile(mr, kc, ap, job.lda, bp, tmp, T::NR, load_c, pf);
+                            T::tile(mr, width, kc, ap, job.lda, bp, tmp, T::NR, load_c, pf);
                             for r in 0..mr {
                                 std::ptr::copy_nonoverlapping(tmp.add(r * T::NR), cp.add(r * job.ldc), cols);
                             }

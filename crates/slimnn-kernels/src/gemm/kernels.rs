@@ -29,6 +29,8 @@ pub(crate) trait TileKernel {
     const MR: usize;
     /// Columns of a micro-tile: the packed panel width.
     const NR: usize;
+    /// f32 lanes per vector: tiles narrower than NR are computed `LANES` columns at a time.
+    const LANES: usize;
     /// Rows of A per cache block (a multiple of MR).
     const MC: usize;
     /// Depth of one K block: every tile of an MC block reuses one `KC x NR` panel of B (from
@@ -37,16 +39,17 @@ pub(crate) trait TileKernel {
     /// Panels of B per N block: the `MC x NC_PANELS*NR` block of C stays in L2 across K blocks.
     const NC_PANELS: usize;
 
-    /// `C[0..mr][0..NR] = (load_c ? C : 0) + A[0..mr][0..kc] * B[0..kc][0..NR]`, prefetching
-    /// `kc` consecutive cache lines from `pf` into L2 on the way (any address: prefetches
-    /// never fault).
+    /// `C[0..mr][0..width] = (load_c ? C : 0) + A[0..mr][0..kc] * B[0..kc][0..width]`, where B
+    /// is a packed panel (rows of NR values), prefetching `kc` consecutive cache lines from
+    /// `pf` into L2 on the way (any address: prefetches never fault).
     ///
     /// # Safety
-    /// The tier must be supported by the host; `1 <= mr <= MR`; `a` valid for `mr` rows of
-    /// `kc` values at stride `lda`; `b` valid for `kc * NR` values; `c` valid for `mr` rows of
-    /// `NR` values at stride `ldc`.
+    /// The tier must be supported by the host; `1 <= mr <= MR`; `width` a multiple of LANES
+    /// in `LANES..=NR`; `a` valid for `mr` rows of `kc` values at stride `lda`; `b` valid for
+    /// `kc * NR` values; `c` valid for `mr` rows of `width` values at stride `ldc`.
     unsafe fn tile(
         mr: usize,
+        width: usize,
         kc: usize,
         a: *const f32,
         lda: usize,
@@ -77,12 +80,14 @@ pub(crate) fn tile_shape(tier: CpuTier) -> (usize, usize) {
     }
 }
 
-/// The micro-kernel body: `MR x (NV * S::LANES)` accumulators.
+/// The micro-kernel body: `MR x (NV * S::LANES)` accumulators over the first `NV` vectors of
+/// each `NR`-wide row of the B panel.
 ///
 /// # Safety
-/// As [`TileKernel::tile`] with `mr = MR`, inside code where `S`'s features are enabled.
+/// As [`TileKernel::tile`] with `mr = MR` and `width = NV * S::LANES`, inside code where
+/// `S`'s features are enabled.
 #[inline(always)]
-unsafe fn kernel_body<S: Simd, const MR: usize, const NV: usize>(
+unsafe fn kernel_body<S: Simd, const MR: usize, const NV: usize, const NR: usize>(
     kc: usize,
     a: *const f32,
     lda: usize,
@@ -114,7 +119,7 @@ unsafe fn kernel_body<S: Simd, const MR: usize, const NV: usize>(
             }
         }
         ap = ap.add(1);
-        bp = bp.add(NV * S::LANES);
+        bp = bp.add(NR);
         S::prefetch_l2(pf);
         pf = pf.wrapping_add(16);
     }
@@ -200,18 +205,18 @@ unsafe fn rows_apply<S: Simd, const A: u8>(
     }
 }
 
-/// Dispatches a runtime `mr` to a const-generic partial kernel.
-macro_rules! partial_tile {
-    ($f:ident, $mr:expr, $($arg:expr),*) => {
+/// Calls `$f::<MR, NV>$args` for runtime `mr` and `nv` drawn from the listed values.
+macro_rules! tile_dispatch {
+    ($f:ident, $mr:expr, $nv:expr, [$($n:literal),*], $mrs:tt, $args:tt) => {
+        match $nv {
+            $( $n => tile_dispatch!(@mr $f, $n, $mr, $mrs, $args), )*
+            _ => unreachable!("tile of {} vectors", $nv),
+        }
+    };
+    (@mr $f:ident, $n:literal, $mr:expr, [$($m:literal),*], $args:tt) => {
         match $mr {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            5 => $f::<5>($($arg),*),
-            6 => $f::<6>($($arg),*),
-            7 => $f::<7>($($arg),*),
-            _ => unreachable!("partial tile of {} rows", $mr),
+            $( $m => $f::<$m, $n> $args, )*
+            _ => unreachable!("tile of {} rows", $mr),
         }
     };
 }
@@ -222,7 +227,7 @@ pub(crate) struct Generic;
 /// The portable micro-kernel: 4 rows x 8 columns.
 ///
 /// # Safety
-/// As [`TileKernel::tile`] with `mr = 4`.
+/// As [`TileKernel::tile`] with `mr = 4`, `width = 8`.
 unsafe fn scalar_sgemm_4x8(
     kc: usize,
     a: *const f32,
@@ -233,10 +238,11 @@ unsafe fn scalar_sgemm_4x8(
     load_c: bool,
     pf: *const f32,
 ) {
-    kernel_body::<f32, 4, 8>(kc, a, lda, b, c, ldc, load_c, pf)
+    kernel_body::<f32, 4, 8, 8>(kc, a, lda, b, c, ldc, load_c, pf)
 }
 
-unsafe fn scalar_sgemm_partial<const MR: usize>(
+/// Edge tiles: `MR x NV` with `MR <= 4`, `NV <= 8`.
+unsafe fn scalar_sgemm_tile<const MR: usize, const NV: usize>(
     kc: usize,
     a: *const f32,
     lda: usize,
@@ -246,18 +252,20 @@ unsafe fn scalar_sgemm_partial<const MR: usize>(
     load_c: bool,
     pf: *const f32,
 ) {
-    kernel_body::<f32, MR, 8>(kc, a, lda, b, c, ldc, load_c, pf)
+    kernel_body::<f32, MR, NV, 8>(kc, a, lda, b, c, ldc, load_c, pf)
 }
 
 impl TileKernel for Generic {
     const MR: usize = 4;
     const NR: usize = 8;
+    const LANES: usize = 1;
     const MC: usize = 64;
     const KC: usize = 256;
     const NC_PANELS: usize = 64;
 
     unsafe fn tile(
         mr: usize,
+        width: usize,
         kc: usize,
         a: *const f32,
         lda: usize,
@@ -267,10 +275,17 @@ impl TileKernel for Generic {
         load_c: bool,
         pf: *const f32,
     ) {
-        if mr == Self::MR {
+        if mr == Self::MR && width == Self::NR {
             scalar_sgemm_4x8(kc, a, lda, b, c, ldc, load_c, pf)
         } else {
-            partial_tile!(scalar_sgemm_partial, mr, kc, a, lda, b, c, ldc, load_c, pf)
+            tile_dispatch!(
+                scalar_sgemm_tile,
+                mr,
+                width,
+                [1, 2, 3, 4, 5, 6, 7, 8],
+                [1, 2, 3, 4],
+                (kc, a, lda, b, c, ldc, load_c, pf)
+            )
         }
     }
 
@@ -293,7 +308,7 @@ mod x86 {
     /// The AVX2 micro-kernel: 6 rows x 16 columns (12 ymm accumulators).
     ///
     /// # Safety
-    /// As [`TileKernel::tile`] with `mr = 6`, on an AVX2+FMA host.
+    /// As [`TileKernel::tile`] with `mr = 6`, `width = 16`, on an AVX2+FMA host.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2_sgemm_6x16(
         kc: usize,
@@ -305,11 +320,12 @@ mod x86 {
         load_c: bool,
         pf: *const f32,
     ) {
-        kernel_body::<__m256, 6, 2>(kc, a, lda, b, c, ldc, load_c, pf)
+        kernel_body::<__m256, 6, 2, 16>(kc, a, lda, b, c, ldc, load_c, pf)
     }
 
+    /// Edge tiles: `MR x 8*NV` with `MR <= 6`, `NV <= 2`.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2_sgemm_partial<const MR: usize>(
+    unsafe fn avx2_sgemm_tile<const MR: usize, const NV: usize>(
         kc: usize,
         a: *const f32,
         lda: usize,
@@ -319,7 +335,7 @@ mod x86 {
         load_c: bool,
         pf: *const f32,
     ) {
-        kernel_body::<__m256, MR, 2>(kc, a, lda, b, c, ldc, load_c, pf)
+        kernel_body::<__m256, MR, NV, 16>(kc, a, lda, b, c, ldc, load_c, pf)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -330,12 +346,14 @@ mod x86 {
     impl TileKernel for Avx2 {
         const MR: usize = 6;
         const NR: usize = 16;
+        const LANES: usize = 8;
         const MC: usize = 144;
         const KC: usize = 256;
         const NC_PANELS: usize = 32;
 
         unsafe fn tile(
             mr: usize,
+            width: usize,
             kc: usize,
             a: *const f32,
             lda: usize,
@@ -345,10 +363,17 @@ mod x86 {
             load_c: bool,
             pf: *const f32,
         ) {
-            if mr == Self::MR {
+            if mr == Self::MR && width == Self::NR {
                 avx2_sgemm_6x16(kc, a, lda, b, c, ldc, load_c, pf)
             } else {
-                partial_tile!(avx2_sgemm_partial, mr, kc, a, lda, b, c, ldc, load_c, pf)
+                tile_dispatch!(
+                    avx2_sgemm_tile,
+                    mr,
+                    width / Self::LANES,
+                    [1, 2],
+                    [1, 2, 3, 4, 5, 6],
+                    (kc, a, lda, b, c, ldc, load_c, pf)
+                )
             }
         }
 
@@ -364,7 +389,7 @@ mod x86 {
     /// loads and 8 broadcasts feed 24 FMAs).
     ///
     /// # Safety
-    /// As [`TileKernel::tile`] with `mr = 8`, on an AVX-512F host.
+    /// As [`TileKernel::tile`] with `mr = 8`, `width = 48`, on an AVX-512F host.
     #[target_feature(enable = "avx512f")]
     unsafe fn avx512_sgemm_8x48(
         kc: usize,
@@ -376,11 +401,12 @@ mod x86 {
         load_c: bool,
         pf: *const f32,
     ) {
-        kernel_body::<__m512, 8, 3>(kc, a, lda, b, c, ldc, load_c, pf)
+        kernel_body::<__m512, 8, 3, 48>(kc, a, lda, b, c, ldc, load_c, pf)
     }
 
+    /// Edge tiles: `MR x 16*NV` with `MR <= 8`, `NV <= 3`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn avx512_sgemm_partial<const MR: usize>(
+    unsafe fn avx512_sgemm_tile<const MR: usize, const NV: usize>(
         kc: usize,
         a: *const f32,
         lda: usize,
@@ -390,7 +416,7 @@ mod x86 {
         load_c: bool,
         pf: *const f32,
     ) {
-        kernel_body::<__m512, MR, 3>(kc, a, lda, b, c, ldc, load_c, pf)
+        kernel_body::<__m512, MR, NV, 48>(kc, a, lda, b, c, ldc, load_c, pf)
     }
 
     #[target_feature(enable = "avx512f")]
@@ -401,12 +427,14 @@ mod x86 {
     impl TileKernel for Avx512 {
         const MR: usize = 8;
         const NR: usize = 48;
+        const LANES: usize = 16;
         const MC: usize = 128;
         const KC: usize = 384;
         const NC_PANELS: usize = 16;
 
         unsafe fn tile(
             mr: usize,
+            width: usize,
             kc: usize,
             a: *const f32,
             lda: usize,
@@ -416,10 +444,17 @@ mod x86 {
             load_c: bool,
             pf: *const f32,
         ) {
-            if mr == Self::MR {
+            if mr == Self::MR && width == Self::NR {
                 avx512_sgemm_8x48(kc, a, lda, b, c, ldc, load_c, pf)
             } else {
-                partial_tile!(avx512_sgemm_partial, mr, kc, a, lda, b, c, ldc, load_c, pf)
+                tile_dispatch!(
+                    avx512_sgemm_tile,
+                    mr,
+                    width / Self::LANES,
+                    [1, 2, 3],
+                    [1, 2, 3, 4, 5, 6, 7, 8],
+                    (kc, a, lda, b, c, ldc, load_c, pf)
+                )
             }
         }
 
