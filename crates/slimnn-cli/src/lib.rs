@@ -1,4 +1,5 @@
 //! The `slimnn` command-line tool's commands, as a library so tests can call them.
 
+pub mod bench;
 pub mod model;
 pub mod tasks;

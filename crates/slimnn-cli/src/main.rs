@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use slimnn_cli::bench::{self, BenchConfig};
 use slimnn_cli::model::{self, safe_file_name};
 use slimnn_cli::tasks::SentenceEmbedder;
 use slimnn_formats::{npy, onnx};
@@ -24,6 +25,12 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also show what the runtime does with it: canonicalisation, fusions, kernels.
+        #[arg(long)]
+        optimized: bool,
+        /// Bind a symbolic dim for --optimized, as NAME=VALUE (default batch=1, others 128).
+        #[arg(long = "dim", value_name = "NAME=VALUE")]
+        dims: Vec<String>,
     },
     /// Run a model on .npy inputs and write one .npy per output.
     Run {
@@ -40,6 +47,32 @@ enum Command {
         src: PathBuf,
         #[arg(short, long, value_name = "DST.onnx")]
         output: PathBuf,
+    },
+    /// Time the optimised runtime on real inputs (optionally side by side with ONNX Runtime).
+    Bench {
+        model: PathBuf,
+        /// Batch sizes to time, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+        /// Sequence length for text models.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Thread counts to time, comma-separated (default: physical cores).
+        #[arg(long, value_delimiter = ',')]
+        threads: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// Also time ONNX Runtime (from SLIMNN_VENV or ./.venv) on the same ONNX file and inputs.
+        #[arg(long)]
+        vs_onnxruntime: bool,
+        /// tokenizer.json for text models (default: next to the model).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Write one JSON record per configuration here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Sentence embeddings from a BERT-family checkpoint folder.
     Embed {
@@ -77,7 +110,47 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Inspect { model: path, json } => inspect(&path, json),
+        Command::Inspect { model: path, json, optimized, dims } => inspect(&path, json, optimized, &dims),
+        Command::Bench { model, batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer, json } => {
+            let threads = if threads.is_empty() { vec![slimnn_runtime::physical_cores()] } else { threads };
+            let cfg = BenchConfig { batches: batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer };
+            println!("slimnn bench {} (kernels: {})", model.display(), slimnn_kernels::cpu::describe());
+            println!(
+                "{:>5} {:>5} {:>7} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10} {:>10} {:>8}",
+                "batch",
+                "seq",
+                "threads",
+                "median ms",
+                "min ms",
+                "max ms",
+                "items/s",
+                "GFLOP/s",
+                "peak act",
+                "ORT ms",
+                "speedup"
+            );
+            let records = bench::bench(&model, &cfg, |r| {
+                println!(
+                    "{:>5} {:>5} {:>7} {:>10.3} {:>9.3} {:>9.3} {:>10.1} {:>8.1} {:>8.1}MB {:>10} {:>8}",
+                    r.batch,
+                    r.seq,
+                    r.threads,
+                    r.median_ms,
+                    r.min_ms,
+                    r.max_ms,
+                    r.throughput,
+                    r.gflops,
+                    r.peak_memory_bytes as f64 / 1e6,
+                    r.ort_median_ms.map_or("-".into(), |v| format!("{v:.3}")),
+                    r.speedup.map_or("-".into(), |v| format!("{v:.2}x")),
+                )
+            })?;
+            if let Some(path) = json {
+                slimnn_formats::write_atomic(&path, serde_json::to_string_pretty(&records)?.as_bytes())?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Run { model, inputs, output_dir } => run_model(&model, &inputs, &output_dir),
         Command::Convert { src, output } => {
             let g = model::load(&src)?;
@@ -120,11 +193,16 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn inspect(path: &Path, json: bool) -> Result<()> {
+fn inspect(path: &Path, json: bool, optimized: bool, dims: &[String]) -> Result<()> {
     let g = model::load(path)?;
     let s = model::summarize(&g, path);
+    let opt = if optimized { Some(model::optimized_summary(&g, dims)?) } else { None };
     if json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(&s)?;
+        if let Some(o) = &opt {
+            v["optimized"] = serde_json::to_value(o)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("model: {}", path.display());
@@ -141,6 +219,31 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
     ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     for (op, n) in ops {
         println!("  {op:<24} {n}");
+    }
+    if let Some(o) = opt {
+        println!("optimized for shapes {:?}:", o.shapes);
+        println!("  canonicalisation: {} -> {} nodes", o.report.nodes_before, o.report.nodes_after);
+        for (pass, n) in &o.report.passes {
+            println!("    {pass:<24} {n} rewrite(s)");
+        }
+        println!("  plan: {} steps", o.plan.steps);
+        for (k, n) in &o.plan.kernels {
+            println!("    {k:<32} {n}");
+        }
+        println!("  fusions:");
+        for f in &o.plan.fusions {
+            let note = if f.note.is_empty() { String::new() } else { format!(" ({})", f.note) };
+            println!(
+                "    {:<28} {} nodes ending at {}{note}",
+                f.kind,
+                f.nodes.len(),
+                f.nodes.last().map_or("", |s| s.as_str())
+            );
+        }
+        println!("  not fused (run on the reference evaluator):");
+        for (k, n) in o.plan.kernels.iter().filter(|(k, _)| k.starts_with("ref:")) {
+            println!("    {:<28} {n}", &k[4..]);
+        }
     }
     Ok(())
 }

@@ -67,6 +67,43 @@ pub fn summarize(g: &Graph, path: &Path) -> Summary {
     }
 }
 
+/// What the runtime makes of a model for one set of input shapes.
+#[derive(Debug, serde::Serialize)]
+pub struct OptimizedSummary {
+    pub shapes: Vec<Vec<usize>>,
+    pub report: slimnn_runtime::OptimizeReport,
+    pub plan: slimnn_runtime::PlanSummary,
+}
+
+/// Canonicalises and lowers `g` with symbolic dims bound by `dims` (`NAME=VALUE`; by default
+/// `batch` is 1 and every other symbol 128).
+pub fn optimized_summary(g: &Graph, dims: &[String]) -> Result<OptimizedSummary> {
+    let mut bound = std::collections::HashMap::new();
+    for d in dims {
+        let (k, v) = d.split_once('=').with_context(|| format!("--dim '{d}' must be NAME=VALUE"))?;
+        let v: usize = v.parse().with_context(|| format!("--dim '{d}': '{v}' is not a size"))?;
+        bound.insert(k.to_string(), v);
+    }
+    let shapes: Vec<Vec<usize>> = (0..g.inputs().len())
+        .map(|i| {
+            g.input_fact(i)
+                .shape
+                .iter()
+                .map(|d| match d {
+                    slimnn_tensor::Dim::Known(n) => *n,
+                    slimnn_tensor::Dim::Sym(s) => {
+                        bound.get(s.as_ref()).copied().unwrap_or(if s.as_ref() == "batch" { 1 } else { 128 })
+                    }
+                    slimnn_tensor::Dim::Unknown => 1,
+                })
+                .collect()
+        })
+        .collect();
+    let rt = slimnn_runtime::Runnable::new(g.clone(), slimnn_runtime::RuntimeConfig { threads: 1 })?;
+    let plan = rt.plan_for(&shapes)?.summary();
+    Ok(OptimizedSummary { shapes, report: rt.report().clone(), plan })
+}
+
 /// `name` with every character outside `A-Za-z0-9._-` replaced by `_`, so it is a safe file name.
 pub fn safe_file_name(name: &str) -> String {
     let s: String =

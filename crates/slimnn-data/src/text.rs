@@ -41,10 +41,23 @@ impl TextTokenizer {
 
     /// Tokenizes a batch of texts (with special tokens), padded to the longest.
     pub fn encode(&self, texts: &[&str]) -> Result<Encoded> {
+        self.encode_with(&self.inner, texts)
+    }
+
+    /// Tokenizes a batch to exactly `len` tokens per text (truncated or padded).
+    pub fn encode_fixed(&self, texts: &[&str], len: usize) -> Result<Encoded> {
+        let mut t = self.inner.clone();
+        t.with_padding(Some(PaddingParams { strategy: PaddingStrategy::Fixed(len), ..Default::default() }));
+        t.with_truncation(Some(TruncationParams { max_length: len, ..Default::default() }))
+            .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        self.encode_with(&t, texts)
+    }
+
+    fn encode_with(&self, tok: &Tokenizer, texts: &[&str]) -> Result<Encoded> {
         if texts.is_empty() {
             return Err(DataError::Tokenizer("no text to encode".into()));
         }
-        let enc = self.inner.encode_batch(texts.to_vec(), true).map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        let enc = tok.encode_batch(texts.to_vec(), true).map_err(|e| DataError::Tokenizer(e.to_string()))?;
         let seq = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
         let collect = |f: &dyn Fn(&tokenizers::Encoding) -> Vec<i64>| -> Result<Tensor> {
             let mut v = Vec::with_capacity(texts.len() * seq);
