@@ -39,7 +39,9 @@ pub enum ResizeTarget {
 
 /// `Resize(x, target)`: the importer drops `roi` (unused outside tf_crop_and_resize, which is
 /// rejected) and keeps whichever of scales / sizes is given as the single second input.
-/// `keep_aspect_ratio_policy` is `stretch` and `antialias` is off.
+/// `keep_aspect_ratio_policy` is `stretch` and `antialias` is off. With scales, align_corners
+/// and pytorch_half_pixel use the unrounded output length `scale * in_len` as the spec's
+/// `length_resized` (ONNX's reference does; with sizes it is the size, as in ONNX Runtime).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resize {
     pub mode: ResizeMode,
@@ -116,44 +118,53 @@ enum Target {
     Size(usize),
 }
 
+/// How one axis is resized.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct AxisPlan {
+    in_len: usize,
+    out_len: usize,
+    /// `out / in` for sizes, the given scale otherwise.
+    scale: f64,
+    /// The spec's `length_resized` of align_corners and pytorch_half_pixel: the output length,
+    /// unrounded (`scale * in_len`) when scales are given, as ONNX's reference computes it.
+    resized: f64,
+}
+
 impl Target {
-    /// Output length and coordinate scale for an input of length `len`.
-    fn resolve(self, op: &'static str, len: usize) -> IrResult<(usize, f64)> {
+    /// How an axis of length `len` is resized.
+    fn resolve(self, op: &'static str, len: usize) -> IrResult<AxisPlan> {
         match self {
             Target::Scale(s) => {
-                let out = (len as f64 * s).floor();
-                if out > MAX_LEN {
+                let resized = len as f64 * s;
+                if resized.floor() > MAX_LEN {
                     op_bail!(op, "scale {s} makes a dim of length {len} too large");
                 }
-                Ok((out as usize, s))
+                Ok(AxisPlan { in_len: len, out_len: resized.floor() as usize, scale: s, resized })
             }
             Target::Size(out) if len == 0 && out != 0 => {
                 op_bail!(op, "cannot resize an empty dim to {out}")
             }
-            Target::Size(out) => Ok((out, if len == 0 { 1.0 } else { out as f64 / len as f64 })),
+            Target::Size(out) => {
+                let scale = if len == 0 { 1.0 } else { out as f64 / len as f64 };
+                Ok(AxisPlan { in_len: len, out_len: out, scale, resized: out as f64 })
+            }
         }
     }
 }
 
 /// Where output index `o` samples the input (ONNX `coordinate_transformation_mode`).
-fn source_coord(
-    op: &'static str,
-    mode: CoordMode,
-    o: usize,
-    in_len: usize,
-    out_len: usize,
-    scale: f64,
-) -> IrResult<f64> {
+fn source_coord(op: &'static str, mode: CoordMode, o: usize, p: &AxisPlan) -> IrResult<f64> {
     let x = o as f64;
+    let (in_len, scale) = (p.in_len as f64, p.scale);
     Ok(match mode {
         CoordMode::HalfPixel => (x + 0.5) / scale - 0.5,
         CoordMode::HalfPixelSymmetric => {
-            let adjustment = out_len as f64 / (scale * in_len as f64);
-            in_len as f64 / 2.0 * (1.0 - adjustment) + (x + 0.5) / scale - 0.5
+            let adjustment = p.out_len as f64 / (scale * in_len);
+            in_len / 2.0 * (1.0 - adjustment) + (x + 0.5) / scale - 0.5
         }
-        CoordMode::PytorchHalfPixel if out_len > 1 => (x + 0.5) / scale - 0.5,
+        CoordMode::PytorchHalfPixel if p.resized > 1.0 => (x + 0.5) / scale - 0.5,
         CoordMode::PytorchHalfPixel => 0.0,
-        CoordMode::AlignCorners if out_len > 1 => x * (in_len as f64 - 1.0) / (out_len as f64 - 1.0),
+        CoordMode::AlignCorners if p.resized > 1.0 => x * (in_len - 1.0) / (p.resized - 1.0),
         CoordMode::AlignCorners => 0.0,
         CoordMode::Asymmetric => x / scale,
         CoordMode::TfCropAndResize => {
@@ -270,7 +281,7 @@ impl OpDef for Resize {
             Some(tv) => {
                 for (&a, target) in axes.iter().zip(self.targets(tv, axes.len())?) {
                     shape[a] = match (&x.shape[a], target) {
-                        (Dim::Known(len), target) => Dim::Known(target.resolve(op, *len)?.0),
+                        (Dim::Known(len), target) => Dim::Known(target.resolve(op, *len)?.out_len),
                         (_, Target::Size(n)) => Dim::Known(n),
                         (d, Target::Scale(1.0)) => d.clone(),
                         _ => Dim::Unknown,
@@ -290,30 +301,29 @@ impl OpDef for Resize {
         let targets = self.targets(t, axes.len())?;
         let in_shape = x.shape();
         let mut out_shape = in_shape.to_vec();
-        // (axis, input length, output length, scale) of each axis that changes.
-        let mut plan = Vec::new();
+        // The axes that change.
+        let mut plan: Vec<(usize, AxisPlan)> = Vec::new();
         for (&a, target) in axes.iter().zip(targets) {
-            let (out, scale) = target.resolve(op, in_shape[a])?;
-            out_shape[a] = out;
-            if out != in_shape[a] || scale != 1.0 {
-                plan.push((a, in_shape[a], out, scale));
+            let p = target.resolve(op, in_shape[a])?;
+            out_shape[a] = p.out_len;
+            if p.out_len != p.in_len || p.scale != 1.0 {
+                plan.push((a, p));
             }
         }
         checked_numel(&out_shape, x.dtype())?;
         // Shrinking axes first keeps the intermediates small.
-        plan.sort_by(|p, q| (p.2 as f64 / p.1.max(1) as f64).total_cmp(&(q.2 as f64 / q.1.max(1) as f64)));
-        let coords = |&(a, in_len, out_len, scale): &(usize, usize, usize, f64)| -> IrResult<(usize, Vec<f64>)> {
-            let c = (0..out_len)
-                .map(|o| source_coord(op, self.coord, o, in_len, out_len, scale))
-                .collect::<IrResult<_>>()?;
-            Ok((a, c))
+        let ratio = |p: &AxisPlan| p.out_len as f64 / p.in_len.max(1) as f64;
+        plan.sort_by(|p, q| ratio(&p.1).total_cmp(&ratio(&q.1)));
+        let coords = |(a, p): &(usize, AxisPlan)| -> IrResult<(usize, Vec<f64>)> {
+            let c = (0..p.out_len).map(|o| source_coord(op, self.coord, o, p)).collect::<IrResult<_>>()?;
+            Ok((*a, c))
         };
         if self.mode == ResizeMode::Nearest {
             let maps = plan
                 .iter()
                 .map(|p| {
                     let (a, c) = coords(p)?;
-                    Ok((a, c.into_iter().map(|x| nearest_index(self.nearest, x, p.1)).collect()))
+                    Ok((a, c.into_iter().map(|x| nearest_index(self.nearest, x, p.1.in_len)).collect()))
                 })
                 .collect::<IrResult<Vec<_>>>()?;
             let y = match_data!(x.data(), v => Tensor::from_vec(out_shape, gather_all(v, in_shape, &maps))?,
@@ -324,10 +334,11 @@ impl OpDef for Resize {
         let mut cur = x.to_f64_vec();
         for p in &plan {
             let (a, c) = coords(p)?;
-            let taps: Vec<_> = c.into_iter().map(|x| interp_taps(self, x, p.1)).collect();
-            shape[a] = p.2;
+            let in_len = p.1.in_len;
+            let taps: Vec<_> = c.into_iter().map(|x| interp_taps(self, x, in_len)).collect();
+            shape[a] = p.1.out_len;
             checked_numel(&shape, DType::F64)?;
-            cur = resample_axis(&cur, &[&shape[..a], &[p.1], &shape[a + 1..]].concat(), a, &taps);
+            cur = resample_axis(&cur, &[&shape[..a], &[in_len], &shape[a + 1..]].concat(), a, &taps);
         }
         Ok(vec![Tensor::from_f64s(x.dtype(), out_shape, &cur)?])
     }
@@ -423,6 +434,24 @@ mod tests {
         assert_eq!(values(&run(&r, &x, &sizes(&[1])).unwrap()), [0.0]);
         r.coord = CoordMode::HalfPixel;
         assert_eq!(values(&run(&r, &x, &sizes(&[1])).unwrap()), [10.0]);
+    }
+
+    #[test]
+    fn align_corners_with_scales_uses_the_unrounded_length() {
+        // 4 * 0.6 = 2.4 -> 2 outputs at x * (4 - 1) / (2.4 - 1) = 0 and 15/7 (not 3, as
+        // sizes [2] give): 10 + 10 * 15/7.
+        let x = t(&[4], &[10.0, 20.0, 30.0, 40.0]);
+        let mut r = op(ResizeMode::Linear, CoordMode::AlignCorners, ResizeTarget::Scales);
+        let y = values(&run(&r, &x, &scales(&[0.6])).unwrap());
+        assert!(close(&y, &[10.0, 10.0 + 150.0 / 7.0]), "{y:?}");
+        r.target = ResizeTarget::Sizes;
+        assert_eq!(values(&run(&r, &x, &sizes(&[2])).unwrap()), [10.0, 40.0]);
+        // pytorch_half_pixel: 2 * 0.75 = 1.5 > 1, so the one output samples (0.5 / 0.75) - 0.5
+        // = 1/6 rather than 0.
+        let x = t(&[2], &[0.0, 6.0]);
+        let r = op(ResizeMode::Linear, CoordMode::PytorchHalfPixel, ResizeTarget::Scales);
+        let y = values(&run(&r, &x, &scales(&[0.75])).unwrap());
+        assert!(close(&y, &[1.0]), "{y:?}");
     }
 
     #[test]
