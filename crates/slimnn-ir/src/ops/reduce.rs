@@ -20,8 +20,13 @@ pub enum ReduceOp {
 }
 
 /// A reduction over `axes` (all axes when `None`, unless `noop_with_empty_axes`, in which case
-/// the input passes through). Axes always arrive as an attribute: the importer reads them from
-/// the constant input of newer opsets.
+/// the input passes through).
+///
+/// Inputs: `data[, axes]`. Axes known when the graph is built are the `axes` attribute (the
+/// importer reads them from the constant input of newer opsets). Axes computed at run time come
+/// as a second input instead, a 1-d i64 tensor read like the attribute (an empty one means "not
+/// given"); `axes` must then be `None`. With such an input the output rank is known when
+/// `keepdims` is set or the axes' count is known, and the reduced dims are unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reduce {
     pub op: ReduceOp,
@@ -181,8 +186,12 @@ impl Reduce {
 
     /// Which axes reduce; `None` when the op passes its input through.
     fn mask(&self, rank: usize) -> IrResult<Option<Vec<bool>>> {
+        self.mask_of(self.axes.as_deref().unwrap_or(&[]), rank)
+    }
+
+    /// [`Reduce::mask`] for axes given as a value.
+    fn mask_of(&self, axes: &[i64], rank: usize) -> IrResult<Option<Vec<bool>>> {
         let name = self.op.onnx_name();
-        let axes = self.axes.as_deref().unwrap_or(&[]);
         if axes.is_empty() {
             return Ok(if self.noop_with_empty_axes { None } else { Some(vec![true; rank]) });
         }
@@ -198,6 +207,18 @@ impl Reduce {
             mask[i] = true;
         }
         Ok(Some(mask))
+    }
+
+    /// Checks an axes input: 1-d i64, and no `axes` attribute beside it.
+    fn check_axes_input(&self, dtype: DType, rank: usize) -> IrResult<()> {
+        let name = self.op.onnx_name();
+        if self.axes.is_some() {
+            op_bail!(name, "axes are given both as an attribute and as an input");
+        }
+        if dtype != DType::I64 || rank != 1 {
+            op_bail!(name, "the axes input must be a 1-d i64 tensor, got {dtype} of rank {rank}");
+        }
+        Ok(())
     }
 
     fn out_dims<D: Clone>(&self, shape: &[D], mask: &[bool], one: D) -> Vec<D> {
@@ -219,23 +240,52 @@ impl OpDef for Reduce {
     }
 
     fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
-        expect_inputs(self.name(), inputs, 1, 1)?;
+        let name = self.name();
+        expect_inputs(name, inputs, 1, 2)?;
         let x = inputs[0];
         self.check_dtype(x.dtype)?;
-        let shape = match self.mask(x.rank())? {
-            None => x.shape.clone(),
-            Some(mask) => self.out_dims(&x.shape, &mask, Dim::Known(1)),
+        let Some(axes) = inputs.get(1) else {
+            let shape = match self.mask(x.rank())? {
+                None => x.shape.clone(),
+                Some(mask) => self.out_dims(&x.shape, &mask, Dim::Known(1)),
+            };
+            return Ok(vec![Fact::new(x.dtype, shape)]);
+        };
+        self.check_axes_input(axes.dtype, axes.rank())?;
+        if let Some(t) = &axes.konst {
+            let shape = match self.mask_of(&t.to_i64_vec()?, x.rank())? {
+                None => x.shape.clone(),
+                Some(mask) => self.out_dims(&x.shape, &mask, Dim::Known(1)),
+            };
+            return Ok(vec![Fact::new(x.dtype, shape)]);
+        }
+        // Axes known at run time only: a dim stays when it is 1 either way.
+        let unknown_or_one = |d: &Dim| if *d == Dim::Known(1) { d.clone() } else { Dim::Unknown };
+        let shape = match axes.shape[0].as_known() {
+            Some(0) if self.noop_with_empty_axes => x.shape.clone(),
+            Some(0) => self.out_dims(&x.shape, &vec![true; x.rank()], Dim::Known(1)),
+            _ if self.keepdims => x.shape.iter().map(unknown_or_one).collect(),
+            Some(n) if n <= x.rank() => vec![Dim::Unknown; x.rank() - n],
+            Some(n) => op_bail!(name, "{n} axes given for a rank-{} input", x.rank()),
+            None => op_bail!(name, "the axes input has an unknown length, so the output rank is unknown"),
         };
         Ok(vec![Fact::new(x.dtype, shape)])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
-        expect_inputs(self.name(), inputs, 1, 1)?;
+        expect_inputs(self.name(), inputs, 1, 2)?;
         let x = inputs[0];
         let dt = x.dtype();
         self.check_dtype(dt)?;
         let shape = x.shape();
-        let Some(mask) = self.mask(shape.len())? else {
+        let mask = match inputs.get(1) {
+            None => self.mask(shape.len())?,
+            Some(a) => {
+                self.check_axes_input(a.dtype(), a.rank())?;
+                self.mask_of(&a.to_i64_vec()?, shape.len())?
+            }
+        };
+        let Some(mask) = mask else {
             return Ok(vec![x.clone()]);
         };
         let count: usize = shape.iter().zip(&mask).filter(|(_, &m)| m).map(|(&d, _)| d).product();
@@ -501,6 +551,46 @@ mod tests {
         assert!(red(ReduceOp::Sum, None, false).output_facts(&[&Fact::known(DType::Bool, &[2])]).is_err());
         assert!(red(ReduceOp::Sum, None, false).output_facts(&[&f, &f]).is_err());
         assert!(red(ReduceOp::Sum, Some(vec![2]), false).eval(&[&m23()]).is_err());
+    }
+
+    #[test]
+    fn reduce_axes_input() {
+        let axes = |v: &[i64]| Tensor::from_vec(vec![v.len()], v.to_vec()).unwrap();
+        let sum = |keepdims| red(ReduceOp::Sum, None, keepdims);
+        let y = sum(false).eval(&[&m23(), &axes(&[-1])]).unwrap().remove(0);
+        assert_eq!((y.shape(), y.to_f64_vec()), (&[2][..], vec![6.0, 15.0]));
+        let y = sum(true).eval(&[&m23(), &axes(&[0])]).unwrap().remove(0);
+        assert_eq!((y.shape(), y.to_f64_vec()), (&[1, 3][..], vec![5.0, 7.0, 9.0]));
+        // Empty axes: everything, or nothing with noop_with_empty_axes.
+        let y = sum(false).eval(&[&m23(), &axes(&[])]).unwrap().remove(0);
+        assert_eq!(y.to_f64_vec(), [21.0]);
+        let noop = Reduce { noop_with_empty_axes: true, ..sum(false) };
+        assert_eq!(noop.eval(&[&m23(), &axes(&[])]).unwrap()[0], m23());
+
+        // Facts: constant axes act as the attribute; run-time axes keep the rank when it is known.
+        let x = Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(1), Dim::Known(4)]);
+        let konst = Fact::from_tensor(std::sync::Arc::new(axes(&[2])));
+        assert_eq!(sum(false).output_facts(&[&x, &konst]).unwrap()[0].shape, vec![Dim::sym("b"), Dim::Known(1)]);
+        let two = Fact::known(DType::I64, &[2]);
+        assert_eq!(
+            sum(true).output_facts(&[&x, &two]).unwrap()[0].shape,
+            vec![Dim::Unknown, Dim::Known(1), Dim::Unknown]
+        );
+        assert_eq!(sum(false).output_facts(&[&x, &two]).unwrap()[0].shape, vec![Dim::Unknown]);
+        let none = Fact::known(DType::I64, &[0]);
+        assert_eq!(noop.output_facts(&[&x, &none]).unwrap()[0].shape, x.shape);
+        assert_eq!(sum(false).output_facts(&[&x, &none]).unwrap()[0].shape, vec![]);
+        let unknown = Fact::new(DType::I64, vec![Dim::Unknown]);
+        assert_eq!(sum(true).output_facts(&[&x, &unknown]).unwrap()[0].rank(), 3);
+        assert!(sum(false).output_facts(&[&x, &unknown]).unwrap_err().to_string().contains("rank"));
+        assert!(sum(false).output_facts(&[&x, &Fact::known(DType::I64, &[4])]).is_err());
+        // Wrong dtype or rank, axes twice, bad values at run time.
+        assert!(sum(false).output_facts(&[&x, &Fact::known(DType::I32, &[1])]).is_err());
+        assert!(sum(false).output_facts(&[&x, &Fact::known(DType::I64, &[1, 1])]).is_err());
+        let both = red(ReduceOp::Sum, Some(vec![0]), false);
+        assert!(both.output_facts(&[&x, &two]).unwrap_err().to_string().contains("both"));
+        assert!(sum(false).eval(&[&m23(), &axes(&[2])]).is_err());
+        assert!(sum(false).eval(&[&m23(), &axes(&[0, 0])]).is_err());
     }
 
     #[test]

@@ -36,12 +36,20 @@ pub struct Transpose {
 }
 
 /// Inserts size-1 dims at `axes` (positions in the output).
+///
+/// Inputs: `data[, axes]`. Axes known when the graph is built are the attribute; axes computed
+/// at run time come as a second input (a 1-d i64 tensor) and `axes` must then be empty. The
+/// output rank is then known when the axes' count is, and its dims are unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsqueeze {
     pub axes: Vec<i64>,
 }
 
 /// Removes size-1 dims at `axes` (all size-1 dims when `None`).
+///
+/// Inputs: `data[, axes]`. Axes computed at run time come as a second input (a 1-d i64 tensor;
+/// empty means "not given") and `axes` must then be `None`. The output rank is then known when
+/// the axes' count is, and its dims are unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Squeeze {
     pub axes: Option<Vec<i64>>,
@@ -60,6 +68,10 @@ pub struct Slice;
 
 /// Splits along `axis` into `num_outputs` parts, of sizes `split` when given, else equal
 /// (the last part smaller when the dim does not divide evenly, as in opset 18).
+///
+/// Inputs: `input[, split]`. Sizes computed at run time come as a second input (a 1-d i64
+/// tensor with `num_outputs` values) and `split` must then be `None`; the parts' lengths along
+/// `axis` are then unknown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
     pub axis: i64,
@@ -172,6 +184,20 @@ fn ints_fact(op: &'static str, what: &str, f: &Fact, dtypes: &[DType]) -> IrResu
     }
     let values = f.konst.as_deref().map(Tensor::to_i64_vec).transpose()?;
     Ok((f.shape[0].as_known(), values))
+}
+
+/// Checks a run-time axes (or sizes) input and that no attribute duplicates it; returns its
+/// length when known and its values when constant.
+fn axes_input_fact(
+    op: &'static str,
+    what: &str,
+    attr_given: bool,
+    f: &Fact,
+) -> IrResult<(Option<usize>, Option<Vec<i64>>)> {
+    if attr_given {
+        op_bail!(op, "{what} are given both as an attribute and as an input");
+    }
+    ints_fact(op, what, f, I64_ONLY)
 }
 
 /// The values of a 1-d integer input tensor.
@@ -500,10 +526,10 @@ impl OpDef for Transpose {
 
 impl Unsqueeze {
     /// For each output position, whether it is an inserted size-1 dim.
-    fn inserted(&self, rank: usize) -> IrResult<Vec<bool>> {
-        let r = rank + self.axes.len();
+    fn inserted(axes: &[i64], rank: usize) -> IrResult<Vec<bool>> {
+        let r = rank + axes.len();
         let mut at = vec![false; r];
-        for a in axes_of("Unsqueeze", &self.axes, r)? {
+        for a in axes_of("Unsqueeze", axes, r)? {
             at[a] = true;
         }
         Ok(at)
@@ -525,15 +551,31 @@ impl OpDef for Unsqueeze {
     }
 
     fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
-        expect_inputs("Unsqueeze", inputs, 1, 1)?;
-        let at = self.inserted(inputs[0].rank())?;
-        Ok(vec![Fact::new(inputs[0].dtype, interleave(&inputs[0].shape, &at, Dim::Known(1)))])
+        expect_inputs("Unsqueeze", inputs, 1, 2)?;
+        let x = inputs[0];
+        let axes = match inputs.get(1) {
+            None => self.axes.clone(),
+            Some(f) => match axes_input_fact("Unsqueeze", "axes", !self.axes.is_empty(), f)? {
+                (_, Some(v)) => v,
+                (Some(n), None) => return Ok(vec![Fact::new(x.dtype, unknown_dims(x.rank() + n))]),
+                (None, None) => {
+                    op_bail!("Unsqueeze", "the axes input has an unknown length, so the output rank is unknown")
+                }
+            },
+        };
+        let at = Unsqueeze::inserted(&axes, x.rank())?;
+        Ok(vec![Fact::new(x.dtype, interleave(&x.shape, &at, Dim::Known(1)))])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
-        expect_inputs("Unsqueeze", inputs, 1, 1)?;
+        expect_inputs("Unsqueeze", inputs, 1, 2)?;
         let t = inputs[0];
-        let at = self.inserted(t.rank())?;
+        let axes = match inputs.get(1) {
+            None => self.axes.clone(),
+            Some(a) if self.axes.is_empty() => ints("Unsqueeze", "axes", a, I64_ONLY)?,
+            Some(_) => op_bail!("Unsqueeze", "axes are given both as an attribute and as an input"),
+        };
+        let at = Unsqueeze::inserted(&axes, t.rank())?;
         let out = t.clone().into_shape(interleave(t.shape(), &at, 1))?;
         let kept: Vec<usize> = (0..at.len()).filter(|&i| !at[i]).collect();
         Ok(vec![carry_quant(out, t, |a| kept.get(a).copied())])
@@ -542,8 +584,8 @@ impl OpDef for Unsqueeze {
 
 impl Squeeze {
     /// For each input dim, whether it is removed.
-    fn removed(&self, shape: &[Dim]) -> IrResult<Vec<bool>> {
-        match &self.axes {
+    fn removed(axes: Option<&[i64]>, shape: &[Dim]) -> IrResult<Vec<bool>> {
+        match axes {
             Some(axes) => {
                 let mut drop = vec![false; shape.len()];
                 for a in axes_of("Squeeze", axes, shape.len())? {
@@ -576,16 +618,34 @@ impl OpDef for Squeeze {
     }
 
     fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
-        expect_inputs("Squeeze", inputs, 1, 1)?;
-        let drop = self.removed(&inputs[0].shape)?;
-        let dims = inputs[0].shape.iter().zip(&drop).filter(|(_, &d)| !d).map(|(d, _)| d.clone()).collect();
-        Ok(vec![Fact::new(inputs[0].dtype, dims)])
+        expect_inputs("Squeeze", inputs, 1, 2)?;
+        let x = inputs[0];
+        let axes = match inputs.get(1) {
+            None => self.axes.clone(),
+            Some(f) => match axes_input_fact("Squeeze", "axes", self.axes.is_some(), f)? {
+                (_, Some(v)) => Some(v).filter(|v| !v.is_empty()),
+                (Some(0), None) => None,
+                (Some(n), None) if n <= x.rank() => return Ok(vec![Fact::new(x.dtype, unknown_dims(x.rank() - n))]),
+                (Some(n), None) => op_bail!("Squeeze", "{n} axes given for a rank-{} input", x.rank()),
+                (None, None) => {
+                    op_bail!("Squeeze", "the axes input has an unknown length, so the output rank is unknown")
+                }
+            },
+        };
+        let drop = Squeeze::removed(axes.as_deref(), &x.shape)?;
+        let dims = x.shape.iter().zip(&drop).filter(|(_, &d)| !d).map(|(d, _)| d.clone()).collect();
+        Ok(vec![Fact::new(x.dtype, dims)])
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
-        expect_inputs("Squeeze", inputs, 1, 1)?;
+        expect_inputs("Squeeze", inputs, 1, 2)?;
         let t = inputs[0];
-        let drop = self.removed(&known(t.shape()))?;
+        let axes = match inputs.get(1) {
+            None => self.axes.clone(),
+            Some(a) if self.axes.is_none() => Some(ints("Squeeze", "axes", a, I64_ONLY)?).filter(|v| !v.is_empty()),
+            Some(_) => op_bail!("Squeeze", "axes are given both as an attribute and as an input"),
+        };
+        let drop = Squeeze::removed(axes.as_deref(), &known(t.shape()))?;
         let shape = t.shape().iter().zip(&drop).filter(|(_, &d)| !d).map(|(&d, _)| d).collect();
         let out = t.clone().into_shape(shape)?;
         let kept: Vec<usize> = (0..drop.len()).filter(|&i| !drop[i]).collect();
@@ -867,13 +927,14 @@ impl OpDef for Slice {
 // Split
 
 impl Split {
-    /// Part sizes for an axis of size `dim` (`None` when they depend on an unknown dim).
-    fn sizes(&self, dim: Option<usize>) -> IrResult<Option<Vec<usize>>> {
+    /// Part sizes for an axis of size `dim` (`None` when they depend on an unknown dim), from
+    /// `split` (the attribute or the input's values) when given.
+    fn sizes(&self, split: Option<&[usize]>, dim: Option<usize>) -> IrResult<Option<Vec<usize>>> {
         let k = self.num_outputs;
         if k == 0 {
             op_bail!("Split", "num_outputs must be at least 1");
         }
-        if let Some(s) = &self.split {
+        if let Some(s) = split {
             let sum = s.iter().try_fold(0usize, |a, &b| a.checked_add(b));
             if s.len() != k {
                 op_bail!("Split", "split {s:?} has {} sizes for {k} outputs", s.len());
@@ -883,7 +944,7 @@ impl Split {
                     op_bail!("Split", "split sizes {s:?} do not add up to the dim {d}");
                 }
             }
-            return Ok(Some(s.clone()));
+            return Ok(Some(s.to_vec()));
         }
         let Some(d) = dim else { return Ok(None) };
         let chunk = d.div_ceil(k);
@@ -904,11 +965,23 @@ impl OpDef for Split {
     }
 
     fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
-        expect_inputs("Split", inputs, 1, 1)?;
+        expect_inputs("Split", inputs, 1, 2)?;
         let f = inputs[0];
         reject_block("Split", f.dtype)?;
         let axis = axis_of("Split", self.axis, f.rank())?;
-        let sizes = self.sizes(f.shape[axis].as_known())?;
+        let sizes = match inputs.get(1) {
+            None => self.sizes(self.split.as_deref(), f.shape[axis].as_known())?,
+            Some(s) => {
+                let (n, v) = axes_input_fact("Split", "split sizes", self.split.is_some(), s)?;
+                if n.is_some_and(|n| n != self.num_outputs) {
+                    op_bail!("Split", "the split input has {} sizes for {} outputs", s.shape[0], self.num_outputs);
+                }
+                match v {
+                    Some(v) => self.sizes(Some(&split_sizes(&v)?), f.shape[axis].as_known())?,
+                    None => None,
+                }
+            }
+        };
         Ok((0..self.num_outputs)
             .map(|j| {
                 let mut dims = f.shape.clone();
@@ -923,10 +996,15 @@ impl OpDef for Split {
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
-        expect_inputs("Split", inputs, 1, 1)?;
+        expect_inputs("Split", inputs, 1, 2)?;
         let t = inputs[0];
         let axis = axis_of("Split", self.axis, t.rank())?;
-        let sizes = self.sizes(Some(t.shape()[axis]))?.unwrap_or_default();
+        let split = match inputs.get(1) {
+            None => self.split.clone(),
+            Some(s) if self.split.is_none() => Some(split_sizes(&ints("Split", "split sizes", s, I64_ONLY)?)?),
+            Some(_) => op_bail!("Split", "split sizes are given both as an attribute and as an input"),
+        };
+        let sizes = self.sizes(split.as_deref(), Some(t.shape()[axis]))?.unwrap_or_default();
         let st = strides_of(t.shape());
         let mut offset = 0;
         let mut outs = Vec::with_capacity(sizes.len());
@@ -939,6 +1017,11 @@ impl OpDef for Split {
         }
         Ok(outs)
     }
+}
+
+/// Split sizes from an input's values.
+fn split_sizes(v: &[i64]) -> IrResult<Vec<usize>> {
+    v.iter().map(|&x| to_usize("Split", "a split size", x)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1608,6 +1691,48 @@ mod tests {
         assert_eq!((out.shape(), f32s(&out)[5]), (&[6usize, 4][..], 5.0));
         err(f(4).output_facts(&[&x]), "out of range");
         err(f(-4).eval(&[&iota(&[2, 3, 4])]), "out of range");
+    }
+
+    #[test]
+    fn axes_as_inputs() {
+        let v = |v: &[i64]| ti(&[v.len()], v);
+        let dynamic = |n: &str| Fact::new(DType::I64, dims(n));
+        // Unsqueeze: constant axes act as the attribute; run-time ones give unknown dims.
+        let u = Unsqueeze { axes: vec![] };
+        assert_eq!(facts1(&u, &[&fact(DType::F32, "b,3"), &c(v(&[0, -1]))]).shape, dims("1,b,3,1"));
+        assert_eq!(facts1(&u, &[&fact(DType::F32, "b,3"), &dynamic("2")]).shape, dims("?,?,?,?"));
+        assert_eq!(run1(&u, &[&iota(&[3]), &v(&[1])]).shape(), &[3, 1]);
+        err(u.output_facts(&[&fact(DType::F32, "3"), &dynamic("?")]), "unknown length");
+        err(Unsqueeze { axes: vec![0] }.output_facts(&[&fact(DType::F32, "3"), &dynamic("1")]), "both");
+        err(Unsqueeze { axes: vec![0] }.eval(&[&iota(&[3]), &v(&[0])]), "both");
+        err(u.output_facts(&[&fact(DType::F32, "3"), &fact(DType::I32, "1")]), "i64");
+        err(u.eval(&[&iota(&[3]), &v(&[2])]), "out of range");
+
+        // Squeeze: an empty axes input means every size-1 dim.
+        let s = Squeeze { axes: None };
+        assert_eq!(facts1(&s, &[&fact(DType::F32, "1,b,1"), &c(v(&[-1]))]).shape, dims("1,b"));
+        assert_eq!(facts1(&s, &[&fact(DType::F32, "1,b,1"), &dynamic("2")]).shape, dims("?"));
+        assert_eq!(facts1(&s, &[&fact(DType::F32, "1,3,1"), &dynamic("0")]).shape, dims("3"));
+        assert_eq!(run1(&s, &[&iota(&[1, 3, 1]), &v(&[0])]).shape(), &[3, 1]);
+        assert_eq!(run1(&s, &[&iota(&[1, 3, 1]), &v(&[])]).shape(), &[3]);
+        err(s.output_facts(&[&fact(DType::F32, "1"), &dynamic("2")]), "rank-1");
+        err(s.output_facts(&[&fact(DType::F32, "1"), &dynamic("?")]), "unknown length");
+        err(Squeeze { axes: Some(vec![0]) }.output_facts(&[&fact(DType::F32, "1"), &dynamic("1")]), "both");
+        err(s.eval(&[&iota(&[2, 3]), &v(&[0])]), "size 2");
+
+        // Split: sizes as an input.
+        let sp = Split { axis: 1, split: None, num_outputs: 2 };
+        let f = sp.output_facts(&[&fact(DType::F32, "b,5"), &c(v(&[2, 3]))]).unwrap();
+        assert_eq!((f[0].shape.clone(), f[1].shape.clone()), (dims("b,2"), dims("b,3")));
+        let f = sp.output_facts(&[&fact(DType::F32, "b,5"), &dynamic("2")]).unwrap();
+        assert_eq!((f[0].shape.clone(), f[1].shape.clone()), (dims("b,?"), dims("b,?")));
+        let parts = sp.eval(&[&iota(&[1, 5]), &v(&[4, 1])]).unwrap();
+        assert_eq!((f32s(&parts[0]), f32s(&parts[1])), (vec![0.0, 1.0, 2.0, 3.0], vec![4.0]));
+        err(sp.output_facts(&[&fact(DType::F32, "b,5"), &dynamic("3")]), "3 sizes for 2 outputs");
+        err(sp.output_facts(&[&fact(DType::F32, "b,5"), &c(v(&[2, 2]))]), "add up");
+        err(sp.eval(&[&iota(&[1, 5]), &v(&[6, -1])]), "negative");
+        let both = Split { axis: 1, split: Some(vec![2, 3]), num_outputs: 2 };
+        err(both.eval(&[&iota(&[1, 5]), &v(&[2, 3])]), "both");
     }
 
     #[test]
