@@ -175,7 +175,7 @@ impl Builder {
     ) -> Result<OutletId> {
         let s = self.konst(&format!("{path}.weight"), w.get(&format!("{path}.weight"), &[dim])?)?;
         let b = self.konst(&format!("{path}.bias"), w.get(&format!("{path}.bias"), &[dim])?)?;
-        self.node(&format!("{scope}/LayerNormalization"), LayerNorm { axis: -1, epsilon: eps as f32 }, vec![x, s, b])
+        self.node(&format!("{scope}/LayerNormalization"), LayerNorm::new(-1, eps as f32), vec![x, s, b])
     }
 }
 

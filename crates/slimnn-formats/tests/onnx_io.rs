@@ -727,7 +727,7 @@ fn ort_graph(gelu: bool) -> Graph {
     let u = node(&mut g, "unsq", Unsqueeze { axes: vec![1, -1] }, vec![red2]);
     let sq = node(&mut g, "sq", Squeeze { axes: Some(vec![1]) }, vec![u]);
     let ln_scale = konst(&mut g, "ln.s", randn(&[5], 53));
-    let mut last = node(&mut g, "ln", LayerNorm { axis: -1, epsilon: 1e-5 }, vec![y, ln_scale]);
+    let mut last = node(&mut g, "ln", LayerNorm::new(-1, 1e-5), vec![y, ln_scale]);
     if gelu {
         last = node(&mut g, "gelu", Unary(UnaryOp::Gelu { tanh: false }), vec![last]);
     }

@@ -207,7 +207,7 @@ impl Pass for FuseLayerNorm {
             let bi = p.add_node(&format!("{base}.ln_bias"), Const(Arc::new(bias)), vec![]);
             let ln = p.add_node(
                 &format!("{base}.layer_norm"),
-                LayerNorm { axis: -1, epsilon: eps as f32 },
+                LayerNorm::new(-1, eps as f32),
                 vec![x.into(), Patch::wire(sc, 0), Patch::wire(bi, 0)],
             );
             p.shunt(end, Patch::wire(ln, 0));

@@ -437,7 +437,7 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             }
         }
         "LayerNormalization" => {
-            let op = LayerNorm { axis: a.i_or("axis", -1), epsilon: a.f_or("epsilon", 1e-5) };
+            let op = LayerNorm::new(a.i_or("axis", -1), a.f_or("epsilon", 1e-5));
             let mut ins = vec![cx.input(0)?, cx.input(1)?];
             ins.extend(cx.opt(2));
             cx.add(op, ins)

@@ -4,7 +4,7 @@ use super::elementwise::Broadcast;
 use super::util::{expect_inputs, norm_axis, show_dims};
 use super::OpDef;
 use crate::{op_bail, Fact, IrResult};
-use slimnn_tensor::{DType, Dim, Tensor};
+use slimnn_tensor::{checked_numel, DType, Dim, Tensor};
 
 /// Softmax along `axis`. `legacy_2d` is the opset < 13 meaning: the input is viewed as 2-d
 /// `[prod(shape[..axis]), prod(shape[axis..])]` and softmax runs over the second dim.
@@ -22,11 +22,20 @@ pub struct LogSoftmax {
 }
 
 /// ONNX `LayerNormalization`: normalises over dims `axis..`; inputs `x, scale[, bias]`.
-/// Only the first output (Y) is produced.
+/// Produces the first `num_outputs` (1 to 3) of `Y, Mean, InvStdDev`. Mean and InvStdDev are
+/// f32 (ONNX's default `stash_type`), shaped like `x` with dims `axis..` set to 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LayerNorm {
     pub axis: i64,
     pub epsilon: f32,
+    pub num_outputs: usize,
+}
+
+impl LayerNorm {
+    /// The common form: Y only.
+    pub fn new(axis: i64, epsilon: f32) -> LayerNorm {
+        LayerNorm { axis, epsilon, num_outputs: 1 }
+    }
 }
 
 /// Inference-mode `BatchNormalization(x, scale, bias, mean, var)` over channel dim 1.
@@ -225,14 +234,19 @@ impl OpDef for LayerNorm {
         if x.rank() == 0 {
             op_bail!(LN, "needs an input of rank >= 1");
         }
-        norm_axis(LN, self.axis, x.rank())?;
+        let axis = norm_axis(LN, self.axis, x.rank())?;
+        self.check_outputs()?;
         for (f, what) in inputs[1..].iter().zip(["scale", "bias"]) {
             if f.dtype != x.dtype {
                 op_bail!(LN, "{what} dtype {} differs from input dtype {}", f.dtype, x.dtype);
             }
             check_broadcasts_to(LN, what, &f.shape, &x.shape)?;
         }
-        Ok(vec![x.without_value()])
+        let mut stats = x.shape[..axis].to_vec();
+        stats.resize(x.rank(), Dim::Known(1));
+        let mut out = vec![x.without_value()];
+        out.extend((1..self.num_outputs).map(|_| Fact::new(DType::F32, stats.clone())));
+        Ok(out)
     }
 
     fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
@@ -245,6 +259,7 @@ impl OpDef for LayerNorm {
             op_bail!(LN, "needs an input of rank >= 1");
         }
         let axis = norm_axis(LN, self.axis, shape.len())?;
+        self.check_outputs()?;
         for (t, what) in inputs[1..].iter().zip(["scale", "bias"]) {
             if t.dtype() != x.dtype() {
                 op_bail!(LN, "{what} dtype {} differs from input dtype {}", t.dtype(), x.dtype());
@@ -254,6 +269,8 @@ impl OpDef for LayerNorm {
         let scale = expand_param(inputs[1], shape, axis)?;
         let bias = inputs.get(2).map(|b| expand_param(b, shape, axis)).transpose()?;
         let mut v = x.to_f64_vec();
+        let rows: usize = shape[..axis].iter().product();
+        let (mut means, mut invs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         if n > 0 {
             let eps = f64::from(self.epsilon);
             for (r, row) in v.chunks_mut(n).enumerate() {
@@ -264,9 +281,32 @@ impl OpDef for LayerNorm {
                 for (j, x) in row.iter_mut().enumerate() {
                     *x = (*x - mean) * inv * at(&scale, j) + bias.as_deref().map_or(0.0, |b| at(b, j));
                 }
+                means.push(mean);
+                invs.push(inv);
             }
         }
-        Ok(vec![Tensor::from_f64s(x.dtype(), shape.to_vec(), &v)?])
+        let mut out = vec![Tensor::from_f64s(x.dtype(), shape.to_vec(), &v)?];
+        let mut stats_shape = shape[..axis].to_vec();
+        stats_shape.resize(shape.len(), 1);
+        if n == 0 && self.num_outputs > 1 {
+            // Empty rows: the mean of nothing is NaN, as numpy has it.
+            checked_numel(&stats_shape, DType::F32)?;
+            means.resize(rows, f64::NAN);
+            invs.resize(rows, f64::NAN);
+        }
+        for s in [means, invs].iter().take(self.num_outputs - 1) {
+            out.push(Tensor::from_f64s(DType::F32, stats_shape.clone(), s)?);
+        }
+        Ok(out)
+    }
+}
+
+impl LayerNorm {
+    fn check_outputs(&self) -> IrResult<()> {
+        if !(1..=3).contains(&self.num_outputs) {
+            op_bail!(LN, "num_outputs must be 1 to 3 (Y, Mean, InvStdDev), got {}", self.num_outputs);
+        }
+        Ok(())
     }
 }
 
@@ -415,7 +455,7 @@ mod tests {
 
     #[test]
     fn layer_norm_values() {
-        let ln = LayerNorm { axis: -1, epsilon: 0.0 };
+        let ln = LayerNorm::new(-1, 0.0);
         let x = t(&[1, 4], vec![1f32, 2.0, 3.0, 4.0]);
         let n = [-1.3416407864998738, -0.4472135954999579, 0.4472135954999579, 1.3416407864998738];
         let ones = t(&[4], vec![1f32; 4]);
@@ -427,7 +467,51 @@ mod tests {
         // Epsilon joins the variance: [1, 3] has var 1, so (x - 2) / sqrt(2).
         let x = t(&[2], vec![1f64, 3.0]);
         let h = std::f64::consts::FRAC_1_SQRT_2;
-        assert_close(&run(LayerNorm { axis: 0, epsilon: 1.0 }, &[&x, &t(&[1], vec![1f64])]), &[-h, h], 1e-15);
+        assert_close(&run(LayerNorm::new(0, 1.0), &[&x, &t(&[1], vec![1f64])]), &[-h, h], 1e-15);
+    }
+
+    #[test]
+    fn layer_norm_mean_and_inv_std_dev() {
+        // Rows [1, 2, 3, 4] (mean 2.5, var 1.25) and [2, 2, 2, 2] (var 0); epsilon 1 makes the
+        // inverse standard deviations 1 / sqrt(2.25) = 2/3 and 1.
+        let x = t(&[2, 4], vec![1f32, 2.0, 3.0, 4.0, 2.0, 2.0, 2.0, 2.0]);
+        let ones = t(&[4], vec![1f32; 4]);
+        let ln = LayerNorm { axis: -1, epsilon: 1.0, num_outputs: 3 };
+        let out = ln.eval(&[&x, &ones]).unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!((out[1].dtype(), out[1].shape()), (DType::F32, &[2usize, 1][..]));
+        assert_close(&out[1].to_f64_vec(), &[2.5, 2.0], 0.0);
+        assert_close(&out[2].to_f64_vec(), &[2.0 / 3.0, 1.0], 1e-7);
+        assert_close(&out[0].to_f64_vec()[..4], &[-1.0, -1.0 / 3.0, 1.0 / 3.0, 1.0], 1e-6);
+        // Two outputs: Y and Mean; f64 input still gives f32 statistics.
+        let x = t(&[1, 2, 2], vec![1f64, 3.0, 5.0, 7.0]);
+        let ln = LayerNorm { axis: 1, epsilon: 0.0, num_outputs: 2 };
+        let out = ln.eval(&[&x, &t(&[2, 2], vec![1f64; 4])]).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[1].dtype(), out[1].shape()), (DType::F32, &[1usize, 1, 1][..]));
+        assert_eq!(out[1].to_f64_vec(), [4.0]);
+        // Empty rows have NaN statistics.
+        let e = LayerNorm { axis: -1, epsilon: 0.0, num_outputs: 3 }
+            .eval(&[&t(&[2, 0], Vec::<f32>::new()), &t(&[0], Vec::<f32>::new())])
+            .unwrap();
+        assert!(e[1].to_f64_vec().iter().all(|v| v.is_nan()) && e[1].shape() == [2, 1]);
+    }
+
+    #[test]
+    fn layer_norm_output_facts() {
+        let x = Fact::new(DType::F16, vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(8)]);
+        let s = Fact::known(DType::F16, &[8]);
+        let f = LayerNorm { axis: -1, epsilon: 1e-5, num_outputs: 3 }.output_facts(&[&x, &s]).unwrap();
+        let stats = Fact::new(DType::F32, vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(1)]);
+        assert_eq!(f, vec![x.clone(), stats.clone(), stats]);
+        let f = LayerNorm { axis: 1, epsilon: 1e-5, num_outputs: 2 }.output_facts(&[&x, &s]).unwrap();
+        assert_eq!(f[1], Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(1), Dim::Known(1)]));
+        for bad in [0, 4] {
+            let ln = LayerNorm { axis: -1, epsilon: 1e-5, num_outputs: bad };
+            assert!(ln.output_facts(&[&x, &s]).unwrap_err().to_string().contains("num_outputs"));
+            let xt = t(&[1, 2], vec![1f32, 2.0]);
+            assert!(ln.eval(&[&xt, &t(&[2], vec![1f32; 2])]).is_err());
+        }
     }
 
     #[test]
@@ -435,29 +519,29 @@ mod tests {
         // axis 1 of [2, 2, 2] normalises each batch item's four values.
         let x = t(&[2, 2, 2], vec![1f64, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
         let n = [-1.3416407864998738, -0.4472135954999579, 0.4472135954999579, 1.3416407864998738];
-        let y = run(LayerNorm { axis: 1, epsilon: 0.0 }, &[&x, &t(&[2, 2], vec![1f64; 4])]);
+        let y = run(LayerNorm::new(1, 0.0), &[&x, &t(&[2, 2], vec![1f64; 4])]);
         assert_close(&y, &[n, n].concat(), 1e-12);
         // A scale that varies across rows ([2, 1, 2] against [2, 2, 2], axis -1).
         let s = t(&[2, 1, 2], vec![1f64, 1.0, 2.0, 2.0]);
-        let y = run(LayerNorm { axis: -1, epsilon: 0.0 }, &[&x, &s]);
+        let y = run(LayerNorm::new(-1, 0.0), &[&x, &s]);
         assert_close(&y, &[-1.0, 1.0, -1.0, 1.0, -2.0, 2.0, -2.0, 2.0], 1e-12);
         // Leading ones in the scale are fine.
         let s = t(&[1, 1, 2], vec![1f64, 3.0]);
-        let y = run(LayerNorm { axis: -1, epsilon: 0.0 }, &[&x, &s]);
+        let y = run(LayerNorm::new(-1, 0.0), &[&x, &s]);
         assert_close(&y, &[-1.0, 3.0, -1.0, 3.0, -1.0, 3.0, -1.0, 3.0], 1e-12);
         // A [2, 1] scale over normalised dims [2, 2] (checked against onnxruntime).
         let x = t(&[2, 2, 2], (0..8).map(|v| v as f64).collect());
         let s = t(&[2, 1], vec![1f64, 2.0]);
-        let y = run(LayerNorm { axis: 1, epsilon: 0.0 }, &[&x, &s]);
+        let y = run(LayerNorm::new(1, 0.0), &[&x, &s]);
         let (a, b) = (1.3416407864998738, 0.4472135954999579);
         assert_close(&y, &[-a, -b, 2.0 * b, 2.0 * a, -a, -b, 2.0 * b, 2.0 * a], 1e-12);
         let bad = t(&[3], vec![1f64; 3]);
-        assert!(LayerNorm { axis: -1, epsilon: 0.0 }.eval(&[&x, &bad]).is_err());
+        assert!(LayerNorm::new(-1, 0.0).eval(&[&x, &bad]).is_err());
     }
 
     #[test]
     fn layer_norm_facts_and_errors() {
-        let ln = LayerNorm { axis: -1, epsilon: 1e-12 };
+        let ln = LayerNorm::new(-1, 1e-12);
         assert_eq!(ln.name(), "LayerNormalization");
         let x = Fact::new(DType::F32, vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(384)]);
         let s = Fact::known(DType::F32, &[384]);
@@ -466,9 +550,9 @@ mod tests {
         assert!(ln.output_facts(&[&x, &Fact::known(DType::F32, &[383])]).is_err());
         assert!(ln.output_facts(&[&x, &Fact::known(DType::F64, &[384])]).is_err());
         assert!(ln.output_facts(&[&x, &Fact::known(DType::F32, &[1, 1, 1, 384])]).is_err());
-        assert!(LayerNorm { axis: 3, epsilon: 0.0 }.output_facts(&[&x, &s]).is_err());
-        assert!(LayerNorm { axis: -1, epsilon: -1.0 }.output_facts(&[&x, &s]).is_err());
-        assert!(LayerNorm { axis: -1, epsilon: f32::NAN }.output_facts(&[&x, &s]).is_err());
+        assert!(LayerNorm::new(3, 0.0).output_facts(&[&x, &s]).is_err());
+        assert!(LayerNorm::new(-1, -1.0).output_facts(&[&x, &s]).is_err());
+        assert!(LayerNorm::new(-1, f32::NAN).output_facts(&[&x, &s]).is_err());
         let xi = Fact::known(DType::I32, &[2, 4]);
         assert!(ln.output_facts(&[&xi, &Fact::known(DType::I32, &[4])]).is_err());
         let e = ln.eval(&[&t(&[], vec![1f32]), &t(&[], vec![1f32])]).unwrap_err();
