@@ -439,3 +439,154 @@ fn integer_and_qlinear_ops() {
     );
     assert_eq!(out[0].as_slice::<u8>().unwrap(), &[20]);
 }
+
+fn float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
+}
+
+/// Imports a model without running it, for the error cases.
+fn import_err(nodes: Vec<NodeProto>, inputs: &[(&str, Tensor)], outputs: &[&str], opset: i64) -> String {
+    let m = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        graph: Some(GraphProto {
+            node: nodes,
+            name: Some("g".into()),
+            input: inputs.iter().map(|(n, t)| vinfo(n, t)).collect(),
+            output: outputs
+                .iter()
+                .map(|o| ValueInfoProto { name: Some(o.to_string()), ..Default::default() })
+                .collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    onnx::from_bytes(&m.encode_to_vec(), None).expect_err("the import should fail").to_string()
+}
+
+#[test]
+fn slice_clip_and_pad_attribute_forms() {
+    let x = f32s(&[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    // Slice 1: starts / ends / axes attributes.
+    let attrs = vec![ints("starts", &[1]), ints("ends", &[1000]), ints("axes", &[1])];
+    let out = run(vec![node("Slice", &["x"], &["y"], attrs)], &[("x", x.clone())], &[], &["y"], 9);
+    assert_eq!(out[0].shape(), &[2, 2]);
+    close(&out[0], &[2.0, 3.0, 5.0, 6.0]);
+    // Without axes: the first dims.
+    let attrs = vec![ints("starts", &[1]), ints("ends", &[2])];
+    let out = run(vec![node("Slice", &["x"], &["y"], attrs)], &[("x", x.clone())], &[], &["y"], 1);
+    close(&out[0], &[4.0, 5.0, 6.0]);
+    // Clip 6: min / max attributes, each optional.
+    let out = run(
+        vec![node("Clip", &["x"], &["y"], vec![float("min", 2.5), float("max", 4.5)])],
+        &[("x", x.clone())],
+        &[],
+        &["y"],
+        7,
+    );
+    close(&out[0], &[2.5, 2.5, 3.0, 4.0, 4.5, 4.5]);
+    let out = run(vec![node("Clip", &["x"], &["y"], vec![float("max", 2.0)])], &[("x", x.clone())], &[], &["y"], 10);
+    close(&out[0], &[1.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
+    // Pad 2: pads and value attributes.
+    let attrs = vec![ints("pads", &[0, 1, 0, 0]), float("value", 9.0)];
+    let out = run(vec![node("Pad", &["x"], &["y"], attrs)], &[("x", x.clone())], &[], &["y"], 10);
+    assert_eq!(out[0].shape(), &[2, 4]);
+    close(&out[0], &[9.0, 1.0, 2.0, 3.0, 9.0, 4.0, 5.0, 6.0]);
+    let attrs = vec![ints("pads", &[1, 0, 0, 0]), string("mode", "edge")];
+    let out = run(vec![node("Pad", &["x"], &["y"], attrs)], &[("x", x.clone())], &[], &["y"], 2);
+    close(&out[0], &[1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    // The attribute forms refuse the inputs of later versions.
+    let e = import_err(vec![node("Clip", &["x", "x"], &["y"], vec![])], &[("x", x)], &["y"], 10);
+    assert!(e.contains("version 6") && e.contains("inputs"), "{e}");
+}
+
+#[test]
+fn resize_10_is_asymmetric_and_rounds_down() {
+    // Scales 2 on [10, 20]: samples at 0, 0.5, 1, 1.5.
+    let x = f32s(&[1, 2], &[10.0, 20.0]);
+    let scales = f32s(&[2], &[1.0, 2.0]);
+    let out = run(
+        vec![node("Resize", &["x", "scales"], &["y"], vec![])],
+        &[("x", x.clone())],
+        &[("scales", scales.clone())],
+        &["y"],
+        10,
+    );
+    close(&out[0], &[10.0, 10.0, 20.0, 20.0]);
+    let out = run(
+        vec![node("Resize", &["x", "scales"], &["y"], vec![string("mode", "linear")])],
+        &[("x", x.clone())],
+        &[("scales", scales)],
+        &["y"],
+        10,
+    );
+    close(&out[0], &[10.0, 15.0, 20.0, 20.0]);
+    let cubic = vec![node("Resize", &["x", "s"], &["y"], vec![string("mode", "cubic")])];
+    let e = import_err(cubic, &[("x", x.clone()), ("s", f32s(&[2], &[1.0, 2.0]))], &["y"], 10);
+    assert!(e.contains("Resize version 10") && e.contains("cubic"), "{e}");
+}
+
+#[test]
+fn old_opsets_are_read_per_op() {
+    // Not, GlobalAveragePool and Softplus have not changed since opset 1.
+    let b = Tensor::from_vec(vec![3], vec![true, false, true]).unwrap();
+    let out = run(vec![node("Not", &["x"], &["y"], vec![])], &[("x", b)], &[], &["y"], 1);
+    assert_eq!(out[0].as_slice::<bool>().unwrap(), &[false, true, false]);
+    let x = f32s(&[1, 2, 2], &[1.0, 3.0, 5.0, 7.0]);
+    let out = run(vec![node("GlobalAveragePool", &["x"], &["y"], vec![])], &[("x", x.clone())], &[], &["y"], 1);
+    assert_eq!(out[0].shape(), &[1, 2, 1]);
+    close(&out[0], &[2.0, 6.0]);
+    // Elu 6, BatchNormalization 7 with the default spatial = 1, Dropout 7 with its ratio.
+    let out = run(
+        vec![
+            node("Elu", &["x"], &["e"], vec![float("alpha", 1.0)]),
+            node("Dropout", &["e"], &["d"], vec![float("ratio", 0.5)]),
+            node("BatchNormalization", &["d", "s", "b", "m", "v"], &["y"], vec![float("epsilon", 0.0)]),
+        ],
+        &[("x", x.clone())],
+        &[
+            ("s", f32s(&[2], &[1.0, 2.0])),
+            ("b", f32s(&[2], &[0.0, 1.0])),
+            ("m", f32s(&[2], &[1.0, 0.0])),
+            ("v", f32s(&[2], &[4.0, 1.0])),
+        ],
+        &["y"],
+        7,
+    );
+    close(&out[0], &[0.0, 1.0, 11.0, 15.0]);
+    let bn = vec![node("BatchNormalization", &["x", "s", "s", "s", "s"], &["y"], vec![int("spatial", 0)])];
+    let e = import_err(bn, &[("x", x.clone()), ("s", f32s(&[2], &[1.0, 1.0]))], &["y"], 7);
+    assert!(e.contains("BatchNormalization version 7") && e.contains("spatial"), "{e}");
+    // Versions with legacy attributes are listed as unsupported, all at once.
+    let e = import_err(
+        vec![node("Add", &["x", "x"], &["a"], vec![]), node("Relu", &["a"], &["y"], vec![])],
+        &[("x", x)],
+        &["y"],
+        5,
+    );
+    assert!(e.contains("op Add version 1 (opset 5): not supported"), "{e}");
+    assert!(e.contains("op Relu version 1 (opset 5): not supported"), "{e}");
+}
+
+#[test]
+fn layer_norm_statistics_outputs() {
+    let x = f32s(&[2, 2], &[1.0, 3.0, 2.0, 2.0]);
+    let out = run(
+        vec![node("LayerNormalization", &["x", "s"], &["y", "mean", "inv"], vec![float("epsilon", 1.0)])],
+        &[("x", x)],
+        &[("s", f32s(&[2], &[1.0, 1.0]))],
+        &["y", "mean", "inv"],
+        17,
+    );
+    assert_eq!(out.len(), 3);
+    assert_eq!(out[1].shape(), &[2, 1]);
+    close(&out[1], &[2.0, 2.0]);
+    // Variances 1 and 0, plus epsilon 1.
+    close(&out[2], &[1.0 / 2f64.sqrt(), 1.0]);
+    close(&out[0], &[-1.0 / 2f64.sqrt(), 1.0 / 2f64.sqrt(), 0.0, 0.0]);
+}

@@ -449,7 +449,7 @@ fn dangling_edges_missing_attributes_and_opsets() {
     let e = import(&m).unwrap_err().to_string();
     assert!(e.contains("node 'c'") && e.contains("'axis'"), "{e}");
 
-    for opset in [9, 22] {
+    for opset in [0, onnx::MAX_OPSET + 1] {
         let m = pmodel(vec![pnode("a", "Relu", &["x"], &["y"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![], opset);
         match import(&m) {
             Err(FormatError::Unsupported(msg)) => {
@@ -457,6 +457,27 @@ fn dangling_edges_missing_attributes_and_opsets() {
             }
             other => panic!("opset {opset}: expected Unsupported, got {other:?}"),
         }
+    }
+    // Inside the range, each op's version decides: Relu 6 is read at opset 9, Relu 1 (with
+    // consumed_inputs) is not, and every refused node is listed.
+    let m = pmodel(vec![pnode("a", "Relu", &["x"], &["y"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![], 9);
+    assert!(import(&m).is_ok());
+    let m = pmodel(
+        vec![pnode("a", "Relu", &["x"], &["r"], vec![]), pnode("b", "Add", &["r", "x"], &["y"], vec![])],
+        vec![vinfo("x", &[2])],
+        &["y"],
+        vec![],
+        5,
+    );
+    match import(&m) {
+        Err(FormatError::UnsupportedOps(list)) => assert_eq!(
+            list,
+            [
+                "node 'a' op Relu version 1 (opset 5): not supported",
+                "node 'b' op Add version 1 (opset 5): not supported"
+            ]
+        ),
+        other => panic!("expected UnsupportedOps, got {other:?}"),
     }
 
     // Nodes out of order are sorted; a cycle is an error.
@@ -478,42 +499,100 @@ fn dangling_edges_missing_attributes_and_opsets() {
     assert!(import(&m).unwrap_err().to_string().contains("cycle"));
 }
 
-#[test]
-fn non_constant_axes_are_unsupported() {
-    let axes_input = ValueInfoProto {
-        name: Some("axes".into()),
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+fn i64_input(name: &str, len: i64) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
         r#type: Some(TypeProto {
             denotation: None,
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                 elem_type: Some(DataType::Int64 as i32),
                 shape: Some(TensorShapeProto {
-                    dim: vec![Dimension { denotation: None, value: Some(dimension::Value::DimValue(1)) }],
+                    dim: vec![Dimension { denotation: None, value: Some(dimension::Value::DimValue(len)) }],
                 }),
             })),
         }),
         ..Default::default()
-    };
-    let m = pmodel(
-        vec![pnode("u", "Unsqueeze", &["x", "axes"], &["y"], vec![])],
-        vec![vinfo("x", &[2]), axes_input],
-        &["y"],
-        vec![],
-        13,
-    );
-    match import(&m) {
-        Err(FormatError::Unsupported(msg)) => {
-            assert!(msg.contains("node 'u'") && msg.contains("axes") && msg.contains("constant"), "{msg}")
-        }
-        other => panic!("expected Unsupported, got {other:?}"),
     }
 }
 
 #[test]
-fn unused_outputs_of_training_ops() {
+fn non_constant_axes_stay_inputs() {
+    // Unsqueeze -> ReduceSum -> Split, each reading its axes / sizes from a graph input.
+    let m = pmodel(
+        vec![
+            pnode("u", "Unsqueeze", &["x", "ua"], &["u"], vec![]),
+            pnode("r", "ReduceSum", &["u", "ra"], &["r"], vec![attr_int("keepdims", 0)]),
+            pnode("s", "Split", &["r", "sizes"], &["p", "q"], vec![]),
+        ],
+        vec![vinfo("x", &[2, 3]), i64_input("ua", 1), i64_input("ra", 1), i64_input("sizes", 2)],
+        &["p", "q"],
+        vec![],
+        13,
+    );
+    let g = import(&m).unwrap();
+    let ops: Vec<(&str, usize)> = g.nodes().iter().skip(4).map(|n| (n.op.name(), n.inputs.len())).collect();
+    assert_eq!(ops, [("Unsqueeze", 2), ("ReduceSum", 2), ("Split", 2)]);
+    let x = Tensor::from_vec(vec![2, 3], vec![1f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    let i64s = |v: &[i64]| Tensor::from_vec(vec![v.len()], v.to_vec()).unwrap();
+    // [2, 3] unsqueezed at 0 is [1, 2, 3]; summed over axis 2 it is [[6, 15]], which sizes
+    // [1, 0] split along axis 0 into itself and an empty part.
+    let feed = |ua: &[i64], ra: &[i64], sizes: &[i64]| {
+        vec![
+            ("x".to_string(), x.clone()),
+            ("ua".to_string(), i64s(ua)),
+            ("ra".to_string(), i64s(ra)),
+            ("sizes".to_string(), i64s(sizes)),
+        ]
+    };
+    let out = g.eval(feed(&[0], &[2], &[1, 0])).unwrap();
+    assert_eq!((out[0].shape(), out[0].to_f64_vec()), (&[1usize, 2][..], vec![6.0, 15.0]));
+    assert_eq!(out[1].shape(), &[0, 2]);
+    // Other values, same graph: unsqueeze at the end, reduce over the rows.
+    let out = g.eval(feed(&[-1], &[0], &[2, 1])).unwrap();
+    assert_eq!((out[0].to_f64_vec(), out[1].to_f64_vec()), (vec![5.0, 7.0], vec![9.0]));
+    // Exported and read back, the axes are still inputs.
+    let back = onnx::from_bytes(&onnx::to_bytes(&g).unwrap(), None).unwrap();
+    let out = back.eval(feed(&[-1], &[0], &[2, 1])).unwrap();
+    assert_eq!((out[0].to_f64_vec(), out[1].to_f64_vec()), (vec![5.0, 7.0], vec![9.0]));
+    assert!(g.eval(feed(&[0], &[3], &[1, 0])).is_err());
+}
+
+#[test]
+fn reduce_max_with_run_time_axes_exports_at_opset_18() {
+    let m = pmodel(
+        vec![pnode("r", "ReduceMax", &["x", "axes"], &["y"], vec![])],
+        vec![vinfo("x", &[2, 3]), i64_input("axes", 1)],
+        &["y"],
+        vec![],
+        18,
+    );
+    let g = import(&m).unwrap();
+    let bytes = onnx::to_bytes(&g).unwrap();
+    assert_eq!(opset_of(&bytes), 18);
+    let back = onnx::from_bytes(&bytes, None).unwrap();
+    let x = Tensor::from_vec(vec![2, 3], vec![1f32, 5.0, 3.0, 4.0, 2.0, 6.0]).unwrap();
+    let axes = Tensor::from_vec(vec![1], vec![1i64]).unwrap();
+    let out = back.eval(vec![("x".into(), x), ("axes".into(), axes)]).unwrap();
+    assert_eq!((out[0].shape(), out[0].to_f64_vec()), (&[2usize, 1][..], vec![5.0, 6.0]));
+}
+
+#[test]
+fn outputs_of_training_ops() {
     // Dropout's mask may be listed as long as nothing reads it.
     let m =
         pmodel(vec![pnode("d", "Dropout", &["x"], &["y", "mask"], vec![])], vec![vinfo("x", &[2])], &["y"], vec![], 13);
-    assert!(import(&m).is_ok());
+    let g = import(&m).unwrap();
+    assert_eq!(g.op_histogram().into_iter().collect::<Vec<_>>(), [("Identity", 1)]);
+    // Read, it is all true in inference (from version 10, where it became bool).
     let m = pmodel(
         vec![pnode("d", "Dropout", &["x"], &["y", "mask"], vec![])],
         vec![vinfo("x", &[2])],
@@ -521,8 +600,43 @@ fn unused_outputs_of_training_ops() {
         vec![],
         13,
     );
+    let x = Tensor::from_vec(vec![2], vec![1f32, 2.0]).unwrap();
+    let out = import(&m).unwrap().eval(vec![("x".into(), x)]).unwrap();
+    assert_eq!(out[1], Tensor::from_vec(vec![2], vec![true, true]).unwrap());
+    let m = pmodel(
+        vec![pnode("d", "Dropout", &["x"], &["y", "mask"], vec![])],
+        vec![vinfo("x", &[2])],
+        &["y", "mask"],
+        vec![],
+        7,
+    );
     let e = import(&m).unwrap_err().to_string();
-    assert!(e.contains("node 'd' op Dropout") && e.contains("mask"), "{e}");
+    assert!(e.contains("node 'd' op Dropout version 7") && e.contains("mask"), "{e}");
+}
+
+#[test]
+fn layer_norm_statistics_round_trip() {
+    let mut g = Graph::default();
+    let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(4)])).unwrap();
+    let scale = konst(&mut g, "scale", Tensor::from_vec(vec![4], vec![1f32, 2.0, 1.0, 2.0]).unwrap());
+    let outs = g.add_node("ln", LayerNorm { axis: -1, epsilon: 1e-5, num_outputs: 3 }, vec![x, scale]).unwrap();
+    for (name, o) in ["y", "mean", "inv_std_dev"].iter().zip(&outs) {
+        g.add_output(name, *o);
+    }
+    let feed = vec![("x".to_string(), randn(&[3, 4], 23))];
+    let back = roundtrip(&g, feed, 0.0, true);
+    assert_eq!(back.fact(back.outputs()[1].1).shape, vec![Dim::sym("b"), Dim::Known(1)]);
+    // Only Y used: one output.
+    let m = pmodel(
+        vec![pnode("ln", "LayerNormalization", &["x", "s"], &["y", "m", "v"], vec![])],
+        vec![vinfo("x", &[2, 4]), vinfo("s", &[4])],
+        &["y"],
+        vec![],
+        17,
+    );
+    let g = import(&m).unwrap();
+    let ln = g.nodes().iter().find(|n| n.op.name() == "LayerNormalization").unwrap();
+    assert_eq!(ln.outputs.len(), 1);
 }
 
 fn float_init(name: &str, dims: &[i64]) -> TensorProto {

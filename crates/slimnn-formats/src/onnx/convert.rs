@@ -1,6 +1,7 @@
 //! ONNX node -> canonical ops. Each converter reads the node's attributes and inputs in the
-//! form its opset uses and builds the one canonical form `slimnn_ir::ops` defines (axes as
-//! attributes, optional inputs made explicit, variadic ops as chains of binary ops).
+//! form its op version uses and builds the one canonical form `slimnn_ir::ops` defines (constant
+//! axes as attributes, run-time ones as a trailing input; optional inputs made explicit; variadic
+//! ops as chains of binary ops; legacy attribute forms as constant inputs).
 
 use super::spec::Attrs;
 use super::tensor::{dtype_from_onnx, tensor_from_proto};
@@ -18,6 +19,8 @@ pub(super) struct Cx<'a> {
     pub name: &'a str,
     pub op_type: &'a str,
     pub opset: i64,
+    /// The op's effective version at `opset` (see `spec.rs`); forms are chosen by it.
+    pub version: i64,
     pub attrs: Attrs<'a>,
     /// One entry per ONNX input position; `None` for an omitted optional input and for inputs
     /// only read as constants (see [`const_only_inputs`]), which are not added to the graph.
@@ -28,6 +31,8 @@ pub(super) struct Cx<'a> {
     pub konsts: Vec<Option<Arc<Tensor>>>,
     /// Number of ONNX outputs the node lists (omitted optional ones included).
     pub n_outputs: usize,
+    /// Whether each listed output is read by a node or is a graph output.
+    pub used_outputs: Vec<bool>,
     pub base_dir: Option<&'a Path>,
 }
 
@@ -41,7 +46,10 @@ impl Cx<'_> {
     }
 
     pub fn unsupported(&self, msg: impl std::fmt::Display) -> FormatError {
-        FormatError::Unsupported(format!("{}: {msg}", self.label()))
+        FormatError::Unsupported(format!(
+            "node '{}' op {} version {} (opset {}): {msg}",
+            self.name, self.op_type, self.version, self.opset
+        ))
     }
 
     fn opt(&self, i: usize) -> Option<OutletId> {
@@ -67,16 +75,26 @@ impl Cx<'_> {
         }
     }
 
-    fn const_ints(&self, i: usize, what: &str) -> Result<Option<Vec<i64>>> {
-        match self.const_input(i, what)? {
-            None => Ok(None),
-            Some(t) if t.dtype().is_integer() && t.rank() <= 1 => Ok(Some(t.to_i64_vec()?)),
+    /// Optional integer-list input `i` (axes, split sizes): its values when constant, else the
+    /// outlet computing it.
+    fn ints_arg(&self, i: usize, what: &str) -> Result<IntsArg> {
+        if !self.present.get(i).copied().unwrap_or(false) {
+            return Ok(IntsArg::Absent);
+        }
+        match self.konsts.get(i).cloned().flatten() {
+            Some(t) if t.dtype().is_integer() && t.rank() <= 1 => Ok(IntsArg::Const(t.to_i64_vec()?)),
             Some(t) => Err(self.invalid(format!(
                 "input {i} ({what}) must be a 1-d integer tensor, got {}{:?}",
                 t.dtype(),
                 t.shape()
             ))),
+            None => Ok(IntsArg::Dynamic(self.input(i)?)),
         }
+    }
+
+    /// Whether output `i` is used.
+    fn output_used(&self, i: usize) -> bool {
+        self.used_outputs.get(i).copied().unwrap_or(false)
     }
 
     /// Adds the node's main op under the node's own name.
@@ -119,6 +137,13 @@ impl Cx<'_> {
         let t = Tensor::zeros(dtype, vec![])?;
         self.konst(suffix, t)
     }
+}
+
+/// An integer-list input: absent, constant, or computed at run time.
+enum IntsArg {
+    Absent,
+    Const(Vec<i64>),
+    Dynamic(OutletId),
 }
 
 /// The smallest or largest value of a dtype as a scalar tensor (Clip's absent bounds).
@@ -258,38 +283,46 @@ pub(super) fn pad_mode(s: &str) -> Option<PadMode> {
     })
 }
 
-/// Whether a reduction reads its axes from input 1 (ReduceSum from opset 13, the others
-/// from 18) rather than from the `axes` attribute.
-pub(super) fn reduce_axes_as_input(op_type: &str, opset: i64) -> bool {
-    opset >= 18 || (op_type == "ReduceSum" && opset >= 13)
+/// Whether a reduction reads its axes from input 1 (ReduceSum from version 13, the others
+/// from 18) rather than from the `axes` attribute. At opset `v` the effective version is at
+/// least 13 (18) exactly when `v` is, so an opset may be passed too.
+pub(super) fn reduce_axes_as_input(op_type: &str, version: i64) -> bool {
+    version >= 18 || (op_type == "ReduceSum" && version >= 13)
 }
 
-/// Input positions a converter reads only as constants (axes, split sizes, Dropout's ratio,
-/// Resize's roi, ...): they are not added to the graph, so a model's constant parameters do
-/// not turn into unused constant nodes.
-pub(super) fn const_only_inputs(op_type: &str, opset: i64, present: &[bool]) -> Vec<usize> {
+/// Input positions a converter reads as attributes when they are constants (axes, split sizes,
+/// Dropout's ratio, Resize's roi, ...): those are not added to the graph, so a model's constant
+/// parameters do not turn into unused constant nodes. Computed ones stay inputs.
+pub(super) fn const_only_inputs(op_type: &str, version: i64, present: &[bool]) -> Vec<usize> {
     match op_type {
-        "Unsqueeze" | "Squeeze" | "Split" if opset >= 13 => vec![1],
-        _ if reduce_op(op_type).is_some() && reduce_axes_as_input(op_type, opset) => vec![1],
+        "Unsqueeze" | "Squeeze" | "Split" if version >= 13 => vec![1],
+        _ if reduce_op(op_type).is_some() && reduce_axes_as_input(op_type, version) => vec![1],
         "Dropout" => vec![1, 2],
+        "Resize" if version < 11 => vec![],
         "Resize" if present.get(3).copied().unwrap_or(false) => vec![1, 2],
         "Resize" => vec![1],
         _ => vec![],
     }
 }
 
-/// Why a node cannot be imported, for reasons visible without building anything (attribute
-/// values, outputs the model uses that slimnn does not produce). `used[i]` says whether output
-/// `i` is read by a node or is a graph output.
-pub(super) fn static_unsupported(op_type: &str, attrs: &Attrs, used: &[bool]) -> Option<String> {
+/// Why a node (of op version `version`) cannot be imported, for reasons visible without
+/// building anything (attribute values, outputs the model uses that slimnn does not produce).
+/// `used[i]` says whether output `i` is read by a node or is a graph output.
+pub(super) fn static_unsupported(op_type: &str, version: i64, attrs: &Attrs, used: &[bool]) -> Option<String> {
     let used_beyond = |n: usize| used.iter().skip(n).any(|&u| u);
     match op_type {
-        "Dropout" if used_beyond(1) => Some("its mask output is used; only inference (output 0) is supported".into()),
-        "LayerNormalization" if used_beyond(1) => {
-            Some("its Mean / InvStdDev outputs are used; only output Y is supported".into())
+        "Dropout" if version < 10 && used_beyond(1) => {
+            Some("its mask output (of the input's type before version 10) is not supported".into())
         }
+        "LayerNormalization" if used_beyond(1) && attrs.i_or("stash_type", 1) != 1 => Some(format!(
+            "its Mean / InvStdDev outputs are used with stash_type {}; only 1 (float) is supported",
+            attrs.i_or("stash_type", 1)
+        )),
         "BatchNormalization" if attrs.i_or("training_mode", 0) != 0 => {
             Some("training_mode = 1 is not supported".into())
+        }
+        "BatchNormalization" if version < 9 && attrs.i_or("spatial", 1) != 1 => {
+            Some("spatial = 0 (per-element statistics) is not supported".into())
         }
         "BatchNormalization" if used_beyond(1) => Some(
             "its training outputs (running / saved mean and variance) are used; only inference is supported".into(),
@@ -298,6 +331,10 @@ pub(super) fn static_unsupported(op_type: &str, attrs: &Attrs, used: &[bool]) ->
         "Cast" => match dtype_from_onnx(attrs.i_or("to", 0) as i32) {
             Err(e) => Some(format!("cast target: {e}")),
             Ok(_) => None,
+        },
+        "Resize" if version < 11 => match attrs.s_or("mode", "nearest").as_str() {
+            "nearest" | "linear" => None,
+            m => Some(format!("mode '{m}' is not supported")),
         },
         "Resize" => {
             let coord = attrs.s_or("coordinate_transformation_mode", "half_pixel");
@@ -320,6 +357,9 @@ pub(super) fn static_unsupported(op_type: &str, attrs: &Attrs, used: &[bool]) ->
         }
         "QuantizeLinear" | "DequantizeLinear" if attrs.i_or("block_size", 0) != 0 => {
             Some("blocked quantization (block_size != 0) is not supported".into())
+        }
+        "QuantizeLinear" if attrs.i_or("precision", 0) != 0 => {
+            Some(format!("precision {} is not supported (only the scale's own type)", attrs.i_or("precision", 0)))
         }
         "QuantizeLinear" if attrs.has("output_dtype") && attrs.i_or("output_dtype", 0) != 0 => {
             match dtype_from_onnx(attrs.i_or("output_dtype", 0) as i32) {
@@ -395,11 +435,18 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             let dt = cx.fact(x).dtype;
             let mut bounds = vec![x];
             for (i, high) in [(1, false), (2, true)] {
-                let o = match cx.opt(i) {
-                    Some(o) => o,
-                    None => {
+                let name = if high { "max" } else { "min" };
+                // Before version 11 the bounds are float attributes.
+                let legacy = if cx.version < 11 { cx.attrs.f(name) } else { None };
+                let o = match (cx.opt(i), legacy) {
+                    (Some(o), _) => o,
+                    (None, Some(v)) => {
+                        let t = Tensor::from_f64s(dt, vec![], &[f64::from(v)])?;
+                        cx.konst(name, t)?
+                    }
+                    (None, None) => {
                         let t = extreme(dt, high).ok_or_else(|| cx.invalid(format!("Clip of {dt} is not defined")))?;
-                        cx.konst(if high { "max" } else { "min" }, t)?
+                        cx.konst(name, t)?
                     }
                 };
                 bounds.push(o);
@@ -412,7 +459,16 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                     return Err(cx.unsupported("training_mode = true is not supported"));
                 }
             }
-            cx.add(Identity, vec![cx.input(0)?])
+            let x = cx.input(0)?;
+            let mut outs = cx.add(Identity, vec![x])?;
+            if cx.output_used(1) {
+                // Inference keeps everything: the mask is all true.
+                let shape = cx.add_aux("mask_shape", Shape { start: 0, end: None }, vec![x])?;
+                let value = Arc::new(Tensor::scalar(true).into_shape(vec![1])?);
+                let mask = cx.add_aux("mask", ConstantOfShape { value }, vec![shape])?;
+                outs.push(mask);
+            }
+            Ok(outs)
         }
         "MatMul" => cx.add(MatMul, vec![cx.input(0)?, cx.input(1)?]),
         "Gemm" => {
@@ -427,7 +483,7 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             cx.add(op, ins)
         }
         "Softmax" | "LogSoftmax" => {
-            let legacy_2d = cx.opset < 13;
+            let legacy_2d = cx.version < 13;
             let axis = a.i_or("axis", if legacy_2d { 1 } else { -1 });
             let x = cx.input(0)?;
             if op_type == "Softmax" {
@@ -437,7 +493,9 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             }
         }
         "LayerNormalization" => {
-            let op = LayerNorm::new(a.i_or("axis", -1), a.f_or("epsilon", 1e-5));
+            // Mean and InvStdDev only when the model reads them.
+            let num_outputs = (1..=3).rev().find(|&k| k == 1 || cx.output_used(k - 1)).unwrap_or(1);
+            let op = LayerNorm { axis: a.i_or("axis", -1), epsilon: a.f_or("epsilon", 1e-5), num_outputs };
             let mut ins = vec![cx.input(0)?, cx.input(1)?];
             ins.extend(cx.opt(2));
             cx.add(op, ins)
@@ -476,13 +534,31 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             cx.add(Transpose { perm }, vec![cx.input(0)?])
         }
         "Unsqueeze" => {
-            let axes = if cx.opset < 13 { a.ints("axes").map(<[i64]>::to_vec) } else { cx.const_ints(1, "axes")? };
-            let axes = axes.ok_or_else(|| cx.invalid("axes are required"))?;
-            cx.add(Unsqueeze { axes }, vec![cx.input(0)?])
+            let x = cx.input(0)?;
+            let axes = if cx.version < 13 {
+                a.ints("axes").map_or(IntsArg::Absent, |v| IntsArg::Const(v.to_vec()))
+            } else {
+                cx.ints_arg(1, "axes")?
+            };
+            match axes {
+                IntsArg::Const(axes) => cx.add(Unsqueeze { axes }, vec![x]),
+                IntsArg::Dynamic(o) => cx.add(Unsqueeze { axes: vec![] }, vec![x, o]),
+                IntsArg::Absent => Err(cx.invalid("axes are required")),
+            }
         }
         "Squeeze" => {
-            let axes = if cx.opset < 13 { a.ints("axes").map(<[i64]>::to_vec) } else { cx.const_ints(1, "axes")? };
-            cx.add(Squeeze { axes }, vec![cx.input(0)?])
+            let x = cx.input(0)?;
+            let axes = if cx.version < 13 {
+                a.ints("axes").map_or(IntsArg::Absent, |v| IntsArg::Const(v.to_vec()))
+            } else {
+                cx.ints_arg(1, "axes")?
+            };
+            match axes {
+                // An empty list means "not given": every size-1 dim.
+                IntsArg::Const(axes) => cx.add(Squeeze { axes: Some(axes).filter(|v| !v.is_empty()) }, vec![x]),
+                IntsArg::Dynamic(o) => cx.add(Squeeze { axes: None }, vec![x, o]),
+                IntsArg::Absent => cx.add(Squeeze { axes: None }, vec![x]),
+            }
         }
         "Concat" => {
             let axis = a.i_or("axis", 0);
@@ -506,7 +582,15 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             }
             cx.add(ConstantOfShape { value: Arc::new(value) }, vec![cx.input(0)?])
         }
-        "Range" => cx.add(Range, vec![cx.input(0)?, cx.input(1)?, cx.input(2)?]),
+        "Range" => {
+            let ins = vec![cx.input(0)?, cx.input(1)?, cx.input(2)?];
+            // slimnn computes float16 / bfloat16 ranges in wider floats: stash_type 1.
+            let stash = a.i_or("stash_type", 1);
+            if stash != 1 && matches!(cx.fact(ins[0]).dtype, DType::F16 | DType::BF16) {
+                return Err(cx.unsupported(format!("stash_type {stash} is not supported (only 1, float)")));
+            }
+            cx.add(Range, ins)
+        }
         "Flatten" => {
             let axis = a.i_or("axis", 1);
             cx.add(Flatten { axis }, vec![cx.input(0)?])
@@ -516,6 +600,16 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             let mode_s = a.s_or("mode", "constant");
             let mode = pad_mode(&mode_s).ok_or_else(|| cx.invalid(format!("unknown mode '{mode_s}'")))?;
             let x = cx.input(0)?;
+            if cx.version < 11 {
+                // pads and value attributes, as the inputs of version 11.
+                let pads = a.ints("pads").unwrap_or(&[]).to_vec();
+                let value = f64::from(a.f_or("value", 0.0));
+                let pads = cx.konst("pads", Tensor::from_vec(vec![pads.len()], pads)?)?;
+                let dt = cx.fact(x).dtype;
+                let value = Tensor::from_f64s(dt, vec![], &[value])?;
+                let value = cx.konst("constant_value", value)?;
+                return cx.add(Pad { mode }, vec![x, pads, value]);
+            }
             let mut ins = vec![x, cx.input(1)?];
             if let Some(axes) = cx.opt(3) {
                 let value = match cx.opt(2) {
@@ -589,6 +683,13 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
         "DequantizeLinear" => {
             let axis = a.i_or("axis", 1);
             let (x, scale) = (cx.input(0)?, cx.input(1)?);
+            // The output has the scale's type; output_dtype (23) may only restate it.
+            let sdt = cx.fact(scale).dtype;
+            match a.i_or("output_dtype", 0) {
+                0 => {}
+                code if dtype_from_onnx(code as i32).ok() == Some(sdt) => {}
+                code => return Err(cx.unsupported(format!("output_dtype {code} differs from the scale's type {sdt}"))),
+            }
             let zp = match cx.opt(2) {
                 Some(zp) => zp,
                 None => {
@@ -682,14 +783,19 @@ fn conv_attrs(cx: &Cx) -> Result<ConvAttrs> {
 
 fn reduce(cx: &mut Cx, op: ReduceOp) -> Result<Vec<OutletId>> {
     let keepdims = cx.bool_attr("keepdims", true);
-    let (axes, noop_with_empty_axes) = if reduce_axes_as_input(cx.op_type, cx.opset) {
-        (cx.const_ints(1, "axes")?, cx.bool_attr("noop_with_empty_axes", false))
+    let x = cx.input(0)?;
+    let (axes, noop_with_empty_axes) = if reduce_axes_as_input(cx.op_type, cx.version) {
+        (cx.ints_arg(1, "axes")?, cx.bool_attr("noop_with_empty_axes", false))
     } else {
-        (cx.attrs.ints("axes").map(<[i64]>::to_vec), false)
+        (cx.attrs.ints("axes").map_or(IntsArg::Absent, |v| IntsArg::Const(v.to_vec())), false)
     };
-    // An empty axes list means "not given".
-    let axes = axes.filter(|v| !v.is_empty());
-    cx.add(Reduce { op, axes, keepdims, noop_with_empty_axes }, vec![cx.input(0)?])
+    let r = |axes| Reduce { op, axes, keepdims, noop_with_empty_axes };
+    match axes {
+        // An empty axes list means "not given".
+        IntsArg::Const(v) => cx.add(r(Some(v).filter(|v| !v.is_empty())), vec![x]),
+        IntsArg::Dynamic(o) => cx.add(r(None), vec![x, o]),
+        IntsArg::Absent => cx.add(r(None), vec![x]),
+    }
 }
 
 fn variadic(cx: &mut Cx) -> Result<Vec<OutletId>> {
@@ -725,6 +831,18 @@ fn variadic(cx: &mut Cx) -> Result<Vec<OutletId>> {
 }
 
 fn slice(cx: &mut Cx) -> Result<Vec<OutletId>> {
+    if cx.version < 10 {
+        // starts, ends and axes attributes, as the inputs of version 10.
+        let x = cx.input(0)?;
+        let mut ins = vec![x];
+        for name in ["starts", "ends", "axes"] {
+            if let Some(v) = cx.attrs.ints(name) {
+                let t = Tensor::from_vec(vec![v.len()], v.to_vec())?;
+                ins.push(cx.konst(name, t)?);
+            }
+        }
+        return cx.add(Slice, ins);
+    }
     let mut ins = vec![cx.input(0)?, cx.input(1)?, cx.input(2)?];
     match (cx.opt(3), cx.opt(4)) {
         (axes, None) => ins.extend(axes),
@@ -743,24 +861,48 @@ fn slice(cx: &mut Cx) -> Result<Vec<OutletId>> {
 
 fn split(cx: &mut Cx) -> Result<Vec<OutletId>> {
     let axis = cx.attrs.i_or("axis", 0);
-    let sizes = if cx.opset < 13 { cx.attrs.ints("split").map(<[i64]>::to_vec) } else { cx.const_ints(1, "split")? };
-    let split = sizes.map(|s| cx.usizes("split", &s)).transpose()?;
+    let x = cx.input(0)?;
+    let sizes = if cx.version < 13 {
+        cx.attrs.ints("split").map_or(IntsArg::Absent, |v| IntsArg::Const(v.to_vec()))
+    } else {
+        cx.ints_arg(1, "split")?
+    };
     let num_outputs = cx.n_outputs;
     if let Some(n) = cx.attrs.i("num_outputs") {
         if n != num_outputs as i64 {
             return Err(cx.invalid(format!("num_outputs is {n} but the node lists {num_outputs} outputs")));
         }
     }
+    let split = match sizes {
+        IntsArg::Dynamic(sizes) => return cx.add(Split { axis, split: None, num_outputs }, vec![x, sizes]),
+        IntsArg::Const(v) => Some(cx.usizes("split", &v)?),
+        IntsArg::Absent => None,
+    };
     if split.as_ref().is_some_and(|s| s.len() != num_outputs) {
         return Err(
             cx.invalid(format!("split has {} sizes for {num_outputs} outputs", split.as_ref().map_or(0, Vec::len)))
         );
     }
-    cx.add(Split { axis, split, num_outputs }, vec![cx.input(0)?])
+    cx.add(Split { axis, split, num_outputs }, vec![x])
 }
 
 fn resize(cx: &mut Cx) -> Result<Vec<OutletId>> {
     let a = &cx.attrs;
+    if cx.version < 11 {
+        // Version 10: (X, scales), asymmetric coordinates, nearest rounding down (ONNX Runtime
+        // rounds up when downsampling there, a leftover of Upsample).
+        let mode_s = a.s_or("mode", "nearest");
+        let op = Resize {
+            mode: resize_mode(&mode_s).ok_or_else(|| cx.unsupported(format!("mode '{mode_s}' is not supported")))?,
+            coord: CoordMode::Asymmetric,
+            nearest: NearestMode::Floor,
+            cubic_coeff_a: -0.75,
+            exclude_outside: false,
+            target: ResizeTarget::Scales,
+            axes: None,
+        };
+        return cx.add(op, vec![cx.input(0)?, cx.input(1)?]);
+    }
     let mode_s = a.s_or("mode", "nearest");
     let coord_s = a.s_or("coordinate_transformation_mode", "half_pixel");
     let nearest_s = a.s_or("nearest_mode", "round_prefer_floor");
@@ -824,19 +966,46 @@ mod tests {
         assert_eq!(const_only_inputs("ReduceMean", 18, &[true, true]), vec![1]);
         assert_eq!(const_only_inputs("Resize", 11, &[true, true, true, true]), vec![1, 2]);
         assert_eq!(const_only_inputs("Resize", 13, &[true, true, true]), vec![1]);
+        assert!(const_only_inputs("Resize", 10, &[true, true]).is_empty());
+        assert!(const_only_inputs("ReduceSum", 11, &[true]).is_empty());
+    }
+
+    fn i_attr(name: &str, v: i64) -> AttributeProto {
+        AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(AttributeType::Int as i32),
+            i: Some(v),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn static_checks() {
         let none = Attrs { list: &[] };
-        assert!(static_unsupported("MaxPool", &none, &[true, false]).is_none());
-        assert!(static_unsupported("MaxPool", &none, &[true, true]).is_some());
-        assert!(static_unsupported("LayerNormalization", &none, &[true, false, true]).is_some());
+        assert!(static_unsupported("MaxPool", 12, &none, &[true, false]).is_none());
+        assert!(static_unsupported("MaxPool", 12, &none, &[true, true]).is_some());
+        // LayerNorm statistics are produced in float (stash_type 1) only.
+        assert!(static_unsupported("LayerNormalization", 17, &none, &[true, false, true]).is_none());
+        let f64_stash = [i_attr("stash_type", 11)];
+        let msg = static_unsupported("LayerNormalization", 17, &Attrs { list: &f64_stash }, &[true, true]).unwrap();
+        assert!(msg.contains("stash_type 11"), "{msg}");
+        assert!(static_unsupported("LayerNormalization", 17, &Attrs { list: &f64_stash }, &[true]).is_none());
+        // Dropout's mask is produced from version 10 (bool) on.
+        assert!(static_unsupported("Dropout", 12, &none, &[true, true]).is_none());
+        assert!(static_unsupported("Dropout", 7, &none, &[true, true]).is_some());
+        let spatial0 = [i_attr("spatial", 0)];
+        assert!(static_unsupported("BatchNormalization", 7, &Attrs { list: &spatial0 }, &[true]).is_some());
+        assert!(static_unsupported("BatchNormalization", 7, &none, &[true]).is_none());
         let tf = [s_attr("coordinate_transformation_mode", "tf_crop_and_resize")];
-        let msg = static_unsupported("Resize", &Attrs { list: &tf }, &[true]).unwrap();
+        let msg = static_unsupported("Resize", 13, &Attrs { list: &tf }, &[true]).unwrap();
         assert!(msg.contains("tf_crop_and_resize"), "{msg}");
         let ok = [s_attr("mode", "linear")];
-        assert!(static_unsupported("Resize", &Attrs { list: &ok }, &[true]).is_none());
-        assert!(static_unsupported("Constant", &none, &[true]).is_some());
+        assert!(static_unsupported("Resize", 13, &Attrs { list: &ok }, &[true]).is_none());
+        assert!(static_unsupported("Resize", 10, &Attrs { list: &ok }, &[true]).is_none());
+        let cubic = [s_attr("mode", "cubic")];
+        assert!(static_unsupported("Resize", 10, &Attrs { list: &cubic }, &[true]).is_some());
+        let precision = [i_attr("precision", 16)];
+        assert!(static_unsupported("QuantizeLinear", 23, &Attrs { list: &precision }, &[true]).is_some());
+        assert!(static_unsupported("Constant", 13, &none, &[true]).is_some());
     }
 }

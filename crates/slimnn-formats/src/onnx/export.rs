@@ -56,6 +56,8 @@ pub fn required_opset(g: &Graph) -> i64 {
             Op::Unary(Unary(UnaryOp::Gelu { .. })) => 20,
             Op::Pad(p) if p.mode == PadMode::Wrap => 19,
             Op::Pad(_) if n.inputs.len() > 3 => 18,
+            // Run-time axes are an input only from 18 (13 for ReduceSum, below the base).
+            Op::Reduce(_) if n.inputs.len() > 1 => 18,
             Op::Resize(r) if r.coord == CoordMode::HalfPixelSymmetric => 19,
             Op::Resize(r) if r.axes.is_some() => 18,
             Op::Pool(p) if matches!(p.kind, PoolKind::Average { .. }) && p.attrs.dilations.iter().any(|&d| d != 1) => {
@@ -472,23 +474,29 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
         Op::BatchNorm(b) => simple(ex, "BatchNormalization", vec![attr_f("epsilon", b.epsilon)]),
         Op::Reduce(r) => {
             let op_type = reduce_name(r.op);
-            let as_input = reduce_axes_as_input(op_type, opset);
-            let keep = attr_i("keepdims", r.keepdims as i64);
-            match (&r.axes, as_input) {
-                (None, false) if r.noop_with_empty_axes => simple(ex, "Identity", vec![]),
-                (None, false) => simple(ex, op_type, vec![keep]),
-                (Some(axes), false) => simple(ex, op_type, vec![keep, attr_ints("axes", axes)]),
-                (axes, true) => {
-                    let mut i = ins.clone();
-                    if let Some(axes) = axes {
-                        i.push(ex.i64s(&format!("{name}/axes"), axes)?);
-                    }
-                    let mut a = vec![keep];
-                    if r.noop_with_empty_axes {
-                        a.push(attr_i("noop_with_empty_axes", 1));
-                    }
-                    ex.emit(name, op_type, i, outs.clone(), a);
+            let mut a = vec![attr_i("keepdims", r.keepdims as i64)];
+            if !reduce_axes_as_input(op_type, opset) {
+                if n.inputs.len() > 1 {
+                    return Err(FormatError::Invalid(format!("{op_type} with an axes input needs opset 18")));
                 }
+                match &r.axes {
+                    None if r.noop_with_empty_axes => simple(ex, "Identity", vec![]),
+                    None => simple(ex, op_type, a),
+                    Some(axes) => {
+                        a.push(attr_ints("axes", axes));
+                        simple(ex, op_type, a);
+                    }
+                }
+            } else {
+                // The data, and the run-time axes when the node has them.
+                let mut i = ins.clone();
+                if let Some(axes) = &r.axes {
+                    i.push(ex.i64s(&format!("{name}/axes"), axes)?);
+                }
+                if r.noop_with_empty_axes {
+                    a.push(attr_i("noop_with_empty_axes", 1));
+                }
+                ex.emit(name, op_type, i, outs.clone(), a);
             }
         }
         Op::ArgReduce(r) => {
@@ -516,6 +524,10 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
             let a = t.perm.as_ref().map(|p| vec![attr_usizes("perm", p)]).unwrap_or_default();
             simple(ex, "Transpose", a);
         }
+        // Run-time axes are already the node's second input.
+        Op::Unsqueeze(_) | Op::Squeeze(_) if n.inputs.len() > 1 => {
+            simple(ex, if matches!(n.op, Op::Squeeze(_)) { "Squeeze" } else { "Unsqueeze" }, vec![])
+        }
         Op::Unsqueeze(u) => {
             let axes = ex.i64s(&format!("{name}/axes"), &u.axes)?;
             ex.emit(name, "Unsqueeze", vec![ins[0].clone(), axes], outs.clone(), vec![]);
@@ -529,6 +541,7 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
         }
         Op::Concat(c) => simple(ex, "Concat", vec![attr_i("axis", c.axis)]),
         Op::Slice(_) => simple(ex, "Slice", vec![]),
+        Op::Split(s) if n.inputs.len() > 1 => simple(ex, "Split", vec![attr_i("axis", s.axis)]),
         Op::Split(s) => {
             let mut i = vec![ins[0].clone()];
             let mut a = vec![attr_i("axis", s.axis)];

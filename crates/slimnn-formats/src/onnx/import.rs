@@ -1,9 +1,9 @@
-//! ModelProto -> Graph. Every node is checked first (op known for the opset, attributes,
-//! inputs defined, features supported), and only then is the graph built.
+//! ModelProto -> Graph. Every node is checked first (op version read at the model's opset,
+//! attributes, inputs defined, features supported), and only then is the graph built.
 
 use super::convert::{self, Cx};
 use super::proto::{type_proto, GraphProto, ModelProto, NodeProto, ValueInfoProto};
-use super::spec::{self, Attrs};
+use super::spec::{self, Attrs, OpSpec};
 use super::tensor::{dtype_from_onnx, tensor_from_proto};
 use super::{MAX_OPSET, MIN_OPSET};
 use crate::{FormatError, Result};
@@ -55,8 +55,8 @@ pub(super) fn import(model: &ModelProto, base_dir: Option<&Path>) -> Result<Grap
     if !gp.sparse_initializer.is_empty() {
         return Err(FormatError::Unsupported("sparse initializers are not supported".into()));
     }
-    let order = check(gp, opset, &opsets)?;
-    let mut g = build(gp, opset, &order, base_dir)?;
+    let (order, versions) = check(gp, opset, &opsets)?;
+    let mut g = build(gp, opset, &versions, &order, base_dir)?;
     for kv in &model.metadata_props {
         if let Some(k) = &kv.key {
             g.metadata.insert(k.clone(), kv.value.clone().unwrap_or_default());
@@ -65,9 +65,24 @@ pub(super) fn import(model: &ModelProto, base_dir: Option<&Path>) -> Result<Grap
     Ok(g)
 }
 
+/// The version of the spec's op the importer reads at `opset` (its effective version there), or
+/// why it reads none: "op Gelu (opset 17): Gelu needs opset 20", "op Foo version 23 (opset 23):
+/// not supported".
+fn read_version(spec: &OpSpec, opset: i64) -> std::result::Result<i64, String> {
+    let op = spec.op;
+    let Some(version) = spec::effective_version(op, opset) else {
+        let first = spec::history(op).and_then(|h| h.first()).map_or(0, |v| v.0);
+        return Err(format!("op {op} (opset {opset}): {op} needs opset {first}"));
+    };
+    if !spec.versions.contains(&version) {
+        return Err(format!("op {op} version {version} (opset {opset}): not supported"));
+    }
+    Ok(version)
+}
+
 /// Validates every node and returns an execution order (the file's order when it is already
-/// topological, which ONNX requires but not every writer honours).
-fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<Vec<usize>> {
+/// topological, which ONNX requires but not every writer honours) and each node's op version.
+fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<(Vec<usize>, Vec<i64>)> {
     let initial: HashSet<&str> = gp
         .initializer
         .iter()
@@ -92,6 +107,7 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<V
 
     let mut unsupported = Vec::new();
     let mut first_error: Option<FormatError> = None;
+    let mut versions = vec![0; gp.node.len()];
     for (i, n) in gp.node.iter().enumerate() {
         let name = node_name(n, i);
         let op_type = n.op_type.as_deref().unwrap_or("");
@@ -107,38 +123,38 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<V
             unsupported.push(entry);
             continue;
         };
-        if spec.since > opset {
-            unsupported.push(format!("{entry}: {op_type} needs opset {}", spec.since));
-            continue;
-        }
+        let version = match read_version(spec, opset) {
+            Ok(v) => v,
+            Err(why) => {
+                unsupported.push(format!("node '{name}' {why}"));
+                continue;
+            }
+        };
+        versions[i] = version;
         let ni = n.input.len();
         let no = n.output.len();
-        let err =
-            if ni > spec.inputs.1 || n.input.iter().take(spec.inputs.0).any(String::is_empty) || ni < spec.inputs.0 {
-                Some(format!(
-                    "takes {} inputs, got {ni} ({:?})",
-                    if spec.inputs.0 == spec.inputs.1 {
-                        spec.inputs.0.to_string()
-                    } else {
-                        format!("{} to {}", spec.inputs.0, spec.inputs.1)
-                    },
-                    n.input
-                ))
-            } else if no > spec.outputs.1
-                || no < spec.outputs.0
-                || n.output.iter().take(spec.outputs.0).any(String::is_empty)
-            {
-                Some(format!("has {no} outputs, expected {} to {}", spec.outputs.0, spec.outputs.1))
-            } else {
-                spec::check_attrs(spec, &n.attribute, opset).err()
-            };
+        let inputs = spec::input_range(spec, version);
+        let err = if ni > inputs.1 || n.input.iter().take(inputs.0).any(String::is_empty) || ni < inputs.0 {
+            Some(format!(
+                "takes {} inputs at version {version}, got {ni} ({:?})",
+                if inputs.0 == inputs.1 { inputs.0.to_string() } else { format!("{} to {}", inputs.0, inputs.1) },
+                n.input
+            ))
+        } else if no > spec.outputs.1
+            || no < spec.outputs.0
+            || n.output.iter().take(spec.outputs.0).any(String::is_empty)
+        {
+            Some(format!("has {no} outputs, expected {} to {}", spec.outputs.0, spec.outputs.1))
+        } else {
+            spec::check_attrs(spec, &n.attribute, version).err()
+        };
         if let Some(msg) = err {
             first_error.get_or_insert_with(|| FormatError::malformed(label(), msg));
             continue;
         }
         let used_out: Vec<bool> = n.output.iter().map(|o| !o.is_empty() && used.contains(o.as_str())).collect();
-        if let Some(why) = convert::static_unsupported(op_type, &Attrs { list: &n.attribute }, &used_out) {
-            unsupported.push(format!("{entry}: {why}"));
+        if let Some(why) = convert::static_unsupported(op_type, version, &Attrs { list: &n.attribute }, &used_out) {
+            unsupported.push(format!("node '{name}' op {op_type} version {version} (opset {opset}): {why}"));
         }
     }
     if !unsupported.is_empty() {
@@ -197,7 +213,7 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<V
             "it is part of a cycle",
         ));
     }
-    Ok(order)
+    Ok((order, versions))
 }
 
 /// The fact a graph input declares.
@@ -255,7 +271,7 @@ impl Values {
     }
 }
 
-fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) -> Result<Graph> {
+fn build(gp: &GraphProto, opset: i64, versions: &[i64], order: &[usize], base_dir: Option<&Path>) -> Result<Graph> {
     let mut g = Graph::default();
     let mut values = Values { map: HashMap::new() };
     let init_names: HashSet<&str> = gp.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
@@ -288,8 +304,9 @@ fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) 
             }
             continue;
         }
+        let version = versions[i];
         let present: Vec<bool> = n.input.iter().map(|s| !s.is_empty()).collect();
-        let lazy = convert::const_only_inputs(op_type, opset, &present);
+        let lazy = convert::const_only_inputs(op_type, version, &present);
         let mut inputs = Vec::with_capacity(n.input.len());
         let mut konsts = Vec::with_capacity(n.input.len());
         for (k, s) in n.input.iter().enumerate() {
@@ -298,19 +315,25 @@ fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) 
                 konsts.push(None);
                 continue;
             }
-            inputs.push(if lazy.contains(&k) { None } else { values.outlet(&mut g, s)? });
-            konsts.push(values.konst(&g, s));
+            // Constant parameters (axes, sizes) become attributes; computed ones stay inputs.
+            let konst = values.konst(&g, s);
+            let skip = lazy.contains(&k) && konst.is_some();
+            inputs.push(if skip { None } else { values.outlet(&mut g, s)? });
+            konsts.push(konst);
         }
+        let used_outputs = n.output.iter().map(|o| !o.is_empty() && used.contains(o.as_str())).collect();
         let mut cx = Cx {
             g: &mut g,
             name: &name,
             op_type,
             opset,
+            version,
             attrs: Attrs { list: &n.attribute },
             inputs,
             present,
             konsts,
             n_outputs: n.output.len(),
+            used_outputs,
             base_dir,
         };
         let outs = convert::convert(&mut cx)?;
@@ -340,4 +363,24 @@ fn build(gp: &GraphProto, opset: i64, order: &[usize], base_dir: Option<&Path>) 
         g.add_output(name, o);
     }
     Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_per_op() {
+        let relu = spec::spec("Relu").unwrap();
+        assert_eq!(read_version(relu, 7), Ok(6));
+        assert_eq!(read_version(relu, 28), Ok(14));
+        // Relu 1 had consumed_inputs.
+        assert_eq!(read_version(relu, 5).unwrap_err(), "op Relu version 1 (opset 5): not supported");
+        let gelu = spec::spec("Gelu").unwrap();
+        assert_eq!(read_version(gelu, 17).unwrap_err(), "op Gelu (opset 17): Gelu needs opset 20");
+        // A version left out of the list is refused, a later listed one read.
+        let partial = OpSpec { op: "Unsqueeze", versions: &[1, 11, 13], inputs: (1, 2), outputs: (1, 1), attrs: &[] };
+        assert_eq!(read_version(&partial, 20), Ok(13));
+        assert_eq!(read_version(&partial, 23).unwrap_err(), "op Unsqueeze version 23 (opset 23): not supported");
+    }
 }

@@ -1,8 +1,11 @@
 //! ONNX import and export.
 //!
 //! Import ([`load`], [`from_bytes`]) reads opsets [`MIN_OPSET`]..=[`MAX_OPSET`] of the default
-//! domain into a [`Graph`] of canonical ops. Every node is checked before anything is built:
-//! unknown ops (and ops of other domains) are listed all at once in
+//! domain into a [`Graph`] of canonical ops. Support is decided per node: an op's version is the
+//! newest of its versions (per [`op_versions`]) not above the model's opset, and the importer
+//! reads the versions [`supported_versions`] lists, converting older forms (attributes that
+//! later became inputs) to the canonical ops. Every node is checked before anything is built:
+//! unknown ops, unsupported versions and ops of other domains are listed all at once in
 //! [`FormatError::UnsupportedOps`]; missing attributes, dangling edges and bad tensors are
 //! reported with the node or tensor at fault. Initializers may live in external data files,
 //! which must lie inside the model's folder.
@@ -27,6 +30,7 @@
 mod convert;
 mod export;
 mod import;
+pub mod op_versions;
 mod spec;
 mod tensor;
 
@@ -46,10 +50,24 @@ use proto::StringStringEntryProto;
 use slimnn_ir::Graph;
 use std::path::Path;
 
-/// Lowest default-domain opset the importer reads.
-pub const MIN_OPSET: i64 = 11;
-/// Highest default-domain opset the importer reads.
-pub const MAX_OPSET: i64 = 21;
+/// Lowest default-domain opset the importer reads. Which ops it reads at an opset is decided per
+/// op version: below opset 7 many ops had forms slimnn does not read (`consumed_inputs`,
+/// `broadcast` attributes), and those versions are reported as unsupported.
+pub const MIN_OPSET: i64 = 1;
+/// Highest default-domain opset the importer reads: the newest the generated version table
+/// knows.
+pub const MAX_OPSET: i64 = op_versions::NEWEST_OPSET;
+
+/// The versions (`since_version`s) of a default-domain op the importer reads; `None` for ops
+/// it does not map at all.
+pub fn supported_versions(op_type: &str) -> Option<&'static [i64]> {
+    spec::spec(op_type).map(|s| s.versions)
+}
+
+/// Every default-domain op the importer maps, with the versions it reads.
+pub fn supported_ops() -> impl Iterator<Item = (&'static str, &'static [i64])> {
+    spec::SPECS.iter().map(|s| (s.op, s.versions))
+}
 
 /// Protobuf messages cannot exceed 2 GiB; larger models need external data.
 const PROTOBUF_LIMIT: usize = (1 << 31) - 1;
