@@ -6,5 +6,5 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 bash scripts/setup-python.sh
-bash scripts/fetch-assets.sh core
+bash scripts/fetch-assets.sh all
 cargo test --workspace --all-targets "$@"

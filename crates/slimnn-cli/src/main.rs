@@ -6,6 +6,7 @@ use slimnn_cli::bench::{self, BenchConfig};
 use slimnn_cli::model::{self, safe_file_name};
 use slimnn_cli::tasks::SentenceEmbedder;
 use slimnn_formats::{npy, onnx};
+use slimnn_runtime::{Runnable, RuntimeConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -41,6 +42,12 @@ enum Command {
         /// Folder for `<output name>.npy` files (created if missing).
         #[arg(long)]
         output_dir: PathBuf,
+        /// Run on the reference evaluator instead of the optimised runtime.
+        #[arg(long)]
+        reference: bool,
+        /// Worker threads for the optimised runtime (default: physical cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Convert an .onnx file or a Hugging Face checkpoint folder to ONNX.
     Convert {
@@ -151,7 +158,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run { model, inputs, output_dir } => run_model(&model, &inputs, &output_dir),
+        Command::Run { model, inputs, output_dir, reference, threads } => {
+            run_model(&model, &inputs, &output_dir, reference, threads)
+        }
         Command::Convert { src, output } => {
             let g = model::load(&src)?;
             onnx::save(&g, &output).with_context(|| format!("writing {}", output.display()))?;
@@ -185,6 +194,17 @@ fn run(cli: Cli) -> Result<()> {
                     for (t, row) in texts.iter().zip(v.chunks(dim)) {
                         let head: Vec<String> = row.iter().take(6).map(|x| format!("{x:+.4}")).collect();
                         println!("{t}\n  [{} ...] ({dim} dims)", head.join(", "));
+                    }
+                    let rows: Vec<&[f32]> = v.chunks(dim).collect();
+                    for i in 0..rows.len().min(8) {
+                        for j in i + 1..rows.len().min(8) {
+                            println!(
+                                "cosine({}, {}) = {:.4}",
+                                i + 1,
+                                j + 1,
+                                slimnn_cli::tasks::cosine(rows[i], rows[j])
+                            );
+                        }
                     }
                 }
             }
@@ -248,7 +268,7 @@ fn inspect(path: &Path, json: bool, optimized: bool, dims: &[String]) -> Result<
     Ok(())
 }
 
-fn run_model(path: &Path, inputs: &[String], out_dir: &Path) -> Result<()> {
+fn run_model(path: &Path, inputs: &[String], out_dir: &Path, reference: bool, threads: Option<usize>) -> Result<()> {
     let g = model::load(path)?;
     let mut named = Vec::new();
     for spec in inputs {
@@ -256,7 +276,13 @@ fn run_model(path: &Path, inputs: &[String], out_dir: &Path) -> Result<()> {
         let t = npy::read(Path::new(file)).with_context(|| format!("input '{name}'"))?;
         named.push((name.to_string(), t));
     }
-    let outputs = g.eval(named)?;
+    let outputs = if reference {
+        g.eval(named)?
+    } else {
+        let config = RuntimeConfig { threads: threads.unwrap_or_else(slimnn_runtime::physical_cores) };
+        let rt = Runnable::new(g.clone(), config)?;
+        rt.run(&mut rt.new_state(), named)?
+    };
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut seen = std::collections::HashSet::new();
     for ((name, _), t) in g.outputs().iter().zip(&outputs) {

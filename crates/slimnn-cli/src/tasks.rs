@@ -3,13 +3,16 @@
 use anyhow::{bail, Context, Result};
 use slimnn_data::text::TextTokenizer;
 use slimnn_ir::Graph;
+use slimnn_runtime::{Runnable, RuntimeConfig};
 use slimnn_tensor::Tensor;
 use std::path::Path;
 
-/// A BERT-family sentence-embedding model: tokenizer + graph with a `sentence_embedding` output.
+/// A BERT-family sentence-embedding model: tokenizer + graph with a `sentence_embedding` output,
+/// run by the optimised runtime.
 pub struct SentenceEmbedder {
     pub graph: Graph,
     pub tokenizer: TextTokenizer,
+    runnable: Runnable,
     output: usize,
 }
 
@@ -37,16 +40,18 @@ impl SentenceEmbedder {
             .iter()
             .position(|(n, _)| n == "sentence_embedding")
             .with_context(|| format!("{}: the model has no 'sentence_embedding' output", dir.display()))?;
-        Ok(SentenceEmbedder { graph, tokenizer, output })
+        let runnable = Runnable::new(graph.clone(), RuntimeConfig::default())?;
+        Ok(SentenceEmbedder { graph, tokenizer, runnable, output })
     }
 
     /// Embeds texts in batches; returns `[texts, hidden]` f32 L2-normalised embeddings.
     pub fn embed(&self, texts: &[&str], batch: usize) -> Result<Tensor> {
         let mut rows: Vec<f32> = Vec::new();
         let mut dim = 0;
+        let mut state = self.runnable.new_state();
         for chunk in texts.chunks(batch.max(1)) {
             let enc = self.tokenizer.encode(chunk)?;
-            let mut out = self.graph.eval(enc.into_named())?;
+            let mut out = self.runnable.run(&mut state, enc.into_named())?;
             let e = out.swap_remove(self.output);
             dim = e.shape()[1];
             rows.extend_from_slice(e.as_slice::<f32>()?);
