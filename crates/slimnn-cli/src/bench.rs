@@ -240,6 +240,20 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
             }
             let (median, min, max) = stats(ms);
+            if std::env::var_os("SLIMNN_PROFILE").is_some() {
+                let mut st = rt.new_state();
+                st.enable_profile();
+                for _ in 0..cfg.iterations {
+                    rt.run(&mut st, inputs.clone())?;
+                }
+                for (k, d, n) in st.profile() {
+                    eprintln!(
+                        "  profile {k:<28} {:>9.3} ms/run  ({} calls/run)",
+                        d.as_secs_f64() * 1e3 / cfg.iterations as f64,
+                        n / cfg.iterations
+                    );
+                }
+            }
             let ort = if cfg.vs_onnxruntime { Some(run_ort(&onnx_path, &inputs, threads, cfg, &work)?) } else { None };
             let r = Record {
                 batch,

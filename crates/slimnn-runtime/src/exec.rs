@@ -30,9 +30,22 @@ pub struct State {
     pool: Vec<Vec<f32>>,
     live_bytes: usize,
     peak_bytes: usize,
+    profile: Option<std::collections::BTreeMap<String, (std::time::Duration, usize)>>,
 }
 
 impl State {
+    /// Starts timing every step, summed per kernel kind (see [`State::profile`]).
+    pub fn enable_profile(&mut self) {
+        self.profile = Some(Default::default());
+    }
+
+    /// Time and call count per kernel kind since profiling was enabled, slowest first.
+    pub fn profile(&self) -> Vec<(String, std::time::Duration, usize)> {
+        let mut v: Vec<_> = self.profile.iter().flatten().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v
+    }
+
     /// Most bytes of activations (f32 buffers from the pool) alive at once so far.
     pub fn peak_activation_bytes(&self) -> usize {
         self.peak_bytes
@@ -93,11 +106,17 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
     }
     let gpar = if par { Par::Current } else { Par::Seq };
     for step in &plan.steps {
+        let started = st.profile.is_some().then(std::time::Instant::now);
         let result = run_step(step, st, par, gpar).map_err(|e| match e {
             crate::RuntimeError::Ir(ir) => crate::RuntimeError::Ir(ir.at_node(&step.name, "step")),
             other => other,
         });
         let outs = result?;
+        if let (Some(t), Some(p)) = (started, st.profile.as_mut()) {
+            let e = p.entry(step.kernel.name()).or_default();
+            e.0 += t.elapsed();
+            e.1 += 1;
+        }
         for (&s, t) in step.outputs.iter().zip(outs) {
             st.values[s] = Some(Value::Owned(t));
         }
