@@ -42,7 +42,7 @@ impl State {
     /// Time and call count per kernel kind since profiling was enabled, slowest first.
     pub fn profile(&self) -> Vec<(String, std::time::Duration, usize)> {
         let mut v: Vec<_> = self.profile.iter().flatten().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     }
 
