@@ -214,7 +214,11 @@ impl Graph {
     /// computations then become constants, which lets a runtime plan for one input shape.
     pub fn specialized(&self, shapes: &[Vec<usize>]) -> IrResult<Graph> {
         if shapes.len() != self.inputs.len() {
-            return Err(IrError::Graph(format!("{} input shapes given for {} inputs", shapes.len(), self.inputs.len())));
+            return Err(IrError::Graph(format!(
+                "{} input shapes given for {} inputs",
+                shapes.len(),
+                self.inputs.len()
+            )));
         }
         let mut g = self.clone();
         for (&id, shape) in self.inputs.iter().zip(shapes) {
