@@ -149,7 +149,9 @@ thread_local! {
 
 /// `C = epilogue(A·B)` with B unpacked (row-major `k x n`, stride `ldb`), using the active
 /// tier ([`cpu::tier`]). B is packed on the fly into a thread-local buffer that is reused by
-/// later calls, so repeated small GEMMs (attention's per-head products) do not allocate.
+/// later calls, so repeated small GEMMs (attention's per-head products) do not allocate; the
+/// buffer keeps the size of the largest B packed on that thread. For a B used more than once,
+/// pack it once with [`PackedB`] and call [`gemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
