@@ -107,12 +107,17 @@ fn ort_stem(name: &str) -> String {
 }
 
 /// How far two runs' outputs are apart, over batches (worst case).
-#[derive(Default)]
 struct Agreement {
     hidden_max: f64,
     hidden_rel_rms: f64,
     embedding_max: f64,
     embedding_cos: f64,
+}
+
+impl Default for Agreement {
+    fn default() -> Self {
+        Agreement { hidden_max: 0.0, hidden_rel_rms: 0.0, embedding_max: 0.0, embedding_cos: 1.0 }
+    }
 }
 
 impl Agreement {
@@ -128,11 +133,10 @@ impl Agreement {
     }
 
     fn merge(&mut self, o: &Agreement) {
-        let first = self.embedding_cos == 0.0;
         self.hidden_max = self.hidden_max.max(o.hidden_max);
         self.hidden_rel_rms = self.hidden_rel_rms.max(o.hidden_rel_rms);
         self.embedding_max = self.embedding_max.max(o.embedding_max);
-        self.embedding_cos = if first { o.embedding_cos } else { self.embedding_cos.min(o.embedding_cos) };
+        self.embedding_cos = self.embedding_cos.min(o.embedding_cos);
     }
 }
 
