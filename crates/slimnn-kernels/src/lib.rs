@@ -27,13 +27,17 @@
 //! assert_eq!(c, [4.5, 0.0, 10.5, 0.0]);
 //! ```
 
+pub mod attention;
 pub mod cpu;
 mod error;
 pub mod gemm;
 mod math;
 pub mod reference;
+pub mod rows;
 mod simd;
 
 pub use cpu::CpuTier;
 pub use error::KernelError;
 pub use gemm::{gemm, sgemm, sgemm_tier, Activation, Epilogue, PackedB, Par, Residual};
+pub use attention::{AttnDims, AttnMask};
+pub use rows::BinaryOp;

@@ -1,0 +1,464 @@
+//! Multi-head scaled dot-product attention on projections laid out `[batch, seq, heads *
+//! head_dim]` (the layout linear layers produce, so no transposes are materialised):
+//! `out[b, i, h] = softmax(Q[b, i, h] · K[b, :, h]ᵀ * scale + mask) · V[b, :, h]`.
+//!
+//! Per (batch, head), Kᵀ and V are packed once for the GEMM; query rows then go in blocks of
+//! [`BLOCK_ROWS`]: `S = Q·Kᵀ` into a small thread-local buffer that stays in L1, the fused
+//! scale + mask + softmax in place ([`crate::rows`]), and `P·V` by the GEMM straight into the
+//! head's columns of the output (row stride `heads * head_dim`). With threads, tasks are blocks
+//! of query rows (all heads), which own disjoint rows of the output.
+
+use crate::cpu::{self, CpuTier};
+use crate::error::{check_tier, KernelError};
+use crate::gemm::{gemm, Epilogue, PackedB, Par};
+use crate::rows::{scale_rows, softmax_block};
+use rayon::prelude::*;
+use std::cell::Cell;
+
+const KERNEL: &str = "attention";
+
+/// Query rows per block: the score block (`BLOCK_ROWS x seq_k`) stays in L1 for the usual
+/// sequence lengths, and a multiple of the micro-kernels' row counts (4, 6, 8) keeps tiles full.
+const BLOCK_ROWS: usize = 48;
+
+/// Sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub seq_q: usize,
+    pub seq_k: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// An additive mask `[mb, mh, mq, seq_k]` (row-major) broadcast to `[batch, heads, seq_q,
+/// seq_k]`: `mb` is 1 or `batch`, `mh` 1 or `heads`, `mq` 1 or `seq_q`. `-inf` masks a position
+/// out; a query row with every position at `-inf` gives NaN (as ONNX's Softmax).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnMask<'a> {
+    pub data: &'a [f32],
+    pub shape: [usize; 4],
+}
+
+/// Multi-head attention with the active tier's kernels ([`cpu::tier`]): `q` is `[batch, seq_q,
+/// heads * head_dim]`, `k` and `v` are `[batch, seq_k, heads * head_dim]`, `out` is `[batch,
+/// seq_q, heads * head_dim]`; buffers must have exactly those lengths.
+#[allow(clippy::too_many_arguments)]
+pub fn mha(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    mha_with(cpu::tier(), q, k, v, mask, dims, scale, out, par)
+}
+
+/// [`mha`] with the kernels of `tier`, which the host must support.
+#[allow(clippy::too_many_arguments)]
+pub fn mha_with(
+    tier: CpuTier,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    check_tier(tier)?;
+    let hd = check(q, k, v, mask, dims, out)?;
+    if out.is_empty() {
+        return Ok(());
+    }
+    if dims.seq_k == 0 {
+        // Softmax over no keys weights nothing: the sum over keys is empty.
+        out.fill(0.0);
+        return Ok(());
+    }
+    let job = Job { tier, q, k, v, mask, dims, scale, hd };
+    match par {
+        _ if par.threads() <= 1 => job.run_seq(out),
+        Par::Pool(pool) => pool.install(|| job.run_par(out)),
+        _ => job.run_par(out),
+    }
+}
+
+/// Validates buffer lengths and the mask; returns `heads * head_dim`.
+fn check(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    out: &[f32],
+) -> Result<usize, KernelError> {
+    let AttnDims { batch, seq_q, seq_k, heads, head_dim } = dims;
+    let too_big = || KernelError::shape(KERNEL, format!("{dims:?} is too large"));
+    let hd = heads.checked_mul(head_dim).ok_or_else(too_big)?;
+    let q_len = batch.checked_mul(seq_q).and_then(|x| x.checked_mul(hd)).ok_or_else(too_big)?;
+    let kv_len = batch.checked_mul(seq_k).and_then(|x| x.checked_mul(hd)).ok_or_else(too_big)?;
+    for (name, got, want) in
+        [("q", q.len(), q_len), ("k", k.len(), kv_len), ("v", v.len(), kv_len), ("out", out.len(), q_len)]
+    {
+        if got != want {
+            return Err(KernelError::shape(KERNEL, format!("{name} has {got} values, {dims:?} needs {want}")));
+        }
+    }
+    if let Some(m) = mask {
+        let [mb, mh, mq, mk] = m.shape;
+        let ok = |d: usize, full: usize| d == 1 || d == full;
+        if !(ok(mb, batch) && ok(mh, heads) && ok(mq, seq_q) && mk == seq_k) {
+            return Err(KernelError::shape(
+                KERNEL,
+                format!("mask {:?} does not broadcast to [{batch}, {heads}, {seq_q}, {seq_k}]", m.shape),
+            ));
+        }
+        let len = mb.checked_mul(mh).and_then(|x| x.checked_mul(mq)).and_then(|x| x.checked_mul(mk));
+        if len != Some(m.data.len()) {
+            return Err(KernelError::shape(KERNEL, format!("mask {:?} holds {} values", m.shape, m.data.len())));
+        }
+    }
+    Ok(hd)
+}
+
+/// Per-thread scratch: Kᵀ and V packs (sequential path) and the score block.
+#[derive(Default)]
+struct Scratch {
+    packs: Option<(PackedB, PackedB)>,
+    scores: Vec<f32>,
+    /// `1 / sum` per row of the score block.
+    inv: Vec<f32>,
+}
+
+thread_local! {
+    // Taken out while in use, so a nested call (rayon work stealing) gets its own.
+    static SCRATCH: Cell<Option<Scratch>> = const { Cell::new(None) };
+    // The parallel path's packs for every (batch, head), kept on the calling thread.
+    static PACKS: Cell<Vec<(PackedB, PackedB)>> = const { Cell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    let mut s = SCRATCH.with(Cell::take).unwrap_or_default();
+    let r = f(&mut s);
+    SCRATCH.with(|c| c.set(Some(s)));
+    r
+}
+
+fn empty_packs(tier: CpuTier) -> Result<(PackedB, PackedB), KernelError> {
+    Ok((PackedB::empty(tier)?, PackedB::empty(tier)?))
+}
+
+struct Job<'a> {
+    tier: CpuTier,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    mask: Option<AttnMask<'a>>,
+    dims: AttnDims,
+    scale: f32,
+    hd: usize,
+}
+
+impl Job<'_> {
+    /// Packs Kᵀ (`head_dim x seq_k`) and V (`seq_k x head_dim`) of batch `b`, head `h`.
+    fn pack(&self, b: usize, h: usize, (kt, vp): &mut (PackedB, PackedB)) -> Result<(), KernelError> {
+        let AttnDims { seq_k, head_dim: d, .. } = self.dims;
+        let base = b * seq_k * self.hd + h * d;
+        kt.pack_transposed(&self.k[base..], d, seq_k, self.hd)?;
+        vp.pack(&self.v[base..], seq_k, d, self.hd)
+    }
+
+    /// Query rows `i0..i0 + m` of batch `b`, head `h`, into `out_rows` (which starts at row
+    /// `i0`, column 0 of that batch's output).
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        b: usize,
+        h: usize,
+        i0: usize,
+        m: usize,
+        (kt, vp): &(PackedB, PackedB),
+        (scores, inv): (&mut Vec<f32>, &mut Vec<f32>),
+        out_rows: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let AttnDims { seq_q, seq_k, head_dim: d, .. } = self.dims;
+        let hd = self.hd;
+        scores.resize(m * seq_k, 0.0);
+        let s = &mut scores[..m * seq_k];
+        gemm(m, &self.q[(b * seq_q + i0) * hd + h * d..], hd, kt, s, seq_k, Epilogue::NONE, Par::Seq)?;
+        let mask = self.mask.map(|mk| {
+            let [mb, mh, mq, _] = mk.shape;
+            let base = ((b % mb) * mh + h % mh) * mq * seq_k;
+            if mq == 1 {
+                (&mk.data[base..base + seq_k], 0)
+            } else {
+                (&mk.data[base + i0 * seq_k..base + (i0 + m) * seq_k], seq_k)
+            }
+        });
+        // Normalising P·V's rows (head_dim wide) instead of P's (seq_k wide) saves work.
+        inv.resize(m, 0.0);
+        softmax_block(self.tier, s, seq_k, self.scale, mask, Some(&mut inv[..m]))?;
+        let o = &mut out_rows[h * d..];
+        gemm(m, s, seq_k, vp, o, hd, Epilogue::NONE, Par::Seq)?;
+        scale_rows(self.tier, o, d, hd, &inv[..m])
+    }
+
+    /// One thread: head by head, so each head's packs stay in L1 across its row blocks.
+    fn run_seq(&self, out: &mut [f32]) -> Result<(), KernelError> {
+        let AttnDims { batch, seq_q, heads, .. } = self.dims;
+        with_scratch(|s| {
+            let mut packs = match s.packs.take() {
+                Some(p) if p.0.tier() == self.tier => p,
+                _ => empty_packs(self.tier)?,
+            };
+            let result = (|| {
+                for b in 0..batch {
+                    for h in 0..heads {
+                        self.pack(b, h, &mut packs)?;
+                        for i0 in (0..seq_q).step_by(BLOCK_ROWS) {
+                            let m = BLOCK_ROWS.min(seq_q - i0);
+                            let rows = &mut out[(b * seq_q + i0) * self.hd..];
+                            self.block(b, h, i0, m, &packs, (&mut s.scores, &mut s.inv), rows)?;
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            s.packs = Some(packs);
+            result
+        })
+    }
+
+    /// Threads: pack every (batch, head), then one task per block of query rows (all heads).
+    fn run_par(&self, out: &mut [f32]) -> Result<(), KernelError> {
+        let AttnDims { batch, seq_q, heads, .. } = self.dims;
+        let mut packs = PACKS.with(Cell::take);
+        let result = (|| {
+            packs.retain(|p| p.0.tier() == self.tier);
+            packs.truncate(batch * heads);
+            while packs.len() < batch * heads {
+                packs.push(empty_packs(self.tier)?);
+            }
+            packs.par_iter_mut().enumerate().try_for_each(|(i, p)| self.pack(i / heads, i % heads, p))?;
+            let packs = &packs;
+            out.par_chunks_mut(seq_q * self.hd).enumerate().try_for_each(|(b, ob)| {
+                ob.par_chunks_mut(BLOCK_ROWS * self.hd).enumerate().try_for_each(|(blk, rows)| {
+                    with_scratch(|s| {
+                        let m = rows.len() / self.hd;
+                        (0..heads).try_for_each(|h| {
+                            self.block(
+                                b,
+                                h,
+                                blk * BLOCK_ROWS,
+                                m,
+                                &packs[b * heads + h],
+                                (&mut s.scores, &mut s.inv),
+                                rows,
+                            )
+                        })
+                    })
+                })
+            })
+        })();
+        PACKS.with(|c| c.set(packs));
+        result
+    }
+}
+
+/// Scalar reference in f64 (obviously correct, for the property tests).
+pub mod reference {
+    use super::{AttnDims, AttnMask};
+
+    /// `softmax(Q·Kᵀ * scale + mask)·V` per (batch, head) in f64; rows masked entirely give NaN.
+    pub fn mha(q: &[f32], k: &[f32], v: &[f32], mask: Option<AttnMask<'_>>, dims: AttnDims, scale: f32) -> Vec<f64> {
+        let AttnDims { batch, seq_q, seq_k, heads, head_dim: d } = dims;
+        let hd = heads * d;
+        let mut out = vec![0.0; batch * seq_q * hd];
+        for b in 0..batch {
+            for h in 0..heads {
+                for i in 0..seq_q {
+                    let qrow = &q[(b * seq_q + i) * hd + h * d..][..d];
+                    let z: Vec<f64> = (0..seq_k)
+                        .map(|j| {
+                            let krow = &k[(b * seq_k + j) * hd + h * d..][..d];
+                            let dot: f64 = qrow.iter().zip(krow).map(|(&x, &y)| x as f64 * y as f64).sum();
+                            let m = mask.map_or(0.0, |m| {
+                                let [mb, mh, mq, _] = m.shape;
+                                m.data[(((b % mb) * mh + h % mh) * mq + i % mq) * seq_k + j] as f64
+                            });
+                            dot * scale as f64 + m
+                        })
+                        .collect();
+                    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = z.iter().map(|&x| (x - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for (j, &w) in e.iter().enumerate() {
+                        let p = if max == f64::NEG_INFINITY { f64::NAN } else { w / sum };
+                        let vrow = &v[(b * seq_k + j) * hd + h * d..][..d];
+                        for (c, &x) in vrow.iter().enumerate() {
+                            out[(b * seq_q + i) * hd + h * d + c] += p * x as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::supported_tiers;
+    use proptest::prelude::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            if w.is_nan() {
+                assert!(g.is_nan(), "{what} at {i}: {g}, want NaN");
+            } else {
+                assert!((g as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()), "{what} at {i}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_head_by_hand() {
+        // seq_q 1, seq_k 2, d 1: scores [1*1, 1*3] * scale ln(2)/2 -> [ln2/2, 3 ln2/2]
+        // -> weights [1, 2] / 3; V [3, 6] -> 1 + 4 = 5.
+        let dims = AttnDims { batch: 1, seq_q: 1, seq_k: 2, heads: 1, head_dim: 1 };
+        let scale = std::f32::consts::LN_2 / 2.0;
+        for tier in supported_tiers() {
+            let mut out = [0.0];
+            mha_with(tier, &[1.0], &[1.0, 3.0], &[3.0, 6.0], None, dims, scale, &mut out, Par::Seq).unwrap();
+            assert!((out[0] - 5.0).abs() < 1e-5, "{tier}: {out:?}");
+            // Masking key 1 with -inf leaves V[0].
+            let mask = AttnMask { data: &[0.0, f32::NEG_INFINITY], shape: [1, 1, 1, 2] };
+            mha_with(tier, &[1.0], &[1.0, 3.0], &[3.0, 6.0], Some(mask), dims, scale, &mut out, Par::Seq).unwrap();
+            assert_eq!(out[0], 3.0, "{tier}");
+            // Everything masked: NaN.
+            let mask = AttnMask { data: &[f32::NEG_INFINITY; 2], shape: [1, 1, 1, 2] };
+            mha_with(tier, &[1.0], &[1.0, 3.0], &[3.0, 6.0], Some(mask), dims, scale, &mut out, Par::Seq).unwrap();
+            assert!(out[0].is_nan(), "{tier}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let dims = AttnDims { batch: 1, seq_q: 2, seq_k: 3, heads: 2, head_dim: 2 };
+        let (q, kv) = (vec![0.0; 8], vec![0.0; 12]);
+        let mut out = vec![0.0; 8];
+        let run = |q: &[f32], kv: &[f32], mask, out: &mut [f32]| mha(q, kv, kv, mask, dims, 1.0, out, Par::Seq);
+        assert!(run(&q, &kv, None, &mut out).is_ok());
+        assert!(run(&q[..7], &kv, None, &mut out).is_err());
+        assert!(run(&q, &kv[..11], None, &mut out).is_err());
+        assert!(run(&q, &kv, None, &mut out[..7]).is_err());
+        let m = [0.0; 12];
+        let mask = |shape| Some(AttnMask { data: &m[..shape_len(shape)], shape });
+        assert!(run(&q, &kv, mask([1, 2, 2, 3]), &mut out).is_ok());
+        assert!(run(&q, &kv, mask([1, 1, 1, 3]), &mut out).is_ok());
+        assert!(run(&q, &kv, mask([1, 1, 2, 2]), &mut out).is_err(), "seq_k mismatch");
+        assert!(run(&q, &kv, mask([2, 1, 2, 3]), &mut out).is_err(), "batch 2 for 1");
+        assert!(run(&q, &kv, mask([1, 4, 1, 3]), &mut out).is_err(), "heads 4 for 2");
+        let short = Some(AttnMask { data: &m[..5], shape: [1, 1, 2, 3] });
+        assert!(run(&q, &kv, short, &mut out).is_err(), "mask data too short");
+        let huge = AttnDims { batch: usize::MAX, ..dims };
+        assert!(mha(&q, &kv, &kv, None, huge, 1.0, &mut out, Par::Seq).is_err());
+    }
+
+    fn shape_len(s: [usize; 4]) -> usize {
+        s.iter().product()
+    }
+
+    #[test]
+    fn no_keys_gives_zeros() {
+        let dims = AttnDims { batch: 2, seq_q: 3, seq_k: 0, heads: 2, head_dim: 4 };
+        let mut out = vec![1.0; 2 * 3 * 8];
+        mha(&[1.0; 48], &[], &[], None, dims, 1.0, &mut out, Par::Seq).unwrap();
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn minilm_shape_matches_reference_and_threads_agree() {
+        let dims = AttnDims { batch: 2, seq_q: 128, seq_k: 128, heads: 12, head_dim: 32 };
+        let n = 2 * 128 * 384;
+        let (q, k, v) = (values(n, 1), values(n, 2), values(n, 3));
+        // BERT-style padding mask [batch, 1, 1, seq_k]: batch 1 has its last 28 keys masked.
+        let mut m = vec![0.0f32; 2 * 128];
+        m[128 + 100..].fill(-3.4e38);
+        let mask = Some(AttnMask { data: &m, shape: [2, 1, 1, 128] });
+        let want = reference::mha(&q, &k, &v, mask, dims, 0.176_776_7);
+        for tier in supported_tiers() {
+            let mut seq = vec![0.0; n];
+            mha_with(tier, &q, &k, &v, mask, dims, 0.176_776_7, &mut seq, Par::Seq).unwrap();
+            assert_close(&seq, &want, tier.name());
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            let mut par = vec![0.0; n];
+            mha_with(tier, &q, &k, &v, mask, dims, 0.176_776_7, &mut par, Par::Pool(&pool)).unwrap();
+            assert_eq!(seq, par, "{tier}: threads change the result");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn matches_reference(
+            (batch, seq_q, seq_k, heads, head_dim) in (1usize..3, 1usize..70, 1usize..70, 1usize..4, 1usize..70),
+            mask_kind in 0u8..4,
+            bits in any::<[bool; 3]>(),
+            scale in 0.05f32..1.5,
+            threads in 1usize..4,
+            seed in any::<u64>(),
+        ) {
+            let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
+            let hd = heads * head_dim;
+            let q = values(batch * seq_q * hd, seed);
+            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
+            let v = values(batch * seq_k * hd, seed ^ 2);
+            let shape = [
+                if bits[0] { batch } else { 1 },
+                if bits[1] { heads } else { 1 },
+                if bits[2] { seq_q } else { 1 },
+                seq_k,
+            ];
+            // Finite offsets, -inf, or huge negatives on some positions; key 0 stays open in
+            // kinds 2 and 3 except for one fully masked row in kind 3.
+            let mut m = values(shape_len(shape), seed ^ 3);
+            for (i, x) in m.iter_mut().enumerate() {
+                let j = i % seq_k;
+                match mask_kind {
+                    2 if j % 3 == 2 => *x = f32::NEG_INFINITY,
+                    3 if j % 2 == 1 => *x = -1e30,
+                    _ => {}
+                }
+            }
+            if mask_kind == 3 {
+                m[..seq_k].fill(f32::NEG_INFINITY);
+            }
+            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
+            let want = reference::mha(&q, &k, &v, mask, dims, scale);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for tier in supported_tiers() {
+                let mut out = vec![0.0; want.len()];
+                mha_with(tier, &q, &k, &v, mask, dims, scale, &mut out, Par::Pool(&pool)).unwrap();
+                assert_close(&out, &want, tier.name());
+            }
+        }
+    }
+}
