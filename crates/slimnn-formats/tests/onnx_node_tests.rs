@@ -16,6 +16,7 @@
 use prost::Message;
 use regex::Regex;
 use slimnn_formats::onnx::{self, proto};
+use slimnn_runtime::{Runnable, RuntimeConfig};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -136,15 +137,21 @@ fn run_case(dir: &Path, rtol: f64, atol: f64) -> Result<(), String> {
         for (k, p) in inputs.iter().enumerate() {
             feed.push((graph.input_name(k).to_string(), read_tensor(p)?));
         }
-        let outs = graph.eval(feed).map_err(|e| format!("{set_name}: eval: {e}"))?;
+        let outs = graph.eval(feed.clone()).map_err(|e| format!("{set_name}: eval: {e}"))?;
+        // The same case through the optimised runtime (canonicalised, specialised, lowered).
+        let runnable = Runnable::new(graph.clone(), RuntimeConfig { threads: 1 })
+            .map_err(|e| format!("{set_name}: runtime: {e}"))?;
+        let fast = runnable.run(&mut runnable.new_state(), feed).map_err(|e| format!("{set_name}: runtime: {e}"))?;
         let expected = numbered(&set, "output_");
-        if expected.len() != outs.len() {
+        if expected.len() != outs.len() || expected.len() != fast.len() {
             return Err(format!("{set_name}: {} outputs, expected {}", outs.len(), expected.len()));
         }
-        for (k, (got, p)) in outs.iter().zip(&expected).enumerate() {
+        for (k, ((got, quick), p)) in outs.iter().zip(&fast).zip(&expected).enumerate() {
             let want = read_tensor(p)?;
             compare(got, &want, rtol, atol)
                 .map_err(|e| format!("{set_name}: output {k} ('{}'): {e}", graph.outputs()[k].0))?;
+            compare(quick, &want, rtol, atol)
+                .map_err(|e| format!("{set_name}: runtime output {k} ('{}'): {e}", graph.outputs()[k].0))?;
         }
     }
     Ok(())
