@@ -41,6 +41,8 @@ pub struct Record {
     pub peak_memory_bytes: usize,
     /// Peak resident set of the whole process so far (weights, plans and activations).
     pub peak_rss_bytes: u64,
+    /// Resident set after the timed runs minus before them (0 when memory is reused).
+    pub rss_growth_bytes: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ort_median_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -233,12 +235,14 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
                 rt.run(&mut state, inputs.clone())?;
             }
             let mut ms = Vec::with_capacity(cfg.iterations);
+            let rss_before = status_kb("VmRSS:");
             for _ in 0..cfg.iterations {
                 let inp = inputs.clone();
                 let t = Instant::now();
                 rt.run(&mut state, inp)?;
                 ms.push(t.elapsed().as_secs_f64() * 1e3);
             }
+            let rss_growth = status_kb("VmRSS:") as i64 - rss_before as i64;
             let (median, min, max) = stats(ms);
             if std::env::var_os("SLIMNN_PROFILE").is_some() {
                 let mut st = rt.new_state();
@@ -267,6 +271,7 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
                 gflops: flops / 1e9 / (median / 1e3),
                 peak_memory_bytes: state.peak_activation_bytes(),
                 peak_rss_bytes: peak_rss(),
+                rss_growth_bytes: rss_growth,
                 ort_median_ms: ort.as_ref().map(|o| o.median),
                 ort_min_ms: ort.as_ref().map(|o| o.min),
                 speedup: ort.as_ref().map(|o| o.median / median),
