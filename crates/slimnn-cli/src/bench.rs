@@ -151,13 +151,18 @@ pub fn count_flops(g: &Graph, shapes: &[Vec<usize>]) -> Result<f64> {
     Ok(flops)
 }
 
-fn peak_rss() -> u64 {
+/// A `/proc/self/status` memory line (`VmRSS:`, `VmHWM:`) in bytes; 0 where unavailable.
+fn status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+fn peak_rss() -> u64 {
+    status_kb("VmHWM:")
 }
 
 fn python() -> PathBuf {
