@@ -182,25 +182,25 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
         Kernel::LayerNorm { scale, bias, epsilon } => {
             let mut out = st.take(numel);
             let n = *shape.last().unwrap_or(&1);
-            fast::layer_norm(f32s(st.get(step.inputs[0])?)?, n, scale, bias, *epsilon, &mut out, par);
+            fast::layer_norm(f32s(st.get(step.inputs[0])?)?, n, scale, bias, *epsilon, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::Softmax => {
             let mut out = st.take(numel);
             let n = *shape.last().unwrap_or(&1);
-            fast::softmax(f32s(st.get(step.inputs[0])?)?, n, &mut out, par);
+            fast::softmax(f32s(st.get(step.inputs[0])?)?, n, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::Activation(act) => {
             let mut out = st.take(numel);
-            fast::activation(f32s(st.get(step.inputs[0])?)?, *act, &mut out, par);
+            fast::activation(f32s(st.get(step.inputs[0])?)?, *act, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::Binary(op) => {
             let mut out = st.take(numel);
             let row = *shape.last().unwrap_or(&1);
             let (a, b) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
-            fast::binary(*op, a, b, row, &mut out, par);
+            fast::binary(*op, a, b, row, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::Embedding { table } => {
