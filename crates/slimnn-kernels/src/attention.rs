@@ -84,8 +84,8 @@ pub fn mha_with(
     let job = Job { tier, q, k, v, mask, dims, scale, hd };
     match par {
         _ if par.threads() <= 1 => job.run_seq(out),
-        Par::Pool(pool) => pool.install(|| job.run_par(out)),
-        _ => job.run_par(out),
+        Par::Pool(pool) => pool.install(|| job.run_par(out, par.threads())),
+        _ => job.run_par(out, par.threads()),
     }
 }
 
@@ -395,8 +395,11 @@ impl Job<'_> {
     }
 
     /// Threads: pack every (batch, head), then one task per block of query rows (all heads).
-    fn run_par(&self, out: &mut [f32]) -> Result<(), KernelError> {
+    fn run_par(&self, out: &mut [f32], threads: usize) -> Result<(), KernelError> {
         let AttnDims { batch, seq_q, heads, .. } = self.dims;
+        // Blocks small enough for about four tasks per thread (load balance), in multiples of
+        // 8 rows (the widest micro-kernel's height), at most BLOCK_ROWS.
+        let per_task = (batch * seq_q).div_ceil(4 * threads).next_multiple_of(8).clamp(8, BLOCK_ROWS);
         let mut packs = PACKS.with(Cell::take);
         let result = (|| {
             packs.retain(|p| p.0.tier() == self.tier);
@@ -410,14 +413,14 @@ impl Job<'_> {
                 .try_for_each(|(i, p)| with_scratch(|s| self.pack(i / heads, i % heads, p, &mut s.kt)))?;
             let packs = &packs;
             out.par_chunks_mut(seq_q * self.hd).enumerate().try_for_each(|(b, ob)| {
-                ob.par_chunks_mut(BLOCK_ROWS * self.hd).enumerate().try_for_each(|(blk, rows)| {
+                ob.par_chunks_mut(per_task * self.hd).enumerate().try_for_each(|(blk, rows)| {
                     with_scratch(|s| {
                         let m = rows.len() / self.hd;
                         (0..heads).try_for_each(|h| {
                             self.block(
                                 b,
                                 h,
-                                blk * BLOCK_ROWS,
+                                blk * per_task,
                                 m,
                                 &packs[b * heads + h],
                                 (&mut s.scores, &mut s.inv),

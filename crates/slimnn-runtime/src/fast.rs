@@ -12,8 +12,9 @@ pub use slimnn_kernels::AttnDims;
 
 /// Rows per parallel task for row-wise kernels (keeps tasks big enough to be worth it).
 const ROWS_PER_TASK: usize = 16;
-/// Elements per parallel task at least (element-wise kernels have cheap rows).
-const ELEMS_PER_TASK: usize = 1 << 14;
+/// Elements per parallel task at least: row kernels run at several elements per nanosecond,
+/// so smaller tasks cost more in rayon overhead than they gain.
+const ELEMS_PER_TASK: usize = 1 << 16;
 
 /// Runs `f(first_row, out_chunk)` over chunks of whole rows of `n` values, split over rayon's
 /// threads when `par` and there are at least two tasks' worth.
@@ -132,7 +133,7 @@ mod tests {
     }
 
     /// Large enough that `row_chunks` splits the rows over threads.
-    const ROWS: usize = 200;
+    const ROWS: usize = 400;
     const N: usize = 384;
 
     fn both(f: impl Fn(bool, &mut [f32]) -> Result<()> + Sync) -> Vec<f32> {
