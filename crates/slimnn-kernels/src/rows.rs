@@ -519,9 +519,84 @@ unsafe fn centred<T: Simd>(x: *const f32, hi: T, lo: T) -> T {
     T::load(x).sub(hi).sub(lo)
 }
 
-/// Layer norm of `rows` rows of `n` (`n >= 1`): mean from values shifted by the row's first
-/// value (f32 lanes, f64 total), variance from the centred values, both exact enough for rows
-/// with a large common offset.
+/// Layer norm of `R` rows of `n` (`n >= 1`) at once (their reduction chains overlap): mean
+/// from values shifted by each row's first value (f32 lanes, f64 total), variance from the
+/// centred values, both exact enough for rows with a large common offset.
+///
+/// # Safety
+/// Every `x[r]`, `y[r]` valid for `n` f32, `scale` and `bias` for `n`; `S`'s features
+/// available.
+#[inline(always)]
+unsafe fn layer_norm_group<S: Lanes, const R: usize>(
+    x: [*const f32; R],
+    y: [*mut f32; R],
+    n: usize,
+    scale: *const f32,
+    bias: *const f32,
+    eps: f32,
+) {
+    let l = S::LANES;
+    let full = n - n % l;
+    let x0: [f32; R] = std::array::from_fn(|r| *x[r]);
+    let v0: [S; R] = std::array::from_fn(|r| S::splat(x0[r]));
+    let mut acc = [S::zero(); R];
+    let mut j = 0;
+    while j < full {
+        for r in 0..R {
+            acc[r] = acc[r].add(S::load(x[r].add(j)).sub(v0[r]));
+        }
+        j += l;
+    }
+    let mut hi = [0f32; R];
+    let mut lo = [0f32; R];
+    for r in 0..R {
+        let mut shifted = acc[r].hsum() as f64;
+        for j in full..n {
+            shifted += (*x[r].add(j) - x0[r]) as f64;
+        }
+        let mean = x0[r] as f64 + shifted / n as f64;
+        hi[r] = mean as f32;
+        lo[r] = (mean - hi[r] as f64) as f32;
+    }
+    let vhi: [S; R] = std::array::from_fn(|r| S::splat(hi[r]));
+    let vlo: [S; R] = std::array::from_fn(|r| S::splat(lo[r]));
+    let mut acc = [S::zero(); R];
+    let mut j = 0;
+    while j < full {
+        for r in 0..R {
+            let d = centred(x[r].add(j), vhi[r], vlo[r]);
+            acc[r] = d.mul_add(d, acc[r]);
+        }
+        j += l;
+    }
+    let mut inv = [0f32; R];
+    for r in 0..R {
+        let mut sq = acc[r].hsum() as f64;
+        for j in full..n {
+            let d = centred::<f32>(x[r].add(j), hi[r], lo[r]) as f64;
+            sq += d * d;
+        }
+        inv[r] = (1.0 / (sq / n as f64 + eps as f64).sqrt()) as f32;
+    }
+    let vinv: [S; R] = std::array::from_fn(|r| S::splat(inv[r]));
+    let mut j = 0;
+    while j < full {
+        let (sc, bi) = (S::load(scale.add(j)), S::load(bias.add(j)));
+        for r in 0..R {
+            let d = centred(x[r].add(j), vhi[r], vlo[r]);
+            d.mul(vinv[r]).mul_add(sc, bi).store(y[r].add(j));
+        }
+        j += l;
+    }
+    for r in 0..R {
+        for j in full..n {
+            let d = centred::<f32>(x[r].add(j), hi[r], lo[r]);
+            *y[r].add(j) = d * inv[r] * *scale.add(j) + *bias.add(j);
+        }
+    }
+}
+
+/// Layer norm of `rows` rows of `n` (`n >= 1`), four rows at a time.
 ///
 /// # Safety
 /// `x`, `y` valid for `rows * n` f32, `scale` and `bias` for `n`; `S`'s features available.
@@ -536,66 +611,17 @@ unsafe fn layer_norm_body<S: Lanes>(
     bias: *const f32,
     eps: f32,
 ) {
-    let l = S::LANES;
-    let full = n - n % l;
-    for r in 0..rows {
-        let x = x.add(r * n);
-        let y = y.add(r * n);
-        let x0 = *x;
-        let v0 = S::splat(x0);
-        let (mut a0, mut a1) = (S::zero(), S::zero());
-        let mut j = 0;
-        while j + 2 * l <= full {
-            a0 = a0.add(S::load(x.add(j)).sub(v0));
-            a1 = a1.add(S::load(x.add(j + l)).sub(v0));
-            j += 2 * l;
-        }
-        if j < full {
-            a0 = a0.add(S::load(x.add(j)).sub(v0));
-            j += l;
-        }
-        let mut shifted = a0.add(a1).hsum() as f64;
-        while j < n {
-            shifted += (*x.add(j) - x0) as f64;
-            j += 1;
-        }
-        let mean = x0 as f64 + shifted / n as f64;
-        let hi = mean as f32;
-        let lo = (mean - hi as f64) as f32;
-        let (vhi, vlo) = (S::splat(hi), S::splat(lo));
-        let (mut q0, mut q1) = (S::zero(), S::zero());
-        let mut j = 0;
-        while j + 2 * l <= full {
-            let d0 = centred(x.add(j), vhi, vlo);
-            let d1 = centred(x.add(j + l), vhi, vlo);
-            q0 = d0.mul_add(d0, q0);
-            q1 = d1.mul_add(d1, q1);
-            j += 2 * l;
-        }
-        if j < full {
-            let d = centred(x.add(j), vhi, vlo);
-            q0 = d.mul_add(d, q0);
-            j += l;
-        }
-        let mut sq = q0.add(q1).hsum() as f64;
-        while j < n {
-            let d = centred::<f32>(x.add(j), hi, lo) as f64;
-            sq += d * d;
-            j += 1;
-        }
-        let inv = (1.0 / (sq / n as f64 + eps as f64).sqrt()) as f32;
-        let vinv = S::splat(inv);
-        let mut j = 0;
-        while j < full {
-            let d = centred(x.add(j), vhi, vlo);
-            d.mul(vinv).mul_add(S::load(scale.add(j)), S::load(bias.add(j))).store(y.add(j));
-            j += l;
-        }
-        while j < n {
-            let d = centred::<f32>(x.add(j), hi, lo);
-            *y.add(j) = d * inv * *scale.add(j) + *bias.add(j);
-            j += 1;
-        }
+    const G: usize = 4;
+    let mut r0 = 0;
+    while r0 + G <= rows {
+        let xs = std::array::from_fn(|i| x.add((r0 + i) * n));
+        let ys = std::array::from_fn(|i| y.add((r0 + i) * n));
+        layer_norm_group::<S, G>(xs, ys, n, scale, bias, eps);
+        r0 += G;
+    }
+    while r0 < rows {
+        layer_norm_group::<S, 1>([x.add(r0 * n)], [y.add(r0 * n)], n, scale, bias, eps);
+        r0 += 1;
     }
 }
 
@@ -1066,7 +1092,7 @@ mod tests {
     proptest! {
         #[test]
         fn softmax_matches_reference(
-            rows in 1usize..4,
+            rows in 1usize..10,
             n in 1usize..80,
             scale in 0.05f32..2.0,
             seed in any::<u64>(),
@@ -1114,7 +1140,7 @@ mod tests {
 
         #[test]
         fn layer_norm_matches_reference(
-            rows in 1usize..4,
+            rows in 1usize..10,
             n in 1usize..100,
             mu in -200f32..200.0,
             seed in any::<u64>(),
