@@ -203,11 +203,18 @@ mod x86_exp {
     const EXP_POLY5: [f32; 6] = [1.000_000_1, 0.999_999_7, 0.499_988_94, 0.166_675_75, 0.041_915_383, 0.008_297_655];
 }
 
-/// `z = x * scale (+ mask if MASKED)` stored to `dst`; returns `z` (for the running max).
+/// `z = x (* scale if SCALED) (+ mask if MASKED)` stored to `dst`; returns `z` (for the running
+/// max).
 #[inline(always)]
-unsafe fn softmax_load<T: Simd, const MASKED: bool>(src: *const f32, mask: *const f32, dst: *mut f32, scale: T) -> T {
+unsafe fn softmax_load<T: Simd, const MASKED: bool, const SCALED: bool>(
+    src: *const f32,
+    mask: *const f32,
+    dst: *mut f32,
+    scale: T,
+) -> T {
     let x = T::load(src);
-    let z = if MASKED { x.mul(scale).add(T::load(mask)) } else { x.mul(scale) };
+    let x = if SCALED { x.mul(scale) } else { x };
+    let z = if MASKED { x.add(T::load(mask)) } else { x };
     z.store(dst);
     z
 }
@@ -222,7 +229,7 @@ unsafe fn softmax_load<T: Simd, const MASKED: bool>(src: *const f32, mask: *cons
 /// # Safety
 /// Every pointer valid for `n` f32 (masks unless null); `S`'s features available.
 #[inline(always)]
-unsafe fn softmax_group<S: Lanes, const R: usize, const MASKED: bool>(
+unsafe fn softmax_group<S: Lanes, const R: usize, const MASKED: bool, const SCALED: bool>(
     src: [*const f32; R],
     dst: [*mut f32; R],
     mask: [*const f32; R],
@@ -239,7 +246,7 @@ unsafe fn softmax_group<S: Lanes, const R: usize, const MASKED: bool>(
     let mut j = 0;
     while j < full {
         for r in 0..R {
-            vmax[r] = vmax[r].max(softmax_load::<S, MASKED>(src[r].add(j), at(mask[r], j), dst[r].add(j), vs));
+            vmax[r] = vmax[r].max(softmax_load::<S, MASKED, SCALED>(src[r].add(j), at(mask[r], j), dst[r].add(j), vs));
         }
         j += l;
     }
@@ -247,7 +254,7 @@ unsafe fn softmax_group<S: Lanes, const R: usize, const MASKED: bool>(
     for r in 0..R {
         max[r] = vmax[r].hmax();
         for j in full..n {
-            let z = softmax_load::<f32, MASKED>(src[r].add(j), at(mask[r], j), dst[r].add(j), scale);
+            let z = softmax_load::<f32, MASKED, SCALED>(src[r].add(j), at(mask[r], j), dst[r].add(j), scale);
             if z > max[r] {
                 max[r] = z;
             }
@@ -327,17 +334,21 @@ unsafe fn softmax_rows_body<S: Lanes>(
     mask_stride: usize,
     inv: *mut f32,
 ) {
-    if mask.is_null() {
-        softmax_rows_groups::<S, false>(src, dst, rows, n, scale, mask, mask_stride, inv)
-    } else {
-        softmax_rows_groups::<S, true>(src, dst, rows, n, scale, mask, mask_stride, inv)
+    // Compile-time variants drop the mask loads and the multiply by 1 (attention folds its
+    // scale into Kᵀ).
+    let (m, st) = (mask, mask_stride);
+    match (mask.is_null(), scale == 1.0) {
+        (true, true) => softmax_rows_groups::<S, false, false>(src, dst, rows, n, scale, m, st, inv),
+        (true, false) => softmax_rows_groups::<S, false, true>(src, dst, rows, n, scale, m, st, inv),
+        (false, true) => softmax_rows_groups::<S, true, false>(src, dst, rows, n, scale, m, st, inv),
+        (false, false) => softmax_rows_groups::<S, true, true>(src, dst, rows, n, scale, m, st, inv),
     }
 }
 
 /// [`softmax_rows_body`] with the mask's presence known at compile time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn softmax_rows_groups<S: Lanes, const MASKED: bool>(
+unsafe fn softmax_rows_groups<S: Lanes, const MASKED: bool, const SCALED: bool>(
     src: *const f32,
     dst: *mut f32,
     rows: usize,
@@ -358,7 +369,7 @@ unsafe fn softmax_rows_groups<S: Lanes, const MASKED: bool>(
     };
     let mut r0 = 0;
     while r0 + G <= rows {
-        let got = softmax_group::<S, G, MASKED>(
+        let got = softmax_group::<S, G, MASKED, SCALED>(
             std::array::from_fn(|i| src.add((r0 + i) * n)),
             std::array::from_fn(|i| dst.add((r0 + i) * n)),
             std::array::from_fn(|i| mask_at(r0 + i)),
@@ -370,8 +381,14 @@ unsafe fn softmax_rows_groups<S: Lanes, const MASKED: bool>(
         r0 += G;
     }
     while r0 < rows {
-        let got =
-            softmax_group::<S, 1, MASKED>([src.add(r0 * n)], [dst.add(r0 * n)], [mask_at(r0)], n, scale, inv.is_null());
+        let got = softmax_group::<S, 1, MASKED, SCALED>(
+            [src.add(r0 * n)],
+            [dst.add(r0 * n)],
+            [mask_at(r0)],
+            n,
+            scale,
+            inv.is_null(),
+        );
         put(r0, &got);
         r0 += 1;
     }
