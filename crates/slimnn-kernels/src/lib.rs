@@ -10,6 +10,9 @@
 //! * [`gemm`]: f32 GEMM `C = act(A·B + bias [+ C]) + residual` with B packed once
 //!   ([`PackedB`]), a fused [`Epilogue`] and optional threading ([`Par`]); [`sgemm`] packs B on
 //!   the fly.
+//! * [`rows`]: row-wise softmax (optionally scaled and masked), layer norm, activations and
+//!   broadcasting binary ops.
+//! * [`attention`]: multi-head attention on `[batch, seq, heads * head_dim]` projections.
 //!
 //! ```
 //! use slimnn_kernels::{cpu, gemm, Activation, Epilogue, PackedB, Par};
