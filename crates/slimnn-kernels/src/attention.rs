@@ -2,11 +2,12 @@
 //! head_dim]` (the layout linear layers produce, so no transposes are materialised):
 //! `out[b, i, h] = softmax(Q[b, i, h] · K[b, :, h]ᵀ * scale + mask) · V[b, :, h]`.
 //!
-//! Per (batch, head), Kᵀ and V are packed once for the GEMM; query rows then go in blocks of
-//! [`BLOCK_ROWS`]: `S = Q·Kᵀ` into a small thread-local buffer that stays in L1, the fused
-//! scale + mask + softmax in place ([`crate::rows`]), and `P·V` by the GEMM straight into the
-//! head's columns of the output (row stride `heads * head_dim`). With threads, tasks are blocks
-//! of query rows (all heads), which own disjoint rows of the output.
+//! Per (batch, head), `scale * Kᵀ` (transposed in registers) and V are packed once for the
+//! GEMM; query rows then go in blocks of 48: `S = Q·Kᵀ` into a small thread-local buffer that
+//! stays in L1, the fused mask + softmax in place ([`crate::rows`], rows left unnormalised),
+//! `P·V` by the GEMM straight into the head's columns of the output (row stride `heads *
+//! head_dim`), then each output row times its `1 / sum`. With threads, tasks are blocks of
+//! query rows (all heads), which own disjoint rows of the output.
 
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};

@@ -2,9 +2,10 @@
 //! element-wise activations and broadcasting binary ops.
 //!
 //! One generic body per kernel, instantiated for the scalar (`f32`), AVX2 (`__m256`) and
-//! AVX-512 (`__m512`) lanes of [`Simd`] and chosen at run time from [`cpu::tier`]. Row tails
+//! AVX-512 (`__m512`) lanes of the crate's `Simd` trait and chosen at run time from [`cpu::tier`]. Row tails
 //! shorter than a vector go through the one-lane instantiation of the same math. Every kernel
-//! is sequential; callers split rows over threads. [`reference`] holds f64 scalar counterparts.
+//! is sequential; callers split rows over threads. [`reference`](mod@reference) holds f64 scalar
+//! counterparts.
 
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};
