@@ -251,6 +251,7 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
             let (median, min, max) = stats(ms);
             if std::env::var_os("SLIMNN_PROFILE").is_some() {
                 let mut st = rt.new_state();
+                rt.run(&mut st, inputs.clone())?;
                 st.enable_profile();
                 for _ in 0..cfg.iterations {
                     rt.run(&mut st, inputs.clone())?;

@@ -39,8 +39,8 @@ pub mod reference;
 pub mod rows;
 mod simd;
 
+pub use attention::{AttnDims, AttnMask};
 pub use cpu::CpuTier;
 pub use error::KernelError;
 pub use gemm::{gemm, sgemm, sgemm_tier, Activation, Epilogue, PackedB, Par, Residual};
-pub use attention::{AttnDims, AttnMask};
 pub use rows::BinaryOp;

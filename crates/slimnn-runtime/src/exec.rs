@@ -64,8 +64,13 @@ impl State {
             Some(i) => self.pool.swap_remove(i),
             None => Vec::with_capacity(len),
         };
-        v.clear();
-        v.resize(len, 0.0);
+        // Every fast kernel overwrites its whole output, so a reused buffer keeps its stale
+        // contents instead of being zero-filled again.
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0.0);
+        }
         self.live_bytes += v.capacity() * 4;
         self.peak_bytes = self.peak_bytes.max(self.live_bytes);
         v

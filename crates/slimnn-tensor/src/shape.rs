@@ -54,11 +54,15 @@ impl fmt::Display for Dim {
     }
 }
 
+/// The byte limit, read once per process (it sits on the path of every tensor allocation).
 fn byte_limit() -> u128 {
-    if let Some(v) = std::env::var(MAX_TENSOR_BYTES_ENV).ok().and_then(|v| v.parse::<u128>().ok()) {
-        return v;
-    }
-    physical_memory().unwrap_or(16 << 30)
+    static LIMIT: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        if let Some(v) = std::env::var(MAX_TENSOR_BYTES_ENV).ok().and_then(|v| v.parse::<u128>().ok()) {
+            return v;
+        }
+        physical_memory().unwrap_or(16 << 30)
+    })
 }
 
 fn physical_memory() -> Option<u128> {
