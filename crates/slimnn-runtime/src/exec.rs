@@ -215,5 +215,20 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             fast::embedding(f32s(table)?, rows, n, idx, &mut out)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
+        Kernel::Conv(k) => {
+            let mut out = st.take(numel);
+            let residual = match step.inputs.get(1) {
+                Some(&s) => Some(f32s(st.get(s)?)?),
+                None => None,
+            };
+            k.run(f32s(st.get(step.inputs[0])?)?, residual, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::GlobalAveragePool => {
+            let mut out = st.take(numel);
+            let x = f32s(st.get(step.inputs[0])?)?;
+            crate::conv::global_average_pool(x, x.len() / numel.max(1), &mut out)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
     }
 }

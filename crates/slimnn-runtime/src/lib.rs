@@ -19,7 +19,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod conv;
 mod exec;
+mod fold;
 mod fast;
 mod lower;
 mod optimize;

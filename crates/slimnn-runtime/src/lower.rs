@@ -1,9 +1,12 @@
 //! Lowering a shape-specialised graph to a [`Plan`]: fusion groups found by meaning, each
 //! emitted as one kernel step; every other node runs on the reference evaluator.
 
+use crate::conv::ConvKernel;
 use crate::plan::{FastBinary, Fusion, Kernel, Plan, Slot, Step};
 use crate::Result;
-use slimnn_ir::ops::{Binary, BinaryOp, Clip, Gemm, LayerNorm, MatMul, Reshape, Softmax, Transpose, Unary, UnaryOp};
+use slimnn_ir::ops::{
+    Binary, BinaryOp, Clip, Conv, Gemm, GlobalPool, LayerNorm, MatMul, Reshape, Softmax, Transpose, Unary, UnaryOp,
+};
 use slimnn_ir::{Graph, NodeId, Op, OutletId};
 use slimnn_kernels::{Activation, PackedB};
 use slimnn_tensor::{DType, Tensor};
@@ -143,6 +146,23 @@ fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
             }
         }
     }
+    let mut inputs = vec![a];
+    let (activation, residual) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
+    let kernel = Kernel::Gemm { packed, bias, activation, residual };
+    let kind = kernel.name();
+    let note = if notes.is_empty() { String::new() } else { notes.join("; ") };
+    Ok(Some(Group { fusion: Fusion { kind, nodes: c.names(&members), note }, members, kernel, inputs }))
+}
+
+/// Activation then residual Add after `end`, each taken when it is the sole reader; extends
+/// `members` and `inputs` (the residual operand) and returns what was fused.
+fn fuse_tail(
+    c: &Ctx,
+    mut end: OutletId,
+    members: &mut Vec<NodeId>,
+    inputs: &mut Vec<OutletId>,
+    notes: &mut Vec<String>,
+) -> (Activation, bool) {
     let mut activation = Activation::None;
     if let Some(r) = c.sole_reader(end) {
         let act = match &c.g.node(r).op {
@@ -167,7 +187,6 @@ fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
             end = out0(r);
         }
     }
-    let mut inputs = vec![a];
     let mut residual = false;
     if let Some(r) = c.sole_reader(end) {
         if let Some(other) = c.binary_other(r, end, BinaryOp::Add) {
@@ -179,10 +198,38 @@ fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
             }
         }
     }
-    let kernel = Kernel::Gemm { packed, bias, activation, residual };
-    let kind = kernel.name();
-    let note = if notes.is_empty() { String::new() } else { notes.join("; ") };
-    Ok(Some(Group { fusion: Fusion { kind, nodes: c.names(&members), note }, members, kernel, inputs }))
+    (activation, residual)
+}
+
+/// `act(Conv(x, W, b)) + residual` for f32 NCHW 2-d convolutions with constant weights.
+fn match_conv(c: &Ctx, id: NodeId) -> Result<Option<Group>> {
+    let node = c.g.node(id);
+    let Op::Conv(Conv { attrs }) = &node.op else { return Ok(None) };
+    let (x, y) = (node.inputs[0], out0(id));
+    let Some(wt) = node.inputs.get(1).and_then(|&w| c.konst(w)) else { return Ok(None) };
+    let bias = match node.inputs.get(2) {
+        None => None,
+        Some(&b) => match c.konst(b) {
+            Some(t) if t.dtype() == DType::F32 => Some(t.as_slice::<f32>()?),
+            _ => return Ok(None),
+        },
+    };
+    let (Some(xs), Some(ys)) = (c.shape(x), c.shape(y)) else { return Ok(None) };
+    if !c.is_f32(x) || !c.is_f32(y) || wt.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let Some(mut kernel) = ConvKernel::prepare(attrs, &xs, wt.shape(), wt.as_slice::<f32>()?, bias, &ys) else {
+        return Ok(None);
+    };
+    let mut members = vec![id];
+    let mut inputs = vec![x];
+    let mut notes = vec![];
+    let (activation, residual) = fuse_tail(c, y, &mut members, &mut inputs, &mut notes);
+    kernel.activation = activation;
+    kernel.residual = residual;
+    let kernel = Kernel::Conv(Arc::new(kernel));
+    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
+    Ok(Some(Group { fusion, members, kernel, inputs }))
 }
 
 /// Multi-head attention from its exported pattern, anchored at the Softmax:
@@ -371,6 +418,9 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             let ok = a == o && (b == a || bl == 1 || (bl == row && b.last() == Some(&row) && b.len() <= a.len()));
             ok.then_some(Kernel::Binary(fast))
         }
+        Op::GlobalPool(GlobalPool { max: false }) if all_f32 && c.g.fact(ins[0]).rank() >= 3 => {
+            c.shape(ins[0]).map(|_| Kernel::GlobalAveragePool)
+        }
         Op::Gather(slimnn_ir::ops::Gather { axis: 0 }) => {
             let table = c.konst(ins[0]).filter(|t| t.dtype() == DType::F32 && t.rank() == 2);
             match table {
@@ -407,6 +457,8 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
     for id in 0..g.nodes().len() {
         if !c.taken.contains(&id) {
             if let Some(grp) = match_gemm(&c, id, packs)? {
+                claim(&mut c, grp, &mut groups);
+            } else if let Some(grp) = match_conv(&c, id)? {
                 claim(&mut c, grp, &mut groups);
             }
         }

@@ -23,6 +23,7 @@ pub fn optimize(mut g: Graph) -> IrResult<(Graph, OptimizeReport)> {
         .with(ConstantFolding)
         .with(FuseLayerNorm)
         .with(FuseGelu)
+        .with(crate::fold::FoldConvBatchNorm)
         .with(ConstantFolding);
     let r = runner.run(&mut g)?;
     let mut passes: Vec<(String, usize)> = vec![];

@@ -32,6 +32,11 @@ pub enum Kernel {
     Binary(FastBinary),
     /// Rows of a constant f32 table gathered by i64 indices (embeddings).
     Embedding { table: Arc<Tensor> },
+    /// 2-d NCHW convolution with its fused bias, activation and residual; inputs
+    /// `[x, residual?]`.
+    Conv(Arc<crate::conv::ConvKernel>),
+    /// Mean over the spatial dims of `[n, c, spatial...]`.
+    GlobalAveragePool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +107,8 @@ impl Kernel {
             Kernel::Activation(a) => format!("{a:?}").to_lowercase(),
             Kernel::Binary(b) => format!("{b:?}").to_lowercase(),
             Kernel::Embedding { .. } => "embedding".into(),
+            Kernel::Conv(k) => k.name(),
+            Kernel::GlobalAveragePool => "global_average_pool".into(),
         }
     }
 }

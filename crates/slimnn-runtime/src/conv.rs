@@ -1,0 +1,433 @@
+//! 2-d f32 NCHW convolutions: pointwise (1x1) and general `group == 1` convolutions as GEMMs
+//! (im2col for the latter), depthwise convolutions as a direct loop; bias, activation and a
+//! residual are applied in the same pass. Also the global average pool.
+
+use crate::{Result, RuntimeError};
+use rayon::prelude::*;
+use slimnn_ir::ops::{AutoPad, ConvAttrs};
+use slimnn_kernels::{sgemm, Activation, Epilogue, Par};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// How a convolution runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvMethod {
+    /// 1x1, stride 1, no padding: `Out[c_out, hw] = W[c_out, c_in] · X[c_in, hw]`.
+    Pointwise,
+    /// `group == 1`: columns `[c_in * kh * kw, oh * ow]` then the same GEMM.
+    Im2col,
+    /// `group == c_in == c_out`: one filter per channel.
+    Depthwise,
+}
+
+/// Geometry of a 2-d convolution on one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    /// Top and left padding (bottom/right follow from the output size).
+    pub pt: usize,
+    pub pl: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+/// A lowered convolution: weights `[c_out, c_in / group * kh * kw]`, optional bias, activation
+/// and residual (same shape as the output, added after the activation).
+#[derive(Debug)]
+pub struct ConvKernel {
+    pub geom: ConvGeom,
+    pub method: ConvMethod,
+    pub weights: Arc<[f32]>,
+    pub bias: Option<Arc<[f32]>>,
+    pub activation: Activation,
+    pub residual: bool,
+}
+
+impl ConvKernel {
+    pub fn name(&self) -> String {
+        let mut s = match self.method {
+            ConvMethod::Pointwise => "conv1x1",
+            ConvMethod::Im2col => "conv_im2col",
+            ConvMethod::Depthwise => "conv_depthwise",
+        }
+        .to_string();
+        if self.bias.is_some() {
+            s.push_str("+bias");
+        }
+        if self.activation != Activation::None {
+            s.push_str(&format!("+{:?}", self.activation).to_lowercase());
+        }
+        if self.residual {
+            s.push_str("+residual");
+        }
+        s
+    }
+
+    /// Builds the kernel for input `[n, c_in, h, w]`, weights `[c_out, c_in / group, kh, kw]`
+    /// and the (known) output shape; `None` when the convolution is not one this module runs
+    /// (dilations, other group counts, inconsistent shapes).
+    pub fn prepare(
+        attrs: &ConvAttrs,
+        x: &[usize],
+        w_shape: &[usize],
+        weights: &[f32],
+        bias: Option<&[f32]>,
+        y: &[usize],
+    ) -> Option<ConvKernel> {
+        let [_, c_in, h, w] = <[usize; 4]>::try_from(x).ok()?;
+        let [c_out, cpg, kh, kw] = <[usize; 4]>::try_from(w_shape).ok()?;
+        let [_, yc, oh, ow] = <[usize; 4]>::try_from(y).ok()?;
+        if attrs.kernel_shape.as_ref().is_some_and(|k| k != &[kh, kw]) || attrs.dilations.iter().any(|&d| d != 1) {
+            return None;
+        }
+        let (sh, sw) = match attrs.strides.as_slice() {
+            [] => (1, 1),
+            &[a, b] if a > 0 && b > 0 => (a, b),
+            _ => return None,
+        };
+        // Begin pads from the output size, which shape inference already resolved.
+        let total =
+            |i: usize, o: usize, k: usize, s: usize| Some(((o.checked_sub(1)? * s + k) as i64 - i as i64).max(0));
+        let (pt, pl) = match attrs.auto_pad {
+            AutoPad::NotSet => match attrs.pads.as_slice() {
+                [] => (0, 0),
+                &[t, l, _, _] => (t, l),
+                _ => return None,
+            },
+            AutoPad::Valid => (0, 0),
+            AutoPad::SameUpper | AutoPad::SameLower => {
+                let (th, tw) = (total(h, oh, kh, sh)?, total(w, ow, kw, sw)?);
+                let up = attrs.auto_pad == AutoPad::SameUpper;
+                let half = |t: i64| if up { t / 2 } else { (t + 1) / 2 } as usize;
+                (half(th), half(tw))
+            }
+        };
+        let group = attrs.group.max(1);
+        if yc != c_out || c_in != cpg * group || weights.len() != c_out * cpg * kh * kw || oh == 0 || ow == 0 {
+            return None;
+        }
+        let method = if group == 1 {
+            if kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && oh == h && ow == w {
+                ConvMethod::Pointwise
+            } else {
+                ConvMethod::Im2col
+            }
+        } else if group == c_in && c_out == c_in && cpg == 1 {
+            ConvMethod::Depthwise
+        } else {
+            return None;
+        };
+        if let Some(b) = bias {
+            if b.len() != c_out {
+                return None;
+            }
+        }
+        let geom = ConvGeom { c_in, h, w, c_out, kh, kw, sh, sw, pt, pl, oh, ow };
+        Some(ConvKernel {
+            geom,
+            method,
+            weights: Arc::from(weights),
+            bias: bias.map(Arc::from),
+            activation: Activation::None,
+            residual: false,
+        })
+    }
+
+    /// Runs on `x` (`n` images), writing `out` (`n` outputs); `residual` as long as `out`.
+    pub fn run(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32], par: bool) -> Result<()> {
+        let g = &self.geom;
+        let (in_len, out_len) = (g.c_in * g.h * g.w, g.c_out * g.oh * g.ow);
+        if in_len == 0 || out_len == 0 || !x.len().is_multiple_of(in_len) || out.len() != x.len() / in_len * out_len {
+            return Err(shape_error(format!("conv: input of {} values for output of {}", x.len(), out.len())));
+        }
+        if residual.is_some_and(|r| r.len() != out.len()) || residual.is_some() != self.residual {
+            return Err(shape_error("conv: residual does not match the output".into()));
+        }
+        for (i, (xi, oi)) in x.chunks(in_len).zip(out.chunks_mut(out_len)).enumerate() {
+            let ri = residual.map(|r| &r[i * out_len..(i + 1) * out_len]);
+            match self.method {
+                ConvMethod::Pointwise => self.gemm(xi, ri, oi, par)?,
+                ConvMethod::Im2col => COLS.with(|c| {
+                    let mut cols = c.borrow_mut();
+                    im2col(g, xi, &mut cols);
+                    self.gemm(&cols, ri, oi, par)
+                })?,
+                ConvMethod::Depthwise => self.depthwise(xi, ri, oi, par),
+            }
+        }
+        Ok(())
+    }
+
+    /// `out = act(W · cols + bias) + residual`, the bias preloaded and accumulated into.
+    fn gemm(&self, cols: &[f32], residual: Option<&[f32]>, out: &mut [f32], par: bool) -> Result<()> {
+        let g = &self.geom;
+        let (m, k, n) = (g.c_out, self.weights.len() / g.c_out, g.oh * g.ow);
+        let mut ep = Epilogue::NONE.with_activation(self.activation);
+        if let Some(b) = &self.bias {
+            for (row, &bv) in out.chunks_mut(n).zip(b.iter()) {
+                row.fill(bv);
+            }
+            ep = ep.accumulating();
+        }
+        if let Some(r) = residual {
+            ep = ep.with_residual(r, n);
+        }
+        let gp = if par { Par::Current } else { Par::Seq };
+        sgemm(m, k, n, &self.weights, k, cols, n, out, n, ep, gp).map_err(RuntimeError::from)
+    }
+
+    fn depthwise(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32], par: bool) {
+        let g = self.geom;
+        let (plane, oplane, taps) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        let one = |c: usize, o: &mut [f32]| {
+            let xc = &x[c * plane..(c + 1) * plane];
+            let wc = &self.weights[c * taps..(c + 1) * taps];
+            let b = self.bias.as_ref().map_or(0.0, |b| b[c]);
+            depthwise_plane(&g, xc, wc, b, o);
+            let r = residual.map(|r| &r[c * oplane..(c + 1) * oplane]);
+            finish(o, self.activation, r);
+        };
+        if par && out.len() >= 1 << 15 {
+            out.par_chunks_mut(oplane).enumerate().for_each(|(c, o)| one(c, o));
+        } else {
+            out.chunks_mut(oplane).enumerate().for_each(|(c, o)| one(c, o));
+        }
+    }
+}
+
+thread_local! {
+    /// im2col columns, reused across calls on each thread.
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn shape_error(msg: String) -> RuntimeError {
+    RuntimeError::Ir(slimnn_ir::IrError::Graph(msg))
+}
+
+/// Output columns `[lo, hi)` whose input column `ox * s + k - p` lies in `[0, w)`.
+fn valid_range(ow: usize, w: usize, s: usize, k: usize, p: usize) -> (usize, usize) {
+    // ox * s + k >= p  and  ox * s + k - p < w.
+    let lo = if k >= p { 0 } else { (p - k).div_ceil(s) };
+    let hi = if w + p > k { (w + p - k).div_ceil(s).min(ow) } else { 0 };
+    (lo.min(hi), hi)
+}
+
+/// `cols[(ci * kh + ky) * kw + kx][oy * ow + ox] = x[ci][oy * sh + ky - pt][ox * sw + kx - pl]`,
+/// zero outside the input.
+fn im2col(g: &ConvGeom, x: &[f32], cols: &mut Vec<f32>) {
+    let n = g.oh * g.ow;
+    cols.clear();
+    cols.resize(g.c_in * g.kh * g.kw * n, 0.0);
+    for ci in 0..g.c_in {
+        let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &mut cols[((ci * g.kh + ky) * g.kw + kx) * n..][..n];
+                let (lo, hi) = valid_range(g.ow, g.w, g.sw, kx, g.pl);
+                for oy in 0..g.oh {
+                    let iy = (oy * g.sh + ky) as isize - g.pt as isize;
+                    if iy < 0 || iy >= g.h as isize || lo >= hi {
+                        continue;
+                    }
+                    let xr = &xc[iy as usize * g.w..][..g.w];
+                    let orow = &mut row[oy * g.ow..][..g.ow];
+                    let base = lo * g.sw + kx - g.pl;
+                    if g.sw == 1 {
+                        orow[lo..hi].copy_from_slice(&xr[base..base + hi - lo]);
+                    } else {
+                        for (j, o) in orow[lo..hi].iter_mut().enumerate() {
+                            *o = xr[base + j * g.sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One channel of a depthwise convolution: `out = b + sum_taps w * x` over valid taps.
+fn depthwise_plane(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: &mut [f32]) {
+    out.fill(b);
+    for oy in 0..g.oh {
+        let orow = &mut out[oy * g.ow..][..g.ow];
+        for ky in 0..g.kh {
+            let iy = (oy * g.sh + ky) as isize - g.pt as isize;
+            if iy < 0 || iy >= g.h as isize {
+                continue;
+            }
+            let xr = &x[iy as usize * g.w..][..g.w];
+            for kx in 0..g.kw {
+                let wv = w[ky * g.kw + kx];
+                let (lo, hi) = valid_range(g.ow, g.w, g.sw, kx, g.pl);
+                if lo >= hi {
+                    continue;
+                }
+                let base = lo * g.sw + kx - g.pl;
+                if g.sw == 1 {
+                    for (o, &xv) in orow[lo..hi].iter_mut().zip(&xr[base..base + hi - lo]) {
+                        *o += wv * xv;
+                    }
+                } else {
+                    for (j, o) in orow[lo..hi].iter_mut().enumerate() {
+                        *o += wv * xr[base + j * g.sw];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Activation then residual, in place.
+fn finish(o: &mut [f32], act: Activation, residual: Option<&[f32]>) {
+    match act {
+        Activation::None => {}
+        Activation::Relu => o.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Clip { min, max } => o.iter_mut().for_each(|v| *v = v.max(min).min(max)),
+        other => {
+            let src = o.to_vec();
+            // Other activations are rare after depthwise convs; reuse the row kernel.
+            if slimnn_kernels::rows::map_activation(&src, other, o).is_err() {
+                o.copy_from_slice(&src);
+            }
+        }
+    }
+    if let Some(r) = residual {
+        o.iter_mut().zip(r).for_each(|(v, &r)| *v += r);
+    }
+}
+
+/// Global average pool over `rows` of `n` spatial values each.
+pub fn global_average_pool(x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+    if n == 0 || x.len() != out.len() * n {
+        return Err(shape_error(format!("global average pool: {} values for {} outputs", x.len(), out.len())));
+    }
+    for (o, row) in out.iter_mut().zip(x.chunks(n)) {
+        *o = (row.iter().map(|&v| v as f64).sum::<f64>() / n as f64) as f32;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slimnn_ir::ops::Conv;
+    use slimnn_ir::OpDef;
+    use slimnn_tensor::Tensor;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Compares against the reference Conv for input `[n, c, h, w]`, filter `[co, c/group, k, k]`.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        co: usize,
+        k: usize,
+        stride: usize,
+        pads: [usize; 4],
+        group: usize,
+        expect: ConvMethod,
+    ) {
+        let attrs = ConvAttrs {
+            kernel_shape: Some(vec![k, k]),
+            strides: vec![stride, stride],
+            pads: pads.to_vec(),
+            dilations: vec![],
+            group,
+            auto_pad: AutoPad::NotSet,
+        };
+        let xs = vec![n, c, h, w];
+        let ws = vec![co, c / group, k, k];
+        let x = Tensor::from_vec(xs.clone(), values(xs.iter().product(), 1)).unwrap();
+        let wt = Tensor::from_vec(ws.clone(), values(ws.iter().product(), 2)).unwrap();
+        let b = Tensor::from_vec(vec![co], values(co, 3)).unwrap();
+        let y = Conv { attrs: attrs.clone() }.eval(&[&x, &wt, &b]).unwrap().remove(0);
+        let ys = y.shape().to_vec();
+        let mut kern = ConvKernel::prepare(&attrs, &xs, &ws, wt.as_slice().unwrap(), Some(b.as_slice().unwrap()), &ys)
+            .expect("supported");
+        assert_eq!(kern.method, expect);
+        for (act, res) in [(Activation::None, false), (Activation::RELU6, true)] {
+            kern.activation = act;
+            kern.residual = res;
+            let r = values(y.len(), 4);
+            for par in [false, true] {
+                let mut out = vec![f32::NAN; y.len()];
+                kern.run(x.as_slice().unwrap(), res.then_some(r.as_slice()), &mut out, par).unwrap();
+                for (i, (&got, &want)) in out.iter().zip(y.as_slice::<f32>().unwrap()).enumerate() {
+                    let mut want = want;
+                    if act != Activation::None {
+                        want = want.clamp(0.0, 6.0);
+                    }
+                    if res {
+                        want += r[i];
+                    }
+                    assert!((got - want).abs() <= 1e-4, "{i}: {got} vs {want} ({xs:?} {ws:?})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_matches_reference() {
+        check(2, 8, 5, 7, 12, 1, 1, [0; 4], 1, ConvMethod::Pointwise);
+    }
+
+    #[test]
+    fn im2col_matches_reference() {
+        check(1, 3, 9, 8, 5, 3, 1, [1; 4], 1, ConvMethod::Im2col);
+        check(2, 3, 9, 8, 4, 3, 2, [0, 1, 1, 0], 1, ConvMethod::Im2col);
+        check(1, 4, 11, 10, 6, 5, 2, [2; 4], 1, ConvMethod::Im2col);
+        check(1, 4, 6, 6, 6, 1, 2, [0; 4], 1, ConvMethod::Im2col);
+        check(1, 2, 5, 5, 3, 3, 1, [0; 4], 1, ConvMethod::Im2col);
+    }
+
+    #[test]
+    fn depthwise_matches_reference() {
+        check(1, 6, 9, 10, 6, 3, 1, [1; 4], 6, ConvMethod::Depthwise);
+        check(2, 5, 10, 9, 5, 3, 2, [0, 0, 1, 1], 5, ConvMethod::Depthwise);
+        check(1, 4, 11, 12, 4, 5, 2, [1, 2, 2, 1], 4, ConvMethod::Depthwise);
+        check(1, 3, 7, 7, 3, 5, 1, [2; 4], 3, ConvMethod::Depthwise);
+    }
+
+    #[test]
+    fn unsupported_and_bad_shapes() {
+        let attrs = ConvAttrs { group: 2, ..Default::default() };
+        // Grouped but not depthwise.
+        assert!(ConvKernel::prepare(&attrs, &[1, 4, 3, 3], &[4, 2, 1, 1], &[0.0; 8], None, &[1, 4, 3, 3]).is_none());
+        let attrs = ConvAttrs { dilations: vec![2, 2], ..Default::default() };
+        assert!(ConvKernel::prepare(&attrs, &[1, 1, 5, 5], &[1, 1, 3, 3], &[0.0; 9], None, &[1, 1, 1, 1]).is_none());
+        let attrs = ConvAttrs::default();
+        let k = ConvKernel::prepare(&attrs, &[1, 2, 2, 2], &[1, 2, 1, 1], &[1.0, 2.0], None, &[1, 1, 2, 2]).unwrap();
+        // x = [[1,2,3,4],[10,20,30,40]] → 1*x0 + 2*x1.
+        let mut out = [0.0; 4];
+        k.run(&[1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0], None, &mut out, false).unwrap();
+        assert_eq!(out, [21.0, 42.0, 63.0, 84.0]);
+        assert!(k.run(&[1.0; 7], None, &mut out, false).is_err());
+        assert!(k.run(&[1.0; 8], Some(&[0.0; 4]), &mut out, false).is_err());
+    }
+
+    #[test]
+    fn global_average_pool_means_rows() {
+        let mut out = [0.0; 2];
+        global_average_pool(&[1.0, 2.0, 3.0, 4.0, -1.0, 1.0], 3, &mut out).unwrap();
+        assert_eq!(out, [2.0, 4.0 / 3.0]);
+        assert!(global_average_pool(&[1.0; 5], 3, &mut out).is_err());
+    }
+}
