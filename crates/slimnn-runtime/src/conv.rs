@@ -282,7 +282,8 @@ unsafe fn depthwise_plane_avx2(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: 
 fn depthwise_plane_body(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: &mut [f32], scratch: &mut Vec<f32>) {
     let rows = (g.oh - 1) * g.sh + g.kh;
     let cols = (g.ow - 1) * g.sw + g.kw;
-    let pw = cols.div_ceil(g.sw);
+    // Wide enough for whole blocks of `LANES` outputs at every tap offset.
+    let pw = cols.div_ceil(g.sw).max(g.ow.div_ceil(LANES) * LANES + (g.kw - 1) / g.sw);
     scratch.clear();
     scratch.resize(g.sw * rows * pw, 0.0);
     for r in 0..rows {
@@ -295,29 +296,42 @@ fn depthwise_plane_body(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: &mut [f
             for q in 0..g.sw {
                 let dst = &mut scratch[(q * rows + r) * pw..][..pw];
                 // Padded column `j * sw + q` is input column `j * sw + q - pl`.
-                for (j, d) in dst.iter_mut().enumerate() {
-                    if let Some(&v) = (j * g.sw + q).checked_sub(g.pl).and_then(|ix| xr.get(ix)) {
-                        *d = v;
-                    }
+                let j0 = g.pl.saturating_sub(q).div_ceil(g.sw);
+                let Some(ix0) = (j0 * g.sw + q).checked_sub(g.pl).filter(|&ix| ix < g.w) else { continue };
+                for (d, &v) in dst[j0.min(pw)..].iter_mut().zip(xr[ix0..].iter().step_by(g.sw)) {
+                    *d = v;
                 }
             }
         }
     }
+    // Each tap's weight and offset in the scratch, relative to the block's first output.
+    let taps: Vec<(f32, usize)> = (0..g.kh * g.kw)
+        .map(|t| {
+            let (ky, kx) = (t / g.kw, t % g.kw);
+            (w[t], ((kx % g.sw) * rows + ky) * pw + kx / g.sw)
+        })
+        .collect();
+    // Blocks of LANES outputs accumulate over every tap in registers.
     for oy in 0..g.oh {
         let orow = &mut out[oy * g.ow..][..g.ow];
-        orow.fill(b);
-        for ky in 0..g.kh {
-            let r = oy * g.sh + ky;
-            for kx in 0..g.kw {
-                let wv = w[ky * g.kw + kx];
-                let src = &scratch[((kx % g.sw) * rows + r) * pw + kx / g.sw..][..g.ow];
-                for (o, &v) in orow.iter_mut().zip(src) {
-                    *o += wv * v;
+        let row0 = &scratch[oy * g.sh * pw..];
+        for c0 in (0..g.ow).step_by(LANES) {
+            let mut acc = [b; LANES];
+            let block = &row0[c0..];
+            for &(wv, off) in &taps {
+                let src: &[f32; LANES] = block[off..off + LANES].try_into().expect("LANES values");
+                for (a, &v) in acc.iter_mut().zip(src) {
+                    *a += wv * v;
                 }
             }
+            let n = LANES.min(g.ow - c0);
+            orow[c0..c0 + n].copy_from_slice(&acc[..n]);
         }
     }
 }
+
+/// Outputs per depthwise block (one AVX2 register).
+const LANES: usize = 8;
 
 /// Activation then residual, in place.
 fn finish(o: &mut [f32], act: Activation, residual: Option<&[f32]>) {
