@@ -190,9 +190,15 @@ impl ConvKernel {
             let xc = &x[c * plane..(c + 1) * plane];
             let wc = &self.weights[c * taps..(c + 1) * taps];
             let b = self.bias.as_ref().map_or(0.0, |b| b[c]);
-            depthwise_plane(&g, xc, wc, b, o);
+            // Clamping activations run as the block is stored; others in a second pass.
+            let (clamp, rest) = match self.activation {
+                Activation::Relu => (Some((0.0, f32::INFINITY)), Activation::None),
+                Activation::Clip { min, max } => (Some((min, max)), Activation::None),
+                other => (None, other),
+            };
+            depthwise_plane(&g, xc, wc, b, clamp, o);
             let r = residual.map(|r| &r[c * oplane..(c + 1) * oplane]);
-            finish(o, self.activation, r);
+            finish(o, rest, r);
         };
         if par && out.len() >= 1 << 15 {
             out.par_chunks_mut(oplane).enumerate().for_each(|(c, o)| one(c, o));
@@ -255,31 +261,47 @@ fn im2col(g: &ConvGeom, x: &[f32], cols: &mut Vec<f32>) {
 }
 
 /// One channel of a depthwise convolution: `out = b + sum_taps w * x`, on the best tier.
-fn depthwise_plane(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: &mut [f32]) {
+fn depthwise_plane(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, clamp: Option<(f32, f32)>, out: &mut [f32]) {
     PADDED.with(|p| {
         let mut scratch = p.borrow_mut();
         #[cfg(target_arch = "x86_64")]
         if slimnn_kernels::cpu::tier() >= slimnn_kernels::CpuTier::Avx2 {
             // SAFETY: the active tier is only ever one the host supports, and every tier from
             // AVX2 up includes AVX2 and FMA.
-            unsafe { depthwise_plane_avx2(g, x, w, b, out, &mut scratch) };
+            unsafe { depthwise_plane_avx2(g, x, w, b, clamp, out, &mut scratch) };
             return;
         }
-        depthwise_plane_body(g, x, w, b, out, &mut scratch)
+        depthwise_plane_body(g, x, w, b, clamp, out, &mut scratch)
     })
 }
 
 /// [`depthwise_plane_body`] compiled for AVX2 (its loops vectorise 8 wide).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_plane_avx2(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: &mut [f32], scratch: &mut Vec<f32>) {
-    depthwise_plane_body(g, x, w, b, out, scratch)
+unsafe fn depthwise_plane_avx2(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    b: f32,
+    clamp: Option<(f32, f32)>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    depthwise_plane_body(g, x, w, b, clamp, out, scratch)
 }
 
 /// The input plane zero-padded and split into `sw` column phases (`phase q` holds padded
 /// columns `q, q + sw, ...`), so every tap reads a contiguous run of `ow` values.
 #[inline(always)]
-fn depthwise_plane_body(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: &mut [f32], scratch: &mut Vec<f32>) {
+fn depthwise_plane_body(
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    b: f32,
+    clamp: Option<(f32, f32)>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     let rows = (g.oh - 1) * g.sh + g.kh;
     let cols = (g.ow - 1) * g.sw + g.kw;
     // Wide enough for whole blocks of `LANES` outputs at every tap offset.
@@ -323,6 +345,9 @@ fn depthwise_plane_body(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, out: &mut [f
                 for (a, &v) in acc.iter_mut().zip(src) {
                     *a += wv * v;
                 }
+            }
+            if let Some((lo, hi)) = clamp {
+                acc.iter_mut().for_each(|a| *a = a.max(lo).min(hi));
             }
             let n = LANES.min(g.ow - c0);
             orow[c0..c0 + n].copy_from_slice(&acc[..n]);
