@@ -10,14 +10,18 @@ use std::sync::Arc;
 
 enum Value {
     Const(Arc<Tensor>),
+    /// Inputs and reference-evaluator results: dropped when dead.
     Owned(Tensor),
+    /// Results of fast kernels, whose buffers came from the pool and go back to it. Only
+    /// these are recycled, so the pool holds exactly the buffers one run needs.
+    Pooled(Tensor),
 }
 
 impl Value {
     fn tensor(&self) -> &Tensor {
         match self {
             Value::Const(t) => t,
-            Value::Owned(t) => t,
+            Value::Owned(t) | Value::Pooled(t) => t,
         }
     }
 }
@@ -77,7 +81,7 @@ impl State {
     }
 
     fn release(&mut self, v: Value) {
-        if let Value::Owned(t) = v {
+        if let Value::Pooled(t) = v {
             if t.dtype() == DType::F32 {
                 if let Ok(buf) = t.into_vec::<f32>() {
                     self.live_bytes = self.live_bytes.saturating_sub(buf.capacity() * 4);
@@ -122,8 +126,9 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
             e.0 += t.elapsed();
             e.1 += 1;
         }
+        let pooled = !matches!(step.kernel, Kernel::Ref(_));
         for (&s, t) in step.outputs.iter().zip(outs) {
-            st.values[s] = Some(Value::Owned(t));
+            st.values[s] = Some(if pooled { Value::Pooled(t) } else { Value::Owned(t) });
         }
         for &s in &step.frees {
             if let Some(v) = st.values[s].take() {
