@@ -21,8 +21,8 @@
 
 pub mod conv;
 mod exec;
-mod fold;
 mod fast;
+mod fold;
 mod lower;
 mod optimize;
 pub mod plan;
