@@ -72,3 +72,69 @@ impl Pass for FoldConvBatchNorm {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slimnn_ir::ops::ConvAttrs;
+    use slimnn_ir::{Fact, PassRunner};
+
+    fn t(shape: &[usize], v: Vec<f32>) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), v).unwrap()
+    }
+
+    /// `BN(Conv(x))` over 2 channels of a 1x1 conv on a 1x1x2x1 input; `extra_reader` also
+    /// makes the conv output a graph output.
+    fn graph(with_bias: bool, extra_reader: bool) -> Graph {
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[1, 1, 2, 1])).unwrap();
+        let w = g.add_const("w", t(&[2, 1, 1, 1], vec![2.0, -1.0])).unwrap();
+        let mut ins = vec![x, w];
+        if with_bias {
+            ins.push(g.add_const("b", t(&[2], vec![1.0, 3.0])).unwrap());
+        }
+        let y = g.add_node("conv", Conv { attrs: ConvAttrs::default() }, ins).unwrap()[0];
+        let stats: Vec<OutletId> =
+            [("gamma", [2.0, 1.0]), ("beta", [0.5, 0.0]), ("mean", [1.0, 2.0]), ("var", [3.0, 0.0])]
+                .into_iter()
+                .map(|(n, v)| g.add_const(n, t(&[2], v.to_vec())).unwrap())
+                .collect();
+        let bn = g.add_node("bn", BatchNorm { epsilon: 1.0 }, [vec![y], stats].concat()).unwrap()[0];
+        g.add_output("out", bn);
+        if extra_reader {
+            g.add_output("conv_out", y);
+        }
+        g
+    }
+
+    fn run(g: &Graph) -> Vec<Tensor> {
+        g.eval(vec![("x".into(), t(&[1, 1, 2, 1], vec![1.0, 4.0]))]).unwrap()
+    }
+
+    #[test]
+    fn folds_batchnorm_into_conv() {
+        for with_bias in [false, true] {
+            let mut g = graph(with_bias, false);
+            let before = run(&g);
+            let r = PassRunner::new().with(FoldConvBatchNorm).run(&mut g).unwrap();
+            assert_eq!(r.applied, vec![("fold-conv-batchnorm".to_string(), 1)]);
+            assert_eq!(g.op_histogram().get("BatchNormalization"), None);
+            assert_eq!(g.op_histogram().get("Conv"), Some(&1));
+            let after = run(&g);
+            // Channel 0: s = 2 / sqrt(3 + 1) = 1, y = (2x + b0 - 1) * 1 + 0.5;
+            // channel 1: s = 1 / sqrt(0 + 1) = 1, y = (-x + b1 - 2).
+            let b = if with_bias { [1.0, 3.0] } else { [0.0, 0.0] };
+            let want = [2.0 + b[0] - 0.5, 8.0 + b[0] - 0.5, -1.0 + b[1] - 2.0, -4.0 + b[1] - 2.0];
+            assert_eq!(after[0].as_slice::<f32>().unwrap(), want);
+            assert_eq!(before[0], after[0]);
+        }
+    }
+
+    #[test]
+    fn keeps_batchnorm_when_the_conv_output_is_read_elsewhere() {
+        let mut g = graph(true, true);
+        let r = PassRunner::new().with(FoldConvBatchNorm).run(&mut g).unwrap();
+        assert!(r.applied.iter().all(|(_, n)| *n == 0), "{:?}", r.applied);
+        assert_eq!(g.op_histogram().get("BatchNormalization"), Some(&1));
+    }
+}
