@@ -305,7 +305,8 @@ fn depthwise_plane_body(
     let rows = (g.oh - 1) * g.sh + g.kh;
     let cols = (g.ow - 1) * g.sw + g.kw;
     // Wide enough for whole blocks of `LANES` outputs at every tap offset.
-    let pw = cols.div_ceil(g.sw).max(g.ow.div_ceil(LANES) * LANES + (g.kw - 1) / g.sw);
+    // (+1: room for the stride-2 split's last pair.)
+    let pw = cols.div_ceil(g.sw).max(g.ow.div_ceil(LANES) * LANES + (g.kw - 1) / g.sw) + 1;
     scratch.clear();
     scratch.resize(g.sw * rows * pw, 0.0);
     for r in 0..rows {
@@ -314,6 +315,23 @@ fn depthwise_plane_body(
         if g.sw == 1 {
             let n = g.w.min(cols.saturating_sub(g.pl));
             scratch[r * pw + g.pl..][..n].copy_from_slice(&xr[..n]);
+        } else if g.sw == 2 {
+            // Input column `ix` is padded column `ix + pl`: pairs `(2i, 2i + 1)` go to phase
+            // `pl % 2` at `i + pl / 2` and to the other phase at `i + (pl + 1) / 2`.
+            let (lo, hi) = scratch.split_at_mut(rows * pw);
+            let (even, odd) = (&mut lo[r * pw..][..pw], &mut hi[r * pw..][..pw]);
+            let (ra, rb) = if g.pl.is_multiple_of(2) { (even, odd) } else { (odd, even) };
+            let (oa, ob) = (g.pl / 2, g.pl.div_ceil(2));
+            let pairs = xr.chunks_exact(2);
+            let last = pairs.remainder().first().copied();
+            let n = pairs.len();
+            for ((a, b), p) in ra[oa.min(pw)..].iter_mut().zip(rb[ob.min(pw)..].iter_mut()).zip(pairs) {
+                *a = p[0];
+                *b = p[1];
+            }
+            if let (Some(v), Some(d)) = (last, ra.get_mut(oa + n)) {
+                *d = v;
+            }
         } else {
             for q in 0..g.sw {
                 let dst = &mut scratch[(q * rows + r) * pw..][..pw];
@@ -478,6 +496,10 @@ mod tests {
         check(2, 5, 10, 9, 5, 3, 2, [0, 0, 1, 1], 5, ConvMethod::Depthwise);
         check(1, 4, 11, 12, 4, 5, 2, [1, 2, 2, 1], 4, ConvMethod::Depthwise);
         check(1, 3, 7, 7, 3, 5, 1, [2; 4], 3, ConvMethod::Depthwise);
+        // Stride 2 with odd and even widths, odd left pad.
+        check(1, 3, 9, 11, 3, 3, 2, [1, 1, 0, 1], 3, ConvMethod::Depthwise);
+        check(1, 3, 8, 10, 3, 5, 2, [2, 1, 2, 2], 3, ConvMethod::Depthwise);
+        check(1, 2, 7, 7, 2, 3, 3, [1; 4], 2, ConvMethod::Depthwise);
     }
 
     #[test]
