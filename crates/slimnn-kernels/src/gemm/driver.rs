@@ -183,8 +183,16 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                         let cp = job.c.add(ir * job.ldc + col0);
                         // Edge panels compute only the vectors that hold valid columns.
                         let width = cols.div_ceil(T::LANES) * T::LANES;
+                        let ep = TileEpilogue {
+                            bias: null_or(job.bias, col0),
+                            act: job.act,
+                            res: null_or(job.res, ir * job.res_ld + col0),
+                            res_ld: job.res_ld,
+                        };
+                        let finish = last && !job.store_only;
                         if width == cols {
-                            T::tile(mr, width, kc, ap, job.lda, bp, cp, job.ldc, load_c, pf);
+                            let ep_ptr: *const TileEpilogue = if finish { &ep } else { std::ptr::null() };
+                            T::tile(mr, width, kc, ap, job.lda, bp, cp, job.ldc, load_c, pf, ep_ptr);
                         } else {
                             // The last vector is partial: run the kernel on a scratch tile and
                             // copy the valid columns.
@@ -194,19 +202,14 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                                     std::ptr::copy_nonoverlapping(cp.add(r * job.ldc), tmp.add(r * T::NR), cols);
                                 }
                             }
-                            T::tile(mr, width, kc, ap, job.lda, bp, tmp, T::NR, load_c, pf);
+                            T::tile(mr, width, kc, ap, job.lda, bp, tmp, T::NR, load_c, pf, std::ptr::null());
                             for r in 0..mr {
                                 std::ptr::copy_nonoverlapping(tmp.add(r * T::NR), cp.add(r * job.ldc), cols);
                             }
-                        }
-                        if last && !job.store_only {
-                            let ep = TileEpilogue {
-                                bias: null_or(job.bias, col0),
-                                act: job.act,
-                                res: null_or(job.res, ir * job.res_ld + col0),
-                                res_ld: job.res_ld,
-                            };
-                            T::epilogue(mr, cols, cp, job.ldc, &ep);
+                            // Bias and residual hold only `cols` valid columns here.
+                            if finish {
+                                T::epilogue(mr, cols, cp, job.ldc, &ep);
+                            }
                         }
                         ir += mr;
                     }
