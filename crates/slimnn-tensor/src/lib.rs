@@ -16,7 +16,7 @@ mod quant;
 mod shape;
 mod tensor;
 
-pub use block::{block_format, BlockFormat, BlockKind, Q4_0, Q8_0};
+pub use block::{block_format, BlockFormat, BlockKind, Q4K, Q4_0, Q4_1, Q6K, Q8_0};
 pub use dtype::{DType, Element};
 pub use error::TensorError;
 pub use quant::QuantParams;
