@@ -13,6 +13,8 @@
 //! * [`rows`]: row-wise softmax (optionally scaled and masked), layer norm, activations and
 //!   broadcasting binary ops.
 //! * [`attention`]: multi-head attention on `[batch, seq, heads * head_dim]` projections.
+//! * [`qgemm`]: `u8 x i8 -> i32` GEMM (AVX-512 VNNI, AVX-VNNI, AVX2) with dequantize /
+//!   requantize epilogues, activation quantization, weight-only int8 / int4 GEMM.
 //!
 //! ```
 //! use slimnn_kernels::{cpu, gemm, Activation, Epilogue, PackedB, Par};
@@ -35,6 +37,7 @@ pub mod cpu;
 mod error;
 pub mod gemm;
 mod math;
+pub mod qgemm;
 pub mod reference;
 pub mod rows;
 mod simd;
