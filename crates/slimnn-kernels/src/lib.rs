@@ -33,6 +33,7 @@
 //! ```
 
 pub mod attention;
+pub mod blockq;
 pub mod cpu;
 mod error;
 pub mod gemm;

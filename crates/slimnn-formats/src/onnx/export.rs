@@ -680,6 +680,9 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
         Op::ConvInteger(c) => simple(ex, "ConvInteger", conv_attrs(&c.attrs)),
         Op::QLinearMatMul(_) => simple(ex, "QLinearMatMul", vec![]),
         Op::QLinearConv(c) => simple(ex, "QLinearConv", conv_attrs(&c.attrs)),
+        Op::BlockMatMul(_) | Op::BlockGather(_) | Op::RmsNorm(_) | Op::Rope(_) | Op::CausalAttention(_) => {
+            return Err(FormatError::Unsupported("slimnn's LLM ops (block-quantized weights, KV cache) have no ONNX form".into()))
+        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@
 mod conv;
 mod elementwise;
 mod linalg;
+mod llm;
 mod nn;
 mod pool;
 mod quant;
@@ -21,6 +22,7 @@ pub(crate) mod util;
 pub use conv::{AutoPad, Conv, ConvAttrs, ConvTranspose};
 pub use elementwise::{Binary, BinaryOp, Cast, Clip, Identity, Unary, UnaryOp, Where};
 pub use linalg::{Gemm, MatMul};
+pub use llm::{BlockGather, BlockMatMul, CausalAttention, RmsNorm, Rope};
 pub use nn::{BatchNorm, LayerNorm, LogSoftmax, Softmax};
 pub use pool::{GlobalPool, Pool, PoolAttrs, PoolKind};
 pub use quant::{
@@ -115,6 +117,11 @@ define_ops! {
     ConvInteger(ConvInteger),
     QLinearMatMul(QLinearMatMul),
     QLinearConv(QLinearConv),
+    BlockMatMul(BlockMatMul),
+    BlockGather(BlockGather),
+    RmsNorm(RmsNorm),
+    Rope(Rope),
+    CausalAttention(CausalAttention),
 }
 
 impl OpDef for Op {
