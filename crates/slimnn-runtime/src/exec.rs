@@ -126,7 +126,11 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
             e.0 += t.elapsed();
             e.1 += 1;
         }
-        let pooled = !matches!(step.kernel, Kernel::Ref(_));
+        let pooled = match &step.kernel {
+            Kernel::Ref(_) => false,
+            Kernel::Quant(q) => q.f32_output(),
+            _ => true,
+        };
         for (&s, t) in step.outputs.iter().zip(outs) {
             st.values[s] = Some(if pooled { Value::Pooled(t) } else { Value::Owned(t) });
         }
@@ -228,6 +232,11 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             };
             k.run(f32s(st.get(step.inputs[0])?)?, residual, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::Quant(q) => {
+            let out = if q.f32_output() { st.take(numel) } else { Vec::new() };
+            let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| st.get(s)).collect::<Result<_>>()?;
+            q.run(&ins, &shape, out, par)
         }
         Kernel::GlobalAveragePool => {
             let mut out = st.take(numel);

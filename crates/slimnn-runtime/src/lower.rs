@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 /// Weights packed once per runnable, keyed by the address of their constant tensor (kept alive
 /// alongside so the address stays unique).
 #[derive(Default)]
-pub(crate) struct PackCache(Mutex<HashMap<usize, PackedWeight>>);
+pub(crate) struct PackCache(Mutex<HashMap<usize, PackedWeight>>, quant::QPackCache);
+
+#[path = "quant.rs"]
+pub(crate) mod quant;
 
 /// A packed weight and the constant it came from.
 type PackedWeight = (Arc<Tensor>, Arc<PackedB>);
@@ -456,7 +459,9 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
     }
     for id in 0..g.nodes().len() {
         if !c.taken.contains(&id) {
-            if let Some(grp) = match_gemm(&c, id, packs)? {
+            if let Some(grp) = quant::match_group(&c, id, &packs.1)? {
+                claim(&mut c, grp, &mut groups);
+            } else if let Some(grp) = match_gemm(&c, id, packs)? {
                 claim(&mut c, grp, &mut groups);
             } else if let Some(grp) = match_conv(&c, id)? {
                 claim(&mut c, grp, &mut groups);
@@ -505,7 +510,7 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
         if c.taken.contains(&id) {
             continue;
         }
-        let kernel = match single_kernel(&c, id)? {
+        let kernel = match quant::single_kernel(&c, id).map_or_else(|| single_kernel(&c, id), |k| Ok(Some(k)))? {
             Some(k) => k,
             None => Kernel::Ref(node.op.clone()),
         };

@@ -37,6 +37,8 @@ pub enum Kernel {
     Conv(Arc<crate::conv::ConvKernel>),
     /// Mean over the spatial dims of `[n, c, spatial...]`.
     GlobalAveragePool,
+    /// Integer kernels of quantized graphs (quantize, dequantize, u8 x i8 GEMM).
+    Quant(Arc<crate::lower::quant::QuantKernel>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +111,7 @@ impl Kernel {
             Kernel::Embedding { .. } => "embedding".into(),
             Kernel::Conv(k) => k.name(),
             Kernel::GlobalAveragePool => "global_average_pool".into(),
+            Kernel::Quant(q) => q.name(),
         }
     }
 }

@@ -1,0 +1,582 @@
+//! Integer lowering of quantized graphs onto `slimnn_kernels::qgemm`, recognised by meaning:
+//!
+//! * ONNX Runtime's dynamic (QOperator) form: `DynamicQuantizeLinear(x)` runs as one vectorised
+//!   quantization step; `MatMulInteger(xq, Wq, xz, 0) -> Cast(float) -> Mul(·, x_scale *
+//!   w_scale) [-> Add bias] [-> activation] [-> Add residual]` becomes one u8 x i8 GEMM whose
+//!   epilogue applies the zero-point correction, the scale product, bias, activation and
+//!   residual. A `MatMulInteger` without that tail runs on the same kernel with i32 output.
+//! * The QDQ form: `MatMul(DequantizeLinear(xq, s, z), DequantizeLinear(Wq const, ws, 0))`
+//!   becomes the same GEMM on `xq` and `Wq` (constant per-tensor `s`, `z`), never
+//!   dequantizing either operand. `QuantizeLinear` / `DequantizeLinear` of activations with
+//!   constant per-tensor parameters run as vectorised steps.
+//!
+//! Weights must be symmetric (zero point 0) i8, per tensor or per output column; activations
+//! u8 per tensor. Anything else is left to the other lowerings or the reference evaluator.
+
+use super::{fuse_tail, out0, Ctx, Group};
+use crate::plan::{Fusion, Kernel};
+use crate::{Result, RuntimeError};
+use rayon::prelude::*;
+use slimnn_ir::ops::{Binary, BinaryOp, Cast, DequantizeLinear, MatMul, QuantizeLinear};
+use slimnn_ir::{NodeId, Op, OutletId};
+use slimnn_kernels::qgemm::{self, PackedQB, PerRow, QEpilogue, QOutput};
+use slimnn_kernels::{Activation, KernelError, Par};
+use slimnn_tensor::{DType, Tensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Quantized weights packed once per runnable, keyed by their constant tensor's address.
+#[derive(Default)]
+pub(crate) struct QPackCache(Mutex<HashMap<(usize, bool), (Arc<Tensor>, Arc<PackedQB>)>>);
+
+impl QPackCache {
+    /// `w` is i8 `[k, n]` (or `[n, k]` when `transposed`).
+    fn get(&self, w: &Arc<Tensor>, transposed: bool) -> Result<Arc<PackedQB>> {
+        let key = (Arc::as_ptr(w) as usize, transposed);
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = map.get(&key) {
+            return Ok(p.clone());
+        }
+        let data = w.as_slice::<i8>()?;
+        let (r, c) = (w.shape()[0], w.shape()[1]);
+        let packed = if transposed { PackedQB::from_transposed(data, c, r, c)? } else { PackedQB::new(data, r, c, c)? };
+        let p = Arc::new(packed);
+        map.insert(key, (w.clone(), p.clone()));
+        Ok(p)
+    }
+}
+
+/// A lowered integer step.
+#[derive(Debug)]
+pub enum QuantKernel {
+    /// `DynamicQuantizeLinear`: f32 -> (u8, scale, zero point), per tensor.
+    DynamicQuantize,
+    /// `QuantizeLinear` to u8 with constant per-tensor parameters.
+    Quantize { scale: f32, zero: u8 },
+    /// `DequantizeLinear` of u8 with constant per-tensor parameters.
+    Dequantize { scale: f32, zero: u8 },
+    /// A u8 x i8 GEMM with its fused epilogue.
+    MatMul(QMatMul),
+}
+
+/// Where one of A's quantization parameters comes from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Param<T> {
+    Const(T),
+    /// A scalar input of the step, at this index.
+    Input(usize),
+}
+
+/// A's per-tensor quantization: constants (QDQ) or `DynamicQuantizeLinear`'s outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AParams {
+    pub scale: Param<f32>,
+    pub zero: Param<i32>,
+}
+
+#[derive(Debug)]
+pub struct QMatMul {
+    packed: Arc<PackedQB>,
+    a: AParams,
+    /// Weight scales (1 or n values); absent for the i32 output of a bare `MatMulInteger`.
+    b_scale: Option<Arc<[f32]>>,
+    bias: Option<Arc<[f32]>>,
+    activation: Activation,
+    /// Input index of the residual, if fused.
+    residual: Option<usize>,
+}
+
+impl QuantKernel {
+    pub fn name(&self) -> String {
+        match self {
+            QuantKernel::DynamicQuantize => "quantize_dynamic_u8".into(),
+            QuantKernel::Quantize { .. } => "quantize_u8".into(),
+            QuantKernel::Dequantize { .. } => "dequantize_u8".into(),
+            QuantKernel::MatMul(q) => {
+                let mut s = format!("qgemm_u8i8_{}", q.packed.kernel());
+                if q.b_scale.is_none() {
+                    s.push_str("+i32");
+                }
+                if q.bias.is_some() {
+                    s.push_str("+bias");
+                }
+                if q.activation != Activation::None {
+                    s.push_str(&format!("+{:?}", q.activation).to_lowercase());
+                }
+                if q.residual.is_some() {
+                    s.push_str("+residual");
+                }
+                s
+            }
+        }
+    }
+
+    /// Whether the (first) output is f32 from the runtime's buffer pool.
+    pub fn f32_output(&self) -> bool {
+        match self {
+            QuantKernel::Dequantize { .. } => true,
+            QuantKernel::MatMul(q) => q.b_scale.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Runs the step; `out` is a pooled buffer of the output's size when [`Self::f32_output`].
+    pub fn run(&self, ins: &[&Tensor], shape: &[usize], mut out: Vec<f32>, par: bool) -> Result<Vec<Tensor>> {
+        let shape = shape.to_vec();
+        match self {
+            QuantKernel::DynamicQuantize => {
+                let x = ins[0].as_slice::<f32>()?;
+                let mut q = vec![0u8; x.len()];
+                let (scale, zero) = quantize_dynamic(x, &mut q, par)?;
+                Ok(vec![Tensor::from_vec(shape, q)?, Tensor::scalar(scale), Tensor::scalar(zero)])
+            }
+            QuantKernel::Quantize { scale, zero } => {
+                let x = ins[0].as_slice::<f32>()?;
+                let mut q = vec![0u8; x.len()];
+                chunked(x, &mut q, par, |x, q| qgemm::quantize_u8(x, *scale, *zero, q))?;
+                Ok(vec![Tensor::from_vec(shape, q)?])
+            }
+            QuantKernel::Dequantize { scale, zero } => {
+                let q = ins[0].as_slice::<u8>()?;
+                chunked(q, &mut out, par, |q, o| qgemm::dequantize_u8(q, *scale, *zero, o))?;
+                Ok(vec![Tensor::from_vec(shape, out)?])
+            }
+            QuantKernel::MatMul(mm) => mm.run(ins, shape, out, par),
+        }
+    }
+}
+
+/// Below this many values, splitting over threads costs more than it saves.
+const PAR_CHUNK: usize = 1 << 16;
+
+fn chunked<A: Sync, B: Send>(
+    x: &[A],
+    out: &mut [B],
+    par: bool,
+    f: impl Fn(&[A], &mut [B]) -> Result<(), KernelError> + Sync,
+) -> Result<()> {
+    if x.len() != out.len() {
+        return Err(KernelError::Shape {
+            kernel: "quantize",
+            msg: format!("{} values in, {} out", x.len(), out.len()),
+        }
+        .into());
+    }
+    if par && x.len() >= 2 * PAR_CHUNK {
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).try_for_each(|(o, x)| f(x, o))?;
+    } else {
+        f(x, out)?;
+    }
+    Ok(())
+}
+
+/// Per-tensor dynamic quantization, the range reduced over threads when large.
+fn quantize_dynamic(x: &[f32], q: &mut [u8], par: bool) -> Result<(f32, u8)> {
+    if !par || x.len() < 2 * PAR_CHUNK {
+        return Ok(qgemm::quantize_dynamic_u8(x, q)?);
+    }
+    // Each chunk's quantization is thrown away except for its range (quantize_dynamic_u8
+    // reports it through the scale and zero point only), so reduce the range directly.
+    let (lo, hi) = x
+        .par_chunks(PAR_CHUNK)
+        .map(|c| c.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v))))
+        .reduce(|| (0.0, 0.0), |a, b| (a.0.min(b.0), a.1.max(b.1)));
+    let (scale, zero) = qgemm::quantize::dynamic_params(lo, hi);
+    chunked(x, q, true, |x, q| qgemm::quantize_u8(x, scale, zero, q))?;
+    Ok((scale, zero))
+}
+
+fn scalar_of<T: Copy + slimnn_tensor::IntoData>(t: &Tensor, what: &str) -> Result<T> {
+    match t.as_slice::<T>()? {
+        [v] => Ok(*v),
+        s => Err(RuntimeError::Kernel(KernelError::Shape {
+            kernel: "qgemm",
+            msg: format!("{what} must hold one value, got {}", s.len()),
+        })),
+    }
+}
+
+impl QMatMul {
+    fn run(&self, ins: &[&Tensor], shape: Vec<usize>, mut out: Vec<f32>, par: bool) -> Result<Vec<Tensor>> {
+        let a = ins[0].as_slice::<u8>()?;
+        let (k, n) = (self.packed.k(), self.packed.n());
+        let m = if k == 0 { shape.iter().product::<usize>() / n.max(1) } else { a.len() / k };
+        let a_scale = match self.a.scale {
+            Param::Const(v) => v,
+            Param::Input(i) => scalar_of::<f32>(ins[i], "A scale")?,
+        };
+        let a_zero = match self.a.zero {
+            Param::Const(v) => v,
+            Param::Input(i) => scalar_of::<u8>(ins[i], "A zero point")? as i32,
+        };
+        let gpar = if par { Par::Current } else { Par::Seq };
+        let Some(b_scale) = &self.b_scale else {
+            let mut c = vec![0i32; m * n];
+            let ep = QEpilogue::new(1.0, a_zero, &[1.0]);
+            qgemm::qgemm(m, a, k, &self.packed, QOutput::I32 { c: &mut c, ldc: n }, &ep, gpar)?;
+            return Ok(vec![Tensor::from_vec(shape, c)?]);
+        };
+        let mut ep = QEpilogue {
+            a_zero: PerRow::Tensor(a_zero),
+            a_scale: PerRow::Tensor(a_scale),
+            b_scale,
+            bias: self.bias.as_deref(),
+            activation: self.activation,
+            residual: None,
+        };
+        if let Some(r) = self.residual {
+            ep = ep.with_residual(ins[r].as_slice::<f32>()?, n);
+        }
+        qgemm::qgemm(m, a, k, &self.packed, QOutput::F32 { c: &mut out, ldc: n }, &ep, gpar)?;
+        Ok(vec![Tensor::from_vec(shape, out)?])
+    }
+}
+
+/// Values of a constant as f32 when it has 1 or `n` of them.
+fn const_f32s(c: &Ctx, o: OutletId, n: usize) -> Option<Vec<f32>> {
+    let t = c.konst(o)?;
+    (t.dtype() == DType::F32 && (t.len() == 1 || t.len() == n) && t.rank() <= 1)
+        .then(|| t.to_f64_vec().into_iter().map(|v| v as f32).collect())
+}
+
+fn const_all_zero(c: &Ctx, o: OutletId) -> bool {
+    c.konst(o).is_some_and(|t| t.dtype().is_integer() && t.to_f64_vec().iter().all(|&v| v == 0.0))
+}
+
+/// `(i8 weight [k, n] constant, its scales)` when `w` is `DequantizeLinear(Wq, ws, 0)` with
+/// per-tensor or per-column (axis 1) scales.
+fn dequantized_weight(c: &Ctx, w: OutletId) -> Option<(Arc<Tensor>, Vec<f32>)> {
+    let Op::DequantizeLinear(DequantizeLinear { axis }) = c.op(w) else { return None };
+    let ins = &c.g.node(w.node).inputs;
+    let wq = c.konst(ins[0]).filter(|t| t.dtype() == DType::I8 && t.rank() == 2)?;
+    let n = wq.shape()[1];
+    let scales = const_f32s(c, ins[1], n)?;
+    if scales.len() > 1 && !(*axis == 1 || *axis == -1) {
+        return None;
+    }
+    if ins.len() > 2 && !const_all_zero(c, ins[2]) {
+        return None;
+    }
+    Some((wq.clone(), scales))
+}
+
+/// `(u8 input, scale, zero)` when `x` is `DequantizeLinear(xq, s, z)` of a non-constant u8
+/// tensor with constant per-tensor parameters.
+fn dequantized_activation(c: &Ctx, x: OutletId) -> Option<(OutletId, f32, u8)> {
+    let Op::DequantizeLinear(_) = c.op(x) else { return None };
+    let ins = &c.g.node(x.node).inputs;
+    if c.g.fact(ins[0]).dtype != DType::U8 || c.konst(ins[0]).is_some() {
+        return None;
+    }
+    let s = c.scalar(ins[1])?;
+    let z = match ins.get(2) {
+        Some(&z) => c.konst(z).filter(|t| t.dtype() == DType::U8 && t.len() == 1)?.as_slice::<u8>().ok()?[0],
+        None => 0,
+    };
+    (s.is_finite() && s > 0.0).then_some((ins[0], s, z))
+}
+
+/// Whether `id` is a `MatMul` of a dequantized activation and a dequantized constant weight.
+fn is_qdq_matmul(c: &Ctx, id: NodeId) -> bool {
+    let node = c.g.node(id);
+    node.op == Op::MatMul(MatMul)
+        && dequantized_activation(c, node.inputs[0]).is_some()
+        && dequantized_weight(c, node.inputs[1]).is_some()
+}
+
+/// A quantized GEMM group anchored at `id`: `MatMulInteger` (dynamic form) or a QDQ `MatMul`.
+pub(super) fn match_group(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
+    let node = c.g.node(id);
+    match &node.op {
+        Op::MatMulInteger(_) => match_matmul_integer(c, id, packs),
+        Op::MatMul(MatMul) if is_qdq_matmul(c, id) => match_qdq(c, id, packs),
+        _ => Ok(None),
+    }
+}
+
+fn match_matmul_integer(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
+    let node = c.g.node(id);
+    let ins = &node.inputs;
+    let (a, b) = (ins[0], ins[1]);
+    let Some(wq) = c.konst(b).filter(|t| t.dtype() == DType::I8 && t.rank() == 2) else { return Ok(None) };
+    if c.g.fact(a).dtype != DType::U8 || c.g.fact(a).rank() < 1 || c.shape(a).is_none() {
+        return Ok(None);
+    }
+    if ins.get(3).is_some_and(|&z| !const_all_zero(c, z)) {
+        return Ok(None);
+    }
+    // A's zero point: a u8 scalar, constant or computed.
+    let Some(&az) = ins.get(2) else { return Ok(None) };
+    if c.g.fact(az).dtype != DType::U8 || c.g.fact(az).known_shape().is_none_or(|s| s.iter().product::<usize>() != 1) {
+        return Ok(None);
+    }
+    let n = wq.shape()[1];
+    let packed = packs.get(wq, false)?;
+    let mut members = vec![id];
+    let mut inputs = vec![a, az];
+    let mut end = out0(id);
+    let mut b_scale = None;
+    let mut bias = None;
+    let mut notes = vec![];
+    // Cast(float) then Mul by the scale product.
+    let cast = c.sole_reader(end).filter(|&r| c.g.node(r).op == Op::Cast(Cast { to: DType::F32 }));
+    let scaled = cast.and_then(|r| {
+        let m = c.sole_reader(out0(r))?;
+        let s = c.binary_other(m, out0(r), BinaryOp::Mul)?;
+        // The scale product Mul(x_scale, w_scale), read only here, or a constant.
+        if let Some(sc) = const_f32s(c, s, n) {
+            return Some((r, m, None, sc));
+        }
+        let sn = s.node;
+        if c.op(s) != &Op::Binary(Binary(BinaryOp::Mul)) || c.sole_reader(s) != Some(m) {
+            return None;
+        }
+        let pair = &c.g.node(sn).inputs;
+        for (xs, ws) in [(pair[0], pair[1]), (pair[1], pair[0])] {
+            let xs_scalar = c.g.fact(xs).dtype == DType::F32
+                && c.konst(xs).is_none()
+                && c.g.fact(xs).known_shape().is_some_and(|s| s.iter().product::<usize>() == 1);
+            if let (true, Some(w)) = (xs_scalar, const_f32s(c, ws, n)) {
+                return Some((r, m, Some((sn, xs)), w));
+            }
+        }
+        None
+    });
+    let mut a_params = AParams { scale: Param::Const(1.0), zero: Param::Input(1) };
+    match scaled {
+        Some((r, m, dynamic_scale, sc)) => {
+            members.extend([r, m]);
+            end = out0(m);
+            b_scale = Some(Arc::from(sc));
+            // Without a computed A scale, the constant is the whole scale product.
+            if let Some((sn, xs)) = dynamic_scale {
+                members.push(sn);
+                a_params.scale = Param::Input(inputs.len());
+                inputs.push(xs);
+            }
+        }
+        None => notes.push("no Cast + scale Mul after MatMulInteger: i32 output".to_string()),
+    }
+    let mut activation = Activation::None;
+    let mut residual = None;
+    if b_scale.is_some() {
+        if let Some(r) = c.sole_reader(end) {
+            if let Some(bv) = c.binary_other(r, end, BinaryOp::Add) {
+                if let Some(t) = c.konst(bv).filter(|t| t.len() == n && t.dtype() == DType::F32) {
+                    bias = Some(Arc::from(t.as_slice::<f32>()?));
+                    members.push(r);
+                    end = out0(r);
+                }
+            }
+        }
+        let before = inputs.len();
+        let (act, res) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
+        activation = act;
+        residual = res.then_some(before);
+    }
+    let mm = QMatMul { packed, a: a_params, b_scale, bias, activation, residual };
+    Ok(Some(group(c, members, inputs, mm, notes)))
+}
+
+fn match_qdq(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
+    let node = c.g.node(id);
+    let (x, w) = (node.inputs[0], node.inputs[1]);
+    let (Some((xq, scale, zero)), Some((wq, ws))) = (dequantized_activation(c, x), dequantized_weight(c, w)) else {
+        return Ok(None);
+    };
+    if c.shape(xq).is_none() {
+        return Ok(None);
+    }
+    let n = wq.shape()[1];
+    let packed = packs.get(&wq, false)?;
+    let mut members = vec![id];
+    // The weight's DequantizeLinear and, when every reader of the activation's is a QDQ
+    // MatMul lowered here, that one too: neither is ever computed.
+    if c.sole_reader(w) == Some(id) {
+        members.push(w.node);
+    }
+    let all_qdq = c.readers.get(&x).is_some_and(|rs| rs.iter().all(|&(r, _)| is_qdq_matmul(c, r)));
+    if all_qdq && !c.outputs.contains(&x) && !c.taken.contains(&x.node) {
+        members.push(x.node);
+    }
+    let mut end = out0(id);
+    let mut bias = None;
+    let mut notes = vec![];
+    if let Some(r) = c.sole_reader(end) {
+        if let Some(bv) = c.binary_other(r, end, BinaryOp::Add) {
+            if let Some(t) = c.konst(bv).filter(|t| t.len() == n && t.dtype() == DType::F32) {
+                bias = Some(Arc::from(t.as_slice::<f32>()?));
+                members.push(r);
+                end = out0(r);
+            }
+        }
+    }
+    let mut inputs = vec![xq];
+    let (activation, res) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
+    let residual = res.then_some(1);
+    let a = AParams { scale: Param::Const(scale), zero: Param::Const(zero as i32) };
+    let mm = QMatMul { packed, a, b_scale: Some(Arc::from(ws)), bias, activation, residual };
+    Ok(Some(group(c, members, inputs, mm, notes)))
+}
+
+fn group(c: &Ctx, members: Vec<NodeId>, inputs: Vec<OutletId>, mm: QMatMul, notes: Vec<String>) -> Group {
+    let kernel = QuantKernel::MatMul(mm);
+    let kind = kernel.name();
+    let fusion = Fusion { kind, nodes: c.names(&members), note: notes.join("; ") };
+    Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs, fusion }
+}
+
+/// A single quantization node on a vectorised kernel.
+pub(super) fn single_kernel(c: &Ctx, id: NodeId) -> Option<Kernel> {
+    let node = c.g.node(id);
+    let ins = &node.inputs;
+    let params = |s: OutletId, z: Option<&OutletId>| -> Option<(f32, u8)> {
+        let scale = c.scalar(s).filter(|s| s.is_finite() && *s > 0.0)?;
+        let zero = match z {
+            Some(&z) => c.konst(z).filter(|t| t.dtype() == DType::U8 && t.len() == 1)?.as_slice::<u8>().ok()?[0],
+            None => return None,
+        };
+        Some((scale, zero))
+    };
+    let k = match &node.op {
+        Op::DynamicQuantizeLinear(_) if c.is_f32(ins[0]) => QuantKernel::DynamicQuantize,
+        Op::QuantizeLinear(QuantizeLinear { .. }) if c.is_f32(ins[0]) => {
+            let (scale, zero) = params(ins[1], ins.get(2))?;
+            QuantKernel::Quantize { scale, zero }
+        }
+        Op::DequantizeLinear(_) if c.g.fact(ins[0]).dtype == DType::U8 && c.is_f32(out0(id)) => {
+            let (scale, zero) = params(ins[1], ins.get(2))?;
+            QuantKernel::Dequantize { scale, zero }
+        }
+        _ => return None,
+    };
+    Some(Kernel::Quant(Arc::new(k)))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Runnable, RuntimeConfig};
+    use slimnn_ir::ops::{
+        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, MatMul, MatMulInteger, QuantizeLinear, Unary,
+        UnaryOp,
+    };
+    use slimnn_ir::{Fact, Graph, OutletId};
+    use slimnn_tensor::{DType, Dim, Tensor};
+
+    const K: usize = 37;
+    const N: usize = 70;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn weights(k: usize, n: usize, seed: u64) -> (Tensor, Tensor, Tensor) {
+        let wq: Vec<i8> = values(k * n, seed).iter().map(|v| (v * 63.0) as i8).collect();
+        let ws: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-4).collect();
+        (
+            Tensor::from_vec(vec![k, n], wq).unwrap(),
+            Tensor::from_vec(vec![n], ws).unwrap(),
+            Tensor::from_vec(vec![n], vec![0i8; n]).unwrap(),
+        )
+    }
+
+    fn bin(g: &mut Graph, name: &str, op: BinaryOp, a: OutletId, b: OutletId) -> OutletId {
+        g.add_node(name, Binary(op), vec![a, b]).unwrap()[0]
+    }
+
+    fn input(g: &mut Graph, name: &str, n: usize) -> OutletId {
+        let dims = vec![Dim::Known(2), Dim::Known(5), Dim::Known(n)];
+        g.add_input(name, Fact::new(DType::F32, dims)).unwrap()
+    }
+
+    /// Runs `g` through the runtime and the reference evaluator; returns the plan's kernel names.
+    fn check(g: Graph, feeds: Vec<(String, Tensor)>, tol: f64) -> Vec<String> {
+        let want = g.eval(feeds.clone()).unwrap();
+        for threads in [1, 2] {
+            let r = Runnable::new(g.clone(), RuntimeConfig { threads }).unwrap();
+            let got = r.run(&mut r.new_state(), feeds.clone()).unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                let d = a.max_abs_diff(b).unwrap();
+                assert!(d <= tol, "max abs diff {d} > {tol}");
+            }
+        }
+        let r = Runnable::new(g, RuntimeConfig { threads: 1 }).unwrap();
+        let shapes: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.shape().to_vec()).collect();
+        r.plan_for(&shapes).unwrap().summary().kernels.keys().cloned().collect()
+    }
+
+    #[test]
+    fn dynamic_form_runs_on_the_integer_gemm() {
+        let mut g = Graph::default();
+        let x = input(&mut g, "x", K);
+        let res = input(&mut g, "res", N);
+        let (wq, ws, wz) = weights(K, N, 1);
+        let (wq, ws, wz) =
+            (g.add_const("wq", wq).unwrap(), g.add_const("ws", ws).unwrap(), g.add_const("wz", wz).unwrap());
+        let bias = g.add_const("bias", Tensor::from_vec(vec![N], values(N, 2)).unwrap()).unwrap();
+        let q = g.add_node("dql", DynamicQuantizeLinear, vec![x]).unwrap();
+        let s = bin(&mut g, "scales", BinaryOp::Mul, q[1], ws);
+        let acc = g.add_node("mmi", MatMulInteger, vec![q[0], wq, q[2], wz]).unwrap()[0];
+        let f = g.add_node("cast", Cast { to: DType::F32 }, vec![acc]).unwrap()[0];
+        let y = bin(&mut g, "scale", BinaryOp::Mul, f, s);
+        let y = bin(&mut g, "bias", BinaryOp::Add, y, bias);
+        let y = g.add_node("relu", Unary(UnaryOp::Relu), vec![y]).unwrap()[0];
+        let y = bin(&mut g, "res", BinaryOp::Add, y, res);
+        g.add_output("y", y);
+        // A second, bare MatMulInteger on the same quantized input: i32 output.
+        let acc2 = g.add_node("mmi2", MatMulInteger, vec![q[0], wq, q[2], wz]).unwrap()[0];
+        g.add_output("acc", acc2);
+        let feeds = vec![
+            ("x".to_string(), Tensor::from_vec(vec![2, 5, K], values(10 * K, 3)).unwrap()),
+            ("res".to_string(), Tensor::from_vec(vec![2, 5, N], values(10 * N, 4)).unwrap()),
+        ];
+        let kernels = check(g, feeds, 1e-5);
+        assert!(
+            kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+bias+relu+residual")),
+            "{kernels:?}"
+        );
+        assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+i32")), "{kernels:?}");
+        assert!(kernels.contains(&"quantize_dynamic_u8".to_string()), "{kernels:?}");
+        assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+
+    #[test]
+    fn qdq_form_runs_on_the_integer_gemm() {
+        // Weights above the constant-folding limit, as in real models (a smaller
+        // DequantizeLinear of a constant folds to an f32 weight before lowering).
+        const K: usize = 300;
+        const N: usize = 256;
+        let mut g = Graph::default();
+        let x = input(&mut g, "x", K);
+        let s = g.add_const("s", Tensor::scalar(0.02f32)).unwrap();
+        let z = g.add_const("z", Tensor::scalar(120u8)).unwrap();
+        let xq = g.add_node("q", QuantizeLinear { axis: 1 }, vec![x, s, z]).unwrap()[0];
+        let xd = g.add_node("dq", DequantizeLinear { axis: 1 }, vec![xq, s, z]).unwrap()[0];
+        for (i, seed) in [(0, 5u64), (1, 6)] {
+            let (wq, ws, wz) = weights(K, N, seed);
+            let wq = g.add_const(&format!("wq{i}"), wq).unwrap();
+            let ws = g.add_const(&format!("ws{i}"), ws).unwrap();
+            let wz = g.add_const(&format!("wz{i}"), wz).unwrap();
+            let w = g.add_node(&format!("dqw{i}"), DequantizeLinear { axis: 1 }, vec![wq, ws, wz]).unwrap()[0];
+            let bias = g.add_const(&format!("b{i}"), Tensor::from_vec(vec![N], values(N, seed)).unwrap()).unwrap();
+            let y = g.add_node(&format!("mm{i}"), MatMul, vec![xd, w]).unwrap()[0];
+            let y = bin(&mut g, &format!("add{i}"), BinaryOp::Add, y, bias);
+            g.add_output(&format!("y{i}"), y);
+        }
+        // Values beyond the quantization range saturate.
+        let mut xs = values(10 * K, 7);
+        xs[3] = 50.0;
+        xs[4] = -50.0;
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, K], xs).unwrap())];
+        let kernels = check(g, feeds, 1e-4);
+        assert_eq!(kernels.iter().filter(|k| k.starts_with("qgemm_u8i8")).count(), 1, "{kernels:?}");
+        assert!(kernels.contains(&"quantize_u8".to_string()), "{kernels:?}");
+        assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+}
