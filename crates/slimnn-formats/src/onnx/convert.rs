@@ -743,8 +743,45 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                 cx.add(QLinearConv { attrs }, ins)
             }
         }
+        "MatMulNBits" => {
+            let int = |name: &str| -> Result<usize> {
+                let v = a.i(name).ok_or_else(|| cx.invalid(format!("attribute {name} is missing")))?;
+                usize::try_from(v).map_err(|_| cx.invalid(format!("attribute {name} is {v}")))
+            };
+            let op = MatMulNBits {
+                k: int("K")?,
+                n: int("N")?,
+                bits: a.i_or("bits", 4) as usize,
+                block_size: int("block_size")?,
+            };
+            let mut ins = vec![cx.input(0)?, cx.input(1)?, cx.input(2)?];
+            ins.extend(cx.opt(3));
+            cx.add(op, ins)
+        }
         other => Err(cx.unsupported(format!("op {other} has no converter"))),
     }
+}
+
+/// Whether a node is one of the `com.microsoft` contrib ops the importer reads (`MatMulNBits`).
+pub(super) fn is_microsoft_op(domain: Option<&str>, op_type: &str) -> bool {
+    domain == Some("com.microsoft") && op_type == "MatMulNBits"
+}
+
+/// Why a `com.microsoft` node cannot be read: attributes or optional inputs slimnn does not
+/// support (g_idx, bias, accuracy levels change nothing in the reference semantics).
+pub(super) fn microsoft_op_problem(op_type: &str, a: &Attrs, inputs: usize) -> Option<String> {
+    if op_type != "MatMulNBits" {
+        return Some(format!("{op_type} is not supported"));
+    }
+    for name in ["K", "N", "block_size"] {
+        if a.i(name).is_none() {
+            return Some(format!("attribute {name} is missing"));
+        }
+    }
+    if !(3..=4).contains(&inputs) {
+        return Some(format!("takes 3 or 4 inputs (A, B, scales[, zero_points]) here, got {inputs}"));
+    }
+    None
 }
 
 /// The value of a `Constant` node.

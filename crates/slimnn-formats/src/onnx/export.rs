@@ -72,6 +72,18 @@ pub fn required_opset(g: &Graph) -> i64 {
     v
 }
 
+/// Domain of ONNX Runtime's contrib ops (`MatMulNBits`).
+pub const MICROSOFT_DOMAIN: &str = "com.microsoft";
+
+/// The default-domain opset, plus `com.microsoft` version 1 when a contrib op is used.
+fn opset_imports(g: &Graph, opset: i64) -> Vec<OperatorSetIdProto> {
+    let mut v = vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }];
+    if g.nodes().iter().any(|n| matches!(n.op, Op::MatMulNBits(_))) {
+        v.push(OperatorSetIdProto { domain: Some(MICROSOFT_DOMAIN.into()), version: Some(1) });
+    }
+    v
+}
+
 fn ir_version(opset: i64) -> i64 {
     match opset {
         ..=18 => 8,
@@ -271,7 +283,7 @@ pub fn export(g: &Graph) -> Result<ModelProto> {
     };
     Ok(ModelProto {
         ir_version: Some(ir_version(opset)),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        opset_import: opset_imports(g, opset),
         producer_name: Some("slimnn".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         graph: Some(graph),
@@ -681,7 +693,21 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
         Op::QLinearMatMul(_) => simple(ex, "QLinearMatMul", vec![]),
         Op::QLinearConv(c) => simple(ex, "QLinearConv", conv_attrs(&c.attrs)),
         Op::BlockMatMul(_) | Op::BlockGather(_) | Op::RmsNorm(_) | Op::Rope(_) | Op::CausalAttention(_) => {
-            return Err(FormatError::Unsupported("slimnn's LLM ops (block-quantized weights, KV cache) have no ONNX form".into()))
+            return Err(FormatError::Unsupported(
+                "slimnn's LLM ops (block-quantized weights, KV cache) have no ONNX form".into(),
+            ))
+        }
+        Op::MatMulNBits(m) => {
+            let attrs = vec![
+                attr_i("K", m.k as i64),
+                attr_i("N", m.n as i64),
+                attr_i("bits", m.bits as i64),
+                attr_i("block_size", m.block_size as i64),
+            ];
+            ex.emit(name, "MatMulNBits", ins.clone(), outs.clone(), attrs);
+            if let Some(last) = ex.nodes.last_mut() {
+                last.domain = Some(MICROSOFT_DOMAIN.into());
+            }
         }
     }
     Ok(())

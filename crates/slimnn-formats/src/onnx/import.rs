@@ -112,6 +112,13 @@ fn check(gp: &GraphProto, opset: i64, opsets: &HashMap<String, i64>) -> Result<(
         let name = node_name(n, i);
         let op_type = n.op_type.as_deref().unwrap_or("");
         let label = || format!("node '{name}' ({op_type})");
+        if convert::is_microsoft_op(n.domain.as_deref(), op_type) {
+            versions[i] = 1;
+            if let Some(why) = convert::microsoft_op_problem(op_type, &Attrs { list: &n.attribute }, n.input.len()) {
+                first_error.get_or_insert_with(|| FormatError::malformed(label(), why));
+            }
+            continue;
+        }
         if !is_default_domain(n.domain.as_deref()) {
             let d = n.domain.as_deref().unwrap_or("");
             let v = opsets.get(d).map_or("?".to_string(), |v| v.to_string());

@@ -10,6 +10,7 @@ mod conv;
 mod elementwise;
 mod linalg;
 mod llm;
+mod nbits;
 mod nn;
 mod pool;
 mod quant;
@@ -23,6 +24,7 @@ pub use conv::{AutoPad, Conv, ConvAttrs, ConvTranspose};
 pub use elementwise::{Binary, BinaryOp, Cast, Clip, Identity, Unary, UnaryOp, Where};
 pub use linalg::{Gemm, MatMul};
 pub use llm::{BlockGather, BlockMatMul, CausalAttention, RmsNorm, Rope};
+pub use nbits::MatMulNBits;
 pub use nn::{BatchNorm, LayerNorm, LogSoftmax, Softmax};
 pub use pool::{GlobalPool, Pool, PoolAttrs, PoolKind};
 pub use quant::{
@@ -122,6 +124,7 @@ define_ops! {
     RmsNorm(RmsNorm),
     Rope(Rope),
     CausalAttention(CausalAttention),
+    MatMulNBits(MatMulNBits),
 }
 
 impl OpDef for Op {
