@@ -59,6 +59,15 @@ pub fn mha(
     mha_with(cpu::tier(), q, k, v, mask, dims, scale, out, par)
 }
 
+/// Rows of a projection: row `r` (of `batch * seq`) starts at `data[r * ld]` and holds
+/// `heads * head_dim` values. A fused QKV projection `[batch, seq, 3 * heads * head_dim]`
+/// gives three of these, offset by `0`, `heads * head_dim` and `2 * heads * head_dim`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+}
+
 /// [`mha`] with the kernels of `tier`, which the host must support.
 #[allow(clippy::too_many_arguments)]
 pub fn mha_with(
@@ -66,6 +75,39 @@ pub fn mha_with(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    let hd = dims.heads.saturating_mul(dims.head_dim);
+    let rows = |data| Rows { data, ld: hd };
+    mha_strided_with(tier, rows(q), rows(k), rows(v), mask, dims, scale, out, par)
+}
+
+/// [`mha`] on projections with their own row strides (see [`Rows`]).
+#[allow(clippy::too_many_arguments)]
+pub fn mha_strided(
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    mha_strided_with(cpu::tier(), q, k, v, mask, dims, scale, out, par)
+}
+
+/// [`mha_strided`] with the kernels of `tier`, which the host must support.
+#[allow(clippy::too_many_arguments)]
+pub fn mha_strided_with(
+    tier: CpuTier,
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
     mask: Option<AttnMask<'_>>,
     dims: AttnDims,
     scale: f32,
@@ -92,9 +134,9 @@ pub fn mha_with(
 
 /// Validates buffer lengths and the mask; returns `heads * head_dim`.
 fn check(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
     mask: Option<AttnMask<'_>>,
     dims: AttnDims,
     out: &[f32],
@@ -103,12 +145,25 @@ fn check(
     let too_big = || KernelError::shape(KERNEL, format!("{dims:?} is too large"));
     let hd = heads.checked_mul(head_dim).ok_or_else(too_big)?;
     let q_len = batch.checked_mul(seq_q).and_then(|x| x.checked_mul(hd)).ok_or_else(too_big)?;
-    let kv_len = batch.checked_mul(seq_k).and_then(|x| x.checked_mul(hd)).ok_or_else(too_big)?;
-    for (name, got, want) in
-        [("q", q.len(), q_len), ("k", k.len(), kv_len), ("v", v.len(), kv_len), ("out", out.len(), q_len)]
-    {
-        if got != want {
-            return Err(KernelError::shape(KERNEL, format!("{name} has {got} values, {dims:?} needs {want}")));
+    if out.len() != q_len {
+        return Err(KernelError::shape(KERNEL, format!("out has {} values, {dims:?} needs {q_len}", out.len())));
+    }
+    // Contiguous projections must match exactly; strided ones need their last row in bounds.
+    for (name, x, rows) in [("q", q, batch * seq_q), ("k", k, batch * seq_k), ("v", v, batch * seq_k)] {
+        if x.ld < hd {
+            return Err(KernelError::shape(
+                KERNEL,
+                format!("{name} rows of stride {} hold fewer than {hd} values", x.ld),
+            ));
+        }
+        let need = match rows {
+            0 => 0,
+            r => (r - 1).checked_mul(x.ld).and_then(|v| v.checked_add(hd)).ok_or_else(too_big)?,
+        };
+        let ok = if x.ld == hd { x.data.len() == need } else { x.data.len() >= need };
+        if !ok {
+            let got = x.data.len();
+            return Err(KernelError::shape(KERNEL, format!("{name} has {got} values, {dims:?} needs {need}")));
         }
     }
     if let Some(m) = mask {
@@ -284,6 +339,8 @@ thread_local! {
     static SCRATCH: Cell<Option<Scratch>> = const { Cell::new(None) };
     // The parallel path's packs for every (batch, head), kept on the calling thread.
     static PACKS: Cell<Vec<(PackedB, PackedB)>> = const { Cell::new(Vec::new()) };
+    // The per-head path's outputs, one contiguous `seq_q x head_dim` block per (batch, head).
+    static HEADS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
@@ -299,9 +356,9 @@ fn empty_packs(tier: CpuTier) -> Result<(PackedB, PackedB), KernelError> {
 
 struct Job<'a> {
     tier: CpuTier,
-    q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
+    q: Rows<'a>,
+    k: Rows<'a>,
+    v: Rows<'a>,
     mask: Option<AttnMask<'a>>,
     dims: AttnDims,
     scale: f32,
@@ -320,18 +377,18 @@ impl Job<'_> {
         kt_buf: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
         let AttnDims { seq_k, head_dim: d, .. } = self.dims;
-        let base = b * seq_k * self.hd + h * d;
+        let (k, v) = (self.k, self.v);
         if kt_buf.len() < d * seq_k {
             kt_buf.resize(d * seq_k, 0.0);
         }
         let buf = &mut kt_buf[..d * seq_k];
-        transpose_scaled(self.tier, &self.k[base..], self.hd, seq_k, d, self.scale, buf)?;
+        transpose_scaled(self.tier, &k.data[b * seq_k * k.ld + h * d..], k.ld, seq_k, d, self.scale, buf)?;
         kt.pack(buf, d, seq_k, seq_k)?;
-        vp.pack(&self.v[base..], seq_k, d, self.hd)
+        vp.pack(&v.data[b * seq_k * v.ld + h * d..], seq_k, d, v.ld)
     }
 
-    /// Query rows `i0..i0 + m` of batch `b`, head `h`, into `out_rows` (which starts at row
-    /// `i0`, column 0 of that batch's output).
+    /// Query rows `i0..i0 + m` of batch `b`, head `h`, into `out_rows` (row stride `ldo`,
+    /// starting at that head's first column of row `i0`).
     #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
@@ -341,15 +398,15 @@ impl Job<'_> {
         m: usize,
         (kt, vp): &(PackedB, PackedB),
         (scores, inv): (&mut Vec<f32>, &mut Vec<f32>),
-        out_rows: &mut [f32],
+        (out_rows, ldo): (&mut [f32], usize),
     ) -> Result<(), KernelError> {
         let AttnDims { seq_q, seq_k, head_dim: d, .. } = self.dims;
-        let hd = self.hd;
         if scores.len() < m * seq_k {
             scores.resize(m * seq_k, 0.0);
         }
         let s = &mut scores[..m * seq_k];
-        gemm(m, &self.q[(b * seq_q + i0) * hd + h * d..], hd, kt, s, seq_k, Epilogue::NONE, Par::Seq)?;
+        let q = self.q;
+        gemm(m, &q.data[(b * seq_q + i0) * q.ld + h * d..], q.ld, kt, s, seq_k, Epilogue::NONE, Par::Seq)?;
         let mask = self.mask.map(|mk| {
             let [mb, mh, mq, _] = mk.shape;
             let base = ((b % mb) * mh + h % mh) * mq * seq_k;
@@ -364,9 +421,8 @@ impl Job<'_> {
             inv.resize(m, 0.0);
         }
         softmax_block(self.tier, s, seq_k, 1.0, mask, Some(&mut inv[..m]))?;
-        let o = &mut out_rows[h * d..];
-        gemm(m, s, seq_k, vp, o, hd, Epilogue::NONE, Par::Seq)?;
-        scale_rows(self.tier, o, d, hd, &inv[..m])
+        gemm(m, s, seq_k, vp, out_rows, ldo, Epilogue::NONE, Par::Seq)?;
+        scale_rows(self.tier, out_rows, d, ldo, &inv[..m])
     }
 
     /// One thread: head by head, so each head's packs stay in L1 across its row blocks.
@@ -383,8 +439,8 @@ impl Job<'_> {
                         self.pack(b, h, &mut packs, &mut s.kt)?;
                         for i0 in (0..seq_q).step_by(BLOCK_ROWS) {
                             let m = BLOCK_ROWS.min(seq_q - i0);
-                            let rows = &mut out[(b * seq_q + i0) * self.hd..];
-                            self.block(b, h, i0, m, &packs, (&mut s.scores, &mut s.inv), rows)?;
+                            let rows = &mut out[(b * seq_q + i0) * self.hd + h * self.dims.head_dim..];
+                            self.block(b, h, i0, m, &packs, (&mut s.scores, &mut s.inv), (rows, self.hd))?;
                         }
                     }
                 }
@@ -401,6 +457,9 @@ impl Job<'_> {
         // Blocks small enough for about four tasks per thread (load balance), in multiples of
         // 8 rows (the widest micro-kernel's height), at most BLOCK_ROWS.
         let per_task = (batch * seq_q).div_ceil(4 * threads).next_multiple_of(8).clamp(8, BLOCK_ROWS);
+        if per_task < BLOCK_ROWS && batch * heads >= 2 * threads {
+            return self.run_par_heads(out);
+        }
         let mut packs = PACKS.with(Cell::take);
         let result = (|| {
             packs.retain(|p| p.0.tier() == self.tier);
@@ -425,7 +484,7 @@ impl Job<'_> {
                                 m,
                                 &packs[b * heads + h],
                                 (&mut s.scores, &mut s.inv),
-                                rows,
+                                (&mut rows[h * self.dims.head_dim..], self.hd),
                             )
                         })
                     })
@@ -433,6 +492,45 @@ impl Job<'_> {
             })
         })();
         PACKS.with(|c| c.set(packs));
+        result
+    }
+
+    /// Threads over few query rows (small batches): one task per (batch, head) packs its own
+    /// Kᵀ and V (no shared packing phase, more and larger tasks than row blocks would give)
+    /// and writes its head to a contiguous buffer; the heads are then interleaved into `out`.
+    fn run_par_heads(&self, out: &mut [f32]) -> Result<(), KernelError> {
+        let AttnDims { batch, seq_q, heads, head_dim: d, .. } = self.dims;
+        let per_head = seq_q * d;
+        let mut buf = HEADS.with(Cell::take);
+        buf.resize(batch * heads * per_head, 0.0);
+        let result = buf.par_chunks_mut(per_head).enumerate().try_for_each(|(i, ho)| {
+            with_scratch(|s| {
+                let mut packs = match s.packs.take() {
+                    Some(p) if p.0.tier() == self.tier => p,
+                    _ => empty_packs(self.tier)?,
+                };
+                let (b, h) = (i / heads, i % heads);
+                let r = self.pack(b, h, &mut packs, &mut s.kt).and_then(|()| {
+                    (0..seq_q).step_by(BLOCK_ROWS).try_for_each(|i0| {
+                        let m = BLOCK_ROWS.min(seq_q - i0);
+                        self.block(b, h, i0, m, &packs, (&mut s.scores, &mut s.inv), (&mut ho[i0 * d..], d))
+                    })
+                });
+                s.packs = Some(packs);
+                r
+            })
+        });
+        if result.is_ok() {
+            let buf = &buf;
+            out.par_chunks_mut(seq_q * self.hd).enumerate().for_each(|(b, ob)| {
+                for (i, row) in ob.chunks_exact_mut(self.hd).enumerate() {
+                    for (h, dst) in row.chunks_exact_mut(d).enumerate() {
+                        dst.copy_from_slice(&buf[(b * heads + h) * per_head + i * d..][..d]);
+                    }
+                }
+            });
+        }
+        HEADS.with(|c| c.set(buf));
         result
     }
 }
@@ -599,6 +697,34 @@ mod tests {
             mha_with(tier, &q, &k, &v, mask, dims, 0.176_776_7, &mut par, Par::Pool(&pool)).unwrap();
             assert_eq!(seq, par, "{tier}: threads change the result");
         }
+    }
+
+    #[test]
+    fn fused_qkv_rows_equal_separate_projections() {
+        let dims = AttnDims { batch: 2, seq_q: 50, seq_k: 50, heads: 3, head_dim: 20 };
+        let (hd, rows) = (60, 100);
+        let qkv = values(rows * 3 * hd, 7);
+        let part =
+            |p: usize| -> Vec<f32> { qkv.chunks(3 * hd).flat_map(|r| r[p * hd..(p + 1) * hd].to_vec()).collect() };
+        let (q, k, v) = (part(0), part(1), part(2));
+        let fused = |p: usize| Rows { data: &qkv[p * hd..], ld: 3 * hd };
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for tier in supported_tiers() {
+                let mut want = vec![0.0; rows * hd];
+                mha_with(tier, &q, &k, &v, None, dims, 0.3, &mut want, Par::Pool(&pool)).unwrap();
+                let mut got = vec![0.0; rows * hd];
+                mha_strided_with(tier, fused(0), fused(1), fused(2), None, dims, 0.3, &mut got, Par::Pool(&pool))
+                    .unwrap();
+                assert_eq!(got, want, "{tier}, {threads} threads");
+            }
+        }
+        // The last V row must fit: a buffer one value short is an error, not a read past it.
+        let short = Rows { data: &qkv[2 * hd..qkv.len() - 1], ld: 3 * hd };
+        let mut out = vec![0.0; rows * hd];
+        assert!(mha_strided(fused(0), fused(1), short, None, dims, 0.3, &mut out, Par::Seq).is_err());
+        let narrow = Rows { data: &qkv, ld: hd - 1 };
+        assert!(mha_strided(narrow, fused(1), fused(2), None, dims, 0.3, &mut out, Par::Seq).is_err());
     }
 
     proptest! {

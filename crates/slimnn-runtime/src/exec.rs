@@ -1,6 +1,6 @@
 //! Executing a plan: values in slots, f32 buffers recycled through the caller's [`State`].
 
-use crate::fast::{self, AttnDims};
+use crate::fast::{self, AttnDims, Rows};
 use crate::plan::{Kernel, Plan};
 use crate::Result;
 use slimnn_ir::{IrError, OpDef};
@@ -175,10 +175,11 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             gemm(m, a, k, packed, &mut out, n, ep, gpar)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
-        Kernel::Attention { heads, head_dim, scale, mask_shape } => {
+        Kernel::Attention { heads, head_dim, scale, mask_shape, fused_qkv } => {
             let mut out = st.take(numel);
-            let q = st.get(step.inputs[0])?;
-            let k = st.get(step.inputs[1])?;
+            let projections = if *fused_qkv { 1 } else { 3 };
+            let p: Vec<&Tensor> = (0..projections).map(|i| st.get(step.inputs[i])).collect::<Result<_>>()?;
+            let (q, k) = (p[0], p[projections / 2]);
             let dims = AttnDims {
                 batch: q.shape()[0],
                 seq_q: q.shape()[1],
@@ -187,10 +188,17 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
                 head_dim: *head_dim,
             };
             let mask = match mask_shape {
-                Some(ms) => Some((f32s(st.get(step.inputs[3])?)?, *ms)),
+                Some(ms) => Some((f32s(st.get(step.inputs[projections])?)?, *ms)),
                 None => None,
             };
-            fast::attention(f32s(q)?, f32s(k)?, f32s(st.get(step.inputs[2])?)?, mask, dims, *scale, &mut out, par)?;
+            let hd = heads * head_dim;
+            let rows: Vec<Rows> = if *fused_qkv {
+                let qkv = f32s(q)?;
+                (0..3).map(|i| Rows { data: qkv.get(i * hd..).unwrap_or_default(), ld: 3 * hd }).collect()
+            } else {
+                p.iter().map(|t| Ok(Rows { data: f32s(t)?, ld: hd })).collect::<Result<_>>()?
+            };
+            fast::attention(rows[0], rows[1], rows[2], mask, dims, *scale, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::LayerNorm { scale, bias, epsilon } => {
@@ -210,11 +218,15 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             fast::activation(f32s(st.get(step.inputs[0])?)?, *act, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
-        Kernel::Binary(op) => {
+        Kernel::Binary(op, bc) => {
             let mut out = st.take(numel);
-            let row = *shape.last().unwrap_or(&1);
             let (a, b) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
-            fast::binary(*op, a, b, row, &mut out, par)?;
+            fast::binary(*op, *bc, a, b, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::ReduceSum { len, inner } => {
+            let mut out = st.take(numel);
+            fast::reduce_sum(f32s(st.get(step.inputs[0])?)?, *len, *inner, &mut out)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::Embedding { table } => {

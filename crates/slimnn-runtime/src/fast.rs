@@ -2,12 +2,13 @@
 //! kernels, with rows split over threads here. Each has a reference counterpart in the IR's
 //! evaluator; differential tests compare the two.
 
-use crate::plan::FastBinary;
+use crate::plan::{Broadcast, FastBinary};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_kernels::attention::{self, AttnMask};
 use slimnn_kernels::{rows, Activation, BinaryOp, KernelError, Par};
 
+pub use slimnn_kernels::attention::Rows;
 pub use slimnn_kernels::AttnDims;
 
 /// Rows per parallel task for row-wise kernels (keeps tasks big enough to be worth it).
@@ -59,8 +60,8 @@ pub fn activation(x: &[f32], act: Activation, out: &mut [f32], par: bool) -> Res
     row_chunks(out, 1, par, |i, y| Ok(rows::map_activation(&x[i..i + y.len()], act, y)?))
 }
 
-/// `a op b` where `b` has `a`'s length, one element, or `row` elements repeated per row.
-pub fn binary(op: FastBinary, a: &[f32], b: &[f32], row: usize, out: &mut [f32], par: bool) -> Result<()> {
+/// `a op b` with `b` lined up as `bc` says.
+pub fn binary(op: FastBinary, bc: Broadcast, a: &[f32], b: &[f32], out: &mut [f32], par: bool) -> Result<()> {
     let op = match op {
         FastBinary::Add => BinaryOp::Add,
         FastBinary::Sub => BinaryOp::Sub,
@@ -68,17 +69,53 @@ pub fn binary(op: FastBinary, a: &[f32], b: &[f32], row: usize, out: &mut [f32],
         FastBinary::Div => BinaryOp::Div,
     };
     check_len(a.len(), out.len())?;
-    let same = b.len() == a.len();
-    if !same && b.len() != 1 && b.len() != row {
-        return Err(shape_error(format!("{} values do not broadcast over rows of {row}", b.len())));
+    let fits = match bc {
+        Broadcast::Same => b.len() == a.len(),
+        Broadcast::Scalar => b.len() == 1,
+        Broadcast::Repeat => !b.is_empty() && a.len().is_multiple_of(b.len()),
+        Broadcast::PerRow(n) => n > 0 && b.len().checked_mul(n) == Some(a.len()),
+    };
+    if !fits {
+        return Err(shape_error(format!("{} values do not broadcast over {} as {bc:?}", b.len(), a.len())));
     }
-    // Chunks of whole rows, so a row vector `b` lines up with each chunk.
-    let n = if same || b.len() == 1 { 1 } else { row };
-    row_chunks(out, n, par, |r, y| {
-        let (lo, hi) = (r * n, r * n + y.len());
-        let bc = if same { &b[lo..hi] } else { b };
-        Ok(rows::binary(op, &a[lo..hi], bc, y)?)
-    })
+    match bc {
+        Broadcast::Same => {
+            row_chunks(out, 1, par, |i, y| Ok(rows::binary(op, &a[i..i + y.len()], &b[i..i + y.len()], y)?))
+        }
+        Broadcast::Scalar => row_chunks(out, 1, par, |i, y| Ok(rows::binary(op, &a[i..i + y.len()], b, y)?)),
+        // Chunks of whole repeats, so `b` lines up with each chunk.
+        Broadcast::Repeat => {
+            let n = b.len();
+            row_chunks(out, n, par, |r, y| Ok(rows::binary(op, &a[r * n..r * n + y.len()], b, y)?))
+        }
+        Broadcast::PerRow(n) => row_chunks(out, n, par, |r, y| {
+            for (j, yr) in y.chunks_exact_mut(n).enumerate() {
+                let lo = (r + j) * n;
+                rows::binary(op, &a[lo..lo + n], &b[r + j..r + j + 1], yr)?;
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// `out[o, i] = Σ_j x[o, j, i]` for `j < len`, `i < inner`; `out` holds `outer * inner`.
+pub fn reduce_sum(x: &[f32], len: usize, inner: usize, out: &mut [f32]) -> Result<()> {
+    if x.len() != out.len() * len || (inner > 0 && !out.len().is_multiple_of(inner)) {
+        return Err(shape_error(format!("sum of {len} x {inner} blocks: {} values into {}", x.len(), out.len())));
+    }
+    if inner == 0 || out.is_empty() {
+        return Ok(());
+    }
+    // f32 sums (relative error ~len * 2^-24); whole rows keep the adds vectorised.
+    for (o, dst) in out.chunks_exact_mut(inner).enumerate() {
+        dst.fill(0.0);
+        for src in x[o * len * inner..(o + 1) * len * inner].chunks_exact(inner) {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d += v;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_len(input: usize, output: usize) -> Result<()> {
@@ -110,9 +147,9 @@ pub fn embedding(table: &[f32], rows: usize, n: usize, idx: &[i64], out: &mut [f
 /// `softmax(Q Kᵀ * scale + mask) V` per (batch, head) into that head's columns of `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
     mask: Option<(&[f32], [usize; 4])>,
     dims: AttnDims,
     scale: f32,
@@ -121,7 +158,7 @@ pub fn attention(
 ) -> Result<()> {
     let mask = mask.map(|(data, shape)| AttnMask { data, shape });
     let par = if par { Par::Current } else { Par::Seq };
-    Ok(attention::mha(q, k, v, mask, dims, scale, out, par)?)
+    Ok(attention::mha_strided(q, k, v, mask, dims, scale, out, par)?)
 }
 
 #[cfg(test)]
@@ -161,23 +198,43 @@ mod tests {
         let y = both(|p, o| activation(&x, Activation::Relu, o, p));
         assert_eq!(y[0], x[0].max(0.0));
         let row: Vec<f32> = (0..N).map(|j| j as f32).collect();
-        let y = both(|p, o| binary(FastBinary::Sub, &x, &row, N, o, p));
+        let y = both(|p, o| binary(FastBinary::Sub, Broadcast::Repeat, &x, &row, o, p));
         assert_eq!(y[3 * N + 10], x[3 * N + 10] - 10.0);
-        let y = both(|p, o| binary(FastBinary::Mul, &x, &[2.0], N, o, p));
+        // A block of two rows repeated (position embeddings over a batch).
+        let two: Vec<f32> = (0..2 * N).map(|j| j as f32).collect();
+        let y = both(|p, o| binary(FastBinary::Add, Broadcast::Repeat, &x, &two, o, p));
+        assert_eq!(y[5 * N + 7], x[5 * N + 7] + (N + 7) as f32);
+        let per_row: Vec<f32> = (0..ROWS).map(|r| r as f32).collect();
+        let y = both(|p, o| binary(FastBinary::Mul, Broadcast::PerRow(N), &x, &per_row, o, p));
+        assert_eq!(y[7 * N + 3], x[7 * N + 3] * 7.0);
+        let y = both(|p, o| binary(FastBinary::Mul, Broadcast::Scalar, &x, &[2.0], o, p));
         assert_eq!(y[777], x[777] * 2.0);
-        let y = both(|p, o| binary(FastBinary::Div, &x, &x, N, o, p));
+        let y = both(|p, o| binary(FastBinary::Div, Broadcast::Same, &x, &x, o, p));
         assert_eq!(y[1], 1.0);
+    }
+
+    #[test]
+    fn reduce_sum_over_a_middle_axis() {
+        // x[o, j, i] = 100 o + 10 j + i with 2 x 3 x 2 values.
+        let x: Vec<f32> = (0..12).map(|f| (100 * (f / 6) + 10 * (f / 2 % 3) + f % 2) as f32).collect();
+        let mut out = vec![0.0; 4];
+        reduce_sum(&x, 3, 2, &mut out).unwrap();
+        assert_eq!(out, vec![30.0, 33.0, 330.0, 333.0]);
     }
 
     #[test]
     fn bad_lengths_are_errors() {
         let mut out = vec![0.0; 6];
-        assert!(binary(FastBinary::Add, &[1.0; 6], &[1.0; 2], 3, &mut out, false).is_err());
-        assert!(binary(FastBinary::Add, &[1.0; 6], &[1.0; 3], 3, &mut out[..5], false).is_err());
+        assert!(binary(FastBinary::Add, Broadcast::Repeat, &[1.0; 6], &[1.0; 4], &mut out, false).is_err());
+        assert!(binary(FastBinary::Add, Broadcast::Repeat, &[1.0; 6], &[1.0; 3], &mut out[..5], false).is_err());
+        assert!(binary(FastBinary::Add, Broadcast::PerRow(3), &[1.0; 6], &[1.0; 3], &mut out, false).is_err());
+        assert!(binary(FastBinary::Add, Broadcast::Same, &[1.0; 6], &[1.0; 3], &mut out, false).is_err());
+        assert!(reduce_sum(&[1.0; 6], 4, 1, &mut out[..2]).is_err());
         assert!(layer_norm(&[1.0; 6], 3, &[1.0; 2], &[0.0; 3], 1e-5, &mut out, false).is_err());
         assert!(softmax(&[1.0; 5], 3, &mut out[..5], false).is_err());
         let dims = AttnDims { batch: 1, seq_q: 2, seq_k: 2, heads: 1, head_dim: 3 };
-        assert!(attention(&[0.0; 6], &[0.0; 6], &[0.0; 5], None, dims, 1.0, &mut out, false).is_err());
-        assert!(attention(&[0.0; 6], &[0.0; 6], &[0.0; 6], None, dims, 1.0, &mut out, true).is_ok());
+        let r = |data| Rows { data, ld: 3 };
+        assert!(attention(r(&[0.0; 6]), r(&[0.0; 6]), r(&[0.0; 5]), None, dims, 1.0, &mut out, false).is_err());
+        assert!(attention(r(&[0.0; 6]), r(&[0.0; 6]), r(&[0.0; 6]), None, dims, 1.0, &mut out, true).is_ok());
     }
 }

@@ -2,10 +2,11 @@
 //! emitted as one kernel step; every other node runs on the reference evaluator.
 
 use crate::conv::ConvKernel;
-use crate::plan::{FastBinary, Fusion, Kernel, Plan, Slot, Step};
+use crate::plan::{Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step};
 use crate::Result;
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Clip, Conv, Gemm, GlobalPool, LayerNorm, MatMul, Reshape, Softmax, Transpose, Unary, UnaryOp,
+    Binary, BinaryOp, Clip, Conv, Gemm, GlobalPool, LayerNorm, MatMul, Reduce, ReduceOp, Reshape, Softmax, Transpose,
+    Unary, UnaryOp,
 };
 use slimnn_ir::{Graph, NodeId, Op, OutletId};
 use slimnn_kernels::{Activation, PackedB};
@@ -13,29 +14,51 @@ use slimnn_tensor::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-/// Weights packed once per runnable, keyed by the address of their constant tensor (kept alive
-/// alongside so the address stays unique).
+/// Weights packed once per runnable, keyed by the addresses of their constant tensors (kept
+/// alive alongside so the addresses stay unique).
 #[derive(Default)]
-pub(crate) struct PackCache(Mutex<HashMap<usize, PackedWeight>>, quant::QPackCache);
+pub(crate) struct PackCache(Mutex<HashMap<(Vec<usize>, bool), PackedWeight>>, quant::QPackCache);
 
 #[path = "quant.rs"]
 pub(crate) mod quant;
 
-/// A packed weight and the constant it came from.
-type PackedWeight = (Arc<Tensor>, Arc<PackedB>);
+/// A packed weight and the constants it came from.
+type PackedWeight = (Vec<Arc<Tensor>>, Arc<PackedB>);
 
 impl PackCache {
     fn get(&self, w: &Arc<Tensor>, transposed: bool) -> Result<Arc<PackedB>> {
-        let key = Arc::as_ptr(w) as usize ^ transposed as usize;
+        self.get_concat(std::slice::from_ref(w), transposed)
+    }
+
+    /// `[w0 | w1 | ...]`: 2-d weights with the same rows, side by side (`transposed`: the
+    /// weights are `[n, k]`, stacked by rows).
+    fn get_concat(&self, ws: &[Arc<Tensor>], transposed: bool) -> Result<Arc<PackedB>> {
+        let key = (ws.iter().map(|w| Arc::as_ptr(w) as usize).collect(), transposed);
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, p)) = map.get(&key) {
             return Ok(p.clone());
         }
-        let data = w.as_slice::<f32>()?;
-        let (r, c) = (w.shape()[0], w.shape()[1]);
-        let packed = if transposed { PackedB::from_transposed(data, c, r, c)? } else { PackedB::new(data, r, c, c)? };
+        let packed = if let [w] = ws {
+            let (data, r, c) = (w.as_slice::<f32>()?, w.shape()[0], w.shape()[1]);
+            if transposed {
+                PackedB::from_transposed(data, c, r, c)?
+            } else {
+                PackedB::new(data, r, c, c)?
+            }
+        } else {
+            let k = ws[0].shape()[0];
+            let n: usize = ws.iter().map(|w| w.shape()[1]).sum();
+            let mut data = Vec::with_capacity(k * n);
+            for row in 0..k {
+                for w in ws {
+                    let c = w.shape()[1];
+                    data.extend_from_slice(&w.as_slice::<f32>()?[row * c..(row + 1) * c]);
+                }
+            }
+            PackedB::new(&data, k, n, n)?
+        };
         let p = Arc::new(packed);
-        map.insert(key, (w.clone(), p.clone()));
+        map.insert(key, (ws.to_vec(), p.clone()));
         Ok(p)
     }
 }
@@ -45,6 +68,8 @@ struct Group {
     kernel: Kernel,
     inputs: Vec<OutletId>,
     fusion: Fusion,
+    /// The output's shape when it is not its outlet's (a fused QKV projection).
+    output_shape: Option<Vec<usize>>,
 }
 
 struct Ctx<'a> {
@@ -154,7 +179,8 @@ fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
     let kernel = Kernel::Gemm { packed, bias, activation, residual };
     let kind = kernel.name();
     let note = if notes.is_empty() { String::new() } else { notes.join("; ") };
-    Ok(Some(Group { fusion: Fusion { kind, nodes: c.names(&members), note }, members, kernel, inputs }))
+    let fusion = Fusion { kind, nodes: c.names(&members), note };
+    Ok(Some(Group { fusion, members, kernel, inputs, output_shape: None }))
 }
 
 /// Activation then residual Add after `end`, each taken when it is the sole reader; extends
@@ -232,7 +258,7 @@ fn match_conv(c: &Ctx, id: NodeId) -> Result<Option<Group>> {
     kernel.residual = residual;
     let kernel = Kernel::Conv(Arc::new(kernel));
     let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
-    Ok(Some(Group { fusion, members, kernel, inputs }))
+    Ok(Some(Group { fusion, members, kernel, inputs, output_shape: None }))
 }
 
 /// Multi-head attention from its exported pattern, anchored at the Softmax:
@@ -335,9 +361,70 @@ fn match_attention(c: &Ctx, sm: NodeId) -> Option<Group> {
         inputs.push(m);
         m4
     });
-    let kernel = Kernel::Attention { heads: h, head_dim: d, scale, mask_shape };
+    let kernel = Kernel::Attention { heads: h, head_dim: d, scale, mask_shape, fused_qkv: false };
     let note = format!("{h} heads of {d}, scale {scale}, mask {mask_shape:?}");
-    Some(Group { fusion: Fusion { kind: "attention".into(), nodes: c.names(&members), note }, members, kernel, inputs })
+    let fusion = Fusion { kind: "attention".into(), nodes: c.names(&members), note };
+    Some(Group { fusion, members, kernel, inputs, output_shape: None })
+}
+
+/// The Q, K and V projections of an attention group as one GEMM when they are `x · W (+ b)`
+/// of the same `x` with constant weights: one pass over `x` and a third of the GEMM calls
+/// (threads split one wide GEMM better than three narrow ones). Returns the projection group
+/// and rewrites the attention group to read Q, K and V from its output.
+fn match_qkv(c: &Ctx, att: &mut Group, packs: &PackCache) -> Result<Option<Group>> {
+    let Kernel::Attention { fused_qkv: false, .. } = att.kernel else { return Ok(None) };
+    let mut x = None;
+    let (mut weights, mut biases, mut members) = (vec![], vec![], vec![]);
+    for &p in &att.inputs[..3] {
+        // Nothing but the attention may read a projection that stops existing on its own.
+        if c.sole_reader(p).is_none() {
+            return Ok(None);
+        }
+        // `p` is either the MatMul or a bias Add right after it.
+        let (mm, bias) = match c.op(p) {
+            Op::MatMul(MatMul) => (p.node, None),
+            Op::Binary(Binary(BinaryOp::Add)) => {
+                let ins = &c.g.node(p.node).inputs;
+                let Some(side) = ins.iter().position(|&i| c.op(i) == &Op::MatMul(MatMul)) else { return Ok(None) };
+                let Some(b) = c.konst(ins[1 - side]) else { return Ok(None) };
+                if c.sole_reader(ins[side]) != Some(p.node) || b.dtype() != DType::F32 || b.rank() != 1 {
+                    return Ok(None);
+                }
+                members.push(p.node);
+                (ins[side].node, Some(b.as_slice::<f32>()?))
+            }
+            _ => return Ok(None),
+        };
+        let ins = &c.g.node(mm).inputs;
+        let Some(w) = c.konst(ins[1]) else { return Ok(None) };
+        if w.dtype() != DType::F32 || w.rank() != 2 || !c.is_f32(ins[0]) || x.is_some_and(|x| x != ins[0]) {
+            return Ok(None);
+        }
+        if bias.is_some_and(|b| b.len() != w.shape()[1])
+            || weights.first().is_some_and(|f: &Arc<Tensor>| f.shape() != w.shape())
+        {
+            return Ok(None);
+        }
+        x = Some(ins[0]);
+        members.push(mm);
+        biases.push(bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; w.shape()[1]]));
+        weights.push(w.clone());
+    }
+    let (Some(x), Some(xs)) = (x, x.and_then(|x| c.shape(x))) else { return Ok(None) };
+    let n = weights[0].shape()[1];
+    if xs.len() != 3 || xs.last() != Some(&weights[0].shape()[0]) {
+        return Ok(None);
+    }
+    let packed = packs.get_concat(&weights, false)?;
+    let bias: Arc<[f32]> = biases.concat().into();
+    let kernel = Kernel::Gemm { packed, bias: Some(bias), activation: Activation::None, residual: false };
+    let out = out0(*members.iter().max().expect("three projections"));
+    let Kernel::Attention { fused_qkv, .. } = &mut att.kernel else { unreachable!("checked above") };
+    *fused_qkv = true;
+    att.inputs.splice(..3, [out]);
+    att.fusion.note.push_str("; Q, K, V from one fused projection");
+    let fusion = Fusion { kind: "gemm+bias (fused QKV)".into(), nodes: c.names(&members), note: String::new() };
+    Ok(Some(Group { fusion, members, kernel, inputs: vec![x], output_shape: Some(vec![xs[0], xs[1], 3 * n]) }))
 }
 
 fn leads_to_matmul(c: &Ctx, o: OutletId) -> bool {
@@ -416,10 +503,42 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             let (Some(a), Some(b), Some(o)) = (c.shape(ins[0]), c.shape(ins[1]), c.shape(out0(id))) else {
                 return Ok(None);
             };
+            if a != o {
+                return Ok(None);
+            }
             let bl: usize = b.iter().product();
-            let row = a.last().copied().unwrap_or(1);
-            let ok = a == o && (b == a || bl == 1 || (bl == row && b.last() == Some(&row) && b.len() <= a.len()));
-            ok.then_some(Kernel::Binary(fast))
+            // `b` without its leading 1s, against `a`'s trailing dims.
+            let lead = b.iter().take_while(|&&d| d == 1).count();
+            let core = &b[lead..];
+            let bc = if b == a {
+                Broadcast::Same
+            } else if bl == 1 {
+                Broadcast::Scalar
+            } else if b.len() <= a.len() && a.ends_with(core) {
+                Broadcast::Repeat
+            } else if b.len() == a.len() && b.last() == Some(&1) && b[..b.len() - 1] == a[..a.len() - 1] {
+                Broadcast::PerRow(*a.last().unwrap_or(&1))
+            } else {
+                return Ok(None);
+            };
+            Some(Kernel::Binary(fast, bc))
+        }
+        Op::Reduce(Reduce { op: ReduceOp::Sum, axes: Some(axes), noop_with_empty_axes: false, .. })
+            if all_f32 && ins.len() == 1 && !axes.is_empty() =>
+        {
+            let Some(shape) = c.shape(ins[0]) else { return Ok(None) };
+            let rank = shape.len() as i64;
+            let mut ax: Vec<usize> = axes.iter().map(|&a| if a < 0 { a + rank } else { a } as usize).collect();
+            ax.sort_unstable();
+            ax.dedup();
+            // One run of adjacent axes: a middle-axis sum.
+            let contiguous = ax.windows(2).all(|w| w[1] == w[0] + 1) && ax.last().is_some_and(|&l| l < shape.len());
+            if !contiguous {
+                return Ok(None);
+            }
+            let len = ax.iter().map(|&a| shape[a]).product();
+            let inner = shape[ax[ax.len() - 1] + 1..].iter().product();
+            Some(Kernel::ReduceSum { len, inner })
         }
         Op::GlobalPool(GlobalPool { max: false }) if all_f32 && c.g.fact(ins[0]).rank() >= 3 => {
             c.shape(ins[0]).map(|_| Kernel::GlobalAveragePool)
@@ -452,7 +571,10 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
     };
     for id in 0..g.nodes().len() {
         if !c.taken.contains(&id) {
-            if let Some(grp) = match_attention(&c, id) {
+            if let Some(mut grp) = match_attention(&c, id) {
+                if let Some(qkv) = match_qkv(&c, &mut grp, packs)? {
+                    claim(&mut c, qkv, &mut groups);
+                }
                 claim(&mut c, grp, &mut groups);
             }
         }
@@ -502,7 +624,9 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
                 kernel: grp.kernel,
                 inputs,
                 outputs: vec![output],
-                output_shapes: vec![g.fact(out0(id)).known_shape().unwrap_or_default()],
+                output_shapes: vec![grp
+                    .output_shape
+                    .unwrap_or_else(|| g.fact(out0(id)).known_shape().unwrap_or_default())],
                 frees: vec![],
             });
             continue;

@@ -18,18 +18,21 @@ pub enum Kernel {
     /// `[.., k]` flattened to `m x k`.
     Gemm { packed: Arc<PackedB>, bias: Option<Arc<[f32]>>, activation: Activation, residual: bool },
     /// Multi-head scaled dot-product attention on projections laid out `[batch, seq, heads *
-    /// head_dim]`; inputs `[q, k, v, mask?]` (mask additive, broadcast to
-    /// `[batch, heads, seq_q, seq_k]`); output `[batch, seq_q, heads * head_dim]`.
-    Attention { heads: usize, head_dim: usize, scale: f32, mask_shape: Option<[usize; 4]> },
+    /// head_dim]`; inputs `[q, k, v, mask?]`, or `[qkv, mask?]` when `fused_qkv` (one
+    /// projection `[batch, seq, 3 * heads * head_dim]`, Q then K then V); the mask is additive,
+    /// broadcast to `[batch, heads, seq_q, seq_k]`; output `[batch, seq_q, heads * head_dim]`.
+    Attention { heads: usize, head_dim: usize, scale: f32, mask_shape: Option<[usize; 4]>, fused_qkv: bool },
     /// Layer normalisation over the last axis; inputs `[x]`.
     LayerNorm { scale: Arc<[f32]>, bias: Arc<[f32]>, epsilon: f32 },
     /// Softmax over the last axis.
     Softmax,
     /// Elementwise f32 activation.
     Activation(Activation),
-    /// `a op b` on f32 where `b` is the same shape as `a`, a scalar, or a row vector
-    /// repeated over `a`'s last axis.
-    Binary(FastBinary),
+    /// `a op b` on f32, output shaped as `a`, `b` lined up as the [`Broadcast`] says.
+    Binary(FastBinary, Broadcast),
+    /// Sum over a run of adjacent axes: `out[o, i] = Σ_j x[o, j, i]` with `len` values of `j`
+    /// and `inner` of `i`.
+    ReduceSum { len: usize, inner: usize },
     /// Rows of a constant f32 table gathered by i64 indices (embeddings).
     Embedding { table: Arc<Tensor> },
     /// 2-d NCHW convolution with its fused bias, activation and residual; inputs
@@ -39,6 +42,20 @@ pub enum Kernel {
     GlobalAveragePool,
     /// Integer kernels of quantized graphs (quantize, dequantize, u8 x i8 GEMM).
     Quant(Arc<crate::lower::quant::QuantKernel>),
+}
+
+/// How the second operand of a fast binary op lines up with the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broadcast {
+    /// Same shape.
+    Same,
+    /// One value.
+    Scalar,
+    /// `b` (a suffix of `a`'s shape) repeated over `a`, e.g. position embeddings.
+    Repeat,
+    /// One value of `b` per row of `n` values of `a` (`b` is `a`'s shape with the last dim 1),
+    /// e.g. a token mask over hidden states.
+    PerRow(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +124,8 @@ impl Kernel {
             Kernel::LayerNorm { .. } => "layer_norm".into(),
             Kernel::Softmax => "softmax".into(),
             Kernel::Activation(a) => format!("{a:?}").to_lowercase(),
-            Kernel::Binary(b) => format!("{b:?}").to_lowercase(),
+            Kernel::Binary(b, _) => format!("{b:?}").to_lowercase(),
+            Kernel::ReduceSum { .. } => "reduce_sum".into(),
             Kernel::Embedding { .. } => "embedding".into(),
             Kernel::Conv(k) => k.name(),
             Kernel::GlobalAveragePool => "global_average_pool".into(),

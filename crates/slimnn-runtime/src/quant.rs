@@ -423,7 +423,7 @@ fn group(c: &Ctx, members: Vec<NodeId>, inputs: Vec<OutletId>, mm: QMatMul, note
     let kernel = QuantKernel::MatMul(mm);
     let kind = kernel.name();
     let fusion = Fusion { kind, nodes: c.names(&members), note: notes.join("; ") };
-    Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs, fusion }
+    Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs, fusion, output_shape: None }
 }
 
 /// A single quantization node on a vectorised kernel.
