@@ -100,6 +100,8 @@ enum Command {
         #[arg(long)]
         max_length: Option<usize>,
     },
+    /// Serve models over the KServe v2 / Open Inference Protocol (REST and gRPC), with dynamic batching.
+    Serve(slimnn_serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -117,6 +119,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(args) => slimnn_serve::serve(&args),
         Command::Inspect { model: path, json, optimized, dims } => inspect(&path, json, optimized, &dims),
         Command::Bench { model, batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer, json } => {
             let threads = if threads.is_empty() { vec![slimnn_runtime::physical_cores()] } else { threads };
