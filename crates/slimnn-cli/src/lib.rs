@@ -1,5 +1,6 @@
 //! The `slimnn` command-line tool's commands, as a library so tests can call them.
 
 pub mod bench;
+pub mod llm;
 pub mod model;
 pub mod tasks;

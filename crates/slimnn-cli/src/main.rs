@@ -81,6 +81,45 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Generate text with a GGUF language model, streamed to stdout.
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample among the K most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample among the most likely tokens up to this total probability.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template (ChatML) as one user message.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Perplexity of a GGUF language model on a text (sliding window).
+    Perplexity {
+        model: PathBuf,
+        /// Plain text, or a Moby-Dick chapter .json.
+        #[arg(long)]
+        text: PathBuf,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 512)]
+        context: usize,
+        /// Tokens between window starts (default: the context, no overlap).
+        #[arg(long)]
+        stride: Option<usize>,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Sentence embeddings from a BERT-family checkpoint folder.
     Embed {
         model_dir: PathBuf,
@@ -123,6 +162,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { model: path, json, optimized, dims } => inspect(&path, json, optimized, &dims),
         Command::Bench { model, batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer, json } => {
             let threads = if threads.is_empty() { vec![slimnn_runtime::physical_cores()] } else { threads };
+            if model.extension().is_some_and(|e| e == "gguf") {
+                return slimnn_cli::llm::bench_llm(&model, seq, 64, &threads, iterations.min(3), json.as_deref()).map(drop);
+            }
             let cfg = BenchConfig { batches: batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer };
             println!("slimnn bench {} (kernels: {})", model.display(), slimnn_kernels::cpu::describe());
             println!(
@@ -160,6 +202,15 @@ fn run(cli: Cli) -> Result<()> {
                 println!("wrote {}", path.display());
             }
             Ok(())
+        }
+        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, chat, threads } => {
+            let opts = slimnn_cli::llm::SampleOptions { temperature, top_k, top_p, seed };
+            let threads = threads.unwrap_or_else(slimnn_runtime::physical_cores);
+            slimnn_cli::llm::generate_cli(&model, &prompt, chat, max_tokens, &opts, threads)
+        }
+        Command::Perplexity { model, text, context, stride, threads } => {
+            let threads = threads.unwrap_or_else(slimnn_runtime::physical_cores);
+            slimnn_cli::llm::perplexity_cli(&model, &text, context, stride, threads).map(drop)
         }
         Command::Run { model, inputs, output_dir, reference, threads } => {
             run_model(&model, &inputs, &output_dir, reference, threads)

@@ -1,6 +1,7 @@
 //! Data for slimnn: tokenizing text into model inputs ([`text::TextTokenizer`]) and reading
 //! the real corpora of `scripts/fetch-assets.sh` ([`corpus`]).
 
+pub mod bpe;
 pub mod corpus;
 pub mod text;
 

@@ -4,7 +4,9 @@
 //! temporary file renamed into place, so a failure never leaves a half-written file.
 
 mod error;
+pub mod gguf;
 pub mod hf;
+pub mod llama;
 pub mod npy;
 pub mod onnx;
 

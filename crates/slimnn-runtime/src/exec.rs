@@ -250,6 +250,12 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| st.get(s)).collect::<Result<_>>()?;
             q.run(&ins, &shape, out, par)
         }
+        Kernel::BlockQ(k) => {
+            let mut out = st.take(numel);
+            let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| st.get(s)).collect::<Result<_>>()?;
+            k.run(&ins, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
         Kernel::GlobalAveragePool => {
             let mut out = st.take(numel);
             let x = f32s(st.get(step.inputs[0])?)?;

@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod blockq;
 pub mod conv;
 mod exec;
 mod fast;

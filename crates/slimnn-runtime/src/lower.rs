@@ -461,6 +461,9 @@ fn split_heads(c: &Ctx, o: OutletId, perm: &[usize], heads: usize) -> Option<(Ou
 /// A single node on a fast kernel when its shapes and dtypes allow.
 fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
     let node = c.g.node(id);
+    if let Some(k) = crate::blockq::lower(c.g, id) {
+        return Ok(Some(Kernel::BlockQ(k)));
+    }
     let ins = &node.inputs;
     let all_f32 = ins.iter().all(|&i| c.is_f32(i)) && c.is_f32(out0(id));
     Ok(match &node.op {

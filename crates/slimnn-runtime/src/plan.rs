@@ -42,6 +42,8 @@ pub enum Kernel {
     GlobalAveragePool,
     /// Integer kernels of quantized graphs (quantize, dequantize, u8 x i8 GEMM).
     Quant(Arc<crate::lower::quant::QuantKernel>),
+    /// LLM ops on block-quantized weights ([`crate::blockq`]).
+    BlockQ(crate::blockq::BlockKernel),
 }
 
 /// How the second operand of a fast binary op lines up with the first.
@@ -130,6 +132,7 @@ impl Kernel {
             Kernel::Conv(k) => k.name(),
             Kernel::GlobalAveragePool => "global_average_pool".into(),
             Kernel::Quant(q) => q.name(),
+            Kernel::BlockQ(k) => k.name(),
         }
     }
 }
