@@ -9,6 +9,7 @@ pub mod hf;
 pub mod llama;
 pub mod npy;
 pub mod onnx;
+pub mod torch;
 
 pub use error::FormatError;
 
