@@ -53,8 +53,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Counts every model request in the metrics, labelled by model when the model is known.
+/// Counts every model request in the metrics, labelled by model when the model is known, and
+/// refuses a body whose declared length is over the limit before reading any of it.
 async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let limit = state.config.max_body_bytes;
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let e = ServeError::PayloadTooLarge(format!("request body is larger than the limit of {limit} bytes"));
+        state.metrics.request("", "http", e.status().as_u16(), std::time::Duration::ZERO);
+        return e.into_response();
+    }
     let path = req.uri().path();
     let model = path
         .strip_prefix("/v2/models/")
@@ -68,7 +76,7 @@ async fn record(State(state): State<Arc<AppState>>, req: Request, next: Next) ->
     let started = Instant::now();
     let resp = next.run(req).await;
     state.metrics.request(&model, "http", resp.status().as_u16(), started.elapsed());
-    if resp.status().is_server_error() {
+    if resp.status().is_server_error() && resp.status() != StatusCode::SERVICE_UNAVAILABLE {
         tracing::warn!(model = %model, status = resp.status().as_u16(), "request failed");
     }
     resp
