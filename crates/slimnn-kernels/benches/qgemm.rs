@@ -219,7 +219,7 @@ fn bench_weight_only(c: &mut Criterion, pool2: &rayon::ThreadPool) {
         group.throughput(Throughput::Elements(ops(shape) as u64));
         for threads in [1usize, 2] {
             let par = if threads == 1 { Par::Seq } else { Par::Pool(pool2) };
-            let mut record = |what: &str, best: Option<Duration>| {
+            let record = |what: &str, best: Option<Duration>| {
                 if let Some(best) = best {
                     let what = what.to_string();
                     ROWS.lock().expect("table lock").push(Row { what, shape, threads, best, peak: None });

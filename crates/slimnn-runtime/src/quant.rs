@@ -84,6 +84,9 @@ pub struct QMatMul {
     activation: Activation,
     /// Input index of the residual, if fused.
     residual: Option<usize>,
+    /// `QLinearMatMul`: u8 output `saturate(round(acc * b_scale_j) + zero)`, where `b_scale`
+    /// holds the multipliers `a_scale * w_scale_j / y_scale` (rounded as ONNX Runtime does).
+    requantize: Option<u8>,
 }
 
 impl QuantKernel {
@@ -96,6 +99,9 @@ impl QuantKernel {
                 let mut s = format!("qgemm_u8i8_{}", q.packed.kernel());
                 if q.b_scale.is_none() {
                     s.push_str("+i32");
+                }
+                if q.requantize.is_some() {
+                    s.push_str("+requantize");
                 }
                 if q.bias.is_some() {
                     s.push_str("+bias");
@@ -115,7 +121,7 @@ impl QuantKernel {
     pub fn f32_output(&self) -> bool {
         match self {
             QuantKernel::Dequantize { .. } => true,
-            QuantKernel::MatMul(q) => q.b_scale.is_some(),
+            QuantKernel::MatMul(q) => q.b_scale.is_some() && q.requantize.is_none(),
             _ => false,
         }
     }
@@ -227,6 +233,11 @@ impl QMatMul {
         if let Some(r) = self.residual {
             ep = ep.with_residual(ins[r].as_slice::<f32>()?, n);
         }
+        if let Some(zero) = self.requantize {
+            let mut c = vec![0u8; m * n];
+            qgemm::qgemm(m, a, k, &self.packed, QOutput::U8 { c: &mut c, ldc: n, scale: 1.0, zero }, &ep, gpar)?;
+            return Ok(vec![Tensor::from_vec(shape, c)?]);
+        }
         qgemm::qgemm(m, a, k, &self.packed, QOutput::F32 { c: &mut out, ldc: n }, &ep, gpar)?;
         Ok(vec![Tensor::from_vec(shape, out)?])
     }
@@ -290,8 +301,45 @@ pub(super) fn match_group(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Opt
     match &node.op {
         Op::MatMulInteger(_) => match_matmul_integer(c, id, packs),
         Op::MatMul(MatMul) if is_qdq_matmul(c, id) => match_qdq(c, id, packs),
+        Op::QLinearMatMul(_) => match_qlinear(c, id, packs),
         _ => Ok(None),
     }
+}
+
+/// A constant u8 scalar.
+fn const_u8(c: &Ctx, o: OutletId) -> Option<u8> {
+    c.konst(o).filter(|t| t.dtype() == DType::U8 && t.len() == 1)?.as_slice::<u8>().ok().map(|v| v[0])
+}
+
+/// `QLinearMatMul(a u8, sa, za, W i8 const, sw, 0, sy, zy u8)` with constant parameters.
+fn match_qlinear(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
+    let ins = &c.g.node(id).inputs;
+    let Some(wq) = c.konst(ins[3]).filter(|t| t.dtype() == DType::I8 && t.rank() == 2) else { return Ok(None) };
+    let n = wq.shape()[1];
+    let a = ins[0];
+    if c.g.fact(a).dtype != DType::U8 || c.g.fact(a).rank() < 1 || c.shape(a).is_none() || !const_all_zero(c, ins[5]) {
+        return Ok(None);
+    }
+    let (Some(sa), Some(za), Some(sw), Some(sy), Some(zy)) =
+        (c.scalar(ins[1]), const_u8(c, ins[2]), const_f32s(c, ins[4], n), c.scalar(ins[6]), const_u8(c, ins[7]))
+    else {
+        return Ok(None);
+    };
+    if !(sy.is_finite() && sy > 0.0) || c.g.fact(out0(id)).dtype != DType::U8 {
+        return Ok(None);
+    }
+    let multipliers: Vec<f32> = sw.iter().map(|&s| sa * s / sy).collect();
+    let packed = packs.get(wq, false)?;
+    let mm = QMatMul {
+        packed,
+        a: AParams { scale: Param::Const(1.0), zero: Param::Const(za as i32) },
+        b_scale: Some(Arc::from(multipliers)),
+        bias: None,
+        activation: Activation::None,
+        residual: None,
+        requantize: Some(zy),
+    };
+    Ok(Some(group(c, vec![id], vec![a], mm, vec![])))
 }
 
 fn match_matmul_integer(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
@@ -374,7 +422,7 @@ fn match_matmul_integer(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Optio
         activation = act;
         residual = res.then_some(before);
     }
-    let mm = QMatMul { packed, a: a_params, b_scale, bias, activation, residual };
+    let mm = QMatMul { packed, a: a_params, b_scale, bias, activation, residual, requantize: None };
     Ok(Some(group(c, members, inputs, mm, notes)))
 }
 
@@ -415,7 +463,7 @@ fn match_qdq(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
     let (activation, res) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
     let residual = res.then_some(1);
     let a = AParams { scale: Param::Const(scale), zero: Param::Const(zero as i32) };
-    let mm = QMatMul { packed, a, b_scale: Some(Arc::from(ws)), bias, activation, residual };
+    let mm = QMatMul { packed, a, b_scale: Some(Arc::from(ws)), bias, activation, residual, requantize: None };
     Ok(Some(group(c, members, inputs, mm, notes)))
 }
 
@@ -457,8 +505,8 @@ pub(super) fn single_kernel(c: &Ctx, id: NodeId) -> Option<Kernel> {
 mod tests {
     use crate::{Runnable, RuntimeConfig};
     use slimnn_ir::ops::{
-        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, MatMul, MatMulInteger, QuantizeLinear, Unary,
-        UnaryOp,
+        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, MatMul, MatMulInteger, QLinearMatMul,
+        QuantizeLinear, Unary, UnaryOp,
     };
     use slimnn_ir::{Fact, Graph, OutletId};
     use slimnn_tensor::{DType, Dim, Tensor};
@@ -577,6 +625,28 @@ mod tests {
         let kernels = check(g, feeds, 1e-4);
         assert_eq!(kernels.iter().filter(|k| k.starts_with("qgemm_u8i8")).count(), 1, "{kernels:?}");
         assert!(kernels.contains(&"quantize_u8".to_string()), "{kernels:?}");
+        assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+
+    #[test]
+    fn qlinear_matmul_requantizes_like_the_reference() {
+        let mut g = Graph::default();
+        let x = input(&mut g, "x", K);
+        let s = g.add_const("s", Tensor::scalar(0.015f32)).unwrap();
+        let z = g.add_const("z", Tensor::scalar(131u8)).unwrap();
+        let ys = g.add_const("ys", Tensor::scalar(0.09f32)).unwrap();
+        let yz = g.add_const("yz", Tensor::scalar(97u8)).unwrap();
+        let (wq, ws, wz) = weights(K, N, 8);
+        let (wq, ws, wz) =
+            (g.add_const("wq", wq).unwrap(), g.add_const("ws", ws).unwrap(), g.add_const("wz", wz).unwrap());
+        let xq = g.add_node("q", QuantizeLinear { axis: 1 }, vec![x, s, z]).unwrap()[0];
+        let y = g.add_node("qmm", QLinearMatMul, vec![xq, s, z, wq, ws, wz, ys, yz]).unwrap()[0];
+        g.add_output("yq", y);
+        let y = g.add_node("dq", DequantizeLinear { axis: 1 }, vec![y, ys, yz]).unwrap()[0];
+        g.add_output("y", y);
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, K], values(10 * K, 9)).unwrap())];
+        let kernels = check(g, feeds, 0.0);
+        assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+requantize")), "{kernels:?}");
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
     }
 }

@@ -146,7 +146,7 @@ unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usize>) {
     let col0 = panels.start * nr;
     let width = (panels.end * nr).min(n) - col0;
     let float_out = !matches!(job.out, Out::I32(_));
-    let mut buf = if float_out { vec![0f32; job.mr * width] } else { vec![] };
+    let mut buf = if float_out && !direct(job) { vec![0f32; job.mr * width] } else { vec![] };
     let mut buf2 = if float_out && job.ep.activation != Activation::None { vec![0f32; width] } else { vec![] };
     let mut scratch = Scratch([0; 8 * 48]);
     let mut tail = [0u32; 8];
@@ -170,11 +170,17 @@ unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usize>) {
             (job.tile)(mr, kq_full, a, job.lda, tail_ptr, bp, scratch.0.as_mut_ptr());
             stage1(job, ir, mr, j0, cols, nr, &scratch.0, &mut buf, width, col0);
         }
-        if float_out {
+        if float_out && !direct(job) {
             stage2(job, ir, mr, col0, width, &buf, &mut buf2);
         }
         ir += mr;
     }
+}
+
+/// Whether float results are final after stage 1 (f32 output, no activation).
+#[inline(always)]
+fn direct(job: &Job) -> bool {
+    matches!(job.out, Out::F32(_)) && job.ep.activation == Activation::None
 }
 
 /// Zero-point correction and scaling of one micro-tile: i32 outputs are stored, float ones go
@@ -205,9 +211,13 @@ unsafe fn stage1(
                     *o = x.wrapping_sub(za.wrapping_mul(s));
                 }
             }
-            _ => {
+            out => {
                 let sa = ep.a_scale.at(ir + i);
-                let dst = &mut buf[i * width + (j0 - col0)..][..cols];
+                // Without an activation, f32 results go straight to C (stage 2 is skipped).
+                let dst = match out {
+                    Out::F32(c) if direct(job) => std::slice::from_raw_parts_mut(c.add((ir + i) * job.ldc + j0), cols),
+                    _ => &mut buf[i * width + (j0 - col0)..][..cols],
+                };
                 if ep.b_scale.len() == 1 {
                     let s = sa * ep.b_scale[0];
                     for ((o, &x), &c) in dst.iter_mut().zip(acc).zip(cs) {
@@ -222,6 +232,11 @@ unsafe fn stage1(
                 if let Some(bias) = ep.bias {
                     for (o, &bv) in dst.iter_mut().zip(&bias[j0..j0 + cols]) {
                         *o += bv;
+                    }
+                }
+                if let (true, Some(res)) = (direct(job), ep.residual) {
+                    for (o, &r) in dst.iter_mut().zip(&res.data[(ir + i) * res.ld + j0..][..cols]) {
+                        *o += r;
                     }
                 }
             }

@@ -20,14 +20,10 @@ pub(crate) fn tile_fn(k: QKernel) -> TileFn {
     }
 }
 
-/// Reads row `i`'s group `q` (4 bytes) of A, or its tail group when `q == kq`.
+/// Reads row `i`'s group `q` (4 bytes) of A.
 #[inline(always)]
-unsafe fn a_group(a: *const u8, lda: usize, tail: *const u32, kq: usize, i: usize, q: usize) -> u32 {
-    if q < kq {
-        (a.add(i * lda + 4 * q) as *const u32).read_unaligned()
-    } else {
-        *tail.add(i)
-    }
+unsafe fn a_group(a: *const u8, lda: usize, i: usize, q: usize) -> u32 {
+    (a.add(i * lda + 4 * q) as *const u32).read_unaligned()
 }
 
 /// The portable kernel: 4 x 16.
@@ -51,7 +47,7 @@ pub(crate) unsafe fn scalar_qgemm_4x16(
     for q in 0..groups {
         let bq = b.add(q * NR * 4);
         for (i, row) in acc.iter_mut().enumerate().take(mr) {
-            let av = a_group(a, lda, tail, kq, i, q).to_le_bytes();
+            let av = if q < kq { a_group(a, lda, i, q) } else { *tail.add(i) }.to_le_bytes();
             for (j, x) in row.iter_mut().enumerate() {
                 for (t, &ab) in av.iter().enumerate() {
                     *x += ab as i32 * (*bq.add(j * 4 + t) as i8) as i32;
@@ -89,21 +85,28 @@ mod x86 {
         out: *mut i32,
     ) {
         const NR: usize = 48;
-        let groups = kq + usize::from(!tail.is_null());
         let mut acc = [[_mm512_setzero_si512(); 3]; MR];
-        for q in 0..groups {
-            let bq = b.add(q * NR * 4);
+        #[inline(always)]
+        unsafe fn step<const MR: usize>(acc: &mut [[__m512i; 3]; MR], bq: *const u8, a: impl Fn(usize) -> u32) {
             let bv = [
                 _mm512_load_si512(bq as *const _),
                 _mm512_load_si512(bq.add(64) as *const _),
                 _mm512_load_si512(bq.add(128) as *const _),
             ];
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_epi32(a_group(a, lda, tail, kq, i, q) as i32);
+                let av = _mm512_set1_epi32(a(i) as i32);
                 for (x, &bj) in row.iter_mut().zip(&bv) {
                     *x = _mm512_dpbusd_epi32(*x, av, bj);
                 }
             }
+        }
+        // The full groups, then the tail as a separate step: a branch in the loop keeps the
+        // accumulators out of registers at opt-level 2.
+        for q in 0..kq {
+            step(&mut acc, b.add(q * NR * 4), |i| a_group(a, lda, i, q));
+        }
+        if !tail.is_null() {
+            step(&mut acc, b.add(kq * NR * 4), |i| *tail.add(i));
         }
         for (i, row) in acc.iter().enumerate() {
             for (v, x) in row.iter().enumerate() {
@@ -140,17 +143,22 @@ mod x86 {
         out: *mut i32,
     ) {
         const NR: usize = 16;
-        let groups = kq + usize::from(!tail.is_null());
         let mut acc = [[_mm256_setzero_si256(); 2]; MR];
-        for q in 0..groups {
-            let bq = b.add(q * NR * 4);
+        #[inline(always)]
+        unsafe fn step<const MR: usize>(acc: &mut [[__m256i; 2]; MR], bq: *const u8, a: impl Fn(usize) -> u32) {
             let bv = [_mm256_load_si256(bq as *const _), _mm256_load_si256(bq.add(32) as *const _)];
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_epi32(a_group(a, lda, tail, kq, i, q) as i32);
+                let av = _mm256_set1_epi32(a(i) as i32);
                 for (x, &bj) in row.iter_mut().zip(&bv) {
                     *x = _mm256_dpbusd_avx_epi32(*x, av, bj);
                 }
             }
+        }
+        for q in 0..kq {
+            step(&mut acc, b.add(q * NR * 4), |i| a_group(a, lda, i, q));
+        }
+        if !tail.is_null() {
+            step(&mut acc, b.add(kq * NR * 4), |i| *tail.add(i));
         }
         for (i, row) in acc.iter().enumerate() {
             for (v, x) in row.iter().enumerate() {
@@ -187,7 +195,6 @@ mod x86 {
         out: *mut i32,
     ) {
         const NR: usize = 16;
-        let groups = kq + usize::from(!tail.is_null());
         // vpmaddubsw adds two u8 x i8 products into an i16 with saturation: 255 * -128 * 2
         // does not fit. With A = lo + 128 hi (lo < 128, hi in {0, 1}) neither part's pair sum
         // can saturate; the hi part is weighted by 128 when widened to i32.
@@ -196,11 +203,17 @@ mod x86 {
         let ones16 = _mm256_set1_epi16(1);
         let w128 = _mm256_set1_epi16(128);
         let mut acc = [[_mm256_setzero_si256(); 2]; MR];
-        for q in 0..groups {
-            let bq = b.add(q * NR * 4);
+        let consts = [low7, one8, ones16, w128];
+        #[inline(always)]
+        unsafe fn step<const MR: usize>(
+            acc: &mut [[__m256i; 2]; MR],
+            bq: *const u8,
+            [low7, one8, ones16, w128]: [__m256i; 4],
+            a: impl Fn(usize) -> u32,
+        ) {
             let bv = [_mm256_load_si256(bq as *const _), _mm256_load_si256(bq.add(32) as *const _)];
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_epi32(a_group(a, lda, tail, kq, i, q) as i32);
+                let av = _mm256_set1_epi32(a(i) as i32);
                 let lo = _mm256_and_si256(av, low7);
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<7>(av), one8);
                 for (x, &bj) in row.iter_mut().zip(&bv) {
@@ -209,6 +222,12 @@ mod x86 {
                     *x = _mm256_add_epi32(*x, _mm256_add_epi32(plo, phi));
                 }
             }
+        }
+        for q in 0..kq {
+            step(&mut acc, b.add(q * NR * 4), consts, |i| a_group(a, lda, i, q));
+        }
+        if !tail.is_null() {
+            step(&mut acc, b.add(kq * NR * 4), consts, |i| *tail.add(i));
         }
         for (i, row) in acc.iter().enumerate() {
             for (v, x) in row.iter().enumerate() {
