@@ -4,3 +4,4 @@ pub mod bench;
 pub mod llm;
 pub mod model;
 pub mod tasks;
+pub mod quantize;

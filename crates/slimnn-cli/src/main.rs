@@ -120,6 +120,91 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Quantize a model (int8 dynamic / static QDQ, weight-only int8 / int4, bf16 / fp16) and
+    /// print a per-layer table.
+    Quantize {
+        /// An .onnx file or a Hugging Face checkpoint folder.
+        model: PathBuf,
+        #[arg(short, long, value_name = "OUT.onnx")]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "dynamic")]
+        mode: QuantMode,
+        /// Weight bits: 8, or 4 (weight-only, group-wise).
+        #[arg(long, default_value_t = 8)]
+        bits: u8,
+        /// Values per scale along the input channels for 4-bit weights (32, 64, 128).
+        #[arg(long, default_value_t = 32)]
+        group_size: usize,
+        #[arg(long, value_enum, default_value = "per-channel")]
+        granularity: QuantGranularity,
+        /// Calibration data: a text file of sentences (BERT-family models), a .npy file
+        /// (one-input models) or a folder of <input>.npy files; samples along the first axis.
+        #[arg(long, value_name = "FILE")]
+        calibration: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "minmax")]
+        calibration_method: CalibMethod,
+        /// Percentile kept on each side by --calibration-method percentile.
+        #[arg(long, default_value_t = 99.99)]
+        percentile: f64,
+        /// Static activation type: u8 asymmetric or i8 symmetric.
+        #[arg(long, value_enum, default_value = "u8")]
+        activation_type: ActType,
+        /// SmoothQuant with this migration strength alpha (0..1), before dynamic/static quantization.
+        #[arg(long, value_name = "ALPHA")]
+        smoothquant: Option<f32>,
+        /// GPTQ instead of round-to-nearest (weight-only).
+        #[arg(long)]
+        gptq: bool,
+        /// Correct each layer's bias for the mean output shift its quantized weight causes.
+        #[arg(long)]
+        bias_correction: bool,
+        /// Keep layers whose node name matches in float (`*` wildcards; else a substring). Repeatable.
+        #[arg(long, value_name = "PATTERN")]
+        exclude: Vec<String>,
+        /// Keep the most sensitive layers in higher precision until the mean relative output
+        /// error on the calibration data is at most this.
+        #[arg(long)]
+        error_budget: Option<f64>,
+        /// Also quantize activation-by-activation matmuls (attention), static mode.
+        #[arg(long)]
+        quantize_attention: bool,
+        /// Samples of the calibration data used.
+        #[arg(long, default_value_t = 128)]
+        samples: usize,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Token limit per sentence for text data.
+        #[arg(long, default_value_t = 128)]
+        max_length: usize,
+        /// tokenizer.json for text data (default: next to the model).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Also write the per-layer report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Compare two models' outputs on the same data: cosine, max abs, relative error, top-1.
+    Compare {
+        reference: PathBuf,
+        candidate: PathBuf,
+        /// Text file of sentences, .npy file or folder of <input>.npy (default: synthetic
+        /// inputs for float-input models).
+        #[arg(long, value_name = "FILE")]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 128)]
+        max_length: usize,
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sentence embeddings from a BERT-family checkpoint folder.
     Embed {
         model_dir: PathBuf,
@@ -141,6 +226,35 @@ enum Command {
     },
     /// Serve models over the KServe v2 / Open Inference Protocol (REST and gRPC), with dynamic batching.
     Serve(slimnn_serve::ServeArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QuantMode {
+    Dynamic,
+    Static,
+    WeightOnly,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QuantGranularity {
+    PerChannel,
+    PerTensor,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CalibMethod {
+    Minmax,
+    Percentile,
+    Entropy,
+    Mse,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ActType {
+    U8,
+    I8,
 }
 
 fn main() -> ExitCode {
@@ -219,6 +333,83 @@ fn run(cli: Cli) -> Result<()> {
             let g = model::load(&src)?;
             onnx::save(&g, &output).with_context(|| format!("writing {}", output.display()))?;
             println!("wrote {} ({} nodes, {} parameters)", output.display(), g.nodes().len(), g.parameter_count());
+            Ok(())
+        }
+        Command::Quantize {
+            model,
+            output,
+            mode,
+            bits,
+            group_size,
+            granularity,
+            calibration,
+            calibration_method,
+            percentile,
+            activation_type,
+            smoothquant,
+            gptq,
+            bias_correction,
+            exclude,
+            error_budget,
+            quantize_attention,
+            samples,
+            batch_size,
+            max_length,
+            tokenizer,
+            report,
+        } => {
+            use slimnn_compress::{ActivationType, CalibrationMethod, Granularity, Mode, QuantRecipe};
+            let recipe = QuantRecipe {
+                mode: match mode {
+                    QuantMode::Dynamic => Mode::Dynamic,
+                    QuantMode::Static => Mode::Static,
+                    QuantMode::WeightOnly => Mode::WeightOnly,
+                    QuantMode::Bf16 => Mode::Bf16,
+                    QuantMode::Fp16 => Mode::Fp16,
+                },
+                bits,
+                group_size,
+                granularity: match granularity {
+                    QuantGranularity::PerChannel => Granularity::PerChannel,
+                    QuantGranularity::PerTensor => Granularity::PerTensor,
+                },
+                activation_type: match activation_type {
+                    ActType::U8 => ActivationType::U8,
+                    ActType::I8 => ActivationType::I8,
+                },
+                calibration_method: match calibration_method {
+                    CalibMethod::Minmax => CalibrationMethod::Minmax,
+                    CalibMethod::Percentile => CalibrationMethod::Percentile,
+                    CalibMethod::Entropy => CalibrationMethod::Entropy,
+                    CalibMethod::Mse => CalibrationMethod::Mse,
+                },
+                percentile,
+                smoothquant_alpha: smoothquant,
+                gptq,
+                bias_correction,
+                exclude,
+                error_budget,
+                quantize_activation_matmuls: quantize_attention,
+                ..QuantRecipe::default()
+            };
+            let opts = slimnn_cli::quantize::DataOptions { batch_size, samples, max_length, tokenizer };
+            let r = slimnn_cli::quantize::run_quantize(&model, &output, &recipe, calibration.as_deref(), &opts)?;
+            if let Some(path) = report {
+                slimnn_formats::write_atomic(&path, serde_json::to_string_pretty(&r)?.as_bytes())?;
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Compare { reference, candidate, data, samples, batch_size, max_length, tokenizer, threads, json } => {
+            let opts = slimnn_cli::quantize::DataOptions { batch_size, samples, max_length, tokenizer };
+            let threads = threads.unwrap_or_else(slimnn_runtime::physical_cores);
+            let a = slimnn_cli::quantize::run_compare(&reference, &candidate, data.as_deref(), &opts, threads)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&a)?);
+            } else {
+                println!("{} vs {} ({} batches)", candidate.display(), reference.display(), a.batches);
+                print!("{}", slimnn_cli::quantize::agreement_table(&a));
+            }
             Ok(())
         }
         Command::Embed { model_dir, text, file, output, batch_size, max_length } => {

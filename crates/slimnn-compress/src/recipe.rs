@@ -66,7 +66,7 @@ impl Default for QuantRecipe {
             group_size: 32,
             granularity: Granularity::PerChannel,
             activation_type: ActivationType::U8,
-            calibration_method: CalibrationMethod::Percentile,
+            calibration_method: CalibrationMethod::Minmax,
             percentile: 99.99,
             smoothquant_alpha: None,
             gptq: false,

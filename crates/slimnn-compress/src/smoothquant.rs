@@ -102,3 +102,37 @@ mod tests {
         assert_eq!(smoothing_factors(&[8.0], &[3.0], 1.0), vec![8.0]);
     }
 }
+
+#[cfg(test)]
+mod graph_tests {
+    use super::*;
+    use crate::calib::calibrate;
+    use slimnn_ir::Fact;
+    use slimnn_tensor::{DType, Dim};
+
+    #[test]
+    fn smoothing_keeps_the_float_function() {
+        // x [b, 3] with an outlier channel feeds two matmuls; smoothing must not change y.
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("b"), Dim::Known(3)])).unwrap();
+        let w1 =
+            g.add_const("w1", Tensor::from_vec(vec![3, 2], vec![0.5f32, -1.0, 0.25, 2.0, 1.0, 0.0]).unwrap()).unwrap();
+        let w2 = g.add_const("w2", Tensor::from_vec(vec![3, 1], vec![0.1f32, 0.2, -0.3]).unwrap()).unwrap();
+        let y1 = g.add_node("m1", MatMul, vec![x, w1]).unwrap()[0];
+        let y2 = g.add_node("m2", MatMul, vec![x, w2]).unwrap()[0];
+        g.add_output("y1", y1);
+        g.add_output("y2", y2);
+        let batch =
+            vec![("x".to_string(), Tensor::from_vec(vec![2, 3], vec![1f32, 40.0, -0.5, -2.0, 10.0, 0.25]).unwrap())];
+        let sq = SmoothQuant { alpha: 0.5, selection: Selection::default() };
+        let points = sq.statistic_points(&g).unwrap();
+        let stats = calibrate(&g, &points, &vec![batch.clone()], 1, &mut |_| {}).unwrap();
+        assert_eq!(stats.get(x).unwrap().channels.as_ref().unwrap().absmax, vec![2.0, 40.0, 0.5]);
+        let (s, _) = sq.apply(&g, &stats).unwrap();
+        assert_eq!(s.op_histogram().get("Mul"), Some(&1), "one smoothing Mul shared by both matmuls");
+        let (a, b) = (g.eval(batch.clone()).unwrap(), s.eval(batch).unwrap());
+        for (u, v) in a.iter().zip(&b) {
+            assert!(u.max_abs_diff(v).unwrap() < 1e-4, "{u:?} vs {v:?}");
+        }
+    }
+}

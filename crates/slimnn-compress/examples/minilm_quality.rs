@@ -1,0 +1,110 @@
+//! Embedding quality of every quantization scheme on all-MiniLM-L6-v2 (assets/minilm), side by
+//! side in one run: cosine of each of 200 Moby-Dick sentences' embedding to the fp32 model's.
+//!
+//! `cargo run --release -p slimnn-compress --example minilm_quality [-- SCHEME...]`
+//! (calibration: 128 other sentences of the book; schemes default to all).
+
+use slimnn_compress::calib::BatchSource;
+use slimnn_compress::mixed::{agreement, run_all};
+use slimnn_compress::{quantize, ActivationType, CalibrationMethod, Mode, QuantRecipe};
+use slimnn_data::corpus::moby_dick_sentences;
+use slimnn_data::text::TextTokenizer;
+use slimnn_tensor::Tensor;
+use std::path::Path;
+use std::time::Instant;
+
+struct Sentences {
+    batches: Vec<Vec<(String, Tensor)>>,
+}
+
+impl BatchSource for Sentences {
+    fn batches(&self) -> usize {
+        self.batches.len()
+    }
+    fn batch(&self, i: usize) -> slimnn_compress::Result<Vec<(String, Tensor)>> {
+        Ok(self.batches[i].clone())
+    }
+}
+
+fn encode(tok: &TextTokenizer, texts: &[&str], batch: usize) -> Sentences {
+    Sentences { batches: texts.chunks(batch).map(|c| tok.encode(c).unwrap().into_named()).collect() }
+}
+
+fn main() {
+    let assets = std::env::var("SLIMNN_ASSETS").unwrap_or_else(|_| "assets".into());
+    let dir = Path::new(&assets).join("minilm");
+    let g = slimnn_formats::hf::load_bert(&dir).unwrap();
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), 128).unwrap();
+    let sentences = moby_dick_sentences(&Path::new(&assets).join("moby-dick"), 4, 120).unwrap();
+    let eval: Vec<&str> = (0..200).map(|i| sentences[i * sentences.len() / 200].as_str()).collect();
+    let calib: Vec<&str> = (0..128).map(|i| sentences[i * sentences.len() / 128 + 7].as_str()).collect();
+    let eval_data = encode(&tok, &eval, 25);
+    let calib_data = encode(&tok, &calib, 16);
+    let names: Vec<String> = g.outputs().iter().map(|(n, _)| n.clone()).collect();
+    let threads = slimnn_runtime::physical_cores();
+    let reference = run_all(&g, &eval_data, usize::MAX, threads).unwrap();
+
+    let base = QuantRecipe::default();
+    let stat = |m| QuantRecipe { mode: Mode::Static, calibration_method: m, ..base.clone() };
+    let all: Vec<(&str, QuantRecipe)> = vec![
+        ("dynamic", QuantRecipe { mode: Mode::Dynamic, ..base.clone() }),
+        ("dynamic-sq0.5", QuantRecipe { mode: Mode::Dynamic, smoothquant_alpha: Some(0.5), ..base.clone() }),
+        ("static-minmax", stat(CalibrationMethod::Minmax)),
+        ("static-percentile", stat(CalibrationMethod::Percentile)),
+        ("static-entropy", stat(CalibrationMethod::Entropy)),
+        ("static-mse", stat(CalibrationMethod::Mse)),
+        (
+            "static-i8-percentile",
+            QuantRecipe { activation_type: ActivationType::I8, ..stat(CalibrationMethod::Percentile) },
+        ),
+        (
+            "static-percentile-sq0.5",
+            QuantRecipe { smoothquant_alpha: Some(0.5), ..stat(CalibrationMethod::Percentile) },
+        ),
+        ("static-mse-sq0.5", QuantRecipe { smoothquant_alpha: Some(0.5), ..stat(CalibrationMethod::Mse) }),
+        ("static-percentile-99.999", QuantRecipe { percentile: 99.999, ..stat(CalibrationMethod::Percentile) }),
+        ("static-minmax-sq0.3", QuantRecipe { smoothquant_alpha: Some(0.3), ..stat(CalibrationMethod::Minmax) }),
+        ("static-minmax-budget0.05", QuantRecipe { error_budget: Some(0.05), ..stat(CalibrationMethod::Minmax) }),
+        ("dynamic-budget0.05", QuantRecipe { error_budget: Some(0.05), ..base.clone() }),
+        (
+            "static-attention-minmax",
+            QuantRecipe { quantize_activation_matmuls: true, ..stat(CalibrationMethod::Minmax) },
+        ),
+        ("weight-int8", QuantRecipe { mode: Mode::WeightOnly, ..base.clone() }),
+        ("int4-g32-rtn", QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 32, ..base.clone() }),
+        ("int4-g32-gptq", QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 32, gptq: true, ..base.clone() }),
+        ("int4-g128-rtn", QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 128, ..base.clone() }),
+        (
+            "int4-g128-gptq",
+            QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 128, gptq: true, ..base.clone() },
+        ),
+        ("bf16", QuantRecipe { mode: Mode::Bf16, ..base.clone() }),
+        ("fp16", QuantRecipe { mode: Mode::Fp16, ..base.clone() }),
+    ];
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    println!(
+        "{:<26} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "scheme", "cos mean", "cos min", "rel err", "quant s", "eval s"
+    );
+    for (name, recipe) in all {
+        if !wanted.is_empty() && !wanted.iter().any(|w| w == name) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let (q, _report) = quantize(&g, &recipe, &calib_data, &mut |_| {}).unwrap();
+        let tq = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let out = run_all(&q, &eval_data, usize::MAX, threads).unwrap();
+        let a = agreement(&names, &reference, &out).unwrap();
+        let e = a.outputs.iter().find(|o| o.name == "sentence_embedding").unwrap();
+        println!(
+            "{:<26} {:>10.5} {:>10.5} {:>10.4} {:>9.1} {:>9.1}",
+            name,
+            e.cosine_mean,
+            e.cosine_min,
+            e.relative_error,
+            tq,
+            t1.elapsed().as_secs_f64()
+        );
+    }
+}
