@@ -54,7 +54,7 @@ pub struct Record {
 
 /// Loads the model as ONNX (exporting a checkpoint folder first) so both runtimes read the same file.
 fn onnx_model(path: &Path, work: &Path) -> Result<(Graph, PathBuf)> {
-    if path.is_dir() {
+    if path.is_dir() || slimnn_formats::torch::is_checkpoint(path) {
         let g = crate::model::load(path)?;
         let out = work.join("model.onnx");
         onnx::save(&g, &out).with_context(|| format!("exporting {}", path.display()))?;
@@ -76,9 +76,12 @@ fn assets_dir() -> PathBuf {
     std::env::var_os("SLIMNN_ASSETS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("assets"))
 }
 
-/// Real inputs for one batch: tokenized Moby-Dick text for BERT-style signatures, else
-/// deterministic pseudo-random values of each input's dtype.
+/// Real inputs for one batch: tokenized Moby-Dick text for BERT-style signatures, photos from
+/// assets/images for image models, else deterministic pseudo-random values of each input's dtype.
 fn make_inputs(g: &Graph, model: &Path, cfg: &BenchConfig, batch: usize) -> Result<Vec<(String, Tensor)>> {
+    if let Some(images) = crate::classify::bench_batch(g, &assets_dir().join("images"), batch)? {
+        return Ok(vec![images]);
+    }
     let names: Vec<&str> = (0..g.inputs().len()).map(|i| g.input_name(i)).collect();
     if names.contains(&"input_ids") {
         let tok_path = find_tokenizer(model, cfg.tokenizer.as_deref())

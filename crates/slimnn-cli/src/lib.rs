@@ -1,6 +1,7 @@
 //! The `slimnn` command-line tool's commands, as a library so tests can call them.
 
 pub mod bench;
+pub mod classify;
 pub mod llm;
 pub mod model;
 pub mod tasks;

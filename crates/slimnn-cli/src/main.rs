@@ -226,6 +226,22 @@ enum Command {
     },
     /// Serve models over the KServe v2 / Open Inference Protocol (REST and gRPC), with dynamic batching.
     Serve(slimnn_serve::ServeArgs),
+    /// Classify JPEG / PNG images with an ImageNet model (EfficientNet-Lite0 .pth or .onnx).
+    Classify {
+        model: PathBuf,
+        /// Image files (JPEG or PNG).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// How many classes to show per image.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+        /// Worker threads (default: physical cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -411,6 +427,10 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", slimnn_cli::quantize::agreement_table(&a));
             }
             Ok(())
+        }
+        Command::Classify { model, images, top, threads, json } => {
+            let threads = threads.unwrap_or_else(slimnn_runtime::physical_cores);
+            slimnn_cli::classify::classify_cli(&model, &images, top, threads, json)
         }
         Command::Embed { model_dir, text, file, output, batch_size, max_length } => {
             let texts: Vec<String> = match file {

@@ -5,7 +5,8 @@ use slimnn_formats::{hf, onnx};
 use slimnn_ir::Graph;
 use std::path::Path;
 
-/// Loads an `.onnx` file or a Hugging Face checkpoint folder (`config.json` + `model.safetensors`).
+/// Loads an `.onnx` file, a Hugging Face checkpoint folder (`config.json` + `model.safetensors`)
+/// or a PyTorch EfficientNet-Lite0 checkpoint (`.pth` / `.pt`, zip or legacy `torch.save`).
 pub fn load(path: &Path) -> Result<Graph> {
     if !path.exists() {
         bail!("{}: no such file or folder", path.display());
@@ -15,6 +16,10 @@ pub fn load(path: &Path) -> Result<Graph> {
             return hf::load_bert(path).with_context(|| format!("loading {}", path.display()));
         }
         bail!("{}: a model folder needs config.json and model.safetensors", path.display());
+    }
+    if slimnn_formats::torch::is_checkpoint(path) {
+        // The one PyTorch architecture slimnn builds: EfficientNet-Lite0 (efficientnet_pytorch names).
+        return slimnn_formats::efficientnet::load(path).with_context(|| format!("loading {}", path.display()));
     }
     onnx::load(path).with_context(|| format!("loading {}", path.display()))
 }

@@ -3,6 +3,7 @@
 //! ([`npy`]). Every reader validates before it allocates, and every writer writes to a
 //! temporary file renamed into place, so a failure never leaves a half-written file.
 
+pub mod efficientnet;
 mod error;
 pub mod gguf;
 pub mod hf;

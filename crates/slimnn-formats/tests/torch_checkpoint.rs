@@ -134,7 +134,9 @@ fn efficientnet_lite0_legacy_checkpoint() {
     assert_eq!(sd.format, CheckpointFormat::Legacy);
     assert_eq!(sd.len(), 296);
     assert_eq!(sd.iter().map(|(_, t)| t.len()).sum::<usize>(), 4_694_073);
-    let cases: [(&str, &[usize], [f64; 3], f64, f64); 3] = [
+    // (name, shape, first three values, sum, index-weighted sum)
+    type Case<'a> = (&'a str, &'a [usize], [f64; 3], f64, f64);
+    let cases: [Case; 3] = [
         (
             "_conv_stem.weight",
             &[32, 3, 3, 3],
