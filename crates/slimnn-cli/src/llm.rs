@@ -46,7 +46,12 @@ impl Llm {
         let weights = LlamaWeights::load(&g, &config)?;
         let tokenizer = load_tokenizer(&g)?;
         if tokenizer.vocab_size() != config.vocab {
-            bail!("{}: {} tokens in the vocabulary, {} rows of token_embd", path.display(), tokenizer.vocab_size(), config.vocab);
+            bail!(
+                "{}: {} tokens in the vocabulary, {} rows of token_embd",
+                path.display(),
+                tokenizer.vocab_size(),
+                config.vocab
+            );
         }
         let mut stop_ids: Vec<u32> = token_id(&g, "tokenizer.ggml.eos_token_id").into_iter().collect();
         if let Some(eot) = tokenizer.encode("<|endoftext|>").ok().filter(|v| v.len() == 1) {
@@ -56,7 +61,11 @@ impl Llm {
         }
         let add_bos = matches!(g.get("tokenizer.ggml.add_bos_token"), Some(GgufValue::Bool(true)));
         let bos = if add_bos { token_id(&g, "tokenizer.ggml.bos_token_id") } else { None };
-        let chat = g.get("tokenizer.chat_template").and_then(GgufValue::as_str).map(ChatTemplate::from_metadata).transpose()?;
+        let chat = g
+            .get("tokenizer.chat_template")
+            .and_then(GgufValue::as_str)
+            .map(ChatTemplate::from_metadata)
+            .transpose()?;
         let rt = RuntimeConfig { threads: threads.max(1) };
         let all = Runnable::new(build_llama(&config, &weights, Logits::All)?, rt.clone())?;
         let last = Runnable::new(build_llama(&config, &weights, Logits::Last)?, rt)?;
@@ -109,7 +118,10 @@ impl Llm {
         let n = ids.len();
         let mut inputs = vec![
             ("input_ids".to_string(), Tensor::from_vec(vec![1, n], ids.iter().map(|&t| t as i64).collect())?),
-            ("positions".to_string(), Tensor::from_vec(vec![n], (cache.len..cache.len + n).map(|p| p as i64).collect())?),
+            (
+                "positions".to_string(),
+                Tensor::from_vec(vec![n], (cache.len..cache.len + n).map(|p| p as i64).collect())?,
+            ),
         ];
         let keys = std::mem::take(&mut cache.keys);
         let values = std::mem::take(&mut cache.values);
@@ -214,7 +226,13 @@ impl Llm {
             }
             begin += stride;
         }
-        Ok(Perplexity { tokens: ids.len(), scored, windows, nll_per_token: nll / scored as f64, ppl: (nll / scored as f64).exp() })
+        Ok(Perplexity {
+            tokens: ids.len(),
+            scored,
+            windows,
+            nll_per_token: nll / scored as f64,
+            ppl: (nll / scored as f64).exp(),
+        })
     }
 
     fn logits_with(&self, state: &mut State, ids: &[u32]) -> Result<Tensor> {
@@ -238,7 +256,7 @@ fn load_tokenizer(g: &GgufFile) -> Result<BpeTokenizer> {
         token_types: &types,
         merges: &merges,
     };
-    Ok(BpeTokenizer::new(&spec).with_context(|| g.path().to_string())?)
+    BpeTokenizer::new(&spec).with_context(|| g.path().to_string())
 }
 
 /// Result of [`Llm::generate`].
@@ -307,7 +325,8 @@ impl Sampler {
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let argmax = || {
-            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+                as u32
         };
         if self.opts.temperature == 0.0 || logits.is_empty() {
             return argmax();
@@ -352,14 +371,22 @@ pub fn read_text(path: &Path) -> Result<String> {
         struct Chapter {
             text: String,
         }
-        let ch: Chapter = serde_json::from_str(&raw).with_context(|| format!("{}: expected {{\"text\": ...}}", path.display()))?;
+        let ch: Chapter =
+            serde_json::from_str(&raw).with_context(|| format!("{}: expected {{\"text\": ...}}", path.display()))?;
         return Ok(ch.text);
     }
     Ok(raw)
 }
 
 /// `slimnn generate`: streams the completion to stdout, then one line of statistics to stderr.
-pub fn generate_cli(path: &Path, prompt: &str, chat: bool, max_tokens: usize, opts: &SampleOptions, threads: usize) -> Result<()> {
+pub fn generate_cli(
+    path: &Path,
+    prompt: &str,
+    chat: bool,
+    max_tokens: usize,
+    opts: &SampleOptions,
+    threads: usize,
+) -> Result<()> {
     let llm = Llm::load(path, threads)?;
     let ids = llm.encode_prompt(prompt, chat)?;
     let mut out = std::io::stdout().lock();
@@ -384,7 +411,13 @@ pub fn generate_cli(path: &Path, prompt: &str, chat: bool, max_tokens: usize, op
 }
 
 /// `slimnn perplexity`.
-pub fn perplexity_cli(path: &Path, text: &Path, context: usize, stride: Option<usize>, threads: usize) -> Result<Perplexity> {
+pub fn perplexity_cli(
+    path: &Path,
+    text: &Path,
+    context: usize,
+    stride: Option<usize>,
+    threads: usize,
+) -> Result<Perplexity> {
     let llm = Llm::load(path, threads)?;
     let ids = llm.tokenizer.encode(&read_text(text)?)?;
     let stride = stride.unwrap_or(context);
@@ -434,7 +467,10 @@ pub fn bench_llm(
     json: Option<&Path>,
 ) -> Result<Vec<LlmBenchRecord>> {
     println!("slimnn bench {} (kernels: {})", path.display(), slimnn_kernels::cpu::describe());
-    println!("{:>7} {:>7} {:>12} {:>7} {:>12} {:>10} {:>9} {:>9}", "threads", "prompt", "prefill t/s", "decode", "decode t/s", "weights", "RSS", "peak RSS");
+    println!(
+        "{:>7} {:>7} {:>12} {:>7} {:>12} {:>10} {:>9} {:>9}",
+        "threads", "prompt", "prefill t/s", "decode", "decode t/s", "weights", "RSS", "peak RSS"
+    );
     let mut records = vec![];
     for &t in threads {
         let llm = Llm::load(path, t)?;

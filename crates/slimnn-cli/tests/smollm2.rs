@@ -25,7 +25,8 @@ fn max_rel(a: &[f32], b: &[f64]) -> f64 {
 #[test]
 fn next_token_logits_match_float64_reference() {
     let llm = Llm::load(&model(), 2).unwrap();
-    let prompts = ["The capital of France is", "Call me Ishmael. Some years ago, never mind how long", "def fibonacci(n):"];
+    let prompts =
+        ["The capital of France is", "Call me Ishmael. Some years ago, never mind how long", "def fibonacci(n):"];
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| llm.encode_prompt(p, false).unwrap()).collect();
     let dir = temp_dir("smollm2-ref");
     let ids_path = dir.join("ids.json");
@@ -50,9 +51,14 @@ fn next_token_logits_match_float64_reference() {
         let last = &l[(p.len() - 1) * vocab..];
         let rr = &r[i * vocab..(i + 1) * vocab];
         let rel = max_rel(last, rr);
-        let argmax = |v: &[f64]| v.iter().enumerate().fold((0, f64::MIN), |b, (j, &x)| if x > b.1 { (j, x) } else { b }).0;
+        let argmax =
+            |v: &[f64]| v.iter().enumerate().fold((0, f64::MIN), |b, (j, &x)| if x > b.1 { (j, x) } else { b }).0;
         let top = argmax(&last.iter().map(|&x| x as f64).collect::<Vec<_>>());
-        println!("prompt {i} ({} tokens): max |diff| / max |logit| = {rel:.2e}; next token {top} ({:?})", p.len(), llm.tokenizer.token(top as u32));
+        println!(
+            "prompt {i} ({} tokens): max |diff| / max |logit| = {rel:.2e}; next token {top} ({:?})",
+            p.len(),
+            llm.tokenizer.token(top as u32)
+        );
         assert!(rel <= 1e-3, "prompt {i}: relative logit error {rel}");
         assert_eq!(top, argmax(rr), "prompt {i}: arg-max differs");
     }
@@ -61,7 +67,9 @@ fn next_token_logits_match_float64_reference() {
 #[test]
 fn kv_cache_decode_matches_full_forward() {
     let llm = Llm::load(&model(), 2).unwrap();
-    let ids = llm.encode_prompt("It is a way I have of driving off the spleen and regulating the circulation.", false).unwrap();
+    let ids = llm
+        .encode_prompt("It is a way I have of driving off the spleen and regulating the circulation.", false)
+        .unwrap();
     assert!(ids.len() > 10);
     let vocab = llm.config.vocab;
     let full = llm.logits(&ids).unwrap();
@@ -83,7 +91,10 @@ fn kv_cache_decode_matches_full_forward() {
         check(pos, l.as_slice::<f32>().unwrap());
     }
     assert_eq!(cache.len, ids.len());
-    println!("KV-cache decode vs full forward over {} positions: worst relative difference {worst:.2e}", ids.len() - prefill + 1);
+    println!(
+        "KV-cache decode vs full forward over {} positions: worst relative difference {worst:.2e}",
+        ids.len() - prefill + 1
+    );
 }
 
 #[test]
@@ -124,7 +135,10 @@ fn bad_inputs_give_clear_errors() {
     assert!(err.contains("offset"), "{err}");
     // Unknown tensor type.
     let odd = dir.join("odd.gguf");
-    let file = gguf_bytes(&[("general.architecture", GgufValue::Str("llama".into()))], &[("token_embd.weight", vec![32, 2], 77, vec![0; 64])]);
+    let file = gguf_bytes(
+        &[("general.architecture", GgufValue::Str("llama".into()))],
+        &[("token_embd.weight", vec![32, 2], 77, vec![0; 64])],
+    );
     std::fs::write(&odd, file).unwrap();
     let err = format!("{:#}", Llm::load(&odd, 1).err().unwrap());
     assert!(err.contains("odd.gguf") && err.contains("token_embd.weight") && err.contains("tensor type 77"), "{err}");
@@ -138,6 +152,7 @@ fn bad_inputs_give_clear_errors() {
     let ids = vec![100u32; llm.config.context_length + 5];
     let err = format!("{:#}", llm.generate(&ids, &SampleOptions::default(), 4, |_| Ok(())).err().unwrap());
     assert!(err.contains("context") && err.contains(&llm.config.context_length.to_string()), "{err}");
-    let err = format!("{:#}", llm.forward(&mut State::default(), &mut llm.new_cache().unwrap(), &ids, false).err().unwrap());
+    let err =
+        format!("{:#}", llm.forward(&mut State::default(), &mut llm.new_cache().unwrap(), &ids, false).err().unwrap());
     assert!(err.contains("exceed the model's context"), "{err}");
 }

@@ -185,11 +185,35 @@ mod tests {
 
     fn toy() -> BpeTokenizer {
         // Bytes as GPT-2 maps them: 'Ġ' is the space.
-        let tokens = ["<|endoftext|>", "h", "e", "l", "o", "Ġ", "w", "r", "d", "1", "2", "he", "ll", "hell", "hello", "Ġw", "<|im_start|>"];
+        let tokens = [
+            "<|endoftext|>",
+            "h",
+            "e",
+            "l",
+            "o",
+            "Ġ",
+            "w",
+            "r",
+            "d",
+            "1",
+            "2",
+            "he",
+            "ll",
+            "hell",
+            "hello",
+            "Ġw",
+            "<|im_start|>",
+        ];
         let types = [3i64, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3];
         let merges = ["h e", "l l", "he ll", "hell o", "Ġ w"];
-        BpeTokenizer::new(&BpeSpec { model: "gpt2", pre: Some("smollm"), tokens: &tokens, token_types: &types, merges: &merges })
-            .unwrap()
+        BpeTokenizer::new(&BpeSpec {
+            model: "gpt2",
+            pre: Some("smollm"),
+            tokens: &tokens,
+            token_types: &types,
+            merges: &merges,
+        })
+        .unwrap()
     }
 
     #[test]
@@ -210,7 +234,8 @@ mod tests {
 
     #[test]
     fn chatml_template() {
-        let t = ChatTemplate::from_metadata("{{ '<|im_start|>system\nBe nice<|im_end|>\n' }}{{'<|im_start|>' + role}}").unwrap();
+        let t = ChatTemplate::from_metadata("{{ '<|im_start|>system\nBe nice<|im_end|>\n' }}{{'<|im_start|>' + role}}")
+            .unwrap();
         assert_eq!(
             t.render_user("Hi"),
             "<|im_start|>system\nBe nice<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

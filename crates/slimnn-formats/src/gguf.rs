@@ -196,10 +196,10 @@ impl<'a> Cursor<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            None => Err(self.err(
-                what,
-                format!("file is truncated: {n} bytes needed, {} left", self.bytes.len() - self.pos),
-            )),
+            None => {
+                Err(self
+                    .err(what, format!("file is truncated: {n} bytes needed, {} left", self.bytes.len() - self.pos)))
+            }
         }
     }
 
@@ -273,7 +273,8 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|source| FormatError::Io { path: shown.clone(), source })?;
         // SAFETY: the map is read-only and private to this process; a file truncated by
         // another process while mapped is outside what a reader can guard against.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FormatError::Io { path: shown.clone(), source })?;
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|source| FormatError::Io { path: shown.clone(), source })?;
         let mut c = Cursor { bytes: &map, pos: 0, path: &shown };
         let magic = c.take(4, "magic")?;
         if magic != b"GGUF" {
@@ -316,14 +317,17 @@ impl GgufFile {
             None => 32,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() => a as usize,
-                _ => return Err(FormatError::malformed(shown, format!("general.alignment {v:?} is not a power of two"))),
+                _ => {
+                    return Err(FormatError::malformed(shown, format!("general.alignment {v:?} is not a power of two")))
+                }
             },
         };
         let data_start = c.pos.div_ceil(alignment) * alignment;
         let mut tensors = Vec::with_capacity(raw.len());
         let mut by_name = HashMap::new();
         for (name, dims, type_id, offset) in raw {
-            let at = |msg: String| FormatError::malformed(format!("{shown}: tensor '{name}' (data offset {offset})"), msg);
+            let at =
+                |msg: String| FormatError::malformed(format!("{shown}: tensor '{name}' (data offset {offset})"), msg);
             let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
                 at(format!(
                     "tensor type {type_id} ({}) is not supported; slimnn reads F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K",
@@ -331,9 +335,10 @@ impl GgufFile {
                 ))
             })?;
             let (block_len, block_bytes) = ggml_type.block();
-            let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| at("dims overflow".into()))?;
+            let numel =
+                dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| at("dims overflow".into()))?;
             let first = dims.first().copied().unwrap_or(1);
-            if first % block_len as u64 != 0 {
+            if !first.is_multiple_of(block_len as u64) {
                 return Err(at(format!("row length {first} is not a multiple of the {block_len}-value block")));
             }
             let byte_len = (numel / block_len as u64)
@@ -342,10 +347,7 @@ impl GgufFile {
             let start = (data_start as u64).checked_add(offset).ok_or_else(|| at("offset overflows".into()))?;
             let end = start.checked_add(byte_len).ok_or_else(|| at("offset overflows".into()))?;
             if end > map.len() as u64 {
-                return Err(at(format!(
-                    "file is truncated: data ends at byte {end}, file has {} bytes",
-                    map.len()
-                )));
+                return Err(at(format!("file is truncated: data ends at byte {end}, file has {} bytes", map.len())));
             }
             let shape = dims.iter().rev().map(|&d| d as usize).collect();
             by_name.insert(name.clone(), tensors.len());
@@ -414,7 +416,12 @@ impl GgufFile {
             GgmlType::Block(kind) => Tensor::from_blocks(info.shape.clone(), kind, bytes.to_vec()),
             other => Tensor::from_le_bytes(other.dtype(), info.shape.clone(), bytes),
         };
-        t.map_err(|e| FormatError::malformed(format!("{}: tensor '{name}' (offset {})", self.path, info.file_offset), e.to_string()))
+        t.map_err(|e| {
+            FormatError::malformed(
+                format!("{}: tensor '{name}' (offset {})", self.path, info.file_offset),
+                e.to_string(),
+            )
+        })
     }
 }
 
@@ -531,7 +538,10 @@ mod tests {
                 ("general.architecture", GgufValue::Str("llama".into())),
                 ("llama.block_count", GgufValue::U32(2)),
                 ("llama.rope.freq_base", GgufValue::F32(10000.0)),
-                ("tokenizer.ggml.tokens", GgufValue::Array(vec![GgufValue::Str("a".into()), GgufValue::Str("b".into())])),
+                (
+                    "tokenizer.ggml.tokens",
+                    GgufValue::Array(vec![GgufValue::Str("a".into()), GgufValue::Str("b".into())]),
+                ),
             ],
             &[
                 ("w_f32", vec![3, 2], 0, f32s),

@@ -52,7 +52,7 @@ impl LlamaConfig {
         let d_model = u("embedding_length")?;
         let heads = u("attention.head_count")?;
         let kv_heads = g.get_u64(&key("attention.head_count_kv")).map(|v| v as usize).unwrap_or(heads);
-        let head_dim = if heads > 0 { d_model / heads } else { 0 };
+        let head_dim = d_model.checked_div(heads).unwrap_or(0);
         let embd = g.info("token_embd.weight")?;
         let vocab = embd.shape.first().copied().unwrap_or(0);
         let config = LlamaConfig {
@@ -69,7 +69,12 @@ impl LlamaConfig {
             context_length: u("context_length")?,
         };
         let bad = |msg: String| Err(FormatError::malformed(g.path().to_string(), msg));
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || d_model % heads != 0 || head_dim % 2 != 0 {
+        if heads == 0
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || !d_model.is_multiple_of(heads)
+            || !head_dim.is_multiple_of(2)
+        {
             return bad(format!("{heads} heads / {kv_heads} kv heads do not divide d_model {d_model} into even heads"));
         }
         if let Ok(rot) = u("rope.dimension_count") {
@@ -202,7 +207,9 @@ pub fn build_llama(c: &LlamaConfig, w: &LlamaWeights, logits: Logits) -> Result<
         let v = g.add_input(&format!("past_value.{i}"), kv_fact.clone())?;
         pasts.push((k, v));
     }
-    let one = |g: &mut Graph, name: &str, op: Op, ins: Vec<OutletId>| -> Result<OutletId> { Ok(g.add_node(name, op, ins)?[0]) };
+    let one = |g: &mut Graph, name: &str, op: Op, ins: Vec<OutletId>| -> Result<OutletId> {
+        Ok(g.add_node(name, op, ins)?[0])
+    };
     let table = g.add_const("token_embd.weight", w.token_embd.clone())?;
     let mut x = one(&mut g, "embed", BlockGather.into(), vec![table, ids])?;
     let norm = RmsNorm { epsilon: c.rms_eps };

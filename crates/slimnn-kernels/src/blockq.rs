@@ -65,8 +65,11 @@ impl BlockWeight<'_> {
     }
 
     fn check(&self) -> Result<(), KernelError> {
-        if self.block_len == 0 || self.k % self.block_len != 0 {
-            return Err(KernelError::shape(KERNEL, format!("k = {} is not whole blocks of {}", self.k, self.block_len)));
+        if self.block_len == 0 || !self.k.is_multiple_of(self.block_len) {
+            return Err(KernelError::shape(
+                KERNEL,
+                format!("k = {} is not whole blocks of {}", self.k, self.block_len),
+            ));
         }
         if self.bytes.len() != self.n * self.row_bytes() {
             return Err(KernelError::shape(
@@ -76,7 +79,10 @@ impl BlockWeight<'_> {
         }
         if let Some(f) = self.fast {
             if f.block_bytes() != self.block_bytes || self.block_len != 32 {
-                return Err(KernelError::shape(KERNEL, format!("{f:?} blocks are 32 values in {} bytes", f.block_bytes())));
+                return Err(KernelError::shape(
+                    KERNEL,
+                    format!("{f:?} blocks are 32 values in {} bytes", f.block_bytes()),
+                ));
             }
         }
         Ok(())
@@ -155,7 +161,7 @@ fn dot_generic(format: FastFormat, row: &[u8], x: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_to_f32, FastFormat};
+    use super::FastFormat;
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -166,61 +172,86 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// The two f16 values at `p` as f32 lanes 0 and 1 (F16C).
+    #[inline(always)]
+    unsafe fn two_halves(p: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()))
+    }
+
     /// # Safety
-    /// The host must support AVX2 and FMA; `row` holds `x.len() / 32` blocks of `format`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(format: FastFormat, row: &[u8], x: &[f32]) -> f32 {
+    /// The host must support AVX2, FMA and F16C; `row` holds `x.len() / 32` blocks of `format`;
+    /// for Q4_1, `sums[b]` is the sum of `x`'s block `b`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(format: FastFormat, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let xp = x.as_ptr();
         match format {
             FastFormat::Q4_1 => {
                 let mask = _mm_set1_epi8(15);
+                let mut offsets = _mm_setzero_ps();
                 for (i, b) in row.chunks_exact(20).enumerate() {
-                    let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-                    let m = f16_to_f32(u16::from_le_bytes([b[2], b[3]]));
+                    let dm = two_halves(b.as_ptr());
                     let q = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
                     let lo = _mm_and_si128(q, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
                     let p = xp.add(i * 32);
-                    let (x0, x1, x2, x3) =
-                        (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24)));
                     let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                    let mut qx = _mm256_mul_ps(f(lo), x0);
-                    qx = _mm256_fmadd_ps(f(_mm_srli_si128(lo, 8)), x1, qx);
-                    qx = _mm256_fmadd_ps(f(hi), x2, qx);
-                    qx = _mm256_fmadd_ps(f(_mm_srli_si128(hi, 8)), x3, qx);
-                    let sx = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), qx, acc);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(m), sx, acc);
+                    let mut qx = _mm256_mul_ps(f(lo), _mm256_loadu_ps(p));
+                    qx = _mm256_fmadd_ps(f(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(p.add(8)), qx);
+                    qx = _mm256_fmadd_ps(f(hi), _mm256_loadu_ps(p.add(16)), qx);
+                    qx = _mm256_fmadd_ps(f(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(p.add(24)), qx);
+                    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), qx, acc);
+                    // m * sum(x): lane 1 of `dm` times the block sum.
+                    offsets = _mm_fmadd_ps(dm, _mm_set_ps(0.0, 0.0, *sums.get_unchecked(i), 0.0), offsets);
                 }
+                hsum(acc) + _mm_cvtss_f32(_mm_shuffle_ps(offsets, offsets, 1))
             }
             FastFormat::Q8_0 => {
                 for (i, b) in row.chunks_exact(34).enumerate() {
-                    let d = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+                    let d = two_halves(b.as_ptr());
                     let q = b.as_ptr().add(2);
                     let p = xp.add(i * 32);
-                    let f = |o: usize| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(o) as *const __m128i)));
+                    let f = |o: usize| {
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(o) as *const __m128i)))
+                    };
                     let mut qx = _mm256_mul_ps(f(0), _mm256_loadu_ps(p));
                     qx = _mm256_fmadd_ps(f(8), _mm256_loadu_ps(p.add(8)), qx);
                     qx = _mm256_fmadd_ps(f(16), _mm256_loadu_ps(p.add(16)), qx);
                     qx = _mm256_fmadd_ps(f(24), _mm256_loadu_ps(p.add(24)), qx);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), qx, acc);
+                    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), qx, acc);
                 }
+                hsum(acc)
             }
         }
-        hsum(acc)
     }
 }
 
-/// The dot of one weight row (blocks of `format`) with `x` using `tier`'s kernel.
-fn dot_with(tier: CpuTier, format: FastFormat, row: &[u8], x: &[f32]) -> f32 {
+/// F16C (half-precision conversion) is not part of the tier definition; checked once.
+fn has_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if tier >= CpuTier::Avx2 {
-        // SAFETY: callers only pass tiers `check_tier` accepted, and Avx2 and above imply
-        // AVX2 + FMA; lengths were checked by `BlockWeight::check`.
-        return unsafe { avx2::dot(format, row, x) };
+    {
+        static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *F16C.get_or_init(|| std::is_x86_feature_detected!("f16c"))
     }
-    let _ = tier;
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Per-block sums of `x` (Q4_1's offset term needs them once per activation row).
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(32).map(|b| b.iter().sum()).collect()
+}
+
+/// The dot of one weight row (blocks of `format`) with `x` using `tier`'s kernel; `sums` are
+/// [`block_sums`] of `x`.
+fn dot_with(tier: CpuTier, format: FastFormat, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if tier >= CpuTier::Avx2 && has_f16c() {
+        // SAFETY: callers only pass tiers `check_tier` accepted (Avx2 and above imply AVX2 +
+        // FMA), F16C was detected, and lengths were checked by the callers.
+        return unsafe { avx2::dot(format, row, x, sums) };
+    }
+    let _ = (tier, sums);
     dot_generic(format, row, x)
 }
 
@@ -232,14 +263,20 @@ pub fn dot(format: FastFormat, row: &[u8], x: &[f32]) -> Result<f32, KernelError
 /// [`dot`] with `tier`'s kernel.
 pub fn dot_tier(tier: CpuTier, format: FastFormat, row: &[u8], x: &[f32]) -> Result<f32, KernelError> {
     check_tier(tier)?;
-    if x.len() % 32 != 0 || row.len() != x.len() / 32 * format.block_bytes() {
+    if !x.len().is_multiple_of(32) || row.len() != x.len() / 32 * format.block_bytes() {
         return Err(KernelError::shape(KERNEL, format!("{} bytes of {format:?} for {} values", row.len(), x.len())));
     }
-    Ok(dot_with(tier, format, row, x))
+    Ok(dot_with(tier, format, row, x, &block_sums(x)))
 }
 
 /// `out[m, n] = x[m, k] · Wᵀ` with the active tier.
-pub fn block_matmul(m: usize, x: &[f32], w: &BlockWeight<'_>, out: &mut [f32], par: Par<'_>) -> Result<(), KernelError> {
+pub fn block_matmul(
+    m: usize,
+    x: &[f32],
+    w: &BlockWeight<'_>,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
     block_matmul_tier(cpu::tier(), m, x, w, out, par)
 }
 
@@ -302,13 +339,14 @@ fn dequantize_rows(
 /// One activation row against every weight row: `y[j] = x · W[j]`.
 fn rows_dot(tier: CpuTier, x: &[f32], w: &BlockWeight<'_>, y: &mut [f32], par: Par<'_>) {
     let row_bytes = w.row_bytes();
+    let sums = block_sums(x);
     let task = |(t, ys): (usize, &mut [f32])| {
         let mut scratch = Vec::new();
         for (i, yv) in ys.iter_mut().enumerate() {
             let j = t * TASK_ROWS + i;
             let row = &w.bytes[j * row_bytes..(j + 1) * row_bytes];
             *yv = match w.fast {
-                Some(f) => dot_with(tier, f, row, x),
+                Some(f) => dot_with(tier, f, row, x, &sums),
                 None => {
                     scratch.resize(w.k, 0.0);
                     (w.dequantize)(row, &mut scratch);
@@ -404,7 +442,8 @@ mod tests {
         let seed: Vec<u8> = (0..97u32).map(|i| (i * 89 % 251) as u8).collect();
         for format in [FastFormat::Q4_1, FastFormat::Q8_0] {
             let (n, k) = (300, 96);
-            let scales: Vec<(f32, f32)> = (0..n * k / 32).map(|i| (((i % 7) as f32 - 3.0) / 50.0, (i % 5) as f32 / 10.0 - 0.2)).collect();
+            let scales: Vec<(f32, f32)> =
+                (0..n * k / 32).map(|i| (((i % 7) as f32 - 3.0) / 50.0, (i % 5) as f32 / 10.0 - 0.2)).collect();
             let bytes = blocks(format, &seed, &scales);
             let deq = dequantize(format);
             for with_fast in [true, false] {
@@ -426,9 +465,13 @@ mod tests {
                             let row_bytes = k / 32 * format.block_bytes();
                             for i in 0..m {
                                 for j in 0..n {
-                                    let r = reference::dot(format, &bytes[j * row_bytes..][..row_bytes], &x[i * k..][..k]);
+                                    let r =
+                                        reference::dot(format, &bytes[j * row_bytes..][..row_bytes], &x[i * k..][..k]);
                                     let got = out[i * n + j] as f64;
-                                    assert!((got - r).abs() <= 1e-4 * (1.0 + r.abs()), "{format:?} m={m} {tier}: {got} vs {r}");
+                                    assert!(
+                                        (got - r).abs() <= 1e-4 * (1.0 + r.abs()),
+                                        "{format:?} m={m} {tier}: {got} vs {r}"
+                                    );
                                 }
                             }
                         }
@@ -442,7 +485,8 @@ mod tests {
     fn rejects_inconsistent_sizes() {
         let deq = dequantize(FastFormat::Q8_0);
         let bytes = vec![0u8; 34];
-        let w = BlockWeight { bytes: &bytes, n: 2, k: 32, block_len: 32, block_bytes: 34, fast: None, dequantize: &deq };
+        let w =
+            BlockWeight { bytes: &bytes, n: 2, k: 32, block_len: 32, block_bytes: 34, fast: None, dequantize: &deq };
         let mut out = vec![0f32; 2];
         assert!(block_matmul(1, &[0.0; 32], &w, &mut out, Par::Seq).is_err());
     }

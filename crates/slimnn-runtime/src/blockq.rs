@@ -77,7 +77,15 @@ fn matmul(w: &Tensor, x: &[f32], out: &mut [f32], par: Par<'_>) -> Result<()> {
                 _ => None,
             };
             let dequantize = |src: &[u8], dst: &mut [f32]| f.dequantize(src, dst);
-            let bw = BlockWeight { bytes, n, k, block_len: f.block_len(), block_bytes: f.block_bytes(), fast, dequantize: &dequantize };
+            let bw = BlockWeight {
+                bytes,
+                n,
+                k,
+                block_len: f.block_len(),
+                block_bytes: f.block_bytes(),
+                fast,
+                dequantize: &dequantize,
+            };
             block_matmul(m, x, &bw, out, par)?;
         }
         _ => {
@@ -93,12 +101,18 @@ fn attention(a: &CausalAttention, ins: &[&Tensor], out: &mut [f32], par: Par<'_>
     let (q, k, v) = (ins[0], ins[1], ins[2]);
     let (qs, ks) = (q.shape(), k.shape());
     let bad = || IrError::op("CausalAttention", format!("shapes q {qs:?}, k {ks:?} do not fit"));
-    if qs.len() != 3 || ks.len() != 3 || v.shape() != ks || qs[0] != ks[0] || ks[1] < qs[1] || qs[2] % a.heads != 0 {
+    if qs.len() != 3
+        || ks.len() != 3
+        || v.shape() != ks
+        || qs[0] != ks[0]
+        || ks[1] < qs[1]
+        || !qs[2].is_multiple_of(a.heads)
+    {
         return Err(bad().into());
     }
     let (batch, sq, sk) = (qs[0], qs[1], ks[1]);
     let d = qs[2] / a.heads;
-    if ks[2] != d * a.kv_heads || a.kv_heads == 0 || a.heads % a.kv_heads != 0 {
+    if ks[2] != d * a.kv_heads || a.kv_heads == 0 || !a.heads.is_multiple_of(a.kv_heads) {
         return Err(bad().into());
     }
     // Repeat each key/value head for its group of query heads.
@@ -134,7 +148,8 @@ fn rope(r: &Rope, ins: &[&Tensor], out: &mut [f32]) -> Result<()> {
     let s = ins[0].shape();
     let pos = ins[1].as_slice::<i64>()?;
     let half = r.head_dim / 2;
-    if s.len() != 3 || pos.len() != s[1] || r.head_dim == 0 || s[2] % r.head_dim != 0 || out.len() != x.len() {
+    if s.len() != 3 || pos.len() != s[1] || r.head_dim == 0 || !s[2].is_multiple_of(r.head_dim) || out.len() != x.len()
+    {
         return Err(IrError::op("RotaryEmbedding", format!("x {s:?} and {} positions do not fit", pos.len())).into());
     }
     let table: Vec<(f32, f32)> =

@@ -42,7 +42,7 @@ fn check_weight(op: &'static str, w: &Tensor) -> IrResult<(usize, usize)> {
     let (n, k) = (w.shape()[0], w.shape()[1]);
     if let DType::Block(kind) = w.dtype() {
         let f = block_format(kind);
-        if k % f.block_len() != 0 {
+        if !k.is_multiple_of(f.block_len()) {
             op_bail!(op, "weight rows of {k} values are not whole {}-value {} blocks", f.block_len(), f.name());
         }
     } else if w.dtype() != DType::F32 {
@@ -230,13 +230,16 @@ impl OpDef for Rope {
         expect_inputs("RotaryEmbedding", inputs, 2, 2)?;
         let (x, pos) = (inputs[0], inputs[1]);
         if x.dtype != DType::F32 || x.rank() != 3 || pos.dtype != DType::I64 || pos.rank() != 1 {
-            op_bail!("RotaryEmbedding", "expects f32 x [batch, seq, heads*head_dim] and i64 positions [seq], got {x} and {pos}");
+            op_bail!(
+                "RotaryEmbedding",
+                "expects f32 x [batch, seq, heads*head_dim] and i64 positions [seq], got {x} and {pos}"
+            );
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             op_bail!("RotaryEmbedding", "head_dim {} must be even and positive", self.head_dim);
         }
         if let Dim::Known(w) = x.shape[2] {
-            if w % self.head_dim != 0 {
+            if !w.is_multiple_of(self.head_dim) {
                 op_bail!("RotaryEmbedding", "width {w} is not a multiple of head_dim {}", self.head_dim);
             }
         }
@@ -254,7 +257,8 @@ impl OpDef for Rope {
             op_bail!("RotaryEmbedding", "positions must be i64, got {}", inputs[1].dtype());
         }
         let pos = inputs[1].as_slice::<i64>()?;
-        if s.len() != 3 || pos.len() != s[1] || s[2] % self.head_dim != 0 || self.head_dim % 2 != 0 {
+        if s.len() != 3 || pos.len() != s[1] || !s[2].is_multiple_of(self.head_dim) || !self.head_dim.is_multiple_of(2)
+        {
             op_bail!("RotaryEmbedding", "x {s:?} and {} positions do not fit head_dim {}", pos.len(), self.head_dim);
         }
         let width = s[2];
@@ -287,8 +291,13 @@ pub struct CausalAttention {
 
 impl CausalAttention {
     fn check_heads(&self) -> IrResult<()> {
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
-            op_bail!("CausalAttention", "heads {} must be a positive multiple of kv_heads {}", self.heads, self.kv_heads);
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            op_bail!(
+                "CausalAttention",
+                "heads {} must be a positive multiple of kv_heads {}",
+                self.heads,
+                self.kv_heads
+            );
         }
         Ok(())
     }
@@ -312,8 +321,13 @@ impl OpDef for CausalAttention {
             op_bail!("CausalAttention", "k {} and v {} differ", show_dims(&k.shape), show_dims(&v.shape));
         }
         if let (Dim::Known(qw), Dim::Known(kw)) = (&q.shape[2], &k.shape[2]) {
-            if qw % self.heads != 0 || kw * self.heads != qw * self.kv_heads {
-                op_bail!("CausalAttention", "widths q {qw} and k {kw} do not fit {} / {} heads", self.heads, self.kv_heads);
+            if !qw.is_multiple_of(self.heads) || kw * self.heads != qw * self.kv_heads {
+                op_bail!(
+                    "CausalAttention",
+                    "widths q {qw} and k {kw} do not fit {} / {} heads",
+                    self.heads,
+                    self.kv_heads
+                );
             }
         }
         Ok(vec![q.without_value()])
@@ -331,8 +345,13 @@ impl OpDef for CausalAttention {
         }
         let (batch, sq, sk) = (qs[0], qs[1], ks[1]);
         let d = qs[2] / self.heads;
-        if qs[2] % self.heads != 0 || ks[2] != d * self.kv_heads || sk < sq {
-            op_bail!("CausalAttention", "shapes q {qs:?} and k {ks:?} do not fit {} / {} heads", self.heads, self.kv_heads);
+        if !qs[2].is_multiple_of(self.heads) || ks[2] != d * self.kv_heads || sk < sq {
+            op_bail!(
+                "CausalAttention",
+                "shapes q {qs:?} and k {ks:?} do not fit {} / {} heads",
+                self.heads,
+                self.kv_heads
+            );
         }
         let (qw, kw) = (qs[2], ks[2]);
         let group = self.heads / self.kv_heads;
