@@ -17,17 +17,20 @@ use super::{fuse_tail, out0, Ctx, Group};
 use crate::plan::{Fusion, Kernel};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
-use slimnn_ir::ops::{Binary, BinaryOp, Cast, DequantizeLinear, MatMul, QuantizeLinear};
+use slimnn_ir::ops::{Binary, BinaryOp, Cast, DequantizeLinear, MatMul, MatMulNBits, QuantizeLinear};
 use slimnn_ir::{NodeId, Op, OutletId};
-use slimnn_kernels::qgemm::{self, PackedQB, PerRow, QEpilogue, QOutput};
-use slimnn_kernels::{Activation, KernelError, Par};
+use slimnn_kernels::qgemm::{self, PackedQB, PackedWeightOnly, PerRow, QEpilogue, QOutput};
+use slimnn_kernels::{Activation, Epilogue, KernelError, Par};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Quantized weights packed once per runnable, keyed by their constant tensor's address.
 #[derive(Default)]
-pub(crate) struct QPackCache(Mutex<HashMap<(usize, bool), (Arc<Tensor>, Arc<PackedQB>)>>);
+pub(crate) struct QPackCache(
+    Mutex<HashMap<(usize, bool), (Arc<Tensor>, Arc<PackedQB>)>>,
+    Mutex<HashMap<usize, (Arc<Tensor>, Arc<PackedWeightOnly>)>>,
+);
 
 impl QPackCache {
     /// `w` is i8 `[k, n]` (or `[n, k]` when `transposed`).
@@ -44,6 +47,28 @@ impl QPackCache {
         map.insert(key, (w.clone(), p.clone()));
         Ok(p)
     }
+
+    /// `MatMulNBits`' constant codes `b` with their scales and zero points.
+    fn get_nbits(
+        &self,
+        op: &MatMulNBits,
+        b: &Arc<Tensor>,
+        scales: &Tensor,
+        zeros: Option<&Tensor>,
+    ) -> Result<Arc<PackedWeightOnly>> {
+        let key = Arc::as_ptr(b) as usize;
+        let mut map = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = map.get(&key) {
+            return Ok(p.clone());
+        }
+        let zeros = zeros.map(|z| z.as_slice::<u8>()).transpose()?;
+        let (bits, k, n, block) = (op.bits, op.k, op.n, op.block_size);
+        let packed =
+            PackedWeightOnly::from_nbits(bits, k, n, block, b.as_slice::<u8>()?, scales.as_slice::<f32>()?, zeros)?;
+        let p = Arc::new(packed);
+        map.insert(key, (b.clone(), p.clone()));
+        Ok(p)
+    }
 }
 
 /// A lowered integer step.
@@ -57,6 +82,17 @@ pub enum QuantKernel {
     Dequantize { scale: f32, zero: u8 },
     /// A u8 x i8 GEMM with its fused epilogue.
     MatMul(QMatMul),
+    /// f32 x weight-only (4- or 8-bit, block-quantized) GEMM: `MatMulNBits`; inputs `[a,
+    /// residual?]`.
+    WeightOnly(WeightOnlyMatMul),
+}
+
+#[derive(Debug)]
+pub struct WeightOnlyMatMul {
+    packed: Arc<PackedWeightOnly>,
+    bias: Option<Arc<[f32]>>,
+    activation: Activation,
+    residual: bool,
 }
 
 /// Where one of A's quantization parameters comes from.
@@ -95,6 +131,19 @@ impl QuantKernel {
             QuantKernel::DynamicQuantize => "quantize_dynamic_u8".into(),
             QuantKernel::Quantize { .. } => "quantize_u8".into(),
             QuantKernel::Dequantize { .. } => "dequantize_u8".into(),
+            QuantKernel::WeightOnly(w) => {
+                let mut s = format!("wgemm_int{}_g{}", w.packed.bits(), w.packed.block());
+                if w.bias.is_some() {
+                    s.push_str("+bias");
+                }
+                if w.activation != Activation::None {
+                    s.push_str(&format!("+{:?}", w.activation).to_lowercase());
+                }
+                if w.residual {
+                    s.push_str("+residual");
+                }
+                s
+            }
             QuantKernel::MatMul(q) => {
                 let mut s = format!("qgemm_u8i8_{}", q.packed.kernel());
                 if q.b_scale.is_none() {
@@ -120,7 +169,7 @@ impl QuantKernel {
     /// Whether the (first) output is f32 from the runtime's buffer pool.
     pub fn f32_output(&self) -> bool {
         match self {
-            QuantKernel::Dequantize { .. } => true,
+            QuantKernel::Dequantize { .. } | QuantKernel::WeightOnly(_) => true,
             QuantKernel::MatMul(q) => q.b_scale.is_some() && q.requantize.is_none(),
             _ => false,
         }
@@ -148,6 +197,21 @@ impl QuantKernel {
                 Ok(vec![Tensor::from_vec(shape, out)?])
             }
             QuantKernel::MatMul(mm) => mm.run(ins, shape, out, par),
+            QuantKernel::WeightOnly(w) => {
+                let a = ins[0].as_slice::<f32>()?;
+                let (k, n) = (w.packed.k(), w.packed.n());
+                let m = a.len() / k.max(1);
+                let mut ep = Epilogue::NONE.with_activation(w.activation);
+                if let Some(b) = &w.bias {
+                    ep = ep.with_bias(b);
+                }
+                if w.residual {
+                    ep = ep.with_residual(ins[1].as_slice::<f32>()?, n);
+                }
+                let gpar = if par { Par::Current } else { Par::Seq };
+                qgemm::wgemm(m, a, k, &w.packed, &mut out, n, ep, gpar)?;
+                Ok(vec![Tensor::from_vec(shape, out)?])
+            }
         }
     }
 }
@@ -302,8 +366,47 @@ pub(super) fn match_group(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Opt
         Op::MatMulInteger(_) => match_matmul_integer(c, id, packs),
         Op::MatMul(MatMul) if is_qdq_matmul(c, id) => match_qdq(c, id, packs),
         Op::QLinearMatMul(_) => match_qlinear(c, id, packs),
+        Op::MatMulNBits(op) => match_nbits(c, id, op, packs),
         _ => Ok(None),
     }
+}
+
+/// `MatMulNBits(a, B, scales[, zero_points])` with constant weights [-> bias -> activation ->
+/// residual] on the weight-only kernel.
+fn match_nbits(c: &Ctx, id: NodeId, op: &MatMulNBits, packs: &QPackCache) -> Result<Option<Group>> {
+    let ins = &c.g.node(id).inputs;
+    let a = ins[0];
+    let (Some(b), Some(scales)) = (c.konst(ins[1]), c.konst(ins[2])) else { return Ok(None) };
+    let zeros = match ins.get(3) {
+        Some(&z) => match c.konst(z) {
+            Some(t) => Some(t.as_ref()),
+            None => return Ok(None),
+        },
+        None => None,
+    };
+    if !c.is_f32(a) || c.shape(a).is_none() {
+        return Ok(None);
+    }
+    let packed = packs.get_nbits(op, b, scales, zeros)?;
+    let n = op.n;
+    let mut members = vec![id];
+    let mut end = out0(id);
+    let mut bias = None;
+    if let Some(r) = c.sole_reader(end) {
+        if let Some(bv) = c.binary_other(r, end, BinaryOp::Add) {
+            if let Some(t) = c.konst(bv).filter(|t| t.len() == n && t.dtype() == DType::F32) {
+                bias = Some(Arc::from(t.as_slice::<f32>()?));
+                members.push(r);
+                end = out0(r);
+            }
+        }
+    }
+    let mut inputs = vec![a];
+    let mut notes = vec![];
+    let (activation, residual) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
+    let kernel = QuantKernel::WeightOnly(WeightOnlyMatMul { packed, bias, activation, residual });
+    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
+    Ok(Some(Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs, fusion, output_shape: None }))
 }
 
 /// A constant u8 scalar.
@@ -505,8 +608,8 @@ pub(super) fn single_kernel(c: &Ctx, id: NodeId) -> Option<Kernel> {
 mod tests {
     use crate::{Runnable, RuntimeConfig};
     use slimnn_ir::ops::{
-        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, MatMul, MatMulInteger, QLinearMatMul,
-        QuantizeLinear, Unary, UnaryOp,
+        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, MatMul, MatMulInteger, MatMulNBits,
+        QLinearMatMul, QuantizeLinear, Unary, UnaryOp,
     };
     use slimnn_ir::{Fact, Graph, OutletId};
     use slimnn_tensor::{DType, Dim, Tensor};
@@ -648,5 +751,37 @@ mod tests {
         let kernels = check(g, feeds, 0.0);
         assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+requantize")), "{kernels:?}");
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+
+    #[test]
+    fn matmul_nbits_runs_on_the_weight_only_kernel() {
+        for (bits, block, zeros) in [(4, 32, true), (4, 16, false), (8, 32, true)] {
+            let (k, n) = (96, 40);
+            let op = MatMulNBits { k, n, bits, block_size: block };
+            let blocks = k / block;
+            let codes: Vec<u8> =
+                values(n * blocks * block * bits / 8, 10).iter().map(|v| (v * 60.0 + 128.0) as u8).collect();
+            let scales: Vec<f32> = (0..n * blocks).map(|i| 0.01 + (i % 7) as f32 * 1e-3).collect();
+            let zp_bytes = (blocks * bits).div_ceil(8);
+            let zp: Vec<u8> = (0..n * zp_bytes).map(|i| (i * 37 % 256) as u8).collect();
+            let mut g = Graph::default();
+            let x = input(&mut g, "x", k);
+            let b = g.add_const("b", Tensor::from_vec(vec![n, blocks, block * bits / 8], codes).unwrap()).unwrap();
+            let s = g.add_const("s", Tensor::from_vec(vec![n * blocks], scales).unwrap()).unwrap();
+            let mut ins = vec![x, b, s];
+            if zeros {
+                ins.push(g.add_const("z", Tensor::from_vec(vec![n * zp_bytes], zp).unwrap()).unwrap());
+            }
+            let y = g.add_node("mmnb", op, ins).unwrap()[0];
+            let bias = g.add_const("bias", Tensor::from_vec(vec![n], values(n, 11)).unwrap()).unwrap();
+            let y = bin(&mut g, "add", BinaryOp::Add, y, bias);
+            let y = g.add_node("gelu", Unary(UnaryOp::Gelu { tanh: false }), vec![y]).unwrap()[0];
+            g.add_output("y", y);
+            let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, k], values(10 * k, 12)).unwrap())];
+            let kernels = check(g, feeds, 1e-4);
+            let want = format!("wgemm_int{bits}_g{block}+bias+geluerf");
+            assert!(kernels.contains(&want), "{kernels:?}");
+            assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+        }
     }
 }
