@@ -231,7 +231,7 @@ mod tests {
         let t = entropy_threshold(&h);
         assert!((3.0..40.0).contains(&t), "entropy threshold {t}");
         let (lo, hi) = activation_range(&s, CalibrationMethod::Mse, 0.0, ActivationType::I8);
-        assert!(hi < 60.0 && hi >= 3.0 && lo > -60.0, "mse range {lo} {hi}");
+        assert!((3.0..60.0).contains(&hi) && lo > -60.0, "mse range {lo} {hi}");
         // The MSE choice is no worse than min-max by its own measure.
         let q = ActivationType::I8;
         let (s0, z0) = q.params(-60.0, 60.0);

@@ -133,7 +133,7 @@ impl QuantRecipe {
             return bad("quantizing activation-by-activation matmuls needs --mode static".into());
         }
         if let Some(b) = self.error_budget {
-            if !(b > 0.0) {
+            if b.is_nan() || b <= 0.0 {
                 return bad(format!("--error-budget must be positive, got {b}"));
             }
         }

@@ -174,6 +174,9 @@ impl Algorithm for Dynamic {
     }
 }
 
+/// An activation's dequantized wire, its `(scale, zero point)` and estimated SQNR (dB).
+type ActivationQdq = (Wire, (f32, i32), Option<f64>);
+
 /// int8 static quantization in QDQ form with calibrated activation ranges.
 #[derive(Debug, Clone)]
 pub struct StaticQdq {
@@ -224,7 +227,7 @@ impl Algorithm for StaticQdq {
             ActivationType::I8 => Tensor::scalar(z as i8),
         };
         // One QuantizeLinear/DequantizeLinear pair per activation, shared by its readers.
-        let mut qdq: HashMap<OutletId, (Wire, (f32, i32), Option<f64>)> = HashMap::new();
+        let mut qdq: HashMap<OutletId, ActivationQdq> = HashMap::new();
         for o in self.activation_points(g)? {
             let st = stats.get(o)?;
             let (lo, hi) = activation_range(st, self.method, self.percentile, self.activation_type);
