@@ -28,7 +28,8 @@ pub struct BenchConfig {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Record {
     pub batch: usize,
-    pub seq: usize,
+    /// Sequence length of text models; `None` for other inputs.
+    pub seq: Option<usize>,
     pub threads: usize,
     pub median_ms: f64,
     pub min_ms: f64,
@@ -270,7 +271,7 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
             let ort = if cfg.vs_onnxruntime { Some(run_ort(&onnx_path, &inputs, threads, cfg, &work)?) } else { None };
             let r = Record {
                 batch,
-                seq: cfg.seq,
+                seq: inputs.iter().find(|(n, _)| n == "input_ids").and_then(|(_, t)| t.shape().get(1).copied()),
                 threads,
                 median_ms: median,
                 min_ms: min,

@@ -274,6 +274,12 @@ enum ActType {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`slimnn inspect ... | head`) instead of panicking in println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -315,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "{:>5} {:>5} {:>7} {:>10.3} {:>9.3} {:>9.3} {:>10.1} {:>8.1} {:>8.1}MB {:>10} {:>8}",
                     r.batch,
-                    r.seq,
+                    r.seq.map_or("-".into(), |s| s.to_string()),
                     r.threads,
                     r.median_ms,
                     r.min_ms,
