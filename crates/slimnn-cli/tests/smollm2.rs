@@ -156,3 +156,23 @@ fn bad_inputs_give_clear_errors() {
         format!("{:#}", llm.forward(&mut State::default(), &mut llm.new_cache().unwrap(), &ids, false).err().unwrap());
     assert!(err.contains("exceed the model's context"), "{err}");
 }
+
+#[test]
+fn tokenizer_round_trip_and_sliding_window_perplexity() {
+    let llm = Llm::load(&model(), 2).unwrap();
+    let text = slimnn_cli::llm::read_text(&asset("moby-dick/chapter_1.json")).unwrap();
+    let ids = llm.tokenizer.encode(&text).unwrap();
+    assert!(ids.len() >= 2000, "chapter 1 is {} tokens", ids.len());
+    assert_eq!(llm.tokenizer.decode(&ids, false).unwrap(), text);
+    // Windows of 64 every 32 tokens over the first 256 tokens: every token but the first is
+    // scored exactly once.
+    let p = llm.perplexity(&ids[..256], 64, 32).unwrap();
+    assert_eq!((p.scored, p.windows), (255, 7));
+    assert!(p.ppl.is_finite() && p.ppl > 2.0 && p.ppl < 500.0, "{p:?}");
+    let p2 = llm.perplexity(&ids[..256], 64, 64).unwrap();
+    // Without overlap each window's first token has no context in the window and is not scored
+    // (as in Hugging Face's definition).
+    assert_eq!((p2.scored, p2.windows), (252, 4));
+    println!("perplexity on 256 tokens: context 64 stride 32 -> {:.2}, stride 64 -> {:.2}", p.ppl, p2.ppl);
+    assert!(llm.perplexity(&ids[..10], 64, 128).is_err());
+}
