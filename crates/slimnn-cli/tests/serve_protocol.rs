@@ -380,3 +380,21 @@ fn sigterm_drains_in_flight_requests() {
     let status = server.child.wait().unwrap();
     assert!(status.success(), "serve exits cleanly after SIGTERM: {status}");
 }
+
+#[test]
+fn request_timeout_answers_504_and_the_server_carries_on() {
+    let model = minilm_onnx();
+    let server = Server::start(&[
+        "--model",
+        &format!("minilm={}", model.display()),
+        "--request-timeout-ms",
+        "1",
+        "--threads",
+        "1",
+    ]);
+    let long: Vec<i64> = (0..512).map(|i| 1000 + i).collect();
+    let (st, text) = server.post("/v2/models/minilm/infer", infer_body(&ids_case(&[&long])).as_bytes());
+    assert_eq!(st, 504, "{text}");
+    assert!(text.contains("timeout"), "{text}");
+    assert_eq!(server.get("/v2/health/ready").0, 200);
+}

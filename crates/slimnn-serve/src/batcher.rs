@@ -234,9 +234,10 @@ impl Shared {
                 let _ = batch.into_iter().next().map(|j| j.reply.send(Ok(outputs)));
             }
             Ok(outputs) => {
+                let bytes: Vec<Vec<u8>> = outputs.iter().map(Tensor::to_le_bytes).collect();
                 let mut offset = 0;
                 for j in batch {
-                    let reply = split(&outputs, offset, &j, &self.seq_outputs);
+                    let reply = split(&outputs, &bytes, offset, &j, &self.seq_outputs);
                     offset += j.rows;
                     let _ = j.reply.send(reply);
                 }
@@ -248,7 +249,8 @@ impl Shared {
                     let reply =
                         stack(std::slice::from_ref(&j)).and_then(|inputs| self.run(state, inputs)).and_then(|outs| {
                             if j.seq_len.is_some() {
-                                split(&outs, 0, &j, &self.seq_outputs)
+                                let bytes: Vec<Vec<u8>> = outs.iter().map(Tensor::to_le_bytes).collect();
+                                split(&outs, &bytes, 0, &j, &self.seq_outputs)
                             } else {
                                 Ok(outs)
                             }
@@ -308,8 +310,9 @@ fn stack(batch: &[Job]) -> Result<Vec<Tensor>, ServeError> {
     Ok(out)
 }
 
-/// One job's rows of the batch outputs (sequence outputs cut back to the job's own length).
-fn split(outputs: &[Tensor], offset: usize, job: &Job, seq_outputs: &[bool]) -> Reply {
+/// One job's rows of the batch outputs (sequence outputs cut back to the job's own length);
+/// `bytes` holds each output's data, converted once per batch rather than once per job.
+fn split(outputs: &[Tensor], bytes: &[Vec<u8>], offset: usize, job: &Job, seq_outputs: &[bool]) -> Reply {
     outputs
         .iter()
         .enumerate()
@@ -320,7 +323,7 @@ fn split(outputs: &[Tensor], offset: usize, job: &Job, seq_outputs: &[bool]) -> 
             }
             let size = o.dtype().size_of();
             let row_bytes = shape[1..].iter().product::<usize>() * size;
-            let all = o.to_le_bytes();
+            let all = &bytes[k];
             let rows = &all[offset * row_bytes..(offset + job.rows) * row_bytes];
             let mut new_shape = shape.to_vec();
             new_shape[0] = job.rows;

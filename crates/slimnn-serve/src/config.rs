@@ -255,3 +255,40 @@ pub fn repository_model_config(dir: &Path, defaults: &ModelConfig) -> Result<Mod
         serde_json::from_str(&text).with_context(|| format!("{}: not a JSON object", p.display()))?;
     merge_model_config(defaults, &map, &p.display().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("slimnn-serve-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("serve.json");
+        std::fs::write(
+            &file,
+            r#"{"http_port": 9000, "grpc_port": 9001, "log_format": "json",
+                "models": {"a": {"path": "a.onnx", "max_batch_size": 16}},
+                "model_defaults": {"max_batch_delay_ms": 7}}"#,
+        )
+        .unwrap();
+        let args = ServeArgs { config: Some(file.clone()), grpc_port: Some(0), ..Default::default() };
+        let c = ServerConfig::from_args(&args).unwrap();
+        assert_eq!((c.http_port, c.grpc_port, c.log_json), (9000, 0, true));
+        assert_eq!(c.model_defaults.max_batch_delay_ms, 7.0);
+        let (name, path, overrides) = &c.models[0];
+        assert_eq!((name.as_str(), path.to_str().unwrap()), ("a", "a.onnx"));
+        let cfg = merge_model_config(&c.model_defaults, overrides, "a").unwrap();
+        assert_eq!((cfg.max_batch_size, cfg.max_batch_delay_ms), (16, 7.0));
+
+        std::fs::write(&file, r#"{"models": {"a": {"path": "a.onnx", "max_bach_size": 16}}}"#).unwrap();
+        let c = ServerConfig::from_args(&ServeArgs { config: Some(file.clone()), ..Default::default() }).unwrap();
+        let err = merge_model_config(&c.model_defaults, &c.models[0].2, "a").unwrap_err();
+        assert!(format!("{err:#}").contains("max_bach_size"), "{err:#}");
+        std::fs::write(&file, r#"{"http_prot": 1}"#).unwrap();
+        let err = ServerConfig::from_args(&ServeArgs { config: Some(file), ..Default::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("http_prot"), "{err:#}");
+        assert!(ServerConfig::from_args(&ServeArgs::default()).is_err(), "nothing to serve is an error");
+        assert!(check_model_name("../etc").is_err());
+    }
+}

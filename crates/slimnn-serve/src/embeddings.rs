@@ -3,8 +3,7 @@
 
 use crate::error::ServeError;
 use crate::server::AppState;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 use slimnn_tensor::Tensor;
 
 /// Most texts one request may carry.
@@ -32,7 +31,30 @@ fn bad(m: impl Into<String>) -> ServeError {
     ServeError::BadRequest(m.into())
 }
 
-pub async fn handle(state: &AppState, body: &[u8]) -> Result<Value, ServeError> {
+#[derive(Serialize)]
+pub struct Embedding {
+    object: &'static str,
+    index: usize,
+    /// f32 written as f32 (shortest form), not widened to f64.
+    embedding: Vec<f32>,
+}
+
+#[derive(Serialize)]
+pub struct Usage {
+    prompt_tokens: i64,
+    total_tokens: i64,
+}
+
+/// The OpenAI embeddings response shape.
+#[derive(Serialize)]
+pub struct EmbeddingResponse {
+    object: &'static str,
+    data: Vec<Embedding>,
+    model: String,
+    usage: Usage,
+}
+
+pub async fn handle(state: &AppState, body: &[u8]) -> Result<EmbeddingResponse, ServeError> {
     let req: EmbeddingRequest =
         serde_json::from_slice(body).map_err(|e| bad(format!("not an embeddings request: {e}")))?;
     if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
@@ -64,17 +86,17 @@ pub async fn handle(state: &AppState, body: &[u8]) -> Result<Value, ServeError> 
     let outputs = state.infer(&model, inputs).await?;
     let rows = pooled(&model.signature, &outputs, &mask)?;
     let prompt_tokens: i64 = mask.as_slice::<i64>().map(|m| m.iter().sum()).unwrap_or(0);
-    let data: Vec<Value> = rows
+    let data = rows
         .into_iter()
         .enumerate()
-        .map(|(i, e)| json!({ "object": "embedding", "index": i, "embedding": e }))
+        .map(|(index, embedding)| Embedding { object: "embedding", index, embedding })
         .collect();
-    Ok(json!({
-        "object": "list",
-        "data": data,
-        "model": req.model,
-        "usage": { "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens },
-    }))
+    Ok(EmbeddingResponse {
+        object: "list",
+        data,
+        model: req.model,
+        usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
+    })
 }
 
 /// One embedding per text: the `sentence_embedding` output if the model has it, else the

@@ -67,3 +67,18 @@ impl From<ServeError> for tonic::Status {
         tonic::Status::new(e.grpc_code(), e.message().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rest_and_grpc_codes_agree() {
+        let full = ServeError::Unavailable("queue full".into());
+        assert_eq!((full.status(), full.grpc_code()), (StatusCode::SERVICE_UNAVAILABLE, tonic::Code::Unavailable));
+        let bad = ServeError::BadRequest("input 'x'".into());
+        assert_eq!((bad.status(), bad.grpc_code()), (StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument));
+        let status = tonic::Status::from(ServeError::Timeout("slow".into()));
+        assert_eq!((status.code(), status.message()), (tonic::Code::DeadlineExceeded, "slow"));
+    }
+}
