@@ -4,7 +4,8 @@
 //! Two paths, picked by the number of activation rows:
 //! * few rows (decoding one token): every output is a dot product of an activation row with a
 //!   weight row read straight from its blocks. Q4_1 and Q8_0 have AVX2 dots that widen the
-//!   4/8-bit codes to f32 in registers (no dequantized copy of the weight ever exists); other
+//!   4/8-bit codes to f32 in registers (no dequantized copy of the weight ever exists; AVX-512
+//!   takes a whole block per two registers); other
 //!   formats dequantize one row at a time into a small buffer. Threads split the weight rows.
 //! * many rows (prefill, perplexity): weight rows are dequantized a tile at a time (256 rows),
 //!   packed, and multiplied by the packed f32 GEMM, so the product runs at GEMM speed while at
@@ -226,6 +227,53 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::FastFormat;
+    use std::arch::x86_64::*;
+
+    /// The AVX2 kernel's math on 16 lanes: one block is two registers of activations.
+    ///
+    /// # Safety
+    /// The host must support AVX-512F and F16C; `row` holds `x.len() / 32` blocks of `format`;
+    /// for Q4_1, `sums[b]` is the sum of `x`'s block `b`.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub unsafe fn dot(format: FastFormat, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        let xp = x.as_ptr();
+        let halves = |p: *const u8| _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        match format {
+            FastFormat::Q4_1 => {
+                let mask = _mm_set1_epi8(15);
+                let mut offset = 0f32;
+                for (i, b) in row.chunks_exact(20).enumerate() {
+                    let dm = halves(b.as_ptr());
+                    let q = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), mask)));
+                    let p = xp.add(i * 32);
+                    let qx = _mm512_fmadd_ps(hi, _mm512_loadu_ps(p.add(16)), _mm512_mul_ps(lo, _mm512_loadu_ps(p)));
+                    acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(dm), qx, acc);
+                    offset += _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)) * *sums.get_unchecked(i);
+                }
+                _mm512_reduce_add_ps(acc) + offset
+            }
+            FastFormat::Q8_0 => {
+                for (i, b) in row.chunks_exact(34).enumerate() {
+                    let d = halves(b.as_ptr());
+                    let q = b.as_ptr().add(2) as *const __m128i;
+                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q)));
+                    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(1))));
+                    let p = xp.add(i * 32);
+                    let qx = _mm512_fmadd_ps(q1, _mm512_loadu_ps(p.add(16)), _mm512_mul_ps(q0, _mm512_loadu_ps(p)));
+                    acc = _mm512_fmadd_ps(_mm512_broadcastss_ps(d), qx, acc);
+                }
+                _mm512_reduce_add_ps(acc)
+            }
+        }
+    }
+}
+
 /// F16C (half-precision conversion) is not part of the tier definition; checked once.
 fn has_f16c() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -245,6 +293,11 @@ fn block_sums(x: &[f32]) -> Vec<f32> {
 /// The dot of one weight row (blocks of `format`) with `x` using `tier`'s kernel; `sums` are
 /// [`block_sums`] of `x`.
 fn dot_with(tier: CpuTier, format: FastFormat, row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if tier >= CpuTier::Avx512 && has_f16c() {
+        // SAFETY: as below; Avx512 and above imply AVX-512F.
+        return unsafe { avx512::dot(format, row, x, sums) };
+    }
     #[cfg(target_arch = "x86_64")]
     if tier >= CpuTier::Avx2 && has_f16c() {
         // SAFETY: callers only pass tiers `check_tier` accepted (Avx2 and above imply AVX2 +
