@@ -28,9 +28,12 @@ use std::sync::{Arc, Mutex};
 /// Quantized weights packed once per runnable, keyed by their constant tensor's address.
 #[derive(Default)]
 pub(crate) struct QPackCache(
-    Mutex<HashMap<(usize, bool), (Arc<Tensor>, Arc<PackedQB>)>>,
-    Mutex<HashMap<usize, (Arc<Tensor>, Arc<PackedWeightOnly>)>>,
+    Mutex<HashMap<(usize, bool), Packed<PackedQB>>>,
+    Mutex<HashMap<usize, Packed<PackedWeightOnly>>>,
 );
+
+/// A packed weight and the constant it came from (kept alive so its address stays unique).
+type Packed<P> = (Arc<Tensor>, Arc<P>);
 
 impl QPackCache {
     /// `w` is i8 `[k, n]` (or `[n, k]` when `transposed`).
@@ -270,7 +273,7 @@ impl QMatMul {
     fn run(&self, ins: &[&Tensor], shape: Vec<usize>, mut out: Vec<f32>, par: bool) -> Result<Vec<Tensor>> {
         let a = ins[0].as_slice::<u8>()?;
         let (k, n) = (self.packed.k(), self.packed.n());
-        let m = if k == 0 { shape.iter().product::<usize>() / n.max(1) } else { a.len() / k };
+        let m = a.len().checked_div(k).unwrap_or_else(|| shape.iter().product::<usize>() / n.max(1));
         let a_scale = match self.a.scale {
             Param::Const(v) => v,
             Param::Input(i) => scalar_of::<f32>(ins[i], "A scale")?,

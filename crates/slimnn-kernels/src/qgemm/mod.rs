@@ -209,15 +209,13 @@ impl PackedQB {
         let mut col_sums = vec![0i32; n];
         let at = |kk: usize, j: usize| if transposed { b[j * ld + kk] } else { b[kk * ld + j] };
         let dst = data.as_mut_slice();
-        for j in 0..n {
+        for (j, sum) in col_sums.iter_mut().enumerate() {
             let (p, jj) = (j / nr, j % nr);
-            let mut sum = 0i32;
             for kk in 0..k {
                 let v = at(kk, j);
-                sum += v as i32;
+                *sum += v as i32;
                 dst[p * panel_stride + (kk / 4) * nr * 4 + jj * 4 + kk % 4] = v as u8;
             }
-            col_sums[j] = sum;
         }
         Ok(PackedQB { kernel, k, n, nr, panel_stride, data, col_sums })
     }

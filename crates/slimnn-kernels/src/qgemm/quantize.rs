@@ -60,7 +60,7 @@ pub fn quantize_rows_u8_with(
 ) -> Result<(), KernelError> {
     check_tier(tier)?;
     check_len(x.len(), out.len())?;
-    let rows = if n == 0 { 0 } else { x.len() / n };
+    let rows = x.len().checked_div(n).unwrap_or(0);
     if n * rows != x.len() || scales.len() < rows || zeros.len() < rows {
         return Err(KernelError::shape(
             KERNEL,

@@ -256,7 +256,7 @@ proptest! {
         let a: Vec<f32> = (0..m * k).map(|_| (lcg(&mut s) % 2001) as f32 / 1000.0 - 1.0).collect();
         let dq = |kk: usize, j: usize| {
             let byte = b[j * blocks * blob + (kk / block) * blob + (kk % block) / 2];
-            let code = if kk % 2 == 0 { byte & 15 } else { byte >> 4 };
+            let code = if kk.is_multiple_of(2) { byte & 15 } else { byte >> 4 };
             let blk = kk / block;
             let z = if zps { (zp[j * zpb + blk / 2] >> (4 * (blk % 2))) & 15 } else { 8 };
             (code as f32 - z as f32) * scales[j * blocks + blk]

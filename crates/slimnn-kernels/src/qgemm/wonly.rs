@@ -82,7 +82,7 @@ impl PackedWeightOnly {
         scales: &[f32],
         zero_points: Option<&[u8]>,
     ) -> Result<Self, KernelError> {
-        if !matches!(bits, 4 | 8) || block == 0 || (bits == 4 && block % 2 != 0) {
+        if !matches!(bits, 4 | 8) || block == 0 || (bits == 4 && !block.is_multiple_of(2)) {
             return Err(KernelError::shape(KERNEL, format!("{bits}-bit codes in blocks of {block} are not supported")));
         }
         let blocks = k.div_ceil(block);
@@ -104,7 +104,7 @@ impl PackedWeightOnly {
             let byte = b[j * blocks * blob + (kk / block) * blob + (kk % block) * bits / 8];
             if bits == 8 {
                 byte
-            } else if kk % 2 == 0 {
+            } else if kk.is_multiple_of(2) {
                 byte & 15
             } else {
                 byte >> 4
