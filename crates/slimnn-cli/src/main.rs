@@ -299,7 +299,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { model, batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer, json } => {
             let threads = if threads.is_empty() { vec![slimnn_runtime::physical_cores()] } else { threads };
             if model.extension().is_some_and(|e| e == "gguf") {
-                return slimnn_cli::llm::bench_llm(&model, seq, 64, &threads, iterations.min(3), json.as_deref()).map(drop);
+                return slimnn_cli::llm::bench_llm(&model, seq, 64, &threads, iterations.min(3), json.as_deref())
+                    .map(drop);
             }
             let cfg = BenchConfig { batches: batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer };
             println!("slimnn bench {} (kernels: {})", model.display(), slimnn_kernels::cpu::describe());
