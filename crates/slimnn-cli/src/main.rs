@@ -168,6 +168,9 @@ enum Command {
         /// Also quantize activation-by-activation matmuls (attention), static mode.
         #[arg(long)]
         quantize_attention: bool,
+        /// Also store embedding tables (Gather of a constant table) as int8.
+        #[arg(long)]
+        quantize_embeddings: bool,
         /// Samples of the calibration data used.
         #[arg(long, default_value_t = 128)]
         samples: usize,
@@ -375,6 +378,7 @@ fn run(cli: Cli) -> Result<()> {
             exclude,
             error_budget,
             quantize_attention,
+            quantize_embeddings,
             samples,
             batch_size,
             max_length,
@@ -413,6 +417,7 @@ fn run(cli: Cli) -> Result<()> {
                 exclude,
                 error_budget,
                 quantize_activation_matmuls: quantize_attention,
+                quantize_embeddings,
                 ..QuantRecipe::default()
             };
             let opts = slimnn_cli::quantize::DataOptions { batch_size, samples, max_length, tokenizer };

@@ -71,6 +71,7 @@ fn main() {
             QuantRecipe { quantize_activation_matmuls: true, ..stat(CalibrationMethod::Minmax) },
         ),
         ("weight-int8", QuantRecipe { mode: Mode::WeightOnly, ..base.clone() }),
+        ("dynamic-embeddings", QuantRecipe { mode: Mode::Dynamic, quantize_embeddings: true, ..base.clone() }),
         ("int4-g32-rtn", QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 32, ..base.clone() }),
         ("int4-g32-gptq", QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 32, gptq: true, ..base.clone() }),
         ("int4-g128-rtn", QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 128, ..base.clone() }),

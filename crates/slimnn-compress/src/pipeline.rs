@@ -6,7 +6,7 @@ use crate::calib::{calibrate, BatchSource, Statistics};
 use crate::mixed::{output_error, run_all};
 use crate::recipe::{Mode, QuantRecipe};
 use crate::report::{Report, METADATA_KEY};
-use crate::schemes::{Dynamic, HalfWeights, Selection, StaticQdq, WeightOnly};
+use crate::schemes::{Dynamic, EmbeddingInt8, HalfWeights, Selection, StaticQdq, WeightOnly};
 use crate::smoothquant::SmoothQuant;
 use crate::{Algorithm, CompressError, Result};
 use slimnn_ir::Graph;
@@ -183,6 +183,11 @@ pub fn quantize(
             "error budget {budget}: mean relative output error {full:.5} with every layer quantized, {:.5} with the {} most sensitive kept in higher precision (over {batches} calibration batches)",
             chosen.1, chosen.0
         ));
+    }
+    if recipe.quantize_embeddings {
+        let (g2, r) = EmbeddingInt8 { selection: base.clone() }.apply(&q, &Statistics::default())?;
+        q = g2;
+        report.merge(r);
     }
     q.metadata.insert(METADATA_KEY.into(), serde_json::to_string(&report).unwrap_or_default());
     q.metadata.insert(format!("{METADATA_KEY}.recipe"), serde_json::to_string(recipe).unwrap_or_default());

@@ -55,6 +55,8 @@ pub struct QuantRecipe {
     pub error_budget: Option<f64>,
     /// Also quantize matmuls whose both operands are activations (attention), static mode only.
     pub quantize_activation_matmuls: bool,
+    /// Also store embedding tables (constant `Gather` tables) as int8.
+    pub quantize_embeddings: bool,
 }
 
 impl Default for QuantRecipe {
@@ -74,6 +76,7 @@ impl Default for QuantRecipe {
             exclude: vec![],
             error_budget: None,
             quantize_activation_matmuls: false,
+            quantize_embeddings: false,
         }
     }
 }
@@ -128,6 +131,9 @@ impl QuantRecipe {
         }
         if self.gptq && self.mode != Mode::WeightOnly {
             return bad("--gptq applies to --mode weight-only".into());
+        }
+        if self.quantize_embeddings && matches!(self.mode, Mode::Bf16 | Mode::Fp16) {
+            return bad("--quantize-embeddings applies to the integer modes".into());
         }
         if self.quantize_activation_matmuls && self.mode != Mode::Static {
             return bad("quantizing activation-by-activation matmuls needs --mode static".into());

@@ -16,10 +16,10 @@ use crate::report::{LayerReport, Report};
 use crate::targets::{activation_matmuls, find_targets, require_some, Target};
 use crate::{Algorithm, CompressError, Result};
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Cast, Const, DequantizeLinear, DynamicQuantizeLinear, MatMul, MatMulInteger, MatMulNBits,
+    Binary, BinaryOp, Cast, Const, DequantizeLinear, DynamicQuantizeLinear, Gather, MatMul, MatMulInteger, MatMulNBits,
     QuantizeLinear,
 };
-use slimnn_ir::{Graph, OutletId, Patch, Wire};
+use slimnn_ir::{Graph, Op, OutletId, Patch, Wire};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -442,6 +442,65 @@ impl Algorithm for HalfWeights {
             p.shunt(OutletId::new(t.node, 0), Patch::wire(mm, 0));
             let mut r = LayerReport::new(&t.name, scheme, 16, [t.k, t.n]);
             r.weight_sqnr_db = Some(sqnr_db(t.weight()?, back.as_slice::<f32>()?));
+            report.layers.push(r);
+        }
+        let mut out = g.clone();
+        out.apply(p)?;
+        Ok((out, report))
+    }
+}
+
+/// Embedding tables (`Gather` along axis 0 of a constant 2-d f32 table) stored as int8 with one
+/// symmetric scale: `Gather(table_q, ids)` → `DequantizeLinear` (ONNX Runtime's pattern for
+/// quantized `Gather`).
+#[derive(Debug, Clone)]
+pub struct EmbeddingInt8 {
+    pub selection: Selection,
+}
+
+impl Algorithm for EmbeddingInt8 {
+    fn name(&self) -> &'static str {
+        "int8-embedding"
+    }
+
+    fn statistic_points(&self, _: &Graph) -> Result<Vec<StatPoint>> {
+        Ok(vec![])
+    }
+
+    fn apply(&self, g: &Graph, _: &Statistics) -> Result<(Graph, Report)> {
+        let mut p = Patch::new();
+        let mut report = Report::default();
+        for (id, n) in g.nodes().iter().enumerate() {
+            let Op::Gather(Gather { axis: 0 }) = n.op else { continue };
+            let Some(table) = g.fact(n.inputs[0]).konst.clone() else { continue };
+            if table.dtype() != DType::F32 || table.rank() != 2 || table.len() < 4096 {
+                continue;
+            }
+            if self.selection.exclude.iter().any(|pat| crate::targets::name_matches(pat, &n.name))
+                || self.selection.skip.contains(&n.name)
+            {
+                continue;
+            }
+            let (rows, cols) = (table.shape()[0], table.shape()[1]);
+            let w = table.as_slice::<f32>()?;
+            let q = quantize_int8_weight(w, cols, Granularity::PerTensor);
+            let tq = konst(
+                &mut p,
+                &format!("{}/table_quantized", n.name),
+                Tensor::from_vec(vec![rows, cols], q.values.clone())?,
+            );
+            let ts = konst(&mut p, &format!("{}/table_scale", n.name), Tensor::scalar(q.scales[0]));
+            let tz = konst(&mut p, &format!("{}/table_zero_point", n.name), Tensor::scalar(0i8));
+            let gq = p.add_node(&format!("{}_quant", n.name), Gather { axis: 0 }, vec![tq, n.inputs[1].into()]);
+            let dq = p.add_node(
+                &format!("{}_DequantizeLinear", n.name),
+                DequantizeLinear { axis: 1 },
+                vec![Patch::wire(gq, 0), ts, tz],
+            );
+            p.shunt(OutletId::new(id, 0), Patch::wire(dq, 0));
+            let mut r = LayerReport::new(&n.name, self.name(), 8, [rows, cols]);
+            r.weight_scale = Some((q.scales[0], q.scales[0]));
+            r.weight_sqnr_db = Some(sqnr_db(w, &q.dequantize(cols)));
             report.layers.push(r);
         }
         let mut out = g.clone();
