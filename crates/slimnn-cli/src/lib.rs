@@ -4,5 +4,5 @@ pub mod bench;
 pub mod classify;
 pub mod llm;
 pub mod model;
-pub mod tasks;
 pub mod quantize;
+pub mod tasks;
