@@ -96,8 +96,45 @@ pub struct Runnable {
     report: OptimizeReport,
     pool: Option<rayon::ThreadPool>,
     threads: usize,
-    plans: Mutex<HashMap<Vec<Vec<usize>>, Arc<plan::Plan>>>,
+    plans: Mutex<PlanCache>,
     packed: lower::PackCache,
+}
+
+/// Plans by input shapes, least recently used evicted beyond [`PlanCache::CAPACITY`]: a server
+/// sees many sequence lengths and an LLM a new shape per decoded token, so an unbounded cache
+/// would grow without end.
+#[derive(Default)]
+struct PlanCache {
+    plans: HashMap<Vec<Vec<usize>>, (Arc<plan::Plan>, u64)>,
+    clock: u64,
+}
+
+impl PlanCache {
+    const CAPACITY: usize = 64;
+
+    fn get(&mut self, shapes: &[Vec<usize>]) -> Option<Arc<plan::Plan>> {
+        self.clock += 1;
+        let now = self.clock;
+        self.plans.get_mut(shapes).map(|(p, used)| {
+            *used = now;
+            p.clone()
+        })
+    }
+
+    fn insert(&mut self, shapes: Vec<Vec<usize>>, plan: Arc<plan::Plan>) {
+        if self.plans.len() >= Self::CAPACITY && !self.plans.contains_key(&shapes) {
+            let oldest = self.plans.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.plans.remove(&k);
+            }
+        }
+        self.clock += 1;
+        self.plans.insert(shapes, (plan, self.clock));
+    }
+
+    fn len(&self) -> usize {
+        self.plans.len()
+    }
 }
 
 impl Runnable {
@@ -115,7 +152,7 @@ impl Runnable {
         } else {
             None
         };
-        Ok(Runnable { graph, report, pool, threads, plans: Mutex::new(HashMap::new()), packed: Default::default() })
+        Ok(Runnable { graph, report, pool, threads, plans: Default::default(), packed: Default::default() })
     }
 
     /// The canonicalised graph this runnable executes.
@@ -138,12 +175,17 @@ impl Runnable {
     /// The plan for one set of input shapes (built and cached on first use).
     pub fn plan_for(&self, shapes: &[Vec<usize>]) -> Result<Arc<plan::Plan>> {
         if let Some(p) = self.plans.lock().unwrap_or_else(|e| e.into_inner()).get(shapes) {
-            return Ok(p.clone());
+            return Ok(p);
         }
         let specialized = self.graph.specialized(shapes)?;
         let plan = Arc::new(lower::lower(&specialized, &self.packed)?);
         self.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(shapes.to_vec(), plan.clone());
         Ok(plan)
+    }
+
+    /// How many shape-specialised plans are cached (at most 64).
+    pub fn cached_plans(&self) -> usize {
+        self.plans.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Runs on named inputs; returns outputs in signature order.

@@ -42,3 +42,20 @@ fn retained_memory_is_flat_over_repeated_runs() {
     let got = rt.run(&mut st, input(32)).unwrap();
     assert!(want[0].max_abs_diff(&got[0]).unwrap() < 1e-5);
 }
+
+#[test]
+fn plan_cache_is_bounded_over_many_shapes() {
+    let g = model();
+    let rt = Runnable::new(g.clone(), RuntimeConfig { threads: 1 }).unwrap();
+    let mut st = rt.new_state();
+    // One new shape per run, as an LLM's decode steps or a server's many sequence lengths give.
+    for batch in 1..=100 {
+        rt.run(&mut st, input(batch)).unwrap();
+    }
+    assert_eq!(rt.cached_plans(), 64);
+    // An evicted shape is planned again and still right.
+    let want = g.eval(input(1)).unwrap();
+    let got = rt.run(&mut st, input(1)).unwrap();
+    assert!(want[0].max_abs_diff(&got[0]).unwrap() < 1e-5);
+    assert_eq!(rt.cached_plans(), 64);
+}
