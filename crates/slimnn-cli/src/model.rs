@@ -1,27 +1,13 @@
 //! Loading a model from any supported source, and describing it.
 
-use anyhow::{bail, Context, Result};
-use slimnn_formats::{hf, onnx};
+use anyhow::{Context, Result};
 use slimnn_ir::Graph;
 use std::path::Path;
 
-/// Loads an `.onnx` file, a Hugging Face checkpoint folder (`config.json` + `model.safetensors`)
-/// or a PyTorch EfficientNet-Lite0 checkpoint (`.pth` / `.pt`, zip or legacy `torch.save`).
+/// Loads an `.onnx` file, a Hugging Face checkpoint folder or a PyTorch EfficientNet-Lite0
+/// checkpoint ([`slimnn_formats::load_model`]).
 pub fn load(path: &Path) -> Result<Graph> {
-    if !path.exists() {
-        bail!("{}: no such file or folder", path.display());
-    }
-    if path.is_dir() {
-        if hf::is_checkpoint_dir(path) {
-            return hf::load_bert(path).with_context(|| format!("loading {}", path.display()));
-        }
-        bail!("{}: a model folder needs config.json and model.safetensors", path.display());
-    }
-    if slimnn_formats::torch::is_checkpoint(path) {
-        // The one PyTorch architecture slimnn builds: EfficientNet-Lite0 (efficientnet_pytorch names).
-        return slimnn_formats::efficientnet::load(path).with_context(|| format!("loading {}", path.display()));
-    }
-    onnx::load(path).with_context(|| format!("loading {}", path.display()))
+    slimnn_formats::load_model(path).with_context(|| format!("loading {}", path.display()))
 }
 
 /// Bytes a model takes on disk (a folder counts every file in it).

@@ -16,6 +16,28 @@ pub use error::FormatError;
 
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;
 
+/// Loads any model slimnn reads as one graph: an `.onnx` file, a Hugging Face BERT-family
+/// checkpoint folder (`config.json` + `model.safetensors`) or a PyTorch EfficientNet-Lite0
+/// checkpoint (`.pth` / `.pt`, zip or legacy `torch.save`). The CLI and the server both load
+/// through here, so they accept the same files.
+pub fn load_model(path: &std::path::Path) -> Result<slimnn_ir::Graph> {
+    if !path.exists() {
+        return Err(FormatError::Invalid(format!("{}: no such file or folder", path.display())));
+    }
+    if path.is_dir() {
+        if hf::is_checkpoint_dir(path) {
+            return hf::load_bert(path);
+        }
+        let msg = format!("{}: a model folder needs config.json and model.safetensors", path.display());
+        return Err(FormatError::Invalid(msg));
+    }
+    if torch::is_checkpoint(path) {
+        // The one PyTorch architecture slimnn builds: EfficientNet-Lite0 (efficientnet_pytorch names).
+        return efficientnet::load(path);
+    }
+    onnx::load(path)
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;

@@ -7,28 +7,15 @@ use crate::error::ServeError;
 use crate::metrics::Metrics;
 use anyhow::{bail, Context, Result};
 use slimnn_data::text::TextTokenizer;
-use slimnn_formats::{hf, onnx};
 use slimnn_ir::Graph;
 use slimnn_runtime::{Runnable, RuntimeConfig};
 use slimnn_tensor::{DType, Dim, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Loads an `.onnx` file or a Hugging Face checkpoint folder, as `slimnn run` does.
-///
-/// The same rules as the CLI's `model::load` (which lives in `slimnn-cli`, above this crate);
-/// if a lower crate ever hosts that loader, this becomes a call to it.
+/// Loads a model as `slimnn run` does ([`slimnn_formats::load_model`]).
 pub fn load_graph(path: &Path) -> Result<Graph> {
-    if !path.exists() {
-        bail!("{}: no such file or folder", path.display());
-    }
-    if path.is_dir() {
-        if hf::is_checkpoint_dir(path) {
-            return hf::load_bert(path).with_context(|| format!("loading {}", path.display()));
-        }
-        bail!("{}: a model folder needs config.json and model.safetensors", path.display());
-    }
-    onnx::load(path).with_context(|| format!("loading {}", path.display()))
+    slimnn_formats::load_model(path).with_context(|| format!("loading {}", path.display()))
 }
 
 /// One dimension of a signature: a fixed size, or a named/unnamed free size.
