@@ -50,6 +50,13 @@ pub fn is_checkpoint_dir(dir: &Path) -> bool {
 
 /// Loads a BERT-family checkpoint folder into a graph.
 pub fn load_bert(dir: &Path) -> Result<Graph> {
+    load_bert_layers(dir, None)
+}
+
+/// Like [`load_bert`], keeping only the encoder layers listed in `layers` (checkpoint layer
+/// indices, in the order the new encoder stacks them; `None` keeps all): a shallower student
+/// initialised from a teacher, e.g. `[0, 2, 4]`. The new layers are numbered from 0.
+pub fn load_bert_layers(dir: &Path, layers: Option<&[usize]>) -> Result<Graph> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .map_err(|source| FormatError::Io { path: config_path.display().to_string(), source })?;
@@ -61,7 +68,16 @@ pub fn load_bert(dir: &Path) -> Result<Graph> {
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| FormatError::malformed(weights_path.display().to_string(), e.to_string()))?;
     let weights = Weights::new(&st, weights_path.display().to_string());
-    build_bert(&config, &weights)
+    let all: Vec<usize> = (0..config.num_hidden_layers).collect();
+    let layers = layers.unwrap_or(&all);
+    if let Some(&bad) = layers.iter().find(|&&l| l >= config.num_hidden_layers) {
+        return Err(FormatError::Invalid(format!(
+            "{}: layer {bad} asked for, but the checkpoint has {} layers",
+            config_path.display(),
+            config.num_hidden_layers
+        )));
+    }
+    build_bert(&config, &weights, layers)
 }
 
 /// Named f32 weights of a safetensors file, found with or without a `bert.` prefix.
@@ -179,7 +195,7 @@ impl Builder {
     }
 }
 
-fn build_bert(c: &BertConfig, w: &Weights) -> Result<Graph> {
+fn build_bert(c: &BertConfig, w: &Weights, layers: &[usize]) -> Result<Graph> {
     if c.model_type != "bert" {
         return Err(FormatError::Unsupported(format!(
             "config.json model_type '{}' is not supported (expected 'bert')",
@@ -237,8 +253,8 @@ fn build_bert(c: &BertConfig, w: &Weights) -> Result<Graph> {
     let split_heads = b.ints("const_split_heads", &[0, 0, heads as i64, head_dim as i64])?;
     let merge_heads = b.ints("const_merge_heads", &[0, 0, h as i64])?;
     let scale = b.scalar((head_dim as f32).sqrt())?;
-    for l in 0..c.num_hidden_layers {
-        let p = format!("encoder.layer.{l}");
+    for (l, &from) in layers.iter().enumerate() {
+        let p = format!("encoder.layer.{from}");
         let s = format!("/encoder/layer.{l}");
         let att = format!("{s}/attention/self");
         let proj = |b: &mut Builder, name: &str, perm: Vec<usize>| -> Result<OutletId> {

@@ -129,6 +129,11 @@ impl Graph {
         self.outputs.push((name.to_string(), outlet));
     }
 
+    /// Replaces the graph outputs (nodes no output depends on stay until [`Graph::compact`]).
+    pub fn set_outputs(&mut self, outputs: Vec<(String, OutletId)>) {
+        self.outputs = outputs;
+    }
+
     /// Sets the value name of an outlet (used by importers and exporters).
     pub fn set_outlet_name(&mut self, o: OutletId, name: &str) {
         self.nodes[o.node].output_names[o.slot] = Some(name.to_string());
