@@ -12,6 +12,8 @@
 //!   the fly.
 //! * [`rows`]: row-wise softmax (optionally scaled and masked), layer norm, activations and
 //!   broadcasting binary ops.
+//! * [`matmul`]: batched products of two run-time operands (broadcast batch dims, transposed
+//!   operands, batch reductions), B packed per call into thread-local scratch.
 //! * [`attention`]: multi-head attention on `[batch, seq, heads * head_dim]` projections.
 //! * [`qgemm`]: `u8 x i8 -> i32` GEMM (AVX-512 VNNI, AVX-VNNI, AVX2) with dequantize /
 //!   requantize epilogues, activation quantization, weight-only int8 / int4 GEMM.
@@ -38,6 +40,7 @@ pub mod cpu;
 mod error;
 pub mod gemm;
 mod math;
+pub mod matmul;
 pub mod qgemm;
 pub mod reference;
 pub mod rows;

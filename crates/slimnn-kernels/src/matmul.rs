@@ -1,0 +1,485 @@
+//! Batched f32 products of two run-time operands: `out[i] = op(A[ia]) · op(B[ib])` over
+//! broadcast batch dims, `op` an optional transpose of the last two axes.
+//!
+//! B is packed per call (per batch matrix) into a thread-local [`PackedB`] that later calls
+//! reuse; a transposed B goes straight through [`PackedB::pack_transposed`]. The GEMM reads A
+//! in place, so a transposed A is first copied into a thread-local row-major scratch (a
+//! blocked transpose costs one pass over A against `2 n` flops per element of it). When every
+//! output matrix reads the same B (a weight against batched activations) the batches are one
+//! tall GEMM; otherwise batches are spread over threads, each packing its own B.
+//!
+//! `reduce` sums the products over the batch instead of stacking them (`Σ_i A_iᵀ·B_i`, the
+//! weight gradient of a batched linear layer); with `Aᵀ` and equal batch shapes that is one
+//! GEMM whose inner dimension runs over every batch.
+
+use crate::cpu::{self, CpuTier};
+use crate::error::KernelError;
+use crate::gemm::{gemm, Epilogue, PackedB, Par};
+use rayon::prelude::*;
+use std::cell::Cell;
+
+const KERNEL: &str = "matmul";
+
+/// Dimensions of one product: `op(A)` is `m x k`, `op(B)` is `k x n`. With `a_trans`, A is
+/// stored `k x m` (row-major); with `b_trans`, B is stored `n x k`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatMulDims {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub a_trans: bool,
+    pub b_trans: bool,
+}
+
+/// A batched product: batch shapes of A and B broadcast (numpy rules) to the output's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchedMatMul {
+    pub dims: MatMulDims,
+    pub batch_a: Vec<usize>,
+    pub batch_b: Vec<usize>,
+    /// Sum over the output batch: `out` is one `m x n` matrix.
+    pub reduce: bool,
+}
+
+/// Per-thread buffers: B packed for one tier and A transposed.
+struct Scratch {
+    packed: PackedB,
+    a_t: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: Cell<Option<Scratch>> = const { Cell::new(None) };
+}
+
+fn with_scratch<R>(tier: CpuTier, f: impl FnOnce(&mut Scratch) -> Result<R, KernelError>) -> Result<R, KernelError> {
+    let mut s = match SCRATCH.with(Cell::take) {
+        Some(s) if s.packed.tier() == tier => s,
+        _ => Scratch { packed: PackedB::empty(tier)?, a_t: Vec::new() },
+    };
+    let r = f(&mut s);
+    SCRATCH.with(|c| c.set(Some(s)));
+    r
+}
+
+impl BatchedMatMul {
+    /// The output's batch shape (the broadcast of both batch shapes).
+    pub fn batch_out(&self) -> Result<Vec<usize>, KernelError> {
+        let (a, b) = (&self.batch_a, &self.batch_b);
+        let r = a.len().max(b.len());
+        let dim = |s: &[usize], i: usize| if i + s.len() < r { 1 } else { s[i + s.len() - r] };
+        (0..r)
+            .map(|i| match (dim(a, i), dim(b, i)) {
+                (x, y) if x == y || y == 1 => Ok(x),
+                (1, y) => Ok(y),
+                (x, y) => {
+                    Err(KernelError::shape(KERNEL, format!("batch dims {a:?} and {b:?} do not broadcast ({x} vs {y})")))
+                }
+            })
+            .collect()
+    }
+
+    /// For each output matrix, the indices of the A and B matrices it multiplies.
+    pub fn pairs(&self) -> Result<Vec<(usize, usize)>, KernelError> {
+        let out = self.batch_out()?;
+        let r = out.len();
+        let strides = |s: &[usize]| -> Vec<usize> {
+            let mut st = vec![0; r];
+            let mut acc = 1;
+            for i in (0..s.len()).rev() {
+                st[r - s.len() + i] = if s[i] == 1 { 0 } else { acc };
+                acc *= s[i];
+            }
+            st
+        };
+        let (sa, sb) = (strides(&self.batch_a), strides(&self.batch_b));
+        let total: usize = out.iter().product();
+        let mut pairs = Vec::with_capacity(total);
+        let mut idx = vec![0usize; r];
+        for _ in 0..total {
+            let at = |st: &[usize]| idx.iter().zip(st).map(|(i, s)| i * s).sum::<usize>();
+            pairs.push((at(&sa), at(&sb)));
+            for ax in (0..r).rev() {
+                idx[ax] += 1;
+                if idx[ax] < out[ax] {
+                    break;
+                }
+                idx[ax] = 0;
+            }
+        }
+        Ok(pairs)
+    }
+
+    fn check(&self, a: usize, b: usize, out: usize, ep: &Epilogue<'_>) -> Result<Vec<(usize, usize)>, KernelError> {
+        let MatMulDims { m, k, n, .. } = self.dims;
+        let pairs = self.pairs()?;
+        let count = |s: &[usize]| s.iter().product::<usize>();
+        let want_out = if self.reduce { m * n } else { pairs.len() * m * n };
+        let lens =
+            [("A", a, count(&self.batch_a) * m * k), ("B", b, count(&self.batch_b) * k * n), ("out", out, want_out)];
+        for (name, got, want) in lens {
+            if got != want {
+                return Err(KernelError::shape(KERNEL, format!("{name} has {got} values, {self:?} needs {want}")));
+            }
+        }
+        if ep.bias.is_some_and(|b| b.len() != n) {
+            return Err(KernelError::epilogue(
+                KERNEL,
+                format!("bias of {} values for {n} columns", ep.bias.map_or(0, <[f32]>::len)),
+            ));
+        }
+        if let Some(r) = ep.residual {
+            if r.ld != n || r.data.len() != want_out {
+                return Err(KernelError::epilogue(
+                    KERNEL,
+                    format!("residual of {} values (ld {}) for an output of {want_out} (ld {n})", r.data.len(), r.ld),
+                ));
+            }
+        }
+        if ep.accumulate || (self.reduce && *ep != Epilogue::NONE) {
+            return Err(KernelError::epilogue(
+                KERNEL,
+                "accumulate, and any epilogue on a batch reduction, are unsupported",
+            ));
+        }
+        Ok(pairs)
+    }
+}
+
+/// Row-major `rows x cols` transpose of `src` (stride `cols`) into `dst` (`cols x rows`).
+pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const T: usize = 32;
+    for r0 in (0..rows).step_by(T) {
+        let r1 = (r0 + T).min(rows);
+        for c0 in (0..cols).step_by(T) {
+            let c1 = (c0 + T).min(cols);
+            for r in r0..r1 {
+                let row = &src[r * cols + c0..r * cols + c1];
+                for (c, &v) in (c0..c1).zip(row) {
+                    dst[c * rows + r] = v;
+                }
+            }
+        }
+    }
+}
+
+/// [`matmul_tier`] on the active tier ([`cpu::tier`]).
+pub fn matmul(
+    spec: &BatchedMatMul,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    ep: Epilogue<'_>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    matmul_tier(cpu::tier(), spec, a, b, out, ep, par)
+}
+
+/// The batched product with the kernels of `tier`; `ep` applies to every output matrix
+/// (the residual spans the whole output, row stride `n`).
+pub fn matmul_tier(
+    tier: CpuTier,
+    spec: &BatchedMatMul,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    ep: Epilogue<'_>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    let pairs = spec.check(a.len(), b.len(), out.len(), &ep)?;
+    let MatMulDims { m, k, n, a_trans, b_trans } = spec.dims;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if pairs.is_empty() {
+        out.fill(0.0);
+        return Ok(());
+    }
+    let (sa, sb) = (m * k, k * n);
+    if spec.reduce {
+        let same = pairs.iter().enumerate().all(|(i, &(x, y))| x == i && y == i);
+        if same && a_trans && !b_trans {
+            // Σ_i A_iᵀ B_i: the stacked A_i are one (batches k) x m matrix, the B_i one
+            // (batches k) x n matrix: a single product over the long inner dimension.
+            let big = BatchedMatMul {
+                dims: MatMulDims { k: k * pairs.len(), ..spec.dims },
+                batch_a: vec![],
+                batch_b: vec![],
+                reduce: false,
+            };
+            return matmul_tier(tier, &big, a, b, out, Epilogue::NONE, par);
+        }
+        return with_scratch(tier, |s| {
+            for (i, &(ia, ib)) in pairs.iter().enumerate() {
+                let ep = if i == 0 { Epilogue::NONE } else { Epilogue::NONE.accumulating() };
+                product(s, spec.dims, &a[ia * sa..(ia + 1) * sa], &b[ib * sb..(ib + 1) * sb], out, ep, par)?;
+            }
+            Ok(())
+        });
+    }
+    let shared_b = pairs.iter().all(|p| p.1 == pairs[0].1);
+    let stacked_a = pairs.iter().enumerate().all(|(i, p)| p.0 == i);
+    if shared_b && stacked_a && !a_trans {
+        // One B for every batch: the batches are the rows of one tall product.
+        let dims = MatMulDims { m: m * pairs.len(), ..spec.dims };
+        let ib = pairs[0].1;
+        return with_scratch(tier, |s| product(s, dims, a, &b[ib * sb..(ib + 1) * sb], out, ep, par));
+    }
+    let mn = m * n;
+    let batch_ep = |i: usize| {
+        let mut e = Epilogue::NONE.with_activation(ep.activation);
+        e.bias = ep.bias;
+        if let Some(r) = ep.residual {
+            e = e.with_residual(&r.data[i * mn..(i + 1) * mn], n);
+        }
+        e
+    };
+    let threads = par.threads();
+    if threads <= 1 || pairs.len() < threads {
+        // Few batches: each product uses every thread.
+        return with_scratch(tier, |s| {
+            for (i, &(ia, ib)) in pairs.iter().enumerate() {
+                let (ai, bi) = (&a[ia * sa..(ia + 1) * sa], &b[ib * sb..(ib + 1) * sb]);
+                product(s, spec.dims, ai, bi, &mut out[i * mn..(i + 1) * mn], batch_ep(i), par)?;
+            }
+            Ok(())
+        });
+    }
+    // Many batches: whole products per thread, each repacking B only when it changes.
+    let per = pairs.len().div_ceil(threads * 4).max(1);
+    let run = |(t, chunk): (usize, &mut [f32])| -> Result<(), KernelError> {
+        with_scratch(tier, |s| {
+            let mut packed_for = None;
+            for (j, o) in chunk.chunks_exact_mut(mn).enumerate() {
+                let i = t * per + j;
+                let (ia, ib) = pairs[i];
+                if packed_for != Some(ib) {
+                    pack_b(&mut s.packed, spec.dims, &b[ib * sb..(ib + 1) * sb])?;
+                    packed_for = Some(ib);
+                }
+                let ai = &a[ia * sa..(ia + 1) * sa];
+                multiply(s, spec.dims.m, spec.dims, ai, o, batch_ep(i), Par::Seq)?;
+            }
+            Ok(())
+        })
+    };
+    match par {
+        Par::Pool(pool) => pool.install(|| out.par_chunks_mut(per * mn).enumerate().try_for_each(run)),
+        _ => out.par_chunks_mut(per * mn).enumerate().try_for_each(run),
+    }
+}
+
+fn pack_b(packed: &mut PackedB, d: MatMulDims, b: &[f32]) -> Result<(), KernelError> {
+    if d.b_trans {
+        packed.pack_transposed(b, d.k, d.n, d.k)
+    } else {
+        packed.pack(b, d.k, d.n, d.n)
+    }
+}
+
+/// One product `op(A)·op(B)` (`d.m` rows) with scratch for B's packing and A's transpose.
+fn product(
+    s: &mut Scratch,
+    d: MatMulDims,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    ep: Epilogue<'_>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    pack_b(&mut s.packed, d, b)?;
+    multiply(s, d.m, d, a, out, ep, par)
+}
+
+/// `op(A) · packed` for `m` rows of A.
+fn multiply(
+    s: &mut Scratch,
+    m: usize,
+    d: MatMulDims,
+    a: &[f32],
+    out: &mut [f32],
+    ep: Epilogue<'_>,
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    let k = d.k;
+    if d.a_trans && m > 1 && k > 1 {
+        // A is stored k x m: a row-major m x k copy for the GEMM's in-place A reads.
+        s.a_t.resize(m * k, 0.0);
+        transpose(a, k, m, &mut s.a_t);
+        gemm(m, &s.a_t, k, &s.packed, out, d.n, ep, par)
+    } else {
+        // One row or one column: the transpose is the same memory.
+        gemm(m, a, k, &s.packed, out, d.n, ep, par)
+    }
+}
+
+/// Scalar reference for [`matmul_tier`]: f64 sums, then bias, activation and residual.
+pub fn reference(
+    spec: &BatchedMatMul,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    ep: Epilogue<'_>,
+) -> Result<(), KernelError> {
+    let pairs = spec.check(a.len(), b.len(), out.len(), &ep)?;
+    let MatMulDims { m, k, n, a_trans, b_trans } = spec.dims;
+    let (sa, sb) = (m * k, k * n);
+    let mut acc = vec![0.0f64; out.len()];
+    for (p, &(ia, ib)) in pairs.iter().enumerate() {
+        let base = if spec.reduce { 0 } else { p * m * n };
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for kk in 0..k {
+                    let av = if a_trans { a[ia * sa + kk * m + i] } else { a[ia * sa + i * k + kk] };
+                    let bv = if b_trans { b[ib * sb + j * k + kk] } else { b[ib * sb + kk * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                acc[base + i * n + j] += s;
+            }
+        }
+    }
+    for (idx, (o, s)) in out.iter_mut().zip(acc).enumerate() {
+        let j = idx % n.max(1);
+        let mut y = s + ep.bias.map_or(0.0, |b| b[j] as f64);
+        y = crate::reference::activation(ep.activation, y);
+        if let Some(r) = ep.residual {
+            y += r.data[idx] as f64;
+        }
+        *o = y as f32;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gemm::Activation;
+    use proptest::prelude::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn run_case(spec: &BatchedMatMul, bias: bool, act: Activation, residual: bool, seed: u64) {
+        let MatMulDims { m, k, n, .. } = spec.dims;
+        let count = |s: &[usize]| s.iter().product::<usize>();
+        let a = values(count(&spec.batch_a) * m * k, seed);
+        let b = values(count(&spec.batch_b) * k * n, seed + 1);
+        let outs = if spec.reduce { 1 } else { spec.pairs().unwrap().len() };
+        let bias_v = values(n, seed + 2);
+        let res_v = values(outs * m * n, seed + 3);
+        let mut ep = Epilogue::NONE.with_activation(act);
+        if bias {
+            ep = ep.with_bias(&bias_v);
+        }
+        if residual {
+            ep = ep.with_residual(&res_v, n);
+        }
+        let mut want = vec![0.0; outs * m * n];
+        reference(spec, &a, &b, &mut want, ep).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for tier in cpu::supported_tiers() {
+            for par in [Par::Seq, Par::Pool(&pool)] {
+                let mut got = vec![f32::NAN; want.len()];
+                matmul_tier(tier, spec, &a, &b, &mut got, ep, par).unwrap();
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let tol = 1e-5 * (k as f32).sqrt().max(1.0) * if spec.reduce { outs as f32 } else { 1.0 };
+                    assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{tier} {spec:?} [{i}]: got {g}, want {w}");
+                }
+            }
+        }
+    }
+
+    fn spec(m: usize, k: usize, n: usize, at: bool, bt: bool, ba: &[usize], bb: &[usize]) -> BatchedMatMul {
+        BatchedMatMul {
+            dims: MatMulDims { m, k, n, a_trans: at, b_trans: bt },
+            batch_a: ba.to_vec(),
+            batch_b: bb.to_vec(),
+            reduce: false,
+        }
+    }
+
+    #[test]
+    fn by_hand_transposes() {
+        // A = [1 2; 3 4], B = [5 6; 7 8]: A·B = [19 22; 43 50], Aᵀ·B = [26 30; 38 44],
+        // A·Bᵀ = [17 23; 39 53].
+        let (a, b) = ([1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]);
+        for (at, bt, want) in [
+            (false, false, [19.0, 22.0, 43.0, 50.0]),
+            (true, false, [26.0, 30.0, 38.0, 44.0]),
+            (false, true, [17.0, 23.0, 39.0, 53.0]),
+        ] {
+            for tier in cpu::supported_tiers() {
+                let mut c = [0.0; 4];
+                matmul_tier(tier, &spec(2, 2, 2, at, bt, &[], &[]), &a, &b, &mut c, Epilogue::NONE, Par::Seq).unwrap();
+                assert_eq!(c, want, "{tier} at={at} bt={bt}");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_and_per_batch_b_with_epilogues() {
+        // Activations x weight (one tall product), attention-style per-batch products
+        // (threads over batches), broadcast of both operands' batch dims.
+        run_case(&spec(37, 19, 41, false, false, &[3, 2], &[]), true, Activation::GeluErf, true, 1);
+        run_case(&spec(37, 19, 41, false, true, &[3, 2], &[]), true, Activation::Relu, false, 2);
+        run_case(&spec(16, 8, 16, false, true, &[2, 12], &[2, 12]), false, Activation::None, false, 3);
+        run_case(&spec(9, 13, 7, true, false, &[2, 1, 3], &[4, 1]), true, Activation::None, true, 4);
+        run_case(&spec(9, 13, 7, true, true, &[1], &[5]), false, Activation::None, false, 5);
+        run_case(&spec(1, 13, 70, false, false, &[4], &[4]), false, Activation::None, false, 6);
+    }
+
+    #[test]
+    fn batch_reductions() {
+        let mut s = spec(24, 33, 40, true, false, &[6], &[6]);
+        s.reduce = true;
+        run_case(&s, false, Activation::None, false, 7);
+        let mut s = spec(24, 33, 40, false, true, &[2, 3], &[3]);
+        s.reduce = true;
+        run_case(&s, false, Activation::None, false, 8);
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let s = spec(2, 3, 4, false, false, &[2], &[3]);
+        let mut out = [0.0; 16];
+        assert!(matmul(&s, &[0.0; 12], &[0.0; 36], &mut out, Epilogue::NONE, Par::Seq).is_err());
+        let s = spec(2, 3, 4, false, false, &[2], &[]);
+        assert!(matmul(&s, &[0.0; 11], &[0.0; 12], &mut out, Epilogue::NONE, Par::Seq).is_err());
+        assert!(matmul(&s, &[0.0; 12], &[0.0; 12], &mut out[..15], Epilogue::NONE, Par::Seq).is_err());
+        let bias = [0.0; 3];
+        let e = matmul(&s, &[0.0; 12], &[0.0; 12], &mut out, Epilogue::NONE.with_bias(&bias), Par::Seq);
+        assert!(matches!(e, Err(KernelError::Epilogue { .. })));
+        assert!(matmul(&s, &[0.0; 12], &[0.0; 12], &mut out, Epilogue::NONE, Par::Seq).is_ok());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn matches_reference(
+            m in 1usize..40, k in 0usize..40, n in 1usize..70,
+            at: bool, bt: bool, reduce: bool,
+            ba in prop::collection::vec(1usize..4, 0..3),
+            bshare in 0usize..3, seed in 0u64..1000,
+        ) {
+            // B's batch: none, A's own, or a trailing 1-broadcast of it.
+            let bb: Vec<usize> = match bshare {
+                0 => vec![],
+                1 => ba.clone(),
+                _ => ba.iter().enumerate().map(|(i, &d)| if i == 0 { 1 } else { d }).collect(),
+            };
+            let mut s = spec(m, k, n, at, bt, &ba, &bb);
+            s.reduce = reduce;
+            let (bias, act, res) = if reduce { (false, Activation::None, false) } else { (seed % 2 == 0, Activation::Relu, seed % 3 == 0) };
+            run_case(&s, bias, act, res, seed);
+        }
+    }
+}
