@@ -3,6 +3,7 @@
 
 pub mod bpe;
 pub mod corpus;
+pub mod datasets;
 pub mod text;
 
 /// Errors of reading data sets and tokenizing.
