@@ -709,6 +709,40 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
                 last.domain = Some(MICROSOFT_DOMAIN.into());
             }
         }
+        // Quantize then dequantize, with the float zero point cast to the integer type whose
+        // range is [qmin, qmax] (ONNX saturates to the type's range, rounding half to even).
+        Op::FakeQuant(q) => {
+            let int_type = match (q.qmin, q.qmax) {
+                (-128, 127) => DType::I8,
+                (0, 255) => DType::U8,
+                (lo, hi) => {
+                    return Err(FormatError::Unsupported(format!(
+                        "FakeQuant range [{lo}, {hi}] has no ONNX integer type (only [-128, 127] and [0, 255])"
+                    )))
+                }
+            };
+            let to = dtype_to_onnx(int_type).ok_or_else(|| FormatError::Unsupported(format!("cast to {int_type}")))?;
+            let axis = q.axis.map(|a| vec![attr_i("axis", a)]).unwrap_or_default();
+            let zp = ex.fresh(&format!("{}_zero_point", outs[0]));
+            let quantized = ex.fresh(&format!("{}_quantized", outs[0]));
+            ex.emit(name, "Cast", vec![ins[2].clone()], vec![zp.clone()], vec![attr_i("to", to as i64)]);
+            let q_ins = vec![ins[0].clone(), ins[1].clone(), zp];
+            ex.emit(name, "QuantizeLinear", q_ins.clone(), vec![quantized.clone()], axis.clone());
+            ex.emit(name, "DequantizeLinear", vec![quantized, q_ins[1].clone(), q_ins[2].clone()], outs.clone(), axis);
+        }
+        Op::UnaryGrad(_)
+        | Op::SoftmaxGrad(_)
+        | Op::LayerNormGrad(_)
+        | Op::ConvGradInput(_)
+        | Op::ConvGradWeight(_)
+        | Op::PoolGrad(_)
+        | Op::GatherGrad(_)
+        | Op::FakeQuantGrad(_) => {
+            return Err(FormatError::Unsupported(
+                "gradient ops are training-only and not exportable to ONNX (export the model without its backward)"
+                    .into(),
+            ))
+        }
     }
     Ok(())
 }

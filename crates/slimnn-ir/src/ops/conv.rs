@@ -33,7 +33,7 @@ pub struct ConvAttrs {
 }
 
 impl ConvAttrs {
-    fn group(&self) -> usize {
+    pub(crate) fn group(&self) -> usize {
         self.group.max(1)
     }
 }
@@ -372,7 +372,7 @@ fn kernel_dims(op: &'static str, attrs: &ConvAttrs, w_spatial: &[Dim]) -> IrResu
 
 /// The window of a convolution, and whether its kernel is known (else a 1s placeholder
 /// that still validates the other attributes).
-fn conv_window(op: &'static str, attrs: &ConvAttrs, w_spatial: &[Dim]) -> IrResult<(Window, bool)> {
+pub(crate) fn conv_window(op: &'static str, attrs: &ConvAttrs, w_spatial: &[Dim]) -> IrResult<(Window, bool)> {
     let kernel = kernel_dims(op, attrs, w_spatial)?;
     let known = kernel.is_some();
     let kernel = kernel.unwrap_or_else(|| vec![1; w_spatial.len()]);
@@ -382,7 +382,13 @@ fn conv_window(op: &'static str, attrs: &ConvAttrs, w_spatial: &[Dim]) -> IrResu
 
 /// Checks the ranks and channel counts of a convolution's input and weights. `transposed`
 /// reads the weights as `[C, M / group, k...]` instead of `[M, C / group, k...]`.
-fn check_conv_operands(op: &'static str, group: usize, x: &[Dim], w: &[Dim], transposed: bool) -> IrResult<()> {
+pub(crate) fn check_conv_operands(
+    op: &'static str,
+    group: usize,
+    x: &[Dim],
+    w: &[Dim],
+    transposed: bool,
+) -> IrResult<()> {
     let r = x.len();
     if !(3..=5).contains(&r) {
         op_bail!(op, "expects an input of rank 3 to 5 (N, C, 1 to 3 spatial dims), got shape {}", show_dims(x));
@@ -427,7 +433,7 @@ pub(crate) fn conv_output_dims(op: &'static str, attrs: &ConvAttrs, x: &[Dim], w
     Ok([vec![x[0].clone(), w[0].clone()], spatial].concat())
 }
 
-fn known_dims(s: &[usize]) -> Vec<Dim> {
+pub(crate) fn known_dims(s: &[usize]) -> Vec<Dim> {
     s.iter().map(|&d| Dim::Known(d)).collect()
 }
 
@@ -511,7 +517,7 @@ fn conv_plane(g: &Geometry, x: &[f64], w: &[f64], y: &mut [f64]) {
 
 /// `y += x (*)^T w` for one plane of a transposed convolution: input pixel `i` and tap `k`
 /// feed output pixel `i * stride + k * dilation - pad_begin`.
-fn conv_transposed_plane(g: &Geometry, x: &[f64], w: &[f64], y: &mut [f64]) {
+pub(crate) fn conv_transposed_plane(g: &Geometry, x: &[f64], w: &[f64], y: &mut [f64]) {
     let [id, ih, iw] = g.input;
     let [_, oh, ow] = g.output;
     let [kd, kh, kw] = g.kernel;
@@ -603,7 +609,7 @@ fn check_float(op: &'static str, what: &str, dt: DType) -> IrResult<()> {
 }
 
 /// Dtype checks of a float convolution's `x, w[, b]`.
-fn check_float_operands(op: &'static str, dts: &[DType]) -> IrResult<()> {
+pub(crate) fn check_float_operands(op: &'static str, dts: &[DType]) -> IrResult<()> {
     check_float(op, "input", dts[0])?;
     if dts[1] != dts[0] {
         op_bail!(op, "weights must be {} like the input, got {}", dts[0], dts[1]);

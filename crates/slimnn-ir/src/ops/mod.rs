@@ -8,6 +8,7 @@
 
 mod conv;
 mod elementwise;
+mod grad;
 mod linalg;
 mod llm;
 mod nbits;
@@ -22,6 +23,10 @@ pub(crate) mod util;
 
 pub use conv::{AutoPad, Conv, ConvAttrs, ConvTranspose};
 pub use elementwise::{Binary, BinaryOp, Cast, Clip, Identity, Unary, UnaryOp, Where};
+pub use grad::{
+    ConvGradInput, ConvGradWeight, FakeQuant, FakeQuantGrad, GatherGrad, LayerNormGrad, PoolGrad, SoftmaxGrad,
+    UnaryGrad,
+};
 pub use linalg::{Gemm, MatMul};
 pub use llm::{BlockGather, BlockMatMul, CausalAttention, RmsNorm, Rope};
 pub use nbits::MatMulNBits;
@@ -125,6 +130,15 @@ define_ops! {
     Rope(Rope),
     CausalAttention(CausalAttention),
     MatMulNBits(MatMulNBits),
+    UnaryGrad(UnaryGrad),
+    SoftmaxGrad(SoftmaxGrad),
+    LayerNormGrad(LayerNormGrad),
+    ConvGradInput(ConvGradInput),
+    ConvGradWeight(ConvGradWeight),
+    PoolGrad(PoolGrad),
+    GatherGrad(GatherGrad),
+    FakeQuant(FakeQuant),
+    FakeQuantGrad(FakeQuantGrad),
 }
 
 impl OpDef for Op {

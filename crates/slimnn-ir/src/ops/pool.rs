@@ -55,7 +55,7 @@ impl Pool {
         Ok(())
     }
 
-    fn window(&self, shape: &[Dim]) -> IrResult<Window> {
+    pub(crate) fn window(&self, shape: &[Dim]) -> IrResult<Window> {
         let op = self.name();
         check_rank(op, shape, 3, 5)?;
         let a = &self.attrs;
@@ -68,7 +68,7 @@ impl Pool {
 
 /// For one spatial dim: the input indices each output position reads, and how many of its
 /// taps fall inside the input plus end padding (the `count_include_pad` divisor).
-fn taps(g: &Geometry, d: usize) -> (Vec<Vec<usize>>, Vec<usize>) {
+pub(crate) fn taps(g: &Geometry, d: usize) -> (Vec<Vec<usize>>, Vec<usize>) {
     let (len, s, k, dil) = (g.input[d] as i64, g.strides[d] as i64, g.kernel[d], g.dilations[d] as i64);
     (0..g.output[d])
         .map(|o| {

@@ -1,0 +1,929 @@
+//! Gradient ops: the backward halves of forward ops, built by reverse-mode autodiff, plus
+//! the fake quantization of quantization-aware training and its straight-through gradient.
+//! They are training-only (no ONNX spelling except FakeQuant). Evaluation runs in f64 for
+//! every float dtype; the result takes the dtype of the value it is a gradient of.
+
+use super::conv::{
+    check_conv_operands, check_float_operands, conv_output_dims, conv_transposed_plane, conv_window, known_dims,
+    valid_range, ConvAttrs, Geometry,
+};
+use super::elementwise::{erf, UnaryOp};
+use super::pool::{taps, Pool, PoolKind};
+use super::util::{expect_inputs, next_index, norm_axis, show_dims};
+use super::OpDef;
+use crate::{op_bail, Fact, IrResult};
+use slimnn_tensor::{checked_numel, DType, Dim, Tensor};
+
+/// `[x, dy] -> [dy * f'(x)]` for a differentiable unary function `f`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct UnaryGrad(pub UnaryOp);
+
+/// `[y, dy] -> [dx]` where `y` is the OUTPUT of `Softmax` (or `LogSoftmax` when `log`) along
+/// `axis` (per-axis form, opset >= 13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SoftmaxGrad {
+    pub axis: i64,
+    pub log: bool,
+}
+
+/// `[x, scale, dy] -> [dx, dscale, dbias]` of `LayerNormalization` over dims `axis..`;
+/// `dscale` and `dbias` are shaped like `scale` (broadcast dims summed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerNormGrad {
+    pub axis: i64,
+    pub epsilon: f32,
+}
+
+/// `[dy, w, x] -> [dx]` of `Conv(x, w)`; `x` is read for its shape only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvGradInput(pub ConvAttrs);
+
+/// `[x, dy, w] -> [dw]` of `Conv(x, w)`; `w` is read for its shape only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvGradWeight(pub ConvAttrs);
+
+/// `[x, dy] -> [dx]` of a `MaxPool` / `AveragePool`. Max routes each output's gradient to the
+/// first maximum of its window (scan order depth, height, width); average spreads it over
+/// the window with the divisor the forward op used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolGrad(pub Pool);
+
+/// `[data, indices, dy] -> [ddata]` of `Gather` along `axis`: `dy` scatter-added into zeros
+/// shaped like `data` (read for its shape only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatherGrad {
+    pub axis: i64,
+}
+
+/// `[x, scale, zero_point] -> [(clamp(round(x / s) + zp, qmin, qmax) - zp) * s]`: quantize
+/// then dequantize in float. Per-tensor (`axis` None, one-element scale and zero point) or
+/// per-channel along `axis` (1-d scale and zero point). Rounds half to even, as QuantizeLinear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FakeQuant {
+    pub qmin: i32,
+    pub qmax: i32,
+    pub axis: Option<i64>,
+}
+
+/// `[x, scale, zero_point, dy] -> [dx, dscale]` of [`FakeQuant`]: the straight-through
+/// estimator for `dx` (`dy` where `qmin <= round(x / s) + zp <= qmax`, else 0) and the LSQ
+/// step-size gradient (Esser et al. 2019) for `dscale`, summed to the scale's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FakeQuantGrad {
+    pub qmin: i32,
+    pub qmax: i32,
+    pub axis: Option<i64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared checks
+
+fn check_float(op: &'static str, what: &str, dt: DType) -> IrResult<()> {
+    if !dt.is_float() {
+        op_bail!(op, "{what} must be a float tensor, got {dt}");
+    }
+    Ok(())
+}
+
+fn check_same_dtype(op: &'static str, what: &str, dt: DType, want_what: &str, want: DType) -> IrResult<()> {
+    if dt != want {
+        op_bail!(op, "{what} dtype {dt} differs from {want_what} dtype {want}");
+    }
+    Ok(())
+}
+
+/// Merges two shapes that must be equal: known dims must agree; a known dim wins over a
+/// symbolic or unknown one.
+fn same_shape(op: &'static str, a_what: &str, a: &[Dim], b_what: &str, b: &[Dim]) -> IrResult<Vec<Dim>> {
+    let mismatch = || {
+        crate::IrError::op(
+            op,
+            format!("{a_what} shape {} does not match {b_what} shape {}", show_dims(a), show_dims(b)),
+        )
+    };
+    if a.len() != b.len() {
+        return Err(mismatch());
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| match (x, y) {
+            (Dim::Known(p), Dim::Known(q)) if p != q => Err(mismatch()),
+            (Dim::Known(_), _) => Ok(x.clone()),
+            (_, Dim::Known(_)) => Ok(y.clone()),
+            (Dim::Sym(_), _) => Ok(x.clone()),
+            _ => Ok(y.clone()),
+        })
+        .collect()
+}
+
+fn check_shapes_equal(op: &'static str, a_what: &str, a: &[usize], b_what: &str, b: &[usize]) -> IrResult<()> {
+    if a != b {
+        op_bail!(op, "{a_what} shape {a:?} does not match {b_what} shape {b:?}");
+    }
+    Ok(())
+}
+
+fn tensor(dtype: DType, shape: &[usize], v: &[f64]) -> IrResult<Tensor> {
+    Ok(Tensor::from_f64s(dtype, shape.to_vec(), v)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// UnaryGrad
+
+/// `f'(x)` of a differentiable unary op; `None` for ops with no useful derivative.
+fn unary_derivative(op: UnaryOp, x: f64) -> Option<f64> {
+    use UnaryOp::*;
+    let sigmoid = |x: f64| {
+        if x >= 0.0 {
+            1.0 / (1.0 + (-x).exp())
+        } else {
+            let e = x.exp();
+            e / (1.0 + e)
+        }
+    };
+    Some(match op {
+        Neg => -1.0,
+        Abs => {
+            if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        }
+        Sqrt => 0.5 / x.sqrt(),
+        Reciprocal => -1.0 / (x * x),
+        Exp => x.exp(),
+        Log => 1.0 / x,
+        Erf => std::f64::consts::FRAC_2_SQRT_PI * (-x * x).exp(),
+        Tanh => {
+            let t = x.tanh();
+            1.0 - t * t
+        }
+        Sigmoid => {
+            let s = sigmoid(x);
+            s * (1.0 - s)
+        }
+        // The forward op is x for x >= 0 (Relu, LeakyRelu, Elu): slope 1 at 0.
+        Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        Softplus => sigmoid(x),
+        LeakyRelu { alpha } => {
+            if x < 0.0 {
+                f64::from(alpha)
+            } else {
+                1.0
+            }
+        }
+        Elu { alpha } => {
+            if x < 0.0 {
+                f64::from(alpha) * x.exp()
+            } else {
+                1.0
+            }
+        }
+        HardSigmoid { alpha, beta } => {
+            let v = f64::from(alpha) * x + f64::from(beta);
+            if v > 0.0 && v < 1.0 {
+                f64::from(alpha)
+            } else {
+                0.0
+            }
+        }
+        // As PyTorch: 0 below -3, x/3 + 1/2 up to 3 inclusive, 1 above.
+        HardSwish => {
+            if x < -3.0 {
+                0.0
+            } else if x <= 3.0 {
+                x / 3.0 + 0.5
+            } else {
+                1.0
+            }
+        }
+        Gelu { tanh: false } => {
+            let cdf = 0.5 * (1.0 + erf(x * std::f64::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            cdf + x * pdf
+        }
+        Gelu { tanh: true } => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let t = (k * (x + 0.044715 * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x)
+        }
+        Sin => x.cos(),
+        Cos => -x.sin(),
+        Not | Floor | Ceil | Round | Sign => return None,
+    })
+}
+
+impl UnaryGrad {
+    fn check_op(&self) -> IrResult<()> {
+        if unary_derivative(self.0, 0.5).is_none() {
+            op_bail!(self.name(), "{:?} has no gradient (piecewise constant or boolean)", self.0);
+        }
+        Ok(())
+    }
+}
+
+impl OpDef for UnaryGrad {
+    fn name(&self) -> &'static str {
+        "UnaryGrad"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 2, 2)?;
+        self.check_op()?;
+        let (x, dy) = (inputs[0], inputs[1]);
+        check_float(op, "x", x.dtype)?;
+        check_same_dtype(op, "dy", dy.dtype, "x", x.dtype)?;
+        Ok(vec![Fact::new(x.dtype, same_shape(op, "dy", &dy.shape, "x", &x.shape)?)])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 2, 2)?;
+        self.check_op()?;
+        let (x, dy) = (inputs[0], inputs[1]);
+        check_float(op, "x", x.dtype())?;
+        check_same_dtype(op, "dy", dy.dtype(), "x", x.dtype())?;
+        check_shapes_equal(op, "dy", dy.shape(), "x", x.shape())?;
+        let f = self.0;
+        let dx: Vec<f64> = x
+            .to_f64_vec()
+            .into_iter()
+            .zip(dy.to_f64_vec())
+            .map(|(x, d)| d * unary_derivative(f, x).unwrap_or(0.0))
+            .collect();
+        Ok(vec![tensor(x.dtype(), x.shape(), &dx)?])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SoftmaxGrad
+
+impl OpDef for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "SoftmaxGrad"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 2, 2)?;
+        let (y, dy) = (inputs[0], inputs[1]);
+        check_float(op, "y", y.dtype)?;
+        check_same_dtype(op, "dy", dy.dtype, "y", y.dtype)?;
+        if y.rank() == 0 {
+            op_bail!(op, "needs an input of rank >= 1");
+        }
+        norm_axis(op, self.axis, y.rank())?;
+        Ok(vec![Fact::new(y.dtype, same_shape(op, "dy", &dy.shape, "y", &y.shape)?)])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 2, 2)?;
+        let (y, dy) = (inputs[0], inputs[1]);
+        check_float(op, "y", y.dtype())?;
+        check_same_dtype(op, "dy", dy.dtype(), "y", y.dtype())?;
+        check_shapes_equal(op, "dy", dy.shape(), "y", y.shape())?;
+        let shape = y.shape();
+        if shape.is_empty() {
+            op_bail!(op, "needs an input of rank >= 1");
+        }
+        let a = norm_axis(op, self.axis, shape.len())?;
+        let (n, inner) = (shape[a], shape[a + 1..].iter().product::<usize>());
+        let yv = y.to_f64_vec();
+        let mut dx = dy.to_f64_vec();
+        if n > 0 && inner > 0 {
+            // Per column of the axis: s = sum(dy * y) (softmax) or sum(dy) (log-softmax).
+            let mut sums = vec![0f64; inner];
+            for (yb, db) in yv.chunks_exact(n * inner).zip(dx.chunks_exact_mut(n * inner)) {
+                sums.fill(0.0);
+                for (yr, dr) in yb.chunks_exact(inner).zip(db.chunks_exact(inner)) {
+                    for ((s, &y), &d) in sums.iter_mut().zip(yr).zip(dr) {
+                        *s += if self.log { d } else { d * y };
+                    }
+                }
+                for (yr, dr) in yb.chunks_exact(inner).zip(db.chunks_exact_mut(inner)) {
+                    for ((d, &y), &s) in dr.iter_mut().zip(yr).zip(&sums) {
+                        *d = if self.log { *d - y.exp() * s } else { y * (*d - s) };
+                    }
+                }
+            }
+        }
+        Ok(vec![tensor(y.dtype(), shape, &dx)?])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNormGrad
+
+/// Checks that `p` broadcasts to `x` without growing it (numpy rules, as LayerNorm's scale).
+fn check_broadcasts_to(op: &'static str, what: &str, p: &[Dim], x: &[Dim]) -> IrResult<()> {
+    let fits = p.len() <= x.len()
+        && p.iter().zip(&x[x.len() - p.len()..]).all(|(p, x)| match (p, x) {
+            (Dim::Known(1), _) => true,
+            (Dim::Known(a), Dim::Known(b)) => a == b,
+            _ => true,
+        });
+    if !fits {
+        op_bail!(op, "{what} of shape {} does not broadcast to input shape {}", show_dims(p), show_dims(x));
+    }
+    Ok(())
+}
+
+/// Offsets into `p` (shape `p_shape`, broadcast right-aligned to `shape`) of every element of
+/// `shape` in row-major order.
+fn broadcast_offsets(p_shape: &[usize], shape: &[usize]) -> Vec<usize> {
+    let lead = shape.len() - p_shape.len();
+    let mut strides = vec![0usize; shape.len()];
+    let mut s = 1;
+    for i in (0..p_shape.len()).rev() {
+        if p_shape[i] != 1 {
+            strides[lead + i] = s;
+        }
+        s *= p_shape[i];
+    }
+    let total: usize = shape.iter().product();
+    let mut out = Vec::with_capacity(total);
+    if total == 0 {
+        return out;
+    }
+    let mut idx = vec![0usize; shape.len()];
+    loop {
+        out.push(idx.iter().zip(&strides).map(|(i, s)| i * s).sum());
+        if !next_index(&mut idx, shape) {
+            break;
+        }
+    }
+    out
+}
+
+impl OpDef for LayerNormGrad {
+    fn name(&self) -> &'static str {
+        "LayerNormGrad"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        self.check_epsilon()?;
+        let (x, scale, dy) = (inputs[0], inputs[1], inputs[2]);
+        check_float(op, "x", x.dtype)?;
+        check_same_dtype(op, "scale", scale.dtype, "x", x.dtype)?;
+        check_same_dtype(op, "dy", dy.dtype, "x", x.dtype)?;
+        if x.rank() == 0 {
+            op_bail!(op, "needs an input of rank >= 1");
+        }
+        norm_axis(op, self.axis, x.rank())?;
+        check_broadcasts_to(op, "scale", &scale.shape, &x.shape)?;
+        let dx = Fact::new(x.dtype, same_shape(op, "dy", &dy.shape, "x", &x.shape)?);
+        Ok(vec![dx, scale.without_value(), scale.without_value()])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        self.check_epsilon()?;
+        let (x, scale, dy) = (inputs[0], inputs[1], inputs[2]);
+        check_float(op, "x", x.dtype())?;
+        check_same_dtype(op, "scale", scale.dtype(), "x", x.dtype())?;
+        check_same_dtype(op, "dy", dy.dtype(), "x", x.dtype())?;
+        check_shapes_equal(op, "dy", dy.shape(), "x", x.shape())?;
+        let shape = x.shape();
+        if shape.is_empty() {
+            op_bail!(op, "needs an input of rank >= 1");
+        }
+        let axis = norm_axis(op, self.axis, shape.len())?;
+        check_broadcasts_to(op, "scale", &known_dims(scale.shape()), &known_dims(shape))?;
+        let n: usize = shape[axis..].iter().product();
+        // Where each element's scale lives: a per-row map when the scale does not vary across
+        // rows (the usual [n] scale), else one offset per element.
+        let lead_ones = scale.shape().iter().take_while(|&&d| d == 1).count();
+        let core = &scale.shape()[lead_ones..];
+        let offsets = if core.len() <= shape.len() - axis {
+            broadcast_offsets(core, &shape[axis..])
+        } else {
+            broadcast_offsets(scale.shape(), shape)
+        };
+        let per_row = offsets.len() == n;
+        let sv = scale.to_f64_vec();
+        let (xv, dyv) = (x.to_f64_vec(), dy.to_f64_vec());
+        let mut dx = vec![0f64; xv.len()];
+        let (mut dscale, mut dbias) = (vec![0f64; sv.len()], vec![0f64; sv.len()]);
+        if n > 0 {
+            let eps = f64::from(self.epsilon);
+            let mut xhat = vec![0f64; n];
+            let mut g = vec![0f64; n];
+            for (r, ((xr, dr), dxr)) in
+                xv.chunks_exact(n).zip(dyv.chunks_exact(n)).zip(dx.chunks_exact_mut(n)).enumerate()
+            {
+                let mean = xr.iter().sum::<f64>() / n as f64;
+                let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
+                let inv = 1.0 / (var + eps).sqrt();
+                let offs = if per_row { &offsets[..] } else { &offsets[r * n..][..n] };
+                let (mut mean_g, mut mean_gx) = (0.0, 0.0);
+                for j in 0..n {
+                    let xh = (xr[j] - mean) * inv;
+                    let gj = dr[j] * sv[offs[j]];
+                    xhat[j] = xh;
+                    g[j] = gj;
+                    mean_g += gj;
+                    mean_gx += gj * xh;
+                    dscale[offs[j]] += dr[j] * xh;
+                    dbias[offs[j]] += dr[j];
+                }
+                mean_g /= n as f64;
+                mean_gx /= n as f64;
+                for j in 0..n {
+                    dxr[j] = inv * (g[j] - mean_g - xhat[j] * mean_gx);
+                }
+            }
+        }
+        Ok(vec![
+            tensor(x.dtype(), shape, &dx)?,
+            tensor(scale.dtype(), scale.shape(), &dscale)?,
+            tensor(scale.dtype(), scale.shape(), &dbias)?,
+        ])
+    }
+}
+
+impl LayerNormGrad {
+    fn check_epsilon(&self) -> IrResult<()> {
+        if !(self.epsilon.is_finite() && self.epsilon >= 0.0) {
+            op_bail!(self.name(), "epsilon must be finite and >= 0, got {}", self.epsilon);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ConvGradInput, ConvGradWeight
+
+/// The forward geometry of `Conv(x, w)` and its channel counts, after checking `dy` has the
+/// forward output's shape. Returns (geometry, n, c, m, group).
+fn conv_grad_geometry(
+    op: &'static str,
+    attrs: &ConvAttrs,
+    xs: &[usize],
+    ws: &[usize],
+    dys: &[usize],
+) -> IrResult<(Geometry, usize, usize, usize, usize)> {
+    let (xd, wd) = (known_dims(xs), known_dims(ws));
+    check_conv_operands(op, attrs.group(), &xd, &wd, false)?;
+    let (window, _) = conv_window(op, attrs, &wd[2..])?;
+    let g = window.geometry(op, &xs[2..])?;
+    let want = [&[xs[0], ws[0]][..], &g.output[3 - (xs.len() - 2)..]].concat();
+    check_shapes_equal(op, "dy", dys, "the convolution output", &want)?;
+    Ok((g, xs[0], xs[1], ws[0], attrs.group()))
+}
+
+/// Facts shared by the two convolution gradients: checks dtypes and that `dy` fits the
+/// forward output shape.
+fn conv_grad_facts(op: &'static str, attrs: &ConvAttrs, x: &Fact, w: &Fact, dy: &Fact) -> IrResult<()> {
+    check_float_operands(op, &[x.dtype, w.dtype])?;
+    check_same_dtype(op, "dy", dy.dtype, "x", x.dtype)?;
+    let y = conv_output_dims(op, attrs, &x.shape, &w.shape)?;
+    same_shape(op, "dy", &dy.shape, "the convolution output", &y)?;
+    Ok(())
+}
+
+/// `dw += x (*) dy` for one input plane and one output-gradient plane: each tap's gradient is
+/// the dot product of `dy` with the input pixels that tap read.
+fn conv_weight_plane(g: &Geometry, x: &[f64], dy: &[f64], dw: &mut [f64]) {
+    let [_, ih, iw] = g.input;
+    let [od, oh, ow] = g.output;
+    let [kd, kh, kw] = g.kernel;
+    let sw = g.strides[2];
+    for a in 0..kd {
+        let off_d = (a * g.dilations[0]) as i64 - g.pad_begin[0];
+        let rd = valid_range(od, g.input[0], g.strides[0], off_d);
+        for b in 0..kh {
+            let off_h = (b * g.dilations[1]) as i64 - g.pad_begin[1];
+            let rh = valid_range(oh, ih, g.strides[1], off_h);
+            for c in 0..kw {
+                let off_w = (c * g.dilations[2]) as i64 - g.pad_begin[2];
+                let rw = valid_range(ow, iw, sw, off_w);
+                if rw.is_empty() {
+                    continue;
+                }
+                let start = (rw.start as i64 * sw as i64 + off_w) as usize;
+                let mut sum = 0.0;
+                for o_d in rd.clone() {
+                    let i_d = (o_d as i64 * g.strides[0] as i64 + off_d) as usize;
+                    for o_h in rh.clone() {
+                        let i_h = (o_h as i64 * g.strides[1] as i64 + off_h) as usize;
+                        let xrow = &x[(i_d * ih + i_h) * iw..][..iw];
+                        let dyrow = &dy[(o_d * oh + o_h) * ow..][..ow];
+                        if sw == 1 {
+                            sum += dyrow[rw.clone()].iter().zip(&xrow[start..]).map(|(d, x)| d * x).sum::<f64>();
+                        } else {
+                            sum += dyrow[rw.clone()]
+                                .iter()
+                                .zip(xrow[start..].iter().step_by(sw))
+                                .map(|(d, x)| d * x)
+                                .sum::<f64>();
+                        }
+                    }
+                }
+                dw[(a * kh + b) * kw + c] += sum;
+            }
+        }
+    }
+}
+
+impl OpDef for ConvGradInput {
+    fn name(&self) -> &'static str {
+        "ConvGradInput"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        let (dy, w, x) = (inputs[0], inputs[1], inputs[2]);
+        conv_grad_facts(op, &self.0, x, w, dy)?;
+        Ok(vec![x.without_value()])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        let (dy, w, x) = (inputs[0], inputs[1], inputs[2]);
+        check_float_operands(op, &[x.dtype(), w.dtype()])?;
+        check_same_dtype(op, "dy", dy.dtype(), "x", x.dtype())?;
+        let (g, n, c, m, group) = conv_grad_geometry(op, &self.0, x.shape(), w.shape(), dy.shape())?;
+        let total = checked_numel(x.shape(), x.dtype())?;
+        let mut dx = vec![0f64; total];
+        let (in_len, out_len, k_len) = (g.input_len(), g.output_len(), g.kernel_len());
+        if total > 0 && out_len > 0 {
+            let (dyv, wv) = (dy.to_f64_vec(), w.to_f64_vec());
+            // The transposed convolution's geometry: reads the forward output, writes the input.
+            let gt = Geometry { input: g.output, output: g.input, ..g };
+            let (cpg, mpg) = (c / group, m / group);
+            for (ni, dxn) in dx.chunks_exact_mut(c * in_len).enumerate() {
+                for (ci, dxp) in dxn.chunks_exact_mut(in_len).enumerate() {
+                    let (gi, cloc) = (ci / cpg, ci % cpg);
+                    for mi in gi * mpg..(gi + 1) * mpg {
+                        let dyp = &dyv[(ni * m + mi) * out_len..][..out_len];
+                        let wk = &wv[(mi * cpg + cloc) * k_len..][..k_len];
+                        conv_transposed_plane(&gt, dyp, wk, dxp);
+                    }
+                }
+            }
+        }
+        debug_assert_eq!(n * c * in_len, total);
+        Ok(vec![tensor(x.dtype(), x.shape(), &dx)?])
+    }
+}
+
+impl OpDef for ConvGradWeight {
+    fn name(&self) -> &'static str {
+        "ConvGradWeight"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        let (x, dy, w) = (inputs[0], inputs[1], inputs[2]);
+        conv_grad_facts(op, &self.0, x, w, dy)?;
+        Ok(vec![w.without_value()])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        let (x, dy, w) = (inputs[0], inputs[1], inputs[2]);
+        check_float_operands(op, &[x.dtype(), w.dtype()])?;
+        check_same_dtype(op, "dy", dy.dtype(), "x", x.dtype())?;
+        let (g, n, c, m, group) = conv_grad_geometry(op, &self.0, x.shape(), w.shape(), dy.shape())?;
+        let total = checked_numel(w.shape(), w.dtype())?;
+        let mut dw = vec![0f64; total];
+        let (in_len, out_len, k_len) = (g.input_len(), g.output_len(), g.kernel_len());
+        if total > 0 && out_len > 0 && in_len > 0 {
+            let (xv, dyv) = (x.to_f64_vec(), dy.to_f64_vec());
+            let (cpg, mpg) = (c / group, m / group);
+            for ni in 0..n {
+                for (mi, dwm) in dw.chunks_exact_mut(cpg * k_len).enumerate() {
+                    let gi = mi / mpg;
+                    let dyp = &dyv[(ni * m + mi) * out_len..][..out_len];
+                    for (cloc, dwk) in dwm.chunks_exact_mut(k_len).enumerate() {
+                        let xp = &xv[(ni * c + gi * cpg + cloc) * in_len..][..in_len];
+                        conv_weight_plane(&g, xp, dyp, dwk);
+                    }
+                }
+            }
+        }
+        Ok(vec![tensor(w.dtype(), w.shape(), &dw)?])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PoolGrad
+
+impl OpDef for PoolGrad {
+    fn name(&self) -> &'static str {
+        "PoolGrad"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 2, 2)?;
+        let (x, dy) = (inputs[0], inputs[1]);
+        check_float(op, "x", x.dtype)?;
+        check_same_dtype(op, "dy", dy.dtype, "x", x.dtype)?;
+        let y = self.0.output_facts(&[x])?;
+        same_shape(op, "dy", &dy.shape, "the pool output", &y[0].shape)?;
+        Ok(vec![x.without_value()])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 2, 2)?;
+        let (x, dy) = (inputs[0], inputs[1]);
+        check_float(op, "x", x.dtype())?;
+        check_same_dtype(op, "dy", dy.dtype(), "x", x.dtype())?;
+        let window = self.0.window(&known_dims(x.shape()))?;
+        let g = window.geometry(self.0.name(), &x.shape()[2..])?;
+        let want = [&x.shape()[..2], &g.output[5 - x.rank()..]].concat();
+        check_shapes_equal(op, "dy", dy.shape(), "the pool output", &want)?;
+        let [(td, pd), (th, ph), (tw, pw)] = [taps(&g, 0), taps(&g, 1), taps(&g, 2)];
+        let (in_len, out_len, [_, ih, iw]) = (g.input_len(), g.output_len(), g.input);
+        let (xv, dyv) = (x.to_f64_vec(), dy.to_f64_vec());
+        let mut dx = vec![0f64; xv.len()];
+        if in_len > 0 && out_len > 0 {
+            for ((xp, dxp), dyp) in
+                xv.chunks_exact(in_len).zip(dx.chunks_exact_mut(in_len)).zip(dyv.chunks_exact(out_len))
+            {
+                let mut o = 0;
+                for (a, ta) in td.iter().enumerate() {
+                    for (b, tb) in th.iter().enumerate() {
+                        for (c, tc) in tw.iter().enumerate() {
+                            let d = dyp[o];
+                            o += 1;
+                            let offsets = ta.iter().flat_map(|&i| {
+                                tb.iter().flat_map(move |&j| tc.iter().map(move |&k| (i * ih + j) * iw + k))
+                            });
+                            match self.0.kind {
+                                // Same scan and comparison as the forward op: NaN never wins, and
+                                // a window with no value above -inf passes no gradient.
+                                PoolKind::Max => {
+                                    let mut best = (f64::NEG_INFINITY, None);
+                                    for at in offsets {
+                                        if xp[at] > best.0 {
+                                            best = (xp[at], Some(at));
+                                        }
+                                    }
+                                    if let Some(at) = best.1 {
+                                        dxp[at] += d;
+                                    }
+                                }
+                                PoolKind::Average { count_include_pad } => {
+                                    let count = if count_include_pad {
+                                        pd[a] * ph[b] * pw[c]
+                                    } else {
+                                        ta.len() * tb.len() * tc.len()
+                                    };
+                                    if count > 0 {
+                                        let share = d / count as f64;
+                                        offsets.for_each(|at| dxp[at] += share);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(vec![tensor(x.dtype(), x.shape(), &dx)?])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GatherGrad
+
+const INDEX_TYPES: [DType; 2] = [DType::I32, DType::I64];
+
+impl OpDef for GatherGrad {
+    fn name(&self) -> &'static str {
+        "GatherGrad"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        let (data, idx, dy) = (inputs[0], inputs[1], inputs[2]);
+        check_float(op, "data", data.dtype)?;
+        check_same_dtype(op, "dy", dy.dtype, "data", data.dtype)?;
+        if !INDEX_TYPES.contains(&idx.dtype) {
+            op_bail!(op, "indices must be i32 or i64, got {}", idx.dtype);
+        }
+        if data.rank() == 0 {
+            op_bail!(op, "data must have rank >= 1");
+        }
+        let axis = norm_axis(op, self.axis, data.rank())?;
+        let want = [&data.shape[..axis], &idx.shape[..], &data.shape[axis + 1..]].concat();
+        same_shape(op, "dy", &dy.shape, "the gather output", &want)?;
+        Ok(vec![data.without_value()])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        let (data, indices, dy) = (inputs[0], inputs[1], inputs[2]);
+        check_float(op, "data", data.dtype())?;
+        check_same_dtype(op, "dy", dy.dtype(), "data", data.dtype())?;
+        if !INDEX_TYPES.contains(&indices.dtype()) {
+            op_bail!(op, "indices must be i32 or i64, got {}", indices.dtype());
+        }
+        let s = data.shape();
+        if s.is_empty() {
+            op_bail!(op, "data must have rank >= 1");
+        }
+        let axis = norm_axis(op, self.axis, s.len())?;
+        let want = [&s[..axis], indices.shape(), &s[axis + 1..]].concat();
+        check_shapes_equal(op, "dy", dy.shape(), "the gather output", &want)?;
+        let d = s[axis];
+        let idx = indices
+            .to_i64_vec()?
+            .into_iter()
+            .map(|i| {
+                let j = if i < 0 { i as i128 + d as i128 } else { i as i128 };
+                if j < 0 || j >= d as i128 {
+                    op_bail!(op, "index {i} is out of range for axis {axis} of size {d}");
+                }
+                Ok(j as usize)
+            })
+            .collect::<IrResult<Vec<usize>>>()?;
+        let inner: usize = s[axis + 1..].iter().product();
+        let mut dd = vec![0f64; data.len()];
+        let dyv = dy.to_f64_vec();
+        if inner > 0 && !idx.is_empty() {
+            for (ddo, dyo) in dd.chunks_exact_mut(d * inner).zip(dyv.chunks_exact(idx.len() * inner)) {
+                for (&j, dyr) in idx.iter().zip(dyo.chunks_exact(inner)) {
+                    for (t, &v) in ddo[j * inner..][..inner].iter_mut().zip(dyr) {
+                        *t += v;
+                    }
+                }
+            }
+        }
+        Ok(vec![tensor(data.dtype(), s, &dd)?])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FakeQuant, FakeQuantGrad
+
+/// Checks attributes and the scale / zero point facts of a fake quantization of `x`.
+fn fake_quant_facts(op: &'static str, qmin: i32, qmax: i32, axis: Option<i64>, inputs: &[&Fact]) -> IrResult<()> {
+    if qmin > qmax {
+        op_bail!(op, "qmin {qmin} exceeds qmax {qmax}");
+    }
+    let (x, scale, zp) = (inputs[0], inputs[1], inputs[2]);
+    check_float(op, "x", x.dtype)?;
+    check_float(op, "scale", scale.dtype)?;
+    check_float(op, "zero_point", zp.dtype)?;
+    same_shape(op, "zero_point", &zp.shape, "scale", &scale.shape)?;
+    match axis {
+        None => {
+            if scale.shape.iter().any(|d| matches!(d, Dim::Known(k) if *k != 1)) {
+                op_bail!(op, "per-tensor scale must hold one element, got shape {}", show_dims(&scale.shape));
+            }
+        }
+        Some(a) => {
+            let a = norm_axis(op, a, x.rank())?;
+            if x.rank() == 0 {
+                op_bail!(op, "per-channel quantization needs x of rank >= 1");
+            }
+            if scale.rank() != 1 {
+                op_bail!(op, "per-channel scale must be 1-d, got shape {}", show_dims(&scale.shape));
+            }
+            if let (Dim::Known(s), Dim::Known(c)) = (&scale.shape[0], &x.shape[a]) {
+                if s != c {
+                    op_bail!(op, "scale has {s} values for {c} channels along axis {a}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per-channel parameters of a concrete fake quantization: scales, zero points, and the
+/// run length `inner` so element `i` belongs to channel `(i / inner) % channels`.
+struct FakeQuantParams {
+    scale: Vec<f64>,
+    zero: Vec<f64>,
+    inner: usize,
+}
+
+impl FakeQuantParams {
+    fn new(op: &'static str, axis: Option<i64>, x: &Tensor, scale: &Tensor, zp: &Tensor) -> IrResult<Self> {
+        let (sd, zd) = (known_dims(scale.shape()), known_dims(zp.shape()));
+        let facts = [Fact::known(x.dtype(), x.shape()), Fact::new(scale.dtype(), sd), Fact::new(zp.dtype(), zd)];
+        fake_quant_facts(op, 0, 0, axis, &[&facts[0], &facts[1], &facts[2]])?;
+        let inner = match axis {
+            None => x.len().max(1),
+            Some(a) => x.shape()[norm_axis(op, a, x.rank())? + 1..].iter().product(),
+        };
+        let (scale, zero) = (scale.to_f64_vec(), zp.to_f64_vec());
+        if scale.is_empty() {
+            op_bail!(op, "scale is empty");
+        }
+        if let Some((c, s)) = scale.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
+            op_bail!(op, "scale must be positive and finite, got {s} (channel {c})");
+        }
+        Ok(FakeQuantParams { scale, zero, inner: inner.max(1) })
+    }
+
+    fn channel(&self, i: usize) -> usize {
+        (i / self.inner) % self.scale.len()
+    }
+}
+
+impl OpDef for FakeQuant {
+    fn name(&self) -> &'static str {
+        "FakeQuant"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        fake_quant_facts(op, self.qmin, self.qmax, self.axis, inputs)?;
+        Ok(vec![inputs[0].without_value()])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 3, 3)?;
+        if self.qmin > self.qmax {
+            op_bail!(op, "qmin {} exceeds qmax {}", self.qmin, self.qmax);
+        }
+        let x = inputs[0];
+        let p = FakeQuantParams::new(op, self.axis, x, inputs[1], inputs[2])?;
+        let (lo, hi) = (f64::from(self.qmin), f64::from(self.qmax));
+        let y: Vec<f64> = x
+            .to_f64_vec()
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let c = p.channel(i);
+                let (s, z) = (p.scale[c], p.zero[c]);
+                (((v / s).round_ties_even() + z).clamp(lo, hi) - z) * s
+            })
+            .collect();
+        Ok(vec![tensor(x.dtype(), x.shape(), &y)?])
+    }
+}
+
+impl OpDef for FakeQuantGrad {
+    fn name(&self) -> &'static str {
+        "FakeQuantGrad"
+    }
+
+    fn output_facts(&self, inputs: &[&Fact]) -> IrResult<Vec<Fact>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 4, 4)?;
+        fake_quant_facts(op, self.qmin, self.qmax, self.axis, inputs)?;
+        let (x, scale, dy) = (inputs[0], inputs[1], inputs[3]);
+        check_same_dtype(op, "dy", dy.dtype, "x", x.dtype)?;
+        let dx = Fact::new(x.dtype, same_shape(op, "dy", &dy.shape, "x", &x.shape)?);
+        Ok(vec![dx, scale.without_value()])
+    }
+
+    fn eval(&self, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let op = self.name();
+        expect_inputs(op, inputs, 4, 4)?;
+        if self.qmin > self.qmax {
+            op_bail!(op, "qmin {} exceeds qmax {}", self.qmin, self.qmax);
+        }
+        let (x, scale, dy) = (inputs[0], inputs[1], inputs[3]);
+        check_same_dtype(op, "dy", dy.dtype(), "x", x.dtype())?;
+        check_shapes_equal(op, "dy", dy.shape(), "x", x.shape())?;
+        let p = FakeQuantParams::new(op, self.axis, x, scale, inputs[2])?;
+        let (lo, hi) = (f64::from(self.qmin), f64::from(self.qmax));
+        let mut dx = dy.to_f64_vec();
+        let mut dscale = vec![0f64; p.scale.len()];
+        for (i, (v, d)) in x.to_f64_vec().into_iter().zip(dx.iter_mut()).enumerate() {
+            let c = p.channel(i);
+            let (s, z) = (p.scale[c], p.zero[c]);
+            let r = v / s;
+            let q = r.round_ties_even() + z;
+            if q < lo {
+                dscale[c] += *d * (lo - z);
+                *d = 0.0;
+            } else if q > hi {
+                dscale[c] += *d * (hi - z);
+                *d = 0.0;
+            } else {
+                dscale[c] += *d * (r.round_ties_even() - r);
+            }
+        }
+        Ok(vec![tensor(x.dtype(), x.shape(), &dx)?, tensor(scale.dtype(), scale.shape(), &dscale)?])
+    }
+}
