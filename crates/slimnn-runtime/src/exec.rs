@@ -175,6 +175,12 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             gemm(m, a, k, packed, &mut out, n, ep, gpar)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
+        Kernel::MatMul(k) => {
+            let mut out = st.take(numel);
+            let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| st.get(s)).collect::<Result<_>>()?;
+            k.run(&ins, &mut out, gpar)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
         Kernel::Attention { heads, head_dim, scale, mask_shape, fused_qkv } => {
             let mut out = st.take(numel);
             let projections = if *fused_qkv { 1 } else { 3 };

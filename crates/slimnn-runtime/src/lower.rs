@@ -22,6 +22,9 @@ pub(crate) struct PackCache(Mutex<HashMap<(Vec<usize>, bool), PackedWeight>>, qu
 #[path = "quant.rs"]
 pub(crate) mod quant;
 
+#[path = "matmul.rs"]
+pub(crate) mod matmul;
+
 /// A packed weight and the constants it came from.
 type PackedWeight = (Vec<Arc<Tensor>>, Arc<PackedB>);
 
@@ -589,6 +592,8 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
             } else if let Some(grp) = match_gemm(&c, id, packs)? {
                 claim(&mut c, grp, &mut groups);
             } else if let Some(grp) = match_conv(&c, id)? {
+                claim(&mut c, grp, &mut groups);
+            } else if let Some(grp) = matmul::match_matmul(&c, id) {
                 claim(&mut c, grp, &mut groups);
             }
         }

@@ -17,6 +17,9 @@ pub enum Kernel {
     /// `act(A·W + bias) + residual` with `W` packed; inputs `[a, residual?]`, A is
     /// `[.., k]` flattened to `m x k`.
     Gemm { packed: Arc<PackedB>, bias: Option<Arc<[f32]>>, activation: Activation, residual: bool },
+    /// `act(op(A)·op(B) + bias) + residual` with both operands run-time tensors, batched;
+    /// inputs `[a, b, bias?, residual?]`.
+    MatMul(Arc<crate::lower::matmul::MatMulKernel>),
     /// Multi-head scaled dot-product attention on projections laid out `[batch, seq, heads *
     /// head_dim]`; inputs `[q, k, v, mask?]`, or `[qkv, mask?]` when `fused_qkv` (one
     /// projection `[batch, seq, 3 * heads * head_dim]`, Q then K then V); the mask is additive,
@@ -122,6 +125,7 @@ impl Kernel {
                 }
                 s
             }
+            Kernel::MatMul(k) => k.name(),
             Kernel::Attention { .. } => "attention".into(),
             Kernel::LayerNorm { .. } => "layer_norm".into(),
             Kernel::Softmax => "softmax".into(),
