@@ -19,6 +19,7 @@
 //! assert_eq!(out[0].as_slice::<f32>().unwrap(), &[2.0, 6.0]);
 //! ```
 
+pub mod autodiff;
 mod error;
 mod eval;
 mod fact;
