@@ -789,11 +789,12 @@ fn fake_quant_facts(op: &'static str, qmin: i32, qmax: i32, axis: Option<i64>, i
     check_float(op, "x", x.dtype)?;
     check_float(op, "scale", scale.dtype)?;
     check_float(op, "zero_point", zp.dtype)?;
-    same_shape(op, "zero_point", &zp.shape, "scale", &scale.shape)?;
     match axis {
         None => {
-            if scale.shape.iter().any(|d| matches!(d, Dim::Known(k) if *k != 1)) {
-                op_bail!(op, "per-tensor scale must hold one element, got shape {}", show_dims(&scale.shape));
+            for (what, f) in [("scale", scale), ("zero_point", zp)] {
+                if f.shape.iter().any(|d| matches!(d, Dim::Known(k) if *k != 1)) {
+                    op_bail!(op, "per-tensor {what} must hold one element, got shape {}", show_dims(&f.shape));
+                }
             }
         }
         Some(a) => {
@@ -804,6 +805,7 @@ fn fake_quant_facts(op: &'static str, qmin: i32, qmax: i32, axis: Option<i64>, i
             if scale.rank() != 1 {
                 op_bail!(op, "per-channel scale must be 1-d, got shape {}", show_dims(&scale.shape));
             }
+            same_shape(op, "zero_point", &zp.shape, "scale", &scale.shape)?;
             if let (Dim::Known(s), Dim::Known(c)) = (&scale.shape[0], &x.shape[a]) {
                 if s != c {
                     op_bail!(op, "scale has {s} values for {c} channels along axis {a}");
@@ -925,5 +927,572 @@ impl OpDef for FakeQuantGrad {
             }
         }
         Ok(vec![tensor(x.dtype(), x.shape(), &dx)?, tensor(scale.dtype(), scale.shape(), &dscale)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{AutoPad, Conv, Gather, LayerNorm, LogSoftmax, PoolAttrs, Softmax, Unary};
+
+    /// Deterministic values in [lo, hi) (xorshift), distinct with probability ~1.
+    fn random(n: usize, seed: u64, lo: f64, hi: f64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                lo + (hi - lo) * ((s >> 11) as f64 / (1u64 << 53) as f64)
+            })
+            .collect()
+    }
+
+    fn t64(shape: &[usize], v: &[f64]) -> Tensor {
+        Tensor::from_vec(shape.to_vec(), v.to_vec()).unwrap()
+    }
+
+    fn rand_t(shape: &[usize], seed: u64) -> Tensor {
+        t64(shape, &random(shape.iter().product(), seed, -1.0, 1.0))
+    }
+
+    fn f64s(t: &Tensor) -> Vec<f64> {
+        t.as_slice::<f64>().unwrap().to_vec()
+    }
+
+    /// Evaluates `op`, checking its facts agree with what eval produced.
+    fn run(op: &dyn OpDef, inputs: &[&Tensor]) -> IrResult<Vec<Tensor>> {
+        let facts: Vec<Fact> = inputs.iter().map(|x| Fact::known(x.dtype(), x.shape())).collect();
+        let want = op.output_facts(&facts.iter().collect::<Vec<_>>())?;
+        let out = op.eval(inputs)?;
+        assert_eq!(want.len(), out.len());
+        for (f, t) in want.iter().zip(&out) {
+            assert_eq!(f.known_shape().as_deref(), Some(t.shape()), "{}: facts agree with eval", op.name());
+            assert_eq!(f.dtype, t.dtype());
+        }
+        Ok(out)
+    }
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// Central differences of `loss(inputs) = sum(forward(inputs) * r)` with respect to input
+    /// `wrt`, compared with `analytic`: |a - n| / max(1, |a|, |n|) <= 1e-6 per element.
+    fn check_fd(forward: &dyn Fn(&[Tensor]) -> Tensor, inputs: &[Tensor], wrt: usize, r: &Tensor, analytic: &Tensor) {
+        let h = 1e-5;
+        assert_eq!(analytic.shape(), inputs[wrt].shape(), "gradient shaped like its input");
+        let a = f64s(analytic);
+        let base = f64s(&inputs[wrt]);
+        let rv = f64s(r);
+        for (i, &ai) in a.iter().enumerate() {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[i] += delta;
+                let mut ins = inputs.to_vec();
+                ins[wrt] = t64(inputs[wrt].shape(), &v);
+                dot(&f64s(&forward(&ins)), &rv)
+            };
+            let n = (at(h) - at(-h)) / (2.0 * h);
+            let err = (ai - n).abs() / 1f64.max(ai.abs()).max(n.abs());
+            assert!(err <= 1e-6, "input {wrt} element {i}: analytic {ai} vs numeric {n} (rel err {err:.2e})");
+        }
+    }
+
+    /// Runs an op on f32 copies of f64 inputs and compares with the f64 result.
+    fn check_f32_matches(op: &dyn OpDef, inputs: &[&Tensor]) {
+        let want = op.eval(inputs).unwrap();
+        let as32: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| if t.dtype() == DType::F64 { t.cast(DType::F32).unwrap() } else { (*t).clone() })
+            .collect();
+        let got = run(op, &as32.iter().collect::<Vec<_>>()).unwrap();
+        for (w, g) in want.iter().zip(&got) {
+            assert_eq!(g.dtype(), DType::F32);
+            let diff = w.to_f64_vec().iter().zip(g.to_f64_vec()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(diff < 1e-4, "{}: f32 differs from f64 by {diff}", op.name());
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // UnaryGrad
+
+    const DIFFERENTIABLE: [UnaryOp; 20] = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Sqrt,
+        UnaryOp::Reciprocal,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Erf,
+        UnaryOp::Tanh,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+        UnaryOp::Softplus,
+        UnaryOp::LeakyRelu { alpha: 0.1 },
+        UnaryOp::Elu { alpha: 0.7 },
+        UnaryOp::HardSigmoid { alpha: 0.2, beta: 0.5 },
+        UnaryOp::HardSwish,
+        UnaryOp::Gelu { tanh: false },
+        UnaryOp::Gelu { tanh: true },
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+        UnaryOp::Softplus,
+    ];
+
+    #[test]
+    fn unary_grad_matches_central_differences() {
+        for (k, &f) in DIFFERENTIABLE.iter().enumerate() {
+            // Away from kinks (0, +-2.5 for HardSigmoid, +-3 for HardSwish); positive for Sqrt/Log.
+            let mut x = random(24, k as u64 + 1, -4.0, 4.0);
+            x.iter_mut().for_each(|v| {
+                if matches!(f, UnaryOp::Sqrt | UnaryOp::Log) {
+                    *v = v.abs() + 0.2;
+                } else if v.abs() < 0.1 {
+                    *v += 0.3;
+                }
+                if (v.abs() - 2.5).abs() < 0.05 || (v.abs() - 3.0).abs() < 0.05 {
+                    *v += 0.2;
+                }
+            });
+            let x = t64(&[4, 6], &x);
+            let r = rand_t(&[4, 6], 100 + k as u64);
+            let dx = run(&UnaryGrad(f), &[&x, &r]).unwrap().remove(0);
+            let forward = |ins: &[Tensor]| Unary(f).eval(&[&ins[0]]).unwrap().remove(0);
+            check_fd(&forward, std::slice::from_ref(&x), 0, &r, &dx);
+            check_f32_matches(&UnaryGrad(f), &[&x, &r]);
+        }
+    }
+
+    #[test]
+    fn unary_grad_known_values() {
+        let grad = |f: UnaryOp, x: &[f64]| {
+            let dy = vec![2.0; x.len()];
+            f64s(&run(&UnaryGrad(f), &[&t64(&[x.len()], x), &t64(&[x.len()], &dy)]).unwrap()[0])
+        };
+        assert_eq!(grad(UnaryOp::Relu, &[-1.0, 0.0, 3.0]), [0.0, 0.0, 2.0]);
+        assert_eq!(grad(UnaryOp::LeakyRelu { alpha: 0.5 }, &[-1.0, 0.0, 3.0]), [1.0, 2.0, 2.0]);
+        assert_eq!(grad(UnaryOp::Abs, &[-1.0, 0.0, 3.0]), [-2.0, 0.0, 2.0]);
+        assert_eq!(grad(UnaryOp::Sigmoid, &[0.0]), [0.5]);
+        assert_eq!(grad(UnaryOp::Tanh, &[0.0]), [2.0]);
+        assert_eq!(grad(UnaryOp::Sqrt, &[4.0]), [0.5]);
+        assert_eq!(grad(UnaryOp::Reciprocal, &[2.0]), [-0.5]);
+        assert_eq!(grad(UnaryOp::HardSwish, &[-4.0, 0.0, 3.0, 4.0]), [0.0, 1.0, 3.0, 2.0]);
+        assert_eq!(grad(UnaryOp::HardSigmoid { alpha: 0.25, beta: 0.5 }, &[0.0, 3.0]), [0.5, 0.0]);
+        assert_eq!(grad(UnaryOp::Gelu { tanh: false }, &[0.0]), [1.0]);
+        assert_eq!(grad(UnaryOp::Gelu { tanh: true }, &[0.0]), [1.0]);
+        assert_eq!(grad(UnaryOp::Elu { alpha: 1.0 }, &[0.0, 2.0]), [2.0, 2.0]);
+        assert_eq!(grad(UnaryOp::Cos, &[0.0]), [0.0]);
+    }
+
+    #[test]
+    fn unary_grad_errors() {
+        let x = t64(&[2], &[1.0, 2.0]);
+        for f in [UnaryOp::Floor, UnaryOp::Ceil, UnaryOp::Round, UnaryOp::Sign, UnaryOp::Not] {
+            let e = UnaryGrad(f).eval(&[&x, &x]).unwrap_err().to_string();
+            assert!(e.contains("no gradient"), "{e}");
+        }
+        let op = UnaryGrad(UnaryOp::Exp);
+        assert!(op.eval(&[&x, &t64(&[3], &[0.0; 3])]).unwrap_err().to_string().contains("shape"));
+        let xi = Tensor::from_vec(vec![2], vec![1i32, 2]).unwrap();
+        assert!(op.eval(&[&xi, &xi]).unwrap_err().to_string().contains("float"));
+        let x32 = x.cast(DType::F32).unwrap();
+        assert!(op.eval(&[&x, &x32]).unwrap_err().to_string().contains("dtype"));
+        assert!(op.eval(&[&x]).is_err());
+        // Facts: a known dim wins over a symbolic one; known dims must agree.
+        let fx = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(4)]);
+        let fd = Fact::new(DType::F32, vec![Dim::Known(8), Dim::Unknown]);
+        assert_eq!(op.output_facts(&[&fx, &fd]).unwrap()[0].shape, vec![Dim::Known(8), Dim::Known(4)]);
+        let fbad = Fact::known(DType::F32, &[8, 5]);
+        assert!(op.output_facts(&[&fx, &fbad]).is_err());
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // SoftmaxGrad
+
+    #[test]
+    fn softmax_grad_matches_central_differences() {
+        let x = rand_t(&[2, 3, 4], 7);
+        let r = rand_t(&[2, 3, 4], 8);
+        for axis in [0, 1, 2, -1] {
+            for log in [false, true] {
+                let forward = |ins: &[Tensor]| {
+                    if log {
+                        LogSoftmax { axis, legacy_2d: false }.eval(&[&ins[0]]).unwrap().remove(0)
+                    } else {
+                        Softmax { axis, legacy_2d: false }.eval(&[&ins[0]]).unwrap().remove(0)
+                    }
+                };
+                let y = forward(std::slice::from_ref(&x));
+                let op = SoftmaxGrad { axis, log };
+                let dx = run(&op, &[&y, &r]).unwrap().remove(0);
+                check_fd(&forward, std::slice::from_ref(&x), 0, &r, &dx);
+                check_f32_matches(&op, &[&y, &r]);
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_grad_known_values_and_errors() {
+        // softmax([0, 0]) = [1/2, 1/2]; dy = [1, 0]: dx = y * (dy - 1/2) = [1/4, -1/4]
+        let y = t64(&[1, 2], &[0.5, 0.5]);
+        let dy = t64(&[1, 2], &[1.0, 0.0]);
+        assert_eq!(f64s(&run(&SoftmaxGrad { axis: 1, log: false }, &[&y, &dy]).unwrap()[0]), [0.25, -0.25]);
+        // log-softmax: dx = dy - exp(y) * sum(dy) = [1 - 1/2, -1/2]
+        let ly = t64(&[1, 2], &[0.5f64.ln(), 0.5f64.ln()]);
+        let dx = f64s(&run(&SoftmaxGrad { axis: -1, log: true }, &[&ly, &dy]).unwrap()[0]);
+        assert!((dx[0] - 0.5).abs() < 1e-15 && (dx[1] + 0.5).abs() < 1e-15);
+        let op = SoftmaxGrad { axis: 2, log: false };
+        assert!(op.eval(&[&y, &dy]).unwrap_err().to_string().contains("axis"));
+        assert!(SoftmaxGrad { axis: 0, log: false }.eval(&[&y, &t64(&[2], &[0.0; 2])]).is_err());
+        let s = Tensor::scalar(1.0f64);
+        assert!(SoftmaxGrad { axis: 0, log: false }.eval(&[&s, &s]).unwrap_err().to_string().contains("rank"));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // LayerNormGrad
+
+    #[test]
+    fn layer_norm_grad_matches_central_differences() {
+        // (x shape, axis, scale/bias shape)
+        let cases: [(&[usize], i64, &[usize]); 5] = [
+            (&[3, 4], -1, &[4]),
+            (&[2, 3, 4], 1, &[3, 4]),
+            (&[2, 3, 4], 1, &[1, 4]),
+            (&[2, 3, 4], 2, &[2, 3, 4]),
+            (&[5], 0, &[1]),
+        ];
+        for (k, (xs, axis, ps)) in cases.into_iter().enumerate() {
+            let seed = 10 * k as u64;
+            let (x, scale, bias, r) =
+                (rand_t(xs, seed), rand_t(ps, seed + 1), rand_t(ps, seed + 2), rand_t(xs, seed + 3));
+            let eps = 1e-3;
+            let forward =
+                |ins: &[Tensor]| LayerNorm::new(axis, eps).eval(&[&ins[0], &ins[1], &ins[2]]).unwrap().remove(0);
+            let op = LayerNormGrad { axis, epsilon: eps };
+            let g = run(&op, &[&x, &scale, &r]).unwrap();
+            let ins = [x.clone(), scale.clone(), bias.clone()];
+            for (wrt, grad) in g.iter().enumerate() {
+                check_fd(&forward, &ins, wrt, &r, grad);
+            }
+            check_f32_matches(&op, &[&x, &scale, &r]);
+        }
+    }
+
+    #[test]
+    fn layer_norm_grad_known_values_and_errors() {
+        // x = [1, 3]: mean 2, var 1 (eps 0), xhat = [-1, 1]; scale [2, 2]; dy = [1, 0]:
+        // g = [2, 0], mean(g) = 1, mean(g * xhat) = -1, dx = g - 1 + xhat = [0, 0];
+        // dscale = dy * xhat = [-1, 0], dbias = dy = [1, 0].
+        let x = t64(&[1, 2], &[1.0, 3.0]);
+        let scale = t64(&[2], &[2.0, 2.0]);
+        let dy = t64(&[1, 2], &[1.0, 0.0]);
+        let g = run(&LayerNormGrad { axis: -1, epsilon: 0.0 }, &[&x, &scale, &dy]).unwrap();
+        assert_eq!(f64s(&g[0]), [0.0, 0.0]);
+        assert_eq!(f64s(&g[1]), [-1.0, 0.0]);
+        assert_eq!(f64s(&g[2]), [1.0, 0.0]);
+        let op = LayerNormGrad { axis: -1, epsilon: 1e-5 };
+        assert!(op.eval(&[&x, &t64(&[3], &[1.0; 3]), &dy]).unwrap_err().to_string().contains("broadcast"));
+        assert!(LayerNormGrad { axis: -1, epsilon: -1.0 }.eval(&[&x, &scale, &dy]).is_err());
+        assert!(LayerNormGrad { axis: 2, epsilon: 0.0 }.eval(&[&x, &scale, &dy]).is_err());
+        assert!(op.eval(&[&x, &scale.cast(DType::F32).unwrap(), &dy]).unwrap_err().to_string().contains("dtype"));
+        let f = op
+            .output_facts(&[
+                &Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(4)]),
+                &Fact::known(DType::F32, &[4]),
+                &Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(4)]),
+            ])
+            .unwrap();
+        assert_eq!(f[0].shape, vec![Dim::sym("n"), Dim::Known(4)]);
+        assert_eq!((f[1].known_shape(), f[2].known_shape()), (Some(vec![4]), Some(vec![4])));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // ConvGradInput, ConvGradWeight
+
+    fn conv_cases() -> Vec<(ConvAttrs, Vec<usize>, Vec<usize>)> {
+        let d = ConvAttrs::default;
+        vec![
+            (d(), vec![2, 3, 5, 5], vec![4, 3, 3, 3]),
+            (
+                ConvAttrs { strides: vec![2, 1], pads: vec![1, 0, 2, 1], dilations: vec![1, 2], ..d() },
+                vec![1, 2, 7, 6],
+                vec![3, 2, 3, 2],
+            ),
+            (ConvAttrs { group: 2, pads: vec![1, 1, 1, 1], ..d() }, vec![2, 4, 4, 4], vec![6, 2, 3, 3]),
+            (ConvAttrs { group: 3, strides: vec![2, 2], ..d() }, vec![1, 3, 5, 5], vec![3, 1, 3, 3]),
+            (ConvAttrs { strides: vec![3], pads: vec![2, 1], ..d() }, vec![2, 2, 9], vec![2, 2, 4]),
+            (
+                ConvAttrs { auto_pad: AutoPad::SameUpper, strides: vec![2, 2], ..d() },
+                vec![1, 1, 5, 4],
+                vec![2, 1, 2, 3],
+            ),
+            (ConvAttrs { auto_pad: AutoPad::SameLower, ..d() }, vec![1, 2, 4, 4], vec![1, 2, 2, 2]),
+            (ConvAttrs { kernel_shape: Some(vec![1, 1]), ..d() }, vec![2, 3, 3, 3], vec![2, 3, 1, 1]),
+            (
+                ConvAttrs { strides: vec![1, 2, 1], pads: vec![1, 0, 0, 0, 1, 1], ..d() },
+                vec![1, 2, 3, 4, 3],
+                vec![2, 2, 2, 2, 2],
+            ),
+        ]
+    }
+
+    #[test]
+    fn conv_grads_match_central_differences_and_adjoint() {
+        for (k, (attrs, xs, ws)) in conv_cases().into_iter().enumerate() {
+            let seed = 50 * k as u64;
+            let (x, w) = (rand_t(&xs, seed), rand_t(&ws, seed + 1));
+            let conv = Conv { attrs: attrs.clone() };
+            let y = conv.eval(&[&x, &w]).unwrap().remove(0);
+            let dy = rand_t(y.shape(), seed + 2);
+            let dx = run(&ConvGradInput(attrs.clone()), &[&dy, &w, &x]).unwrap().remove(0);
+            let dw = run(&ConvGradWeight(attrs.clone()), &[&x, &dy, &w]).unwrap().remove(0);
+            // <Conv(x, w), dy> = <x, dx> = <w, dw>: the convolution is bilinear.
+            let inner = dot(&f64s(&y), &f64s(&dy));
+            for (what, other) in [("dx", dot(&f64s(&x), &f64s(&dx))), ("dw", dot(&f64s(&w), &f64s(&dw)))] {
+                assert!((inner - other).abs() <= 1e-12 * inner.abs().max(1.0), "case {k} {what}: {inner} vs {other}");
+            }
+            let forward = |ins: &[Tensor]| conv.eval(&[&ins[0], &ins[1]]).unwrap().remove(0);
+            let ins = [x.clone(), w.clone()];
+            check_fd(&forward, &ins, 0, &dy, &dx);
+            check_fd(&forward, &ins, 1, &dy, &dw);
+            check_f32_matches(&ConvGradInput(attrs.clone()), &[&dy, &w, &x]);
+            check_f32_matches(&ConvGradWeight(attrs), &[&x, &dy, &w]);
+        }
+    }
+
+    #[test]
+    fn conv_grads_known_values() {
+        // 1-d, x = [1, 2, 3], w = [1, 10]: y = [21, 32]; dy = [1, 1]:
+        // dx = [1, 11, 10], dw = [1 + 2, 2 + 3] = [3, 5].
+        let x = t64(&[1, 1, 3], &[1.0, 2.0, 3.0]);
+        let w = t64(&[1, 1, 2], &[1.0, 10.0]);
+        let dy = t64(&[1, 1, 2], &[1.0, 1.0]);
+        let dx = run(&ConvGradInput(ConvAttrs::default()), &[&dy, &w, &x]).unwrap().remove(0);
+        assert_eq!(f64s(&dx), [1.0, 11.0, 10.0]);
+        let dw = run(&ConvGradWeight(ConvAttrs::default()), &[&x, &dy, &w]).unwrap().remove(0);
+        assert_eq!(f64s(&dw), [3.0, 5.0]);
+        // stride 2, pad 1 begin: outputs read x[-1..1] and x[1..3]
+        let attrs = ConvAttrs { strides: vec![2], pads: vec![1, 0], ..Default::default() };
+        let dx = run(&ConvGradInput(attrs.clone()), &[&dy, &w, &x]).unwrap().remove(0);
+        assert_eq!(f64s(&dx), [10.0, 1.0, 10.0]);
+        let dw = run(&ConvGradWeight(attrs), &[&x, &dy, &w]).unwrap().remove(0);
+        assert_eq!(f64s(&dw), [2.0, 4.0]);
+    }
+
+    #[test]
+    fn conv_grad_errors() {
+        let x = rand_t(&[1, 2, 4, 4], 1);
+        let w = rand_t(&[3, 2, 3, 3], 2);
+        let dy = rand_t(&[1, 3, 2, 2], 3);
+        let gi = ConvGradInput(ConvAttrs::default());
+        let gw = ConvGradWeight(ConvAttrs::default());
+        let bad_dy = rand_t(&[1, 3, 3, 2], 4);
+        assert!(gi.eval(&[&bad_dy, &w, &x]).unwrap_err().to_string().contains("dy shape"));
+        assert!(gw.eval(&[&x, &bad_dy, &w]).unwrap_err().to_string().contains("dy shape"));
+        let w_bad = rand_t(&[3, 1, 3, 3], 5);
+        assert!(gi.eval(&[&dy, &w_bad, &x]).unwrap_err().to_string().contains("channels"));
+        let dy32 = dy.cast(DType::F32).unwrap();
+        assert!(gw.eval(&[&x, &dy32, &w]).unwrap_err().to_string().contains("dtype"));
+        assert!(gi.eval(&[&dy, &w]).is_err());
+        let facts = |s: &[usize]| Fact::known(DType::F64, s);
+        assert!(gi.output_facts(&[&facts(&[1, 3, 2, 3]), &facts(&[3, 2, 3, 3]), &facts(&[1, 2, 4, 4])]).is_err());
+        // Symbolic batch: dx keeps x's fact.
+        let xs = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(2), Dim::Known(4), Dim::Known(4)]);
+        let dys = Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(3), Dim::Known(2), Dim::Known(2)]);
+        let wf = Fact::known(DType::F32, &[3, 2, 3, 3]);
+        assert_eq!(gi.output_facts(&[&dys, &wf, &xs]).unwrap()[0].shape, xs.shape);
+        assert_eq!(gw.output_facts(&[&xs, &dys, &wf]).unwrap()[0].shape, wf.shape);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // PoolGrad
+
+    #[test]
+    fn pool_grad_matches_central_differences() {
+        let avg = |count_include_pad| PoolKind::Average { count_include_pad };
+        let k = |kernel: &[usize]| PoolAttrs { kernel_shape: kernel.to_vec(), ..Default::default() };
+        let cases: Vec<(PoolKind, PoolAttrs, Vec<usize>)> = vec![
+            (PoolKind::Max, PoolAttrs { strides: vec![2, 2], ..k(&[2, 2]) }, vec![2, 2, 4, 4]),
+            (PoolKind::Max, PoolAttrs { pads: vec![1, 1, 1, 1], ..k(&[3, 3]) }, vec![1, 2, 4, 5]),
+            (avg(false), PoolAttrs { pads: vec![1, 0, 1, 1], strides: vec![2, 1], ..k(&[3, 2]) }, vec![1, 1, 5, 4]),
+            (avg(true), PoolAttrs { pads: vec![1, 1, 1, 1], ..k(&[3, 3]) }, vec![2, 1, 3, 3]),
+            (avg(true), PoolAttrs { strides: vec![2], ceil_mode: true, ..k(&[2]) }, vec![1, 2, 5]),
+            (PoolKind::Max, PoolAttrs { dilations: vec![2], ..k(&[2]) }, vec![1, 1, 6]),
+            (PoolKind::Max, PoolAttrs { auto_pad: AutoPad::SameUpper, ..k(&[2, 2, 2]) }, vec![1, 1, 3, 2, 3]),
+            (
+                avg(false),
+                PoolAttrs { auto_pad: AutoPad::SameLower, strides: vec![2, 2], ..k(&[3, 3]) },
+                vec![1, 1, 5, 5],
+            ),
+        ];
+        for (i, (kind, attrs, xs)) in cases.into_iter().enumerate() {
+            let pool = Pool { kind, attrs };
+            let x = rand_t(&xs, 300 + i as u64);
+            let y = pool.eval(&[&x]).unwrap().remove(0);
+            let dy = rand_t(y.shape(), 400 + i as u64);
+            let op = PoolGrad(pool.clone());
+            let dx = run(&op, &[&x, &dy]).unwrap().remove(0);
+            let forward = |ins: &[Tensor]| pool.eval(&[&ins[0]]).unwrap().remove(0);
+            check_fd(&forward, std::slice::from_ref(&x), 0, &dy, &dx);
+            check_f32_matches(&op, &[&x, &dy]);
+        }
+    }
+
+    #[test]
+    fn pool_grad_known_values_and_errors() {
+        // Max over overlapping windows of [1, 3, 3, 2]: windows (1,3) (3,3) (3,2) pick indices 1, 1 (first max), 2.
+        let x = t64(&[1, 1, 4], &[1.0, 3.0, 3.0, 2.0]);
+        let dy = t64(&[1, 1, 3], &[1.0, 10.0, 100.0]);
+        let attrs = PoolAttrs { kernel_shape: vec![2], ..Default::default() };
+        let max = PoolGrad(Pool { kind: PoolKind::Max, attrs: attrs.clone() });
+        assert_eq!(f64s(&run(&max, &[&x, &dy]).unwrap()[0]), [0.0, 11.0, 100.0, 0.0]);
+        let avg = PoolGrad(Pool { kind: PoolKind::Average { count_include_pad: false }, attrs });
+        assert_eq!(f64s(&run(&avg, &[&x, &dy]).unwrap()[0]), [0.5, 5.5, 55.0, 50.0]);
+        // Pads 1 each side, kernel 2, stride 2 over [a, b]: windows (pad, a) and (b, pad);
+        // with the padding counted each passes half its gradient, without it all of it.
+        let x = t64(&[1, 1, 2], &[1.0, 2.0]);
+        let dy = t64(&[1, 1, 2], &[4.0, 8.0]);
+        let attrs = PoolAttrs { kernel_shape: vec![2], strides: vec![2], pads: vec![1, 1], ..Default::default() };
+        let with = PoolGrad(Pool { kind: PoolKind::Average { count_include_pad: true }, attrs: attrs.clone() });
+        assert_eq!(f64s(&run(&with, &[&x, &dy]).unwrap()[0]), [2.0, 4.0]);
+        let without = PoolGrad(Pool { kind: PoolKind::Average { count_include_pad: false }, attrs });
+        assert_eq!(f64s(&run(&without, &[&x, &dy]).unwrap()[0]), [4.0, 8.0]);
+        assert!(max.eval(&[&x, &t64(&[1, 1, 2], &[0.0; 2])]).unwrap_err().to_string().contains("dy shape"));
+        let xi = Tensor::from_vec(vec![1, 1, 4], vec![1i8, 2, 3, 4]).unwrap();
+        assert!(max.eval(&[&xi, &xi]).unwrap_err().to_string().contains("float"));
+        assert!(max
+            .output_facts(&[&Fact::known(DType::F32, &[1, 1, 4]), &Fact::known(DType::F32, &[1, 1, 4])])
+            .is_err());
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // GatherGrad
+
+    #[test]
+    fn gather_grad_matches_central_differences() {
+        // (data shape, axis, indices shape, indices)
+        type Case<'a> = (&'a [usize], i64, &'a [usize], &'a [i64]);
+        let cases: [Case; 4] = [
+            (&[5, 3], 0, &[4], &[0, 2, -1, 2]),
+            (&[2, 4, 3], 1, &[2, 2], &[3, -4, 1, 3]),
+            (&[2, 3], -1, &[], &[1]),
+            (&[4], 0, &[3], &[-1, -1, 0]),
+        ];
+        for (k, (ds, axis, is, idx)) in cases.into_iter().enumerate() {
+            let data = rand_t(ds, 500 + k as u64);
+            let indices = Tensor::from_vec(is.to_vec(), idx.to_vec()).unwrap();
+            let gather = Gather { axis };
+            let y = gather.eval(&[&data, &indices]).unwrap().remove(0);
+            let dy = rand_t(y.shape(), 600 + k as u64);
+            let op = GatherGrad { axis };
+            let dd = run(&op, &[&data, &indices, &dy]).unwrap().remove(0);
+            let forward = |ins: &[Tensor]| gather.eval(&[&ins[0], &indices]).unwrap().remove(0);
+            check_fd(&forward, std::slice::from_ref(&data), 0, &dy, &dd);
+            let i32s = indices.cast(DType::I32).unwrap();
+            check_f32_matches(&op, &[&data, &i32s, &dy]);
+        }
+    }
+
+    #[test]
+    fn gather_grad_known_values_and_errors() {
+        // Embedding rows 0, 2, 0 (repeat adds up).
+        let data = t64(&[3, 2], &[0.0; 6]);
+        let idx = Tensor::from_vec(vec![3], vec![0i64, 2, -3]).unwrap();
+        let dy = t64(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let op = GatherGrad { axis: 0 };
+        assert_eq!(f64s(&run(&op, &[&data, &idx, &dy]).unwrap()[0]), [6.0, 8.0, 0.0, 0.0, 3.0, 4.0]);
+        let bad = Tensor::from_vec(vec![3], vec![0i64, 3, 1]).unwrap();
+        assert!(op.eval(&[&data, &bad, &dy]).unwrap_err().to_string().contains("out of range"));
+        let fidx = t64(&[3], &[0.0; 3]);
+        assert!(op.eval(&[&data, &fidx, &dy]).unwrap_err().to_string().contains("indices"));
+        assert!(op.eval(&[&data, &idx, &t64(&[2, 2], &[0.0; 4])]).unwrap_err().to_string().contains("dy shape"));
+        assert!(GatherGrad { axis: 2 }.eval(&[&data, &idx, &dy]).unwrap_err().to_string().contains("axis"));
+        // Symbolic sequence length in the indices.
+        let f = op
+            .output_facts(&[
+                &Fact::known(DType::F32, &[100, 8]),
+                &Fact::new(DType::I64, vec![Dim::sym("b"), Dim::sym("s")]),
+                &Fact::new(DType::F32, vec![Dim::sym("b"), Dim::sym("s"), Dim::Known(8)]),
+            ])
+            .unwrap();
+        assert_eq!(f[0].known_shape(), Some(vec![100, 8]));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // FakeQuant, FakeQuantGrad
+
+    #[test]
+    fn fake_quant_known_values() {
+        // 2-bit unsigned, scale 1/2, zero point 1: x / s = [-2, 0.4, 0.6, 1.48, 4, 0.5, 1.5]
+        // rounds (half to even) to [-2, 0, 1, 1, 4, 0, 2], + zp = [-1, 1, 2, 2, 5, 1, 3],
+        // clamps to [0, 1, 2, 2, 3, 1, 3]; minus zp, times s: [-0.5, 0, 0.5, 0.5, 1, 0, 1].
+        let x = t64(&[7], &[-1.0, 0.2, 0.3, 0.74, 2.0, 0.25, 0.75]);
+        let (s, z) = (t64(&[], &[0.5]), t64(&[1], &[1.0]));
+        let fq = FakeQuant { qmin: 0, qmax: 3, axis: None };
+        assert_eq!(f64s(&run(&fq, &[&x, &s, &z]).unwrap()[0]), [-0.5, 0.0, 0.5, 0.5, 1.0, 0.0, 1.0]);
+        // STE: gradient passes inside [qmin, qmax] (clamped ends -1 and 5 stop it).
+        // LSQ: qmin - zp = -1, round(r) - r = -0.4, 0.4, -0.48, qmax - zp = 2, -0.5, 0.5.
+        let dy = t64(&[7], &[1.0; 7]);
+        let g = run(&FakeQuantGrad { qmin: 0, qmax: 3, axis: None }, &[&x, &s, &z, &dy]).unwrap();
+        assert_eq!(f64s(&g[0]), [0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]);
+        assert_eq!(g[1].shape(), &[] as &[usize]);
+        assert!((f64s(&g[1])[0] - (-1.0 - 0.4 + 0.4 - 0.48 + 2.0 - 0.5 + 0.5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fake_quant_per_channel() {
+        // Channels along axis 1 of [2, 2, 2]: scales 1 and 0.1, zero points 0 and -2, int8-like [-4, 3].
+        let x = t64(&[2, 2, 2], &[0.4, 5.0, 0.26, -1.0, -2.6, 1.2, 0.05, 0.6]);
+        let s = t64(&[2], &[1.0, 0.1]);
+        let z = t64(&[2], &[0.0, -2.0]);
+        let fq = FakeQuant { qmin: -4, qmax: 3, axis: Some(1) };
+        let y = f64s(&run(&fq, &[&x, &s, &z]).unwrap()[0]);
+        // ch0: round([0.4, 5, -2.6, 1.2]) = [0, 5, -3, 1] -> clamp [0, 3, -3, 1]
+        // ch1: round([2.6, -10, 0.5, 6]) - 2 = [1, -12, -2, 4] -> clamp [1, -4, -2, 3] -> +2, *0.1
+        // (0.6 / 0.1 is 5.999..., which rounds to 6 all the same)
+        let want = [0.0, 3.0, 0.3, -0.2, -3.0, 1.0, 0.0, 0.5];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{y:?} vs {want:?}");
+        }
+        let dy = t64(&[2, 2, 2], &[1.0; 8]);
+        let g = run(&FakeQuantGrad { qmin: -4, qmax: 3, axis: Some(1) }, &[&x, &s, &z, &dy]).unwrap();
+        assert_eq!(f64s(&g[0]), [1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]);
+        // ch0: (0 - 0.4) + (qmax - zp = 3) + (-3 + 2.6) + (1 - 1.2) = 2.0
+        // ch1: (3 - 2.6) + (qmin - zp = -2) + (0 - 0.5) + (qmax - zp = 5) = 2.9
+        let ds = f64s(&g[1]);
+        assert!((ds[0] - 2.0).abs() < 1e-12 && (ds[1] - 2.9).abs() < 1e-12, "{ds:?}");
+        check_f32_matches(&fq, &[&x, &s, &z]);
+    }
+
+    #[test]
+    fn fake_quant_errors() {
+        let x = t64(&[2, 3], &[0.0; 6]);
+        let (s, z) = (t64(&[1], &[0.5]), t64(&[1], &[0.0]));
+        let fq = |qmin, qmax, axis| FakeQuant { qmin, qmax, axis };
+        assert!(fq(3, 0, None).eval(&[&x, &s, &z]).unwrap_err().to_string().contains("qmin"));
+        let zero = t64(&[1], &[0.0]);
+        assert!(fq(0, 3, None).eval(&[&x, &zero, &z]).unwrap_err().to_string().contains("positive"));
+        let s2 = t64(&[2], &[0.5, 0.5]);
+        assert!(fq(0, 3, None).eval(&[&x, &s2, &s2]).unwrap_err().to_string().contains("one element"));
+        assert!(fq(0, 3, None).eval(&[&x, &s, &s2]).unwrap_err().to_string().contains("zero_point"));
+        assert!(fq(0, 3, Some(1)).eval(&[&x, &s2, &s2]).unwrap_err().to_string().contains("channels"));
+        assert!(fq(0, 3, Some(2)).eval(&[&x, &s2, &s2]).unwrap_err().to_string().contains("axis"));
+        assert!(fq(0, 3, Some(0)).eval(&[&x, &s2, &z]).unwrap_err().to_string().contains("zero_point"));
+        let zi = Tensor::from_vec(vec![1], vec![0i8]).unwrap();
+        assert!(fq(0, 3, None).eval(&[&x, &s, &zi]).unwrap_err().to_string().contains("float"));
+        let g = FakeQuantGrad { qmin: 0, qmax: 3, axis: None };
+        assert!(g.eval(&[&x, &s, &z, &t64(&[3], &[0.0; 3])]).unwrap_err().to_string().contains("dy shape"));
+        assert!(g.eval(&[&x, &s, &z]).is_err());
+        let f = g
+            .output_facts(&[
+                &Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(3)]),
+                &Fact::known(DType::F32, &[]),
+                &Fact::known(DType::F32, &[]),
+                &Fact::new(DType::F32, vec![Dim::sym("n"), Dim::Known(3)]),
+            ])
+            .unwrap();
+        assert_eq!(f[0].shape, vec![Dim::sym("n"), Dim::Known(3)]);
+        assert_eq!(f[1].known_shape(), Some(vec![]));
     }
 }
