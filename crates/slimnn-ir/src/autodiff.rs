@@ -13,8 +13,10 @@
 
 use crate::ops::util::norm_axis;
 use crate::ops::{
-    Binary, BinaryOp, Cast, Concat, ConstantOfShape, Expand, Gather, GlobalPool, Op, OpDef, Pad, PadMode, Reduce,
-    ReduceOp, Reshape, Shape, Slice, Split, Squeeze, Transpose, Unary, UnaryOp, Unsqueeze, Where,
+    Binary, BinaryOp, Cast, Concat, ConstantOfShape, ConvGradInput, ConvGradWeight, Expand, FakeQuantGrad, Flatten,
+    Gather, GatherGrad, GlobalPool, LayerNormGrad, LogSoftmax, Op, OpDef, Pad, PadMode, PoolGrad, Reduce, ReduceOp,
+    Reshape, Shape, Slice, Softmax, SoftmaxGrad, Split, Squeeze, Transpose, Unary, UnaryGrad, UnaryOp, Unsqueeze,
+    Where,
 };
 use crate::{Fact, Graph, IrError, IrResult, Node, NodeId, OutletId};
 use slimnn_tensor::{DType, Dim, Tensor};
@@ -150,8 +152,8 @@ pub fn batch_norm_train_stats(
     let var = e.reduce(&p("var"), ReduceOp::Mean, square, &axes, true)?;
     let eps = e.scalar(&p("eps"), fx.dtype, f64::from(eps))?;
     let var_eps = e.binary(&p("var_eps"), BinaryOp::Add, var, eps)?;
-    let std = e.unary(&p("std"), UnaryOp::Sqrt, var_eps)?;
-    let inv_std = e.unary(&p("inv_std"), UnaryOp::Reciprocal, std)?;
+    let minus_half = e.scalar(&p("minus_half"), fx.dtype, -0.5)?;
+    let inv_std = e.binary(&p("inv_std"), BinaryOp::Pow, var_eps, minus_half)?;
     let normed = e.binary(&p("normed"), BinaryOp::Mul, centred, inv_std)?;
     let scale_c = e.one(&p("scale_c"), Unsqueeze { axes: axes.clone() }, vec![scale])?;
     let bias_c = e.one(&p("bias_c"), Unsqueeze { axes: axes.clone() }, vec![bias])?;
@@ -688,7 +690,9 @@ fn clip_backward(
         let ge = e.binary(&p("above_min"), BinaryOp::GreaterOrEqual, x, lo)?;
         let le = e.binary(&p("below_max"), BinaryOp::LessOrEqual, x, hi)?;
         let inside = e.binary(&p("inside"), BinaryOp::And, ge, le)?;
-        out[0] = Some(e.mask(&p("dx"), inside, dy, false)?);
+        let g = e.mask(&p("dx_full"), inside, dy, false)?;
+        let shape = e.fact(g).shape;
+        out[0] = Some(e.unbroadcast(&p("dx"), g, &shape, x)?);
     }
     if need[1] {
         let below = e.binary(&p("below_min"), BinaryOp::Less, x, lo)?;
@@ -1085,6 +1089,15 @@ fn slice_backward(e: &mut Emitter, node: &Node, dy: OutletId) -> IrResult<Outlet
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
         return Err(no_backward(node, "starts, ends, axes and steps differ in length"));
     }
+    // An empty slice anywhere: nothing flows back.
+    for j in 0..starts.len() {
+        let axis = norm_axis("Slice", axes[j], rank)?;
+        if let Some(d) = fx.shape[axis].as_known() {
+            if slice_range(d, starts[j], ends[j], steps[j]).1 == 0 {
+                return e.zeros_like(&p("zeros"), x);
+            }
+        }
+    }
     let dt = fx.dtype;
     let mut g = dy;
     for j in 0..starts.len() {
@@ -1096,9 +1109,6 @@ fn slice_backward(e: &mut Emitter, node: &Node, dy: OutletId) -> IrResult<Outlet
         match fx.shape[axis].as_known() {
             Some(d) => {
                 let (first, count) = slice_range(d, start, end, step);
-                if count == 0 {
-                    return e.zeros_like(&p("zeros"), x);
-                }
                 if step == 1 && first == 0 && count == d as i64 {
                     continue;
                 }
@@ -1223,13 +1233,79 @@ fn tile_backward(e: &mut Emitter, node: &Node, dy: OutletId) -> IrResult<OutletI
     e.reshape_like(&p("dx"), s, x)
 }
 
-/// Rules for the ops that need the gradient ops of `ops::grad` (added separately).
+/// Rules for the ops whose backward is one of the gradient ops of `ops::grad`.
 fn backward_training_ops(
-    _e: &mut Emitter,
-    _id: NodeId,
+    e: &mut Emitter,
+    id: NodeId,
     node: &Node,
-    _dys: &[Option<OutletId>],
-    _need: &[bool],
+    dys: &[Option<OutletId>],
+    need: &[bool],
 ) -> IrResult<Vec<Option<OutletId>>> {
-    Err(no_backward(node, "no backward rule for this op"))
+    let p = |what: &str| format!("grad/{}/{what}", node.name);
+    let ins = &node.inputs;
+    let mut out: Vec<Option<OutletId>> = vec![None; ins.len()];
+    if dys.len() > 1 && dys[1..].iter().any(Option::is_some) {
+        return Err(no_backward(node, "only its first output can carry a gradient"));
+    }
+    let Some(dy) = dys[0] else { return Ok(out) };
+    let y = OutletId::new(id, 0);
+    match &node.op {
+        Op::Unary(u) => {
+            use UnaryOp::*;
+            if matches!(u.0, Floor | Ceil | Round | Sign | Not) {
+                return Err(no_backward(node, "the function is piecewise constant"));
+            }
+            out[0] = Some(e.one(&p("dx"), UnaryGrad(u.0), vec![ins[0], dy])?);
+        }
+        Op::Softmax(Softmax { axis, legacy_2d }) | Op::LogSoftmax(LogSoftmax { axis, legacy_2d }) => {
+            let log = matches!(node.op, Op::LogSoftmax(_));
+            out[0] = Some(if *legacy_2d {
+                // Opset < 13: softmax over the flattened dims axis.., so the gradient is too.
+                let a = norm_axis(node.op.name(), *axis, node.outputs[0].rank())? as i64;
+                let y2 = e.one(&p("y_2d"), Flatten { axis: a }, vec![y])?;
+                let dy2 = e.one(&p("dy_2d"), Flatten { axis: a }, vec![dy])?;
+                let dx2 = e.one(&p("dx_2d"), SoftmaxGrad { axis: 1, log }, vec![y2, dy2])?;
+                e.reshape_like(&p("dx"), dx2, ins[0])?
+            } else {
+                e.one(&p("dx"), SoftmaxGrad { axis: *axis, log }, vec![y, dy])?
+            });
+        }
+        Op::LayerNorm(ln) => {
+            let g =
+                e.node(&p("grad"), LayerNormGrad { axis: ln.axis, epsilon: ln.epsilon }, vec![ins[0], ins[1], dy])?;
+            out[0] = Some(g[0]);
+            out[1] = Some(g[1]);
+            if let (Some(&bias), Some(true)) = (ins.get(2), need.get(2)) {
+                out[2] = Some(e.reshape_like(&p("dbias"), g[2], bias)?);
+            }
+        }
+        Op::Conv(c) => {
+            let (x, w) = (ins[0], ins[1]);
+            if need[0] {
+                out[0] = Some(e.one(&p("dx"), ConvGradInput(c.attrs.clone()), vec![dy, w, x])?);
+            }
+            if need[1] {
+                out[1] = Some(e.one(&p("dw"), ConvGradWeight(c.attrs.clone()), vec![x, dy, w])?);
+            }
+            if need.get(2).copied().unwrap_or(false) {
+                let axes: Vec<usize> = std::iter::once(0).chain(2..e.rank(dy)).collect();
+                out[2] = Some(e.sum_axes(&p("db"), dy, &axes, false)?);
+            }
+        }
+        Op::Pool(pl) => out[0] = Some(e.one(&p("dx"), PoolGrad(pl.clone()), vec![ins[0], dy])?),
+        Op::Gather(gt) => {
+            out[0] = Some(e.one(&p("ddata"), GatherGrad { axis: gt.axis }, vec![ins[0], ins[1], dy])?);
+        }
+        Op::FakeQuant(fq) => {
+            if need[2] {
+                return Err(no_backward(node, "the zero point gets no gradient; make it a constant"));
+            }
+            let op = FakeQuantGrad { qmin: fq.qmin, qmax: fq.qmax, axis: fq.axis };
+            let g = e.node(&p("grad"), op, vec![ins[0], ins[1], ins[2], dy])?;
+            out[0] = Some(g[0]);
+            out[1] = Some(g[1]);
+        }
+        _ => return Err(no_backward(node, "no backward rule for this op")),
+    }
+    Ok(out)
 }
