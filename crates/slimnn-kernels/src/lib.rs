@@ -14,6 +14,8 @@
 //!   broadcasting binary ops.
 //! * [`matmul`]: batched products of two run-time operands (broadcast batch dims, transposed
 //!   operands, batch reductions), B packed per call into thread-local scratch.
+//! * [`grad`]: backward kernels of training graphs (activation derivatives, softmax and layer
+//!   norm backward, gather scatter-add).
 //! * [`attention`]: multi-head attention on `[batch, seq, heads * head_dim]` projections.
 //! * [`qgemm`]: `u8 x i8 -> i32` GEMM (AVX-512 VNNI, AVX-VNNI, AVX2) with dequantize /
 //!   requantize epilogues, activation quantization, weight-only int8 / int4 GEMM.
@@ -39,6 +41,7 @@ pub mod blockq;
 pub mod cpu;
 mod error;
 pub mod gemm;
+pub mod grad;
 mod math;
 pub mod matmul;
 pub mod qgemm;
