@@ -809,3 +809,233 @@ fn gradients_have_input_dtype_and_names() {
     assert_eq!(names.len(), g.nodes().len() - before, "backward node names are unique");
     assert!(names.iter().any(|n| n.starts_with("grad/fc/")));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ops whose backward is a gradient op
+
+#[test]
+fn unary() {
+    use UnaryOp::*;
+    // (op, value range, kinks to stay away from)
+    let ops: Vec<(UnaryOp, f64, f64, Vec<f64>)> = vec![
+        (Neg, -2.0, 2.0, vec![]),
+        (Abs, -2.0, 2.0, vec![0.0]),
+        (Sqrt, 0.3, 3.0, vec![]),
+        (Reciprocal, -2.0, 2.0, vec![0.0]),
+        (Exp, -2.0, 2.0, vec![]),
+        (Log, 0.3, 3.0, vec![]),
+        (Erf, -2.0, 2.0, vec![]),
+        (Tanh, -2.0, 2.0, vec![]),
+        (Sigmoid, -4.0, 4.0, vec![]),
+        (Relu, -2.0, 2.0, vec![0.0]),
+        (Softplus, -3.0, 3.0, vec![]),
+        (LeakyRelu { alpha: 0.1 }, -2.0, 2.0, vec![0.0]),
+        (Elu { alpha: 0.7 }, -2.0, 2.0, vec![0.0]),
+        (HardSigmoid { alpha: 0.2, beta: 0.5 }, -4.0, 4.0, vec![-2.5, 2.5]),
+        (HardSwish, -4.5, 4.5, vec![-3.0, 3.0]),
+        (Gelu { tanh: false }, -3.0, 3.0, vec![]),
+        (Gelu { tanh: true }, -3.0, 3.0, vec![]),
+        (Sin, -3.0, 3.0, vec![]),
+        (Cos, -3.0, 3.0, vec![]),
+    ];
+    for (op, lo, hi, kinks) in ops {
+        let name = format!("{op:?}");
+        check(&name, 4, |c| {
+            let s = c.rng.shape(0, 3, 4);
+            let n = s.iter().product();
+            let gap = if kinks.is_empty() { 0.0 } else { 0.01 };
+            let v = c.rng.values_away(n, lo, hi, &kinks, gap);
+            let x = c.input_values(&s, v);
+            vec![c.one(Unary(op), vec![x])]
+        });
+    }
+}
+
+#[test]
+fn piecewise_constant_unary_is_an_error() {
+    let mut g = Graph::default();
+    let x = g.add_input("x", Fact::known(DType::F64, &[3])).unwrap();
+    let r = g.add_node("rounding", Unary(UnaryOp::Round), vec![x]).unwrap()[0];
+    let red = Reduce { op: ReduceOp::Sum, axes: None, keepdims: false, noop_with_empty_axes: false };
+    let loss = g.add_node("loss", red, vec![r]).unwrap()[0];
+    let msg = differentiate(&mut g, loss, &[x]).unwrap_err().to_string();
+    assert!(msg.contains("rounding") && msg.contains("Round"), "{msg}");
+}
+
+#[test]
+fn softmax() {
+    for log in [false, true] {
+        let name = if log { "LogSoftmax" } else { "Softmax" };
+        check(name, 8, |c| {
+            let s = c.rng.shape(1, 4, 4);
+            let x = c.input(&s, -3.0, 3.0);
+            let r = s.len() as i64;
+            let axis = c.rng.int(0, s.len() - 1) as i64 - if c.rng.coin(0.3) { r } else { 0 };
+            let legacy_2d = c.rng.coin(0.3);
+            let y = if log {
+                c.one(LogSoftmax { axis, legacy_2d }, vec![x])
+            } else {
+                c.one(Softmax { axis, legacy_2d }, vec![x])
+            };
+            vec![y]
+        });
+    }
+}
+
+#[test]
+fn layer_norm() {
+    check("LayerNormalization", 10, |c| {
+        let s = c.rng.shape(1, 4, 4);
+        let axis = c.rng.int(0, s.len() - 1);
+        let x = c.input(&s, -2.0, 2.0);
+        // Scale over the normalised dims (sometimes with some set to 1 or fewer of them).
+        let tail = &s[axis..];
+        let keep = c.rng.int(1, tail.len());
+        let ps: Vec<usize> = tail[tail.len() - keep..].iter().map(|&d| if c.rng.coin(0.2) { 1 } else { d }).collect();
+        let scale = c.input(&ps, 0.5, 1.5);
+        let mut ins = vec![x, scale];
+        if c.rng.coin(0.7) {
+            ins.push(c.input(&ps, -1.0, 1.0));
+        }
+        let axis = if c.rng.coin(0.3) { axis as i64 - s.len() as i64 } else { axis as i64 };
+        vec![c.one(LayerNorm::new(axis, 1e-3), ins)]
+    });
+}
+
+#[test]
+fn conv() {
+    check("Conv", 12, |c| {
+        let spatial = c.rng.int(1, 2);
+        let group = [1, 1, 2][c.rng.int(0, 2)];
+        let (cin, cout) = (group * c.rng.int(1, 2), group * c.rng.int(1, 2));
+        let kernel: Vec<usize> = (0..spatial).map(|_| c.rng.int(1, 3)).collect();
+        let strides: Vec<usize> = (0..spatial).map(|_| c.rng.int(1, 2)).collect();
+        let dilations: Vec<usize> = (0..spatial).map(|_| c.rng.int(1, 2)).collect();
+        let pads: Vec<usize> = (0..2 * spatial).map(|_| c.rng.int(0, 1)).collect();
+        let mut xs = vec![c.rng.int(1, 2), cin];
+        for d in 0..spatial {
+            xs.push((kernel[d] - 1) * dilations[d] + c.rng.int(1, 4));
+        }
+        let mut ws = vec![cout, cin / group];
+        ws.extend(&kernel);
+        let x = c.input(&xs, -1.0, 1.0);
+        let w = c.input(&ws, -1.0, 1.0);
+        let mut ins = vec![x, w];
+        if c.rng.coin(0.6) {
+            ins.push(c.input(&[cout], -1.0, 1.0));
+        }
+        let attrs = ConvAttrs { kernel_shape: None, strides, pads, dilations, group, auto_pad: AutoPad::NotSet };
+        vec![c.one(Conv { attrs }, ins)]
+    });
+}
+
+#[test]
+fn pool() {
+    for kind in
+        [PoolKind::Max, PoolKind::Average { count_include_pad: false }, PoolKind::Average { count_include_pad: true }]
+    {
+        let name = match kind {
+            PoolKind::Max => "MaxPool".to_string(),
+            PoolKind::Average { count_include_pad } => format!("AveragePool include_pad={count_include_pad}"),
+        };
+        check(&name, 8, |c| {
+            let spatial = c.rng.int(1, 2);
+            let kernel: Vec<usize> = (0..spatial).map(|_| c.rng.int(1, 3)).collect();
+            let strides: Vec<usize> = (0..spatial).map(|_| c.rng.int(1, 2)).collect();
+            let pads: Vec<usize> = (0..2 * spatial).map(|i| c.rng.int(0, 1).min(kernel[i % spatial] - 1)).collect();
+            let mut xs = vec![c.rng.int(1, 2), c.rng.int(1, 2)];
+            xs.extend(kernel.iter().map(|&k| k + c.rng.int(0, 3)));
+            let n = xs.iter().product();
+            let v = if kind == PoolKind::Max {
+                c.rng.distinct(n)
+            } else {
+                (0..n).map(|_| c.rng.uniform(-1.0, 1.0)).collect()
+            };
+            let x = c.input_values(&xs, v);
+            let attrs = PoolAttrs { kernel_shape: kernel, strides, pads, ..Default::default() };
+            vec![c.one(Pool { kind, attrs }, vec![x])]
+        });
+    }
+}
+
+#[test]
+fn gather() {
+    check("Gather", 10, |c| {
+        let s = c.rng.shape(1, 3, 4);
+        let axis = c.rng.int(0, s.len() - 1);
+        let d = s[axis] as i64;
+        let x = c.input(&s, -2.0, 2.0);
+        let is = c.rng.shape(0, 2, 3);
+        let n = is.iter().product();
+        // Repeats and negative indices included.
+        let idx: Vec<i64> =
+            (0..n).map(|_| c.rng.int(0, d as usize - 1) as i64 - if c.rng.coin(0.3) { d } else { 0 }).collect();
+        let idx = c.konst(Tensor::from_vec(is, idx).unwrap());
+        let axis = if c.rng.coin(0.3) { axis as i64 - s.len() as i64 } else { axis as i64 };
+        vec![c.one(Gather { axis }, vec![x, idx])]
+    });
+}
+
+/// FakeQuant is piecewise constant in x, so central differences cannot check it: its gradient is
+/// checked against the straight-through estimator and the LSQ step-size formula, computed here.
+#[test]
+fn fake_quant_gradient_is_ste_and_lsq() {
+    let mut rng = Rng::new(11);
+    let mut worst: f64 = 0.0;
+    for case in 0..6 {
+        let per_channel = case % 2 == 1;
+        let (qmin, qmax) = if case < 4 { (-128, 127) } else { (0, 255) };
+        let s = vec![2, 3, 4];
+        let n: usize = s.iter().product();
+        let channels = s[1];
+        let scales: Vec<f64> = (0..if per_channel { channels } else { 1 }).map(|_| rng.uniform(0.005, 0.03)).collect();
+        let zps: Vec<f64> = scales.iter().map(|_| if qmin == 0 { rng.int(100, 150) as f64 } else { 0.0 }).collect();
+        // Values across and beyond the representable range, away from rounding edges.
+        let xv: Vec<f64> = (0..n)
+            .map(|i| {
+                let ch = if per_channel { (i / 4) % channels } else { 0 };
+                let q = rng.uniform(-200.0, 200.0).round() + rng.uniform(-0.4, 0.4);
+                q * scales[ch]
+            })
+            .collect();
+        let rv: Vec<f64> = (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F64, &s)).unwrap();
+        let sshape = if per_channel { vec![channels] } else { vec![] };
+        let sc = g.add_input("scale", Fact::known(DType::F64, &sshape)).unwrap();
+        let zp = g.add_const("zp", tensor(&sshape, zps.clone())).unwrap();
+        let axis = per_channel.then_some(1);
+        let y = g.add_node("fq", FakeQuant { qmin, qmax, axis }, vec![x, sc, zp]).unwrap()[0];
+        let r = g.add_const("r", tensor(&s, rv.clone())).unwrap();
+        let p = g.add_node("p", Binary(BinaryOp::Mul), vec![y, r]).unwrap()[0];
+        let red = Reduce { op: ReduceOp::Sum, axes: None, keepdims: false, noop_with_empty_axes: false };
+        let loss = g.add_node("loss", red, vec![p]).unwrap()[0];
+        let grads = differentiate(&mut g, loss, &[x, sc]).unwrap();
+        g.add_output("dx", grads[0]);
+        g.add_output("dscale", grads[1]);
+        let out = g
+            .eval(vec![("x".into(), tensor(&s, xv.clone())), ("scale".into(), tensor(&sshape, scales.clone()))])
+            .unwrap();
+        let (dx, ds) = (out[0].to_f64_vec(), out[1].to_f64_vec());
+        let mut want_ds = vec![0.0; scales.len()];
+        for i in 0..n {
+            let ch = if per_channel { (i / 4) % channels } else { 0 };
+            let v = xv[i] / scales[ch];
+            let q = v.round() + zps[ch];
+            let (want_dx, dyds) = if q < f64::from(qmin) {
+                (0.0, f64::from(qmin) - zps[ch])
+            } else if q > f64::from(qmax) {
+                (0.0, f64::from(qmax) - zps[ch])
+            } else {
+                (rv[i], v.round() - v)
+            };
+            worst = worst.max((dx[i] - want_dx).abs());
+            want_ds[ch] += rv[i] * dyds;
+        }
+        for (a, b) in ds.iter().zip(&want_ds) {
+            worst = worst.max((a - b).abs() / 1f64.max(a.abs()).max(b.abs()));
+        }
+    }
+    assert!(worst <= 1e-9, "{worst:e}");
+    println!("gradcheck {:<24} max rel err {worst:.2e} over 6 cases (against STE / LSQ)", "FakeQuant");
+}
