@@ -340,7 +340,7 @@ pub fn layer_norm_grad_with(
 /// `out[idx[i]]` (negative indices count from the end). `out` holds `rows * inner` values.
 pub fn gather_grad(idx: &[i64], dy: &[f32], inner: usize, out: &mut [f32]) -> Result<(), KernelError> {
     let rows = out.len().checked_div(inner).unwrap_or(0);
-    if dy.len() != idx.len() * inner || (inner > 0 && out.len() % inner != 0) {
+    if dy.len() != idx.len() * inner || !out.len().is_multiple_of(inner.max(1)) {
         return Err(KernelError::shape(
             KERNEL,
             format!("gather grad: {} indices, dy {}, rows of {inner}", idx.len(), dy.len()),
