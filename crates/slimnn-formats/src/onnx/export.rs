@@ -786,6 +786,50 @@ mod tests {
     }
 
     #[test]
+    fn fake_quant_exports_as_quantize_dequantize() {
+        let x_values: Vec<f32> = (0..24).map(|i| (i as f32 - 11.0) * 0.37).collect();
+        let x_t = Tensor::from_vec(vec![2, 3, 4], x_values).unwrap();
+        // (range, axis, scale, zero point): u8 per-tensor, i8 per-channel along axis 1.
+        let cases = [
+            ((0, 255), None, Tensor::scalar(0.05f32), Tensor::scalar(100f32)),
+            (
+                (-128, 127),
+                Some(1),
+                Tensor::from_vec(vec![3], vec![0.02f32, 0.1, 0.03]).unwrap(),
+                Tensor::from_vec(vec![3], vec![0f32, -5.0, 7.0]).unwrap(),
+            ),
+        ];
+        for ((qmin, qmax), axis, scale, zp) in cases {
+            let mut g = Graph::default();
+            let x = g.add_input("x", Fact::known(DType::F32, &[2, 3, 4])).unwrap();
+            let s = g.add_const("scale", scale).unwrap();
+            let z = g.add_const("zp", zp).unwrap();
+            let y = g.add_node("fq", FakeQuant { qmin, qmax, axis }, vec![x, s, z]).unwrap()[0];
+            g.add_output("y", y);
+            let bytes = crate::onnx::to_bytes(&g).unwrap();
+            let back = crate::onnx::from_bytes(&bytes, None).unwrap();
+            let feed = vec![("x".to_string(), x_t.clone())];
+            let (want, got) = (g.eval(feed.clone()).unwrap(), back.eval(feed).unwrap());
+            assert_eq!(want[0].max_abs_diff(&got[0]), Some(0.0), "range [{qmin}, {qmax}]");
+            let ops: Vec<_> = export(&g).unwrap().graph.unwrap().node.into_iter().filter_map(|n| n.op_type).collect();
+            assert_eq!(ops, ["Cast", "QuantizeLinear", "DequantizeLinear"]);
+        }
+        // A range no ONNX integer type has, and a gradient op, are clear errors.
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[4])).unwrap();
+        let s = g.add_const("scale", Tensor::scalar(0.5f32)).unwrap();
+        let y = g.add_node("fq", FakeQuant { qmin: -8, qmax: 7, axis: None }, vec![x, s, s]).unwrap()[0];
+        g.add_output("y", y);
+        assert!(export(&g).unwrap_err().to_string().contains("[-8, 7]"));
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[4])).unwrap();
+        let dx = g.add_node("g", UnaryGrad(UnaryOp::Tanh), vec![x, x]).unwrap()[0];
+        g.add_output("dx", dx);
+        let err = export(&g).unwrap_err().to_string();
+        assert!(err.contains("'g' (UnaryGrad)") && err.contains("not exportable to ONNX"), "{err}");
+    }
+
+    #[test]
     fn uneven_split_gets_sizes() {
         let mut g = Graph::default();
         let x = g.add_input("x", Fact::known(DType::F32, &[7])).unwrap();

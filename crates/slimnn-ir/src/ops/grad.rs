@@ -822,6 +822,9 @@ struct FakeQuantParams {
     scale: Vec<f64>,
     zero: Vec<f64>,
     inner: usize,
+    /// Divide in f32 for f32 inputs, as QuantizeLinear does, so an exported Q/DQ pair
+    /// rounds the same halves.
+    f32_ratio: bool,
 }
 
 impl FakeQuantParams {
@@ -840,11 +843,20 @@ impl FakeQuantParams {
         if let Some((c, s)) = scale.iter().enumerate().find(|(_, s)| !(s.is_finite() && **s > 0.0)) {
             op_bail!(op, "scale must be positive and finite, got {s} (channel {c})");
         }
-        Ok(FakeQuantParams { scale, zero, inner: inner.max(1) })
+        Ok(FakeQuantParams { scale, zero, inner: inner.max(1), f32_ratio: x.dtype() == DType::F32 })
     }
 
     fn channel(&self, i: usize) -> usize {
         (i / self.inner) % self.scale.len()
+    }
+
+    /// `x / s` for element `i` of channel `c`.
+    fn ratio(&self, v: f64, c: usize) -> f64 {
+        if self.f32_ratio {
+            f64::from(v as f32 / self.scale[c] as f32)
+        } else {
+            v / self.scale[c]
+        }
     }
 }
 
@@ -876,7 +888,7 @@ impl OpDef for FakeQuant {
             .map(|(i, v)| {
                 let c = p.channel(i);
                 let (s, z) = (p.scale[c], p.zero[c]);
-                (((v / s).round_ties_even() + z).clamp(lo, hi) - z) * s
+                ((p.ratio(v, c).round_ties_even() + z).clamp(lo, hi) - z) * s
             })
             .collect();
         Ok(vec![tensor(x.dtype(), x.shape(), &y)?])
@@ -913,8 +925,8 @@ impl OpDef for FakeQuantGrad {
         let mut dscale = vec![0f64; p.scale.len()];
         for (i, (v, d)) in x.to_f64_vec().into_iter().zip(dx.iter_mut()).enumerate() {
             let c = p.channel(i);
-            let (s, z) = (p.scale[c], p.zero[c]);
-            let r = v / s;
+            let z = p.zero[c];
+            let r = p.ratio(v, c);
             let q = r.round_ties_even() + z;
             if q < lo {
                 dscale[c] += *d * (lo - z);
