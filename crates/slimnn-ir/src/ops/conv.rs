@@ -470,8 +470,14 @@ fn gather_axpy(a: f64, x: &[f64], step: usize, offset: i64, y: &mut [f64], r: Ra
 /// Adds `a * x[i]` to `y[i * step + offset]` for `i` in `r`.
 fn scatter_axpy(a: f64, x: &[f64], step: usize, offset: i64, y: &mut [f64], r: Range<usize>) {
     let start = (r.start as i64 * step as i64 + offset) as usize;
-    for (yv, xv) in y[start..].iter_mut().step_by(step).zip(&x[r]) {
-        *yv += a * xv;
+    if step == 1 {
+        for (yv, xv) in y[start..].iter_mut().zip(&x[r]) {
+            *yv += a * xv;
+        }
+    } else {
+        for (yv, xv) in y[start..].iter_mut().step_by(step).zip(&x[r]) {
+            *yv += a * xv;
+        }
     }
 }
 

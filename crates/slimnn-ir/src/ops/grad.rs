@@ -496,8 +496,10 @@ fn conv_grad_facts(op: &'static str, attrs: &ConvAttrs, x: &Fact, w: &Fact, dy: 
 }
 
 /// `dw += x (*) dy` for one input plane and one output-gradient plane: each tap's gradient is
-/// the dot product of `dy` with the input pixels that tap read.
-fn conv_weight_plane(g: &Geometry, x: &[f64], dy: &[f64], dw: &mut [f64]) {
+/// the dot product of `dy` with the input pixels that tap read. Products accumulate
+/// lane-wise in `acc` (one slot per output column, so the loop vectorises) and are summed
+/// once per tap.
+fn conv_weight_plane(g: &Geometry, x: &[f64], dy: &[f64], dw: &mut [f64], acc: &mut [f64]) {
     let [_, ih, iw] = g.input;
     let [od, oh, ow] = g.output;
     let [kd, kh, kw] = g.kernel;
@@ -515,25 +517,26 @@ fn conv_weight_plane(g: &Geometry, x: &[f64], dy: &[f64], dw: &mut [f64]) {
                     continue;
                 }
                 let start = (rw.start as i64 * sw as i64 + off_w) as usize;
-                let mut sum = 0.0;
+                let acc = &mut acc[..rw.len()];
+                acc.fill(0.0);
                 for o_d in rd.clone() {
                     let i_d = (o_d as i64 * g.strides[0] as i64 + off_d) as usize;
                     for o_h in rh.clone() {
                         let i_h = (o_h as i64 * g.strides[1] as i64 + off_h) as usize;
                         let xrow = &x[(i_d * ih + i_h) * iw..][..iw];
-                        let dyrow = &dy[(o_d * oh + o_h) * ow..][..ow];
+                        let dyrow = &dy[(o_d * oh + o_h) * ow..][rw.clone()];
                         if sw == 1 {
-                            sum += dyrow[rw.clone()].iter().zip(&xrow[start..]).map(|(d, x)| d * x).sum::<f64>();
+                            for ((s, d), x) in acc.iter_mut().zip(dyrow).zip(&xrow[start..]) {
+                                *s += d * x;
+                            }
                         } else {
-                            sum += dyrow[rw.clone()]
-                                .iter()
-                                .zip(xrow[start..].iter().step_by(sw))
-                                .map(|(d, x)| d * x)
-                                .sum::<f64>();
+                            for ((s, d), x) in acc.iter_mut().zip(dyrow).zip(xrow[start..].iter().step_by(sw)) {
+                                *s += d * x;
+                            }
                         }
                     }
                 }
-                dw[(a * kh + b) * kw + c] += sum;
+                dw[(a * kh + b) * kw + c] += acc.iter().sum::<f64>();
             }
         }
     }
@@ -609,13 +612,14 @@ impl OpDef for ConvGradWeight {
         if total > 0 && out_len > 0 && in_len > 0 {
             let (xv, dyv) = (x.to_f64_vec(), dy.to_f64_vec());
             let (cpg, mpg) = (c / group, m / group);
+            let mut acc = vec![0f64; g.output[2]];
             for ni in 0..n {
                 for (mi, dwm) in dw.chunks_exact_mut(cpg * k_len).enumerate() {
                     let gi = mi / mpg;
                     let dyp = &dyv[(ni * m + mi) * out_len..][..out_len];
                     for (cloc, dwk) in dwm.chunks_exact_mut(k_len).enumerate() {
                         let xp = &xv[(ni * c + gi * cpg + cloc) * in_len..][..in_len];
-                        conv_weight_plane(&g, xp, dyp, dwk);
+                        conv_weight_plane(&g, xp, dyp, dwk, &mut acc);
                     }
                 }
             }
