@@ -393,7 +393,16 @@ impl<'g> Emitter<'g> {
 
     /// Undoes a numpy broadcast: sums `dy` (shaped like the forward output `out`) down to the
     /// shape of the forward input `input`.
-    fn unbroadcast(&mut self, name: &str, dy: OutletId, out: &[Dim], input: OutletId) -> IrResult<OutletId> {
+    /// `others` are the shapes of the other operands of the broadcast: where all of them have
+    /// size 1 (or no such axis), the input's dim is the output's even when it is not known.
+    fn unbroadcast(
+        &mut self,
+        name: &str,
+        dy: OutletId,
+        out: &[Dim],
+        input: OutletId,
+        others: &[Vec<Dim>],
+    ) -> IrResult<OutletId> {
         let ins = self.g.fact(input).shape.clone();
         let Some(lead) = out.len().checked_sub(ins.len()) else {
             return Err(IrError::Graph(format!(
@@ -411,8 +420,17 @@ impl<'g> Emitter<'g> {
                 (Dim::Known(1), _) => axes.push(lead + k),
                 (Dim::Known(_), _) | (_, Dim::Known(1)) => {}
                 (Dim::Sym(a), Dim::Sym(b)) if a == b => {}
-                // Only known at run time whether this axis was broadcast.
-                _ => unsure.push(k),
+                _ => {
+                    let axis = lead + k;
+                    let alone = others.iter().all(|o| match (axis + o.len()).checked_sub(out.len()) {
+                        Some(j) => o[j] == Dim::Known(1),
+                        None => true,
+                    });
+                    // Otherwise only known at run time whether this axis was broadcast.
+                    if !alone {
+                        unsure.push(k);
+                    }
+                }
             }
         }
         let mut g = self.sum_axes(&format!("{name}/sum"), dy, &axes, true)?;
@@ -497,7 +515,8 @@ fn backward(
             for (k, flip) in [(1, false), (2, true)] {
                 if need[k] {
                     let m = e.mask(&p(&format!("select{k}")), ins[0], dy, flip)?;
-                    out[k] = Some(e.unbroadcast(&p(&format!("d{k}")), m, &fy.shape, ins[k])?);
+                    let others = [e.fact(ins[0]).shape, e.fact(ins[3 - k]).shape];
+                    out[k] = Some(e.unbroadcast(&p(&format!("d{k}")), m, &fy.shape, ins[k], &others)?);
                 }
             }
         }
@@ -531,7 +550,8 @@ fn backward(
             }
             if n_in > 2 && need[2] {
                 let g = e.scale(&p("beta_dy"), dy, f64::from(gm.beta))?;
-                out[2] = Some(e.unbroadcast(&p("dc"), g, &fy.shape, ins[2])?);
+                // C broadcasts against the product, shaped like the output.
+                out[2] = Some(e.unbroadcast(&p("dc"), g, &fy.shape, ins[2], std::slice::from_ref(&fy.shape))?);
             }
         }
         Op::BatchNorm(bn) => batchnorm_backward(e, node, bn.epsilon, dy, need, &mut out)?,
@@ -568,7 +588,10 @@ fn backward(
             });
             out[0] = Some(e.one(&p("transpose"), Transpose { perm }, vec![dy])?);
         }
-        Op::Expand(_) => out[0] = Some(e.unbroadcast(&p("sum"), dy, &fy.shape, ins[0])?),
+        Op::Expand(_) => {
+            let target = vec![Dim::Unknown; fy.rank()];
+            out[0] = Some(e.unbroadcast(&p("sum"), dy, &fy.shape, ins[0], &[target])?);
+        }
         Op::Concat(c) => concat_backward(e, node, c.axis, dy, need, &mut out)?,
         Op::Slice(_) => out[0] = Some(slice_backward(e, node, dy)?),
         Op::Pad(pd) => pad_backward(e, node, pd, dy, need, &mut out)?,
@@ -602,7 +625,7 @@ fn binary_backward(
             full[0] = Some(dy);
             if need[1] {
                 // Negate after the sum: fewer elements.
-                let s = e.unbroadcast(&p("db_sum"), dy, out_shape, b)?;
+                let s = e.unbroadcast(&p("db_sum"), dy, out_shape, b, &[e.fact(a).shape])?;
                 out[1] = Some(e.unary(&p("db"), UnaryOp::Neg, s)?);
             }
         }
@@ -670,7 +693,9 @@ fn binary_backward(
     }
     for (k, f) in full.into_iter().enumerate() {
         if let (true, Some(f), None) = (need[k], f, out[k]) {
-            out[k] = Some(e.unbroadcast(&p(if k == 0 { "da" } else { "db" }), f, out_shape, node.inputs[k])?);
+            let other = e.fact(node.inputs[1 - k]).shape;
+            out[k] =
+                Some(e.unbroadcast(&p(if k == 0 { "da" } else { "db" }), f, out_shape, node.inputs[k], &[other])?);
         }
     }
     Ok(())
@@ -692,7 +717,8 @@ fn clip_backward(
         let inside = e.binary(&p("inside"), BinaryOp::And, ge, le)?;
         let g = e.mask(&p("dx_full"), inside, dy, false)?;
         let shape = e.fact(g).shape;
-        out[0] = Some(e.unbroadcast(&p("dx"), g, &shape, x)?);
+        let others = [e.fact(lo).shape, e.fact(hi).shape];
+        out[0] = Some(e.unbroadcast(&p("dx"), g, &shape, x, &others)?);
     }
     if need[1] {
         let below = e.binary(&p("below_min"), BinaryOp::Less, x, lo)?;
@@ -755,12 +781,19 @@ fn matmul_backward(
     let batch_rank = fy.rank() - usize::from(fa.rank() >= 2) - usize::from(fb.rank() >= 2);
     let batch = &fy.shape[..batch_rank];
     let (fa2, fb2) = (e.fact(a2), e.fact(b2));
+    // Each operand's batch dims broadcast against the other's; the matrix dims never do.
+    let batch_of = |f: &Fact| -> Vec<Dim> {
+        let mut d = f.shape[..f.rank() - 2].to_vec();
+        d.extend([Dim::Known(1), Dim::Known(1)]);
+        d
+    };
+    let (other_of_a, other_of_b) = (batch_of(&fb2), batch_of(&fa2));
     if need[0] {
         let bt = e.transpose_last2(&p("bT"), b2)?;
         let da = e.one(&p("da_full"), MatMul, vec![g, bt])?;
         let mut shape = batch.to_vec();
         shape.extend_from_slice(&fa2.shape[fa2.rank() - 2..]);
-        let mut da = e.unbroadcast(&p("da"), da, &shape, a2)?;
+        let mut da = e.unbroadcast(&p("da"), da, &shape, a2, std::slice::from_ref(&other_of_a))?;
         if fa.rank() == 1 {
             da = e.one(&p("da_vec"), Squeeze { axes: Some(vec![0]) }, vec![da])?;
         }
@@ -771,7 +804,7 @@ fn matmul_backward(
         let db = e.one(&p("db_full"), MatMul, vec![at, g])?;
         let mut shape = batch.to_vec();
         shape.extend_from_slice(&fb2.shape[fb2.rank() - 2..]);
-        let mut db = e.unbroadcast(&p("db"), db, &shape, b2)?;
+        let mut db = e.unbroadcast(&p("db"), db, &shape, b2, std::slice::from_ref(&other_of_b))?;
         if fb.rank() == 1 {
             db = e.one(&p("db_vec"), Squeeze { axes: Some(vec![1]) }, vec![db])?;
         }

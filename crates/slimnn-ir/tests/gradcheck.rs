@@ -1195,3 +1195,26 @@ fn attention_block_with_symbolic_dims() {
         println!("gradcheck {:<24} max rel err {err:.2e}", format!("attention b={batch} s={seq}"));
     }
 }
+
+/// Dims unknown when the graph is built: whether an operand was broadcast is only known at run
+/// time, so the backward graph sums over such axes through run-time shapes.
+#[test]
+fn broadcast_decided_at_run_time() {
+    let cases: [(&[usize], &[usize]); 5] =
+        [(&[4, 3], &[1, 3]), (&[1, 3], &[4, 3]), (&[4, 3], &[4, 3]), (&[2, 1, 3], &[2, 5, 1]), (&[1, 1], &[3, 2])];
+    let mut worst: f64 = 0.0;
+    for (k, (sa, sb)) in cases.into_iter().enumerate() {
+        for op in [BinaryOp::Add, BinaryOp::Mul, BinaryOp::Sub] {
+            let mut c = Case::new(300 + k as u64);
+            let a = c.input_dims(vec![Dim::Unknown; sa.len()], sa, -1.0, 1.0);
+            let b = c.input_dims(vec![Dim::Unknown; sb.len()], sb, -1.0, 1.0);
+            let y = c.one(Binary(op), vec![a, b]);
+            let sq = c.one(Unary(UnaryOp::Sin), vec![y]);
+            let red = Reduce { op: ReduceOp::Sum, axes: None, keepdims: false, noop_with_empty_axes: false };
+            let loss = c.one(red, vec![sq]);
+            worst = worst.max(gradcheck_loss(c, loss));
+        }
+    }
+    assert!(worst <= TOLERANCE, "{worst:e}");
+    println!("gradcheck {:<24} max rel err {worst:.2e} over 15 cases", "run-time broadcast");
+}
