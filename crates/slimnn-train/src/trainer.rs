@@ -171,7 +171,7 @@ pub struct FitReport {
     pub epochs: Vec<EpochRecord>,
     /// Updates applied in total (including those before a resume).
     pub steps: u64,
-    /// Stopped by `max_steps` before the last epoch ended.
+    /// Stopped by the recipe's `max_steps` or [`Trainer::stop_after`] before the last epoch ended.
     pub stopped_early: bool,
     pub final_test: Option<Evaluation>,
 }
@@ -201,6 +201,9 @@ fn score(logits: &Tensor, labels: &[usize]) -> Result<(f64, usize)> {
     Ok((loss, correct))
 }
 
+/// Adds a scalar loss on the model's logits to the graph.
+pub type LossBuilder = dyn Fn(&mut Graph, slimnn_ir::OutletId) -> slimnn_ir::IrResult<slimnn_ir::OutletId>;
+
 /// Trains a model (parameters lifted to inputs, see [`crate::lift_parameters`]) by a recipe.
 pub struct Trainer {
     recipe: Recipe,
@@ -213,6 +216,7 @@ pub struct Trainer {
     classes: Option<usize>,
     out_dir: Option<PathBuf>,
     show_progress: bool,
+    stop_at: Option<u64>,
     state: State,
     eval_state: State,
 }
@@ -220,12 +224,18 @@ pub struct Trainer {
 impl Trainer {
     /// Freezes the recipe's `freeze` patterns, builds the step graph with the recipe's loss and
     /// the runtime with its thread count.
-    pub fn new(model: Graph, mut params: Parameters, recipe: Recipe) -> Result<Trainer> {
+    pub fn new(model: Graph, params: Parameters, recipe: Recipe) -> Result<Trainer> {
+        let loss = recipe.loss.clone();
+        Trainer::with_loss(model, params, recipe, Box::new(move |g, logits| loss.build(g, logits)))
+    }
+
+    /// Like [`Trainer::new`] with a loss of the caller's making (e.g. the recipe's loss plus
+    /// hidden-state matching terms); inputs it adds are fed from the batches' named inputs.
+    pub fn with_loss(model: Graph, mut params: Parameters, recipe: Recipe, loss: Box<LossBuilder>) -> Result<Trainer> {
         recipe.validate().map_err(|msg| TrainError::Recipe { origin: "(in memory)".into(), msg })?;
         params.freeze(&recipe.freeze)?;
         let threads = recipe.threads.unwrap_or_else(slimnn_runtime::physical_cores);
-        let loss = recipe.loss.clone();
-        let graph = TrainGraph::new(&model, &|g, logits| loss.build(g, logits), &params, RuntimeConfig { threads })?;
+        let graph = TrainGraph::new(&model, &*loss, &params, RuntimeConfig { threads })?;
         let logits = crate::graph::logits_outlet(&model)?;
         let classes = model.fact(logits).shape.last().and_then(|d| d.as_known());
         if recipe.loss.targets_from_labels() && classes.is_none() {
@@ -246,6 +256,7 @@ impl Trainer {
             classes,
             out_dir: None,
             show_progress: true,
+            stop_at: None,
             state: State::default(),
             eval_state: State::default(),
         })
@@ -261,6 +272,14 @@ impl Trainer {
     /// Shows or hides the progress bar (shown by default; indicatif hides it off a terminal).
     pub fn with_progress_bar(mut self, show: bool) -> Trainer {
         self.show_progress = show;
+        self
+    }
+
+    /// Interrupts `fit` once `step` updates are done (writing a checkpoint), as a stopped job
+    /// would; unlike the recipe's `max_steps` this leaves the schedule's length unchanged, so a
+    /// resumed run continues exactly as an uninterrupted one.
+    pub fn stop_after(mut self, step: u64) -> Trainer {
+        self.stop_at = Some(step);
         self
     }
 
@@ -411,7 +430,7 @@ impl Trainer {
             let started = Instant::now();
             let mut seen = 0usize;
             for indices in order.batches(epoch, self.progress.batch) {
-                if self.progress.step >= total_steps {
+                if self.progress.step >= total_steps || self.stop_at.is_some_and(|s| self.progress.step >= s) {
                     stopped_early = true;
                     break;
                 }
@@ -488,7 +507,8 @@ impl Trainer {
                 );
             }
             self.write_outputs(true)?;
-            if self.progress.step >= total_steps && self.progress.epoch < self.recipe.epochs {
+            let interrupted = self.stop_at.is_some_and(|s| self.progress.step >= s);
+            if (self.progress.step >= total_steps || interrupted) && self.progress.epoch < self.recipe.epochs {
                 stopped_early = true;
                 break;
             }
