@@ -213,6 +213,59 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             fast::layer_norm(f32s(st.get(step.inputs[0])?)?, n, scale, bias, *epsilon, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
+        Kernel::LayerNormDyn { epsilon } => {
+            let mut out = st.take(numel);
+            let n = *shape.last().unwrap_or(&1);
+            let bias = match step.inputs.get(2) {
+                Some(&b) => Some(f32s(st.get(b)?)?),
+                None => None,
+            };
+            let (x, scale) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
+            fast::layer_norm_dyn(x, n, scale, bias, *epsilon, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::ActivationGrad(act) => {
+            let mut out = st.take(numel);
+            let (x, dy) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
+            fast::activation_grad(*act, x, dy, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::SoftmaxGrad { log } => {
+            let mut out = st.take(numel);
+            let n = *shape.last().unwrap_or(&1);
+            let (y, dy) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
+            fast::softmax_grad(y, dy, n, *log, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::LayerNormGrad { n, epsilon } => {
+            let mut dx = st.take(numel);
+            let mut dscale = st.take(*n);
+            let mut dbias = st.take(*n);
+            let x = f32s(st.get(step.inputs[0])?)?;
+            let scale = f32s(st.get(step.inputs[1])?)?;
+            let dy = f32s(st.get(step.inputs[2])?)?;
+            fast::layer_norm_grad(x, scale, dy, *n, *epsilon, &mut dx, &mut dscale, &mut dbias, par)?;
+            let shapes = &step.output_shapes;
+            Ok(vec![
+                Tensor::from_vec(shape, dx)?,
+                Tensor::from_vec(shapes[1].clone(), dscale)?,
+                Tensor::from_vec(shapes[2].clone(), dbias)?,
+            ])
+        }
+        Kernel::GatherGrad { inner } => {
+            let mut out = st.take(numel);
+            let idx = st.get(step.inputs[1])?.as_slice::<i64>()?;
+            fast::gather_grad(idx, f32s(st.get(step.inputs[2])?)?, *inner, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::EmbeddingDyn => {
+            let mut out = st.take(numel);
+            let table = st.get(step.inputs[0])?;
+            let idx = st.get(step.inputs[1])?.as_slice::<i64>()?;
+            let (rows, n) = (table.shape()[0], table.shape()[1]);
+            fast::embedding(f32s(table)?, rows, n, idx, &mut out)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
         Kernel::Softmax => {
             let mut out = st.take(numel);
             let n = *shape.last().unwrap_or(&1);

@@ -6,7 +6,7 @@ use crate::plan::{Broadcast, FastBinary};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_kernels::attention::{self, AttnMask};
-use slimnn_kernels::{rows, Activation, BinaryOp, KernelError, Par};
+use slimnn_kernels::{grad, rows, Activation, BinaryOp, KernelError, Par};
 
 pub use slimnn_kernels::attention::Rows;
 pub use slimnn_kernels::AttnDims;
@@ -96,6 +96,90 @@ pub fn binary(op: FastBinary, bc: Broadcast, a: &[f32], b: &[f32], out: &mut [f3
             Ok(())
         }),
     }
+}
+
+/// `dy * f'(x)` element-wise.
+pub fn activation_grad(act: grad::GradActivation, x: &[f32], dy: &[f32], out: &mut [f32], par: bool) -> Result<()> {
+    check_len(x.len(), out.len())?;
+    check_len(dy.len(), out.len())?;
+    row_chunks(out, 1, par, |i, o| Ok(grad::activation_grad(act, &x[i..i + o.len()], &dy[i..i + o.len()], o)?))
+}
+
+/// Softmax / log-softmax backward over rows of `n`.
+pub fn softmax_grad(y: &[f32], dy: &[f32], n: usize, log: bool, out: &mut [f32], par: bool) -> Result<()> {
+    check_len(y.len(), out.len())?;
+    check_len(dy.len(), out.len())?;
+    row_chunks(out, n, par, |r, o| {
+        let s = r * n..r * n + o.len();
+        Ok(grad::softmax_grad(&y[s.clone()], &dy[s], n, log, o)?)
+    })
+}
+
+/// Layer-norm backward over rows of `n`: `dx`, and `dscale` / `dbias` summed over rows (row
+/// blocks on threads keep partial sums, added up at the end in block order, so the result
+/// does not depend on the thread count's scheduling).
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_grad(
+    x: &[f32],
+    scale: &[f32],
+    dy: &[f32],
+    n: usize,
+    eps: f32,
+    dx: &mut [f32],
+    dscale: &mut [f32],
+    dbias: &mut [f32],
+    par: bool,
+) -> Result<()> {
+    check_len(x.len(), dx.len())?;
+    check_len(dy.len(), dx.len())?;
+    dscale.fill(0.0);
+    dbias.fill(0.0);
+    let rows = dx.len().checked_div(n).unwrap_or(0);
+    let per = ROWS_PER_TASK.max(ELEMS_PER_TASK.div_ceil(n.max(1)));
+    if !par || rows < 2 * per {
+        return Ok(grad::layer_norm_grad(x, scale, dy, n, eps, dx, dscale, dbias)?);
+    }
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(per * n)
+        .enumerate()
+        .map(|(t, d)| {
+            let s = t * per * n..t * per * n + d.len();
+            let (mut ps, mut pb) = (vec![0.0; n], vec![0.0; n]);
+            grad::layer_norm_grad(&x[s.clone()], scale, &dy[s], n, eps, d, &mut ps, &mut pb)?;
+            Ok((ps, pb))
+        })
+        .collect::<Result<_>>()?;
+    for (ps, pb) in partials {
+        dscale.iter_mut().zip(ps).for_each(|(d, v)| *d += v);
+        dbias.iter_mut().zip(pb).for_each(|(d, v)| *d += v);
+    }
+    Ok(())
+}
+
+/// Layer norm over the last axis with run-time scale and bias (parameters as inputs).
+pub fn layer_norm_dyn(
+    x: &[f32],
+    n: usize,
+    scale: &[f32],
+    bias: Option<&[f32]>,
+    eps: f32,
+    out: &mut [f32],
+    par: bool,
+) -> Result<()> {
+    match bias {
+        Some(b) => layer_norm(x, n, scale, b, eps, out, par),
+        None => layer_norm(x, n, scale, &vec![0.0; n], eps, out, par),
+    }
+}
+
+/// The gradient of a row gather: `out` zeroed, then every `dy` row added at its index.
+pub fn gather_grad(idx: &[i64], dy: &[f32], inner: usize, out: &mut [f32], par: bool) -> Result<()> {
+    // The zero fill dominates for embedding tables (tens of MB); it splits over threads.
+    row_chunks(out, 1, par, |_, o| {
+        o.fill(0.0);
+        Ok(())
+    })?;
+    Ok(grad::gather_grad(idx, dy, inner, out)?)
 }
 
 /// `out[o, i] = Σ_j x[o, j, i]` for `j < len`, `i < inner`; `out` holds `outer * inner`.

@@ -5,10 +5,11 @@ use crate::conv::ConvKernel;
 use crate::plan::{Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step};
 use crate::Result;
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Clip, Conv, Gemm, GlobalPool, LayerNorm, MatMul, Reduce, ReduceOp, Reshape, Softmax, Transpose,
-    Unary, UnaryOp,
+    Binary, BinaryOp, Clip, Conv, GatherGrad, Gemm, GlobalPool, LayerNorm, LayerNormGrad, MatMul, Reduce, ReduceOp,
+    Reshape, Softmax, SoftmaxGrad, Transpose, Unary, UnaryGrad, UnaryOp,
 };
 use slimnn_ir::{Graph, NodeId, Op, OutletId};
+use slimnn_kernels::grad::GradActivation;
 use slimnn_kernels::{Activation, PackedB};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
@@ -481,10 +482,13 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
                 }
                 None => Some(Arc::from(vec![0f32; n])),
             };
+            // Parameters passed as inputs: scale and bias read at run time.
+            let runtime_params = ins[1..].iter().all(|&p| c.shape(p).is_some_and(|s| s.iter().product::<usize>() == n));
             match (last, scale, bias) {
                 (true, Some(s), Some(b)) => {
                     Some(Kernel::LayerNorm { scale: Arc::from(s.as_slice::<f32>()?), bias: b, epsilon: *epsilon })
                 }
+                (true, _, _) if runtime_params => Some(Kernel::LayerNormDyn { epsilon: *epsilon }),
                 _ => None,
             }
         }
@@ -551,10 +555,43 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
         }
         Op::Gather(slimnn_ir::ops::Gather { axis: 0 }) => {
             let table = c.konst(ins[0]).filter(|t| t.dtype() == DType::F32 && t.rank() == 2);
+            let i64_indices = c.g.fact(ins[1]).dtype == DType::I64;
             match table {
-                Some(t) if c.g.fact(ins[1]).dtype == DType::I64 => Some(Kernel::Embedding { table: t.clone() }),
+                Some(t) if i64_indices => Some(Kernel::Embedding { table: t.clone() }),
+                None if i64_indices && c.is_f32(ins[0]) && c.shape(ins[0]).is_some_and(|s| s.len() == 2) => {
+                    Some(Kernel::EmbeddingDyn)
+                }
                 _ => None,
             }
+        }
+        Op::UnaryGrad(UnaryGrad(u)) if all_f32 && c.shape(ins[0]) == c.shape(ins[1]) => match u {
+            UnaryOp::Relu => Some(Kernel::ActivationGrad(GradActivation::Relu)),
+            UnaryOp::Gelu { tanh: false } => Some(Kernel::ActivationGrad(GradActivation::GeluErf)),
+            UnaryOp::Gelu { tanh: true } => Some(Kernel::ActivationGrad(GradActivation::GeluTanh)),
+            UnaryOp::Tanh => Some(Kernel::ActivationGrad(GradActivation::Tanh)),
+            UnaryOp::Sigmoid => Some(Kernel::ActivationGrad(GradActivation::Sigmoid)),
+            _ => None,
+        },
+        Op::SoftmaxGrad(SoftmaxGrad { axis, log }) if all_f32 && c.shape(ins[0]) == c.shape(ins[1]) => {
+            let rank = c.g.fact(ins[0]).rank() as i64;
+            (*axis == -1 || *axis == rank - 1).then_some(Kernel::SoftmaxGrad { log: *log })
+        }
+        Op::LayerNormGrad(LayerNormGrad { axis, epsilon }) if all_f32 && c.shape(ins[0]) == c.shape(ins[2]) => {
+            let Some(shape) = c.shape(ins[0]) else { return Ok(None) };
+            let rank = shape.len() as i64;
+            let ax = if *axis < 0 { axis + rank } else { *axis };
+            if !(0..rank).contains(&ax) {
+                return Ok(None);
+            }
+            let n: usize = shape[ax as usize..].iter().product();
+            let scale_n = c.shape(ins[1]).map(|s| s.iter().product::<usize>());
+            (scale_n == Some(n) && n > 0).then_some(Kernel::LayerNormGrad { n, epsilon: *epsilon })
+        }
+        Op::GatherGrad(GatherGrad { axis: 0 })
+            if c.is_f32(ins[2]) && c.is_f32(out0(id)) && c.g.fact(ins[1]).dtype == DType::I64 =>
+        {
+            let Some(shape) = c.shape(ins[0]) else { return Ok(None) };
+            (!shape.is_empty()).then(|| Kernel::GatherGrad { inner: shape[1..].iter().product() })
         }
         _ => None,
     })

@@ -27,8 +27,20 @@ pub enum Kernel {
     Attention { heads: usize, head_dim: usize, scale: f32, mask_shape: Option<[usize; 4]>, fused_qkv: bool },
     /// Layer normalisation over the last axis; inputs `[x]`.
     LayerNorm { scale: Arc<[f32]>, bias: Arc<[f32]>, epsilon: f32 },
+    /// Layer normalisation over the last axis with run-time scale (and bias); inputs
+    /// `[x, scale, bias?]` (parameters as inputs).
+    LayerNormDyn { epsilon: f32 },
     /// Softmax over the last axis.
     Softmax,
+    /// `dy * f'(x)`; inputs `[x, dy]`.
+    ActivationGrad(slimnn_kernels::grad::GradActivation),
+    /// Softmax (log-softmax) backward over the last axis; inputs `[y, dy]`.
+    SoftmaxGrad { log: bool },
+    /// Layer-norm backward over rows of the last `n` values; inputs `[x, scale, dy]`, outputs
+    /// `[dx, dscale, dbias]`.
+    LayerNormGrad { n: usize, epsilon: f32 },
+    /// Scatter-add of a row gather's gradient; inputs `[table (shape only), i64 indices, dy]`.
+    GatherGrad { inner: usize },
     /// Elementwise f32 activation.
     Activation(Activation),
     /// `a op b` on f32, output shaped as `a`, `b` lined up as the [`Broadcast`] says.
@@ -38,6 +50,8 @@ pub enum Kernel {
     ReduceSum { len: usize, inner: usize },
     /// Rows of a constant f32 table gathered by i64 indices (embeddings).
     Embedding { table: Arc<Tensor> },
+    /// Rows of a run-time f32 table (a parameter); inputs `[table, i64 indices]`.
+    EmbeddingDyn,
     /// 2-d NCHW convolution with its fused bias, activation and residual; inputs
     /// `[x, residual?]`.
     Conv(Arc<crate::conv::ConvKernel>),
@@ -128,11 +142,17 @@ impl Kernel {
             Kernel::MatMul(k) => k.name(),
             Kernel::Attention { .. } => "attention".into(),
             Kernel::LayerNorm { .. } => "layer_norm".into(),
+            Kernel::LayerNormDyn { .. } => "layer_norm".into(),
             Kernel::Softmax => "softmax".into(),
+            Kernel::ActivationGrad(a) => format!("{a:?}_grad").to_lowercase(),
+            Kernel::SoftmaxGrad { log: false } => "softmax_grad".into(),
+            Kernel::SoftmaxGrad { log: true } => "log_softmax_grad".into(),
+            Kernel::LayerNormGrad { .. } => "layer_norm_grad".into(),
+            Kernel::GatherGrad { .. } => "gather_grad".into(),
             Kernel::Activation(a) => format!("{a:?}").to_lowercase(),
             Kernel::Binary(b, _) => format!("{b:?}").to_lowercase(),
             Kernel::ReduceSum { .. } => "reduce_sum".into(),
-            Kernel::Embedding { .. } => "embedding".into(),
+            Kernel::Embedding { .. } | Kernel::EmbeddingDyn => "embedding".into(),
             Kernel::Conv(k) => k.name(),
             Kernel::GlobalAveragePool => "global_average_pool".into(),
             Kernel::Quant(q) => q.name(),
