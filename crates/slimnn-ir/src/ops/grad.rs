@@ -1510,4 +1510,85 @@ mod tests {
         assert_eq!(f[0].shape, vec![Dim::sym("n"), Dim::Known(3)]);
         assert_eq!(f[1].known_shape(), Some(vec![]));
     }
+
+    // -----------------------------------------------------------------------------------------
+    // Properties over random geometry: the gradients are the adjoints of the forward op,
+    // <op(x), dy> = <x, dx> (and = <w, dw> for the convolution), which pins every index.
+
+    use proptest::prelude::*;
+
+    const AUTO_PADS: [AutoPad; 4] = [AutoPad::NotSet, AutoPad::SameUpper, AutoPad::SameLower, AutoPad::Valid];
+
+    /// Spatial rank, then per spatial dim (input length, kernel, stride, dilation, pad begin, pad end).
+    fn window_dims() -> impl Strategy<Value = Vec<(usize, usize, usize, usize, usize, usize)>> {
+        proptest::collection::vec((1usize..9, 1usize..4, 1usize..4, 1usize..3, 0usize..3, 0usize..3), 1..3)
+    }
+
+    fn assert_adjoint(what: &str, inner: f64, other: f64) -> Result<(), TestCaseError> {
+        prop_assert!((inner - other).abs() <= 1e-12 * inner.abs().max(1.0), "{}: {} vs {}", what, inner, other);
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn conv_grads_are_adjoints(
+            dims in window_dims(),
+            (n, cpg, mpg, group) in (1usize..3, 1usize..3, 1usize..3, 1usize..4),
+            auto_pad in 0usize..4,
+            seed in any::<u64>(),
+        ) {
+            let attrs = ConvAttrs {
+                strides: dims.iter().map(|d| d.2).collect(),
+                dilations: dims.iter().map(|d| d.3).collect(),
+                pads: dims.iter().map(|d| d.4).chain(dims.iter().map(|d| d.5)).collect(),
+                group,
+                auto_pad: AUTO_PADS[auto_pad],
+                ..Default::default()
+            };
+            let xs = [vec![n, cpg * group], dims.iter().map(|d| d.0).collect()].concat();
+            let ws = [vec![mpg * group, cpg], dims.iter().map(|d| d.1).collect()].concat();
+            let (x, w) = (rand_t(&xs, seed), rand_t(&ws, seed ^ 1));
+            let conv = Conv { attrs: attrs.clone() };
+            // Windows larger than the padded input are rejected by the forward op.
+            let Ok(mut y) = conv.eval(&[&x, &w]) else { return Ok(()) };
+            let y = y.remove(0);
+            let dy = rand_t(y.shape(), seed ^ 2);
+            let dx = run(&ConvGradInput(attrs.clone()), &[&dy, &w, &x]).unwrap().remove(0);
+            let dw = run(&ConvGradWeight(attrs), &[&x, &dy, &w]).unwrap().remove(0);
+            let inner = dot(&f64s(&y), &f64s(&dy));
+            assert_adjoint("dx", inner, dot(&f64s(&x), &f64s(&dx)))?;
+            assert_adjoint("dw", inner, dot(&f64s(&w), &f64s(&dw)))?;
+        }
+
+        #[test]
+        fn pool_grads_are_adjoints(
+            dims in window_dims(),
+            kind in 0usize..3,
+            (ceil_mode, auto_pad) in (any::<bool>(), 0usize..4),
+            seed in any::<u64>(),
+        ) {
+            let kind = [PoolKind::Max, PoolKind::Average { count_include_pad: false }, PoolKind::Average {
+                count_include_pad: true,
+            }][kind];
+            let attrs = PoolAttrs {
+                kernel_shape: dims.iter().map(|d| d.1).collect(),
+                strides: dims.iter().map(|d| d.2).collect(),
+                dilations: dims.iter().map(|d| d.3).collect(),
+                pads: dims.iter().map(|d| d.4).chain(dims.iter().map(|d| d.5)).collect(),
+                ceil_mode,
+                auto_pad: AUTO_PADS[auto_pad],
+            };
+            let pool = Pool { kind, attrs };
+            let xs = [vec![2, 2], dims.iter().map(|d| d.0).collect()].concat();
+            let x = rand_t(&xs, seed);
+            let Ok(mut y) = pool.eval(&[&x]) else { return Ok(()) };
+            let y = y.remove(0);
+            // A window wholly in the padding has no value (max -inf, average 0/0) and no gradient.
+            prop_assume!(f64s(&y).iter().all(|v| v.is_finite()));
+            let dy = rand_t(y.shape(), seed ^ 2);
+            let dx = run(&PoolGrad(pool), &[&x, &dy]).unwrap().remove(0);
+            // Max pooling is linear in x once the argmax is fixed, so the identity holds for it too.
+            assert_adjoint("dx", dot(&f64s(&y), &f64s(&dy)), dot(&f64s(&x), &f64s(&dx)))?;
+        }
+    }
 }
