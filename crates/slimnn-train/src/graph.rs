@@ -25,6 +25,12 @@ pub struct TrainGraph {
     step: Runnable,
     forward: Runnable,
     trainable: Vec<String>,
+    step_inputs: Vec<String>,
+    forward_inputs: Vec<String>,
+}
+
+fn input_names(g: &Graph) -> Vec<String> {
+    (0..g.inputs().len()).map(|i| g.input_name(i).to_string()).collect()
 }
 
 /// The model's logits outlet: the output named [`LOGITS_OUTPUT`], else the first output.
@@ -76,12 +82,28 @@ impl TrainGraph {
         g.set_outputs(outputs);
         let mut forward = model.clone();
         forward.set_outputs(vec![("logits".to_string(), logits)]);
-        Ok(TrainGraph { step: Runnable::new(g, config.clone())?, forward: Runnable::new(forward, config)?, trainable })
+        Ok(TrainGraph {
+            step_inputs: input_names(&g),
+            forward_inputs: input_names(&forward),
+            step: Runnable::new(g, config.clone())?,
+            forward: Runnable::new(forward, config)?,
+            trainable,
+        })
     }
 
     /// Names of the parameters that get gradients, in output order.
     pub fn trainable(&self) -> &[String] {
         &self.trainable
+    }
+
+    /// Input names of the step graph: data, loss inputs (`target`, `teacher_logits`), parameters.
+    pub fn step_inputs(&self) -> &[String] {
+        &self.step_inputs
+    }
+
+    /// Input names of the forward graph: data and parameters.
+    pub fn forward_inputs(&self) -> &[String] {
+        &self.forward_inputs
     }
 
     /// The (canonicalised) step graph.

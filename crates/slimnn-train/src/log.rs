@@ -21,16 +21,26 @@ pub struct StepRecord {
 }
 
 /// One epoch: training averages over its steps, evaluation on the test set, and speed.
+/// Values that do not exist (accuracy without labels) are NaN, written as JSON `null`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
+    #[serde(deserialize_with = "null_as_nan")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub train_accuracy: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub test_loss: f64,
+    #[serde(deserialize_with = "null_as_nan")]
     pub test_accuracy: f64,
     /// Training examples per second over the epoch's updates (wall clock; evaluation excluded).
     pub images_per_second: f64,
     pub seconds: f64,
+}
+
+/// serde_json writes NaN as `null`; read it back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -267,6 +277,10 @@ mod tests {
         let l = log();
         let back: TrainLog = serde_json::from_str(&l.to_json().unwrap()).unwrap();
         assert_eq!(back, l);
+        let mut unlabelled = l.clone();
+        unlabelled.epochs[0].test_accuracy = f64::NAN;
+        let back: TrainLog = serde_json::from_str(&unlabelled.to_json().unwrap()).unwrap();
+        assert!(back.epochs[0].test_accuracy.is_nan());
         let (loss, acc) = l.epoch_train_stats(1);
         let want: f64 = (25..50).map(|i| (2.0 / (1.0 + i as f32 * 0.1)) as f64).sum::<f64>() / 25.0;
         assert!((loss - want).abs() < 1e-12);

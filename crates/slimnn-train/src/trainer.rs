@@ -135,7 +135,9 @@ impl Dataset for WithTeacher<'_> {
 
     fn batch(&self, indices: &[usize]) -> Result<Batch> {
         let mut batch = self.data.batch(indices)?;
-        let inputs = inputs_of(self.teacher.graph(), &batch.inputs);
+        let names: Vec<String> =
+            (0..self.teacher.graph().inputs().len()).map(|i| self.teacher.graph().input_name(i).to_string()).collect();
+        let inputs = inputs_of(&names, &batch.inputs);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let out = self.teacher.run(&mut state, inputs)?;
         let t = out
@@ -147,14 +149,9 @@ impl Dataset for WithTeacher<'_> {
     }
 }
 
-/// The entries of `inputs` that `graph` declares as inputs (cloned).
-fn inputs_of(graph: &Graph, inputs: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    let names: Vec<&str> = (0..graph.inputs().len()).map(|i| graph.input_name(i)).collect();
-    inputs.iter().filter(|(n, _)| names.contains(&n.as_str())).cloned().collect()
-}
-
-fn graph_has_input(graph: &Graph, name: &str) -> bool {
-    (0..graph.inputs().len()).any(|i| graph.input_name(i) == name)
+/// The entries of `inputs` named in `names` (cloned).
+fn inputs_of(names: &[String], inputs: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    inputs.iter().filter(|(n, _)| names.contains(n)).cloned().collect()
 }
 
 /// Accuracy and mean cross-entropy (natural log, no smoothing) of a set.
@@ -377,10 +374,9 @@ impl Trainer {
         let batch_size = self.recipe.eval_batch_size.unwrap_or(self.recipe.batch_size);
         let order = BatchOrder::new(data.len(), batch_size, 0, false);
         let (mut loss, mut correct, mut n) = (0.0, 0, 0);
-        let forward_graph = self.graph.forward_runnable().graph().clone();
         for indices in order.batches(0, 0) {
             let batch = data.batch(&indices)?;
-            let inputs = self.with_params(inputs_of(&forward_graph, &batch.inputs));
+            let inputs = self.with_params(inputs_of(self.graph.forward_inputs(), &batch.inputs));
             let logits = self.graph.forward(&mut self.eval_state, inputs)?;
             let (l, c) = score(&logits, &batch.labels)?;
             loss += l;
@@ -411,8 +407,8 @@ impl Trainer {
         }
         let total_steps = (per_epoch * self.recipe.epochs as u64).min(self.recipe.max_steps.unwrap_or(u64::MAX));
         let base_lr = self.recipe.optimizer.lr();
-        let step_graph = self.graph.step_runnable().graph().clone();
-        let wants_target = self.recipe.loss.targets_from_labels() && graph_has_input(&step_graph, TARGET_INPUT);
+        let step_inputs = self.graph.step_inputs().to_vec();
+        let wants_target = self.recipe.loss.targets_from_labels() && step_inputs.iter().any(|n| n == TARGET_INPUT);
         let mut stopped_early = false;
         while self.progress.epoch < self.recipe.epochs {
             let epoch = self.progress.epoch;
@@ -435,7 +431,7 @@ impl Trainer {
                     break;
                 }
                 let batch = train.batch(&indices)?;
-                let mut inputs = inputs_of(&step_graph, &batch.inputs);
+                let mut inputs = inputs_of(&step_inputs, &batch.inputs);
                 if wants_target {
                     let classes = self.classes.unwrap_or(0);
                     inputs.push((

@@ -18,17 +18,21 @@ const CLASSES: usize = 3;
 
 /// x[batch, 4] -> fc1 (8) -> relu -> fc2 (3) = logits, weights drawn from `seed`.
 fn mlp(seed: u64) -> (Graph, Parameters) {
+    mlp_of(seed, FEATURES, HIDDEN, CLASSES)
+}
+
+fn mlp_of(seed: u64, features: usize, hidden: usize, classes: usize) -> (Graph, Parameters) {
     let mut rng = Rng::new(seed);
     let mut randn = |shape: Vec<usize>, scale: f64| {
         let n = shape.iter().product();
         Tensor::from_vec(shape, (0..n).map(|_| (rng.normal() * scale) as f32).collect::<Vec<_>>()).unwrap()
     };
     let mut g = Graph::default();
-    let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(FEATURES)])).unwrap();
-    let w1 = g.add_const("fc1.weight", randn(vec![FEATURES, HIDDEN], 0.5)).unwrap();
-    let b1 = g.add_const("fc1.bias", randn(vec![HIDDEN], 0.1)).unwrap();
-    let w2 = g.add_const("fc2.weight", randn(vec![HIDDEN, CLASSES], 0.5)).unwrap();
-    let b2 = g.add_const("fc2.bias", randn(vec![CLASSES], 0.1)).unwrap();
+    let x = g.add_input("x", Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(features)])).unwrap();
+    let w1 = g.add_const("fc1.weight", randn(vec![features, hidden], (2.0 / features as f64).sqrt())).unwrap();
+    let b1 = g.add_const("fc1.bias", randn(vec![hidden], 0.1)).unwrap();
+    let w2 = g.add_const("fc2.weight", randn(vec![hidden, classes], (2.0 / hidden as f64).sqrt())).unwrap();
+    let b2 = g.add_const("fc2.bias", randn(vec![classes], 0.1)).unwrap();
     let h = g.add_node("fc1", MatMul, vec![x, w1]).unwrap()[0];
     let h = g.add_node("fc1.add", Binary(BinaryOp::Add), vec![h, b1]).unwrap()[0];
     let h = g.add_node("relu", Unary(UnaryOp::Relu), vec![h]).unwrap()[0];
@@ -272,4 +276,32 @@ fn distillation_from_a_teacher_model() {
     let teacher_accuracy = teacher.evaluate(&test).unwrap().accuracy;
     assert!(teacher_accuracy >= 0.9, "teacher {teacher_accuracy}");
     assert!(report.final_test.unwrap().accuracy >= 0.9, "{report:?}");
+}
+
+#[test]
+fn fashion_mnist_subset_through_the_trainer() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/fashion-mnist");
+    if !dir.is_dir() {
+        println!("skipped: {} is absent (run scripts/fetch-assets.sh)", dir.display());
+        return;
+    }
+    let data = slimnn_data::datasets::load_fashion_mnist(&dir).unwrap();
+    let subset = |set: &slimnn_data::datasets::ImageSet, n: usize| {
+        let mut s = set.clone();
+        s.images.truncate(n * 784);
+        s.labels.truncate(n);
+        TensorDataset::from_images(&s, "x", true).unwrap()
+    };
+    let (train, test) = (subset(&data.train, 3000), subset(&data.test, 1000));
+    let (g, params) = mlp_of(1, 784, 64, 10);
+    let mut r = Recipe::new(3, 32, adamw());
+    r.threads = Some(2);
+    r.optimizer = OptimizerConfig::AdamW { lr: 2e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 };
+    r.schedule = ScheduleConfig::Cosine { warmup_steps: 20, min_lr_ratio: 0.0 };
+    let mut trainer = Trainer::new(g, params, r).unwrap().with_progress_bar(false);
+    let report = trainer.fit(&train, &test).unwrap();
+    let accuracy = report.final_test.unwrap().accuracy;
+    println!("Fashion-MNIST 3,000/1,000 subset, 784-64-10 MLP, 3 epochs: test accuracy {accuracy:.4}");
+    // 3,000 images, 3 epochs of a 784-64-10 MLP: about 80% (the full set reaches 88%+).
+    assert!(accuracy > 0.75, "test accuracy {accuracy}: {report:?}");
 }
