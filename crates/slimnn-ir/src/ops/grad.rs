@@ -714,6 +714,19 @@ impl OpDef for PoolGrad {
 
 const INDEX_TYPES: [DType; 2] = [DType::I32, DType::I64];
 
+/// Resolves negative indices against a dim of size `d` as Gather does, rejecting those out of range.
+fn norm_gather_indices(op: &'static str, idx: &[i64], d: usize, axis: usize) -> IrResult<Vec<usize>> {
+    idx.iter()
+        .map(|&i| {
+            let j = if i < 0 { i as i128 + d as i128 } else { i as i128 };
+            if j < 0 || j >= d as i128 {
+                op_bail!(op, "index {i} is out of range for axis {axis} of size {d}");
+            }
+            Ok(j as usize)
+        })
+        .collect()
+}
+
 impl OpDef for GatherGrad {
     fn name(&self) -> &'static str {
         "GatherGrad"
@@ -732,6 +745,9 @@ impl OpDef for GatherGrad {
             op_bail!(op, "data must have rank >= 1");
         }
         let axis = norm_axis(op, self.axis, data.rank())?;
+        if let (Some(t), Some(d)) = (&idx.konst, data.shape[axis].as_known()) {
+            norm_gather_indices(op, &t.to_i64_vec()?, d, axis)?;
+        }
         let want = [&data.shape[..axis], &idx.shape[..], &data.shape[axis + 1..]].concat();
         same_shape(op, "dy", &dy.shape, "the gather output", &want)?;
         Ok(vec![data.without_value()])
@@ -754,17 +770,7 @@ impl OpDef for GatherGrad {
         let want = [&s[..axis], indices.shape(), &s[axis + 1..]].concat();
         check_shapes_equal(op, "dy", dy.shape(), "the gather output", &want)?;
         let d = s[axis];
-        let idx = indices
-            .to_i64_vec()?
-            .into_iter()
-            .map(|i| {
-                let j = if i < 0 { i as i128 + d as i128 } else { i as i128 };
-                if j < 0 || j >= d as i128 {
-                    op_bail!(op, "index {i} is out of range for axis {axis} of size {d}");
-                }
-                Ok(j as usize)
-            })
-            .collect::<IrResult<Vec<usize>>>()?;
+        let idx = norm_gather_indices(op, &indices.to_i64_vec()?, d, axis)?;
         let inner: usize = s[axis + 1..].iter().product();
         let mut dd = vec![0f64; data.len()];
         let dyv = dy.to_f64_vec();
@@ -1432,6 +1438,11 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(f[0].known_shape(), Some(vec![100, 8]));
+        // Constant indices are checked when the node is built.
+        let konst = Fact::from_tensor(std::sync::Arc::new(bad));
+        let facts = [Fact::known(DType::F64, &[3, 2]), konst, Fact::known(DType::F64, &[3, 2])];
+        let err = op.output_facts(&[&facts[0], &facts[1], &facts[2]]).unwrap_err().to_string();
+        assert!(err.contains("index 3 is out of range"), "{err}");
     }
 
     // -----------------------------------------------------------------------------------------
