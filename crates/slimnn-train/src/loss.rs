@@ -201,7 +201,7 @@ impl LossConfig {
         }
     }
 
-    /// Checks the numbers; `key` is where the loss sits in a recipe.
+    /// Checks the numbers (messages name the recipe keys).
     pub fn validate(&self) -> std::result::Result<(), String> {
         let smoothing = self.label_smoothing();
         if !(0.0..1.0).contains(&smoothing) {

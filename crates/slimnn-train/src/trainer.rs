@@ -75,9 +75,25 @@ impl TensorDataset {
 
     /// Images as one input `[N, 1, rows, cols]` (or `[N, rows * cols]` when `flat`) with their labels.
     pub fn from_images(set: &ImageSet, input: &str, flat: bool) -> Result<TensorDataset> {
-        let shape = if flat { vec![set.len(), set.rows * set.cols] } else { vec![set.len(), 1, set.rows, set.cols] };
-        let t = Tensor::from_vec(shape, set.images.clone())?;
-        TensorDataset::new(vec![(input.to_string(), t)], set.labels.iter().map(|&l| l as usize).collect())
+        let pixels = set.rows * set.cols;
+        if set.images.len() != set.len() * pixels {
+            return Err(TrainError::Invalid(format!(
+                "{} pixels for {} images of {}x{}",
+                set.images.len(),
+                set.len(),
+                set.rows,
+                set.cols
+            )));
+        }
+        let row_shape = if flat { vec![pixels] } else { vec![1, set.rows, set.cols] };
+        // Straight to little-endian bytes: no intermediate copy of the whole set.
+        let bytes: Vec<u8> = set.images.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let column = Column { name: input.to_string(), dtype: DType::F32, row_shape, row_bytes: pixels * 4, bytes };
+        Ok(TensorDataset {
+            columns: vec![column],
+            labels: set.labels.iter().map(|&l| l as usize).collect(),
+            len: set.len(),
+        })
     }
 }
 
@@ -425,6 +441,8 @@ impl Trainer {
             bar.set_position(self.progress.batch as u64);
             let started = Instant::now();
             let mut seen = 0usize;
+            // Running sums for the bar (the log holds the same per step).
+            let (mut bar_loss, mut bar_examples, mut bar_correct) = (0.0f64, 0usize, 0usize);
             for indices in order.batches(epoch, self.progress.batch) {
                 if self.progress.step >= total_steps || self.stop_at.is_some_and(|s| self.progress.step >= s) {
                     stopped_early = true;
@@ -467,8 +485,14 @@ impl Trainer {
                 seen += indices.len();
                 self.progress.step += 1;
                 self.progress.batch += 1;
-                let (avg_loss, acc) = self.log.epoch_train_stats(epoch);
-                bar.set_message(format!("loss {avg_loss:.4} acc {acc:.3}"));
+                bar_loss += out.loss as f64 * indices.len() as f64;
+                bar_examples += indices.len();
+                bar_correct += correct;
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.3}",
+                    bar_loss / bar_examples as f64,
+                    bar_correct as f64 / bar_examples as f64
+                ));
                 bar.inc(1);
                 if self.recipe.checkpoint_every.is_some_and(|k| self.progress.step.is_multiple_of(k)) {
                     self.write_outputs(true)?;
