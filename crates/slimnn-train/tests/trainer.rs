@@ -305,3 +305,25 @@ fn fashion_mnist_subset_through_the_trainer() {
     // 3,000 images, 3 epochs of a 784-64-10 MLP: about 80% (the full set reaches 88%+).
     assert!(accuracy > 0.75, "test accuracy {accuracy}: {report:?}");
 }
+
+#[test]
+fn tensor_dataset_gathers_rows_of_any_dtype() {
+    let ids = Tensor::from_vec(vec![3, 2], vec![1i64, 2, 3, 4, 5, 6]).unwrap();
+    let x = Tensor::from_vec(vec![3, 1, 2], vec![0.5f32, 1.5, 2.5, 3.5, 4.5, 5.5]).unwrap();
+    let d = TensorDataset::new(vec![("ids".into(), ids), ("x".into(), x)], vec![0, 1, 0]).unwrap();
+    assert_eq!(d.len(), 3);
+    let b = d.batch(&[2, 0]).unwrap();
+    assert_eq!(b.inputs[0].1, Tensor::from_vec(vec![2, 2], vec![5i64, 6, 1, 2]).unwrap());
+    assert_eq!(b.inputs[1].1, Tensor::from_vec(vec![2, 1, 2], vec![4.5f32, 5.5, 0.5, 1.5]).unwrap());
+    assert_eq!(b.labels, vec![0, 0]);
+    assert!(d.batch(&[3]).unwrap_err().to_string().contains("out of range"));
+    let short = Tensor::from_vec(vec![2], vec![1f32, 2.0]).unwrap();
+    let e = TensorDataset::new(
+        vec![("ids".into(), Tensor::zeros(DType::I64, vec![3, 2]).unwrap()), ("m".into(), short)],
+        vec![],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("'m'"), "{e}");
+    assert!(TensorDataset::new(vec![("x".into(), Tensor::zeros(DType::F32, vec![3]).unwrap())], vec![0, 1]).is_err());
+}
