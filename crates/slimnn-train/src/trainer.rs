@@ -97,6 +97,55 @@ impl TensorDataset {
     }
 }
 
+impl TensorDataset {
+    /// Materialises any data set (in order, `batch_size` examples at a time): e.g. a
+    /// [`WithTeacher`] becomes a data set with the teacher's outputs computed once instead of
+    /// every epoch.
+    pub fn from_dataset(data: &dyn Dataset, batch_size: usize) -> Result<TensorDataset> {
+        let mut columns: Vec<Column> = Vec::new();
+        let mut labels = Vec::new();
+        let mut len = 0;
+        for indices in BatchOrder::new(data.len(), batch_size, 0, false).batches(0, 0) {
+            let batch = data.batch(&indices)?;
+            if columns.is_empty() {
+                columns = batch
+                    .inputs
+                    .iter()
+                    .map(|(name, t)| Column {
+                        name: name.clone(),
+                        dtype: t.dtype(),
+                        row_shape: t.shape().get(1..).unwrap_or(&[]).to_vec(),
+                        row_bytes: t.len() / indices.len().max(1) * t.dtype().size_of(),
+                        bytes: Vec::new(),
+                    })
+                    .collect();
+            }
+            if batch.inputs.len() != columns.len() {
+                return Err(TrainError::Invalid("the data set's batches have different inputs".into()));
+            }
+            for (c, (name, t)) in columns.iter_mut().zip(&batch.inputs) {
+                if *name != c.name
+                    || t.dtype() != c.dtype
+                    || t.shape().first() != Some(&indices.len())
+                    || t.shape()[1..] != c.row_shape[..]
+                {
+                    return Err(TrainError::Invalid(format!(
+                        "input '{name}' changes name, dtype or row shape between batches ({:?})",
+                        t.shape()
+                    )));
+                }
+                c.bytes.extend_from_slice(&t.to_le_bytes());
+            }
+            labels.extend_from_slice(&batch.labels);
+            len += indices.len();
+        }
+        if !labels.is_empty() && labels.len() != len {
+            return Err(TrainError::Invalid("some batches have labels and some do not".into()));
+        }
+        Ok(TensorDataset { columns, labels, len })
+    }
+}
+
 impl Dataset for TensorDataset {
     fn len(&self) -> usize {
         self.len

@@ -271,8 +271,17 @@ fn distillation_from_a_teacher_model() {
     sr.loss = LossConfig::Distill { temperature: 2.0, alpha: 0.5, label_smoothing: 0.0 };
     let with_teacher = WithTeacher::new(&train, &teacher_runnable, 0, TEACHER_INPUT);
     assert!(with_teacher.batch(&[0, 1]).unwrap().inputs.iter().any(|(n, _)| n == TEACHER_INPUT));
+    // Teacher logits computed once, not every epoch: the same batches as running the teacher live.
+    let cached = TensorDataset::from_dataset(&with_teacher, 7).unwrap();
+    assert_eq!(cached.len(), train.len());
+    let (live, stored) = (with_teacher.batch(&[5, 80, 1]).unwrap(), cached.batch(&[5, 80, 1]).unwrap());
+    assert_eq!(live.inputs[0], stored.inputs[0]);
+    // Batches of 3 and of 7 may take different kernel blockings: equal up to rounding.
+    let diff = live.inputs[1].1.max_abs_diff(&stored.inputs[1].1).unwrap();
+    assert!(diff < 1e-5, "teacher logits differ by {diff}");
+    assert_eq!(live.labels, stored.labels);
     let mut student = Trainer::new(sg, sparams, sr).unwrap().with_progress_bar(false);
-    let report = student.fit(&with_teacher, &test).unwrap();
+    let report = student.fit(&cached, &test).unwrap();
     let teacher_accuracy = teacher.evaluate(&test).unwrap().accuracy;
     assert!(teacher_accuracy >= 0.9, "teacher {teacher_accuracy}");
     assert!(report.final_test.unwrap().accuracy >= 0.9, "{report:?}");
