@@ -27,6 +27,18 @@ pub enum GradActivation {
     Tanh,
     /// `σ(x) (1 - σ(x))`.
     Sigmoid,
+    /// `2 / sqrt(pi) e^(-x^2)` (GELU left as its erf decomposition).
+    Erf,
+}
+
+/// Element-wise functions that appear unfused in training graphs (a GELU whose intermediate
+/// values the backward pass reads stays `x / sqrt 2 -> Erf -> ...`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastUnary {
+    Erf,
+    Exp,
+    Tanh,
+    Sigmoid,
 }
 
 /// Sum of the lanes (through memory: these kernels call it once per row).
@@ -73,7 +85,54 @@ unsafe fn derivative<S: Simd>(act: GradActivation, x: S) -> S {
             S::splat(4.0).mul(slope)
         }
         GradActivation::Sigmoid => sigmoid_slope(x).1,
+        // 2 / sqrt(pi)
+        GradActivation::Erf => S::splat(std::f32::consts::FRAC_2_SQRT_PI).mul(math::exp(S::zero().sub(x.mul(x)))),
     }
+}
+
+#[inline(always)]
+unsafe fn unary_value<S: Simd>(f: FastUnary, x: S) -> S {
+    let one = S::splat(1.0);
+    match f {
+        FastUnary::Erf => math::erf(x),
+        FastUnary::Exp => math::exp(x),
+        // tanh x = 2 σ(2x) - 1 = (1 - e^-2x) / (1 + e^-2x), through σ of either sign so the
+        // exponent never overflows: tanh |x| from e^(-2|x|), sign restored.
+        FastUnary::Tanh => {
+            let e = math::exp(S::splat(-2.0).mul(x.abs()));
+            one.sub(e).div(one.add(e)).with_sign_of(x)
+        }
+        FastUnary::Sigmoid => one.div(one.add(math::exp(S::zero().sub(x)))),
+    }
+}
+
+unsafe fn unary_body<S: Simd>(x: *const f32, out: *mut f32, len: usize, f: FastUnary) {
+    let full = len - len % S::LANES;
+    let mut i = 0;
+    while i < full {
+        unary_value(f, S::load(x.add(i))).store(out.add(i));
+        i += S::LANES;
+    }
+    for j in full..len {
+        *out.add(j) = unary_value(f, *x.add(j));
+    }
+}
+
+tiered!(fn unary_tier(x: *const f32, out: *mut f32, len: usize, f: FastUnary) => unary_body);
+
+/// `out = f(x)` element-wise (erf within 1e-6 absolute, exp within a few ulp).
+pub fn unary(f: FastUnary, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+    unary_with(cpu::tier(), f, x, out)
+}
+
+/// [`unary`] with the kernels of `tier`.
+pub fn unary_with(tier: CpuTier, f: FastUnary, x: &[f32], out: &mut [f32]) -> Result<(), KernelError> {
+    check_tier(tier)?;
+    if x.len() != out.len() {
+        return Err(KernelError::shape(KERNEL, format!("x {}, out {} values", x.len(), out.len())));
+    }
+    unary_tier(tier, x.as_ptr(), out.as_mut_ptr(), out.len(), f);
+    Ok(())
 }
 
 unsafe fn activation_grad_body<S: Simd>(x: *const f32, dy: *const f32, out: *mut f32, len: usize, act: GradActivation) {
@@ -405,6 +464,17 @@ pub mod reference {
             }
             GradActivation::Tanh => 1.0 - x.tanh().powi(2),
             GradActivation::Sigmoid => sigmoid(x) * sigmoid(-x),
+            GradActivation::Erf => 2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp(),
+        }
+    }
+
+    pub fn unary(f: super::FastUnary, x: f32) -> f64 {
+        let x = x as f64;
+        match f {
+            super::FastUnary::Erf => erf(x),
+            super::FastUnary::Exp => x.exp(),
+            super::FastUnary::Tanh => x.tanh(),
+            super::FastUnary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
         }
     }
 
@@ -457,6 +527,7 @@ mod tests {
                 GradActivation::GeluTanh,
                 GradActivation::Tanh,
                 GradActivation::Sigmoid,
+                GradActivation::Erf,
             ] {
                 let mut out = vec![f32::NAN; x.len()];
                 activation_grad_with(tier, act, &x, &dy, &mut out).unwrap();
@@ -467,6 +538,27 @@ mod tests {
             }
         }
         assert!(activation_grad(GradActivation::Tanh, &[0.0; 3], &[0.0; 2], &mut [0.0; 3]).is_err());
+    }
+
+    #[test]
+    fn unary_maps_match_reference_every_tier() {
+        let x: Vec<f32> = (0..2003).map(|i| (i as f32 - 1001.0) / 90.0).chain([0.0, -0.0, 60.0, -60.0]).collect();
+        for tier in cpu::supported_tiers() {
+            for f in [FastUnary::Erf, FastUnary::Exp, FastUnary::Tanh, FastUnary::Sigmoid] {
+                let mut out = vec![f32::NAN; x.len()];
+                unary_with(tier, f, &x, &mut out).unwrap();
+                for i in 0..x.len() {
+                    let want = reference::unary(f, x[i]);
+                    let tol = if f == FastUnary::Exp { 4e-7 * want } else { 1e-6 };
+                    assert!(
+                        (out[i] as f64 - want).abs() <= tol,
+                        "{tier} {f:?} x={}: got {}, want {want}",
+                        x[i],
+                        out[i]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

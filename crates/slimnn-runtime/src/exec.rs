@@ -224,6 +224,17 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             fast::layer_norm_dyn(x, n, scale, bias, *epsilon, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
+        Kernel::Unary(f) => {
+            let mut out = st.take(numel);
+            fast::unary(*f, f32s(st.get(step.inputs[0])?)?, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::BinaryStrided(op, bc) => {
+            let mut out = st.take(numel);
+            let (a, b) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
+            fast::binary_strided(*op, bc, a, b, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
         Kernel::ActivationGrad(act) => {
             let mut out = st.take(numel);
             let (x, dy) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);

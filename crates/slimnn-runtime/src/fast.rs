@@ -2,7 +2,7 @@
 //! kernels, with rows split over threads here. Each has a reference counterpart in the IR's
 //! evaluator; differential tests compare the two.
 
-use crate::plan::{Broadcast, FastBinary};
+use crate::plan::{Broadcast, FastBinary, StridedBroadcast};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_kernels::attention::{self, AttnMask};
@@ -96,6 +96,74 @@ pub fn binary(op: FastBinary, bc: Broadcast, a: &[f32], b: &[f32], out: &mut [f3
             Ok(())
         }),
     }
+}
+
+/// `f(x)` element-wise.
+pub fn unary(f: grad::FastUnary, x: &[f32], out: &mut [f32], par: bool) -> Result<()> {
+    check_len(x.len(), out.len())?;
+    row_chunks(out, 1, par, |i, o| Ok(grad::unary(f, &x[i..i + o.len()], o)?))
+}
+
+/// `a op b` broadcast as `bc` says, one innermost run at a time.
+pub fn binary_strided(
+    op: FastBinary,
+    bc: &StridedBroadcast,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    par: bool,
+) -> Result<()> {
+    let r = bc.dims.len();
+    let extent = |st: &[usize]| bc.dims.iter().zip(st).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>() + 1;
+    let total: usize = bc.dims.iter().product();
+    if r == 0
+        || total != out.len()
+        || (total > 0 && (extent(&bc.a_strides) > a.len() || extent(&bc.b_strides) > b.len()))
+    {
+        return Err(shape_error(format!("broadcast {bc:?} of {} and {} values into {}", a.len(), b.len(), out.len())));
+    }
+    let n = bc.dims[r - 1];
+    let (sa, sb) = (bc.a_strides[r - 1], bc.b_strides[r - 1]);
+    let kop = match op {
+        FastBinary::Add => BinaryOp::Add,
+        FastBinary::Sub => BinaryOp::Sub,
+        FastBinary::Mul => BinaryOp::Mul,
+        FastBinary::Div => BinaryOp::Div,
+    };
+    // Offsets of run `row` (row-major over the outer dims) in a and b.
+    let offsets = |mut row: usize| {
+        let (mut oa, mut ob) = (0, 0);
+        for d in (0..r - 1).rev() {
+            let i = row % bc.dims[d];
+            row /= bc.dims[d];
+            oa += i * bc.a_strides[d];
+            ob += i * bc.b_strides[d];
+        }
+        (oa, ob)
+    };
+    row_chunks(out, n, par, |r0, chunk| {
+        for (j, y) in chunk.chunks_exact_mut(n.max(1)).enumerate() {
+            let (oa, ob) = offsets(r0 + j);
+            let ra = if sa == 0 { &a[oa..oa + 1] } else { &a[oa..oa + n] };
+            let rb = if sb == 0 { &b[ob..ob + 1] } else { &b[ob..ob + n] };
+            match (sa, sb) {
+                (1, _) => rows::binary(kop, ra, rb, y)?,
+                (_, 1) if matches!(op, FastBinary::Add | FastBinary::Mul) => rows::binary(kop, rb, ra, y)?,
+                _ => {
+                    for (i, o) in y.iter_mut().enumerate() {
+                        let (x, z) = (ra[if sa == 0 { 0 } else { i }], rb[if sb == 0 { 0 } else { i }]);
+                        *o = match op {
+                            FastBinary::Add => x + z,
+                            FastBinary::Sub => x - z,
+                            FastBinary::Mul => x * z,
+                            FastBinary::Div => x / z,
+                        };
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// `dy * f'(x)` element-wise.

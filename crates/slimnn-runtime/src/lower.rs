@@ -2,14 +2,14 @@
 //! emitted as one kernel step; every other node runs on the reference evaluator.
 
 use crate::conv::ConvKernel;
-use crate::plan::{Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step};
+use crate::plan::{Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step, StridedBroadcast};
 use crate::Result;
 use slimnn_ir::ops::{
     Binary, BinaryOp, Clip, Conv, GatherGrad, Gemm, GlobalPool, LayerNorm, LayerNormGrad, MatMul, Reduce, ReduceOp,
     Reshape, Softmax, SoftmaxGrad, Transpose, Unary, UnaryGrad, UnaryOp,
 };
 use slimnn_ir::{Graph, NodeId, Op, OutletId};
-use slimnn_kernels::grad::GradActivation;
+use slimnn_kernels::grad::{FastUnary, GradActivation};
 use slimnn_kernels::{Activation, PackedB};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
@@ -500,6 +500,10 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             UnaryOp::Relu => Some(Kernel::Activation(Activation::Relu)),
             UnaryOp::Gelu { tanh: false } => Some(Kernel::Activation(Activation::GeluErf)),
             UnaryOp::Gelu { tanh: true } => Some(Kernel::Activation(Activation::GeluTanh)),
+            UnaryOp::Erf => Some(Kernel::Unary(FastUnary::Erf)),
+            UnaryOp::Exp => Some(Kernel::Unary(FastUnary::Exp)),
+            UnaryOp::Tanh => Some(Kernel::Unary(FastUnary::Tanh)),
+            UnaryOp::Sigmoid => Some(Kernel::Unary(FastUnary::Sigmoid)),
             _ => None,
         },
         Op::Binary(Binary(op)) if all_f32 => {
@@ -514,7 +518,7 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
                 return Ok(None);
             };
             if a != o {
-                return Ok(None);
+                return Ok(strided_broadcast(&a, &b, &o).map(|bc| Kernel::BinaryStrided(fast, Arc::new(bc))));
             }
             let bl: usize = b.iter().product();
             // `b` without its leading 1s, against `a`'s trailing dims.
@@ -529,7 +533,7 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             } else if b.len() == a.len() && b.last() == Some(&1) && b[..b.len() - 1] == a[..a.len() - 1] {
                 Broadcast::PerRow(*a.last().unwrap_or(&1))
             } else {
-                return Ok(None);
+                return Ok(strided_broadcast(&a, &b, &o).map(|bc| Kernel::BinaryStrided(fast, Arc::new(bc))));
             };
             Some(Kernel::Binary(fast, bc))
         }
@@ -570,6 +574,7 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             UnaryOp::Gelu { tanh: true } => Some(Kernel::ActivationGrad(GradActivation::GeluTanh)),
             UnaryOp::Tanh => Some(Kernel::ActivationGrad(GradActivation::Tanh)),
             UnaryOp::Sigmoid => Some(Kernel::ActivationGrad(GradActivation::Sigmoid)),
+            UnaryOp::Erf => Some(Kernel::ActivationGrad(GradActivation::Erf)),
             _ => None,
         },
         Op::SoftmaxGrad(SoftmaxGrad { axis, log }) if all_f32 && c.shape(ins[0]) == c.shape(ins[1]) => {
@@ -595,6 +600,50 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
         }
         _ => None,
     })
+}
+
+/// `a` and `b` broadcast to `out` (numpy rules) as element strides per output dim, adjacent
+/// dims merged where both operands step through them alike; `None` when they do not broadcast
+/// to `out` or nothing is left to merge (no output).
+fn strided_broadcast(a: &[usize], b: &[usize], out: &[usize]) -> Option<StridedBroadcast> {
+    let r = out.len();
+    if a.len() > r || b.len() > r || out.contains(&0) || r == 0 {
+        return None;
+    }
+    let strides = |s: &[usize]| -> Option<Vec<usize>> {
+        let mut st = vec![0; r];
+        let mut acc = 1;
+        for i in (0..s.len()).rev() {
+            let o = r - s.len() + i;
+            if s[i] != 1 && s[i] != out[o] {
+                return None;
+            }
+            st[o] = if s[i] == 1 { 0 } else { acc };
+            acc *= s[i];
+        }
+        Some(st)
+    };
+    let (sa, sb) = (strides(a)?, strides(b)?);
+    let (mut dims, mut a_strides, mut b_strides) = (vec![], vec![], vec![]);
+    for i in (0..r).filter(|&i| out[i] != 1) {
+        // Dim i continues the previous one when each operand steps through the pair as one
+        // run: contiguous (previous stride = dim x stride) or broadcast in both (0 = d x 0).
+        match dims.len().checked_sub(1) {
+            Some(l) if a_strides[l] == out[i] * sa[i] && b_strides[l] == out[i] * sb[i] => {
+                dims[l] *= out[i];
+                (a_strides[l], b_strides[l]) = (sa[i], sb[i]);
+            }
+            _ => {
+                dims.push(out[i]);
+                a_strides.push(sa[i]);
+                b_strides.push(sb[i]);
+            }
+        }
+    }
+    if dims.is_empty() {
+        (dims, a_strides, b_strides) = (vec![1], vec![1], vec![1]);
+    }
+    Some(StridedBroadcast { dims, a_strides, b_strides })
 }
 
 pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {

@@ -32,6 +32,10 @@ pub enum Kernel {
     LayerNormDyn { epsilon: f32 },
     /// Softmax over the last axis.
     Softmax,
+    /// Element-wise f32 function without a GEMM-epilogue form (erf, exp, tanh, sigmoid).
+    Unary(slimnn_kernels::grad::FastUnary),
+    /// `a op b` with both operands broadcast to the output along any axes.
+    BinaryStrided(FastBinary, Arc<StridedBroadcast>),
     /// `dy * f'(x)`; inputs `[x, dy]`.
     ActivationGrad(slimnn_kernels::grad::GradActivation),
     /// Softmax (log-softmax) backward over the last axis; inputs `[y, dy]`.
@@ -75,6 +79,15 @@ pub enum Broadcast {
     /// One value of `b` per row of `n` values of `a` (`b` is `a`'s shape with the last dim 1),
     /// e.g. a token mask over hidden states.
     PerRow(usize),
+}
+
+/// Numpy broadcasting in general: the output's dims (adjacent dims that broadcast alike merged)
+/// and each operand's element stride per dim (0 where it is broadcast).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StridedBroadcast {
+    pub dims: Vec<usize>,
+    pub a_strides: Vec<usize>,
+    pub b_strides: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +164,8 @@ impl Kernel {
             Kernel::GatherGrad { .. } => "gather_grad".into(),
             Kernel::Activation(a) => format!("{a:?}").to_lowercase(),
             Kernel::Binary(b, _) => format!("{b:?}").to_lowercase(),
+            Kernel::Unary(f) => format!("{f:?}").to_lowercase(),
+            Kernel::BinaryStrided(b, _) => format!("{b:?}_broadcast").to_lowercase(),
             Kernel::ReduceSum { .. } => "reduce_sum".into(),
             Kernel::Embedding { .. } | Kernel::EmbeddingDyn => "embedding".into(),
             Kernel::Conv(k) => k.name(),

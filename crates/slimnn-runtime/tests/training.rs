@@ -224,3 +224,38 @@ fn random_inputs_with_ids(g: &Graph, vocab: usize) -> Vec<(String, Tensor)> {
         })
         .collect()
 }
+
+/// Broadcasts that backward graphs and attention masks produce, and element-wise functions
+/// left unfused (a GELU's erf decomposition whose intermediates the backward reads).
+#[test]
+fn broadcasts_and_unfused_elementwise_match_reference() {
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[2, 3, 8, 8], &[2, 1, 1, 8]),
+        (&[2, 1, 1, 8], &[2, 3, 8, 8]),
+        (&[4, 1, 6], &[1, 5, 1]),
+        (&[4, 5, 6], &[4, 5, 1]),
+        (&[4, 5, 6], &[4, 1, 6]),
+        (&[1], &[3, 7]),
+        (&[3, 1], &[1]),
+    ];
+    let mut g = Graph::default();
+    for (i, (sa, sb)) in cases.iter().enumerate() {
+        let a = input(&mut g, &format!("a{i}"), sa);
+        let b = input(&mut g, &format!("b{i}"), sb);
+        for op in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div] {
+            let y = node(&mut g, &format!("{op:?}{i}"), Binary(op), vec![a, b]);
+            g.add_output(&format!("{op:?}{i}"), y);
+        }
+    }
+    let x = input(&mut g, "x", &[3, 50]);
+    let dy = input(&mut g, "dy", &[3, 50]);
+    for u in [UnaryOp::Erf, UnaryOp::Exp, UnaryOp::Tanh, UnaryOp::Sigmoid] {
+        let y = node(&mut g, &format!("{u:?}"), Unary(u), vec![x]);
+        g.add_output(&format!("{u:?}"), y);
+    }
+    let dx = node(&mut g, "erf_grad", slimnn_ir::ops::UnaryGrad(UnaryOp::Erf), vec![x, dy]);
+    g.add_output("erf_grad", dx);
+    let kernels = check_against_reference(&g, 1e-5);
+    let slow: Vec<&String> = kernels.iter().filter(|k| k.starts_with("ref:")).collect();
+    assert!(slow.is_empty(), "{slow:?}");
+}
