@@ -234,6 +234,8 @@ pub struct FitReport {
     /// Updates applied in total (including those before a resume).
     pub steps: u64,
     /// Stopped by the recipe's `max_steps` or [`Trainer::stop_after`] before the last epoch ended.
+    /// A run ended by `max_steps` is evaluated where it stopped (an epoch record for the partial
+    /// epoch, and `final_test`); an interrupted one is not.
     pub stopped_early: bool,
     pub final_test: Option<Evaluation>,
 }
@@ -549,11 +551,14 @@ impl Trainer {
             }
             let seconds = started.elapsed().as_secs_f64();
             bar.finish_and_clear();
-            if stopped_early {
-                break;
+            let interrupted = self.stop_at.is_some_and(|s| self.progress.step >= s);
+            if stopped_early && (interrupted || seen == 0) {
+                break; // an interrupted run is evaluated when it finishes
             }
-            self.progress.epoch += 1;
-            self.progress.batch = 0;
+            if !stopped_early {
+                self.progress.epoch += 1;
+                self.progress.batch = 0;
+            } // else `max_steps` ended the run inside this epoch: evaluate where it stands
             let eval = self.evaluate(test)?;
             let (train_loss, train_accuracy) = self.log.epoch_train_stats(epoch);
             self.log.epochs.push(EpochRecord {
@@ -576,7 +581,9 @@ impl Trainer {
                 );
             }
             self.write_outputs(true)?;
-            let interrupted = self.stop_at.is_some_and(|s| self.progress.step >= s);
+            if stopped_early {
+                break;
+            }
             if (self.progress.step >= total_steps || interrupted) && self.progress.epoch < self.recipe.epochs {
                 stopped_early = true;
                 break;
@@ -585,7 +592,8 @@ impl Trainer {
         if stopped_early {
             self.write_outputs(true)?;
         }
-        let final_test = self.log.epochs.last().filter(|_| !stopped_early).map(|e| Evaluation {
+        let finished = self.progress.epoch >= self.recipe.epochs || self.progress.step >= total_steps;
+        let final_test = self.log.epochs.last().filter(|_| finished).map(|e| Evaluation {
             loss: e.test_loss,
             accuracy: e.test_accuracy,
             examples: test.len(),

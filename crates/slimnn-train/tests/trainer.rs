@@ -336,3 +336,22 @@ fn tensor_dataset_gathers_rows_of_any_dtype() {
     assert!(e.contains("'m'"), "{e}");
     assert!(TensorDataset::new(vec![("x".into(), Tensor::zeros(DType::F32, vec![3]).unwrap())], vec![0, 1]).is_err());
 }
+
+#[test]
+fn max_steps_shortens_the_schedule_and_evaluates_where_it_stops() {
+    let (train, test) = (blobs(100, 6), blobs(30, 7));
+    let mut r = recipe(adamw());
+    r.max_steps = Some(15); // 7 batches per epoch: stops after batch 1 of epoch 2
+    let (g, params) = mlp(8);
+    let mut trainer = Trainer::new(g, params, r).unwrap().with_progress_bar(false);
+    let report = trainer.fit(&train, &test).unwrap();
+    assert!(report.stopped_early);
+    assert_eq!(report.steps, 15);
+    assert_eq!(report.epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(report.final_test.is_some());
+    let lrs: Vec<f32> = trainer.log().steps.iter().map(|s| s.lr).collect();
+    assert!((lrs[14] - 0.02 * 0.1).abs() < 1e-7, "the cosine reaches its floor at step 15: {lrs:?}");
+    // Fitting again does nothing more.
+    let again = trainer.fit(&train, &test).unwrap();
+    assert_eq!((again.steps, again.epochs.len()), (15, 3));
+}
