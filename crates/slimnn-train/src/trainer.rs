@@ -293,8 +293,10 @@ impl Trainer {
         Trainer::with_loss(model, params, recipe, Box::new(move |g, logits| loss.build(g, logits)))
     }
 
-    /// Like [`Trainer::new`] with a loss of the caller's making (e.g. the recipe's loss plus
-    /// hidden-state matching terms); inputs it adds are fed from the batches' named inputs.
+    /// As [`Trainer::new`] with a custom loss builder (e.g. the recipe's loss plus hidden-state
+    /// matching terms). The recipe's loss still decides whether the trainer feeds
+    /// [`TARGET_INPUT`] class probabilities built from labels (and their smoothing); any other
+    /// input the builder adds must come with the data set's batches.
     pub fn with_loss(model: Graph, mut params: Parameters, recipe: Recipe, loss: Box<LossBuilder>) -> Result<Trainer> {
         recipe.validate().map_err(|msg| TrainError::Recipe { origin: "(in memory)".into(), msg })?;
         params.freeze(&recipe.freeze)?;

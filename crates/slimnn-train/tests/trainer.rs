@@ -355,3 +355,26 @@ fn max_steps_shortens_the_schedule_and_evaluates_where_it_stops() {
     let again = trainer.fit(&train, &test).unwrap();
     assert_eq!((again.steps, again.epochs.len()), (15, 3));
 }
+
+#[test]
+fn custom_loss_builder() {
+    let (train, test) = (blobs(48, 1), blobs(12, 2));
+    let mut r = recipe(adamw());
+    r.epochs = 1;
+    let (g, params) = mlp(2);
+    let mut plain = Trainer::new(g.clone(), params.clone(), r.clone()).unwrap().with_progress_bar(false);
+    plain.fit(&train, &test).unwrap();
+    let base = r.loss.clone();
+    let mut custom = Trainer::with_loss(g.clone(), params.clone(), r.clone(), Box::new(move |g, l| base.build(g, l)))
+        .unwrap()
+        .with_progress_bar(false);
+    custom.fit(&train, &test).unwrap();
+    assert_eq!(plain.log().steps, custom.log().steps, "the same loss built by hand trains the same");
+    let failing = Trainer::with_loss(
+        g,
+        params,
+        r,
+        Box::new(|_, _| Err(slimnn_ir::IrError::Graph("no such layer 'encoder.9'".into()))),
+    );
+    assert!(failing.err().unwrap().to_string().contains("encoder.9"));
+}
