@@ -6,3 +6,4 @@ pub mod llm;
 pub mod model;
 pub mod quantize;
 pub mod tasks;
+pub mod train;

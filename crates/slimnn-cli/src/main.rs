@@ -120,6 +120,46 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Train a model by a recipe (TOML): Fashion-MNIST LeNets from scratch, a MiniLM classifier
+    /// fine-tuned on SpamAssassin, quantization-aware training; writes the model, log, loss curve
+    /// and checkpoints into the output folder.
+    Train {
+        recipe: PathBuf,
+        #[arg(short, long, value_name = "DIR")]
+        output: PathBuf,
+        /// Continue from DIR/checkpoint.safetensors.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many updates, writing a checkpoint (as a killed run would).
+        #[arg(long)]
+        stop_after: Option<u64>,
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Distill a teacher into a smaller student (logits with temperature, hard labels, and
+    /// optionally hidden-state and attention-map matching), by a recipe.
+    Distill {
+        /// The trained teacher (.onnx with a `logits` output).
+        #[arg(long)]
+        teacher: PathBuf,
+        /// The student's Hugging Face folder (architecture and vocabulary); the recipe's task
+        /// picks its layers and initial weights.
+        #[arg(long)]
+        student: PathBuf,
+        #[arg(long)]
+        recipe: PathBuf,
+        #[arg(short, long, value_name = "DIR")]
+        output: PathBuf,
+        #[arg(long)]
+        resume: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Quantize a model (int8 dynamic / static QDQ, weight-only int8 / int4, bf16 / fp16) and
     /// print a per-layer table.
     Quantize {
@@ -351,6 +391,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Perplexity { model, text, context, stride, threads } => {
             let threads = threads.unwrap_or_else(slimnn_runtime::physical_cores);
             slimnn_cli::llm::perplexity_cli(&model, &text, context, stride, threads).map(drop)
+        }
+        Command::Train { recipe, output, resume, stop_after, threads, quiet } => {
+            let opts = slimnn_cli::train::RunOptions { output, resume, threads, progress: !quiet, stop_after };
+            slimnn_cli::train::train(&recipe, &opts).map(drop)
+        }
+        Command::Distill { teacher, student, recipe, output, resume, threads, quiet } => {
+            let opts = slimnn_cli::train::RunOptions { output, resume, threads, progress: !quiet, stop_after: None };
+            slimnn_cli::train::distill(&teacher, &student, &recipe, &opts).map(drop)
         }
         Command::Run { model, inputs, output_dir, reference, threads } => {
             run_model(&model, &inputs, &output_dir, reference, threads)
