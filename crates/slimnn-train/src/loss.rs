@@ -27,9 +27,11 @@ fn node(g: &mut Graph, name: &str, op: impl Into<slimnn_ir::Op>, inputs: Vec<Out
     Ok(g.add_node(&name, op, inputs)?[0])
 }
 
-fn scalar(g: &mut Graph, name: &str, v: f32) -> IrResult<OutletId> {
+/// A scalar constant of the dtype of `like` (losses work on f32 and f64 graphs).
+fn scalar(g: &mut Graph, name: &str, v: f64, like: OutletId) -> IrResult<OutletId> {
+    let dtype = g.fact(like).dtype;
     let name = fresh(g, name);
-    g.add_const(&name, Tensor::scalar(v))
+    g.add_const(&name, Tensor::from_f64s(dtype, vec![], &[v])?)
 }
 
 fn binary(g: &mut Graph, name: &str, op: BinaryOp, a: OutletId, b: OutletId) -> IrResult<OutletId> {
@@ -76,7 +78,7 @@ pub fn kl_divergence(g: &mut Graph, student: OutletId, teacher: OutletId, temper
         return Err(IrError::Graph(format!("KL divergence: temperature {temperature} must be positive")));
     }
     let axis = last_axis(g, student, "KL divergence")?;
-    let inv_t = scalar(g, "loss.kl.inv_t", 1.0 / temperature)?;
+    let inv_t = scalar(g, "loss.kl.inv_t", 1.0 / temperature as f64, student)?;
     let s = binary(g, "loss.kl.student_scaled", BinaryOp::Mul, student, inv_t)?;
     let t = binary(g, "loss.kl.teacher_scaled", BinaryOp::Mul, teacher, inv_t)?;
     let log_q = node(g, "loss.kl.log_q", LogSoftmax { axis, legacy_2d: false }, vec![s])?;
@@ -86,7 +88,7 @@ pub fn kl_divergence(g: &mut Graph, student: OutletId, teacher: OutletId, temper
     let terms = binary(g, "loss.kl.terms", BinaryOp::Mul, p, diff)?;
     let per_example = reduce(g, "loss.kl.per_example", ReduceOp::Sum, terms, Some(vec![axis]))?;
     let mean = reduce(g, "loss.kl.mean", ReduceOp::Mean, per_example, None)?;
-    let t2 = scalar(g, "loss.kl.t_squared", temperature * temperature)?;
+    let t2 = scalar(g, "loss.kl.t_squared", (temperature as f64).powi(2), student)?;
     binary(g, "loss.kl", BinaryOp::Mul, mean, t2)
 }
 
@@ -111,11 +113,11 @@ pub fn cosine(g: &mut Graph, a: OutletId, b: OutletId) -> IrResult<OutletId> {
     let nb = reduce(g, "loss.cos.norm_b2", ReduceOp::Sum, bb, Some(vec![axis]))?;
     let nn = binary(g, "loss.cos.norms2", BinaryOp::Mul, na, nb)?;
     let norms = node(g, "loss.cos.norms", Unary(UnaryOp::Sqrt), vec![nn])?;
-    let eps = scalar(g, "loss.cos.eps", 1e-12)?;
+    let eps = scalar(g, "loss.cos.eps", 1e-12, a)?;
     let denom = binary(g, "loss.cos.denom", BinaryOp::Add, norms, eps)?;
     let cos = binary(g, "loss.cos.cos", BinaryOp::Div, dot, denom)?;
     let mean = reduce(g, "loss.cos.mean", ReduceOp::Mean, cos, None)?;
-    let one = scalar(g, "loss.cos.one", 1.0)?;
+    let one = scalar(g, "loss.cos.one", 1.0, a)?;
     binary(g, "loss.cos", BinaryOp::Sub, one, mean)
 }
 
@@ -182,7 +184,7 @@ impl LossConfig {
 
     /// Adds the loss on `output` (its inputs named as above, shaped like `output`) to `g`.
     pub fn build(&self, g: &mut Graph, output: OutletId) -> IrResult<OutletId> {
-        let fact = Fact::new(DType::F32, g.fact(output).shape.clone());
+        let fact = Fact::new(g.fact(output).dtype, g.fact(output).shape.clone());
         let target = g.add_input(TARGET_INPUT, fact.clone())?;
         match *self {
             LossConfig::CrossEntropy { .. } => cross_entropy(g, output, target),
@@ -190,8 +192,8 @@ impl LossConfig {
                 let teacher = g.add_input(TEACHER_INPUT, fact)?;
                 let hard = cross_entropy(g, output, target)?;
                 let soft = kl_divergence(g, output, teacher, temperature)?;
-                let a = scalar(g, "loss.distill.alpha", alpha)?;
-                let b = scalar(g, "loss.distill.one_minus_alpha", 1.0 - alpha)?;
+                let a = scalar(g, "loss.distill.alpha", alpha as f64, output)?;
+                let b = scalar(g, "loss.distill.one_minus_alpha", 1.0 - alpha as f64, output)?;
                 let hard = binary(g, "loss.distill.hard", BinaryOp::Mul, hard, a)?;
                 let soft = binary(g, "loss.distill.soft", BinaryOp::Mul, soft, b)?;
                 binary(g, "loss.distill", BinaryOp::Add, hard, soft)
@@ -219,7 +221,7 @@ impl LossConfig {
     }
 }
 
-/// A scalar graph input shaped `[batch, n]`, for tests and builders.
+/// An f32 graph input shaped `[batch, n]`, for tests and builders.
 pub fn batch_input(g: &mut Graph, name: &str, n: usize) -> IrResult<OutletId> {
     g.add_input(name, Fact::new(DType::F32, vec![Dim::sym("batch"), Dim::Known(n)]))
 }
