@@ -106,6 +106,7 @@ unsafe fn unary_value<S: Simd>(f: FastUnary, x: S) -> S {
     }
 }
 
+#[inline(always)]
 unsafe fn unary_body<S: Simd>(x: *const f32, out: *mut f32, len: usize, f: FastUnary) {
     let full = len - len % S::LANES;
     let mut i = 0;
@@ -135,6 +136,7 @@ pub fn unary_with(tier: CpuTier, f: FastUnary, x: &[f32], out: &mut [f32]) -> Re
     Ok(())
 }
 
+#[inline(always)]
 unsafe fn activation_grad_body<S: Simd>(x: *const f32, dy: *const f32, out: *mut f32, len: usize, act: GradActivation) {
     let full = len - len % S::LANES;
     let mut i = 0;
@@ -179,6 +181,7 @@ pub fn activation_grad_with(
     Ok(())
 }
 
+#[inline(always)]
 unsafe fn softmax_grad_body<S: Simd>(y: *const f32, dy: *const f32, out: *mut f32, rows: usize, n: usize, log: bool) {
     let full = n - n % S::LANES;
     for r in 0..rows {
@@ -244,6 +247,7 @@ pub fn softmax_grad_with(
     Ok(())
 }
 
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn layer_norm_grad_body<S: Simd>(
     x: *const f32,
