@@ -146,19 +146,50 @@ impl BatchedMatMul {
 }
 
 /// Row-major `rows x cols` transpose of `src` (stride `cols`) into `dst` (`cols x rows`).
+///
+/// 16 x 16 tiles pass through a stack buffer, so every source and destination cache line is
+/// read or written whole at once: a direct strided copy thrashes L1 when the row stride is a
+/// multiple of 4 KiB (1024 or 1536 floats, the shapes of a transformer's activations).
 pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const T: usize = 32;
-    for r0 in (0..rows).step_by(T) {
-        let r1 = (r0 + T).min(rows);
-        for c0 in (0..cols).step_by(T) {
-            let c1 = (c0 + T).min(cols);
-            for r in r0..r1 {
-                let row = &src[r * cols + c0..r * cols + c1];
-                for (c, &v) in (c0..c1).zip(row) {
-                    dst[c * rows + r] = v;
+    transpose_cols(src, rows, cols, 0, dst);
+}
+
+/// Rows `c0..` of the transpose (columns `c0..c0 + dst.len() / rows` of `src`) into `dst`.
+fn transpose_cols(src: &[f32], rows: usize, cols: usize, c0: usize, dst: &mut [f32]) {
+    const T: usize = 16;
+    let width = dst.len().checked_div(rows).unwrap_or(0);
+    let mut tile = [[0f32; T]; T];
+    for cb in (0..width).step_by(T) {
+        let w = T.min(width - cb);
+        for r0 in (0..rows).step_by(T) {
+            let h = T.min(rows - r0);
+            for (r, t) in tile.iter_mut().enumerate().take(h) {
+                let at = (r0 + r) * cols + c0 + cb;
+                t[..w].copy_from_slice(&src[at..at + w]);
+            }
+            for c in 0..w {
+                let d = &mut dst[(cb + c) * rows + r0..(cb + c) * rows + r0 + h];
+                for (r, v) in d.iter_mut().enumerate() {
+                    *v = tile[r][c];
                 }
             }
         }
+    }
+}
+
+/// [`transpose`] with the destination rows split over the threads of `par`.
+fn transpose_par(src: &[f32], rows: usize, cols: usize, dst: &mut [f32], par: Par<'_>) {
+    let threads = par.threads();
+    if threads <= 1 || rows * cols < 1 << 16 || rows == 0 {
+        return transpose(src, rows, cols, dst);
+    }
+    let per = cols.div_ceil(threads).next_multiple_of(16);
+    let mut run = move || {
+        dst.par_chunks_mut(per * rows).enumerate().for_each(|(t, d)| transpose_cols(src, rows, cols, t * per, d));
+    };
+    match par {
+        Par::Pool(pool) => pool.install(run),
+        _ => run(),
     }
 }
 
@@ -304,7 +335,7 @@ fn multiply(
     if d.a_trans && m > 1 && k > 1 {
         // A is stored k x m: a row-major m x k copy for the GEMM's in-place A reads.
         s.a_t.resize(m * k, 0.0);
-        transpose(a, k, m, &mut s.a_t);
+        transpose_par(a, k, m, &mut s.a_t, par);
         gemm(m, &s.a_t, k, &s.packed, out, d.n, ep, par)
     } else {
         // One row or one column: the transpose is the same memory.
@@ -445,6 +476,23 @@ mod tests {
         let mut s = spec(24, 33, 40, false, true, &[2, 3], &[3]);
         s.reduce = true;
         run_case(&s, false, Activation::None, false, 8);
+    }
+
+    #[test]
+    fn transposes_of_odd_shapes() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (rows, cols) in [(1, 1), (3, 37), (40, 17), (300, 301), (1024, 70)] {
+            let src = values(rows * cols, 9);
+            for par in [Par::Seq, Par::Pool(&pool)] {
+                let mut dst = vec![f32::NAN; rows * cols];
+                transpose_par(&src, rows, cols, &mut dst, par);
+                for r in 0..rows {
+                    for c in 0..cols {
+                        assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}x{cols} at {r},{c}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
