@@ -157,9 +157,10 @@ fn read_idx_gz(path: &Path, rank: u8) -> Result<(Vec<usize>, Vec<u8>)> {
             u32::from_be_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]) as usize
         })
         .collect();
-    let expected_len = dims.iter().product::<usize>();
+    let expected_len = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     let data_len = raw.len() - header_len;
-    if data_len != expected_len {
+    if expected_len != Some(data_len) {
+        let expected_len = expected_len.map_or("more than usize::MAX".to_string(), |n| n.to_string());
         return Err(file_err(
             path,
             format!("dims {dims:?} need {expected_len} data bytes, the file has {data_len} (truncated or corrupt)"),
@@ -781,6 +782,13 @@ mod tests {
         write_gz("train-images-idx3-ubyte.gz", &img);
         let e = load_fashion_mnist(&dir).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
+        // Dims whose product overflows.
+        write_gz(
+            "train-images-idx3-ubyte.gz",
+            &[0, 0, 8, 3, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255],
+        );
+        let e = load_fashion_mnist(&dir).unwrap_err().to_string();
+        assert!(e.contains("more than usize::MAX"), "{e}");
         // Not gzip at all.
         std::fs::write(dir.join("train-images-idx3-ubyte.gz"), b"plain").unwrap();
         let e = load_fashion_mnist(&dir).unwrap_err().to_string();
