@@ -98,3 +98,49 @@ fn text_classifier_and_student_shapes() {
     let out = student.graph.eval(inputs).unwrap();
     assert_eq!(out[0].shape(), [1, 2]);
 }
+
+/// The int8 QDQ model QAT converts to computes what the fake-quantized training graph computed.
+#[test]
+fn qat_int8_conversion_matches_fake_quant() {
+    use slimnn_train::qat::{insert_fake_quant, quantizable, to_int8, QatConfig};
+    for arch in [ImageArch::Lenet5, ImageArch::Lenet300100] {
+        let model = image_classifier(arch, 3).unwrap();
+        let mut rng = slimnn_data::datasets::Rng::new(9);
+        let x: Vec<f32> = (0..4 * 784).map(|_| rng.normal() as f32).collect();
+        let image = Tensor::from_vec(vec![4, 1, 28, 28], x).unwrap();
+        // Ranges observed on the batch itself.
+        let targets = quantizable(&model);
+        assert_eq!(targets.len(), if arch == ImageArch::Lenet5 { 5 } else { 3 });
+        let mut g = model.graph.clone();
+        g.set_outputs(targets.iter().enumerate().map(|(i, (_, o))| (format!("a{i}"), *o)).collect());
+        let mut inputs = vec![("image".to_string(), image.clone())];
+        inputs.extend(model.params.as_inputs());
+        let seen = g.eval(inputs.clone()).unwrap();
+        let ranges = targets
+            .iter()
+            .zip(&seen)
+            .map(|((_, o), t)| {
+                let v = t.as_slice::<f32>().unwrap();
+                (*o, v.iter().fold((f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x))))
+            })
+            .collect();
+        let qat = insert_fake_quant(&model, &ranges, QatConfig { learn_scales: true }).unwrap();
+        assert!(qat.params.len() > model.params.len(), "scales are parameters");
+        let mut qinputs = vec![("image".to_string(), image.clone())];
+        qinputs.extend(qat.params.as_inputs());
+        let fake = qat.graph.eval(qinputs).unwrap().remove(0);
+        let float = model.graph.eval(inputs).unwrap().remove(0);
+        let int8 = to_int8(&qat).unwrap();
+        let hist = int8.op_histogram();
+        assert!(hist.contains_key("QuantizeLinear") && hist.contains_key("DequantizeLinear"), "{hist:?}");
+        assert!(!hist.contains_key("FakeQuant"));
+        let real = int8.eval(vec![("image".to_string(), image)]).unwrap().remove(0);
+        let (f, r, fl) =
+            (fake.as_slice::<f32>().unwrap(), real.as_slice::<f32>().unwrap(), float.as_slice::<f32>().unwrap());
+        let max_diff = f.iter().zip(r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let quant_err = f.iter().zip(fl).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{arch:?}: int8 vs fake-quant max diff {max_diff:.2e}; fake-quant vs float {quant_err:.2e}");
+        assert!(max_diff <= 1e-4, "{max_diff}");
+        assert!(quant_err > 0.0, "fake quantization changed nothing");
+    }
+}
