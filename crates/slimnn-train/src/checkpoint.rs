@@ -131,10 +131,17 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
         if kind == "param" {
             continue;
         }
-        if params.get(param).is_none() {
+        let Some(p) = params.get(param) else {
             return Err(file_err(path, format!("optimizer state '{name}' names no parameter")));
+        };
+        let buf = read(name)?.into_vec::<f32>()?;
+        if buf.len() != p.value.len() {
+            return Err(file_err(
+                path,
+                format!("optimizer state '{name}' has {} values for {} parameter values", buf.len(), p.value.len()),
+            ));
         }
-        opt_state.entry(kind.to_string()).or_default().insert(param.to_string(), read(name)?.into_vec::<f32>()?);
+        opt_state.entry(kind.to_string()).or_default().insert(param.to_string(), buf);
     }
     let optimizer = Optimizer { config: state.optimizer, steps: state.optimizer_steps, state: opt_state };
     Ok(Checkpoint { params, optimizer, progress: state.progress, log: state.log })
