@@ -32,6 +32,11 @@ fn main() -> Result<(), minilm_step::BoxError> {
     let plan = rt.plan_for(&shapes)?;
     let summary = plan.summary();
     println!("plan: {} steps; kernels: {:?}", summary.steps, summary.kernels);
+    if let Ok(kind) = std::env::var("SHOW_STEPS") {
+        for s in plan.steps.iter().filter(|s| s.kernel.name() == kind) {
+            println!("  {kind} {} -> {:?}", s.name, s.output_shapes);
+        }
+    }
     let mut st = rt.new_state();
     let t = Instant::now();
     let out = rt.run(&mut st, inputs.clone())?;
