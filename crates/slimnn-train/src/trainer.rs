@@ -417,6 +417,13 @@ impl Trainer {
                 ckpt.progress.seed, self.recipe.seed
             )));
         }
+        // The position (epoch, batch) means the same batches only under the same batching.
+        for key in ["batch_size", "drop_last"] {
+            let (then, now) = (&ckpt.log.recipe[key], &self.log.recipe[key]);
+            if !then.is_null() && then != now {
+                return Err(mismatch(format!("it was trained with {key} = {then}, the recipe says {now}")));
+            }
+        }
         self.params = ckpt.params;
         self.optimizer = Optimizer { config: self.recipe.optimizer.clone(), ..ckpt.optimizer };
         self.progress = ckpt.progress;

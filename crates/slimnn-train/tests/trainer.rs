@@ -238,6 +238,13 @@ fn resume_rejects_a_different_model_or_recipe() {
     frozen.freeze = vec!["fc2.*".into()];
     let e = Trainer::new(g.clone(), params.clone(), frozen).unwrap().resume(&ckpt).unwrap_err().to_string();
     assert!(e.contains("checkpoint.safetensors") && e.contains("freeze"), "{e}");
+    let mut batch = r.clone();
+    batch.batch_size = 8;
+    let e = Trainer::new(g.clone(), params.clone(), batch).unwrap().resume(&ckpt).unwrap_err().to_string();
+    assert!(e.contains("batch_size = 16"), "{e}");
+    let mut longer = r.clone();
+    longer.epochs = 2; // more epochs is fine: the run goes on
+    Trainer::new(g.clone(), params.clone(), longer).unwrap().resume(&ckpt).unwrap();
     let mut sgd = r.clone();
     sgd.optimizer = OptimizerConfig::Sgd { lr: 0.1, momentum: 0.0, nesterov: false, weight_decay: 0.0 };
     let e = Trainer::new(g.clone(), params.clone(), sgd).unwrap().resume(&ckpt).unwrap_err().to_string();
