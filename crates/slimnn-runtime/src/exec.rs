@@ -116,6 +116,20 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
     let gpar = if par { Par::Current } else { Par::Seq };
     for step in &plan.steps {
         let started = st.profile.is_some().then(std::time::Instant::now);
+        if let Kernel::View = step.kernel {
+            view(step, st)?;
+            if let (Some(t), Some(p)) = (started, st.profile.as_mut()) {
+                let e = p.entry(step.kernel.name()).or_default();
+                e.0 += t.elapsed();
+                e.1 += 1;
+            }
+            for &s in &step.frees {
+                if let Some(v) = st.values[s].take() {
+                    st.release(v);
+                }
+            }
+            continue;
+        }
         let result = run_step(step, st, par, gpar).map_err(|e| match e {
             crate::RuntimeError::Ir(ir) => crate::RuntimeError::Ir(ir.at_node(&step.name, "step")),
             other => other,
@@ -150,6 +164,33 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
         }
     }
     Ok(outputs)
+}
+
+/// A [`Kernel::View`] step: the input moved under the new shape when this step is its last
+/// reader (no copy), else a copy.
+fn view(step: &crate::plan::Step, st: &mut State) -> Result<()> {
+    let src = step.inputs[0];
+    let shape = step.output_shapes[0].clone();
+    let movable =
+        step.frees.contains(&src) && matches!(st.values.get(src), Some(Some(Value::Owned(_) | Value::Pooled(_))));
+    let value = if movable {
+        match st.values[src].take() {
+            Some(Value::Owned(t)) => Value::Owned(t.into_shape(shape)?),
+            Some(Value::Pooled(t)) => Value::Pooled(t.into_shape(shape)?),
+            _ => return Err(IrError::Graph(format!("value slot {src} is empty")).into()),
+        }
+    } else {
+        let t = st.get(src)?;
+        if t.dtype() == DType::F32 {
+            let mut out = st.take(t.len());
+            out.copy_from_slice(f32s(st.get(src)?)?);
+            Value::Pooled(Tensor::from_vec(shape, out)?)
+        } else {
+            Value::Owned(t.clone().into_shape(shape)?)
+        }
+    };
+    st.values[step.outputs[0]] = Some(value);
+    Ok(())
 }
 
 fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> Result<Vec<Tensor>> {
@@ -222,6 +263,12 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             };
             let (x, scale) = (f32s(st.get(step.inputs[0])?)?, f32s(st.get(step.inputs[1])?)?);
             fast::layer_norm_dyn(x, n, scale, bias, *epsilon, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
+        Kernel::View => Err(IrError::Graph("a view step runs in execute".into()).into()),
+        Kernel::Transpose(t) => {
+            let mut out = st.take(numel);
+            fast::transpose(t, f32s(st.get(step.inputs[0])?)?, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::Unary(f) => {

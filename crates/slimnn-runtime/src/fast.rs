@@ -98,6 +98,37 @@ pub fn binary(op: FastBinary, bc: Broadcast, a: &[f32], b: &[f32], out: &mut [f3
     }
 }
 
+/// `out[i..] = x[Σ i_d * strides_d]` over `t.dims` (the `a` strides of `t`): a transpose
+/// with runs along the output's last dim (contiguous copies when the input's stride there is
+/// 1, as for a split of attention heads).
+pub fn transpose(t: &StridedBroadcast, x: &[f32], out: &mut [f32], par: bool) -> Result<()> {
+    let r = t.dims.len();
+    let total: usize = t.dims.iter().product();
+    let extent = t.dims.iter().zip(&t.a_strides).map(|(d, s)| d.saturating_sub(1) * s).sum::<usize>() + 1;
+    if r == 0 || total != out.len() || x.len() != out.len() || (total > 0 && extent > x.len()) {
+        return Err(shape_error(format!("transpose {t:?} of {} values into {}", x.len(), out.len())));
+    }
+    let n = t.dims[r - 1];
+    let s = t.a_strides[r - 1];
+    row_chunks(out, n, par, |r0, chunk| {
+        for (j, y) in chunk.chunks_exact_mut(n.max(1)).enumerate() {
+            let (mut row, mut off) = (r0 + j, 0);
+            for d in (0..r - 1).rev() {
+                off += row % t.dims[d] * t.a_strides[d];
+                row /= t.dims[d];
+            }
+            if s == 1 {
+                y.copy_from_slice(&x[off..off + n]);
+            } else {
+                for (i, v) in y.iter_mut().enumerate() {
+                    *v = x[off + i * s];
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// `f(x)` element-wise.
 pub fn unary(f: grad::FastUnary, x: &[f32], out: &mut [f32], par: bool) -> Result<()> {
     check_len(x.len(), out.len())?;

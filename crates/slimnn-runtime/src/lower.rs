@@ -537,6 +537,50 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             };
             Some(Kernel::Binary(fast, bc))
         }
+        // Values under a new shape; a sum over size-1 axes (autodiff's un-broadcast of an
+        // operand that was not broadcast) is one too.
+        Op::Reshape(_) | Op::Squeeze(_) | Op::Unsqueeze(_) | Op::Flatten(_) | Op::Identity(_)
+            if c.shape(out0(id)).is_some() =>
+        {
+            Some(Kernel::View)
+        }
+        Op::Reduce(Reduce { op: ReduceOp::Sum | ReduceOp::Mean | ReduceOp::Max | ReduceOp::Min, .. })
+            if all_f32
+                && c.shape(ins[0])
+                    .zip(c.shape(out0(id)))
+                    .is_some_and(|(a, o)| a.iter().product::<usize>() == o.iter().product::<usize>()) =>
+        {
+            Some(Kernel::View)
+        }
+        Op::Transpose(Transpose { perm }) if all_f32 => {
+            let (Some(xs), Some(os)) = (c.shape(ins[0]), c.shape(out0(id))) else { return Ok(None) };
+            let r = xs.len();
+            let perm: Vec<usize> = perm.clone().unwrap_or_else(|| (0..r).rev().collect());
+            if perm.len() != r || r == 0 || os.contains(&0) {
+                return Ok(None);
+            }
+            let xstrides = slimnn_tensor::strides_of(&xs);
+            // Output dim d reads input dim perm[d]; merge output dims that stay adjacent.
+            let (mut dims, mut strides): (Vec<usize>, Vec<usize>) = (vec![], vec![]);
+            for d in (0..r).filter(|&d| os[d] != 1) {
+                let st = xstrides[perm[d]];
+                match dims.len().checked_sub(1) {
+                    Some(l) if strides[l] == os[d] * st => {
+                        dims[l] *= os[d];
+                        strides[l] = st;
+                    }
+                    _ => {
+                        dims.push(os[d]);
+                        strides.push(st);
+                    }
+                }
+            }
+            if dims.is_empty() {
+                (dims, strides) = (vec![1], vec![1]);
+            }
+            let b_strides = vec![0; dims.len()];
+            Some(Kernel::Transpose(Arc::new(StridedBroadcast { dims, a_strides: strides, b_strides })))
+        }
         Op::Reduce(Reduce { op: ReduceOp::Sum, axes: Some(axes), noop_with_empty_axes: false, .. })
             if all_f32 && ins.len() == 1 && !axes.is_empty() =>
         {

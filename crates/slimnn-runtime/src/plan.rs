@@ -32,6 +32,13 @@ pub enum Kernel {
     LayerNormDyn { epsilon: f32 },
     /// Softmax over the last axis.
     Softmax,
+    /// The input's values under the output's shape (Reshape, Squeeze, Unsqueeze, Flatten,
+    /// Identity, a sum over size-1 axes): the input's buffer is moved when this step is its
+    /// last reader, else copied. Input `[x, ..]` (shape operands ignored).
+    View,
+    /// f32 transpose with any permutation, as output dims (adjacent dims merged) and the
+    /// input's element stride per output dim; input `[x]`.
+    Transpose(Arc<StridedBroadcast>),
     /// Element-wise f32 function without a GEMM-epilogue form (erf, exp, tanh, sigmoid).
     Unary(slimnn_kernels::grad::FastUnary),
     /// `a op b` with both operands broadcast to the output along any axes.
@@ -165,6 +172,8 @@ impl Kernel {
             Kernel::Activation(a) => format!("{a:?}").to_lowercase(),
             Kernel::Binary(b, _) => format!("{b:?}").to_lowercase(),
             Kernel::Unary(f) => format!("{f:?}").to_lowercase(),
+            Kernel::View => "view".into(),
+            Kernel::Transpose(_) => "transpose".into(),
             Kernel::BinaryStrided(b, _) => format!("{b:?}_broadcast").to_lowercase(),
             Kernel::ReduceSum { .. } => "reduce_sum".into(),
             Kernel::Embedding { .. } | Kernel::EmbeddingDyn => "embedding".into(),

@@ -258,6 +258,20 @@ fn broadcasts_and_unfused_elementwise_match_reference() {
     }
     let dx = node(&mut g, "erf_grad", slimnn_ir::ops::UnaryGrad(UnaryOp::Erf), vec![x, dy]);
     g.add_output("erf_grad", dx);
+    // Transposes of attention's head splits and others; views moved (last reader) or copied.
+    let t4 = input(&mut g, "t4", &[2, 5, 3, 4]);
+    for (i, perm) in [&[0, 2, 1, 3][..], &[0, 2, 3, 1], &[3, 2, 1, 0], &[1, 0, 2, 3], &[0, 1, 2, 3]].iter().enumerate()
+    {
+        let t = transpose(&mut g, &format!("perm{i}"), t4, perm);
+        g.add_output(&format!("perm{i}"), t);
+    }
+    let shape = g.add_const("flat", Tensor::from_vec(vec![2], vec![10i64, 12]).unwrap()).unwrap();
+    let e = node(&mut g, "exp_t4", Unary(UnaryOp::Exp), vec![t4]);
+    let moved = node(&mut g, "moved", slimnn_ir::ops::Reshape { allowzero: false }, vec![e, shape]);
+    let moved = node(&mut g, "moved_t", Transpose { perm: Some(vec![1, 0]) }, vec![moved]);
+    g.add_output("moved", moved);
+    let copied = node(&mut g, "copied", slimnn_ir::ops::Reshape { allowzero: false }, vec![t4, shape]);
+    g.add_output("copied", copied);
     let kernels = check_against_reference(&g, 1e-5);
     let slow: Vec<&String> = kernels.iter().filter(|k| k.starts_with("ref:")).collect();
     assert!(slow.is_empty(), "{slow:?}");
