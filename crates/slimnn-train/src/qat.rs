@@ -9,7 +9,7 @@
 
 use crate::models::Model;
 use crate::{bake_parameters, Parameters, Result};
-use slimnn_ir::ops::{DequantizeLinear, FakeQuant, OpDef, QuantizeLinear};
+use slimnn_ir::ops::{Binary, BinaryOp, DequantizeLinear, FakeQuant, OpDef, QuantizeLinear, Unary, UnaryOp};
 use slimnn_ir::{Fact, Graph, IrError, IrResult, Op, OutletId};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::HashMap;
@@ -59,14 +59,22 @@ pub fn insert_fake_quant(model: &Model, ranges: &HashMap<OutletId, (f32, f32)>, 
     let mut map: HashMap<OutletId, OutletId> = HashMap::new();
     // One fake-quant per quantized activation, shared by its consumers (Q, K and V read one x).
     let mut act_fq: HashMap<OutletId, OutletId> = HashMap::new();
-    let new_scale = |out: &mut Graph, params: &mut Parameters, name: String, t: Tensor| -> Result<OutletId> {
-        if config.learn_scales {
-            let o = out.add_input(&name, Fact::known(DType::F32, t.shape()))?;
-            params.push(&name, t)?;
-            Ok(o)
-        } else {
-            Ok(out.add_const(&name, Arc::new(t))?)
+    // A learned scale is `exp(g * u)` with `u` the parameter: always positive, and `d/du = g * s
+    // * d/ds` applies LSQ's gradient scale `g = 1 / sqrt(N * qmax)` (N values share the scale),
+    // which keeps a scale's steps in proportion to its size.
+    let new_scale = |out: &mut Graph, params: &mut Parameters, name: String, t: Tensor, n: usize, qmax: i32| {
+        if !config.learn_scales {
+            return Ok::<OutletId, crate::TrainError>(out.add_const(&name, Arc::new(t))?);
         }
+        let g = 1.0 / ((n.max(1) as f32) * qmax as f32).sqrt();
+        let u: Vec<f32> = t.as_slice::<f32>()?.iter().map(|s| s.ln() / g).collect();
+        let u = Tensor::from_vec(t.shape().to_vec(), u)?;
+        let param = format!("{name}.log_param");
+        let o = out.add_input(&param, Fact::known(DType::F32, u.shape()))?;
+        params.push(&param, u)?;
+        let gc = out.add_const(&format!("{name}.grad_scale"), Arc::new(Tensor::scalar(g)))?;
+        let scaled = out.add_node(&format!("{name}/Mul"), Binary(BinaryOp::Mul), vec![o, gc])?[0];
+        Ok(out.add_node(&format!("{name}/Exp"), Unary(UnaryOp::Exp), vec![scaled])?[0])
     };
     for (id, node) in g.nodes().iter().enumerate() {
         let mut inputs: Vec<OutletId> = node.inputs.iter().map(|o| map[o]).collect();
@@ -81,7 +89,9 @@ pub fn insert_fake_quant(model: &Model, ranges: &HashMap<OutletId, (f32, f32)>, 
                     let scale = ((hi - lo) / (A_RANGE.1 - A_RANGE.0) as f32).max(1e-8);
                     let zero = (-lo / scale).round().clamp(A_RANGE.0 as f32, A_RANGE.1 as f32);
                     let base = format!("{}.input_quant", node.name);
-                    let s = new_scale(&mut out, &mut params, format!("{base}.scale"), Tensor::scalar(scale))?;
+                    let features = g.fact(act).shape.last().and_then(|d| d.as_known()).unwrap_or(1);
+                    let scale = Tensor::scalar(scale);
+                    let s = new_scale(&mut out, &mut params, format!("{base}.scale"), scale, features, A_RANGE.1)?;
                     let z = out.add_const(&format!("{base}.zero_point"), Arc::new(Tensor::scalar(zero)))?;
                     let fq = FakeQuant { qmin: A_RANGE.0, qmax: A_RANGE.1, axis: None };
                     let fq = out.add_node(&format!("{base}/FakeQuant"), fq, vec![inputs[0], s, z])?[0];
@@ -96,7 +106,8 @@ pub fn insert_fake_quant(model: &Model, ranges: &HashMap<OutletId, (f32, f32)>, 
             let scale = channel_absmax(w, axis)?.into_iter().map(|m| (m / 127.0).max(1e-8)).collect::<Vec<f32>>();
             let c = scale.len();
             let base = format!("{w_name}.quant");
-            let s = new_scale(&mut out, &mut params, format!("{base}.scale"), Tensor::from_vec(vec![c], scale)?)?;
+            let scale = Tensor::from_vec(vec![c], scale)?;
+            let s = new_scale(&mut out, &mut params, format!("{base}.scale"), scale, w.len() / c, W_RANGE.1)?;
             let z = out.add_const(&format!("{base}.zero_point"), Arc::new(Tensor::zeros(DType::F32, vec![c])?))?;
             let fq = FakeQuant { qmin: W_RANGE.0, qmax: W_RANGE.1, axis: Some(axis) };
             inputs[1] = out.add_node(&format!("{base}/FakeQuant"), fq, vec![inputs[1], s, z])?[0];
