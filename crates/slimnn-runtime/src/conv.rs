@@ -5,6 +5,7 @@
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_ir::ops::{AutoPad, ConvAttrs};
+use slimnn_kernels::matmul::{BatchedMatMul, MatMulDims};
 use slimnn_kernels::{sgemm, Activation, Epilogue, Par};
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -40,6 +41,193 @@ pub struct ConvGeom {
 
 /// A lowered convolution: weights `[c_out, c_in / group * kh * kw]`, optional bias, activation
 /// and residual (same shape as the output, added after the activation).
+impl ConvGeom {
+    /// The geometry of a 2-d NCHW convolution `x` (`[n, c_in, h, w]`) by weights `w_shape`
+    /// (`[c_out, c_in / group, kh, kw]`) giving `y`, with the group's channels per filter and
+    /// the group count; `None` for dilations, other ranks or inconsistent shapes.
+    pub fn resolve(attrs: &ConvAttrs, x: &[usize], w_shape: &[usize], y: &[usize]) -> Option<(ConvGeom, usize, usize)> {
+        let [_, c_in, h, w] = <[usize; 4]>::try_from(x).ok()?;
+        let [c_out, cpg, kh, kw] = <[usize; 4]>::try_from(w_shape).ok()?;
+        let [_, yc, oh, ow] = <[usize; 4]>::try_from(y).ok()?;
+        if attrs.kernel_shape.as_ref().is_some_and(|k| k != &[kh, kw]) || attrs.dilations.iter().any(|&d| d != 1) {
+            return None;
+        }
+        let (sh, sw) = match attrs.strides.as_slice() {
+            [] => (1, 1),
+            &[a, b] if a > 0 && b > 0 => (a, b),
+            _ => return None,
+        };
+        // Begin pads from the output size, which shape inference already resolved.
+        let total =
+            |i: usize, o: usize, k: usize, s: usize| Some(((o.checked_sub(1)? * s + k) as i64 - i as i64).max(0));
+        let (pt, pl) = match attrs.auto_pad {
+            AutoPad::NotSet => match attrs.pads.as_slice() {
+                [] => (0, 0),
+                &[t, l, _, _] => (t, l),
+                _ => return None,
+            },
+            AutoPad::Valid => (0, 0),
+            AutoPad::SameUpper | AutoPad::SameLower => {
+                let (th, tw) = (total(h, oh, kh, sh)?, total(w, ow, kw, sw)?);
+                let up = attrs.auto_pad == AutoPad::SameUpper;
+                let half = |t: i64| if up { t / 2 } else { (t + 1) / 2 } as usize;
+                (half(th), half(tw))
+            }
+        };
+        let group = attrs.group.max(1);
+        if yc != c_out || c_in != cpg * group || oh == 0 || ow == 0 {
+            return None;
+        }
+        Some((ConvGeom { c_in, h, w, c_out, kh, kw, sh, sw, pt, pl, oh, ow }, cpg, group))
+    }
+}
+
+/// The convolutions of training graphs, `group == 1`: the forward op with run-time weights
+/// (parameters as inputs) and its two gradients, all as im2col + batched GEMMs.
+#[derive(Debug)]
+pub struct ConvTrainKernel {
+    pub geom: ConvGeom,
+    pub op: ConvTrainOp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvTrainOp {
+    /// Inputs `[x, w, bias?]`: `y_n = W · cols(x_n) (+ bias per channel)`.
+    Forward { bias: bool },
+    /// Inputs `[dy, w, x (shape only)]`: `dx_n = col2im(Wᵀ · dy_n)`.
+    GradInput,
+    /// Inputs `[x, dy, w (shape only)]`: `dw = Σ_n dy_n · cols(x_n)ᵀ`.
+    GradWeight,
+}
+
+impl ConvTrainKernel {
+    pub fn name(&self) -> String {
+        match self.op {
+            ConvTrainOp::Forward { bias: false } => "conv_im2col".into(),
+            ConvTrainOp::Forward { bias: true } => "conv_im2col+bias".into(),
+            ConvTrainOp::GradInput => "conv_grad_input".into(),
+            ConvTrainOp::GradWeight => "conv_grad_weight".into(),
+        }
+    }
+
+    /// `(ckk, ohw, images)` after checking the step's buffers.
+    fn dims(&self, x_len: usize, dy_len: usize, w_len: usize) -> Result<(usize, usize, usize)> {
+        let g = &self.geom;
+        let (in_len, ckk, ohw) = (g.c_in * g.h * g.w, g.c_in * g.kh * g.kw, g.oh * g.ow);
+        let images = x_len.checked_div(in_len).unwrap_or(0);
+        if in_len == 0 || x_len != images * in_len || dy_len != images * g.c_out * ohw || w_len != g.c_out * ckk {
+            return Err(shape_error(format!("{}: x {x_len}, dy {dy_len}, w {w_len} values for {g:?}", self.name())));
+        }
+        Ok((ckk, ohw, images))
+    }
+
+    /// Runs on the step's inputs into `out` (y, dx or dw).
+    pub fn run(&self, ins: &[&[f32]], out: &mut [f32], par: bool) -> Result<()> {
+        let g = &self.geom;
+        let gp = if par { Par::Current } else { Par::Seq };
+        let matmul = |spec: &BatchedMatMul, a: &[f32], b: &[f32], out: &mut [f32]| {
+            slimnn_kernels::matmul::matmul(spec, a, b, out, Epilogue::NONE, gp).map_err(RuntimeError::from)
+        };
+        let dims = |m, k, n, a_trans, b_trans| MatMulDims { m, k, n, a_trans, b_trans };
+        match self.op {
+            ConvTrainOp::Forward { bias } => {
+                let (x, w) = (ins[0], ins[1]);
+                let (ckk, ohw, images) = self.dims(x.len(), out.len(), w.len())?;
+                let cols = im2col_images(g, x, images, par);
+                let spec = BatchedMatMul {
+                    dims: dims(g.c_out, ckk, ohw, false, false),
+                    batch_a: vec![],
+                    batch_b: vec![images],
+                    reduce: false,
+                };
+                matmul(&spec, w, &cols, out)?;
+                if bias {
+                    let b = ins[2];
+                    if b.len() != g.c_out {
+                        return Err(shape_error(format!("conv bias of {} values for {} channels", b.len(), g.c_out)));
+                    }
+                    for (plane, &bv) in out.chunks_exact_mut(ohw.max(1)).zip(b.iter().cycle()) {
+                        plane.iter_mut().for_each(|v| *v += bv);
+                    }
+                }
+            }
+            ConvTrainOp::GradInput => {
+                let (dy, w) = (ins[0], ins[1]);
+                let (ckk, ohw, images) = self.dims(out.len(), dy.len(), w.len())?;
+                let mut cols = vec![0.0; images * ckk * ohw];
+                let spec = BatchedMatMul {
+                    dims: dims(ckk, g.c_out, ohw, true, false),
+                    batch_a: vec![],
+                    batch_b: vec![images],
+                    reduce: false,
+                };
+                matmul(&spec, w, dy, &mut cols)?;
+                let in_len = g.c_in * g.h * g.w;
+                let run = |(c, dx): (&[f32], &mut [f32])| col2im(g, c, dx);
+                if par {
+                    cols.par_chunks(ckk * ohw).zip(out.par_chunks_mut(in_len)).for_each(run);
+                } else {
+                    cols.chunks(ckk * ohw).zip(out.chunks_mut(in_len)).for_each(run);
+                }
+            }
+            ConvTrainOp::GradWeight => {
+                let (x, dy) = (ins[0], ins[1]);
+                let (ckk, ohw, images) = self.dims(x.len(), dy.len(), out.len())?;
+                let cols = im2col_images(g, x, images, par);
+                let spec = BatchedMatMul {
+                    dims: dims(g.c_out, ohw, ckk, false, true),
+                    batch_a: vec![images],
+                    batch_b: vec![images],
+                    reduce: true,
+                };
+                matmul(&spec, dy, &cols, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Columns of every image, `[images, c_in * kh * kw, oh * ow]`.
+fn im2col_images(g: &ConvGeom, x: &[f32], images: usize, par: bool) -> Vec<f32> {
+    let (in_len, per) = (g.c_in * g.h * g.w, g.c_in * g.kh * g.kw * g.oh * g.ow);
+    let mut cols = vec![0.0; images * per];
+    let run = |(xi, c): (&[f32], &mut [f32])| im2col_into(g, xi, c);
+    if par {
+        x.par_chunks(in_len).zip(cols.par_chunks_mut(per.max(1))).for_each(run);
+    } else {
+        x.chunks(in_len).zip(cols.chunks_mut(per.max(1))).for_each(run);
+    }
+    cols
+}
+
+/// The adjoint of [`im2col`]: `dx[ci][iy][ix] = Σ cols[(ci, ky, kx)][(oy, ox)]` over the taps
+/// that read `(iy, ix)`; `dx` (one image) is overwritten.
+fn col2im(g: &ConvGeom, cols: &[f32], dx: &mut [f32]) {
+    let n = g.oh * g.ow;
+    dx.fill(0.0);
+    for ci in 0..g.c_in {
+        let xc = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = &cols[((ci * g.kh + ky) * g.kw + kx) * n..][..n];
+                let (lo, hi) = valid_range(g.ow, g.w, g.sw, kx, g.pl);
+                for oy in 0..g.oh {
+                    let iy = (oy * g.sh + ky) as isize - g.pt as isize;
+                    if iy < 0 || iy >= g.h as isize || lo >= hi {
+                        continue;
+                    }
+                    let xr = &mut xc[iy as usize * g.w..][..g.w];
+                    let crow = &row[oy * g.ow..][..g.ow];
+                    let base = lo * g.sw + kx - g.pl;
+                    for (j, &v) in crow[lo..hi].iter().enumerate() {
+                        xr[base + j * g.sw] += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ConvKernel {
     pub geom: ConvGeom,
@@ -81,36 +269,9 @@ impl ConvKernel {
         bias: Option<&[f32]>,
         y: &[usize],
     ) -> Option<ConvKernel> {
-        let [_, c_in, h, w] = <[usize; 4]>::try_from(x).ok()?;
-        let [c_out, cpg, kh, kw] = <[usize; 4]>::try_from(w_shape).ok()?;
-        let [_, yc, oh, ow] = <[usize; 4]>::try_from(y).ok()?;
-        if attrs.kernel_shape.as_ref().is_some_and(|k| k != &[kh, kw]) || attrs.dilations.iter().any(|&d| d != 1) {
-            return None;
-        }
-        let (sh, sw) = match attrs.strides.as_slice() {
-            [] => (1, 1),
-            &[a, b] if a > 0 && b > 0 => (a, b),
-            _ => return None,
-        };
-        // Begin pads from the output size, which shape inference already resolved.
-        let total =
-            |i: usize, o: usize, k: usize, s: usize| Some(((o.checked_sub(1)? * s + k) as i64 - i as i64).max(0));
-        let (pt, pl) = match attrs.auto_pad {
-            AutoPad::NotSet => match attrs.pads.as_slice() {
-                [] => (0, 0),
-                &[t, l, _, _] => (t, l),
-                _ => return None,
-            },
-            AutoPad::Valid => (0, 0),
-            AutoPad::SameUpper | AutoPad::SameLower => {
-                let (th, tw) = (total(h, oh, kh, sh)?, total(w, ow, kw, sw)?);
-                let up = attrs.auto_pad == AutoPad::SameUpper;
-                let half = |t: i64| if up { t / 2 } else { (t + 1) / 2 } as usize;
-                (half(th), half(tw))
-            }
-        };
-        let group = attrs.group.max(1);
-        if yc != c_out || c_in != cpg * group || weights.len() != c_out * cpg * kh * kw || oh == 0 || ow == 0 {
+        let (geom, cpg, group) = ConvGeom::resolve(attrs, x, w_shape, y)?;
+        let ConvGeom { c_in, h, w, c_out, kh, kw, sh, sw, pt, pl, oh, ow } = geom;
+        if weights.len() != c_out * cpg * kh * kw {
             return None;
         }
         let method = if group == 1 {
@@ -129,7 +290,6 @@ impl ConvKernel {
                 return None;
             }
         }
-        let geom = ConvGeom { c_in, h, w, c_out, kh, kw, sh, sw, pt, pl, oh, ow };
         Some(ConvKernel {
             geom,
             method,
@@ -230,9 +390,14 @@ fn valid_range(ow: usize, w: usize, s: usize, k: usize, p: usize) -> (usize, usi
 /// `cols[(ci * kh + ky) * kw + kx][oy * ow + ox] = x[ci][oy * sh + ky - pt][ox * sw + kx - pl]`,
 /// zero outside the input.
 fn im2col(g: &ConvGeom, x: &[f32], cols: &mut Vec<f32>) {
-    let n = g.oh * g.ow;
     cols.clear();
-    cols.resize(g.c_in * g.kh * g.kw * n, 0.0);
+    cols.resize(g.c_in * g.kh * g.kw * g.oh * g.ow, 0.0);
+    im2col_into(g, x, cols);
+}
+
+/// [`im2col`] into a zeroed buffer of exactly `c_in * kh * kw * oh * ow` values.
+fn im2col_into(g: &ConvGeom, x: &[f32], cols: &mut [f32]) {
+    let n = g.oh * g.ow;
     for ci in 0..g.c_in {
         let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..g.kh {

@@ -362,6 +362,12 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             k.run(f32s(st.get(step.inputs[0])?)?, residual, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
+        Kernel::ConvTrain(k) => {
+            let mut out = st.take(numel);
+            let ins: Vec<&[f32]> = step.inputs.iter().map(|&s| f32s(st.get(s)?)).collect::<Result<_>>()?;
+            k.run(&ins, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
         Kernel::Quant(q) => {
             let out = if q.f32_output() { st.take(numel) } else { Vec::new() };
             let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| st.get(s)).collect::<Result<_>>()?;

@@ -1,12 +1,12 @@
 //! Lowering a shape-specialised graph to a [`Plan`]: fusion groups found by meaning, each
 //! emitted as one kernel step; every other node runs on the reference evaluator.
 
-use crate::conv::ConvKernel;
+use crate::conv::{ConvKernel, ConvTrainKernel, ConvTrainOp};
 use crate::plan::{Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step, StridedBroadcast};
 use crate::Result;
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Clip, Conv, GatherGrad, Gemm, GlobalPool, LayerNorm, LayerNormGrad, MatMul, Reduce, ReduceOp,
-    Reshape, Softmax, SoftmaxGrad, Transpose, Unary, UnaryGrad, UnaryOp,
+    Binary, BinaryOp, Clip, Conv, ConvGradInput, ConvGradWeight, GatherGrad, Gemm, GlobalPool, LayerNorm,
+    LayerNormGrad, MatMul, Reduce, ReduceOp, Reshape, Softmax, SoftmaxGrad, Transpose, Unary, UnaryGrad, UnaryOp,
 };
 use slimnn_ir::{Graph, NodeId, Op, OutletId};
 use slimnn_kernels::grad::{FastUnary, GradActivation};
@@ -598,6 +598,24 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             let inner = shape[ax[ax.len() - 1] + 1..].iter().product();
             Some(Kernel::ReduceSum { len, inner })
         }
+        Op::Conv(Conv { attrs }) if all_f32 => {
+            let (Some(xs), Some(ws), Some(ys)) = (c.shape(ins[0]), c.shape(ins[1]), c.shape(out0(id))) else {
+                return Ok(None);
+            };
+            conv_train(attrs, &xs, &ws, &ys, ConvTrainOp::Forward { bias: ins.len() == 3 })
+        }
+        Op::ConvGradInput(ConvGradInput(attrs)) if all_f32 && c.shape(ins[2]) == c.shape(out0(id)) => {
+            let (Some(dys), Some(ws), Some(xs)) = (c.shape(ins[0]), c.shape(ins[1]), c.shape(ins[2])) else {
+                return Ok(None);
+            };
+            conv_train(attrs, &xs, &ws, &dys, ConvTrainOp::GradInput)
+        }
+        Op::ConvGradWeight(ConvGradWeight(attrs)) if all_f32 && c.shape(ins[2]) == c.shape(out0(id)) => {
+            let (Some(xs), Some(dys), Some(ws)) = (c.shape(ins[0]), c.shape(ins[1]), c.shape(ins[2])) else {
+                return Ok(None);
+            };
+            conv_train(attrs, &xs, &ws, &dys, ConvTrainOp::GradWeight)
+        }
         Op::GlobalPool(GlobalPool { max: false }) if all_f32 && c.g.fact(ins[0]).rank() >= 3 => {
             c.shape(ins[0]).map(|_| Kernel::GlobalAveragePool)
         }
@@ -644,6 +662,18 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
         }
         _ => None,
     })
+}
+
+/// A `group == 1` 2-d convolution (or gradient) of a training graph on im2col + GEMM.
+fn conv_train(
+    attrs: &slimnn_ir::ops::ConvAttrs,
+    x: &[usize],
+    w: &[usize],
+    y: &[usize],
+    op: ConvTrainOp,
+) -> Option<Kernel> {
+    let (geom, _, group) = crate::conv::ConvGeom::resolve(attrs, x, w, y)?;
+    (group == 1 && x[0] == y[0]).then(|| Kernel::ConvTrain(Arc::new(ConvTrainKernel { geom, op })))
 }
 
 /// `a` and `b` broadcast to `out` (numpy rules) as element strides per output dim, adjacent

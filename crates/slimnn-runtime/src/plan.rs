@@ -66,6 +66,8 @@ pub enum Kernel {
     /// 2-d NCHW convolution with its fused bias, activation and residual; inputs
     /// `[x, residual?]`.
     Conv(Arc<crate::conv::ConvKernel>),
+    /// Convolutions of training graphs (run-time weights, gradients) as im2col + GEMM.
+    ConvTrain(Arc<crate::conv::ConvTrainKernel>),
     /// Mean over the spatial dims of `[n, c, spatial...]`.
     GlobalAveragePool,
     /// Integer kernels of quantized graphs (quantize, dequantize, u8 x i8 GEMM).
@@ -178,6 +180,7 @@ impl Kernel {
             Kernel::ReduceSum { .. } => "reduce_sum".into(),
             Kernel::Embedding { .. } | Kernel::EmbeddingDyn => "embedding".into(),
             Kernel::Conv(k) => k.name(),
+            Kernel::ConvTrain(k) => k.name(),
             Kernel::GlobalAveragePool => "global_average_pool".into(),
             Kernel::Quant(q) => q.name(),
             Kernel::BlockQ(k) => k.name(),
