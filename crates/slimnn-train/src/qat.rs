@@ -185,7 +185,14 @@ pub fn to_int8(qat: &Model) -> Result<Graph> {
                 let dq = DequantizeLinear { axis };
                 out.add_node(&format!("{}/DequantizeLinear", node.name), dq, vec![q, inputs[1], zq])?
             }
-            op => out.add_node(&node.name, op.clone(), inputs)?,
+            op => {
+                // Values computed from constants only (the learned scales' exp) become constants.
+                let o = out.add_node(&node.name, op.clone(), inputs)?;
+                match (o.len(), out.fact(o[0]).konst.clone()) {
+                    (1, Some(t)) => vec![out.add_const(&format!("{}.value", node.name), t)?],
+                    _ => o,
+                }
+            }
         };
         for (slot, o) in new.into_iter().enumerate() {
             if let Some(name) = &node.output_names[slot] {
