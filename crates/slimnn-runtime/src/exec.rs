@@ -362,6 +362,16 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             k.run(f32s(st.get(step.inputs[0])?)?, residual, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
+        Kernel::Pool(k) => {
+            let mut out = st.take(numel);
+            let x = f32s(st.get(step.inputs[0])?)?;
+            let dy = match step.inputs.get(1) {
+                Some(&s) => Some(f32s(st.get(s)?)?),
+                None => None,
+            };
+            k.run(x, dy, &mut out, par)?;
+            Ok(vec![Tensor::from_vec(shape, out)?])
+        }
         Kernel::ConvTrain(k) => {
             let mut out = st.take(numel);
             let ins: Vec<&[f32]> = step.inputs.iter().map(|&s| f32s(st.get(s)?)).collect::<Result<_>>()?;

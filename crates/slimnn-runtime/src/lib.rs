@@ -27,6 +27,7 @@ mod fold;
 mod lower;
 mod optimize;
 pub mod plan;
+pub mod pool;
 
 pub use exec::State;
 pub use optimize::{optimize, OptimizeReport};

@@ -6,7 +6,8 @@ use crate::plan::{Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step, Strid
 use crate::Result;
 use slimnn_ir::ops::{
     Binary, BinaryOp, Clip, Conv, ConvGradInput, ConvGradWeight, GatherGrad, Gemm, GlobalPool, LayerNorm,
-    LayerNormGrad, MatMul, Reduce, ReduceOp, Reshape, Softmax, SoftmaxGrad, Transpose, Unary, UnaryGrad, UnaryOp,
+    LayerNormGrad, MatMul, PoolGrad, Reduce, ReduceOp, Reshape, Softmax, SoftmaxGrad, Transpose, Unary, UnaryGrad,
+    UnaryOp,
 };
 use slimnn_ir::{Graph, NodeId, Op, OutletId};
 use slimnn_kernels::grad::{FastUnary, GradActivation};
@@ -615,6 +616,14 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
                 return Ok(None);
             };
             conv_train(attrs, &xs, &ws, &dys, ConvTrainOp::GradWeight)
+        }
+        Op::Pool(pool) if all_f32 => {
+            let (Some(xs), Some(ys)) = (c.shape(ins[0]), c.shape(out0(id))) else { return Ok(None) };
+            crate::pool::PoolKernel::prepare(pool, &xs, &ys, false).map(|k| Kernel::Pool(Arc::new(k)))
+        }
+        Op::PoolGrad(PoolGrad(pool)) if all_f32 && c.shape(ins[0]) == c.shape(out0(id)) => {
+            let (Some(xs), Some(ys)) = (c.shape(ins[0]), c.shape(ins[1])) else { return Ok(None) };
+            crate::pool::PoolKernel::prepare(pool, &xs, &ys, true).map(|k| Kernel::Pool(Arc::new(k)))
         }
         Op::GlobalPool(GlobalPool { max: false }) if all_f32 && c.g.fact(ins[0]).rank() >= 3 => {
             c.shape(ins[0]).map(|_| Kernel::GlobalAveragePool)

@@ -68,6 +68,8 @@ pub enum Kernel {
     Conv(Arc<crate::conv::ConvKernel>),
     /// Convolutions of training graphs (run-time weights, gradients) as im2col + GEMM.
     ConvTrain(Arc<crate::conv::ConvTrainKernel>),
+    /// 2-d max / average pooling, or its gradient (inputs `[x, dy]`).
+    Pool(Arc<crate::pool::PoolKernel>),
     /// Mean over the spatial dims of `[n, c, spatial...]`.
     GlobalAveragePool,
     /// Integer kernels of quantized graphs (quantize, dequantize, u8 x i8 GEMM).
@@ -181,6 +183,7 @@ impl Kernel {
             Kernel::Embedding { .. } | Kernel::EmbeddingDyn => "embedding".into(),
             Kernel::Conv(k) => k.name(),
             Kernel::ConvTrain(k) => k.name(),
+            Kernel::Pool(k) => k.name(),
             Kernel::GlobalAveragePool => "global_average_pool".into(),
             Kernel::Quant(q) => q.name(),
             Kernel::BlockQ(k) => k.name(),

@@ -350,3 +350,37 @@ fn conv_and_conv_gradients_match_reference() {
     let slow: Vec<&String> = kernels.iter().filter(|k| k.starts_with("ref:")).collect();
     assert!(slow.is_empty(), "{slow:?}");
 }
+
+/// Max and average pooling and their gradients against the reference: strides, pads,
+/// ceil mode, count_include_pad.
+#[test]
+fn pooling_and_pool_gradients_match_reference() {
+    use slimnn_ir::ops::{AutoPad, Pool, PoolAttrs, PoolGrad, PoolKind};
+    let kinds =
+        [PoolKind::Max, PoolKind::Average { count_include_pad: false }, PoolKind::Average { count_include_pad: true }];
+    let windows = [
+        // (kernel, strides, pads, ceil_mode)
+        (vec![2, 2], vec![2, 2], vec![], false),
+        (vec![3, 3], vec![2, 2], vec![1, 1, 1, 1], false),
+        (vec![3, 2], vec![2, 1], vec![0, 1, 1, 0], true),
+        (vec![2, 2], vec![1, 1], vec![], false),
+    ];
+    let mut g = Graph::default();
+    let x = input(&mut g, "x", &[2, 3, 9, 10]);
+    for (i, kind) in kinds.into_iter().enumerate() {
+        for (j, (kernel_shape, strides, pads, ceil_mode)) in windows.iter().cloned().enumerate() {
+            let attrs =
+                PoolAttrs { kernel_shape, strides, pads, dilations: vec![], ceil_mode, auto_pad: AutoPad::NotSet };
+            let pool = Pool { kind, attrs };
+            let y = node(&mut g, &format!("pool{i}_{j}"), pool.clone(), vec![x]);
+            let ys = g.fact(y).known_shape().unwrap();
+            let dy = input(&mut g, &format!("dy{i}_{j}"), &ys);
+            let dx = node(&mut g, &format!("dx{i}_{j}"), PoolGrad(pool), vec![x, dy]);
+            g.add_output(&format!("y{i}_{j}"), y);
+            g.add_output(&format!("dx{i}_{j}"), dx);
+        }
+    }
+    let kernels = check_against_reference(&g, 1e-5);
+    let slow: Vec<&String> = kernels.iter().filter(|k| k.starts_with("ref:")).collect();
+    assert!(slow.is_empty(), "{slow:?}");
+}
