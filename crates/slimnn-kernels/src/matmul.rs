@@ -239,13 +239,42 @@ pub fn matmul_tier(
             };
             return matmul_tier(tier, &big, a, b, out, Epilogue::NONE, par);
         }
-        return with_scratch(tier, |s| {
-            for (i, &(ia, ib)) in pairs.iter().enumerate() {
-                let ep = if i == 0 { Epilogue::NONE } else { Epilogue::NONE.accumulating() };
-                product(s, spec.dims, &a[ia * sa..(ia + 1) * sa], &b[ib * sb..(ib + 1) * sb], out, ep, par)?;
-            }
-            Ok(())
-        });
+        // Σ over a run of batches into `acc`, the first product overwriting it.
+        let sum_into = |pairs: &[(usize, usize)], acc: &mut [f32], par: Par<'_>| {
+            with_scratch(tier, |s| {
+                for (i, &(ia, ib)) in pairs.iter().enumerate() {
+                    let ep = if i == 0 { Epilogue::NONE } else { Epilogue::NONE.accumulating() };
+                    product(s, spec.dims, &a[ia * sa..(ia + 1) * sa], &b[ib * sb..(ib + 1) * sb], acc, ep, par)?;
+                }
+                Ok(())
+            })
+        };
+        let threads = par.threads();
+        if threads <= 1 || pairs.len() < 2 * threads {
+            return sum_into(&pairs, out, par);
+        }
+        // Many small products (a convolution's weight gradient, one per image): a partial sum
+        // per thread over a fixed run of batches, added in run order.
+        let per = pairs.len().div_ceil(threads);
+        let partials = || -> Result<Vec<Vec<f32>>, KernelError> {
+            pairs
+                .par_chunks(per)
+                .map(|run| {
+                    let mut acc = vec![0.0; m * n];
+                    sum_into(run, &mut acc, Par::Seq)?;
+                    Ok(acc)
+                })
+                .collect()
+        };
+        let partials = match par {
+            Par::Pool(pool) => pool.install(partials)?,
+            _ => partials()?,
+        };
+        out.copy_from_slice(&partials[0]);
+        for p in &partials[1..] {
+            out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+        }
+        return Ok(());
     }
     let shared_b = pairs.iter().all(|p| p.1 == pairs[0].1);
     let stacked_a = pairs.iter().enumerate().all(|(i, p)| p.0 == i);
@@ -476,6 +505,10 @@ mod tests {
         let mut s = spec(24, 33, 40, false, true, &[2, 3], &[3]);
         s.reduce = true;
         run_case(&s, false, Activation::None, false, 8);
+        // Enough batches for per-thread partial sums.
+        let mut s = spec(6, 20, 30, false, true, &[17], &[17]);
+        s.reduce = true;
+        run_case(&s, false, Activation::None, false, 9);
     }
 
     #[test]
