@@ -133,6 +133,9 @@ enum Command {
         /// Stop after this many updates, writing a checkpoint (as a killed run would).
         #[arg(long)]
         stop_after: Option<u64>,
+        /// Override the recipe's seed.
+        #[arg(long)]
+        seed: Option<u64>,
         #[arg(long)]
         threads: Option<usize>,
         /// No progress bar.
@@ -155,6 +158,9 @@ enum Command {
         output: PathBuf,
         #[arg(long)]
         resume: bool,
+        /// Override the recipe's seed.
+        #[arg(long)]
+        seed: Option<u64>,
         #[arg(long)]
         threads: Option<usize>,
         #[arg(long)]
@@ -392,12 +398,13 @@ fn run(cli: Cli) -> Result<()> {
             let threads = threads.unwrap_or_else(slimnn_runtime::physical_cores);
             slimnn_cli::llm::perplexity_cli(&model, &text, context, stride, threads).map(drop)
         }
-        Command::Train { recipe, output, resume, stop_after, threads, quiet } => {
-            let opts = slimnn_cli::train::RunOptions { output, resume, threads, progress: !quiet, stop_after };
+        Command::Train { recipe, output, resume, stop_after, seed, threads, quiet } => {
+            let opts = slimnn_cli::train::RunOptions { output, resume, threads, progress: !quiet, stop_after, seed };
             slimnn_cli::train::train(&recipe, &opts).map(drop)
         }
-        Command::Distill { teacher, student, recipe, output, resume, threads, quiet } => {
-            let opts = slimnn_cli::train::RunOptions { output, resume, threads, progress: !quiet, stop_after: None };
+        Command::Distill { teacher, student, recipe, output, resume, seed, threads, quiet } => {
+            let opts =
+                slimnn_cli::train::RunOptions { output, resume, threads, progress: !quiet, stop_after: None, seed };
             slimnn_cli::train::distill(&teacher, &student, &recipe, &opts).map(drop)
         }
         Command::Run { model, inputs, output_dir, reference, threads } => {

@@ -99,6 +99,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Stop (with a checkpoint) after this many updates, as a killed job would.
     pub stop_after: Option<u64>,
+    /// Overrides the recipe's seed (batch order, head initialisation, subset choice).
+    pub seed: Option<u64>,
 }
 
 /// What a run measured, also written to `summary.json`.
@@ -168,7 +170,10 @@ fn prepare(task: &Task, seed: u64) -> Result<Prepared> {
             if let Some(path) = init {
                 load_weights(&mut model, path)?;
             }
-            let name = format!("spam-assassin {} layers", layers.as_ref().map_or(0, |l| l.len()));
+            let name = match layers {
+                Some(l) => format!("spam-assassin, encoder layers {l:?} of {}", dir.display()),
+                None => format!("spam-assassin, {}", dir.display()),
+            };
             Ok(Prepared {
                 train_len: train.len(),
                 test_len: test.len(),
@@ -270,6 +275,9 @@ pub fn train(recipe_path: &Path, opts: &RunOptions) -> Result<Summary> {
     let mut recipe = Recipe::load(recipe_path)?;
     if opts.threads.is_some() {
         recipe.threads = opts.threads;
+    }
+    if let Some(seed) = opts.seed {
+        recipe.seed = seed;
     }
     let threads = recipe.threads.unwrap_or_else(slimnn_runtime::physical_cores);
     let task = parse_task(&recipe, recipe_path)?;
@@ -420,6 +428,9 @@ pub fn distill(teacher_path: &Path, student_dir: &Path, recipe_path: &Path, opts
     let mut recipe = Recipe::load(recipe_path)?;
     if opts.threads.is_some() {
         recipe.threads = opts.threads;
+    }
+    if let Some(seed) = opts.seed {
+        recipe.seed = seed;
     }
     let threads = recipe.threads.unwrap_or_else(slimnn_runtime::physical_cores);
     let mut task = parse_task(&recipe, recipe_path)?;
