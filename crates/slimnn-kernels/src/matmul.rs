@@ -363,9 +363,13 @@ fn multiply(
     let k = d.k;
     if d.a_trans && m > 1 && k > 1 {
         // A is stored k x m: a row-major m x k copy for the GEMM's in-place A reads.
-        s.a_t.resize(m * k, 0.0);
-        transpose_par(a, k, m, &mut s.a_t, par);
-        gemm(m, &s.a_t, k, &s.packed, out, d.n, ep, par)
+        // Grown only: shrinking and regrowing would zero-fill on every other call.
+        if s.a_t.len() < m * k {
+            s.a_t.resize(m * k, 0.0);
+        }
+        let a_t = &mut s.a_t[..m * k];
+        transpose_par(a, k, m, a_t, par);
+        gemm(m, a_t, k, &s.packed, out, d.n, ep, par)
     } else {
         // One row or one column: the transpose is the same memory.
         gemm(m, a, k, &s.packed, out, d.n, ep, par)
