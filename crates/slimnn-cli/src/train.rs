@@ -479,11 +479,11 @@ pub fn distill(teacher_path: &Path, student_dir: &Path, recipe_path: &Path, opts
             for (i, _) in layer_map.iter().enumerate() {
                 if hidden_weight != 0.0 {
                     let s = hidden_outlet(g, i)?;
-                    total = add_weighted_term(g, total, s, &format!("teacher_hidden_{i}"), hidden_weight)?;
+                    total = add_weighted_term(g, total, s, &format!("teacher_hidden_{i}"), hidden_weight, false)?;
                 }
                 if attention_weight != 0.0 {
                     let s = attention_outlet(g, i)?;
-                    total = add_weighted_term(g, total, s, &format!("teacher_attention_{i}"), attention_weight)?;
+                    total = add_weighted_term(g, total, s, &format!("teacher_attention_{i}"), attention_weight, true)?;
                 }
             }
             Ok(total)
@@ -505,22 +505,45 @@ fn attention_outlet(g: &Graph, layer: usize) -> IrResult<OutletId> {
     slimnn_train::models::find_outlet(g, &format!("/encoder/layer.{layer}/attention/self/Softmax"))
 }
 
-/// `total + weight * MSE(student value, teacher value)` (TinyBERT-style hidden-state and
-/// attention-map matching; the teacher value is the input `teacher_input`).
+/// `total + weight * term`: the MSE of a student hidden state and the teacher's (TinyBERT), or
+/// for attention maps the KL divergence of the teacher's attention distribution from the
+/// student's, summed over keys and averaged over batch, heads and queries (MiniLM). The teacher
+/// value is the input `teacher_input`.
 fn add_weighted_term(
     g: &mut Graph,
     total: OutletId,
     student: OutletId,
     teacher_input: &str,
     weight: f32,
+    attention: bool,
 ) -> IrResult<OutletId> {
     use slimnn_ir::ops::{Binary, BinaryOp};
     let fact = slimnn_ir::Fact::new(DType::F32, g.fact(student).shape.clone());
     let t = g.add_input(teacher_input, fact)?;
-    let term = slimnn_train::loss::mse(g, student, t)?;
+    let term =
+        if attention { attention_kl(g, student, t, teacher_input)? } else { slimnn_train::loss::mse(g, student, t)? };
     let w = g.add_const(&format!("loss.{teacher_input}.weight"), std::sync::Arc::new(Tensor::scalar(weight)))?;
     let term = g.add_node(&format!("loss.{teacher_input}.weighted"), Binary(BinaryOp::Mul), vec![term, w])?[0];
     Ok(g.add_node(&format!("loss.{teacher_input}.sum"), Binary(BinaryOp::Add), vec![total, term])?[0])
+}
+
+/// `mean_rows sum_k t * (log(t + e) - log(s + e))` over the last axis; `e` keeps masked keys
+/// (probability exactly 0 in both) finite.
+fn attention_kl(g: &mut Graph, s: OutletId, t: OutletId, name: &str) -> IrResult<OutletId> {
+    use slimnn_ir::ops::{Binary, BinaryOp, Reduce, ReduceOp, Unary, UnaryOp};
+    let eps = g.add_const(&format!("loss.{name}.eps"), std::sync::Arc::new(Tensor::scalar(1e-8f32)))?;
+    let mut log_of = |g: &mut Graph, x: OutletId, tag: &str| -> IrResult<OutletId> {
+        let x = g.add_node(&format!("loss.{name}.{tag}.eps"), Binary(BinaryOp::Add), vec![x, eps])?[0];
+        Ok(g.add_node(&format!("loss.{name}.{tag}.log"), Unary(UnaryOp::Log), vec![x])?[0])
+    };
+    let log_t = log_of(g, t, "teacher")?;
+    let log_s = log_of(g, s, "student")?;
+    let d = g.add_node(&format!("loss.{name}.diff"), Binary(BinaryOp::Sub), vec![log_t, log_s])?[0];
+    let p = g.add_node(&format!("loss.{name}.weighted"), Binary(BinaryOp::Mul), vec![t, d])?[0];
+    let keys = Reduce { op: ReduceOp::Sum, axes: Some(vec![-1]), keepdims: false, noop_with_empty_axes: false };
+    let rows = g.add_node(&format!("loss.{name}.rows"), keys, vec![p])?[0];
+    let mean = Reduce { op: ReduceOp::Mean, axes: None, keepdims: false, noop_with_empty_axes: false };
+    Ok(g.add_node(&format!("loss.{name}.mean"), mean, vec![rows])?[0])
 }
 
 /// A data set whose batches also carry a teacher's outputs (named as the teacher graph's
