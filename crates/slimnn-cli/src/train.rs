@@ -532,7 +532,7 @@ fn add_weighted_term(
 fn attention_kl(g: &mut Graph, s: OutletId, t: OutletId, name: &str) -> IrResult<OutletId> {
     use slimnn_ir::ops::{Binary, BinaryOp, Reduce, ReduceOp, Unary, UnaryOp};
     let eps = g.add_const(&format!("loss.{name}.eps"), std::sync::Arc::new(Tensor::scalar(1e-8f32)))?;
-    let mut log_of = |g: &mut Graph, x: OutletId, tag: &str| -> IrResult<OutletId> {
+    let log_of = |g: &mut Graph, x: OutletId, tag: &str| -> IrResult<OutletId> {
         let x = g.add_node(&format!("loss.{name}.{tag}.eps"), Binary(BinaryOp::Add), vec![x, eps])?[0];
         Ok(g.add_node(&format!("loss.{name}.{tag}.log"), Unary(UnaryOp::Log), vec![x])?[0])
     };
