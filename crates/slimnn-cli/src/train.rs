@@ -48,6 +48,11 @@ pub enum Task {
         /// Use only the first N training emails (after a seeded shuffle), for quicker runs.
         #[serde(default)]
         train_limit: Option<usize>,
+        /// Distillation only: this many further training emails (after the `train_limit` ones)
+        /// join the training set with their labels hidden and the teacher's predictions in
+        /// their place (a transfer set, Hinton et al. 2015).
+        #[serde(default)]
+        transfer: Option<usize>,
         #[serde(default)]
         qat: Option<QatTask>,
         /// Distillation only: weight of the hidden-state MSE terms (student layer i matched to
@@ -136,6 +141,15 @@ struct Prepared {
     train_len: usize,
     test_len: usize,
     name: String,
+    /// Text tasks: what the training set was tokenized from, and the transfer emails.
+    text: Option<TextSource>,
+}
+
+struct TextSource {
+    tok: TextTokenizer,
+    seq: usize,
+    labeled: Vec<TextExample>,
+    transfer: Vec<TextExample>,
 }
 
 fn prepare(task: &Task, seed: u64) -> Result<Prepared> {
@@ -156,14 +170,23 @@ fn prepare(task: &Task, seed: u64) -> Result<Prepared> {
                 train,
                 test,
                 name: format!("fashion-mnist {arch:?}"),
+                text: None,
             })
         }
-        Task::SpamAssassin { model: dir, data, max_seq, layers, init, train_limit, .. } => {
+        Task::SpamAssassin { model: dir, data, max_seq, layers, init, train_limit, transfer, .. } => {
             let (mut train, test) = spam_assassin_split(data)?;
+            let mut transfer_set = Vec::new();
             if let Some(n) = *train_limit {
                 let mut rng = slimnn_data::datasets::Rng::new(seed ^ 0x5eed);
                 rng.shuffle(&mut train);
+                let m = transfer.unwrap_or(0);
+                if n + m > train.len() {
+                    bail!("[task] train_limit {n} + transfer {m} exceed the {} training emails", train.len());
+                }
+                transfer_set = train[n..n + m].to_vec();
                 train.truncate(n);
+            } else if transfer.is_some() {
+                bail!("[task] transfer needs train_limit (the labeled emails come first)");
             }
             let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), *max_seq)?;
             let mut model = text_classifier(dir, 2, layers.as_deref(), seed)?;
@@ -181,6 +204,7 @@ fn prepare(task: &Task, seed: u64) -> Result<Prepared> {
                 test: text_dataset(&tok, &test, *max_seq)?,
                 model,
                 name,
+                text: Some(TextSource { tok, seq: *max_seq, labeled: train, transfer: transfer_set }),
             })
         }
     }
@@ -250,23 +274,29 @@ fn load_weights(model: &mut Model, path: &Path) -> Result<()> {
 
 /// Accuracy of a model with its weights baked in, run through the runtime in batches.
 pub fn accuracy(graph: &Graph, data: &dyn Dataset, batch: usize, threads: usize) -> Result<f64> {
+    let predicted = predict(graph, data, batch, threads)?;
+    let labels = data.batch(&(0..data.len()).collect::<Vec<_>>())?.labels;
+    let correct = predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
+    Ok(correct as f64 / predicted.len().max(1) as f64)
+}
+
+/// The arg-max class of every example of `data`, in order.
+fn predict(graph: &Graph, data: &dyn Dataset, batch: usize, threads: usize) -> Result<Vec<usize>> {
     let run = Runnable::new(graph.clone(), RuntimeConfig { threads })?;
     let mut state = run.new_state();
     let names: Vec<&str> = (0..graph.inputs().len()).map(|i| graph.input_name(i)).collect();
-    let (mut correct, mut n) = (0usize, 0usize);
+    let mut predicted = Vec::with_capacity(data.len());
     let all: Vec<usize> = (0..data.len()).collect();
     for idx in all.chunks(batch) {
         let b = data.batch(idx)?;
         let inputs: Vec<(String, Tensor)> = b.inputs.into_iter().filter(|(k, _)| names.contains(&k.as_str())).collect();
         let logits = run.run(&mut state, inputs)?.remove(0).cast(DType::F32)?;
         let classes = *logits.shape().last().unwrap_or(&1);
-        for (row, &label) in logits.as_slice::<f32>()?.chunks(classes).zip(&b.labels) {
-            let best = row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
-            correct += usize::from(best == label);
-            n += 1;
+        for row in logits.as_slice::<f32>()?.chunks(classes) {
+            predicted.push(row.iter().enumerate().fold(0, |b, (i, v)| if *v > row[b] { i } else { b }));
         }
     }
-    Ok(correct as f64 / n.max(1) as f64)
+    Ok(predicted)
 }
 
 /// `slimnn train RECIPE`: trains the task's model, writes the trained model (`model.onnx`),
@@ -286,10 +316,10 @@ pub fn train(recipe_path: &Path, opts: &RunOptions) -> Result<Summary> {
     let qat_task = match &task {
         Task::FashionMnist { qat, .. } | Task::SpamAssassin { qat, .. } => qat.clone(),
     };
-    if let Task::SpamAssassin { hidden_weight, attention_weight, .. } = &task {
-        if *hidden_weight != 0.0 || *attention_weight != 0.0 {
+    if let Task::SpamAssassin { hidden_weight, attention_weight, transfer, .. } = &task {
+        if *hidden_weight != 0.0 || *attention_weight != 0.0 || transfer.is_some() {
             bail!(
-                "recipe {}: [task] hidden_weight / attention_weight apply to `slimnn distill` only",
+                "recipe {}: [task] hidden_weight / attention_weight / transfer apply to `slimnn distill` only",
                 recipe_path.display()
             );
         }
@@ -451,11 +481,25 @@ pub fn distill(teacher_path: &Path, student_dir: &Path, recipe_path: &Path, opts
     if !matches!(recipe.loss, slimnn_train::loss::LossConfig::Distill { .. }) {
         bail!("recipe {}: slimnn distill needs [loss] kind = \"distill\"", recipe_path.display());
     }
-    let prepared = prepare(&task, recipe.seed)?;
+    let mut prepared = prepare(&task, recipe.seed)?;
     let teacher_graph =
         slimnn_formats::load_model(teacher_path).with_context(|| format!("loading {}", teacher_path.display()))?;
     let eval_batch = recipe.eval_batch_size.unwrap_or(recipe.batch_size);
     let teacher_accuracy = accuracy(&teacher_graph, &prepared.test, eval_batch, threads)?;
+    if let Some(text) = prepared.text.as_mut().filter(|t| !t.transfer.is_empty()) {
+        // The transfer emails' labels are replaced by the teacher's predictions.
+        let set = text_dataset(&text.tok, &text.transfer, text.seq)?;
+        let predicted = predict(&teacher_graph, &set, eval_batch, threads)?;
+        let agree = text.transfer.iter().zip(&predicted).filter(|(e, &p)| e.label as usize == p).count();
+        eprintln!(
+            "transfer set: {} emails labelled by the teacher ({agree} agree with the hidden labels)",
+            predicted.len()
+        );
+        let mut all = text.labeled.clone();
+        all.extend(text.transfer.iter().zip(&predicted).map(|(e, &p)| TextExample { label: p as u8, ..e.clone() }));
+        prepared.train = text_dataset(&text.tok, &all, text.seq)?;
+        prepared.train_len = all.len();
+    }
     // The teacher's outputs become extra data columns: logits, then matched hidden states and
     // attention maps, computed once over the training set.
     let mut wanted: Vec<(String, OutletId)> =
