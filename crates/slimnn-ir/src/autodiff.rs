@@ -1071,32 +1071,8 @@ fn split_backward(
 /// First index and element count of `start..end` by `step` on an axis of size `d` (ONNX rules,
 /// as Slice's eval applies them).
 fn slice_range(d: usize, start: i64, end: i64, step: i64) -> (i64, i64) {
-    let (d, step) = (d as i128, step as i128);
-    let (mut s, mut e) = (start as i128, end as i128);
-    if s < 0 {
-        s += d;
-    }
-    if e < 0 {
-        e += d;
-    }
-    let count = if step > 0 {
-        s = s.clamp(0, d);
-        e = e.clamp(0, d);
-        if e > s {
-            (e - s + step - 1) / step
-        } else {
-            0
-        }
-    } else {
-        s = s.max(0).min(d - 1);
-        e = e.max(-1).min(d - 1);
-        if s > e {
-            (s - e - step - 1) / -step
-        } else {
-            0
-        }
-    };
-    (s as i64, count as i64)
+    let (first, count) = crate::ops::slice_range(d, start, end, step);
+    (first as i64, count as i64)
 }
 
 fn const_ints(e: &Emitter, node: &Node, k: usize, what: &str) -> IrResult<Option<Vec<i64>>> {

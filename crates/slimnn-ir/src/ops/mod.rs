@@ -21,6 +21,8 @@ mod shape;
 mod source;
 pub(crate) mod util;
 
+pub(crate) use shape::slice_range;
+
 pub use conv::{AutoPad, Conv, ConvAttrs, ConvTranspose};
 pub use elementwise::{Binary, BinaryOp, Cast, Clip, Identity, Unary, UnaryOp, Where};
 pub use grad::{

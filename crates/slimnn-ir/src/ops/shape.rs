@@ -828,7 +828,7 @@ fn slice_axes(
 /// First index and element count of `start..end` by `step` on an axis of size `d`, with
 /// ONNX's rules: negative bounds count from the end, then clamp to `[0, d]` (positive step)
 /// or `[-1, d-1]` (negative step).
-fn slice_range(d: usize, start: i64, end: i64, step: i64) -> (i128, usize) {
+pub(crate) fn slice_range(d: usize, start: i64, end: i64, step: i64) -> (i128, usize) {
     let (d, step) = (d as i128, step as i128);
     let (mut s, mut e) = (start as i128, end as i128);
     if s < 0 {
