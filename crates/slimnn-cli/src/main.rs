@@ -183,6 +183,10 @@ enum Command {
         group_size: usize,
         #[arg(long, value_enum, default_value = "per-channel")]
         granularity: QuantGranularity,
+        /// Run-time activation scales of --mode dynamic: per token (default; a slimnn op that
+        /// ONNX Runtime runs through its function body) or per tensor (ONNX Runtime's pattern).
+        #[arg(long, value_enum)]
+        activation_granularity: Option<ActGranularity>,
         /// Calibration data: a text file of sentences (BERT-family models), a .npy file
         /// (one-input models) or a folder of <input>.npy files; samples along the first axis.
         #[arg(long, value_name = "FILE")]
@@ -309,6 +313,12 @@ enum QuantGranularity {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum ActGranularity {
+    PerToken,
+    PerTensor,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum CalibMethod {
     Minmax,
     Percentile,
@@ -423,6 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             bits,
             group_size,
             granularity,
+            activation_granularity,
             calibration,
             calibration_method,
             percentile,
@@ -440,7 +451,9 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             report,
         } => {
-            use slimnn_compress::{ActivationType, CalibrationMethod, Granularity, Mode, QuantRecipe};
+            use slimnn_compress::{
+                ActivationGranularity, ActivationType, CalibrationMethod, Granularity, Mode, QuantRecipe,
+            };
             let recipe = QuantRecipe {
                 mode: match mode {
                     QuantMode::Dynamic => Mode::Dynamic,
@@ -455,6 +468,10 @@ fn run(cli: Cli) -> Result<()> {
                     QuantGranularity::PerChannel => Granularity::PerChannel,
                     QuantGranularity::PerTensor => Granularity::PerTensor,
                 },
+                activation_granularity: activation_granularity.map(|a| match a {
+                    ActGranularity::PerToken => ActivationGranularity::PerToken,
+                    ActGranularity::PerTensor => ActivationGranularity::PerTensor,
+                }),
                 activation_type: match activation_type {
                     ActType::U8 => ActivationType::U8,
                     ActType::I8 => ActivationType::I8,

@@ -6,7 +6,7 @@
 
 use slimnn_compress::calib::BatchSource;
 use slimnn_compress::mixed::{agreement, run_all};
-use slimnn_compress::{quantize, ActivationType, CalibrationMethod, Mode, QuantRecipe};
+use slimnn_compress::{quantize, ActivationGranularity, ActivationType, CalibrationMethod, Mode, QuantRecipe};
 use slimnn_data::corpus::moby_dick_sentences;
 use slimnn_data::text::TextTokenizer;
 use slimnn_tensor::Tensor;
@@ -48,6 +48,18 @@ fn main() {
     let stat = |m| QuantRecipe { mode: Mode::Static, calibration_method: m, ..base.clone() };
     let all: Vec<(&str, QuantRecipe)> = vec![
         ("dynamic", QuantRecipe { mode: Mode::Dynamic, ..base.clone() }),
+        (
+            "dynamic-per-tensor",
+            QuantRecipe { activation_granularity: Some(ActivationGranularity::PerTensor), ..base.clone() },
+        ),
+        (
+            "dynamic-per-tensor-embeddings",
+            QuantRecipe {
+                activation_granularity: Some(ActivationGranularity::PerTensor),
+                quantize_embeddings: true,
+                ..base.clone()
+            },
+        ),
         ("dynamic-sq0.5", QuantRecipe { mode: Mode::Dynamic, smoothquant_alpha: Some(0.5), ..base.clone() }),
         ("static-minmax", stat(CalibrationMethod::Minmax)),
         ("static-percentile", stat(CalibrationMethod::Percentile)),

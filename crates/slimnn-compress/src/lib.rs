@@ -40,7 +40,7 @@ pub use calib::{calibrate, BatchSource, StatKind, StatPoint, Statistics};
 pub use pipeline::quantize;
 pub use quant::Granularity;
 pub use range::{ActivationType, CalibrationMethod};
-pub use recipe::{Mode, QuantRecipe};
+pub use recipe::{ActivationGranularity, Mode, QuantRecipe};
 pub use report::{LayerReport, Report};
 
 use slimnn_ir::Graph;

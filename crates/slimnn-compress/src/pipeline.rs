@@ -4,7 +4,7 @@
 
 use crate::calib::{calibrate, BatchSource, Statistics};
 use crate::mixed::{output_error, run_all};
-use crate::recipe::{Mode, QuantRecipe};
+use crate::recipe::{ActivationGranularity, Mode, QuantRecipe};
 use crate::report::{Report, METADATA_KEY};
 use crate::schemes::{Dynamic, EmbeddingInt8, HalfWeights, Selection, StaticQdq, WeightOnly};
 use crate::smoothquant::SmoothQuant;
@@ -27,7 +27,13 @@ pub const EVAL_BATCHES: usize = 4;
 pub fn scheme(recipe: &QuantRecipe, selection: Selection) -> Box<dyn Algorithm> {
     match recipe.mode {
         Mode::Dynamic => {
-            Box::new(Dynamic { granularity: recipe.granularity, selection, bias_correction: recipe.bias_correction })
+            let per_token = recipe.activation_granularity != Some(ActivationGranularity::PerTensor);
+            Box::new(Dynamic {
+                granularity: recipe.granularity,
+                per_token,
+                selection,
+                bias_correction: recipe.bias_correction,
+            })
         }
         Mode::Static => Box::new(StaticQdq {
             granularity: recipe.granularity,

@@ -25,6 +25,16 @@ pub enum Mode {
     Fp16,
 }
 
+/// How many scales a run-time quantized activation gets (dynamic mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationGranularity {
+    /// One scale and zero point per row (token): `ai.slimnn.DynamicRowQuantMatMul`.
+    PerToken,
+    /// One per tensor: the `DynamicQuantizeLinear` + `MatMulInteger` pattern of ONNX Runtime.
+    PerTensor,
+}
+
 /// Everything `slimnn quantize` can be asked to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -37,6 +47,9 @@ pub struct QuantRecipe {
     pub group_size: usize,
     /// int8 weight scales per output channel or per tensor.
     pub granularity: Granularity,
+    /// Run-time activation scales of dynamic quantization (default per token); static
+    /// activations are calibrated per tensor.
+    pub activation_granularity: Option<ActivationGranularity>,
     /// Activation integer type of static quantization.
     pub activation_type: ActivationType,
     pub calibration_method: CalibrationMethod,
@@ -67,6 +80,7 @@ impl Default for QuantRecipe {
             bits: 8,
             group_size: 32,
             granularity: Granularity::PerChannel,
+            activation_granularity: None,
             activation_type: ActivationType::U8,
             calibration_method: CalibrationMethod::Minmax,
             percentile: 99.99,
@@ -118,6 +132,12 @@ impl QuantRecipe {
                 "4-bit weights are group-wise: --granularity per-tensor does not apply (use --group-size)".into()
             );
         }
+        if self.activation_granularity.is_some() && self.mode != Mode::Dynamic {
+            return bad(
+                "--activation-granularity applies to --mode dynamic (static activation scales are calibrated per tensor)"
+                    .into(),
+            );
+        }
         if !(50.0..=100.0).contains(&self.percentile) {
             return bad(format!("--percentile must be within 50..=100, got {}", self.percentile));
         }
@@ -167,6 +187,12 @@ mod tests {
         assert!(err(QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 48, ..Default::default() })
             .contains("power of two"));
         assert!(err(QuantRecipe { gptq: true, ..Default::default() }).contains("weight-only"));
+        let per_token_static = QuantRecipe {
+            mode: Mode::Static,
+            activation_granularity: Some(ActivationGranularity::PerToken),
+            ..Default::default()
+        };
+        assert!(err(per_token_static).contains("--mode dynamic"));
         QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 128, ..Default::default() }.validate().unwrap();
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! | scheme | pattern written |
 //! |---|---|
-//! | [`Dynamic`] | `DynamicQuantizeLinear(x)` → `MatMulInteger(xq, Wq, xz, wz)` → `Cast` → `Mul(·, x_scale·w_scale)` (ONNX Runtime's `quantize_dynamic` pattern) |
+//! | [`Dynamic`] per token | `ai.slimnn.DynamicRowQuantMatMul(x, Wq, w_scale)` (a scale and zero point per row of x) |
+//! | [`Dynamic`] per tensor | `DynamicQuantizeLinear(x)` → `MatMulInteger(xq, Wq, xz, wz)` → `Cast` → `Mul(·, x_scale·w_scale)` (ONNX Runtime's `quantize_dynamic` pattern) |
 //! | [`StaticQdq`] | `QuantizeLinear`→`DequantizeLinear` on the activation, `DequantizeLinear` on the int8 weight, float `MatMul` |
 //! | [`WeightOnly`] 8-bit | `DequantizeLinear` on the int8 weight, float `MatMul` |
 //! | [`WeightOnly`] 4-bit | `MatMulNBits` (`com.microsoft`) |
@@ -16,8 +17,8 @@ use crate::report::{LayerReport, Report};
 use crate::targets::{activation_matmuls, find_targets, require_some, Target};
 use crate::{Algorithm, CompressError, Result};
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Cast, Const, DequantizeLinear, DynamicQuantizeLinear, Gather, MatMul, MatMulInteger, MatMulNBits,
-    QuantizeLinear,
+    Binary, BinaryOp, Cast, Const, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, Gather, MatMul,
+    MatMulInteger, MatMulNBits, QuantizeLinear,
 };
 use slimnn_ir::{Graph, Op, OutletId, Patch, Wire};
 use slimnn_tensor::{DType, Tensor};
@@ -108,10 +109,13 @@ fn correct_bias(
     Ok(Some(format!("bias corrected (max shift {shift:.2e})")))
 }
 
-/// int8 dynamic quantization (weights offline, activations u8 per tensor at run time).
+/// int8 dynamic quantization (weights offline, activations u8 per token or per tensor at run
+/// time).
 #[derive(Debug, Clone)]
 pub struct Dynamic {
     pub granularity: Granularity,
+    /// A scale and zero point per row of the activation instead of one per tensor.
+    pub per_token: bool,
     pub selection: Selection,
     pub bias_correction: bool,
 }
@@ -134,6 +138,19 @@ impl Algorithm for Dynamic {
         for t in &targets {
             let w = t.weight()?;
             let q = quantize_int8_weight(w, t.n, self.granularity);
+            if self.per_token {
+                let (values, scale, _) = int8_tensors(&q, t.k, t.n)?;
+                let wq = konst(&mut p, &format!("{}/weight_quantized", t.name), values);
+                let ws = konst(&mut p, &format!("{}/weight_scale", t.name), scale);
+                let y = p.add_node(&format!("{}_quant", t.name), DynamicRowQuantMatMul, vec![t.x.into(), wq, ws]);
+                p.shunt(OutletId::new(t.node, 0), Patch::wire(y, 0));
+                let mut r = int8_report(t, "int8-dynamic-per-token", &q, w);
+                if self.bias_correction {
+                    r.note = correct_bias(&mut p, g, t, stats, Patch::wire(y, 0), &q.dequantize(t.n))?;
+                }
+                report.layers.push(r);
+                continue;
+            }
             let dq = *quantizers.entry(t.x).or_insert_with(|| {
                 p.add_node(&format!("{}_QuantizeLinear", value_name(g, t.x)), DynamicQuantizeLinear, vec![t.x.into()])
             });

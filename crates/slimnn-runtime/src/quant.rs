@@ -10,6 +10,10 @@
 //!   dequantizing either operand. `QuantizeLinear` / `DequantizeLinear` of activations with
 //!   constant per-tensor parameters run as vectorised steps.
 //!
+//! * slimnn's per-token form: `DynamicRowQuantMatMul(x, Wq, ws) [-> Add bias] [-> activation]
+//!   [-> Add residual]` quantizes x's rows (a scale and zero point each) into scratch, then runs
+//!   the same GEMM with per-row parameters in the epilogue.
+//!
 //! Weights must be symmetric (zero point 0) i8, per tensor or per output column; activations
 //! u8 per tensor. Anything else is left to the other lowerings or the reference evaluator.
 
@@ -85,9 +89,21 @@ pub enum QuantKernel {
     Dequantize { scale: f32, zero: u8 },
     /// A u8 x i8 GEMM with its fused epilogue.
     MatMul(QMatMul),
+    /// f32 rows quantized to u8 each with its own scale and zero point, then a u8 x i8 GEMM:
+    /// `DynamicRowQuantMatMul`; inputs `[x, residual?]`.
+    RowQuant(RowQuantMatMul),
     /// f32 x weight-only (4- or 8-bit, block-quantized) GEMM: `MatMulNBits`; inputs `[a,
     /// residual?]`.
     WeightOnly(WeightOnlyMatMul),
+}
+
+#[derive(Debug)]
+pub struct RowQuantMatMul {
+    packed: Arc<PackedQB>,
+    b_scale: Arc<[f32]>,
+    bias: Option<Arc<[f32]>>,
+    activation: Activation,
+    residual: bool,
 }
 
 #[derive(Debug)]
@@ -147,6 +163,19 @@ impl QuantKernel {
                 }
                 s
             }
+            QuantKernel::RowQuant(q) => {
+                let mut s = format!("quantize_rows_u8+qgemm_u8i8_{}", q.packed.kernel());
+                if q.bias.is_some() {
+                    s.push_str("+bias");
+                }
+                if q.activation != Activation::None {
+                    s.push_str(&format!("+{:?}", q.activation).to_lowercase());
+                }
+                if q.residual {
+                    s.push_str("+residual");
+                }
+                s
+            }
             QuantKernel::MatMul(q) => {
                 let mut s = format!("qgemm_u8i8_{}", q.packed.kernel());
                 if q.b_scale.is_none() {
@@ -172,7 +201,7 @@ impl QuantKernel {
     /// Whether the (first) output is f32 from the runtime's buffer pool.
     pub fn f32_output(&self) -> bool {
         match self {
-            QuantKernel::Dequantize { .. } | QuantKernel::WeightOnly(_) => true,
+            QuantKernel::Dequantize { .. } | QuantKernel::WeightOnly(_) | QuantKernel::RowQuant(_) => true,
             QuantKernel::MatMul(q) => q.b_scale.is_some() && q.requantize.is_none(),
             _ => false,
         }
@@ -200,6 +229,7 @@ impl QuantKernel {
                 Ok(vec![Tensor::from_vec(shape, out)?])
             }
             QuantKernel::MatMul(mm) => mm.run(ins, shape, out, par),
+            QuantKernel::RowQuant(rq) => rq.run(ins, shape, out, par),
             QuantKernel::WeightOnly(w) => {
                 let a = ins[0].as_slice::<f32>()?;
                 let (k, n) = (w.packed.k(), w.packed.n());
@@ -310,6 +340,48 @@ impl QMatMul {
     }
 }
 
+thread_local! {
+    // Quantized rows with their scales and zero points, reused across calls on this thread.
+    static ROWS: std::cell::Cell<(Vec<u8>, Vec<f32>, Vec<i32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+impl RowQuantMatMul {
+    fn run(&self, ins: &[&Tensor], shape: Vec<usize>, mut out: Vec<f32>, par: bool) -> Result<Vec<Tensor>> {
+        let x = ins[0].as_slice::<f32>()?;
+        let (k, n) = (self.packed.k(), self.packed.n());
+        let m = x.len().checked_div(k).unwrap_or(0);
+        let (mut q, mut scales, mut zeros) = ROWS.with(std::cell::Cell::take);
+        q.resize(x.len(), 0);
+        scales.resize(m, 0.0);
+        zeros.resize(m, 0);
+        let result = (|| {
+            // Rows in chunks of at least PAR_CHUNK values when threads help.
+            let rows_per = if par && x.len() >= 2 * PAR_CHUNK { PAR_CHUNK.div_ceil(k.max(1)) } else { m.max(1) };
+            x.par_chunks(rows_per * k.max(1))
+                .zip(q.par_chunks_mut(rows_per * k.max(1)))
+                .zip(scales.par_chunks_mut(rows_per).zip(zeros.par_chunks_mut(rows_per)))
+                .try_for_each(|((x, q), (s, z))| qgemm::quantize_rows_u8(x, k, q, s, z))?;
+            let mut ep = QEpilogue {
+                a_zero: PerRow::Rows(&zeros),
+                a_scale: PerRow::Rows(&scales),
+                b_scale: &self.b_scale,
+                bias: self.bias.as_deref(),
+                activation: self.activation,
+                residual: None,
+            };
+            if self.residual {
+                ep = ep.with_residual(ins[1].as_slice::<f32>()?, n);
+            }
+            let gpar = if par { Par::Current } else { Par::Seq };
+            qgemm::qgemm(m, &q, k, &self.packed, QOutput::F32 { c: &mut out, ldc: n }, &ep, gpar)?;
+            Ok::<_, RuntimeError>(())
+        })();
+        ROWS.with(|c| c.set((q, scales, zeros)));
+        result?;
+        Ok(vec![Tensor::from_vec(shape, out)?])
+    }
+}
+
 /// Values of a constant as f32 when it has 1 or `n` of them.
 fn const_f32s(c: &Ctx, o: OutletId, n: usize) -> Option<Vec<f32>> {
     let t = c.konst(o)?;
@@ -370,8 +442,46 @@ pub(super) fn match_group(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Opt
         Op::MatMul(MatMul) if is_qdq_matmul(c, id) => match_qdq(c, id, packs),
         Op::QLinearMatMul(_) => match_qlinear(c, id, packs),
         Op::MatMulNBits(op) => match_nbits(c, id, op, packs),
+        Op::DynamicRowQuantMatMul(_) => match_row_quant(c, id, packs),
         _ => Ok(None),
     }
+}
+
+/// `bias` when `end`'s sole reader adds a constant f32 `[n]` to it (the reader joins `members`
+/// and becomes the new `end`).
+fn fuse_bias(c: &Ctx, end: &mut OutletId, n: usize, members: &mut Vec<NodeId>) -> Result<Option<Arc<[f32]>>> {
+    if let Some(r) = c.sole_reader(*end) {
+        if let Some(bv) = c.binary_other(r, *end, BinaryOp::Add) {
+            if let Some(t) = c.konst(bv).filter(|t| t.len() == n && t.dtype() == DType::F32) {
+                members.push(r);
+                *end = out0(r);
+                return Ok(Some(Arc::from(t.as_slice::<f32>()?)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// `DynamicRowQuantMatMul(x, Wq const, ws const) [-> bias -> activation -> residual]`.
+fn match_row_quant(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
+    let ins = &c.g.node(id).inputs;
+    let x = ins[0];
+    let Some(wq) = c.konst(ins[1]).filter(|t| t.dtype() == DType::I8 && t.rank() == 2) else { return Ok(None) };
+    let n = wq.shape()[1];
+    let Some(b_scale) = const_f32s(c, ins[2], n) else { return Ok(None) };
+    if !c.is_f32(x) || c.shape(x).is_none() {
+        return Ok(None);
+    }
+    let packed = packs.get(wq, false)?;
+    let mut members = vec![id];
+    let mut end = out0(id);
+    let bias = fuse_bias(c, &mut end, n, &mut members)?;
+    let mut inputs = vec![x];
+    let mut notes = vec![];
+    let (activation, residual) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
+    let kernel = QuantKernel::RowQuant(RowQuantMatMul { packed, b_scale: b_scale.into(), bias, activation, residual });
+    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
+    Ok(Some(Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs, fusion, output_shape: None }))
 }
 
 /// `MatMulNBits(a, B, scales[, zero_points])` with constant weights [-> bias -> activation ->
@@ -394,16 +504,7 @@ fn match_nbits(c: &Ctx, id: NodeId, op: &MatMulNBits, packs: &QPackCache) -> Res
     let n = op.n;
     let mut members = vec![id];
     let mut end = out0(id);
-    let mut bias = None;
-    if let Some(r) = c.sole_reader(end) {
-        if let Some(bv) = c.binary_other(r, end, BinaryOp::Add) {
-            if let Some(t) = c.konst(bv).filter(|t| t.len() == n && t.dtype() == DType::F32) {
-                bias = Some(Arc::from(t.as_slice::<f32>()?));
-                members.push(r);
-                end = out0(r);
-            }
-        }
-    }
+    let bias = fuse_bias(c, &mut end, n, &mut members)?;
     let mut inputs = vec![a];
     let mut notes = vec![];
     let (activation, residual) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
@@ -611,8 +712,8 @@ pub(super) fn single_kernel(c: &Ctx, id: NodeId) -> Option<Kernel> {
 mod tests {
     use crate::{Runnable, RuntimeConfig};
     use slimnn_ir::ops::{
-        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, MatMul, MatMulInteger, MatMulNBits,
-        QLinearMatMul, QuantizeLinear, Unary, UnaryOp,
+        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, MatMul, MatMulInteger,
+        MatMulNBits, QLinearMatMul, QuantizeLinear, Unary, UnaryOp,
     };
     use slimnn_ir::{Fact, Graph, OutletId};
     use slimnn_tensor::{DType, Dim, Tensor};
@@ -697,6 +798,43 @@ mod tests {
         );
         assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+i32")), "{kernels:?}");
         assert!(kernels.contains(&"quantize_dynamic_u8".to_string()), "{kernels:?}");
+        assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+
+    #[test]
+    fn per_token_form_runs_on_the_integer_gemm_exactly() {
+        let mut g = Graph::default();
+        let x = input(&mut g, "x", K);
+        let res = input(&mut g, "res", N);
+        let (wq, ws, _) = weights(K, N, 13);
+        let (wq, ws) = (g.add_const("wq", wq).unwrap(), g.add_const("ws", ws).unwrap());
+        let bias = g.add_const("bias", Tensor::from_vec(vec![N], values(N, 14)).unwrap()).unwrap();
+        let y = g.add_node("rq", DynamicRowQuantMatMul, vec![x, wq, ws]).unwrap()[0];
+        let y = bin(&mut g, "bias", BinaryOp::Add, y, bias);
+        let y = g.add_node("gelu", Unary(UnaryOp::Gelu { tanh: false }), vec![y]).unwrap()[0];
+        let y = bin(&mut g, "res", BinaryOp::Add, y, res);
+        g.add_output("y", y);
+        // A bare one: the integer part must match the reference bit for bit.
+        let y2 = g.add_node("rq2", DynamicRowQuantMatMul, vec![x, wq, ws]).unwrap()[0];
+        g.add_output("y2", y2);
+        // Rows of very different ranges, an all-zero row and one of a single sign.
+        let mut xs = values(10 * K, 15);
+        for (r, row) in xs.chunks_mut(K).enumerate() {
+            row.iter_mut().for_each(|v| *v *= 0.01 + r as f32 * 3.0);
+        }
+        xs[..K].iter_mut().for_each(|v| *v = 0.0);
+        xs[K..2 * K].iter_mut().for_each(|v| *v = v.abs());
+        let feeds = vec![
+            ("x".to_string(), Tensor::from_vec(vec![2, 5, K], xs).unwrap()),
+            ("res".to_string(), Tensor::from_vec(vec![2, 5, N], values(10 * N, 16)).unwrap()),
+        ];
+        let want = g.eval(feeds.clone()).unwrap();
+        let r = Runnable::new(g.clone(), RuntimeConfig { threads: 2 }).unwrap();
+        let got = r.run(&mut r.new_state(), feeds.clone()).unwrap();
+        assert_eq!(got[1].as_slice::<f32>().unwrap(), want[1].as_slice::<f32>().unwrap());
+        let kernels = check(g, feeds, 1e-5);
+        let fused = "quantize_rows_u8+qgemm_u8i8";
+        assert!(kernels.iter().any(|k| k.starts_with(fused) && k.ends_with("+bias+geluerf+residual")), "{kernels:?}");
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
     }
 

@@ -743,6 +743,10 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                 cx.add(QLinearConv { attrs }, ins)
             }
         }
+        "DynamicRowQuantMatMul" => {
+            let ins = vec![cx.input(0)?, cx.input(1)?, cx.input(2)?];
+            cx.add(DynamicRowQuantMatMul, ins)
+        }
         "MatMulNBits" => {
             let int = |name: &str| -> Result<usize> {
                 let v = a.i(name).ok_or_else(|| cx.invalid(format!("attribute {name} is missing")))?;
@@ -762,14 +766,19 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
     }
 }
 
-/// Whether a node is one of the `com.microsoft` contrib ops the importer reads (`MatMulNBits`).
+/// Whether a node is one of the non-default-domain ops the importer reads: `com.microsoft`
+/// `MatMulNBits` and slimnn's own `DynamicRowQuantMatMul` (whose function body is not needed).
 pub(super) fn is_microsoft_op(domain: Option<&str>, op_type: &str) -> bool {
-    domain == Some("com.microsoft") && op_type == "MatMulNBits"
+    (domain == Some("com.microsoft") && op_type == "MatMulNBits")
+        || (domain == Some(SLIMNN_DOMAIN) && op_type == "DynamicRowQuantMatMul")
 }
 
 /// Why a `com.microsoft` node cannot be read: attributes or optional inputs slimnn does not
 /// support (g_idx, bias, accuracy levels change nothing in the reference semantics).
 pub(super) fn microsoft_op_problem(op_type: &str, a: &Attrs, inputs: usize) -> Option<String> {
+    if op_type == "DynamicRowQuantMatMul" {
+        return (inputs != 3).then(|| format!("takes 3 inputs (x, w, w_scale), got {inputs}"));
+    }
     if op_type != "MatMulNBits" {
         return Some(format!("{op_type} is not supported"));
     }

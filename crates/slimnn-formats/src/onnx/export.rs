@@ -81,7 +81,14 @@ fn opset_imports(g: &Graph, opset: i64) -> Vec<OperatorSetIdProto> {
     if g.nodes().iter().any(|n| matches!(n.op, Op::MatMulNBits(_))) {
         v.push(OperatorSetIdProto { domain: Some(MICROSOFT_DOMAIN.into()), version: Some(1) });
     }
+    if uses_row_quant(g) {
+        v.push(OperatorSetIdProto { domain: Some(SLIMNN_DOMAIN.into()), version: Some(1) });
+    }
     v
+}
+
+fn uses_row_quant(g: &Graph) -> bool {
+    g.nodes().iter().any(|n| matches!(n.op, Op::DynamicRowQuantMatMul(_)))
 }
 
 fn ir_version(opset: i64) -> i64 {
@@ -284,6 +291,7 @@ pub fn export(g: &Graph) -> Result<ModelProto> {
     Ok(ModelProto {
         ir_version: Some(ir_version(opset)),
         opset_import: opset_imports(g, opset),
+        functions: if uses_row_quant(g) { vec![super::functions::dynamic_row_quant_matmul(opset)] } else { vec![] },
         producer_name: Some("slimnn".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         graph: Some(graph),
@@ -696,6 +704,12 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
             return Err(FormatError::Unsupported(
                 "slimnn's LLM ops (block-quantized weights, KV cache) have no ONNX form".into(),
             ))
+        }
+        Op::DynamicRowQuantMatMul(_) => {
+            simple(ex, "DynamicRowQuantMatMul", vec![]);
+            if let Some(last) = ex.nodes.last_mut() {
+                last.domain = Some(SLIMNN_DOMAIN.into());
+            }
         }
         Op::MatMulNBits(m) => {
             let attrs = vec![

@@ -29,6 +29,7 @@
 
 mod convert;
 mod export;
+mod functions;
 mod import;
 pub mod op_versions;
 mod spec;

@@ -17,6 +17,7 @@ mod pool;
 mod quant;
 mod reduce;
 mod resize;
+mod rowquant;
 mod shape;
 mod source;
 pub(crate) mod util;
@@ -39,6 +40,7 @@ pub use quant::{
 };
 pub use reduce::{ArgReduce, Reduce, ReduceOp};
 pub use resize::{CoordMode, NearestMode, Resize, ResizeMode, ResizeTarget};
+pub use rowquant::{row_params, DynamicRowQuantMatMul, SLIMNN_DOMAIN};
 pub use shape::{
     Concat, ConstantOfShape, Expand, Flatten, Gather, Pad, PadMode, Range, Reshape, Shape, Slice, Split, Squeeze, Tile,
     Transpose, Unsqueeze,
@@ -132,6 +134,7 @@ define_ops! {
     Rope(Rope),
     CausalAttention(CausalAttention),
     MatMulNBits(MatMulNBits),
+    DynamicRowQuantMatMul(DynamicRowQuantMatMul),
     UnaryGrad(UnaryGrad),
     SoftmaxGrad(SoftmaxGrad),
     LayerNormGrad(LayerNormGrad),
