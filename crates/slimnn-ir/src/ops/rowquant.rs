@@ -114,7 +114,7 @@ mod tests {
         assert_eq!(y[1], acc1 as f32 * (scale * 0.25));
         assert_eq!(&y[2..], &[0.0, 0.0]);
         // Close to the float product.
-        let exact = [-1.0 * 1.0 + 0.5 * 3.0 + 2.0 * -5.0, -1.0 * -2.0 + 0.5 * 4.0 + 2.0 * 6.0];
+        let exact = [-1.0 + 0.5 * 3.0 + 2.0 * -5.0, 2.0 + 0.5 * 4.0 + 2.0 * 6.0];
         assert!((y[0] - exact[0] * 0.5).abs() < 0.05 && (y[1] - exact[1] * 0.25).abs() < 0.05);
     }
 
