@@ -21,6 +21,9 @@ pub struct BenchConfig {
     pub warmup: usize,
     pub iterations: usize,
     pub vs_onnxruntime: bool,
+    /// ONNX Runtime times this file instead of the benchmarked model (same inputs): its own
+    /// quantized version of the model, say. Implies `vs_onnxruntime`.
+    pub ort_model: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
 }
 
@@ -232,6 +235,10 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
     let work = std::env::temp_dir().join(format!("slimnn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let (graph, onnx_path) = onnx_model(model, &work)?;
+    let ort_path = cfg.ort_model.clone().unwrap_or(onnx_path);
+    if !ort_path.is_file() {
+        bail!("--ort-model {}: no such file", ort_path.display());
+    }
     let mut records = vec![];
     for &threads in &cfg.threads {
         let rt = Runnable::new(graph.clone(), RuntimeConfig { threads })?;
@@ -268,7 +275,8 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
                     );
                 }
             }
-            let ort = if cfg.vs_onnxruntime { Some(run_ort(&onnx_path, &inputs, threads, cfg, &work)?) } else { None };
+            let with_ort = cfg.vs_onnxruntime || cfg.ort_model.is_some();
+            let ort = if with_ort { Some(run_ort(&ort_path, &inputs, threads, cfg, &work)?) } else { None };
             let r = Record {
                 batch,
                 seq: inputs.iter().find(|(n, _)| n == "input_ids").and_then(|(_, t)| t.shape().get(1).copied()),

@@ -74,6 +74,10 @@ enum Command {
         /// Also time ONNX Runtime (from SLIMNN_VENV or ./.venv) on the same ONNX file and inputs.
         #[arg(long)]
         vs_onnxruntime: bool,
+        /// With ONNX Runtime, time this ONNX file instead of MODEL on the same inputs (e.g.
+        /// ONNX Runtime's own quantized version of the model).
+        #[arg(long, value_name = "FILE")]
+        ort_model: Option<PathBuf>,
         /// tokenizer.json for text models (default: next to the model).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
@@ -355,13 +359,25 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => slimnn_serve::serve(&args),
         Command::Inspect { model: path, json, optimized, dims } => inspect(&path, json, optimized, &dims),
-        Command::Bench { model, batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer, json } => {
+        Command::Bench {
+            model,
+            batch,
+            seq,
+            threads,
+            warmup,
+            iterations,
+            vs_onnxruntime,
+            ort_model,
+            tokenizer,
+            json,
+        } => {
             let threads = if threads.is_empty() { vec![slimnn_runtime::physical_cores()] } else { threads };
             if model.extension().is_some_and(|e| e == "gguf") {
                 return slimnn_cli::llm::bench_llm(&model, seq, 64, &threads, iterations.min(3), json.as_deref())
                     .map(drop);
             }
-            let cfg = BenchConfig { batches: batch, seq, threads, warmup, iterations, vs_onnxruntime, tokenizer };
+            let cfg =
+                BenchConfig { batches: batch, seq, threads, warmup, iterations, vs_onnxruntime, ort_model, tokenizer };
             println!("slimnn bench {} (kernels: {})", model.display(), slimnn_kernels::cpu::describe());
             println!(
                 "{:>5} {:>5} {:>7} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10} {:>10} {:>8}",
