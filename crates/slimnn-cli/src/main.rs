@@ -222,7 +222,8 @@ enum Command {
         /// Also quantize activation-by-activation matmuls (attention), static mode.
         #[arg(long)]
         quantize_attention: bool,
-        /// Also store embedding tables (Gather of a constant table) as int8.
+        /// Also store embedding tables (Gather of a constant table) block-quantized: 8-bit in
+        /// blocks of 128, or 4-bit in --group-size blocks with --bits 4 (GatherBlockQuantized).
         #[arg(long)]
         quantize_embeddings: bool,
         /// Samples of the calibration data used.

@@ -68,7 +68,8 @@ pub struct QuantRecipe {
     pub error_budget: Option<f64>,
     /// Also quantize matmuls whose both operands are activations (attention), static mode only.
     pub quantize_activation_matmuls: bool,
-    /// Also store embedding tables (constant `Gather` tables) as int8.
+    /// Also store embedding tables (constant `Gather` tables) block-quantized (8-bit, or 4-bit
+    /// in `group_size` blocks when `bits` is 4).
     pub quantize_embeddings: bool,
 }
 

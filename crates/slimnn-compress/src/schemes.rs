@@ -17,8 +17,8 @@ use crate::report::{LayerReport, Report};
 use crate::targets::{activation_matmuls, find_targets, require_some, Target};
 use crate::{Algorithm, CompressError, Result};
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Cast, Const, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, Gather, MatMul,
-    MatMulInteger, MatMulNBits, QuantizeLinear,
+    Binary, BinaryOp, Cast, Const, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, Gather,
+    GatherBlockQuantized, MatMul, MatMulInteger, MatMulNBits, QuantizeLinear,
 };
 use slimnn_ir::{Graph, Op, OutletId, Patch, Wire};
 use slimnn_tensor::{DType, Tensor};
@@ -467,17 +467,35 @@ impl Algorithm for HalfWeights {
     }
 }
 
-/// Embedding tables (`Gather` along axis 0 of a constant 2-d f32 table) stored as int8 with one
-/// symmetric scale: `Gather(table_q, ids)` → `DequantizeLinear` (ONNX Runtime's pattern for
-/// quantized `Gather`).
+/// Embedding tables (`Gather` along axis 0 of a constant 2-d f32 table) stored block-quantized:
+/// `bits`-bit codes with an f16 scale and a zero point per `block_size` values of a row, as
+/// ONNX Runtime's `com.microsoft.GatherBlockQuantized` reads them, then `Cast` to f32.
 #[derive(Debug, Clone)]
-pub struct EmbeddingInt8 {
+pub struct EmbeddingBlock {
+    pub bits: usize,
+    pub block_size: usize,
     pub selection: Selection,
 }
 
-impl Algorithm for EmbeddingInt8 {
+/// Packs codes (one per byte, values below `2^bits`) into rows of `bits`-bit fields, low nibble
+/// first when 4-bit.
+fn pack_codes(codes: &[u8], row_len: usize, bits: usize) -> Vec<u8> {
+    if bits == 8 {
+        return codes.to_vec();
+    }
+    let bytes = row_len.div_ceil(2);
+    let mut out = vec![0u8; codes.len() / row_len.max(1) * bytes];
+    for (row, dst) in codes.chunks(row_len).zip(out.chunks_mut(bytes)) {
+        for (i, &c) in row.iter().enumerate() {
+            dst[i / 2] |= c << ((i % 2) * 4);
+        }
+    }
+    out
+}
+
+impl Algorithm for EmbeddingBlock {
     fn name(&self) -> &'static str {
-        "int8-embedding"
+        "embedding-block"
     }
 
     fn statistic_points(&self, _: &Graph) -> Result<Vec<StatPoint>> {
@@ -499,25 +517,45 @@ impl Algorithm for EmbeddingInt8 {
                 continue;
             }
             let (rows, cols) = (table.shape()[0], table.shape()[1]);
+            if cols % self.block_size != 0 {
+                continue;
+            }
             let w = table.as_slice::<f32>()?;
-            let q = quantize_int8_weight(w, cols, Granularity::PerTensor);
-            let tq = konst(
+            // Blocks run along a row: quantize the transpose, whose columns are the table's rows.
+            let mut wt = vec![0f32; w.len()];
+            for (r, row) in w.chunks(cols).enumerate() {
+                for (c, &v) in row.iter().enumerate() {
+                    wt[c * rows + r] = v;
+                }
+            }
+            let mut q = quantize_groups(&wt, cols, rows, self.bits, self.block_size);
+            // Scales are stored as f16; dequantize with the stored values.
+            q.scales.iter_mut().for_each(|s| *s = slimnn_tensor::f16::from_f32(*s).to_f32());
+            let blocks = cols / self.block_size;
+            let data = pack_codes(&q.codes, cols, self.bits);
+            let zeros = pack_codes(&q.zeros, blocks, self.bits);
+            let zero_bytes = zeros.len() / rows;
+            let scales: Vec<slimnn_tensor::f16> = q.scales.iter().map(|&s| slimnn_tensor::f16::from_f32(s)).collect();
+            let data = konst(
                 &mut p,
                 &format!("{}/table_quantized", n.name),
-                Tensor::from_vec(vec![rows, cols], q.values.clone())?,
+                Tensor::from_vec(vec![rows, data.len() / rows], data)?,
             );
-            let ts = konst(&mut p, &format!("{}/table_scale", n.name), Tensor::scalar(q.scales[0]));
-            let tz = konst(&mut p, &format!("{}/table_zero_point", n.name), Tensor::scalar(0i8));
-            let gq = p.add_node(&format!("{}_quant", n.name), Gather { axis: 0 }, vec![tq, n.inputs[1].into()]);
-            let dq = p.add_node(
-                &format!("{}_DequantizeLinear", n.name),
-                DequantizeLinear { axis: 1 },
-                vec![Patch::wire(gq, 0), ts, tz],
+            let sc = konst(&mut p, &format!("{}/table_scales", n.name), Tensor::from_vec(vec![rows, blocks], scales)?);
+            let zp = konst(
+                &mut p,
+                &format!("{}/table_zero_points", n.name),
+                Tensor::from_vec(vec![rows, zero_bytes], zeros)?,
             );
-            p.shunt(OutletId::new(id, 0), Patch::wire(dq, 0));
-            let mut r = LayerReport::new(&n.name, self.name(), 8, [rows, cols]);
-            r.weight_scale = Some((q.scales[0], q.scales[0]));
-            r.weight_sqnr_db = Some(sqnr_db(w, &q.dequantize(cols)));
+            let op = GatherBlockQuantized { bits: self.bits, block_size: self.block_size };
+            let gq = p.add_node(&format!("{}_quant", n.name), op, vec![data, n.inputs[1].into(), sc, zp]);
+            let cast = p.add_node(&format!("{}_quant_cast", n.name), Cast { to: DType::F32 }, vec![Patch::wire(gq, 0)]);
+            p.shunt(OutletId::new(id, 0), Patch::wire(cast, 0));
+            let mut r = LayerReport::new(&n.name, self.name(), self.bits as u32, [rows, cols]);
+            let (lo, hi) = q.scales.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
+            r.weight_scale = Some((lo, hi));
+            // q.dequantize() is [K = cols, N = rows]: the transpose, as quantized.
+            r.weight_sqnr_db = Some(sqnr_db(&wt, &q.dequantize()));
             report.layers.push(r);
         }
         let mut out = g.clone();

@@ -743,6 +743,15 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
                 cx.add(QLinearConv { attrs }, ins)
             }
         }
+        "GatherBlockQuantized" => {
+            let op = GatherBlockQuantized {
+                bits: a.i_or("bits", 4) as usize,
+                block_size: a.i_or("block_size", 128) as usize,
+            };
+            let mut ins = vec![cx.input(0)?, cx.input(1)?, cx.input(2)?];
+            ins.extend(cx.opt(3));
+            cx.add(op, ins)
+        }
         "DynamicRowQuantMatMul" => {
             let ins = vec![cx.input(0)?, cx.input(1)?, cx.input(2)?];
             cx.add(DynamicRowQuantMatMul, ins)
@@ -767,15 +776,22 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
 }
 
 /// Whether a node is one of the non-default-domain ops the importer reads: `com.microsoft`
-/// `MatMulNBits` and slimnn's own `DynamicRowQuantMatMul` (whose function body is not needed).
+/// `MatMulNBits` and `GatherBlockQuantized`, and slimnn's own `DynamicRowQuantMatMul` (whose function body is not needed).
 pub(super) fn is_microsoft_op(domain: Option<&str>, op_type: &str) -> bool {
-    (domain == Some("com.microsoft") && op_type == "MatMulNBits")
+    (domain == Some("com.microsoft") && matches!(op_type, "MatMulNBits" | "GatherBlockQuantized"))
         || (domain == Some(SLIMNN_DOMAIN) && op_type == "DynamicRowQuantMatMul")
 }
 
 /// Why a `com.microsoft` node cannot be read: attributes or optional inputs slimnn does not
 /// support (g_idx, bias, accuracy levels change nothing in the reference semantics).
 pub(super) fn microsoft_op_problem(op_type: &str, a: &Attrs, inputs: usize) -> Option<String> {
+    if op_type == "GatherBlockQuantized" {
+        if a.i_or("gather_axis", 0) != 0 || !matches!(a.i_or("quantize_axis", 1), 1 | -1) {
+            return Some("only gather_axis = 0 and quantize_axis = 1 (2-d tables) are supported".into());
+        }
+        return (!(3..=4).contains(&inputs))
+            .then(|| format!("takes 3 or 4 inputs (data, indices, scales[, zero_points]), got {inputs}"));
+    }
     if op_type == "DynamicRowQuantMatMul" {
         return (inputs != 3).then(|| format!("takes 3 inputs (x, w, w_scale), got {inputs}"));
     }

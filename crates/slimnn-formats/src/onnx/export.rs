@@ -72,13 +72,13 @@ pub fn required_opset(g: &Graph) -> i64 {
     v
 }
 
-/// Domain of ONNX Runtime's contrib ops (`MatMulNBits`).
+/// Domain of ONNX Runtime's contrib ops (`MatMulNBits`, `GatherBlockQuantized`).
 pub const MICROSOFT_DOMAIN: &str = "com.microsoft";
 
 /// The default-domain opset, plus `com.microsoft` version 1 when a contrib op is used.
 fn opset_imports(g: &Graph, opset: i64) -> Vec<OperatorSetIdProto> {
     let mut v = vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }];
-    if g.nodes().iter().any(|n| matches!(n.op, Op::MatMulNBits(_))) {
+    if g.nodes().iter().any(|n| matches!(n.op, Op::MatMulNBits(_) | Op::GatherBlockQuantized(_))) {
         v.push(OperatorSetIdProto { domain: Some(MICROSOFT_DOMAIN.into()), version: Some(1) });
     }
     if uses_row_quant(g) {
@@ -704,6 +704,18 @@ fn write_node(ex: &mut Ex, id: usize) -> Result<()> {
             return Err(FormatError::Unsupported(
                 "slimnn's LLM ops (block-quantized weights, KV cache) have no ONNX form".into(),
             ))
+        }
+        Op::GatherBlockQuantized(q) => {
+            let attrs = vec![
+                attr_i("bits", q.bits as i64),
+                attr_i("block_size", q.block_size as i64),
+                attr_i("gather_axis", 0),
+                attr_i("quantize_axis", 1),
+            ];
+            ex.emit(name, "GatherBlockQuantized", ins.clone(), outs.clone(), attrs);
+            if let Some(last) = ex.nodes.last_mut() {
+                last.domain = Some(MICROSOFT_DOMAIN.into());
+            }
         }
         Op::DynamicRowQuantMatMul(_) => {
             simple(ex, "DynamicRowQuantMatMul", vec![]);

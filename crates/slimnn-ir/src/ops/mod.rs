@@ -8,6 +8,7 @@
 
 mod conv;
 mod elementwise;
+mod gatherq;
 mod grad;
 mod linalg;
 mod llm;
@@ -26,6 +27,7 @@ pub(crate) use shape::slice_range;
 
 pub use conv::{AutoPad, Conv, ConvAttrs, ConvTranspose};
 pub use elementwise::{Binary, BinaryOp, Cast, Clip, Identity, Unary, UnaryOp, Where};
+pub use gatherq::GatherBlockQuantized;
 pub use grad::{
     ConvGradInput, ConvGradWeight, FakeQuant, FakeQuantGrad, GatherGrad, LayerNormGrad, PoolGrad, SoftmaxGrad,
     UnaryGrad,
@@ -134,6 +136,7 @@ define_ops! {
     Rope(Rope),
     CausalAttention(CausalAttention),
     MatMulNBits(MatMulNBits),
+    GatherBlockQuantized(GatherBlockQuantized),
     DynamicRowQuantMatMul(DynamicRowQuantMatMul),
     UnaryGrad(UnaryGrad),
     SoftmaxGrad(SoftmaxGrad),
