@@ -21,7 +21,9 @@ use super::{fuse_tail, out0, Ctx, Group};
 use crate::plan::{Fusion, Kernel};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
-use slimnn_ir::ops::{Binary, BinaryOp, Cast, DequantizeLinear, MatMul, MatMulNBits, QuantizeLinear};
+use slimnn_ir::ops::{
+    Binary, BinaryOp, Cast, DequantizeLinear, GatherBlockQuantized, MatMul, MatMulNBits, QuantizeLinear,
+};
 use slimnn_ir::{NodeId, Op, OutletId};
 use slimnn_kernels::qgemm::{self, PackedQB, PackedWeightOnly, PerRow, QEpilogue, QOutput};
 use slimnn_kernels::{Activation, Epilogue, KernelError, Par};
@@ -92,9 +94,25 @@ pub enum QuantKernel {
     /// f32 rows quantized to u8 each with its own scale and zero point, then a u8 x i8 GEMM:
     /// `DynamicRowQuantMatMul`; inputs `[x, residual?]`.
     RowQuant(RowQuantMatMul),
+    /// Rows of a block-quantized table dequantized to f32: `GatherBlockQuantized` [-> `Cast`
+    /// to f32]; inputs `[indices]`.
+    GatherBlock(GatherBlock),
     /// f32 x weight-only (4- or 8-bit, block-quantized) GEMM: `MatMulNBits`; inputs `[a,
     /// residual?]`.
     WeightOnly(WeightOnlyMatMul),
+}
+
+#[derive(Debug)]
+pub struct GatherBlock {
+    op: GatherBlockQuantized,
+    data: Arc<Tensor>,
+    /// The table's scales as f32 (converted once from f16), `[rows, blocks]`.
+    scales: Arc<[f32]>,
+    zeros: Option<Arc<Tensor>>,
+    cols: usize,
+    /// The output is the f16 product cast back to f32 (`GatherBlockQuantized` with f16 scales
+    /// and its `Cast`): round each value through f16 as the graph does.
+    through_f16: bool,
 }
 
 #[derive(Debug)]
@@ -163,6 +181,7 @@ impl QuantKernel {
                 }
                 s
             }
+            QuantKernel::GatherBlock(gb) => format!("gather_dequantize_int{}_b{}", gb.op.bits, gb.op.block_size),
             QuantKernel::RowQuant(q) => {
                 let mut s = format!("quantize_rows_u8+qgemm_u8i8_{}", q.packed.kernel());
                 if q.bias.is_some() {
@@ -201,7 +220,10 @@ impl QuantKernel {
     /// Whether the (first) output is f32 from the runtime's buffer pool.
     pub fn f32_output(&self) -> bool {
         match self {
-            QuantKernel::Dequantize { .. } | QuantKernel::WeightOnly(_) | QuantKernel::RowQuant(_) => true,
+            QuantKernel::Dequantize { .. }
+            | QuantKernel::WeightOnly(_)
+            | QuantKernel::RowQuant(_)
+            | QuantKernel::GatherBlock(_) => true,
             QuantKernel::MatMul(q) => q.b_scale.is_some() && q.requantize.is_none(),
             _ => false,
         }
@@ -230,6 +252,7 @@ impl QuantKernel {
             }
             QuantKernel::MatMul(mm) => mm.run(ins, shape, out, par),
             QuantKernel::RowQuant(rq) => rq.run(ins, shape, out, par),
+            QuantKernel::GatherBlock(gb) => gb.run(ins[0], shape, out),
             QuantKernel::WeightOnly(w) => {
                 let a = ins[0].as_slice::<f32>()?;
                 let (k, n) = (w.packed.k(), w.packed.n());
@@ -340,6 +363,47 @@ impl QMatMul {
     }
 }
 
+/// `v` rounded to the nearest f16 value (ties to even), as f32; `v` is finite and within f16's
+/// normal range here (a small integer times an f16 scale), so this is exact bit arithmetic:
+/// drop the 13 extra mantissa bits with round-to-nearest-even.
+#[inline]
+fn round_to_f16(v: f32) -> f32 {
+    let a = v.abs();
+    if !(6.103_515_6e-5..65504.0).contains(&a) {
+        return slimnn_tensor::f16::from_f32(v).to_f32();
+    }
+    let b = v.to_bits();
+    let rounded = (b + 0x0fff + ((b >> 13) & 1)) & !0x1fff;
+    f32::from_bits(rounded)
+}
+
+impl GatherBlock {
+    fn run(&self, ids: &Tensor, shape: Vec<usize>, mut out: Vec<f32>) -> Result<Vec<Tensor>> {
+        let rows = self.data.shape()[0];
+        let ids: Vec<i64> = match ids.dtype() {
+            DType::I64 => ids.as_slice::<i64>()?.to_vec(),
+            _ => ids.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
+        };
+        let data = self.data.as_slice::<u8>()?;
+        let zeros = self.zeros.as_deref().map(|z| z.as_slice::<u8>()).transpose()?;
+        let cols = self.cols;
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(cols.max(1))) {
+            let r = if id < 0 { id + rows as i64 } else { id };
+            if r < 0 || r >= rows as i64 {
+                return Err(RuntimeError::Kernel(KernelError::Shape {
+                    kernel: "gather_dequantize",
+                    msg: format!("index {id} is outside the table of {rows} rows"),
+                }));
+            }
+            self.op.dequantize_row(data, |i| self.scales[i], zeros, r as usize, row);
+            if self.through_f16 {
+                row.iter_mut().for_each(|v| *v = round_to_f16(*v));
+            }
+        }
+        Ok(vec![Tensor::from_vec(shape, out)?])
+    }
+}
+
 thread_local! {
     // Quantized rows with their scales and zero points, reused across calls on this thread.
     static ROWS: std::cell::Cell<(Vec<u8>, Vec<f32>, Vec<i32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new())) };
@@ -443,6 +507,7 @@ pub(super) fn match_group(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Opt
         Op::QLinearMatMul(_) => match_qlinear(c, id, packs),
         Op::MatMulNBits(op) => match_nbits(c, id, op, packs),
         Op::DynamicRowQuantMatMul(_) => match_row_quant(c, id, packs),
+        Op::GatherBlockQuantized(op) => Ok(match_gather_block(c, id, *op)),
         _ => Ok(None),
     }
 }
@@ -460,6 +525,36 @@ fn fuse_bias(c: &Ctx, end: &mut OutletId, n: usize, members: &mut Vec<NodeId>) -
         }
     }
     Ok(None)
+}
+
+/// `GatherBlockQuantized(table const, ids, scales const[, zeros const])`, with the `Cast` to
+/// f32 that follows f16 scales.
+fn match_gather_block(c: &Ctx, id: NodeId, op: GatherBlockQuantized) -> Option<Group> {
+    let ins = &c.g.node(id).inputs;
+    let data = c.konst(ins[0])?.clone();
+    let scales = c.konst(ins[2])?;
+    let zeros = match ins.get(3) {
+        Some(&z) => Some(c.konst(z)?.clone()),
+        None => None,
+    };
+    let mut members = vec![id];
+    let through_f16 = match scales.dtype() {
+        DType::F32 => false,
+        DType::F16 => {
+            let r = c.sole_reader(out0(id))?;
+            if c.g.node(r).op != Op::Cast(Cast { to: DType::F32 }) {
+                return None;
+            }
+            members.push(r);
+            true
+        }
+        _ => return None,
+    };
+    let scales: Arc<[f32]> = scales.to_f64_vec().into_iter().map(|v| v as f32).collect();
+    let cols = data.shape()[1] * 8 / op.bits;
+    let kernel = QuantKernel::GatherBlock(GatherBlock { op, data, scales, zeros, cols, through_f16 });
+    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: String::new() };
+    Some(Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs: vec![ins[1]], fusion, output_shape: None })
 }
 
 /// `DynamicRowQuantMatMul(x, Wq const, ws const) [-> bias -> activation -> residual]`.
@@ -799,6 +894,17 @@ mod tests {
         assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+i32")), "{kernels:?}");
         assert!(kernels.contains(&"quantize_dynamic_u8".to_string()), "{kernels:?}");
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+
+    #[test]
+    fn f16_rounding_matches_the_half_crate() {
+        let mut x = 1.234_567f32;
+        for _ in 0..20_000 {
+            x = (x * 1.000_37 + 1e-3) % 60_000.0;
+            for v in [x, -x, x * 1e-4, 3.0 * x.fract()] {
+                assert_eq!(super::round_to_f16(v), slimnn_tensor::f16::from_f32(v).to_f32(), "{v}");
+            }
+        }
     }
 
     #[test]

@@ -48,16 +48,37 @@ impl GatherBlockQuantized {
         }
     }
 
-    /// Dequantizes table row `r` into `out` (`cols` values).
-    pub fn dequantize_row(&self, data: &[u8], scales: &[f32], zeros: Option<&[u8]>, r: usize, out: &mut [f32]) {
+    /// Dequantizes table row `r` into `out` (`cols` values); `scale(i)` is the i-th scale of
+    /// the table (row-major `[rows, blocks]`).
+    pub fn dequantize_row(
+        &self,
+        data: &[u8],
+        scale: impl Fn(usize) -> f32,
+        zeros: Option<&[u8]>,
+        r: usize,
+        out: &mut [f32],
+    ) {
         let cols = out.len();
         let blocks = cols.div_ceil(self.block_size);
         let row = &data[r * cols * self.bits / 8..][..cols * self.bits / 8];
         let zb = (blocks * self.bits).div_ceil(8);
-        for (c, o) in out.iter_mut().enumerate() {
-            let b = c / self.block_size;
-            let zero = zeros.map_or(1u8 << (self.bits - 1), |z| self.code(&z[r * zb..][..zb], b));
-            *o = (self.code(row, c) as f32 - zero as f32) * scales[r * blocks + b];
+        for (b, chunk) in out.chunks_mut(self.block_size).enumerate() {
+            let zero = zeros.map_or(1u8 << (self.bits - 1), |z| self.code(&z[r * zb..][..zb], b)) as f32;
+            let s = scale(r * blocks + b);
+            let first = b * self.block_size;
+            if self.bits == 8 {
+                for (o, &q) in chunk.iter_mut().zip(&row[first..]) {
+                    *o = (q as f32 - zero) * s;
+                }
+            } else {
+                // Blocks are even-sized, so a block starts on a byte.
+                for (pair, &q) in chunk.chunks_mut(2).zip(&row[first / 2..]) {
+                    pair[0] = ((q & 0xf) as f32 - zero) * s;
+                    if let Some(hi) = pair.get_mut(1) {
+                        *hi = ((q >> 4) as f32 - zero) * s;
+                    }
+                }
+            }
         }
     }
 }
@@ -109,10 +130,18 @@ impl OpDef for GatherBlockQuantized {
         let (data, ids, scales) = (inputs[0], inputs[1], inputs[2]);
         let rows = data.shape()[0];
         let cols = self.cols(data.shape()[1]);
-        let scale_values: Vec<f32> = scales.to_f64_vec().into_iter().map(|v| v as f32).collect();
+        // Only the gathered rows' scales are read (the table can have millions).
+        let (s32, s16) = match scales.dtype() {
+            DType::F32 => (Some(scales.as_slice::<f32>()?), None),
+            _ => (None, Some(scales.as_slice::<slimnn_tensor::f16>()?)),
+        };
+        let scale = |i: usize| s32.map_or_else(|| s16.map_or(0.0, |s| s[i].to_f32()), |s| s[i]);
         let zeros = inputs.get(3).map(|z| z.as_slice::<u8>()).transpose()?;
         let bytes = data.as_slice::<u8>()?;
-        let ids: Vec<i64> = ids.to_f64_vec().into_iter().map(|v| v as i64).collect();
+        let ids: Vec<i64> = match ids.dtype() {
+            DType::I64 => ids.as_slice::<i64>()?.to_vec(),
+            _ => ids.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
+        };
         let mut y = vec![0f32; ids.len() * cols];
         for (&id, out) in ids.iter().zip(y.chunks_exact_mut(cols.max(1))) {
             // Negative indices count from the end, as Gather's.
@@ -120,7 +149,7 @@ impl OpDef for GatherBlockQuantized {
             if r < 0 || r >= rows as i64 {
                 op_bail!(op, "index {id} is outside the table of {rows} rows");
             }
-            self.dequantize_row(bytes, &scale_values, zeros, r as usize, out);
+            self.dequantize_row(bytes, scale, zeros, r as usize, out);
         }
         let mut shape = inputs[1].shape().to_vec();
         shape.push(cols);
