@@ -109,6 +109,12 @@ fn int8_dynamic_and_static_keep_embeddings_and_run_in_onnxruntime() {
     let ((mean, min), out) = embedding_cosine(&d, &per_token);
     eprintln!("int8 dynamic per token: cosine mean {mean:.5} min {min:.5}");
     assert!(mean >= 0.998 && min >= 0.99, "per-token dynamic cosine mean {mean} min {min}");
+    // Each layer's Q, K and V projections run as one integer GEMM over x quantized once.
+    let r = slimnn_runtime::Runnable::new(per_token.clone(), Default::default()).unwrap();
+    let shapes: Vec<Vec<usize>> = d.eval[0].iter().map(|(_, t)| t.shape().to_vec()).collect();
+    let plan = r.plan_for(&shapes).unwrap().summary();
+    let qkv = plan.fusions.iter().filter(|f| f.kind == "int8 per-token gemm+bias (fused QKV)").count();
+    assert_eq!(qkv, 6, "{:?}", plan.kernels);
     // ONNX Runtime runs the op through its function body: the same integer products. The
     // engines' float parts (layer norm, attention, GELU) differ by ~1e-7 relative, which now and
     // then moves a value across a rounding boundary; a per-row scale keeps each flip in its row.

@@ -106,6 +106,24 @@ pub(crate) unsafe fn silu<S: Simd>(x: S) -> S {
     mul_sigmoid(x, x)
 }
 
+/// `act` on one vector, chosen at run time (for epilogues that finish tiles in registers).
+///
+/// # Safety
+/// `S`'s target features must be available (see [`Simd`]).
+#[inline(always)]
+pub(crate) unsafe fn activate<S: Simd>(x: S, act: crate::gemm::Activation) -> S {
+    use crate::gemm::Activation;
+    // NaN propagates: min/max return their second operand when either is NaN.
+    match act {
+        Activation::None => x,
+        Activation::Relu => S::zero().max(x),
+        Activation::Clip { min, max } => S::splat(max).min(S::splat(min).max(x)),
+        Activation::GeluErf => gelu_erf(x),
+        Activation::GeluTanh => gelu_tanh(x),
+        Activation::Silu => silu(x),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

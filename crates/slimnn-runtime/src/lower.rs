@@ -378,31 +378,48 @@ fn match_attention(c: &Ctx, sm: NodeId) -> Option<Group> {
 /// and rewrites the attention group to read Q, K and V from its output.
 fn match_qkv(c: &Ctx, att: &mut Group, packs: &PackCache) -> Result<Option<Group>> {
     let Kernel::Attention { fused_qkv: false, .. } = att.kernel else { return Ok(None) };
+    let is_projection = |o: OutletId| matches!(c.op(o), Op::MatMul(MatMul) | Op::DynamicRowQuantMatMul(_));
     let mut x = None;
-    let (mut weights, mut biases, mut members) = (vec![], vec![], vec![]);
+    let (mut weights, mut biases, mut members, mut row_scales) = (vec![], vec![], vec![], vec![]);
+    let mut quantized = None;
     for &p in &att.inputs[..3] {
         // Nothing but the attention may read a projection that stops existing on its own.
         if c.sole_reader(p).is_none() {
             return Ok(None);
         }
-        // `p` is either the MatMul or a bias Add right after it.
-        let (mm, bias) = match c.op(p) {
-            Op::MatMul(MatMul) => (p.node, None),
-            Op::Binary(Binary(BinaryOp::Add)) => {
-                let ins = &c.g.node(p.node).inputs;
-                let Some(side) = ins.iter().position(|&i| c.op(i) == &Op::MatMul(MatMul)) else { return Ok(None) };
-                let Some(b) = c.konst(ins[1 - side]) else { return Ok(None) };
-                if c.sole_reader(ins[side]) != Some(p.node) || b.dtype() != DType::F32 || b.rank() != 1 {
-                    return Ok(None);
+        // `p` is either the projection or a bias Add right after it.
+        let (mm, bias) = if is_projection(p) {
+            (p.node, None)
+        } else if let Op::Binary(Binary(BinaryOp::Add)) = c.op(p) {
+            let ins = &c.g.node(p.node).inputs;
+            let Some(side) = ins.iter().position(|&i| is_projection(i)) else { return Ok(None) };
+            let Some(b) = c.konst(ins[1 - side]) else { return Ok(None) };
+            if c.sole_reader(ins[side]) != Some(p.node) || b.dtype() != DType::F32 || b.rank() != 1 {
+                return Ok(None);
+            }
+            members.push(p.node);
+            (ins[side].node, Some(b.as_slice::<f32>()?))
+        } else {
+            return Ok(None);
+        };
+        // All three f32 MatMuls, or all three per-token int8 projections.
+        let (input, w) = match quant::row_quant_weight(c, mm) {
+            Some((input, w, scales)) if quantized != Some(false) => {
+                quantized = Some(true);
+                row_scales.extend(scales);
+                (input, w)
+            }
+            None if quantized != Some(true) && c.op(out0(mm)) == &Op::MatMul(MatMul) => {
+                quantized = Some(false);
+                let ins = &c.g.node(mm).inputs;
+                match c.konst(ins[1]) {
+                    Some(w) if w.dtype() == DType::F32 && w.rank() == 2 => (ins[0], w.clone()),
+                    _ => return Ok(None),
                 }
-                members.push(p.node);
-                (ins[side].node, Some(b.as_slice::<f32>()?))
             }
             _ => return Ok(None),
         };
-        let ins = &c.g.node(mm).inputs;
-        let Some(w) = c.konst(ins[1]) else { return Ok(None) };
-        if w.dtype() != DType::F32 || w.rank() != 2 || !c.is_f32(ins[0]) || x.is_some_and(|x| x != ins[0]) {
+        if !c.is_f32(input) || x.is_some_and(|x| x != input) {
             return Ok(None);
         }
         if bias.is_some_and(|b| b.len() != w.shape()[1])
@@ -410,25 +427,30 @@ fn match_qkv(c: &Ctx, att: &mut Group, packs: &PackCache) -> Result<Option<Group
         {
             return Ok(None);
         }
-        x = Some(ins[0]);
+        x = Some(input);
         members.push(mm);
         biases.push(bias.map(<[f32]>::to_vec).unwrap_or_else(|| vec![0.0; w.shape()[1]]));
-        weights.push(w.clone());
+        weights.push(w);
     }
     let (Some(x), Some(xs)) = (x, x.and_then(|x| c.shape(x))) else { return Ok(None) };
     let n = weights[0].shape()[1];
     if xs.len() != 3 || xs.last() != Some(&weights[0].shape()[0]) {
         return Ok(None);
     }
-    let packed = packs.get_concat(&weights, false)?;
     let bias: Arc<[f32]> = biases.concat().into();
-    let kernel = Kernel::Gemm { packed, bias: Some(bias), activation: Activation::None, residual: false };
+    let kernel = if quantized == Some(true) {
+        quant::row_quant_concat(&weights, row_scales, bias, &packs.1)?
+    } else {
+        let packed = packs.get_concat(&weights, false)?;
+        Kernel::Gemm { packed, bias: Some(bias), activation: Activation::None, residual: false }
+    };
     let out = out0(*members.iter().max().expect("three projections"));
     let Kernel::Attention { fused_qkv, .. } = &mut att.kernel else { unreachable!("checked above") };
     *fused_qkv = true;
     att.inputs.splice(..3, [out]);
     att.fusion.note.push_str("; Q, K, V from one fused projection");
-    let fusion = Fusion { kind: "gemm+bias (fused QKV)".into(), nodes: c.names(&members), note: String::new() };
+    let kind = if quantized == Some(true) { "int8 per-token gemm+bias (fused QKV)" } else { "gemm+bias (fused QKV)" };
+    let fusion = Fusion { kind: kind.into(), nodes: c.names(&members), note: String::new() };
     Ok(Some(Group { fusion, members, kernel, inputs: vec![x], output_shape: Some(vec![xs[0], xs[1], 3 * n]) }))
 }
 

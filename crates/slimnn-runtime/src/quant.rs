@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 /// Quantized weights packed once per runnable, keyed by their constant tensor's address.
 #[derive(Default)]
 pub(crate) struct QPackCache(
-    Mutex<HashMap<(usize, bool), Packed<PackedQB>>>,
+    Mutex<HashMap<(Vec<usize>, bool), (Vec<Arc<Tensor>>, Arc<PackedQB>)>>,
     Mutex<HashMap<usize, Packed<PackedWeightOnly>>>,
 );
 
@@ -44,16 +44,42 @@ type Packed<P> = (Arc<Tensor>, Arc<P>);
 impl QPackCache {
     /// `w` is i8 `[k, n]` (or `[n, k]` when `transposed`).
     fn get(&self, w: &Arc<Tensor>, transposed: bool) -> Result<Arc<PackedQB>> {
-        let key = (Arc::as_ptr(w) as usize, transposed);
+        self.get_concat(std::slice::from_ref(w), transposed)
+    }
+
+    /// `[w0 | w1 | ...]`: i8 weights with the same rows side by side (one weight only when
+    /// `transposed`).
+    fn get_concat(&self, ws: &[Arc<Tensor>], transposed: bool) -> Result<Arc<PackedQB>> {
+        let key = (ws.iter().map(|w| Arc::as_ptr(w) as usize).collect(), transposed);
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, p)) = map.get(&key) {
             return Ok(p.clone());
         }
-        let data = w.as_slice::<i8>()?;
-        let (r, c) = (w.shape()[0], w.shape()[1]);
-        let packed = if transposed { PackedQB::from_transposed(data, c, r, c)? } else { PackedQB::new(data, r, c, c)? };
+        let packed = match ws {
+            [w] => {
+                let data = w.as_slice::<i8>()?;
+                let (r, c) = (w.shape()[0], w.shape()[1]);
+                if transposed {
+                    PackedQB::from_transposed(data, c, r, c)?
+                } else {
+                    PackedQB::new(data, r, c, c)?
+                }
+            }
+            _ => {
+                let k = ws[0].shape()[0];
+                let n: usize = ws.iter().map(|w| w.shape()[1]).sum();
+                let mut data = Vec::with_capacity(k * n);
+                for row in 0..k {
+                    for w in ws {
+                        let c = w.shape()[1];
+                        data.extend_from_slice(&w.as_slice::<i8>()?[row * c..(row + 1) * c]);
+                    }
+                }
+                PackedQB::new(&data, k, n, n)?
+            }
+        };
         let p = Arc::new(packed);
-        map.insert(key, (w.clone(), p.clone()));
+        map.insert(key, (ws.to_vec(), p.clone()));
         Ok(p)
     }
 
@@ -577,6 +603,37 @@ fn match_row_quant(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Gro
     let kernel = QuantKernel::RowQuant(RowQuantMatMul { packed, b_scale: b_scale.into(), bias, activation, residual });
     let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
     Ok(Some(Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs, fusion, output_shape: None }))
+}
+
+/// `DynamicRowQuantMatMul(x, Wq const, ws const)` at `mm`: `(x, Wq, one scale per column)`.
+pub(super) fn row_quant_weight(c: &Ctx, mm: NodeId) -> Option<(OutletId, Arc<Tensor>, Vec<f32>)> {
+    let Op::DynamicRowQuantMatMul(_) = c.g.node(mm).op else { return None };
+    let ins = &c.g.node(mm).inputs;
+    let wq = c.konst(ins[1]).filter(|t| t.dtype() == DType::I8 && t.rank() == 2)?;
+    let n = wq.shape()[1];
+    let mut scales = const_f32s(c, ins[2], n)?;
+    if scales.len() == 1 {
+        scales = vec![scales[0]; n];
+    }
+    Some((ins[0], wq.clone(), scales))
+}
+
+/// Row-quantized projections of one input side by side as one GEMM (x is quantized once).
+pub(super) fn row_quant_concat(
+    ws: &[Arc<Tensor>],
+    b_scale: Vec<f32>,
+    bias: Arc<[f32]>,
+    packs: &QPackCache,
+) -> Result<Kernel> {
+    let packed = packs.get_concat(ws, false)?;
+    let rq = RowQuantMatMul {
+        packed,
+        b_scale: b_scale.into(),
+        bias: Some(bias),
+        activation: Activation::None,
+        residual: false,
+    };
+    Ok(Kernel::Quant(Arc::new(QuantKernel::RowQuant(rq))))
 }
 
 /// `MatMulNBits(a, B, scales[, zero_points])` with constant weights [-> bias -> activation ->

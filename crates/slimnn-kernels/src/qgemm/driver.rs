@@ -145,6 +145,10 @@ unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usize>) {
     let has_tail = !k.is_multiple_of(4);
     let col0 = panels.start * nr;
     let width = (panels.end * nr).min(n) - col0;
+    #[cfg(target_arch = "x86_64")]
+    if let (QKernel::Avx512Vnni, Out::F32(c)) = (b.kernel, job.out) {
+        return run_block_fused_f32(job, rows, panels, c);
+    }
     let float_out = !matches!(job.out, Out::I32(_));
     let mut buf = if float_out && !direct(job) { vec![0f32; job.mr * width] } else { vec![] };
     let mut buf2 = if float_out && job.ep.activation != Activation::None { vec![0f32; width] } else { vec![] };
@@ -174,6 +178,74 @@ unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usize>) {
             stage2(job, ir, mr, col0, width, &buf, &mut buf2);
         }
         ir += mr;
+    }
+}
+
+/// Rows of A kept in L2 while B panels stream past them: each panel is read from memory once
+/// per block and then from L1 by every row tile (streaming all of B per row tile left a cold
+/// B waiting on memory at batch 1).
+const A_BLOCK_BYTES: usize = 192 << 10;
+
+/// [`run_block`] on the AVX-512 VNNI kernel with the f32 epilogue fused into the tile.
+///
+/// # Safety
+/// As [`run_block`]; the host has AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn run_block_fused_f32(job: &Job, rows: Range<usize>, panels: Range<usize>, c: *mut f32) {
+    let b = job.b;
+    let ep = job.ep;
+    let (k, mr_max) = (b.k, job.mr);
+    let kq = k / 4;
+    let has_tail = !k.is_multiple_of(4);
+    let block = (A_BLOCK_BYTES / job.lda.max(1)).max(mr_max) / mr_max * mr_max;
+    let per_col = ep.b_scale.len() != 1;
+    let mut tails = vec![0u32; if has_tail { block } else { 0 }];
+    let mut za = vec![0i32; block];
+    let mut sa = vec![0f32; block];
+    for ib in rows.clone().step_by(block) {
+        let ib_end = (ib + block).min(rows.end);
+        for r in ib..ib_end {
+            za[r - ib] = ep.a_zero.at(r);
+            sa[r - ib] = ep.a_scale.at(r);
+            if has_tail {
+                let row = &job.a[r * job.lda + kq * 4..r * job.lda + k];
+                let mut bytes = [0u8; 4];
+                bytes[..row.len()].copy_from_slice(row);
+                tails[r - ib] = u32::from_le_bytes(bytes);
+            }
+        }
+        for p in panels.clone() {
+            let j0 = p * b.nr;
+            let bp = b.data.as_slice().as_ptr().add(p * b.panel_stride);
+            let mut f = kernels::F32Finish {
+                c,
+                ldc: job.ldc,
+                cols: b.nr.min(b.n - j0),
+                col_sums: b.col_sums.as_ptr().add(j0),
+                b_scale: ep.b_scale.as_ptr().add(if per_col { j0 } else { 0 }),
+                b_scale_per_col: per_col,
+                bias: ep.bias.map_or(std::ptr::null(), |v| v.as_ptr().add(j0)),
+                res: std::ptr::null(),
+                res_ld: ep.residual.map_or(0, |r| r.ld),
+                za: [0; 8],
+                sa: [0.0; 8],
+                act: ep.activation,
+            };
+            let mut ir = ib;
+            while ir < ib_end {
+                let mr = mr_max.min(ib_end - ir);
+                let o = ir - ib;
+                f.za[..mr].copy_from_slice(&za[o..o + mr]);
+                f.sa[..mr].copy_from_slice(&sa[o..o + mr]);
+                f.c = c.add(ir * job.ldc + j0);
+                f.res = ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr().add(ir * r.ld + j0));
+                let tail = if has_tail { tails.as_ptr().add(o) } else { std::ptr::null() };
+                let a = job.a.as_ptr().add(ir * job.lda);
+                kernels::avx512_vnni_qgemm_8x48_f32(mr, kq, a, job.lda, tail, bp, &f);
+                ir += mr;
+            }
+        }
     }
 }
 
