@@ -34,12 +34,14 @@ use std::sync::{Arc, Mutex};
 /// Quantized weights packed once per runnable, keyed by their constant tensor's address.
 #[derive(Default)]
 pub(crate) struct QPackCache(
-    Mutex<HashMap<(Vec<usize>, bool), (Vec<Arc<Tensor>>, Arc<PackedQB>)>>,
+    Mutex<HashMap<(Vec<usize>, bool), PackedConcat>>,
     Mutex<HashMap<usize, Packed<PackedWeightOnly>>>,
 );
 
 /// A packed weight and the constant it came from (kept alive so its address stays unique).
 type Packed<P> = (Arc<Tensor>, Arc<P>);
+/// Weights packed side by side, and their constants.
+type PackedConcat = (Vec<Arc<Tensor>>, Arc<PackedQB>);
 
 impl QPackCache {
     /// `w` is i8 `[k, n]` (or `[n, k]` when `transposed`).
