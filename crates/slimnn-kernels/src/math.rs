@@ -37,32 +37,30 @@ pub(crate) unsafe fn exp<S: Simd>(x: S) -> S {
     e.mul(n.pow2i())
 }
 
-/// The error function, max abs error about 3e-7 (Abramowitz & Stegun 7.1.26 on |x|, with an
-/// accurate `exp`).
+/// The error function, max abs error about 5e-7 over all of f32: `x P(x^2) / Q(x^2)` on
+/// `|x| <= 4` (erf(4) is 1 to 1.5e-8), a rational fit of degrees 13/8 made for slimnn (weighted
+/// least squares refined toward minimax). It needs no `exp` and half the operations of the
+/// Abramowitz-Stegun form, which made GELU the costliest part of a fused FFN epilogue.
 ///
 /// # Safety
 /// `S`'s target features must be available (see [`Simd`]).
 #[inline(always)]
 pub(crate) unsafe fn erf<S: Simd>(x: S) -> S {
-    const P: f32 = 0.327_591_1;
-    const A1: f32 = 0.254_829_6;
-    const A2: f32 = -0.284_496_74;
-    const A3: f32 = 1.421_413_7;
-    const A4: f32 = -1.453_152;
-    const A5: f32 = 1.061_405_4;
-    let one = S::splat(1.0);
-    let ax = x.abs();
-    let t = one.div(S::splat(P).mul_add(ax, one));
-    let mut poly = S::splat(A5);
-    poly = poly.mul_add(t, S::splat(A4));
-    poly = poly.mul_add(t, S::splat(A3));
-    poly = poly.mul_add(t, S::splat(A2));
-    poly = poly.mul_add(t, S::splat(A1));
-    poly = poly.mul(t);
-    let e = exp(S::zero().sub(ax.mul(ax)));
-    // Near 0 rounding can push 1 - poly*e a hair below 0; erf(|x|) >= 0.
-    let y = S::zero().max(one.sub(poly.mul(e)));
-    y.with_sign_of(x)
+    const P: [f32; 7] =
+        [1.128_378_6, 0.216_155_01, 0.052_730_98, 0.004_387_377_8, 1.577_986_8e-4, -1.998_056_2e-6, 1.914_896_3e-8];
+    const Q: [f32; 5] = [1.0, 0.524_889_47, 0.121_717_86, 0.015_742_186, 0.001_120_900_6];
+    // NaN propagates: `max` returns its second operand when either is NaN.
+    let x = S::splat(4.0).min(S::splat(-4.0).max(x));
+    let t = x.mul(x);
+    let mut p = S::splat(P[6]);
+    for &c in P[..6].iter().rev() {
+        p = p.mul_add(t, S::splat(c));
+    }
+    let mut q = S::splat(Q[4]);
+    for &c in Q[..4].iter().rev() {
+        q = q.mul_add(t, S::splat(c));
+    }
+    x.mul(p).div(q)
 }
 
 /// `x * sigmoid(z)` = `x / (1 + e^-z)`.
