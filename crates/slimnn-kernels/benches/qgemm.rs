@@ -243,6 +243,23 @@ fn bench_weight_only(c: &mut Criterion, pool2: &rayon::ThreadPool) {
     group.finish();
 }
 
+/// Per-row dynamic quantization of a GEMM's input (run before every per-token int8 GEMM).
+fn bench_quantize_rows(c: &mut Criterion) {
+    let mut group = c.benchmark_group("quantize_rows_u8");
+    group.sample_size(20);
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(1));
+    for (m, k) in [(128usize, 384usize), (4096, 1536)] {
+        let x: Vec<f32> = bytes(m * k, 3).into_iter().map(|b| b as f32 / 37.0 - 3.0).collect();
+        let (mut q, mut s, mut z) = (vec![0u8; m * k], vec![0f32; m], vec![0i32; m]);
+        group.throughput(Throughput::Elements((m * k) as u64));
+        group.bench_function(BenchmarkId::from_parameter(format!("{m}x{k}")), |b| {
+            b.iter(|| slimnn_kernels::qgemm::quantize_rows_u8(black_box(&x), k, &mut q, &mut s, &mut z).expect("valid"))
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let mut c = Criterion::default().configure_from_args();
@@ -257,6 +274,7 @@ fn main() {
     };
     bench_qgemm(&mut c, &pool2, &peaks);
     bench_weight_only(&mut c, &pool2);
+    bench_quantize_rows(&mut c);
     c.final_summary();
     if !full {
         return;

@@ -164,16 +164,28 @@ mod x86 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn min_max_avx512(x: &[f32]) -> (f32, f32) {
-        let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let chunks = x.chunks_exact(16);
-        let rest = chunks.remainder();
+        // Four independent accumulator pairs: one pair waits on min/max latency every vector.
+        let (mut lo, mut hi) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+        let blocks = x.chunks_exact(64);
+        let rest = blocks.remainder();
+        for b in blocks {
+            for u in 0..4 {
+                let v = _mm512_loadu_ps(b.as_ptr().add(16 * u));
+                // min/max return the second operand when either is NaN: NaN lanes keep lo/hi.
+                lo[u] = _mm512_min_ps(v, lo[u]);
+                hi[u] = _mm512_max_ps(v, hi[u]);
+            }
+        }
+        let chunks = rest.chunks_exact(16);
+        let tail = chunks.remainder();
         for c in chunks {
             let v = _mm512_loadu_ps(c.as_ptr());
-            // min/max return the second operand when either is NaN: NaN lanes keep lo/hi.
-            lo = _mm512_min_ps(v, lo);
-            hi = _mm512_max_ps(v, hi);
+            lo[0] = _mm512_min_ps(v, lo[0]);
+            hi[0] = _mm512_max_ps(v, hi[0]);
         }
-        let (l, h) = min_max_scalar(rest);
+        let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+        let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+        let (l, h) = min_max_scalar(tail);
         (_mm512_reduce_min_ps(lo).min(l), _mm512_reduce_max_ps(hi).max(h))
     }
 
