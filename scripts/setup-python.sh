@@ -4,14 +4,24 @@
 # Idempotent: a stamp file records the installed requirement list (and the
 # interpreter); pip only runs again when that changes.
 #
+# `setup-python.sh export` makes .venv-export/ instead, with scripts/requirements-export.txt
+# (torch + transformers for scripts/export_minilm_pytorch.py).
+#
 # Env: PYTHON (interpreter to build the venv from, default python3),
-#      SLIMNN_VENV (venv location, default <repo>/.venv).
+#      SLIMNN_VENV (venv location, default <repo>/.venv or <repo>/.venv-export).
 set -euo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "$script_dir/.." && pwd)"
-venv="${SLIMNN_VENV:-$repo_root/.venv}"
-req="$script_dir/requirements.txt"
+if [ "${1:-}" = export ]; then
+    venv="${SLIMNN_VENV:-$repo_root/.venv-export}"
+    req="$script_dir/requirements-export.txt"
+    check='import torch, transformers, onnx; print("setup-python: torch", torch.__version__, "transformers", transformers.__version__)'
+else
+    venv="${SLIMNN_VENV:-$repo_root/.venv}"
+    req="$script_dir/requirements.txt"
+    check='import numpy, onnx, onnxruntime; print("setup-python: numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)'
+fi
 python="${PYTHON:-python3}"
 stamp="$venv/.slimnn-requirements.stamp"
 
@@ -38,6 +48,5 @@ echo "setup-python: installing $(grep -v '^[[:space:]]*\(#\|$\)' "$req" | paste 
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary=:all: -r "$req" \
     || die "pip install from PyPI failed for $(basename "$req") (is PyPI reachable?)"
 # Fail loudly if an import is broken rather than stamping a bad venv.
-"$venv/bin/python" -c 'import numpy, onnx, onnxruntime; print("setup-python: numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)' \
-    || die "the venv at $venv was installed but cannot import numpy/onnx/onnxruntime"
+"$venv/bin/python" -c "$check" || die "the venv at $venv was installed but its imports fail"
 printf '%s\n' "$want" > "$stamp"
