@@ -21,6 +21,20 @@ use std::sync::{Arc, Mutex};
 #[derive(Default)]
 pub(crate) struct PackCache(Mutex<HashMap<(Vec<usize>, bool), PackedWeight>>, quant::QPackCache);
 
+/// `[w0 | w1 | ...]` row-major with its `(k, n)`: 2-d weights with the same rows, side by side.
+fn side_by_side<T: slimnn_tensor::IntoData + Copy>(ws: &[Arc<Tensor>]) -> Result<(Vec<T>, usize, usize)> {
+    let k = ws[0].shape()[0];
+    let n: usize = ws.iter().map(|w| w.shape()[1]).sum();
+    let mut data = Vec::with_capacity(k * n);
+    for row in 0..k {
+        for w in ws {
+            let c = w.shape()[1];
+            data.extend_from_slice(&w.as_slice::<T>()?[row * c..(row + 1) * c]);
+        }
+    }
+    Ok((data, k, n))
+}
+
 #[path = "quant.rs"]
 pub(crate) mod quant;
 
@@ -51,15 +65,7 @@ impl PackCache {
                 PackedB::new(data, r, c, c)?
             }
         } else {
-            let k = ws[0].shape()[0];
-            let n: usize = ws.iter().map(|w| w.shape()[1]).sum();
-            let mut data = Vec::with_capacity(k * n);
-            for row in 0..k {
-                for w in ws {
-                    let c = w.shape()[1];
-                    data.extend_from_slice(&w.as_slice::<f32>()?[row * c..(row + 1) * c]);
-                }
-            }
+            let (data, k, n) = side_by_side::<f32>(ws)?;
             PackedB::new(&data, k, n, n)?
         };
         let p = Arc::new(packed);

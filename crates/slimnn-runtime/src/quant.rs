@@ -68,15 +68,7 @@ impl QPackCache {
                 }
             }
             _ => {
-                let k = ws[0].shape()[0];
-                let n: usize = ws.iter().map(|w| w.shape()[1]).sum();
-                let mut data = Vec::with_capacity(k * n);
-                for row in 0..k {
-                    for w in ws {
-                        let c = w.shape()[1];
-                        data.extend_from_slice(&w.as_slice::<i8>()?[row * c..(row + 1) * c]);
-                    }
-                }
+                let (data, k, n) = super::side_by_side::<i8>(ws)?;
                 PackedQB::new(&data, k, n, n)?
             }
         };
