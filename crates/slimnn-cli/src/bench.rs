@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use slimnn_data::text::TextTokenizer;
 use slimnn_formats::{npy, onnx};
 use slimnn_ir::{Graph, Op};
-use slimnn_runtime::{Runnable, RuntimeConfig};
+use slimnn_runtime::{Precision, Runnable, RuntimeConfig};
 use slimnn_tensor::{DType, Dim, Tensor};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,6 +25,8 @@ pub struct BenchConfig {
     /// quantized version of the model, say. Implies `vs_onnxruntime`.
     pub ort_model: Option<PathBuf>,
     pub tokenizer: Option<PathBuf>,
+    /// Arithmetic of slimnn's linear layers (ONNX Runtime runs the file as it is).
+    pub precision: Precision,
 }
 
 /// One configuration's figures (`--json` writes a list of these).
@@ -241,7 +243,7 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
     }
     let mut records = vec![];
     for &threads in &cfg.threads {
-        let rt = Runnable::new(graph.clone(), RuntimeConfig { threads })?;
+        let rt = Runnable::new(graph.clone(), RuntimeConfig { threads, precision: cfg.precision })?;
         for &batch in &cfg.batches {
             let inputs = make_inputs(&graph, model, cfg, batch)?;
             let shapes: Vec<Vec<usize>> = inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();

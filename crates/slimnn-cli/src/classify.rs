@@ -141,7 +141,7 @@ impl Classifier {
                 graph.outputs().len()
             );
         }
-        let runnable = Runnable::new(graph.clone(), RuntimeConfig { threads })?;
+        let runnable = Runnable::new(graph.clone(), RuntimeConfig::with_threads(threads))?;
         Ok(Classifier { graph, runnable, side, labels: imagenet_labels() })
     }
 

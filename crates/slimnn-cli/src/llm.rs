@@ -66,7 +66,7 @@ impl Llm {
             .and_then(GgufValue::as_str)
             .map(ChatTemplate::from_metadata)
             .transpose()?;
-        let rt = RuntimeConfig { threads: threads.max(1) };
+        let rt = RuntimeConfig::with_threads(threads.max(1));
         let all = Runnable::new(build_llama(&config, &weights, Logits::All)?, rt.clone())?;
         let last = Runnable::new(build_llama(&config, &weights, Logits::Last)?, rt)?;
         let weight_bytes = weights.bytes();

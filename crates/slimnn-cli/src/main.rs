@@ -48,6 +48,10 @@ enum Command {
         /// Worker threads for the optimised runtime (default: physical cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Arithmetic of the linear layers: bf16 products (f32 accumulation) where the CPU has
+        /// AVX-512 BF16, else f32.
+        #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+        precision: PrecisionArg,
     },
     /// Convert an .onnx file or a Hugging Face checkpoint folder to ONNX.
     Convert {
@@ -81,6 +85,10 @@ enum Command {
         /// tokenizer.json for text models (default: next to the model).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// Arithmetic of the linear layers: bf16 products (f32 accumulation) where the CPU has
+        /// AVX-512 BF16, else f32.
+        #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+        precision: PrecisionArg,
         /// Write one JSON record per configuration here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -259,6 +267,9 @@ enum Command {
         tokenizer: Option<PathBuf>,
         #[arg(long)]
         threads: Option<usize>,
+        /// Arithmetic of the candidate's linear layers (the reference runs in f32).
+        #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+        precision: PrecisionArg,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -300,6 +311,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+impl From<PrecisionArg> for slimnn_runtime::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => slimnn_runtime::Precision::F32,
+            PrecisionArg::Bf16 => slimnn_runtime::Precision::Bf16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -370,6 +396,7 @@ fn run(cli: Cli) -> Result<()> {
             vs_onnxruntime,
             ort_model,
             tokenizer,
+            precision,
             json,
         } => {
             let threads = if threads.is_empty() { vec![slimnn_runtime::physical_cores()] } else { threads };
@@ -377,8 +404,17 @@ fn run(cli: Cli) -> Result<()> {
                 return slimnn_cli::llm::bench_llm(&model, seq, 64, &threads, iterations.min(3), json.as_deref())
                     .map(drop);
             }
-            let cfg =
-                BenchConfig { batches: batch, seq, threads, warmup, iterations, vs_onnxruntime, ort_model, tokenizer };
+            let cfg = BenchConfig {
+                batches: batch,
+                seq,
+                threads,
+                warmup,
+                iterations,
+                vs_onnxruntime,
+                ort_model,
+                tokenizer,
+                precision: precision.into(),
+            };
             println!("slimnn bench {} (kernels: {})", model.display(), slimnn_kernels::cpu::describe());
             println!(
                 "{:>5} {:>5} {:>7} {:>10} {:>9} {:>9} {:>10} {:>8} {:>10} {:>10} {:>8}",
@@ -434,8 +470,8 @@ fn run(cli: Cli) -> Result<()> {
                 slimnn_cli::train::RunOptions { output, resume, threads, progress: !quiet, stop_after: None, seed };
             slimnn_cli::train::distill(&teacher, &student, &recipe, &opts).map(drop)
         }
-        Command::Run { model, inputs, output_dir, reference, threads } => {
-            run_model(&model, &inputs, &output_dir, reference, threads)
+        Command::Run { model, inputs, output_dir, reference, threads, precision } => {
+            run_model(&model, &inputs, &output_dir, reference, threads, precision.into())
         }
         Command::Convert { src, output } => {
             let g = model::load(&src)?;
@@ -517,10 +553,28 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Compare { reference, candidate, data, samples, batch_size, max_length, tokenizer, threads, json } => {
+        Command::Compare {
+            reference,
+            candidate,
+            data,
+            samples,
+            batch_size,
+            max_length,
+            tokenizer,
+            threads,
+            precision,
+            json,
+        } => {
             let opts = slimnn_cli::quantize::DataOptions { batch_size, samples, max_length, tokenizer };
             let threads = threads.unwrap_or_else(slimnn_runtime::physical_cores);
-            let a = slimnn_cli::quantize::run_compare(&reference, &candidate, data.as_deref(), &opts, threads)?;
+            let a = slimnn_cli::quantize::run_compare(
+                &reference,
+                &candidate,
+                data.as_deref(),
+                &opts,
+                threads,
+                precision.into(),
+            )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&a)?);
             } else {
@@ -634,7 +688,14 @@ fn inspect(path: &Path, json: bool, optimized: bool, dims: &[String]) -> Result<
     Ok(())
 }
 
-fn run_model(path: &Path, inputs: &[String], out_dir: &Path, reference: bool, threads: Option<usize>) -> Result<()> {
+fn run_model(
+    path: &Path,
+    inputs: &[String],
+    out_dir: &Path,
+    reference: bool,
+    threads: Option<usize>,
+    precision: slimnn_runtime::Precision,
+) -> Result<()> {
     let g = model::load(path)?;
     let mut named = Vec::new();
     for spec in inputs {
@@ -645,7 +706,7 @@ fn run_model(path: &Path, inputs: &[String], out_dir: &Path, reference: bool, th
     let outputs = if reference {
         g.eval(named)?
     } else {
-        let config = RuntimeConfig { threads: threads.unwrap_or_else(slimnn_runtime::physical_cores) };
+        let config = RuntimeConfig { threads: threads.unwrap_or_else(slimnn_runtime::physical_cores), precision };
         let rt = Runnable::new(g.clone(), config)?;
         rt.run(&mut rt.new_state(), named)?
     };

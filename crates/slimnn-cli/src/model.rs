@@ -90,7 +90,7 @@ pub fn optimized_summary(g: &Graph, dims: &[String]) -> Result<OptimizedSummary>
                 .collect()
         })
         .collect();
-    let rt = slimnn_runtime::Runnable::new(g.clone(), slimnn_runtime::RuntimeConfig { threads: 1 })?;
+    let rt = slimnn_runtime::Runnable::new(g.clone(), slimnn_runtime::RuntimeConfig::with_threads(1))?;
     let plan = rt.plan_for(&shapes)?.summary();
     Ok(OptimizedSummary { shapes, report: rt.report().clone(), plan })
 }

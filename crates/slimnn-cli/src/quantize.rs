@@ -4,12 +4,13 @@
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use slimnn_compress::calib::BatchSource;
-use slimnn_compress::mixed::{agreement, run_all, Agreement};
+use slimnn_compress::mixed::{agreement, run_all, run_all_with, Agreement};
 use slimnn_compress::pipeline::Progress;
 use slimnn_compress::{quantize, QuantRecipe, Report};
 use slimnn_data::text::TextTokenizer;
 use slimnn_formats::{npy, onnx};
 use slimnn_ir::Graph;
+use slimnn_runtime::{Precision, RuntimeConfig};
 use slimnn_tensor::{DType, Dim, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -254,6 +255,7 @@ pub fn run_compare(
     data: Option<&Path>,
     opts: &DataOptions,
     threads: usize,
+    candidate_precision: Precision,
 ) -> Result<Agreement> {
     let g_ref = crate::model::load(reference)?;
     let g_cand = crate::model::load(candidate)?;
@@ -268,8 +270,9 @@ pub fn run_compare(
     };
     let n = source.batches();
     let r = run_all(&g_ref, source.as_ref(), n, threads).with_context(|| format!("running {}", reference.display()))?;
-    let c =
-        run_all(&g_cand, source.as_ref(), n, threads).with_context(|| format!("running {}", candidate.display()))?;
+    let config = RuntimeConfig { threads: threads.max(1), precision: candidate_precision };
+    let c = run_all_with(&g_cand, source.as_ref(), n, config)
+        .with_context(|| format!("running {}", candidate.display()))?;
     Ok(agreement(&names, &r, &c)?)
 }
 

@@ -282,7 +282,7 @@ pub fn accuracy(graph: &Graph, data: &dyn Dataset, batch: usize, threads: usize)
 
 /// The arg-max class of every example of `data`, in order.
 fn predict(graph: &Graph, data: &dyn Dataset, batch: usize, threads: usize) -> Result<Vec<usize>> {
-    let run = Runnable::new(graph.clone(), RuntimeConfig { threads })?;
+    let run = Runnable::new(graph.clone(), RuntimeConfig::with_threads(threads))?;
     let mut state = run.new_state();
     let names: Vec<&str> = (0..graph.inputs().len()).map(|i| graph.input_name(i)).collect();
     let mut predicted = Vec::with_capacity(data.len());
@@ -431,7 +431,7 @@ fn observe_ranges(
     unique.dedup();
     let mut g = model.graph.clone();
     g.set_outputs(unique.iter().enumerate().map(|(i, &o)| (format!("observed_{i}"), o)).collect());
-    let run = Runnable::new(g.clone(), RuntimeConfig { threads })?;
+    let run = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads))?;
     let mut state = run.new_state();
     let names: Vec<&str> = (0..g.inputs().len()).map(|i| g.input_name(i)).collect();
     let mut ranges: HashMap<OutletId, (f32, f32)> = HashMap::new();
@@ -603,7 +603,7 @@ struct WithTeacherOutputs<'a> {
 
 impl<'a> WithTeacherOutputs<'a> {
     fn new(data: &'a dyn Dataset, teacher: &Graph, threads: usize) -> Result<Self> {
-        let run = Runnable::new(teacher.clone(), RuntimeConfig { threads })?;
+        let run = Runnable::new(teacher.clone(), RuntimeConfig::with_threads(threads))?;
         Ok(WithTeacherOutputs {
             data,
             inputs: (0..teacher.inputs().len()).map(|i| teacher.input_name(i).to_string()).collect(),

@@ -58,7 +58,7 @@ fn exported_onnx_matches_onnxruntime() {
     let ort = ort_run(&model, &inputs, &work);
     let ort_logits = &ort.iter().find(|(n, _)| n == "logits").expect("ORT wrote logits").1;
     for threads in [1, 2] {
-        let rt = Runnable::new(g.clone(), RuntimeConfig { threads }).unwrap();
+        let rt = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads)).unwrap();
         let fast = rt.run(&mut rt.new_state(), inputs.clone()).unwrap();
         let d = fast[0].max_abs_diff(ort_logits).unwrap();
         eprintln!("threads {threads}: max abs logit diff slimnn runtime vs ORT on slimnn's ONNX: {d:e}");
@@ -90,7 +90,7 @@ fn agrees_with_the_python_reference() {
         .unwrap();
     assert!(out.status.success(), "efficientnet_onnx.py: {}", String::from_utf8_lossy(&out.stderr));
     let g = efficientnet::load(&pth()).unwrap();
-    let rt = Runnable::new(g, RuntimeConfig { threads: 1 }).unwrap();
+    let rt = Runnable::new(g, RuntimeConfig::with_threads(1)).unwrap();
     for (stem, class, _) in IMAGES {
         let pillow = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
         let img = classify::load_image(&asset(&format!("images/{stem}.jpg"))).unwrap();

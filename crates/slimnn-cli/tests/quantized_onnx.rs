@@ -297,7 +297,7 @@ fn ort_quantized_minilm_imports_and_matches_onnxruntime() {
         let exposed = onnx::load(&exposed_path).unwrap();
         assert_eq!(exposed.op_histogram(), hist);
 
-        let runtime = Runnable::new(q.clone(), RuntimeConfig { threads: 2 }).unwrap();
+        let runtime = Runnable::new(q.clone(), RuntimeConfig::with_threads(2)).unwrap();
         let kernels = plan_kernels(&runtime, eval[0]);
         eprintln!("{}: runtime plan kernels: {kernels:?}", case.file);
         let qgemms: usize = kernels.iter().filter(|(k, _)| k.starts_with("qgemm_u8i8")).map(|(_, n)| n).sum();
@@ -409,7 +409,7 @@ fn ort_quantized_minilm_imports_and_matches_onnxruntime() {
         texts.chunks(ACCURACY_BATCH).map(|c| embedder.tokenizer.encode(c).unwrap().into_named()).collect();
     for file in ["dynamic.onnx", "static_qdq.onnx"] {
         let path = q_dir.join(file);
-        let runtime = Runnable::new(onnx::load(&path).unwrap(), RuntimeConfig { threads: 2 }).unwrap();
+        let runtime = Runnable::new(onnx::load(&path).unwrap(), RuntimeConfig::with_threads(2)).unwrap();
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for (b, inputs) in batches.iter().enumerate() {
             let rows = inputs[0].1.shape()[0];

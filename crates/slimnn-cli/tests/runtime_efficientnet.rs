@@ -35,7 +35,7 @@ fn runtime_matches_reference_on_efficientnet_lite0() {
     let g = onnx::load(&model).unwrap();
 
     for threads in [1, 2] {
-        let rt = Runnable::new(g.clone(), RuntimeConfig { threads }).unwrap();
+        let rt = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads)).unwrap();
         let folded = rt.report().passes.iter().find(|(p, _)| p == "fold-conv-batchnorm").map(|(_, n)| *n);
         assert_eq!(folded, Some(49), "{:?}", rt.report());
         let mut state = rt.new_state();

@@ -13,7 +13,7 @@ fn runtime_matches_reference_on_minilm() {
     let sentences = moby_dick_sentences(&asset("moby-dick"), 4, 120).unwrap();
     let texts: Vec<&str> = (0..16).map(|i| sentences[i * 97 % sentences.len()].as_str()).collect();
     for threads in [1, 2] {
-        let rt = Runnable::new(embedder.graph.clone(), RuntimeConfig { threads }).unwrap();
+        let rt = Runnable::new(embedder.graph.clone(), RuntimeConfig::with_threads(threads)).unwrap();
         let mut state = rt.new_state();
         for chunk in texts.chunks(8) {
             let inputs = embedder.tokenizer.encode(chunk).unwrap().into_named();

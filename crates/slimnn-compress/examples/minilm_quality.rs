@@ -2,13 +2,16 @@
 //! side in one run: cosine of each of 200 Moby-Dick sentences' embedding to the fp32 model's.
 //!
 //! `cargo run --release -p slimnn-compress --example minilm_quality [-- SCHEME...]`
-//! (calibration: 128 other sentences of the book; schemes default to all).
+//! (calibration: 128 other sentences of the book; schemes default to all). `bf16-compute` runs
+//! the bf16-weight model with bf16 products (`Precision::Bf16`; f32 where the CPU lacks
+//! AVX-512 BF16).
 
 use slimnn_compress::calib::BatchSource;
-use slimnn_compress::mixed::{agreement, run_all};
+use slimnn_compress::mixed::{agreement, run_all, run_all_with};
 use slimnn_compress::{quantize, ActivationGranularity, ActivationType, CalibrationMethod, Mode, QuantRecipe};
 use slimnn_data::corpus::moby_dick_sentences;
 use slimnn_data::text::TextTokenizer;
+use slimnn_runtime::{Precision, RuntimeConfig};
 use slimnn_tensor::Tensor;
 use std::path::Path;
 use std::time::Instant;
@@ -92,6 +95,7 @@ fn main() {
             QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 128, gptq: true, ..base.clone() },
         ),
         ("bf16", QuantRecipe { mode: Mode::Bf16, ..base.clone() }),
+        ("bf16-compute", QuantRecipe { mode: Mode::Bf16, ..base.clone() }),
         ("fp16", QuantRecipe { mode: Mode::Fp16, ..base.clone() }),
     ];
     let wanted: Vec<String> = std::env::args().skip(1).collect();
@@ -107,7 +111,9 @@ fn main() {
         let (q, _report) = quantize(&g, &recipe, &calib_data, &mut |_| {}).unwrap();
         let tq = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let out = run_all(&q, &eval_data, usize::MAX, threads).unwrap();
+        let precision = if name == "bf16-compute" { Precision::Bf16 } else { Precision::F32 };
+        let config = RuntimeConfig { threads, precision };
+        let out = run_all_with(&q, &eval_data, usize::MAX, config).unwrap();
         let a = agreement(&names, &reference, &out).unwrap();
         let e = a.outputs.iter().find(|o| o.name == "sentence_embedding").unwrap();
         println!(

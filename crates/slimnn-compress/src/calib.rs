@@ -265,7 +265,7 @@ pub fn calibrate(
         tapped.add_output(&format!("__slimnn_tap_{i}"), *o);
     }
     let first_tap = graph.outputs().len();
-    let rt = Runnable::new(tapped, RuntimeConfig { threads: threads.max(1) })?;
+    let rt = Runnable::new(tapped, RuntimeConfig::with_threads(threads.max(1)))?;
     let mut state = rt.new_state();
     for b in 0..data.batches() {
         let inputs = data.batch(b)?;

@@ -83,7 +83,17 @@ impl Acc {
 
 /// Outputs of `graph` on every batch (through the optimised runtime).
 pub fn run_all(graph: &Graph, data: &dyn BatchSource, batches: usize, threads: usize) -> Result<Vec<Vec<Tensor>>> {
-    let rt = Runnable::new(graph.clone(), RuntimeConfig { threads: threads.max(1) })?;
+    run_all_with(graph, data, batches, RuntimeConfig::with_threads(threads.max(1)))
+}
+
+/// [`run_all`] under a given runtime configuration (e.g. bf16 products).
+pub fn run_all_with(
+    graph: &Graph,
+    data: &dyn BatchSource,
+    batches: usize,
+    config: RuntimeConfig,
+) -> Result<Vec<Vec<Tensor>>> {
+    let rt = Runnable::new(graph.clone(), config)?;
     let mut state = rt.new_state();
     (0..batches.min(data.batches())).map(|b| Ok(rt.run(&mut state, data.batch(b)?)?)).collect()
 }

@@ -139,7 +139,7 @@ fn run_case(dir: &Path, rtol: f64, atol: f64) -> Result<(), String> {
         }
         let outs = graph.eval(feed.clone()).map_err(|e| format!("{set_name}: eval: {e}"))?;
         // The same case through the optimised runtime (canonicalised, specialised, lowered).
-        let runnable = Runnable::new(graph.clone(), RuntimeConfig { threads: 1 })
+        let runnable = Runnable::new(graph.clone(), RuntimeConfig::with_threads(1))
             .map_err(|e| format!("{set_name}: runtime: {e}"))?;
         let fast = runnable.run(&mut runnable.new_state(), feed).map_err(|e| format!("{set_name}: runtime: {e}"))?;
         let expected = numbered(&set, "output_");

@@ -5,7 +5,8 @@
 //! single-core peak. The peak is measured first with a register-only FMA loop (16 independent
 //! accumulator chains, no memory traffic). Extra arguments filter benchmarks as usual
 //! (e.g. `-- 128x768x3072`). Under `cargo test` every benchmark runs once and the table is
-//! skipped.
+//! skipped. Where AVX-512 BF16 exists, bf16 GEMMs (`bf16/<threads>t`: B packed as bf16, A
+//! rounded per call) are timed too, against a `vdpbf16ps` register loop's peak.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use slimnn_kernels::{cpu, gemm, CpuTier, Epilogue, PackedB, Par};
@@ -28,6 +29,7 @@ const SHAPES: [(usize, usize, usize); 8] = [
 struct Row {
     shape: (usize, usize, usize),
     tier: CpuTier,
+    bf16: bool,
     threads: usize,
     best: Duration,
     mean: Duration,
@@ -91,6 +93,51 @@ mod peak {
         out.iter().sum()
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn bf16_dot_loop(iters: u64, x: f32) -> f32 {
+        use std::arch::x86_64::*;
+        // 16 chains of `vdpbf16ps`: 32 multiply-adds per instruction.
+        let m = _mm512_cvtne2ps_pbh(_mm512_set1_ps(x), _mm512_set1_ps(x));
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_set1_ps(i as f32);
+        }
+        for _ in 0..iters {
+            for a in acc.iter_mut() {
+                *a = _mm512_dpbf16_ps(*a, m, m);
+            }
+        }
+        let mut s = _mm512_setzero_ps();
+        for a in acc {
+            s = _mm512_add_ps(s, a);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// Best of `reps` runs of the bf16 dot-product loop in GFLOP/s (None without AVX-512 BF16).
+    pub fn measure_bf16(iters: u64, reps: usize) -> Option<f64> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !slimnn_kernels::gemm::bf16::native() {
+                return None;
+            }
+            let mut best = f64::MAX;
+            for _ in 0..reps {
+                let t = Instant::now();
+                // SAFETY: `native()` vouches for AVX-512 F and BF16.
+                black_box(unsafe { bf16_dot_loop(black_box(iters), black_box(1e-3)) });
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Some(iters as f64 * 16.0 * 32.0 * 2.0 / best / 1e9)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (iters, reps);
+            None
+        }
+    }
+
     /// Best of `reps` runs of `iters` iterations, in GFLOP/s (None when the host lacks the ISA).
     pub fn measure(tier: CpuTier, iters: u64, reps: usize) -> Option<f64> {
         #[cfg(target_arch = "x86_64")]
@@ -144,8 +191,10 @@ fn bench_sgemm(c: &mut Criterion, tiers: &[CpuTier], pool2: &rayon::ThreadPool) 
         let b = lcg_vec(k * n, 2);
         let mut out = vec![0.0f32; m * n];
         group.throughput(Throughput::Elements(flops(shape) as u64));
-        for &tier in tiers {
-            let packed = match PackedB::empty(tier).and_then(|mut p| p.pack(&b, k, n, n).map(|()| p)) {
+        let bf16 = slimnn_kernels::gemm::bf16::native().then_some((cpu::tier(), true));
+        for (tier, bf16) in tiers.iter().map(|&t| (t, false)).chain(bf16) {
+            let pack = |mut p: PackedB| if bf16 { p.pack_bf16(&b, k, n, n) } else { p.pack(&b, k, n, n) }.map(|()| p);
+            let packed = match PackedB::empty(tier).and_then(pack) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("skipping {tier}: {e}");
@@ -154,7 +203,8 @@ fn bench_sgemm(c: &mut Criterion, tiers: &[CpuTier], pool2: &rayon::ThreadPool) 
             };
             for threads in [1usize, 2] {
                 let par = if threads == 1 { Par::Seq } else { Par::Pool(pool2) };
-                let id = BenchmarkId::new(format!("{tier}/{threads}t"), format!("{m}x{k}x{n}"));
+                let label = if bf16 { "bf16".to_string() } else { tier.to_string() };
+                let id = BenchmarkId::new(format!("{label}/{threads}t"), format!("{m}x{k}x{n}"));
                 let mut best = Duration::MAX;
                 let mut total = Duration::ZERO;
                 let mut count = 0u64;
@@ -178,6 +228,7 @@ fn bench_sgemm(c: &mut Criterion, tiers: &[CpuTier], pool2: &rayon::ThreadPool) 
                     ROWS.lock().expect("bench table lock").push(Row {
                         shape,
                         tier,
+                        bf16,
                         threads,
                         best,
                         mean: total / count as u32,
@@ -201,7 +252,13 @@ fn main() {
     // the figure. Measured again after the GEMMs and the higher kept, so clock boost changes
     // during the run count for the peak as they do for the GEMMs.
     let (iters, reps) = if full { (1_000_000, 400) } else { (1000, 1) };
-    let measure_peaks = || (peak::measure(CpuTier::Avx512, iters, reps), peak::measure(CpuTier::Avx2, iters, reps));
+    let measure_peaks = || {
+        (
+            peak::measure(CpuTier::Avx512, iters, reps),
+            peak::measure(CpuTier::Avx2, iters, reps),
+            peak::measure_bf16(iters, reps),
+        )
+    };
     let before = measure_peaks();
 
     bench_sgemm(&mut c, &tiers, &pool2);
@@ -217,6 +274,7 @@ fn main() {
     };
     let peak512 = max(before.0, after.0);
     let peak256 = max(before.1, after.1);
+    let peak_bf16 = max(before.2, after.2);
     println!();
     println!("cpu: {}", cpu::describe());
     let show = |name: &str, b: Option<f64>, a: Option<f64>| {
@@ -226,6 +284,7 @@ fn main() {
     };
     show("AVX-512", before.0, after.0);
     show("AVX2", before.1, after.1);
+    show("AVX-512 BF16 dot", before.2, after.2);
     let machine_peak = peak512.or(peak256);
     let rows = ROWS.lock().expect("bench table lock");
     println!();
@@ -239,6 +298,7 @@ fn main() {
         let per_core =
             |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{:.1}%", 100.0 * gf / (p * r.threads as f64)));
         let tier_peak = match r.tier {
+            _ if r.bf16 => peak_bf16,
             CpuTier::Avx512 | CpuTier::Amx => peak512,
             CpuTier::Avx2 => peak256,
             CpuTier::Generic => None,
@@ -247,7 +307,7 @@ fn main() {
         println!(
             "{:<16} {:<8} {:>3} {:>10.1} {:>10.1} {:>12} {:>12}",
             format!("{m}x{k}x{n}"),
-            r.tier.name(),
+            if r.bf16 { "bf16" } else { r.tier.name() },
             r.threads,
             gf,
             gf_mean,

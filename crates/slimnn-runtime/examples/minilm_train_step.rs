@@ -26,7 +26,7 @@ fn main() -> Result<(), minilm_step::BoxError> {
         step.params.len(),
         t.elapsed()
     );
-    let rt = Runnable::new(step.graph.clone(), RuntimeConfig { threads })?;
+    let rt = Runnable::new(step.graph.clone(), RuntimeConfig::with_threads(threads))?;
     let inputs = minilm_step::step_inputs(&step, batch, seq, 30522)?;
     let shapes: Vec<Vec<usize>> = inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
     let plan = rt.plan_for(&shapes)?;

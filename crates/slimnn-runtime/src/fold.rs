@@ -1,6 +1,7 @@
-//! Folding an inference BatchNormalization into the convolution that feeds it.
+//! Load-time folds of constants: an inference BatchNormalization into the convolution that
+//! feeds it, and half-precision weights widened to f32 once instead of on every run.
 
-use slimnn_ir::ops::{BatchNorm, Const, Conv};
+use slimnn_ir::ops::{BatchNorm, Cast, Const, Conv};
 use slimnn_ir::{Graph, IrResult, Op, OutletId, Pass, Patch};
 use slimnn_tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -70,6 +71,34 @@ impl Pass for FoldConvBatchNorm {
             return Ok(Some(p));
         }
         Ok(None)
+    }
+}
+
+/// `Cast(w, to=f32)` of a constant bf16 / fp16 weight (`slimnn quantize --mode bf16|fp16`,
+/// or an fp16 export) → the f32 constant, whatever its size: inference-time folding stops at
+/// 64K elements, which would leave every weight cast per run and every product on run-time
+/// operands. The widening is exact; the f32 copy is what the GEMMs pack (as bf16 again under
+/// `Precision::Bf16`).
+pub struct FoldWeightCasts;
+
+impl Pass for FoldWeightCasts {
+    fn name(&self) -> &str {
+        "fold-weight-casts"
+    }
+
+    fn next_patch(&self, g: &Graph) -> IrResult<Option<Patch>> {
+        let mut p = Patch::new();
+        for (id, node) in g.nodes().iter().enumerate() {
+            let Op::Cast(Cast { to: DType::F32 }) = node.op else { continue };
+            let Some(w) = node.inputs.first().and_then(|&o| g.fact(o).konst.as_ref()) else { continue };
+            if !matches!(w.dtype(), DType::BF16 | DType::F16) || g.fact(OutletId::new(id, 0)).konst.is_some() {
+                continue;
+            }
+            let wide = w.cast(DType::F32)?;
+            let c = p.add_node(&node.name, Const(Arc::new(wide)), vec![]);
+            p.shunt(OutletId::new(id, 0), Patch::wire(c, 0));
+        }
+        Ok((!p.is_empty()).then_some(p))
     }
 }
 

@@ -17,9 +17,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// Weights packed once per runnable, keyed by the addresses of their constant tensors (kept
-/// alive alongside so the addresses stay unique).
+/// alive alongside so the addresses stay unique); f32 weights packed as bf16 when `bf16`.
 #[derive(Default)]
-pub(crate) struct PackCache(Mutex<HashMap<(Vec<usize>, bool), PackedWeight>>, quant::QPackCache);
+pub(crate) struct PackCache {
+    f32s: Mutex<HashMap<(Vec<usize>, bool), PackedWeight>>,
+    quant: quant::QPackCache,
+    bf16: bool,
+}
 
 /// `[w0 | w1 | ...]` row-major with its `(k, n)`: 2-d weights with the same rows, side by side.
 fn side_by_side<T: slimnn_tensor::IntoData + Copy>(ws: &[Arc<Tensor>]) -> Result<(Vec<T>, usize, usize)> {
@@ -45,6 +49,10 @@ pub(crate) mod matmul;
 type PackedWeight = (Vec<Arc<Tensor>>, Arc<PackedB>);
 
 impl PackCache {
+    pub(crate) fn new(bf16: bool) -> Self {
+        PackCache { bf16, ..Default::default() }
+    }
+
     fn get(&self, w: &Arc<Tensor>, transposed: bool) -> Result<Arc<PackedB>> {
         self.get_concat(std::slice::from_ref(w), transposed)
     }
@@ -53,21 +61,27 @@ impl PackCache {
     /// weights are `[n, k]`, stacked by rows).
     fn get_concat(&self, ws: &[Arc<Tensor>], transposed: bool) -> Result<Arc<PackedB>> {
         let key = (ws.iter().map(|w| Arc::as_ptr(w) as usize).collect(), transposed);
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.f32s.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, p)) = map.get(&key) {
             return Ok(p.clone());
         }
-        let packed = if let [w] = ws {
-            let (data, r, c) = (w.as_slice::<f32>()?, w.shape()[0], w.shape()[1]);
-            if transposed {
-                PackedB::from_transposed(data, c, r, c)?
-            } else {
-                PackedB::new(data, r, c, c)?
+        let mut packed = PackedB::empty(slimnn_kernels::cpu::tier())?;
+        let joined;
+        let (data, k, n, ld, transposed) = match ws {
+            [w] if transposed => (w.as_slice::<f32>()?, w.shape()[1], w.shape()[0], w.shape()[1], true),
+            [w] => (w.as_slice::<f32>()?, w.shape()[0], w.shape()[1], w.shape()[1], false),
+            _ => {
+                let (k, n);
+                (joined, k, n) = side_by_side::<f32>(ws)?;
+                (&joined[..], k, n, n, false)
             }
-        } else {
-            let (data, k, n) = side_by_side::<f32>(ws)?;
-            PackedB::new(&data, k, n, n)?
         };
+        match (transposed, self.bf16) {
+            (false, false) => packed.pack(data, k, n, ld)?,
+            (false, true) => packed.pack_bf16(data, k, n, ld)?,
+            (true, false) => packed.pack_transposed(data, k, n, ld)?,
+            (true, true) => packed.pack_transposed_bf16(data, k, n, ld)?,
+        }
         let p = Arc::new(packed);
         map.insert(key, (ws.to_vec(), p.clone()));
         Ok(p)
@@ -445,7 +459,7 @@ fn match_qkv(c: &Ctx, att: &mut Group, packs: &PackCache) -> Result<Option<Group
     }
     let bias: Arc<[f32]> = biases.concat().into();
     let kernel = if quantized == Some(true) {
-        quant::row_quant_concat(&weights, row_scales, bias, &packs.1)?
+        quant::row_quant_concat(&weights, row_scales, bias, &packs.quant)?
     } else {
         let packed = packs.get_concat(&weights, false)?;
         Kernel::Gemm { packed, bias: Some(bias), activation: Activation::None, residual: false }
@@ -784,7 +798,7 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
     }
     for id in 0..g.nodes().len() {
         if !c.taken.contains(&id) {
-            if let Some(grp) = quant::match_group(&c, id, &packs.1)? {
+            if let Some(grp) = quant::match_group(&c, id, &packs.quant)? {
                 claim(&mut c, grp, &mut groups);
             } else if let Some(grp) = match_gemm(&c, id, packs)? {
                 claim(&mut c, grp, &mut groups);

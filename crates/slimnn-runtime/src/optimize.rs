@@ -21,6 +21,7 @@ pub fn optimize(mut g: Graph) -> IrResult<(Graph, OptimizeReport)> {
     let runner = PassRunner::new()
         .with(IdentityElimination)
         .with(ConstantFolding)
+        .with(crate::fold::FoldWeightCasts)
         .with(FuseLayerNorm)
         .with(FuseGelu)
         .with(crate::fold::FoldConvBatchNorm)

@@ -150,8 +150,8 @@ impl Kernel {
     pub fn name(&self) -> String {
         match self {
             Kernel::Ref(op) => format!("ref:{}", slimnn_ir::OpDef::name(op)),
-            Kernel::Gemm { bias, activation, residual, .. } => {
-                let mut s = "gemm".to_string();
+            Kernel::Gemm { packed, bias, activation, residual } => {
+                let mut s = if packed.is_bf16() { "gemm_bf16" } else { "gemm" }.to_string();
                 if bias.is_some() {
                     s.push_str("+bias");
                 }

@@ -900,14 +900,14 @@ mod tests {
     fn check(g: Graph, feeds: Vec<(String, Tensor)>, tol: f64) -> Vec<String> {
         let want = g.eval(feeds.clone()).unwrap();
         for threads in [1, 2] {
-            let r = Runnable::new(g.clone(), RuntimeConfig { threads }).unwrap();
+            let r = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads)).unwrap();
             let got = r.run(&mut r.new_state(), feeds.clone()).unwrap();
             for (a, b) in got.iter().zip(&want) {
                 let d = a.max_abs_diff(b).unwrap();
                 assert!(d <= tol, "max abs diff {d} > {tol}");
             }
         }
-        let r = Runnable::new(g, RuntimeConfig { threads: 1 }).unwrap();
+        let r = Runnable::new(g, RuntimeConfig::with_threads(1)).unwrap();
         let shapes: Vec<Vec<usize>> = feeds.iter().map(|(_, t)| t.shape().to_vec()).collect();
         r.plan_for(&shapes).unwrap().summary().kernels.keys().cloned().collect()
     }
@@ -986,7 +986,7 @@ mod tests {
             ("res".to_string(), Tensor::from_vec(vec![2, 5, N], values(10 * N, 16)).unwrap()),
         ];
         let want = g.eval(feeds.clone()).unwrap();
-        let r = Runnable::new(g.clone(), RuntimeConfig { threads: 2 }).unwrap();
+        let r = Runnable::new(g.clone(), RuntimeConfig::with_threads(2)).unwrap();
         let got = r.run(&mut r.new_state(), feeds.clone()).unwrap();
         assert_eq!(got[1].as_slice::<f32>().unwrap(), want[1].as_slice::<f32>().unwrap());
         let kernels = check(g, feeds, 1e-5);

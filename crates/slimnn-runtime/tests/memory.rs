@@ -29,7 +29,7 @@ fn input(batch: usize) -> Vec<(String, Tensor)> {
 #[test]
 fn retained_memory_is_flat_over_repeated_runs() {
     let g = model();
-    let rt = Runnable::new(g.clone(), RuntimeConfig { threads: 1 }).unwrap();
+    let rt = Runnable::new(g.clone(), RuntimeConfig::with_threads(1)).unwrap();
     let mut st = rt.new_state();
     rt.run(&mut st, input(32)).unwrap();
     let after_first = st.retained_bytes();
@@ -46,7 +46,7 @@ fn retained_memory_is_flat_over_repeated_runs() {
 #[test]
 fn plan_cache_is_bounded_over_many_shapes() {
     let g = model();
-    let rt = Runnable::new(g.clone(), RuntimeConfig { threads: 1 }).unwrap();
+    let rt = Runnable::new(g.clone(), RuntimeConfig::with_threads(1)).unwrap();
     let mut st = rt.new_state();
     // One new shape per run, as an LLM's decode steps or a server's many sequence lengths give.
     for batch in 1..=100 {

@@ -55,7 +55,7 @@ fn check_against_reference(g: &Graph, tol: f64) -> Vec<String> {
     let want = g.eval(inputs.clone()).unwrap();
     let mut kernels = vec![];
     for threads in [1, 2] {
-        let rt = Runnable::new(g.clone(), RuntimeConfig { threads }).unwrap();
+        let rt = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads)).unwrap();
         let mut st = rt.new_state();
         let got = rt.run(&mut st, inputs.clone()).unwrap();
         for ((name, _), (w, gv)) in g.outputs().iter().zip(want.iter().zip(&got)) {
@@ -192,7 +192,7 @@ fn hand_built_training_step_matches_reference() {
     let inputs = random_inputs_with_ids(&g, vocab);
     let want = g.eval(inputs.clone()).unwrap();
     for threads in [1, 2] {
-        let rt = Runnable::new(g.clone(), RuntimeConfig { threads }).unwrap();
+        let rt = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads)).unwrap();
         let mut st = rt.new_state();
         let got = rt.run(&mut st, inputs.clone()).unwrap();
         for ((name, _), (w, gv)) in g.outputs().iter().zip(want.iter().zip(&got)) {
@@ -292,7 +292,7 @@ fn minilm_training_step_matches_reference() {
     let step = minilm_step::minilm_step_graph(&dir, Some(&[0, 1])).unwrap();
     let inputs = minilm_step::step_inputs(&step, 2, 12, 30522).unwrap();
     let want = step.graph.eval(inputs.clone()).unwrap();
-    let rt = Runnable::new(step.graph.clone(), RuntimeConfig { threads: 2 }).unwrap();
+    let rt = Runnable::new(step.graph.clone(), RuntimeConfig::with_threads(2)).unwrap();
     let mut st = rt.new_state();
     let got = rt.run(&mut st, inputs.clone()).unwrap();
     let mut worst = (0.0, String::new());

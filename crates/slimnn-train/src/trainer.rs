@@ -301,7 +301,7 @@ impl Trainer {
         recipe.validate().map_err(|msg| TrainError::Recipe { origin: "(in memory)".into(), msg })?;
         params.freeze(&recipe.freeze)?;
         let threads = recipe.threads.unwrap_or_else(slimnn_runtime::physical_cores);
-        let graph = TrainGraph::new(&model, &*loss, &params, RuntimeConfig { threads })?;
+        let graph = TrainGraph::new(&model, &*loss, &params, RuntimeConfig::with_threads(threads))?;
         let logits = crate::graph::logits_outlet(&model)?;
         let classes = model.fact(logits).shape.last().and_then(|d| d.as_known());
         if recipe.loss.targets_from_labels() && classes.is_none() {

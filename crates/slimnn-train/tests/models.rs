@@ -35,7 +35,7 @@ fn overfit(arch: ImageArch) {
         let t = g.add_input(TARGET_INPUT, fact)?;
         cross_entropy(g, logits, t)
     };
-    let tg = TrainGraph::new(&model.graph, &loss, &params, RuntimeConfig { threads: 1 }).unwrap();
+    let tg = TrainGraph::new(&model.graph, &loss, &params, RuntimeConfig::with_threads(1)).unwrap();
     let mut state = tg.step_runnable().new_state();
     let mut opt = Optimizer::new(OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, nesterov: false, weight_decay: 0.0 });
     let (mut first, mut last) = (0.0, 0.0);

@@ -81,7 +81,7 @@ fn temp_dir(name: &str) -> PathBuf {
 fn step_gradients_match_finite_differences() {
     let (g, params) = mlp(1);
     let loss = LossConfig::CrossEntropy { label_smoothing: 0.1 };
-    let tg = TrainGraph::new(&g, &|g, l| loss.build(g, l), &params, RuntimeConfig { threads: 1 }).unwrap();
+    let tg = TrainGraph::new(&g, &|g, l| loss.build(g, l), &params, RuntimeConfig::with_threads(1)).unwrap();
     assert_eq!(tg.trainable(), params.trainable_names().as_slice());
     let data = blobs(6, 2);
     let batch = data.batch(&[0, 1, 2, 3, 4, 5]).unwrap();
@@ -271,7 +271,7 @@ fn distillation_from_a_teacher_model() {
     r.epochs = 10;
     let mut teacher = Trainer::new(g.clone(), params, r.clone()).unwrap().with_progress_bar(false);
     teacher.fit(&train, &test).unwrap();
-    let teacher_runnable = Runnable::new(teacher.trained_model().unwrap(), RuntimeConfig { threads: 1 }).unwrap();
+    let teacher_runnable = Runnable::new(teacher.trained_model().unwrap(), RuntimeConfig::with_threads(1)).unwrap();
     // Student: another initialisation, trained on the teacher's logits and the labels.
     let (sg, sparams) = mlp(6);
     let mut sr = r;

@@ -1,7 +1,9 @@
 //! Cache blocking, edge tiles and the split over threads.
 
 use super::kernels::{Generic, TileEpilogue, TileKernel};
-use super::{Epilogue, PackedB, Par};
+use super::pack::AlignedVec;
+use super::{bf16, Epilogue, PackedB, Par};
+use std::cell::Cell;
 use std::ops::Range;
 
 /// Below this many flops per task, threads cost more than they save.
@@ -47,6 +49,9 @@ pub(super) fn run(
     if m == 0 || n == 0 {
         return;
     }
+    if b.is_bf16() && k > 0 {
+        return run_bf16(m, a, lda, b, c, ldc, ep, par);
+    }
     let job = Job {
         m,
         k,
@@ -71,6 +76,47 @@ pub(super) fn run(
         crate::CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(&job, par),
         _ => run_tasks::<Generic>(&job, par),
     }
+}
+
+thread_local! {
+    /// A rounded to bf16 pairs, taken out while in use so nested calls get their own.
+    static SCRATCH_A: Cell<Option<AlignedVec>> = const { Cell::new(None) };
+}
+
+/// A bf16 GEMM: A rounded to rows of bf16 pairs, then the f32 driver over `ceil(k/2)` slots.
+#[allow(clippy::too_many_arguments)]
+fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize, ep: &Epilogue<'_>, par: Par<'_>) {
+    let (k, k2) = (b.k(), b.slot_rows());
+    let mut pairs = SCRATCH_A.with(Cell::take).unwrap_or_default();
+    pairs.resize(m * k2);
+    bf16::convert_a(m, k, a, lda, pairs.as_mut_slice(), b.tier());
+    let job = Job {
+        m,
+        k: k2,
+        n: b.n(),
+        a: pairs.as_slice().as_ptr(),
+        lda: k2,
+        b: b.data().as_ptr(),
+        panel_stride: b.panel_stride(),
+        c: c.as_mut_ptr(),
+        ldc,
+        bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
+        act: ep.activation,
+        res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
+        res_ld: ep.residual.map_or(0, |r| r.ld),
+        accumulate: ep.accumulate,
+        store_only: ep.is_store_only(),
+    };
+    match b.tier() {
+        #[cfg(target_arch = "x86_64")]
+        crate::CpuTier::Avx512 | crate::CpuTier::Amx if bf16::native_for(b.tier()) => {
+            run_tasks::<bf16::Avx512Bf16>(&job, par)
+        }
+        crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<bf16::ScalarBf16<8, 48>>(&job, par),
+        crate::CpuTier::Avx2 => run_tasks::<bf16::ScalarBf16<6, 16>>(&job, par),
+        crate::CpuTier::Generic => run_tasks::<bf16::ScalarBf16<4, 8>>(&job, par),
+    }
+    SCRATCH_A.with(|s| s.set(Some(pairs)));
 }
 
 /// Splits C into a `tm x tn` grid of tasks (rows in MR multiples, columns in whole panels)

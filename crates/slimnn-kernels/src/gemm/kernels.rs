@@ -101,19 +101,7 @@ unsafe fn kernel_body<S: Simd, const MR: usize, const NV: usize, const NR: usize
     pf: *const f32,
     ep: *const TileEpilogue,
 ) {
-    // Start pulling the C tile towards L1 now; it is read or written only after the k loop.
-    for i in 0..MR {
-        for j in 0..NV {
-            S::prefetch(c.add(i * ldc + j * S::LANES));
-        }
-    }
-    if !ep.is_null() && !(*ep).res.is_null() {
-        for i in 0..MR {
-            for j in 0..NV {
-                S::prefetch((*ep).res.add(i * (*ep).res_ld + j * S::LANES));
-            }
-        }
-    }
+    prefetch_tile::<S, MR, NV>(c, ldc, ep);
     let mut acc = [[S::zero(); NV]; MR];
     let mut ap = a;
     let mut bp = b;
@@ -134,6 +122,47 @@ unsafe fn kernel_body<S: Simd, const MR: usize, const NV: usize, const NR: usize
         S::prefetch_l2(pf);
         pf = pf.wrapping_add(16);
     }
+    store_tile(&acc, c, ldc, load_c, ep);
+}
+
+/// Starts pulling a tile's C (and residual) towards L1: they are read or written only after
+/// the k loop.
+///
+/// # Safety
+/// As [`TileKernel::tile`] (prefetches never fault, but `ep` is dereferenced when non-null).
+#[inline(always)]
+pub(crate) unsafe fn prefetch_tile<S: Simd, const MR: usize, const NV: usize>(
+    c: *const f32,
+    ldc: usize,
+    ep: *const TileEpilogue,
+) {
+    for i in 0..MR {
+        for j in 0..NV {
+            S::prefetch(c.add(i * ldc + j * S::LANES));
+        }
+    }
+    if !ep.is_null() && !(*ep).res.is_null() {
+        for i in 0..MR {
+            for j in 0..NV {
+                S::prefetch((*ep).res.add(i * (*ep).res_ld + j * S::LANES));
+            }
+        }
+    }
+}
+
+/// Stores the accumulators of an `MR x NV`-vector tile: `C = (load_c ? C : 0) + acc`, finished
+/// by a non-null `ep` in registers.
+///
+/// # Safety
+/// As [`TileKernel::tile`] with `mr = MR` and `width = NV * S::LANES`.
+#[inline(always)]
+pub(crate) unsafe fn store_tile<S: Simd, const MR: usize, const NV: usize>(
+    acc: &[[S; NV]; MR],
+    c: *mut f32,
+    ldc: usize,
+    load_c: bool,
+    ep: *const TileEpilogue,
+) {
     for (i, row) in acc.iter().enumerate() {
         for (j, &x) in row.iter().enumerate() {
             let p = c.add(i * ldc + j * S::LANES);
@@ -169,7 +198,7 @@ unsafe fn finish<S: Simd>(mut v: S, ep: &TileEpilogue, i: usize, j: usize) -> S 
 
 /// The epilogue body (see [`TileKernel::epilogue`]).
 #[inline(always)]
-unsafe fn epilogue_body<S: Simd>(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+pub(crate) unsafe fn epilogue_body<S: Simd>(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
     match ep.act {
         Activation::None => rows_apply::<S, ACT_NONE>(rows, cols, c, ldc, ep, 0.0, 0.0),
         Activation::Relu => rows_apply::<S, ACT_RELU>(rows, cols, c, ldc, ep, 0.0, 0.0),
@@ -255,6 +284,8 @@ macro_rules! tile_dispatch {
         }
     };
 }
+
+pub(crate) use tile_dispatch;
 
 /// Portable kernels: plain f32 code the compiler may auto-vectorise for the baseline ISA.
 pub(crate) struct Generic;

@@ -8,7 +8,11 @@
 //! register-blocked micro-kernel (`avx512_sgemm_8x48`, `avx2_sgemm_6x16`, `scalar_sgemm_4x8`)
 //! per tile. The [`Epilogue`] runs on each tile right after its last K block, while the tile is
 //! still in L1. [`Par`] splits the work into disjoint blocks of C over a rayon pool.
+//!
+//! A B packed with [`PackedB::pack_bf16`] runs the same driver on bf16 pairs ([`bf16`]):
+//! AVX-512 BF16's `vdpbf16ps` where present, twice the multiply-adds per instruction.
 
+pub mod bf16;
 mod driver;
 pub(crate) mod kernels;
 mod pack;

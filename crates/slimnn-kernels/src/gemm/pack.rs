@@ -1,4 +1,5 @@
-//! B packed into NR-wide column panels, each `k x NR` row-major, zero-padded and 64-byte aligned.
+//! B packed into NR-wide column panels, each `k x NR` row-major, zero-padded and 64-byte aligned
+//! (or, for bf16, `ceil(k/2) x NR` slots holding pairs of rows: see [`super::bf16`]).
 
 use super::kernels::tile_shape;
 use super::validate::{matrix_extent, KERNEL};
@@ -52,6 +53,8 @@ pub struct PackedB {
     n: usize,
     nr: usize,
     panel_stride: usize,
+    /// Slots hold bf16 pairs of consecutive rows instead of f32 values.
+    bf16: bool,
     data: AlignedVec,
 }
 
@@ -62,6 +65,7 @@ impl std::fmt::Debug for PackedB {
             .field("k", &self.k)
             .field("n", &self.n)
             .field("nr", &self.nr)
+            .field("bf16", &self.bf16)
             .finish()
     }
 }
@@ -88,7 +92,7 @@ impl PackedB {
     pub fn empty(tier: CpuTier) -> Result<Self, KernelError> {
         check_tier(tier)?;
         let (_, nr) = tile_shape(tier);
-        Ok(PackedB { tier, k: 0, n: 0, nr, panel_stride: 0, data: AlignedVec::default() })
+        Ok(PackedB { tier, k: 0, n: 0, nr, panel_stride: 0, bf16: false, data: AlignedVec::default() })
     }
 
     /// Replaces the contents with row-major `b` (`k x n`, row stride `ldb`).
@@ -135,8 +139,44 @@ impl PackedB {
         Ok(())
     }
 
-    /// Sizes the buffer for `k x n`.
+    /// Replaces the contents with row-major `b` (`k x n`, row stride `ldb`) rounded to bf16,
+    /// for [`super::gemm`] to multiply in bf16 with f32 accumulation (A is rounded per call).
+    pub fn pack_bf16(&mut self, b: &[f32], k: usize, n: usize, ldb: usize) -> Result<(), KernelError> {
+        matrix_extent("B", b.len(), k, n, ldb)?;
+        self.fill_bf16(k, n, |kk, j| b[kk * ldb + j])
+    }
+
+    /// Replaces the contents with `B` given transposed (`n x k`, row stride `ldbt`) rounded to
+    /// bf16 (see [`PackedB::pack_bf16`]).
+    pub fn pack_transposed_bf16(&mut self, bt: &[f32], k: usize, n: usize, ldbt: usize) -> Result<(), KernelError> {
+        matrix_extent("B transposed", bt.len(), n, k, ldbt)?;
+        self.fill_bf16(k, n, |kk, j| bt[j * ldbt + kk])
+    }
+
+    /// Packs `B[kk][j] = at(kk, j)` as bf16 pairs: panel row `p` holds rows `2p` and `2p + 1`.
+    fn fill_bf16(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Result<(), KernelError> {
+        let k2 = k.div_ceil(2);
+        self.layout(k2, n)?;
+        self.k = k;
+        self.bf16 = true;
+        let (nr, stride) = (self.nr, self.panel_stride);
+        let dst = self.data.as_mut_slice();
+        for (p, panel) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(n.div_ceil(nr)) {
+            panel.fill(0.0);
+            let j0 = p * nr;
+            for jj in 0..nr.min(n - j0) {
+                for q in 0..k2 {
+                    let hi = if 2 * q + 1 < k { at(2 * q + 1, j0 + jj) } else { 0.0 };
+                    panel[q * nr + jj] = super::bf16::pair(at(2 * q, j0 + jj), hi);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sizes the buffer for `k x n` f32 slots.
     fn layout(&mut self, k: usize, n: usize) -> Result<(), KernelError> {
+        self.bf16 = false;
         let too_big = || KernelError::shape(KERNEL, format!("packed B of {k} x {n} is too large"));
         // Round panels up to whole cache lines so every panel starts 64-byte aligned.
         let panel_stride = k.checked_mul(self.nr).and_then(|s| s.checked_next_multiple_of(16)).ok_or_else(too_big)?;
@@ -159,6 +199,20 @@ impl PackedB {
     /// Rows of B (the GEMM's inner dimension).
     pub fn k(&self) -> usize {
         self.k
+    }
+
+    /// Whether B is held as bf16 (products in bf16, accumulation in f32).
+    pub fn is_bf16(&self) -> bool {
+        self.bf16
+    }
+
+    /// Rows of slots in a panel: `k`, or `ceil(k/2)` pairs for bf16.
+    pub(crate) fn slot_rows(&self) -> usize {
+        if self.bf16 {
+            self.k.div_ceil(2)
+        } else {
+            self.k
+        }
     }
 
     /// Columns of B.
@@ -185,7 +239,13 @@ impl PackedB {
             return None;
         }
         let p = j / self.nr;
-        self.data.as_slice().get(p * self.panel_stride + kk * self.nr + j % self.nr).copied()
+        let row = if self.bf16 { kk / 2 } else { kk };
+        let slot = self.data.as_slice().get(p * self.panel_stride + row * self.nr + j % self.nr).copied()?;
+        Some(match (self.bf16, kk % 2) {
+            (false, _) => slot,
+            (true, 0) => super::bf16::bf16_to_f32(slot.to_bits() as u16),
+            (true, _) => super::bf16::bf16_to_f32((slot.to_bits() >> 16) as u16),
+        })
     }
 }
 

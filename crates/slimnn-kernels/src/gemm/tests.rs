@@ -199,3 +199,104 @@ fn nested_sgemm_inside_pool_tasks() {
         check_close(out, &want, 1e-5, "nested");
     }
 }
+
+fn round_bf16(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| bf16::bf16_to_f32(bf16::round_bf16_bits(x))).collect()
+}
+
+#[test]
+fn bf16_rounding_by_hand() {
+    use bf16::round_bf16_bits as r;
+    assert_eq!(r(1.0), 0x3f80);
+    // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to even (1).
+    assert_eq!(r(1.0 + 1.0 / 256.0), 0x3f80);
+    // 1 + 3 * 2^-8 ties between 1 + 2^-7 (odd) and 1 + 2^-6: to even, up.
+    assert_eq!(r(1.0 + 3.0 / 256.0), 0x3f82);
+    assert_eq!(r(-2.5), 0xc020);
+    assert_eq!(r(f32::MAX), 0x7f80, "rounds up to infinity");
+    assert_eq!(r(f32::INFINITY), 0x7f80);
+    assert_eq!(r(-1e-40), 0x8000, "denormals flush to signed zero");
+    assert!(bf16::bf16_to_f32(r(f32::NAN)).is_nan());
+}
+
+#[test]
+fn bf16_conversion_matches_scalar_rounding_bit_for_bit() {
+    // Every length mod 32 (the vector body and its masked tail), values from many binades.
+    let mut seed = 11u64;
+    for k in [1usize, 2, 15, 16, 17, 31, 32, 33, 63, 64, 100] {
+        let m = 3;
+        let a: Vec<f32> = (0..m * (k + 1)).map(|i| lcg(&mut seed) * 10f32.powi((i % 9) as i32 - 4)).collect();
+        for tier in tiers() {
+            let k2 = k.div_ceil(2);
+            let mut got = vec![f32::NAN; m * k2];
+            bf16::convert_a(m, k, &a, k + 1, &mut got, tier);
+            for i in 0..m {
+                for p in 0..k2 {
+                    let lo = a[i * (k + 1) + 2 * p];
+                    let hi = if 2 * p + 1 < k { a[i * (k + 1) + 2 * p + 1] } else { 0.0 };
+                    let want = bf16::round_bf16_bits(lo) as u32 | (bf16::round_bf16_bits(hi) as u32) << 16;
+                    assert_eq!(got[i * k2 + p].to_bits(), want, "{tier} k={k} row {i} pair {p}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_gemm_matches_reference_on_rounded_inputs() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut seed = 5;
+    // Odd k (a half-empty last pair), edge tiles in both directions, several K blocks.
+    for (m, k, n) in [(1, 1, 1), (7, 3, 5), (9, 31, 50), (77, 300, 211), (16, 1700, 96)] {
+        let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+        let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+        let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+        let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::GeluErf).with_residual(&res, n);
+        let mut want = vec![0.0; m * n];
+        reference::sgemm(m, k, n, &round_bf16(&a), k, &round_bf16(&b), n, &mut want, n, ep).unwrap();
+        let mut bt = vec![0.0; n * k];
+        for kk in 0..k {
+            for j in 0..n {
+                bt[j * k + kk] = b[kk * n + j];
+            }
+        }
+        for tier in tiers() {
+            let mut p = PackedB::empty(tier).unwrap();
+            p.pack_bf16(&b, k, n, n).unwrap();
+            let mut pt = PackedB::empty(tier).unwrap();
+            pt.pack_transposed_bf16(&bt, k, n, k).unwrap();
+            assert!(p.is_bf16() && p.k() == k && p.n() == n);
+            assert_eq!(p.get(k - 1, n - 1), Some(round_bf16(&[b[k * n - 1]])[0]));
+            for par in [Par::Seq, Par::Pool(&pool)] {
+                for packed in [&p, &pt] {
+                    let mut c = vec![0.0; m * n];
+                    gemm(m, &a, k, packed, &mut c, n, ep, par).unwrap();
+                    check_close(&c, &want, 2e-5, &format!("bf16 {tier} {m}x{k}x{n} {par:?}"));
+                }
+            }
+            // Refilled as f32, the same buffer multiplies in f32 again.
+            p.pack(&b, k, n, n).unwrap();
+            assert!(!p.is_bf16());
+        }
+    }
+}
+
+#[test]
+fn bf16_error_against_f32_is_bounded() {
+    // The cost of rounding both operands: ~2^-9 relative per product, averaging out over k.
+    let (m, k, n) = (32, 384, 64);
+    let mut seed = 9;
+    let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+    let mut exact = vec![0.0; m * n];
+    reference::sgemm(m, k, n, &a, k, &b, n, &mut exact, n, Epilogue::NONE).unwrap();
+    let mut p = PackedB::empty(cpu::tier()).unwrap();
+    p.pack_bf16(&b, k, n, n).unwrap();
+    let mut c = vec![0.0; m * n];
+    gemm(m, &a, k, &p, &mut c, n, Epilogue::NONE, Par::Seq).unwrap();
+    let scale = (k as f32).sqrt() / 3.0; // typical |C|
+    let worst = c.iter().zip(&exact).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(worst < 0.02 * scale, "worst {worst} vs typical magnitude {scale}");
+    assert!(worst > 0.0, "bf16 products must differ from f32 somewhere");
+}

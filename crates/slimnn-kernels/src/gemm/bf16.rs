@@ -1,0 +1,242 @@
+//! bf16 products with f32 accumulation: B packed as bf16 pairs, A rounded to bf16 per call.
+//!
+//! The layout follows AVX-512 BF16's `vdpbf16ps`, which adds `a[2i]·b[2i] + a[2i+1]·b[2i+1]`
+//! into f32 lane `i`: a packed panel row holds, for each of its NR columns, the pair
+//! `(B[2p][j], B[2p+1][j])` in one 32-bit slot, and A is converted to rows of pairs. Both are
+//! then `ceil(k/2)`-deep f32-sized matrices, so the f32 driver's blocking, threading and
+//! epilogues apply unchanged with `k' = ceil(k/2)`.
+//!
+//! Rounding is to nearest even, denormal inputs flushed to zero (as the hardware conversion
+//! does); products of two bf16 values are exact in f32, so the only differences from an f32
+//! GEMM on the rounded inputs are the summation order and the f32 additions.
+
+#![allow(clippy::too_many_arguments)] // kernel signatures: raw pointers and strides, kept flat for speed
+
+use super::kernels::{epilogue_body, TileEpilogue, TileKernel};
+use crate::cpu::{self, CpuTier};
+
+/// Whether bf16 products run on a native dot-product instruction here (AVX-512 BF16 under
+/// the active tier); elsewhere they run on scalar code and f32 is faster.
+pub fn native() -> bool {
+    native_for(cpu::tier())
+}
+
+/// Whether `tier`'s bf16 kernel is the AVX-512 BF16 one on this host.
+pub(crate) fn native_for(tier: CpuTier) -> bool {
+    tier >= CpuTier::Avx512 && cpu::features().avx512bf16
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as raw bits; NaN stays NaN (quiet) and
+/// denormals become zero of the same sign.
+pub fn round_bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    if x.is_subnormal() {
+        return ((bits >> 16) & 0x8000) as u16;
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    (rounded >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Two bf16 values in one 32-bit slot, `lo` first in memory.
+#[inline]
+pub(crate) fn pair(lo: f32, hi: f32) -> f32 {
+    f32::from_bits(round_bf16_bits(lo) as u32 | ((round_bf16_bits(hi) as u32) << 16))
+}
+
+/// Converts `m` rows of A (`k` values each, stride `lda`) to rows of `ceil(k/2)` bf16 pairs in
+/// `out` (stride `ceil(k/2)`), the odd tail paired with zero.
+pub(crate) fn convert_a(m: usize, k: usize, a: &[f32], lda: usize, out: &mut [f32], tier: CpuTier) {
+    let k2 = k.div_ceil(2);
+    #[cfg(target_arch = "x86_64")]
+    if native_for(tier) {
+        for (i, dst) in out.chunks_exact_mut(k2.max(1)).take(m).enumerate() {
+            // SAFETY: AVX-512 BF16 and BW are present (native_for); the row has k values and
+            // `dst` has room for ceil(k/2) slots.
+            unsafe { x86::convert_row(&a[i * lda..i * lda + k], dst) };
+        }
+        return;
+    }
+    let _ = tier;
+    for (i, dst) in out.chunks_exact_mut(k2.max(1)).take(m).enumerate() {
+        let row = &a[i * lda..i * lda + k];
+        for (p, slot) in dst.iter_mut().enumerate() {
+            let lo = row[2 * p];
+            let hi = row.get(2 * p + 1).copied().unwrap_or(0.0);
+            *slot = pair(lo, hi);
+        }
+    }
+}
+
+/// The portable bf16 kernel for a tier's tile shape: plain loops over the pairs (the
+/// reference the native kernel is tested against, and the path on hosts without BF16).
+pub(crate) struct ScalarBf16<const MR: usize, const NR: usize>;
+
+impl<const MR: usize, const NR: usize> TileKernel for ScalarBf16<MR, NR> {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    const LANES: usize = 1;
+    const MC: usize = MR * 16;
+    const KC: usize = 256;
+    const NC_PANELS: usize = 16;
+
+    unsafe fn tile(
+        mr: usize,
+        width: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        _pf: *const f32,
+        ep: *const TileEpilogue,
+    ) {
+        let half = |slot: f32, hi: bool| bf16_to_f32((slot.to_bits() >> if hi { 16 } else { 0 }) as u16);
+        for i in 0..mr {
+            for j in 0..width {
+                let mut acc = 0.0f32;
+                for p in 0..kc {
+                    let (x, y) = (*a.add(i * lda + p), *b.add(p * NR + j));
+                    // vdpbf16ps's order: the odd pair first.
+                    acc += half(x, true) * half(y, true);
+                    acc += half(x, false) * half(y, false);
+                }
+                let cp = c.add(i * ldc + j);
+                *cp = if load_c { *cp + acc } else { acc };
+            }
+        }
+        if !ep.is_null() {
+            epilogue_body::<f32>(mr, width, c, ldc, &*ep);
+        }
+    }
+
+    unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+        epilogue_body::<f32>(rows, cols, c, ldc, ep)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::Avx512Bf16;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::kernels::{prefetch_tile, store_tile, tile_dispatch, Avx512};
+    use super::*;
+    use crate::simd::Simd;
+    use std::arch::x86_64::*;
+
+    /// Rounds one row to bf16 pairs, 32 values per conversion.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and BF16 must be present; `dst.len() >= ceil(row.len() / 2)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert_row(row: &[f32], dst: &mut [f32]) {
+        let k = row.len();
+        let (src, out) = (row.as_ptr(), dst.as_mut_ptr().cast::<u16>());
+        let mut p = 0;
+        while p + 32 <= k {
+            let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src.add(p + 16)), _mm512_loadu_ps(src.add(p)));
+            _mm512_storeu_si512(out.add(p).cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+            p += 32;
+        }
+        if p < k {
+            // The tail: masked loads read zeros past the row; the store covers whole pairs.
+            let rest = k - p;
+            let lo_mask: __mmask16 = if rest >= 16 { 0xffff } else { (1u16 << rest) - 1 };
+            let hi_mask: __mmask16 = if rest > 16 { ((1u32 << (rest - 16)) - 1) as u16 } else { 0 };
+            let lo = _mm512_maskz_loadu_ps(lo_mask, src.add(p));
+            let hi = _mm512_maskz_loadu_ps(hi_mask, src.add(p + 16));
+            let v = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+            let slots = rest.div_ceil(2) * 2;
+            let store_mask: __mmask32 = if slots >= 32 { u32::MAX } else { (1u32 << slots) - 1 };
+            _mm512_mask_storeu_epi16(out.add(p).cast(), store_mask, v);
+        }
+    }
+
+    /// AVX-512 BF16 kernels: the f32 kernels' 8 x 48 tile and blocking, `vdpbf16ps` for the
+    /// FMA (two multiply-adds per lane and instruction).
+    pub(crate) struct Avx512Bf16;
+
+    /// `MR x 16*NV` tile: per pair step 3 panel loads and 8 broadcasts feed 24 `vdpbf16ps`.
+    ///
+    /// # Safety
+    /// As [`TileKernel::tile`] with `mr = MR`, `width = 16 * NV`, on an AVX-512 BF16 host.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn avx512_bf16_tile<const MR: usize, const NV: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+        ep: *const TileEpilogue,
+    ) {
+        prefetch_tile::<__m512, MR, NV>(c, ldc, ep);
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        let (mut ap, mut bp, mut pf) = (a.cast::<i32>(), b, pf);
+        for _ in 0..kc {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (j, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(bp.add(j * 16));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i * lda)));
+                for (x, &bj) in row.iter_mut().zip(&bv) {
+                    *x = _mm512_dpbf16_ps(*x, av, std::mem::transmute::<__m512, __m512bh>(bj));
+                }
+            }
+            ap = ap.add(1);
+            bp = bp.add(Avx512::NR);
+            __m512::prefetch_l2(pf);
+            pf = pf.wrapping_add(16);
+        }
+        store_tile(&acc, c, ldc, load_c, ep);
+    }
+
+    impl TileKernel for Avx512Bf16 {
+        const MR: usize = Avx512::MR;
+        const NR: usize = Avx512::NR;
+        const LANES: usize = Avx512::LANES;
+        const MC: usize = Avx512::MC;
+        const KC: usize = Avx512::KC;
+        const NC_PANELS: usize = Avx512::NC_PANELS;
+
+        unsafe fn tile(
+            mr: usize,
+            width: usize,
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            load_c: bool,
+            pf: *const f32,
+            ep: *const TileEpilogue,
+        ) {
+            tile_dispatch!(
+                avx512_bf16_tile,
+                mr,
+                width / Self::LANES,
+                [1, 2, 3],
+                [1, 2, 3, 4, 5, 6, 7, 8],
+                (kc, a, lda, b, c, ldc, load_c, pf, ep)
+            )
+        }
+
+        unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+            Avx512::epilogue(rows, cols, c, ldc, ep)
+        }
+    }
+}
