@@ -101,10 +101,42 @@ pub fn mha_strided(
     mha_strided_with(cpu::tier(), q, k, v, mask, dims, scale, out, par)
 }
 
+/// [`mha_strided`] with both products in bf16 (f32 accumulation; see [`crate::gemm::bf16`]):
+/// K, V and the query and probability rows rounded to bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn mha_strided_bf16(
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    run(cpu::tier(), true, q, k, v, mask, dims, scale, out, par)
+}
+
 /// [`mha_strided`] with the kernels of `tier`, which the host must support.
 #[allow(clippy::too_many_arguments)]
 pub fn mha_strided_with(
     tier: CpuTier,
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    run(tier, false, q, k, v, mask, dims, scale, out, par)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    tier: CpuTier,
+    bf16: bool,
     q: Rows<'_>,
     k: Rows<'_>,
     v: Rows<'_>,
@@ -124,7 +156,7 @@ pub fn mha_strided_with(
         out.fill(0.0);
         return Ok(());
     }
-    let job = Job { tier, q, k, v, mask, dims, scale, hd };
+    let job = Job { tier, bf16, q, k, v, mask, dims, scale, hd };
     match par {
         _ if par.threads() <= 1 => job.run_seq(out),
         Par::Pool(pool) => pool.install(|| job.run_par(out, par.threads())),
@@ -356,6 +388,8 @@ fn empty_packs(tier: CpuTier) -> Result<(PackedB, PackedB), KernelError> {
 
 struct Job<'a> {
     tier: CpuTier,
+    /// Pack K and V as bf16 (the GEMMs then round Q and P rows per call).
+    bf16: bool,
     q: Rows<'a>,
     k: Rows<'a>,
     v: Rows<'a>,
@@ -383,8 +417,14 @@ impl Job<'_> {
         }
         let buf = &mut kt_buf[..d * seq_k];
         transpose_scaled(self.tier, &k.data[b * seq_k * k.ld + h * d..], k.ld, seq_k, d, self.scale, buf)?;
-        kt.pack(buf, d, seq_k, seq_k)?;
-        vp.pack(&v.data[b * seq_k * v.ld + h * d..], seq_k, d, v.ld)
+        let v_head = &v.data[b * seq_k * v.ld + h * d..];
+        if self.bf16 {
+            kt.pack_bf16(buf, d, seq_k, seq_k)?;
+            vp.pack_bf16(v_head, seq_k, d, v.ld)
+        } else {
+            kt.pack(buf, d, seq_k, seq_k)?;
+            vp.pack(v_head, seq_k, d, v.ld)
+        }
     }
 
     /// Query rows `i0..i0 + m` of batch `b`, head `h`, into `out_rows` (row stride `ldo`,
@@ -696,6 +736,27 @@ mod tests {
             let mut par = vec![0.0; n];
             mha_with(tier, &q, &k, &v, mask, dims, 0.176_776_7, &mut par, Par::Pool(&pool)).unwrap();
             assert_eq!(seq, par, "{tier}: threads change the result");
+        }
+    }
+
+    #[test]
+    fn bf16_products_stay_within_bf16_rounding() {
+        let dims = AttnDims { batch: 2, seq_q: 128, seq_k: 128, heads: 12, head_dim: 32 };
+        let n = 2 * 128 * 384;
+        let (q, k, v) = (values(n, 1), values(n, 2), values(n, 3));
+        let mut m = vec![0.0f32; 2 * 128];
+        m[128 + 100..].fill(-3.4e38);
+        let mask = Some(AttnMask { data: &m, shape: [2, 1, 1, 128] });
+        let want = reference::mha(&q, &k, &v, mask, dims, 0.176_776_7);
+        let rows = |data| Rows { data, ld: 384 };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for par in [Par::Seq, Par::Pool(&pool)] {
+            let mut got = vec![0.0; n];
+            mha_strided_bf16(rows(&q), rows(&k), rows(&v), mask, dims, 0.176_776_7, &mut got, par).unwrap();
+            let worst = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
+            let scale = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
+            // Q, K, V and P each rounded to 8 mantissa bits: a few 2^-9 relative at most.
+            assert!(worst < 0.02 * scale, "{par:?}: worst {worst}, scale {scale}");
         }
     }
 

@@ -102,6 +102,8 @@ struct Ctx<'a> {
     readers: HashMap<OutletId, Vec<(NodeId, usize)>>,
     outputs: HashSet<OutletId>,
     taken: HashSet<NodeId>,
+    /// Products in bf16 (`Precision::Bf16` on a host with AVX-512 BF16).
+    bf16: bool,
 }
 
 fn out0(n: NodeId) -> OutletId {
@@ -386,7 +388,7 @@ fn match_attention(c: &Ctx, sm: NodeId) -> Option<Group> {
         inputs.push(m);
         m4
     });
-    let kernel = Kernel::Attention { heads: h, head_dim: d, scale, mask_shape, fused_qkv: false };
+    let kernel = Kernel::Attention { heads: h, head_dim: d, scale, mask_shape, fused_qkv: false, bf16: c.bf16 };
     let note = format!("{h} heads of {d}, scale {scale}, mask {mask_shape:?}");
     let fusion = Fusion { kind: "attention".into(), nodes: c.names(&members), note };
     Some(Group { fusion, members, kernel, inputs, output_shape: None })
@@ -777,6 +779,7 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
         readers: g.consumers(),
         outputs: g.outputs().iter().map(|(_, o)| *o).collect(),
         taken: HashSet::new(),
+        bf16: packs.bf16,
     };
     // Fusion groups, keyed by the node whose output they produce (their last member in
     // topological order, so every input is ready when the step runs).

@@ -24,7 +24,8 @@ pub enum Kernel {
     /// head_dim]`; inputs `[q, k, v, mask?]`, or `[qkv, mask?]` when `fused_qkv` (one
     /// projection `[batch, seq, 3 * heads * head_dim]`, Q then K then V); the mask is additive,
     /// broadcast to `[batch, heads, seq_q, seq_k]`; output `[batch, seq_q, heads * head_dim]`.
-    Attention { heads: usize, head_dim: usize, scale: f32, mask_shape: Option<[usize; 4]>, fused_qkv: bool },
+    /// `bf16`: both products in bf16 (`Precision::Bf16`).
+    Attention { heads: usize, head_dim: usize, scale: f32, mask_shape: Option<[usize; 4]>, fused_qkv: bool, bf16: bool },
     /// Layer normalisation over the last axis; inputs `[x]`.
     LayerNorm { scale: Arc<[f32]>, bias: Arc<[f32]>, epsilon: f32 },
     /// Layer normalisation over the last axis with run-time scale (and bias); inputs
@@ -164,7 +165,8 @@ impl Kernel {
                 s
             }
             Kernel::MatMul(k) => k.name(),
-            Kernel::Attention { .. } => "attention".into(),
+            Kernel::Attention { bf16: false, .. } => "attention".into(),
+            Kernel::Attention { bf16: true, .. } => "attention_bf16".into(),
             Kernel::LayerNorm { .. } => "layer_norm".into(),
             Kernel::LayerNormDyn { .. } => "layer_norm".into(),
             Kernel::Softmax => "softmax".into(),

@@ -51,6 +51,19 @@ pub(crate) fn pair(lo: f32, hi: f32) -> f32 {
     f32::from_bits(round_bf16_bits(lo) as u32 | ((round_bf16_bits(hi) as u32) << 16))
 }
 
+/// One packed panel row of bf16 pairs: `out[j] = (lo[j], hi[j])` rounded, zero past `lo.len()`
+/// (and for a missing `hi` row). Only called where [`native_for`] `tier` holds, with `out.len()`
+/// a multiple of 16 and `hi`, when given, as long as `lo`.
+pub(crate) fn pack_pair_row(tier: CpuTier, lo: &[f32], hi: Option<&[f32]>, out: &mut [f32]) {
+    let lengths_ok = out.len().is_multiple_of(16) && lo.len() <= out.len() && hi.is_none_or(|h| h.len() == lo.len());
+    assert!(native_for(tier) && lengths_ok);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512 F, BW and BF16 are present (`native_for`); lengths checked above.
+    unsafe {
+        x86::pack_pair_row(lo, hi, out)
+    }
+}
+
 /// Converts `m` rows of A (`k` values each, stride `lda`) to rows of `ceil(k/2)` bf16 pairs in
 /// `out` (stride `ceil(k/2)`), the odd tail paired with zero.
 pub(crate) fn convert_a(m: usize, k: usize, a: &[f32], lda: usize, out: &mut [f32], tier: CpuTier) {
@@ -159,6 +172,37 @@ mod x86 {
             let slots = rest.div_ceil(2) * 2;
             let store_mask: __mmask32 = if slots >= 32 { u32::MAX } else { (1u32 << slots) - 1 };
             _mm512_mask_storeu_epi16(out.add(p).cast(), store_mask, v);
+        }
+    }
+
+    /// See [`super::pack_pair_row`]: two rows rounded by one conversion, interleaved by a word
+    /// permute.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and BF16 must be present; lengths as [`super::pack_pair_row`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pack_pair_row(lo: &[f32], hi: Option<&[f32]>, out: &mut [f32]) {
+        // Word i of the result takes word INTERLEAVE[i] of [lo x16 | hi x16].
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        let w = lo.len();
+        for j in (0..out.len()).step_by(16) {
+            let mask: __mmask16 = if j >= w {
+                0
+            } else if w - j >= 16 {
+                0xffff
+            } else {
+                (1u16 << (w - j)) - 1
+            };
+            let l = _mm512_maskz_loadu_ps(mask, lo.as_ptr().wrapping_add(j));
+            let h = match hi {
+                Some(h) => _mm512_maskz_loadu_ps(mask, h.as_ptr().wrapping_add(j)),
+                None => _mm512_setzero_ps(),
+            };
+            let both = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l));
+            _mm512_storeu_si512(out.as_mut_ptr().add(j).cast(), _mm512_permutexvar_epi16(interleave, both));
         }
     }
 

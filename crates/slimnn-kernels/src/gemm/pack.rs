@@ -143,7 +143,27 @@ impl PackedB {
     /// for [`super::gemm`] to multiply in bf16 with f32 accumulation (A is rounded per call).
     pub fn pack_bf16(&mut self, b: &[f32], k: usize, n: usize, ldb: usize) -> Result<(), KernelError> {
         matrix_extent("B", b.len(), k, n, ldb)?;
-        self.fill_bf16(k, n, |kk, j| b[kk * ldb + j])
+        if !super::bf16::native_for(self.tier) || !self.nr.is_multiple_of(16) {
+            return self.fill_bf16(k, n, |kk, j| b[kk * ldb + j]);
+        }
+        // Attention packs K and V per call: the vector path keeps that cheap.
+        let k2 = k.div_ceil(2);
+        self.layout(k2, n)?;
+        self.k = k;
+        self.bf16 = true;
+        let (nr, stride) = (self.nr, self.panel_stride);
+        let dst = self.data.as_mut_slice();
+        for (p, panel) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(n.div_ceil(nr)) {
+            let j0 = p * nr;
+            let w = nr.min(n - j0);
+            for q in 0..k2 {
+                let lo = &b[2 * q * ldb + j0..][..w];
+                let hi = (2 * q + 1 < k).then(|| &b[(2 * q + 1) * ldb + j0..][..w]);
+                super::bf16::pack_pair_row(self.tier, lo, hi, &mut panel[q * nr..(q + 1) * nr]);
+            }
+            panel[k2 * nr..].fill(0.0);
+        }
+        Ok(())
     }
 
     /// Replaces the contents with `B` given transposed (`n x k`, row stride `ldbt`) rounded to

@@ -300,3 +300,31 @@ fn bf16_error_against_f32_is_bounded() {
     assert!(worst < 0.02 * scale, "worst {worst} vs typical magnitude {scale}");
     assert!(worst > 0.0, "bf16 products must differ from f32 somewhere");
 }
+
+#[test]
+fn bf16_packing_holds_every_rounded_value() {
+    // The vector packer (native tiers) and the scalar one agree with per-value rounding.
+    let mut seed = 21;
+    for (k, n) in [(1, 1), (5, 17), (32, 48), (33, 100), (128, 32)] {
+        let b: Vec<f32> = (0..k * (n + 3)).map(|_| lcg(&mut seed) * 7.0).collect();
+        for tier in tiers() {
+            let mut p = PackedB::empty(tier).unwrap();
+            p.pack_bf16(&b, k, n, n + 3).unwrap();
+            for kk in 0..k {
+                for j in 0..n {
+                    let want = bf16::bf16_to_f32(bf16::round_bf16_bits(b[kk * (n + 3) + j]));
+                    assert_eq!(p.get(kk, j), Some(want), "{tier} {k}x{n} at ({kk}, {j})");
+                }
+            }
+            // Padding columns and the odd row's partner are zero.
+            let nr = p.nr();
+            let data = p.data();
+            let last = (n - 1) / nr;
+            for q in 0..k.div_ceil(2) {
+                for jj in (n - last * nr)..nr {
+                    assert_eq!(data[last * p.panel_stride() + q * nr + jj].to_bits(), 0, "{tier} pad");
+                }
+            }
+        }
+    }
+}
