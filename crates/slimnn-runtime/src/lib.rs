@@ -77,7 +77,8 @@ impl Default for RuntimeConfig {
 }
 
 /// Arithmetic of the GEMMs whose weights are constants (the model's linear layers).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// f32 products, as the graph states.
     #[default]
@@ -87,6 +88,19 @@ pub enum Precision {
     /// the instruction would be slower than f32). Weights stored as bf16 (`slimnn quantize
     /// --mode bf16`) lose nothing more; activations are rounded per product (~2^-9 relative).
     Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    /// `f32` or `bf16` (case-insensitive).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision '{s}' (expected f32 or bf16)")),
+        }
+    }
 }
 
 impl Precision {

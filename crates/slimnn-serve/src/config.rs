@@ -16,6 +16,9 @@ pub struct ModelConfig {
     pub max_batch_delay_ms: f64,
     /// Runtime threads per run (default: physical cores).
     pub threads: Option<usize>,
+    /// Arithmetic of the linear layers: `f32`, or `bf16` products where the CPU has AVX-512
+    /// BF16.
+    pub precision: slimnn_runtime::Precision,
     /// Workers running batches side by side, each with its own buffers.
     pub instances: usize,
     /// Requests that may wait; one more is refused at once with 503 / UNAVAILABLE.
@@ -31,6 +34,7 @@ impl Default for ModelConfig {
             max_batch_size: 8,
             max_batch_delay_ms: 2.0,
             threads: None,
+            precision: slimnn_runtime::Precision::F32,
             instances: 1,
             queue_capacity: 64,
             sequence_buckets: vec![16, 32, 64, 128, 256, 512],
@@ -114,6 +118,10 @@ pub struct ServeArgs {
     /// Default runtime threads per model.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Default arithmetic of the models' linear layers: f32, or bf16 (where the CPU has
+    /// AVX-512 BF16).
+    #[arg(long)]
+    pub precision: Option<slimnn_runtime::Precision>,
     /// Default workers per model.
     #[arg(long)]
     pub instances: Option<usize>,
@@ -192,6 +200,9 @@ impl ServerConfig {
         }
         if args.threads.is_some() {
             defaults.threads = args.threads;
+        }
+        if let Some(p) = args.precision {
+            defaults.precision = p;
         }
         if let Some(n) = args.instances {
             defaults.instances = n;
@@ -289,6 +300,13 @@ mod tests {
         let err = ServerConfig::from_args(&ServeArgs { config: Some(file), ..Default::default() }).unwrap_err();
         assert!(format!("{err:#}").contains("http_prot"), "{err:#}");
         assert!(ServerConfig::from_args(&ServeArgs::default()).is_err(), "nothing to serve is an error");
+        // Precision per model, by name; a bad name says which key.
+        let bf16: BTreeMap<String, serde_json::Value> = [("precision".into(), "bf16".into())].into();
+        let cfg = merge_model_config(&ModelConfig::default(), &bf16, "b").unwrap();
+        assert_eq!(cfg.precision, slimnn_runtime::Precision::Bf16);
+        let bad: BTreeMap<String, serde_json::Value> = [("precision".into(), "int3".into())].into();
+        let err = merge_model_config(&ModelConfig::default(), &bad, "b").unwrap_err();
+        assert!(format!("{err:#}").contains("int3"), "{err:#}");
         assert!(check_model_name("../etc").is_err());
     }
 }

@@ -178,7 +178,7 @@ impl LoadedModel {
         }
         let threads = source.config.threads.unwrap_or_else(slimnn_runtime::physical_cores);
         let runnable = Arc::new(
-            Runnable::new(graph, RuntimeConfig::with_threads(threads))
+            Runnable::new(graph, RuntimeConfig { threads, precision: source.config.precision })
                 .with_context(|| format!("preparing {} for the runtime", source.path.display()))?,
         );
         let tokenizer = match &source.tokenizer {
