@@ -37,7 +37,6 @@ use slimnn_ir::{Graph, IrError};
 use slimnn_kernels::KernelError;
 use slimnn_tensor::Tensor;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
@@ -143,8 +142,6 @@ pub struct Runnable {
     threads: usize,
     plans: Mutex<PlanCache>,
     packed: lower::PackCache,
-    /// Runs executing now (spinning workers help only a lone run).
-    in_flight: AtomicUsize,
 }
 
 /// Plans by input shapes, least recently used evicted beyond [`PlanCache::CAPACITY`]: a server
@@ -206,7 +203,6 @@ impl Runnable {
             threads,
             plans: Default::default(),
             packed: lower::PackCache::new(config.precision.uses_bf16()),
-            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -249,62 +245,8 @@ impl Runnable {
         let shapes: Vec<Vec<usize>> = bound.iter().map(|t| t.shape().to_vec()).collect();
         let plan = self.plan_for(&shapes)?;
         match &self.pool {
-            Some(pool) => pool.install(|| {
-                let _flight = InFlight::enter(&self.in_flight);
-                let _spin = (self.in_flight.load(Ordering::Acquire) == 1).then(SpinningWorkers::start);
-                exec::execute(&plan, state, bound, true)
-            }),
+            Some(pool) => pool.install(|| exec::execute(&plan, state, bound, true)),
             None => exec::execute(&plan, state, bound, false),
         }
-    }
-}
-
-/// Counts a run in flight for as long as it lives.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        InFlight(count)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Keeps the pool's other workers looking for work while a run executes, instead of parking
-/// between its parallel steps: rayon parks an idle worker after a short spin, and waking it
-/// (a futex) for each of a model's ~70 steps costs time at batch 1 (int8 MiniLM batch 1 /
-/// 2 threads: median 3.13 ms spinning vs 3.19-3.59 ms parking, measured here). The workers
-/// run whatever pool work appears (`yield_now`) until dropped.
-struct SpinningWorkers(Arc<AtomicBool>);
-
-impl SpinningWorkers {
-    /// Must be called on a worker of the pool to keep busy.
-    fn start() -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let me = rayon::current_thread_index();
-        let flag = done.clone();
-        rayon::spawn_broadcast(move |ctx| {
-            // The run's own thread may pick its copy up while waiting inside a step.
-            if Some(ctx.index()) == me {
-                return;
-            }
-            while !flag.load(Ordering::Acquire) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    std::hint::spin_loop();
-                }
-            }
-        });
-        SpinningWorkers(done)
-    }
-}
-
-impl Drop for SpinningWorkers {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
     }
 }
