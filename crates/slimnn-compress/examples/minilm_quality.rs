@@ -4,7 +4,8 @@
 //! `cargo run --release -p slimnn-compress --example minilm_quality [-- SCHEME...]`
 //! (calibration: 128 other sentences of the book; schemes default to all). `bf16-compute` runs
 //! the bf16-weight model with bf16 products (`Precision::Bf16`; f32 where the CPU lacks
-//! AVX-512 BF16).
+//! AVX-512 BF16); any scheme named with a `+bf16` suffix (e.g. `dynamic-embeddings+bf16`) runs
+//! that way too (for int8 models: attention and any float GEMMs in bf16).
 
 use slimnn_compress::calib::BatchSource;
 use slimnn_compress::mixed::{agreement, run_all, run_all_with};
@@ -103,15 +104,24 @@ fn main() {
         "{:<26} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "scheme", "cos mean", "cos min", "rel err", "quant s", "eval s"
     );
+    let suffixed: Vec<(String, QuantRecipe)> = wanted
+        .iter()
+        .filter_map(|w| {
+            let base = w.strip_suffix("+bf16")?;
+            all.iter().find(|(n, _)| *n == base).map(|(_, r)| (w.clone(), r.clone()))
+        })
+        .collect();
+    let all = all.into_iter().map(|(n, r)| (n.to_string(), r)).chain(suffixed);
     for (name, recipe) in all {
-        if !wanted.is_empty() && !wanted.iter().any(|w| w == name) {
+        if !wanted.is_empty() && !wanted.contains(&name) {
             continue;
         }
         let t0 = Instant::now();
         let (q, _report) = quantize(&g, &recipe, &calib_data, &mut |_| {}).unwrap();
         let tq = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let precision = if name == "bf16-compute" { Precision::Bf16 } else { Precision::F32 };
+        let bf16 = name == "bf16-compute" || name.ends_with("+bf16");
+        let precision = if bf16 { Precision::Bf16 } else { Precision::F32 };
         let config = RuntimeConfig { threads, precision };
         let out = run_all_with(&q, &eval_data, usize::MAX, config).unwrap();
         let a = agreement(&names, &reference, &out).unwrap();
