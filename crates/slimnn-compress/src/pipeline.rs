@@ -87,7 +87,7 @@ pub fn quantize(
     }
     let mut report = Report::default();
     let base = Selection { exclude: recipe.exclude.clone(), skip: HashSet::new() };
-    let mut g = graph.clone();
+    let mut g = crate::targets::split_gemms(graph)?;
     if let Some(alpha) = recipe.smoothquant_alpha {
         let sq = SmoothQuant { alpha, selection: base.clone() };
         let stats = gather(&g, &sq, data, "smoothquant statistics", progress)?;

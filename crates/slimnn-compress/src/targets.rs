@@ -1,9 +1,10 @@
 //! Which nodes quantization rewrites: `MatMul`s with a constant 2-d f32 weight (and, when
-//! asked, matmuls of two activations), minus excluded names.
+//! asked, matmuls of two activations), minus excluded names. Weight `Gemm`s are first split
+//! into that form ([`split_gemms`]).
 
 use crate::{CompressError, Result};
-use slimnn_ir::ops::{Binary, BinaryOp};
-use slimnn_ir::{Graph, NodeId, Op, OutletId};
+use slimnn_ir::ops::{Binary, BinaryOp, Const, Gemm, MatMul};
+use slimnn_ir::{Graph, NodeId, Op, OutletId, Patch};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -95,6 +96,58 @@ pub fn find_targets(g: &Graph, exclude: &[String], skip: &HashSet<String>) -> Re
     Ok(out)
 }
 
+/// `Gemm(x, W, c)` with `alpha = beta = 1`, `x` not transposed, a constant 2-d f32 `W` and a
+/// constant per-column `c` (or none) becomes `MatMul(x, W or Wᵀ)` followed by `Add(c)`, the form
+/// every scheme quantizes (classifier heads and older exporters write Gemm). The MatMul keeps
+/// the Gemm's name, so `--exclude` patterns and reports name the same layer.
+pub fn split_gemms(g: &Graph) -> Result<Graph> {
+    let mut p = Patch::new();
+    for (id, n) in g.nodes().iter().enumerate() {
+        let Op::Gemm(Gemm { alpha, beta, trans_a: false, trans_b }) = n.op else { continue };
+        let Some(w) = n.inputs.get(1).and_then(|&w| g.fact(w).konst.clone()) else { continue };
+        let x = n.inputs[0];
+        if alpha != 1.0 || w.dtype() != DType::F32 || w.rank() != 2 || g.fact(x).dtype != DType::F32 {
+            continue;
+        }
+        let (k, cols) = if trans_b { (w.shape()[1], w.shape()[0]) } else { (w.shape()[0], w.shape()[1]) };
+        let bias = match n.inputs.get(2) {
+            None => None,
+            Some(&c) => match g.fact(c).konst.as_ref() {
+                Some(t)
+                    if beta == 1.0 && t.dtype() == DType::F32 && t.len() == cols && t.shape().last() == Some(&cols) =>
+                {
+                    Some(Tensor::from_vec(vec![cols], t.as_slice::<f32>()?.to_vec())?)
+                }
+                _ => continue,
+            },
+        };
+        let wkn = if trans_b {
+            let v = w.as_slice::<f32>()?;
+            let t: Vec<f32> = (0..k * cols).map(|i| v[(i % cols) * k + i / cols]).collect();
+            Tensor::from_vec(vec![k, cols], t)?
+        } else {
+            (*w).clone()
+        };
+        let wc = p.add_node(&format!("{}/weight", n.name), Const(Arc::new(wkn)), vec![]);
+        let mut y = p.add_node(&n.name, MatMul, vec![x.into(), Patch::wire(wc, 0)]);
+        if let Some(b) = bias {
+            let bc = p.add_node(&format!("{}/bias", n.name), Const(Arc::new(b)), vec![]);
+            y = p.add_node(
+                &format!("{}/bias_add", n.name),
+                Binary(BinaryOp::Add),
+                vec![Patch::wire(y, 0), Patch::wire(bc, 0)],
+            );
+        }
+        p.shunt(OutletId::new(id, 0), Patch::wire(y, 0));
+    }
+    let mut out = g.clone();
+    if !p.is_empty() {
+        out.apply(p)?;
+        out.compact()?;
+    }
+    Ok(out)
+}
+
 /// Matmuls of two non-constant f32 operands (attention scores and context).
 pub fn activation_matmuls(g: &Graph, exclude: &[String], skip: &HashSet<String>) -> Vec<NodeId> {
     g.nodes()
@@ -122,7 +175,32 @@ pub fn require_some(targets: &[Target], what: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::name_matches;
+    use super::*;
+    use slimnn_ir::Fact;
+
+    #[test]
+    fn gemms_split_into_matmul_and_bias() {
+        // y = x Wᵀ + c with W [3, 2] (trans_b), x [2, 2].
+        for trans_b in [false, true] {
+            let mut g = Graph::default();
+            let x = g.add_input("x", Fact::known(DType::F32, &[2, 2])).unwrap();
+            let w: Vec<f32> =
+                if trans_b { vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0] } else { vec![1.0, 3.0, 5.0, 2.0, 4.0, 6.0] };
+            let shape = if trans_b { vec![3, 2] } else { vec![2, 3] };
+            let w = g.add_const("w", Tensor::from_vec(shape, w).unwrap()).unwrap();
+            let c = g.add_const("c", Tensor::from_vec(vec![1, 3], vec![0.5f32, -1.0, 2.0]).unwrap()).unwrap();
+            let gemm = Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b };
+            let y = g.add_node("head/Gemm", gemm, vec![x, w, c]).unwrap()[0];
+            g.add_output("y", y);
+            let split = split_gemms(&g).unwrap();
+            assert_eq!(split.op_histogram().get("Gemm"), None);
+            let input = vec![("x".to_string(), Tensor::from_vec(vec![2, 2], vec![1.0f32, -1.0, 2.0, 0.5]).unwrap())];
+            assert_eq!(g.eval(input.clone()).unwrap(), split.eval(input).unwrap(), "trans_b {trans_b}");
+            let t = find_targets(&split, &[], &HashSet::new()).unwrap();
+            assert_eq!(t.len(), 1);
+            assert_eq!((t[0].name.as_str(), t[0].k, t[0].n, t[0].bias.is_some()), ("head/Gemm", 2, 3, true));
+        }
+    }
 
     #[test]
     fn patterns() {
