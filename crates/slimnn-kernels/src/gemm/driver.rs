@@ -89,7 +89,7 @@ fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
     let (k, k2) = (b.k(), b.slot_rows());
     let mut pairs = SCRATCH_A.with(Cell::take).unwrap_or_default();
     pairs.resize(m * k2);
-    bf16::convert_a(m, k, a, lda, pairs.as_mut_slice(), b.tier());
+    bf16::convert_a(m, k, a, lda, pairs.as_mut_slice(), b.tier(), par);
     let job = Job {
         m,
         k: k2,

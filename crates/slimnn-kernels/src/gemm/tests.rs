@@ -229,7 +229,7 @@ fn bf16_conversion_matches_scalar_rounding_bit_for_bit() {
         for tier in tiers() {
             let k2 = k.div_ceil(2);
             let mut got = vec![f32::NAN; m * k2];
-            bf16::convert_a(m, k, &a, k + 1, &mut got, tier);
+            bf16::convert_a(m, k, &a, k + 1, &mut got, tier, Par::Seq);
             for i in 0..m {
                 for p in 0..k2 {
                     let lo = a[i * (k + 1) + 2 * p];
@@ -247,7 +247,8 @@ fn bf16_gemm_matches_reference_on_rounded_inputs() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
     let mut seed = 5;
     // Odd k (a half-empty last pair), edge tiles in both directions, several K blocks.
-    for (m, k, n) in [(1, 1, 1), (7, 3, 5), (9, 31, 50), (77, 300, 211), (16, 1700, 96)] {
+    // m = 300 converts A in parallel blocks of rows.
+    for (m, k, n) in [(1, 1, 1), (7, 3, 5), (9, 31, 50), (77, 300, 211), (16, 1700, 96), (300, 41, 20)] {
         let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
         let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
