@@ -136,7 +136,8 @@ fn make_inputs(g: &Graph, model: &Path, cfg: &BenchConfig, batch: usize) -> Resu
         .collect()
 }
 
-/// FLOPs of the matrix products and convolutions of `g` specialised to `shapes`.
+/// Operations (2 per multiply-add, float or integer) of the matrix products and convolutions of
+/// `g` specialised to `shapes`.
 pub fn count_flops(g: &Graph, shapes: &[Vec<usize>]) -> Result<f64> {
     let s = g.specialized(shapes)?;
     let mut flops = 0f64;
@@ -144,14 +145,19 @@ pub fn count_flops(g: &Graph, shapes: &[Vec<usize>]) -> Result<f64> {
         let out: f64 = n.outputs[0].known_shape().map(|v| v.iter().product::<usize>() as f64).unwrap_or(0.0);
         let in_shape = |i: usize| s.fact(n.inputs[i]).known_shape().unwrap_or_default();
         flops += match &n.op {
-            Op::MatMul(_) => 2.0 * out * *in_shape(0).last().unwrap_or(&0) as f64,
+            // Integer and weight-only products count like float ones: 2 ops per multiply-add.
+            Op::MatMul(_)
+            | Op::MatMulInteger(_)
+            | Op::QLinearMatMul(_)
+            | Op::DynamicRowQuantMatMul(_)
+            | Op::MatMulNBits(_) => 2.0 * out * *in_shape(0).last().unwrap_or(&0) as f64,
             Op::Gemm(gm) => {
                 let a = in_shape(0);
                 let k = if gm.trans_a { a.first() } else { a.last() };
                 2.0 * out * *k.unwrap_or(&0) as f64
             }
-            Op::Conv(_) => {
-                let w = in_shape(1);
+            Op::Conv(_) | Op::ConvInteger(_) | Op::QLinearConv(_) => {
+                let w = in_shape(if matches!(n.op, Op::QLinearConv(_)) { 3 } else { 1 });
                 2.0 * out * w.iter().skip(1).product::<usize>() as f64
             }
             _ => 0.0,
