@@ -919,6 +919,46 @@ pub mod reference {
     }
 }
 
+/// Rounds every value to the nearest f16 (ties to even, f16 subnormals and overflow to
+/// infinity included) and back to f32, as a `Cast` to float16 and back does: the
+/// `GatherBlockQuantized` tables with f16 scales produce f16 rows.
+pub fn round_through_f16(v: &mut [f32]) {
+    round_through_f16_with(cpu::tier(), v)
+}
+
+/// [`round_through_f16`] with the kernels of `tier` (an unsupported tier runs the scalar code).
+pub fn round_through_f16_with(tier: CpuTier, v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if tier >= CpuTier::Avx512 && tier.is_supported() {
+        // SAFETY: AVX-512 F is present (the tier is supported).
+        return unsafe { x86_f16::round_avx512(v) };
+    }
+    let _ = tier;
+    for x in v {
+        *x = half::f16::from_f32(*x).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_f16 {
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512 F must be present.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn round_avx512(v: &mut [f32]) {
+        const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let mut chunks = v.chunks_exact_mut(16);
+        for c in &mut chunks {
+            let x = _mm512_loadu_ps(c.as_ptr());
+            _mm512_storeu_ps(c.as_mut_ptr(), _mm512_cvtph_ps(_mm512_cvtps_ph::<RNE>(x)));
+        }
+        for x in chunks.into_remainder() {
+            *x = half::f16::from_f32(*x).to_f32();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1214,6 +1254,26 @@ mod tests {
                     prop_assert!(g == w || (g.is_nan() && w.is_nan()), "{tier} {op:?}: {g} vs {w}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn f16_rounding_matches_the_scalar_conversion_bit_for_bit() {
+        // Ties, f16 subnormals, the overflow edge, zeros of both signs, NaN-free.
+        let mut v: Vec<f32> =
+            vec![0.0, -0.0, 1.0 + 1.0 / 2048.0, 1.0 + 3.0 / 2048.0, 65504.0, 65520.0, 7e4, 1e-6, -3e-8];
+        let mut seed = 3u64;
+        v.extend((0..1000).map(|i| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let m = ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            m * 10f32.powi(i % 12 - 7)
+        }));
+        let want: Vec<u32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32().to_bits()).collect();
+        for tier in cpu::supported_tiers() {
+            let mut got = v.clone();
+            round_through_f16_with(tier, &mut got);
+            let got: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, want, "{tier}");
         }
     }
 }

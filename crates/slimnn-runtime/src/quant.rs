@@ -383,20 +383,6 @@ impl QMatMul {
     }
 }
 
-/// `v` rounded to the nearest f16 value (ties to even), as f32; `v` is finite and within f16's
-/// normal range here (a small integer times an f16 scale), so this is exact bit arithmetic:
-/// drop the 13 extra mantissa bits with round-to-nearest-even.
-#[inline]
-fn round_to_f16(v: f32) -> f32 {
-    let a = v.abs();
-    if !(6.103_515_6e-5..65504.0).contains(&a) {
-        return slimnn_tensor::f16::from_f32(v).to_f32();
-    }
-    let b = v.to_bits();
-    let rounded = (b + 0x0fff + ((b >> 13) & 1)) & !0x1fff;
-    f32::from_bits(rounded)
-}
-
 impl GatherBlock {
     fn run(&self, ids: &Tensor, shape: Vec<usize>, mut out: Vec<f32>) -> Result<Vec<Tensor>> {
         let rows = self.data.shape()[0];
@@ -416,9 +402,9 @@ impl GatherBlock {
                 }));
             }
             self.op.dequantize_row(data, |i| self.scales[i], zeros, r as usize, row);
-            if self.through_f16 {
-                row.iter_mut().for_each(|v| *v = round_to_f16(*v));
-            }
+        }
+        if self.through_f16 {
+            slimnn_kernels::rows::round_through_f16(&mut out);
         }
         Ok(vec![Tensor::from_vec(shape, out)?])
     }
@@ -945,17 +931,6 @@ mod tests {
         assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+i32")), "{kernels:?}");
         assert!(kernels.contains(&"quantize_dynamic_u8".to_string()), "{kernels:?}");
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
-    }
-
-    #[test]
-    fn f16_rounding_matches_the_half_crate() {
-        let mut x = 1.234_567f32;
-        for _ in 0..20_000 {
-            x = (x * 1.000_37 + 1e-3) % 60_000.0;
-            for v in [x, -x, x * 1e-4, 3.0 * x.fract()] {
-                assert_eq!(super::round_to_f16(v), slimnn_tensor::f16::from_f32(v).to_f32(), "{v}");
-            }
-        }
     }
 
     #[test]
