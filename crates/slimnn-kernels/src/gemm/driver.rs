@@ -28,6 +28,39 @@ struct Job {
     store_only: bool,
 }
 
+impl Job {
+    /// A GEMM over `k` rows of B's slots (f32 values, or bf16 pairs with `a` converted to match).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        m: usize,
+        k: usize,
+        a: *const f32,
+        lda: usize,
+        b: &PackedB,
+        c: &mut [f32],
+        ldc: usize,
+        ep: &Epilogue<'_>,
+    ) -> Job {
+        Job {
+            m,
+            k,
+            n: b.n(),
+            a,
+            lda,
+            b: b.data().as_ptr(),
+            panel_stride: b.panel_stride(),
+            c: c.as_mut_ptr(),
+            ldc,
+            bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
+            act: ep.activation,
+            res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
+            res_ld: ep.residual.map_or(0, |r| r.ld),
+            accumulate: ep.accumulate,
+            store_only: ep.is_store_only(),
+        }
+    }
+}
+
 // SAFETY: a Job only hands out reads of A, B, bias and residual (never written during the
 // GEMM; their borrows outlive every task) and writes to C through tasks whose row/panel ranges
 // are disjoint (see `run_tasks`).
@@ -52,23 +85,7 @@ pub(super) fn run(
     if b.is_bf16() && k > 0 {
         return run_bf16(m, a, lda, b, c, ldc, ep, par);
     }
-    let job = Job {
-        m,
-        k,
-        n,
-        a: a.as_ptr(),
-        lda,
-        b: b.data().as_ptr(),
-        panel_stride: b.panel_stride(),
-        c: c.as_mut_ptr(),
-        ldc,
-        bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
-        act: ep.activation,
-        res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
-        res_ld: ep.residual.map_or(0, |r| r.ld),
-        accumulate: ep.accumulate,
-        store_only: ep.is_store_only(),
-    };
+    let job = Job::new(m, k, a.as_ptr(), lda, b, c, ldc, ep);
     match b.tier() {
         #[cfg(target_arch = "x86_64")]
         crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<super::kernels::Avx512>(&job, par),
@@ -90,23 +107,7 @@ fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
     let mut pairs = SCRATCH_A.with(Cell::take).unwrap_or_default();
     pairs.resize(m * k2);
     bf16::convert_a(m, k, a, lda, pairs.as_mut_slice(), b.tier(), par);
-    let job = Job {
-        m,
-        k: k2,
-        n: b.n(),
-        a: pairs.as_slice().as_ptr(),
-        lda: k2,
-        b: b.data().as_ptr(),
-        panel_stride: b.panel_stride(),
-        c: c.as_mut_ptr(),
-        ldc,
-        bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
-        act: ep.activation,
-        res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
-        res_ld: ep.residual.map_or(0, |r| r.ld),
-        accumulate: ep.accumulate,
-        store_only: ep.is_store_only(),
-    };
+    let job = Job::new(m, k2, pairs.as_slice().as_ptr(), k2, b, c, ldc, ep);
     match b.tier() {
         #[cfg(target_arch = "x86_64")]
         crate::CpuTier::Avx512 | crate::CpuTier::Amx if bf16::native_for(b.tier()) => {

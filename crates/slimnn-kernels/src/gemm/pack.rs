@@ -147,10 +147,7 @@ impl PackedB {
             return self.fill_bf16(k, n, |kk, j| b[kk * ldb + j]);
         }
         // Attention packs K and V per call: the vector path keeps that cheap.
-        let k2 = k.div_ceil(2);
-        self.layout(k2, n)?;
-        self.k = k;
-        self.bf16 = true;
+        let k2 = self.layout_bf16(k, n)?;
         let (nr, stride) = (self.nr, self.panel_stride);
         let dst = self.data.as_mut_slice();
         for (p, panel) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(n.div_ceil(nr)) {
@@ -175,10 +172,7 @@ impl PackedB {
 
     /// Packs `B[kk][j] = at(kk, j)` as bf16 pairs: panel row `p` holds rows `2p` and `2p + 1`.
     fn fill_bf16(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Result<(), KernelError> {
-        let k2 = k.div_ceil(2);
-        self.layout(k2, n)?;
-        self.k = k;
-        self.bf16 = true;
+        let k2 = self.layout_bf16(k, n)?;
         let (nr, stride) = (self.nr, self.panel_stride);
         let dst = self.data.as_mut_slice();
         for (p, panel) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(n.div_ceil(nr)) {
@@ -192,6 +186,15 @@ impl PackedB {
             }
         }
         Ok(())
+    }
+
+    /// Sizes the buffer for `k x n` bf16 values: `ceil(k/2)` rows of pair slots, returned.
+    fn layout_bf16(&mut self, k: usize, n: usize) -> Result<usize, KernelError> {
+        let k2 = k.div_ceil(2);
+        self.layout(k2, n)?;
+        self.k = k;
+        self.bf16 = true;
+        Ok(k2)
     }
 
     /// Sizes the buffer for `k x n` f32 slots.
