@@ -32,6 +32,10 @@ enum Command {
         /// Bind a symbolic dim for --optimized, as NAME=VALUE (default batch=1, others 128).
         #[arg(long = "dim", value_name = "NAME=VALUE")]
         dims: Vec<String>,
+        /// The arithmetic --optimized plans for (bf16 shows `gemm_bf16` steps where the CPU
+        /// has AVX-512 BF16).
+        #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+        precision: PrecisionArg,
     },
     /// Run a model on .npy inputs and write one .npy per output.
     Run {
@@ -385,7 +389,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => slimnn_serve::serve(&args),
-        Command::Inspect { model: path, json, optimized, dims } => inspect(&path, json, optimized, &dims),
+        Command::Inspect { model: path, json, optimized, dims, precision } => {
+            inspect(&path, json, optimized, &dims, precision.into())
+        }
         Command::Bench {
             model,
             batch,
@@ -633,10 +639,16 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn inspect(path: &Path, json: bool, optimized: bool, dims: &[String]) -> Result<()> {
+fn inspect(
+    path: &Path,
+    json: bool,
+    optimized: bool,
+    dims: &[String],
+    precision: slimnn_runtime::Precision,
+) -> Result<()> {
     let g = model::load(path)?;
     let s = model::summarize(&g, path);
-    let opt = if optimized { Some(model::optimized_summary(&g, dims)?) } else { None };
+    let opt = if optimized { Some(model::optimized_summary(&g, dims, precision)?) } else { None };
     if json {
         let mut v = serde_json::to_value(&s)?;
         if let Some(o) = &opt {

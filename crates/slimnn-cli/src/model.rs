@@ -68,7 +68,7 @@ pub struct OptimizedSummary {
 
 /// Canonicalises and lowers `g` with symbolic dims bound by `dims` (`NAME=VALUE`; by default
 /// `batch` is 1 and every other symbol 128).
-pub fn optimized_summary(g: &Graph, dims: &[String]) -> Result<OptimizedSummary> {
+pub fn optimized_summary(g: &Graph, dims: &[String], precision: slimnn_runtime::Precision) -> Result<OptimizedSummary> {
     let mut bound = std::collections::HashMap::new();
     for d in dims {
         let (k, v) = d.split_once('=').with_context(|| format!("--dim '{d}' must be NAME=VALUE"))?;
@@ -90,7 +90,7 @@ pub fn optimized_summary(g: &Graph, dims: &[String]) -> Result<OptimizedSummary>
                 .collect()
         })
         .collect();
-    let rt = slimnn_runtime::Runnable::new(g.clone(), slimnn_runtime::RuntimeConfig::with_threads(1))?;
+    let rt = slimnn_runtime::Runnable::new(g.clone(), slimnn_runtime::RuntimeConfig { threads: 1, precision })?;
     let plan = rt.plan_for(&shapes)?.summary();
     Ok(OptimizedSummary { shapes, report: rt.report().clone(), plan })
 }
