@@ -67,9 +67,9 @@ pub(crate) fn pack_pair_row(tier: CpuTier, lo: &[f32], hi: Option<&[f32]>, out: 
 }
 
 /// Converts `m` rows of A (`k` values each, stride `lda`) to rows of `ceil(k/2)` bf16 pairs in
-/// `out` (stride `ceil(k/2)`), the odd tail paired with zero.
-/// With threads, rows go in blocks over the pool: at batch 32 the conversion is memory-bound
-/// and, done on one thread, ~10% of a 2-thread run.
+/// `out` (stride `ceil(k/2)`), the odd tail paired with zero. With threads, blocks of rows go
+/// over the pool: for large batches the conversion reads tens of MB, too much to leave to the
+/// calling thread alone.
 pub(crate) fn convert_a(m: usize, k: usize, a: &[f32], lda: usize, out: &mut [f32], tier: CpuTier, par: Par<'_>) {
     let k2 = k.div_ceil(2).max(1);
     let out = &mut out[..m * k2];
