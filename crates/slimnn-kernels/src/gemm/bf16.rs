@@ -44,7 +44,7 @@ pub fn round_bf16_bits(x: f32) -> u16 {
 
 /// The f32 value of bf16 bits.
 pub fn bf16_to_f32(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
+    half::bf16::from_bits(bits).to_f32()
 }
 
 /// Two bf16 values in one 32-bit slot, `lo` first in memory.
