@@ -240,9 +240,10 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
     if cfg.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
-    let work = std::env::temp_dir().join(format!("slimnn-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    let (graph, onnx_path) = onnx_model(model, &work)?;
+    // Removed on every exit path, errors included.
+    let scratch = tempfile::Builder::new().prefix("slimnn-bench-").tempdir()?;
+    let work = scratch.path();
+    let (graph, onnx_path) = onnx_model(model, work)?;
     let ort_path = cfg.ort_model.clone().unwrap_or(onnx_path);
     if !ort_path.is_file() {
         bail!("--ort-model {}: no such file", ort_path.display());
@@ -284,7 +285,7 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
                 }
             }
             let with_ort = cfg.vs_onnxruntime || cfg.ort_model.is_some();
-            let ort = if with_ort { Some(run_ort(&ort_path, &inputs, threads, cfg, &work)?) } else { None };
+            let ort = if with_ort { Some(run_ort(&ort_path, &inputs, threads, cfg, work)?) } else { None };
             let r = Record {
                 batch,
                 seq: inputs.iter().find(|(n, _)| n == "input_ids").and_then(|(_, t)| t.shape().get(1).copied()),
@@ -306,6 +307,5 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
             records.push(r);
         }
     }
-    let _ = std::fs::remove_dir_all(&work);
     Ok(records)
 }

@@ -68,7 +68,6 @@ fn exported_onnx_matches_onnxruntime() {
     let d = reference[0].max_abs_diff(ort_logits).unwrap();
     eprintln!("max abs logit diff slimnn reference evaluator vs ORT: {d:e}");
     assert!(d <= LOGIT_ATOL, "{d:e}");
-    let _ = std::fs::remove_dir_all(&work);
 }
 
 /// slimnn's Rust preprocessing against the Python one (Pillow), and slimnn's graph against the
@@ -118,7 +117,6 @@ fn agrees_with_the_python_reference() {
         let top = (0..z.len()).max_by(|&a, &b| z[a].total_cmp(&z[b])).unwrap();
         assert_eq!(top, class, "{stem}");
     }
-    let _ = std::fs::remove_dir_all(&work);
 }
 
 #[test]
@@ -214,7 +212,6 @@ fn classify_bad_input() {
     assert!(torch::load(&other).is_ok());
     let e = fails(&["classify", pth_s, photo_s, "--top", "0"]);
     assert!(e.contains("--top"), "{e}");
-    let _ = std::fs::remove_dir_all(&work);
 }
 
 #[test]
@@ -228,5 +225,4 @@ fn flat_grey_png_runs() {
     assert_eq!(r[0].len(), 1);
     let x = classify::image_batch(&[classify::load_image(&work.join("grey.png")).unwrap()], 224).unwrap();
     assert!(x.as_slice::<f32>().unwrap().iter().all(|&v| v == 0.0));
-    let _ = std::fs::remove_dir_all(&work);
 }

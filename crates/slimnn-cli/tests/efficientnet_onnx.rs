@@ -104,7 +104,6 @@ fn efficientnet_lite0_classifies_like_onnxruntime_and_round_trips() {
         assert!(d <= LOGIT_ATOL, "{stem}: max abs logit diff {d:e} > {LOGIT_ATOL:e}");
     }
     eprintln!("EfficientNet-Lite0 vs ONNX Runtime: max abs logit diff {worst:e}");
-    let _ = std::fs::remove_dir_all(&work);
 }
 
 #[test]
@@ -131,5 +130,4 @@ fn slimnn_inspect_reports_efficientnet_lite0() {
     for op in ["Conv", "BatchNormalization", "Clip", "Add", "GlobalAveragePool", "Gemm"] {
         assert!(text.lines().any(|l| l.split_whitespace().next() == Some(op)), "no {op} in the histogram:\n{text}");
     }
-    let _ = std::fs::remove_dir_all(&work);
 }

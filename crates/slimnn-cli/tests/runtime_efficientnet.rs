@@ -59,5 +59,4 @@ fn runtime_matches_reference_on_efficientnet_lite0() {
         let convs: usize = summary.kernels.iter().filter(|(k, _)| k.starts_with("conv")).map(|(_, n)| n).sum();
         assert_eq!(convs, 49, "{:#?}", summary.kernels);
     }
-    let _ = std::fs::remove_dir_all(&work);
 }

@@ -23,7 +23,10 @@ const ATOL: f64 = 2e-4;
 fn minilm_onnx() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
-        let dir = temp_dir("serve-model");
+        // Shared by every test here, so it lives in cargo's per-target scratch dir
+        // (overwritten each run) rather than in a directory removed on drop.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-model");
+        std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("model.onnx");
         let st = Command::new(SLIMNN).arg("convert").arg(asset("minilm")).arg("-o").arg(&out).status().unwrap();
         assert!(st.success(), "slimnn convert failed");

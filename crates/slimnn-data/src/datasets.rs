@@ -763,8 +763,8 @@ mod tests {
 
     #[test]
     fn idx_errors_name_the_file_and_the_problem() {
-        let dir = std::env::temp_dir().join(format!("slimnn-idx-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let write_gz = |name: &str, bytes: &[u8]| {
             use std::io::Write;
             let f = std::fs::File::create(dir.join(name)).unwrap();
@@ -774,29 +774,28 @@ mod tests {
         };
         // Labels magic in the images file.
         write_gz("train-images-idx3-ubyte.gz", &[0, 0, 8, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0]);
-        let e = load_fashion_mnist(&dir).unwrap_err().to_string();
+        let e = load_fashion_mnist(dir).unwrap_err().to_string();
         assert!(e.contains("train-images-idx3-ubyte.gz") && e.contains("magic"), "{e}");
         // Truncated data.
         let mut img = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28];
         img.extend(vec![0u8; 28 * 28 + 5]);
         write_gz("train-images-idx3-ubyte.gz", &img);
-        let e = load_fashion_mnist(&dir).unwrap_err().to_string();
+        let e = load_fashion_mnist(dir).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
         // Dims whose product overflows.
         write_gz(
             "train-images-idx3-ubyte.gz",
             &[0, 0, 8, 3, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255],
         );
-        let e = load_fashion_mnist(&dir).unwrap_err().to_string();
+        let e = load_fashion_mnist(dir).unwrap_err().to_string();
         assert!(e.contains("more than usize::MAX"), "{e}");
         // Not gzip at all.
         std::fs::write(dir.join("train-images-idx3-ubyte.gz"), b"plain").unwrap();
-        let e = load_fashion_mnist(&dir).unwrap_err().to_string();
+        let e = load_fashion_mnist(dir).unwrap_err().to_string();
         assert!(e.contains("gzip"), "{e}");
         // Missing file.
         let e = load_fashion_mnist(&dir.join("nowhere")).unwrap_err().to_string();
         assert!(e.contains("nowhere") && e.contains("fetch-assets"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

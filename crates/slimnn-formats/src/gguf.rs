@@ -515,9 +515,9 @@ mod tests {
     use slimnn_tensor::{bf16, f16};
 
     fn open_bytes(bytes: &[u8], name: &str) -> Result<GgufFile> {
-        let dir = std::env::temp_dir().join(format!("slimnn-gguf-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(format!("{name}.gguf"));
+        // The file stays mapped after the directory is removed (Linux unlink semantics).
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(format!("{name}.gguf"));
         std::fs::write(&p, bytes).unwrap();
         GgufFile::open(&p)
     }

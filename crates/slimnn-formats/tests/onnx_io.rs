@@ -18,11 +18,24 @@ use std::sync::Arc;
 
 // ---------------------------------------------------------------- helpers
 
-fn tmp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slimnn-onnx-io-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory removed when dropped; derefs to its path.
+struct TestDir(tempfile::TempDir);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn tmp_dir(tag: &str) -> TestDir {
+    TestDir(tempfile::Builder::new().prefix(&format!("slimnn-onnx-io-{tag}-")).tempdir().unwrap())
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -353,7 +366,6 @@ fn external_data_roundtrip() {
     // A model with external data cannot be read from bytes alone.
     let bytes = std::fs::read(&path).unwrap();
     assert!(onnx::from_bytes(&bytes, None).is_err());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 // ---------------------------------------------------------------- hostile input
@@ -384,7 +396,6 @@ fn truncated_and_random_bytes_are_errors() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = onnx::load(&p).unwrap_err().to_string();
     assert!(e.contains("t.onnx"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 proptest::proptest! {
@@ -716,7 +727,6 @@ fn external_data_is_confined_and_checked() {
         let e = try_load(external("w", &[2], "link.bin", 0, 8)).unwrap_err().to_string();
         assert!(e.contains("outside"), "{e}");
     }
-    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[test]
@@ -811,7 +821,6 @@ fn check_against_ort_with(
             .unwrap_or_else(|| panic!("{name}: shape {:?} vs {:?}", mine.shape(), theirs.shape()));
         assert!(d <= tol, "{name}: differs from ONNX Runtime by {d}");
     }
-    std::fs::remove_dir_all(&dir).unwrap();
     true
 }
 

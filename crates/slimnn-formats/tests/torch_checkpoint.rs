@@ -88,8 +88,8 @@ fn pickle_that_is_not_a_state_dict() {
 
 #[test]
 fn truncated_files_give_errors_not_panics() {
-    let dir = std::env::temp_dir().join(format!("slimnn-torch-trunc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     for name in ["state_dict_zip.pt", "state_dict_legacy.pt"] {
         let bytes = std::fs::read(fixture(name)).unwrap();
         for cut in (0..bytes.len()).step_by(7) {
@@ -109,7 +109,6 @@ fn truncated_files_give_errors_not_panics() {
     }
     let e = load_err(&dir.join("absent.pth"));
     assert!(e.contains("absent.pth"), "{e}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn asset(rel: &str) -> Option<PathBuf> {

@@ -273,8 +273,8 @@ mod tests {
 
     #[test]
     fn file_then_flags() {
-        let dir = std::env::temp_dir().join(format!("slimnn-serve-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let file = dir.join("serve.json");
         std::fs::write(
             &file,

@@ -154,8 +154,8 @@ mod tests {
 
     #[test]
     fn round_trip_and_bad_files() {
-        let dir = std::env::temp_dir().join(format!("slimnn-ckpt-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let mut params = Parameters::new();
         params
             .push("fc.weight", Tensor::from_vec(vec![2, 2], vec![1f32, -2.5, 3.25, f32::MIN_POSITIVE]).unwrap())
@@ -187,7 +187,7 @@ mod tests {
         assert_eq!(back, ckpt);
         assert_eq!(back.params.trainable_names(), vec!["fc.weight"]);
         // No temporary files left behind.
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 1);
 
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
@@ -197,6 +197,5 @@ mod tests {
         assert!(load_checkpoint(&path).unwrap_err().to_string().contains("not a safetensors checkpoint"));
         let e = load_checkpoint(&dir.join("missing.safetensors")).unwrap_err().to_string();
         assert!(e.contains("missing.safetensors"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,7 +10,7 @@ use slimnn_train::loss::{LossConfig, TEACHER_INPUT};
 use slimnn_train::optim::OptimizerConfig;
 use slimnn_train::schedule::ScheduleConfig;
 use slimnn_train::{lift_parameters, Dataset, Parameters, Recipe, TensorDataset, TrainGraph, Trainer, WithTeacher};
-use std::path::PathBuf;
+use std::path::Path;
 
 const FEATURES: usize = 4;
 const HIDDEN: usize = 8;
@@ -70,11 +70,24 @@ fn adamw() -> OptimizerConfig {
     OptimizerConfig::AdamW { lr: 0.02, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slimnn-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory removed when dropped; derefs to its path.
+struct TestDir(tempfile::TempDir);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn temp_dir(name: &str) -> TestDir {
+    TestDir(tempfile::Builder::new().prefix(&format!("slimnn-train-{name}-")).tempdir().unwrap())
 }
 
 #[test]
@@ -156,7 +169,6 @@ fn fit_learns_writes_outputs_and_keeps_frozen_parameters() {
         .map(|r| (0..CLASSES).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap())
         .collect();
     assert_eq!(argmax, batch.labels);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A run interrupted after `stop` updates and resumed from its checkpoint ends with the same
@@ -204,8 +216,6 @@ fn resume_matches(threads: usize, stop: u64) {
     assert_eq!(losses(&straight), losses(&resumed));
     let accuracies = |t: &Trainer| t.log().epochs.iter().map(|e| (e.test_accuracy, e.train_loss)).collect::<Vec<_>>();
     assert_eq!(accuracies(&straight), accuracies(&resumed));
-    std::fs::remove_dir_all(&dir).unwrap();
-    std::fs::remove_dir_all(&straight_dir).unwrap();
 }
 
 #[test]
@@ -259,7 +269,6 @@ fn resume_rejects_a_different_model_or_recipe() {
     };
     let e = Trainer::new(other_g, other_params, r).unwrap().resume(&ckpt).unwrap_err().to_string();
     assert!(e.contains("not this model's"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -59,9 +59,22 @@ pub fn ort_run(model: &Path, inputs: &[(String, Tensor)], work: &Path) -> Vec<(S
     res
 }
 
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("slimnn-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A scratch directory removed when dropped; derefs to its path.
+pub struct TestDir(tempfile::TempDir);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+pub fn temp_dir(tag: &str) -> TestDir {
+    TestDir(tempfile::Builder::new().prefix(&format!("slimnn-test-{tag}-")).tempdir().unwrap())
 }

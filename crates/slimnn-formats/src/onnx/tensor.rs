@@ -317,8 +317,8 @@ mod tests {
 
     #[test]
     fn external_paths_are_confined() {
-        let dir = std::env::temp_dir().join(format!("slimnn-onnx-ext-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("w.bin"), [0u8; 16]).unwrap();
         let ext = |loc: &str, off: &str, len: &str| {
             let mut p = proto(DataType::Float, &[2]);
@@ -335,6 +335,5 @@ mod tests {
         assert!(tensor_from_proto(&ext("../w.bin", "0", "8"), Some(&dir)).is_err());
         assert!(tensor_from_proto(&ext("/etc/passwd", "0", "8"), Some(&dir)).is_err());
         assert!(tensor_from_proto(&ext("w.bin", "0", "8"), None).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
