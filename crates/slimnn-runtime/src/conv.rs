@@ -425,51 +425,68 @@ fn im2col_into(g: &ConvGeom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// One channel of a depthwise convolution: `out = b + sum_taps w * x`, on the best tier.
+/// One channel of a depthwise convolution: `out = b + sum_taps w * x`, on the active tier.
 fn depthwise_plane(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, clamp: Option<(f32, f32)>, out: &mut [f32]) {
+    depthwise_plane_on(slimnn_kernels::cpu::tier(), g, x, w, b, clamp, out)
+}
+
+/// [`depthwise_plane`] on `tier`, which the host must support.
+fn depthwise_plane_on(
+    tier: slimnn_kernels::CpuTier,
+    g: &ConvGeom,
+    x: &[f32],
+    w: &[f32],
+    b: f32,
+    clamp: Option<(f32, f32)>,
+    out: &mut [f32],
+) {
     PADDED.with(|p| {
         let mut scratch = p.borrow_mut();
+        let pw = pad_plane(g, x, &mut scratch);
+        let rows = (g.oh - 1) * g.sh + g.kh;
+        // Each tap's weight and offset in the scratch, relative to the block's first output.
+        let taps: Vec<(f32, usize)> = (0..g.kh * g.kw)
+            .map(|t| {
+                let (ky, kx) = (t / g.kw, t % g.kw);
+                (w[t], ((kx % g.sw) * rows + ky) * pw + kx / g.sw)
+            })
+            .collect();
+        let d = DwPlane { scratch: &scratch, row_step: g.sh * pw, oh: g.oh, ow: g.ow, taps: &taps, b, clamp };
         #[cfg(target_arch = "x86_64")]
-        if slimnn_kernels::cpu::tier() >= slimnn_kernels::CpuTier::Avx2 {
-            // SAFETY: the active tier is only ever one the host supports, and every tier from
-            // AVX2 up includes AVX2 and FMA.
-            unsafe { depthwise_plane_avx2(g, x, w, b, clamp, out, &mut scratch) };
-            return;
+        {
+            use slimnn_kernels::CpuTier;
+            // SAFETY: callers pass supported tiers only; the scratch is padded for whole
+            // `LANES` blocks at every tap offset (`pad_plane`).
+            match tier {
+                CpuTier::Avx512 | CpuTier::Amx => return unsafe { dw_x86::avx512(&d, out) },
+                CpuTier::Avx2 => return unsafe { dw_x86::avx2(&d, out) },
+                CpuTier::Generic => {}
+            }
         }
-        depthwise_plane_body(g, x, w, b, clamp, out, &mut scratch)
+        let _ = tier;
+        dw_generic(&d, out)
     })
 }
 
-/// [`depthwise_plane_body`] compiled for AVX2 (its loops vectorise 8 wide).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_plane_avx2(
-    g: &ConvGeom,
-    x: &[f32],
-    w: &[f32],
+/// A padded input plane and what to compute from it.
+struct DwPlane<'a> {
+    scratch: &'a [f32],
+    /// Scratch offset between output rows (`sh * pw`).
+    row_step: usize,
+    oh: usize,
+    ow: usize,
+    /// (weight, offset from the block's first output) per tap.
+    taps: &'a [(f32, usize)],
     b: f32,
     clamp: Option<(f32, f32)>,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
-    depthwise_plane_body(g, x, w, b, clamp, out, scratch)
 }
 
 /// The input plane zero-padded and split into `sw` column phases (`phase q` holds padded
-/// columns `q, q + sw, ...`), so every tap reads a contiguous run of `ow` values.
-#[inline(always)]
-fn depthwise_plane_body(
-    g: &ConvGeom,
-    x: &[f32],
-    w: &[f32],
-    b: f32,
-    clamp: Option<(f32, f32)>,
-    out: &mut [f32],
-    scratch: &mut Vec<f32>,
-) {
+/// columns `q, q + sw, ...`), so every tap reads a contiguous run of `ow` values; returns the
+/// padded row length, wide enough for whole blocks of `LANES` outputs at every tap offset.
+fn pad_plane(g: &ConvGeom, x: &[f32], scratch: &mut Vec<f32>) -> usize {
     let rows = (g.oh - 1) * g.sh + g.kh;
     let cols = (g.ow - 1) * g.sw + g.kw;
-    // Wide enough for whole blocks of `LANES` outputs at every tap offset.
     // (+1: room for the stride-2 split's last pair.)
     let pw = cols.div_ceil(g.sw).max(g.ow.div_ceil(LANES) * LANES + (g.kw - 1) / g.sw) + 1;
     scratch.clear();
@@ -509,37 +526,133 @@ fn depthwise_plane_body(
             }
         }
     }
-    // Each tap's weight and offset in the scratch, relative to the block's first output.
-    let taps: Vec<(f32, usize)> = (0..g.kh * g.kw)
-        .map(|t| {
-            let (ky, kx) = (t / g.kw, t % g.kw);
-            (w[t], ((kx % g.sw) * rows + ky) * pw + kx / g.sw)
-        })
-        .collect();
-    // Blocks of LANES outputs accumulate over every tap in registers.
-    for oy in 0..g.oh {
-        let orow = &mut out[oy * g.ow..][..g.ow];
-        let row0 = &scratch[oy * g.sh * pw..];
-        for c0 in (0..g.ow).step_by(LANES) {
-            let mut acc = [b; LANES];
+    pw
+}
+
+/// The portable depthwise loop: blocks of `LANES` outputs accumulate over every tap. Also the
+/// reference the vector versions are tested against (same summation order per output).
+fn dw_generic(d: &DwPlane, out: &mut [f32]) {
+    for oy in 0..d.oh {
+        let orow = &mut out[oy * d.ow..][..d.ow];
+        let row0 = &d.scratch[oy * d.row_step..];
+        for c0 in (0..d.ow).step_by(LANES) {
+            let mut acc = [d.b; LANES];
             let block = &row0[c0..];
-            for &(wv, off) in &taps {
+            for &(wv, off) in d.taps {
                 let src: &[f32; LANES] = block[off..off + LANES].try_into().expect("LANES values");
                 for (a, &v) in acc.iter_mut().zip(src) {
-                    *a += wv * v;
+                    *a = wv.mul_add(v, *a);
                 }
             }
-            if let Some((lo, hi)) = clamp {
+            if let Some((lo, hi)) = d.clamp {
                 acc.iter_mut().for_each(|a| *a = a.max(lo).min(hi));
             }
-            let n = LANES.min(g.ow - c0);
+            let n = LANES.min(d.ow - c0);
             orow[c0..c0 + n].copy_from_slice(&acc[..n]);
         }
     }
 }
 
-/// Outputs per depthwise block (one AVX2 register).
-const LANES: usize = 8;
+/// Depthwise rows in vector registers: up to four blocks of one output row accumulate side by
+/// side (independent FMA chains), each tap's weight broadcast once per group.
+#[cfg(target_arch = "x86_64")]
+mod dw_x86 {
+    use super::DwPlane;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX-512 F on the host; `d.scratch` padded as `pad_plane` does.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn avx512(d: &DwPlane, out: &mut [f32]) {
+        let clamp = d.clamp.map(|(lo, hi)| (_mm512_set1_ps(lo), _mm512_set1_ps(hi)));
+        for oy in 0..d.oh {
+            let src = d.scratch.as_ptr().add(oy * d.row_step);
+            let dst = out.as_mut_ptr().add(oy * d.ow);
+            let mut c0 = 0;
+            while c0 < d.ow {
+                let left = d.ow - c0;
+                let mut acc = [_mm512_set1_ps(d.b); 4];
+                let blocks = left.div_ceil(16).min(4);
+                macro_rules! taps {
+                    ($n:literal) => {
+                        for &(wv, off) in d.taps {
+                            let w = _mm512_set1_ps(wv);
+                            let p = src.add(off + c0);
+                            for (j, a) in acc.iter_mut().enumerate().take($n) {
+                                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.add(16 * j)), *a);
+                            }
+                        }
+                    };
+                }
+                match blocks {
+                    4 => taps!(4),
+                    3 => taps!(3),
+                    2 => taps!(2),
+                    _ => taps!(1),
+                }
+                for (j, a) in acc.iter().enumerate().take(blocks) {
+                    // max(a, lo) then min: a NaN sum becomes lo, as the portable loop's f32::max does.
+                    let v = clamp.map_or(*a, |(lo, hi)| _mm512_min_ps(_mm512_max_ps(*a, lo), hi));
+                    let n = (left - 16 * j).min(16);
+                    let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+                    _mm512_mask_storeu_ps(dst.add(c0 + 16 * j), mask, v);
+                }
+                c0 += 16 * blocks;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA on the host; `d.scratch` padded as `pad_plane` does.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2(d: &DwPlane, out: &mut [f32]) {
+        let clamp = d.clamp.map(|(lo, hi)| (_mm256_set1_ps(lo), _mm256_set1_ps(hi)));
+        let mut tmp = [0f32; 8];
+        for oy in 0..d.oh {
+            let src = d.scratch.as_ptr().add(oy * d.row_step);
+            let dst = out.as_mut_ptr().add(oy * d.ow);
+            let mut c0 = 0;
+            while c0 < d.ow {
+                let left = d.ow - c0;
+                let mut acc = [_mm256_set1_ps(d.b); 4];
+                let blocks = left.div_ceil(8).min(4);
+                macro_rules! taps {
+                    ($n:literal) => {
+                        for &(wv, off) in d.taps {
+                            let w = _mm256_set1_ps(wv);
+                            let p = src.add(off + c0);
+                            for (j, a) in acc.iter_mut().enumerate().take($n) {
+                                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.add(8 * j)), *a);
+                            }
+                        }
+                    };
+                }
+                match blocks {
+                    4 => taps!(4),
+                    3 => taps!(3),
+                    2 => taps!(2),
+                    _ => taps!(1),
+                }
+                for (j, a) in acc.iter().enumerate().take(blocks) {
+                    // max(a, lo) then min: a NaN sum becomes lo, as the portable loop's f32::max does.
+                    let v = clamp.map_or(*a, |(lo, hi)| _mm256_min_ps(_mm256_max_ps(*a, lo), hi));
+                    let n = (left - 8 * j).min(8);
+                    if n == 8 {
+                        _mm256_storeu_ps(dst.add(c0 + 8 * j), v);
+                    } else {
+                        _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(c0 + 8 * j), n);
+                    }
+                }
+                c0 += 8 * blocks;
+            }
+        }
+    }
+}
+
+/// Outputs per depthwise block of the portable loop, and the padding granule (one AVX-512
+/// register).
+const LANES: usize = 16;
 
 /// Activation then residual, in place.
 fn finish(o: &mut [f32], act: Activation, residual: Option<&[f32]>) {
@@ -576,6 +689,7 @@ mod tests {
     use super::*;
     use slimnn_ir::ops::Conv;
     use slimnn_ir::OpDef;
+    use slimnn_kernels::CpuTier;
     use slimnn_tensor::Tensor;
 
     fn values(len: usize, seed: u64) -> Vec<f32> {
@@ -665,6 +779,46 @@ mod tests {
         check(1, 3, 9, 11, 3, 3, 2, [1, 1, 0, 1], 3, ConvMethod::Depthwise);
         check(1, 3, 8, 10, 3, 5, 2, [2, 1, 2, 2], 3, ConvMethod::Depthwise);
         check(1, 2, 7, 7, 2, 3, 3, [1; 4], 2, ConvMethod::Depthwise);
+    }
+
+    #[test]
+    fn depthwise_tiers_match_the_portable_loop_exactly() {
+        // (c, h, w, k, stride, pads): widths around the 16- and 64-output blocks, strides 1-3.
+        for (h, w, k, s, p) in [
+            (9, 7, 3, 1, 1),
+            (12, 17, 3, 2, 1),
+            (6, 33, 5, 1, 2),
+            (10, 64, 3, 1, 1),
+            (11, 71, 5, 2, 2),
+            (7, 130, 3, 3, 0),
+            (5, 80, 5, 1, 2),
+        ] {
+            let attrs = ConvAttrs { strides: vec![s, s], pads: vec![p; 4], group: 2, ..Default::default() };
+            let oh = (h + 2 * p - k) / s + 1;
+            let ow = (w + 2 * p - k) / s + 1;
+            let kern = ConvKernel::prepare(
+                &attrs,
+                &[1, 2, h, w],
+                &[2, 1, k, k],
+                &values(2 * k * k, 5),
+                Some(&[0.25, -0.5]),
+                &[1, 2, oh, ow],
+            )
+            .unwrap();
+            let mut x = values(h * w, 6);
+            x[h * w / 2] = f32::NAN;
+            let wc = &kern.weights[..k * k];
+            for clamp in [None, Some((0.0, 6.0))] {
+                let mut want = vec![0f32; oh * ow];
+                depthwise_plane_on(CpuTier::Generic, &kern.geom, &x, wc, 0.25, clamp, &mut want);
+                for tier in slimnn_kernels::cpu::supported_tiers() {
+                    let mut got = vec![f32::INFINITY; oh * ow];
+                    depthwise_plane_on(tier, &kern.geom, &x, wc, 0.25, clamp, &mut got);
+                    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{tier:?} {h}x{w} k{k} s{s} p{p} {clamp:?}");
+                }
+            }
+        }
     }
 
     #[test]

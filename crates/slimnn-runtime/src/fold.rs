@@ -1,8 +1,9 @@
 //! Load-time folds of constants: an inference BatchNormalization into the convolution that
-//! feeds it, and half-precision weights widened to f32 once instead of on every run.
+//! feeds it, half-precision weights widened to f32 once instead of on every run, and the
+//! dequantized weights of QDQ convolutions.
 
 use slimnn_ir::ops::{BatchNorm, Cast, Const, Conv};
-use slimnn_ir::{Graph, IrResult, Op, OutletId, Pass, Patch};
+use slimnn_ir::{Graph, IrResult, Op, OpDef, OutletId, Pass, Patch};
 use slimnn_tensor::{DType, Tensor};
 use std::sync::Arc;
 
@@ -102,6 +103,45 @@ impl Pass for FoldWeightCasts {
     }
 }
 
+/// `DequantizeLinear(w_q, scale, zero)` of constants read only as the weight or bias of `Conv`
+/// or `Gemm` (a QDQ export's convolutions and classifier) → the f32 constant, whatever its
+/// size. Without it every weight was dequantized per run on the reference evaluator and every
+/// convolution ran on run-time weights. QDQ `MatMul` weights stay as they are: the integer
+/// GEMM path matches them.
+pub struct FoldConvWeightDequantize;
+
+impl Pass for FoldConvWeightDequantize {
+    fn name(&self) -> &str {
+        "fold-conv-weight-dequantize"
+    }
+
+    fn next_patch(&self, g: &Graph) -> IrResult<Option<Patch>> {
+        let consumers = g.consumers();
+        let outputs: Vec<OutletId> = g.outputs().iter().map(|(_, o)| *o).collect();
+        let mut p = Patch::new();
+        for (id, node) in g.nodes().iter().enumerate() {
+            let Op::DequantizeLinear(dq) = &node.op else { continue };
+            let y = OutletId::new(id, 0);
+            if g.fact(y).konst.is_some() || outputs.contains(&y) {
+                continue;
+            }
+            let consts: Option<Vec<&Tensor>> = node.inputs.iter().map(|&o| g.fact(o).konst.as_deref()).collect();
+            let Some(consts) = consts else { continue };
+            let readers = consumers.get(&y).map_or(&[][..], Vec::as_slice);
+            let conv_param = |&(reader, slot): &(slimnn_ir::NodeId, usize)| {
+                matches!(g.node(reader).op, Op::Conv(_) | Op::Gemm(_)) && (slot == 1 || slot == 2)
+            };
+            if readers.is_empty() || !readers.iter().all(conv_param) {
+                continue;
+            }
+            let mut out = dq.eval(&consts)?;
+            let c = p.add_node(&node.name, Const(Arc::new(out.remove(0))), vec![]);
+            p.shunt(y, Patch::wire(c, 0));
+        }
+        Ok((!p.is_empty()).then_some(p))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +205,51 @@ mod tests {
         let r = PassRunner::new().with(FoldConvBatchNorm).run(&mut g).unwrap();
         assert!(r.applied.iter().all(|(_, n)| *n == 0), "{:?}", r.applied);
         assert_eq!(g.op_histogram().get("BatchNormalization"), Some(&1));
+    }
+
+    /// Input channels of the QDQ test conv: its weight passes inference-time folding's limit
+    /// (2^16 values), as real weights do.
+    const C_IN: usize = (1 << 15) + 1;
+
+    /// `Conv(x, DQ(w_i8, per-channel scale), DQ(b_i32))` (1x1, 2 output channels, `C_IN`
+    /// inputs); `matmul_reader` also reads the dequantized weight through a MatMul (the
+    /// integer GEMM path's pattern).
+    fn qdq_conv(matmul_reader: bool) -> Graph {
+        use slimnn_ir::ops::{DequantizeLinear, MatMul};
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[1, C_IN, 1, 1])).unwrap();
+        let wv: Vec<i8> = (0..2 * C_IN).map(|i| (i % 255) as i8).collect();
+        let wq = g.add_const("wq", Tensor::from_vec(vec![2, C_IN, 1, 1], wv).unwrap()).unwrap();
+        let ws = g.add_const("ws", t(&[2], vec![0.02, 0.5])).unwrap();
+        let w = g.add_node("w_dq", DequantizeLinear { axis: 0 }, vec![wq, ws]).unwrap()[0];
+        let bq = g.add_const("bq", Tensor::from_vec(vec![2], vec![30i32, -4]).unwrap()).unwrap();
+        let bs = g.add_const("bs", Tensor::scalar(0.25f32)).unwrap();
+        let b = g.add_node("b_dq", DequantizeLinear { axis: 1 }, vec![bq, bs]).unwrap()[0];
+        let y = g.add_node("conv", Conv { attrs: ConvAttrs::default() }, vec![x, w, b]).unwrap()[0];
+        g.add_output("out", y);
+        if matmul_reader {
+            let m = g.add_node("mm", MatMul, vec![x, w]).unwrap()[0];
+            g.add_output("mm_out", m);
+        }
+        g
+    }
+
+    #[test]
+    fn folds_dequantized_conv_weights_only() {
+        let mut g = qdq_conv(false);
+        let x: Vec<f32> = (0..C_IN).map(|i| ((i % 7) as f32 - 3.0) * 0.125).collect();
+        let run = |g: &Graph| g.eval(vec![("x".into(), t(&[1, C_IN, 1, 1], x.clone()))]).unwrap();
+        let before = run(&g);
+        let r = PassRunner::new().with(FoldConvWeightDequantize).run(&mut g).unwrap();
+        // The weight only: the bias is small enough for inference-time folding.
+        assert_eq!(r.applied, vec![("fold-conv-weight-dequantize".to_string(), 1)]);
+        assert_eq!(g.op_histogram().get("DequantizeLinear"), Some(&1));
+        assert!(g.fact(g.outputs()[0].1).konst.is_none());
+        assert_eq!(before, run(&g));
+
+        // A weight the integer GEMM path may match stays a DequantizeLinear.
+        let mut g = qdq_conv(true);
+        PassRunner::new().with(FoldConvWeightDequantize).run(&mut g).unwrap();
+        assert_eq!(g.op_histogram().get("DequantizeLinear"), Some(&2));
     }
 }

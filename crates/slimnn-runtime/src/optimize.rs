@@ -22,6 +22,7 @@ pub fn optimize(mut g: Graph) -> IrResult<(Graph, OptimizeReport)> {
         .with(IdentityElimination)
         .with(ConstantFolding)
         .with(crate::fold::FoldWeightCasts)
+        .with(crate::fold::FoldConvWeightDequantize)
         .with(FuseLayerNorm)
         .with(FuseGelu)
         .with(crate::fold::FoldConvBatchNorm)
