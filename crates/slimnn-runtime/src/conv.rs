@@ -346,6 +346,7 @@ impl ConvKernel {
     fn depthwise(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32], par: bool) {
         let g = self.geom;
         let (plane, oplane, taps) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        let layout = DwLayout::new(&g);
         let one = |c: usize, o: &mut [f32]| {
             let xc = &x[c * plane..(c + 1) * plane];
             let wc = &self.weights[c * taps..(c + 1) * taps];
@@ -356,7 +357,7 @@ impl ConvKernel {
                 Activation::Clip { min, max } => (Some((min, max)), Activation::None),
                 other => (None, other),
             };
-            depthwise_plane(&g, xc, wc, b, clamp, o);
+            depthwise_plane(&layout, xc, wc, b, clamp, o);
             let r = residual.map(|r| &r[c * oplane..(c + 1) * oplane]);
             finish(o, rest, r);
         };
@@ -371,8 +372,10 @@ impl ConvKernel {
 thread_local! {
     /// im2col columns, reused across calls on each thread.
     static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Depthwise padded planes, reused across channels on each thread.
-    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Depthwise padded planes, reused across channels on each thread, with the geometry of
+    /// the last plane padded: the same geometry writes the same interior, so its zero border
+    /// is still in place.
+    static PADDED: RefCell<(Vec<f32>, Option<ConvGeom>)> = const { RefCell::new((Vec::new(), None)) };
 }
 
 fn shape_error(msg: String) -> RuntimeError {
@@ -425,15 +428,42 @@ fn im2col_into(g: &ConvGeom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
+/// Where a depthwise convolution's padded plane and taps lie, the same for every channel.
+struct DwLayout {
+    geom: ConvGeom,
+    /// Padded rows per column phase.
+    rows: usize,
+    /// Padded row length: wide enough for whole blocks of `LANES` outputs at every tap offset.
+    pw: usize,
+    /// Each tap's offset in the scratch, relative to its output block's first value.
+    offsets: Vec<usize>,
+}
+
+impl DwLayout {
+    fn new(g: &ConvGeom) -> DwLayout {
+        let rows = (g.oh - 1) * g.sh + g.kh;
+        let cols = (g.ow - 1) * g.sw + g.kw;
+        // (+1: room for the stride-2 split's last pair.)
+        let pw = cols.div_ceil(g.sw).max(g.ow.div_ceil(LANES) * LANES + (g.kw - 1) / g.sw) + 1;
+        let offsets = (0..g.kh * g.kw)
+            .map(|t| {
+                let (ky, kx) = (t / g.kw, t % g.kw);
+                ((kx % g.sw) * rows + ky) * pw + kx / g.sw
+            })
+            .collect();
+        DwLayout { geom: *g, rows, pw, offsets }
+    }
+}
+
 /// One channel of a depthwise convolution: `out = b + sum_taps w * x`, on the active tier.
-fn depthwise_plane(g: &ConvGeom, x: &[f32], w: &[f32], b: f32, clamp: Option<(f32, f32)>, out: &mut [f32]) {
-    depthwise_plane_on(slimnn_kernels::cpu::tier(), g, x, w, b, clamp, out)
+fn depthwise_plane(l: &DwLayout, x: &[f32], w: &[f32], b: f32, clamp: Option<(f32, f32)>, out: &mut [f32]) {
+    depthwise_plane_on(slimnn_kernels::cpu::tier(), l, x, w, b, clamp, out)
 }
 
 /// [`depthwise_plane`] on `tier`, which the host must support.
 fn depthwise_plane_on(
     tier: slimnn_kernels::CpuTier,
-    g: &ConvGeom,
+    l: &DwLayout,
     x: &[f32],
     w: &[f32],
     b: f32,
@@ -441,22 +471,29 @@ fn depthwise_plane_on(
     out: &mut [f32],
 ) {
     PADDED.with(|p| {
-        let mut scratch = p.borrow_mut();
-        let pw = pad_plane(g, x, &mut scratch);
-        let rows = (g.oh - 1) * g.sh + g.kh;
-        // Each tap's weight and offset in the scratch, relative to the block's first output.
-        let taps: Vec<(f32, usize)> = (0..g.kh * g.kw)
-            .map(|t| {
-                let (ky, kx) = (t / g.kw, t % g.kw);
-                (w[t], ((kx % g.sw) * rows + ky) * pw + kx / g.sw)
-            })
-            .collect();
-        let d = DwPlane { scratch: &scratch, row_step: g.sh * pw, oh: g.oh, ow: g.ow, taps: &taps, b, clamp };
+        let (scratch, padded_for) = &mut *p.borrow_mut();
+        if *padded_for != Some(l.geom) {
+            scratch.clear();
+            scratch.resize(l.geom.sw * l.rows * l.pw, 0.0);
+            *padded_for = Some(l.geom);
+        }
+        pad_plane(l, x, scratch);
+        let g = &l.geom;
+        let d = DwPlane {
+            scratch,
+            row_step: g.sh * l.pw,
+            oh: g.oh,
+            ow: g.ow,
+            weights: &w[..l.offsets.len()],
+            offsets: &l.offsets,
+            b,
+            clamp,
+        };
         #[cfg(target_arch = "x86_64")]
         {
             use slimnn_kernels::CpuTier;
             // SAFETY: callers pass supported tiers only; the scratch is padded for whole
-            // `LANES` blocks at every tap offset (`pad_plane`).
+            // `LANES` blocks at every tap offset (`DwLayout`).
             match tier {
                 CpuTier::Avx512 | CpuTier::Amx => return unsafe { dw_x86::avx512(&d, out) },
                 CpuTier::Avx2 => return unsafe { dw_x86::avx2(&d, out) },
@@ -475,22 +512,19 @@ struct DwPlane<'a> {
     row_step: usize,
     oh: usize,
     ow: usize,
-    /// (weight, offset from the block's first output) per tap.
-    taps: &'a [(f32, usize)],
+    /// Tap weights and their offsets from the block's first output.
+    weights: &'a [f32],
+    offsets: &'a [usize],
     b: f32,
     clamp: Option<(f32, f32)>,
 }
 
-/// The input plane zero-padded and split into `sw` column phases (`phase q` holds padded
-/// columns `q, q + sw, ...`), so every tap reads a contiguous run of `ow` values; returns the
-/// padded row length, wide enough for whole blocks of `LANES` outputs at every tap offset.
-fn pad_plane(g: &ConvGeom, x: &[f32], scratch: &mut Vec<f32>) -> usize {
-    let rows = (g.oh - 1) * g.sh + g.kh;
+/// Copies the input plane into the interior of `scratch` (zero-padded to `l`'s layout, split
+/// into `sw` column phases: phase `q` holds padded columns `q, q + sw, ...`), so every tap
+/// reads a contiguous run of `ow` values. The border is left as it is (zero).
+fn pad_plane(l: &DwLayout, x: &[f32], scratch: &mut [f32]) {
+    let (g, rows, pw) = (&l.geom, l.rows, l.pw);
     let cols = (g.ow - 1) * g.sw + g.kw;
-    // (+1: room for the stride-2 split's last pair.)
-    let pw = cols.div_ceil(g.sw).max(g.ow.div_ceil(LANES) * LANES + (g.kw - 1) / g.sw) + 1;
-    scratch.clear();
-    scratch.resize(g.sw * rows * pw, 0.0);
     for r in 0..rows {
         let Some(iy) = r.checked_sub(g.pt).filter(|&iy| iy < g.h) else { continue };
         let xr = &x[iy * g.w..][..g.w];
@@ -526,7 +560,6 @@ fn pad_plane(g: &ConvGeom, x: &[f32], scratch: &mut Vec<f32>) -> usize {
             }
         }
     }
-    pw
 }
 
 /// The portable depthwise loop: blocks of `LANES` outputs accumulate over every tap. Also the
@@ -538,7 +571,7 @@ fn dw_generic(d: &DwPlane, out: &mut [f32]) {
         for c0 in (0..d.ow).step_by(LANES) {
             let mut acc = [d.b; LANES];
             let block = &row0[c0..];
-            for &(wv, off) in d.taps {
+            for (&wv, &off) in d.weights.iter().zip(d.offsets) {
                 let src: &[f32; LANES] = block[off..off + LANES].try_into().expect("LANES values");
                 for (a, &v) in acc.iter_mut().zip(src) {
                     *a = wv.mul_add(v, *a);
@@ -553,101 +586,119 @@ fn dw_generic(d: &DwPlane, out: &mut [f32]) {
     }
 }
 
-/// Depthwise rows in vector registers: up to four blocks of one output row accumulate side by
-/// side (independent FMA chains), each tap's weight broadcast once per group.
+/// Depthwise rows in vector registers: a group of `R` output rows x `NB` blocks of one
+/// vector accumulates over every tap, 6-8 independent FMA chains (with one row of a few
+/// blocks, the chains' latency bounded the loop), each tap's weight broadcast once per group.
 #[cfg(target_arch = "x86_64")]
 mod dw_x86 {
     use super::DwPlane;
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// AVX-512 F on the host; `d.scratch` padded as `pad_plane` does.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512(d: &DwPlane, out: &mut [f32]) {
-        let clamp = d.clamp.map(|(lo, hi)| (_mm512_set1_ps(lo), _mm512_set1_ps(hi)));
-        for oy in 0..d.oh {
-            let src = d.scratch.as_ptr().add(oy * d.row_step);
-            let dst = out.as_mut_ptr().add(oy * d.ow);
-            let mut c0 = 0;
-            while c0 < d.ow {
-                let left = d.ow - c0;
-                let mut acc = [_mm512_set1_ps(d.b); 4];
-                let blocks = left.div_ceil(16).min(4);
-                macro_rules! taps {
-                    ($n:literal) => {
-                        for &(wv, off) in d.taps {
-                            let w = _mm512_set1_ps(wv);
-                            let p = src.add(off + c0);
-                            for (j, a) in acc.iter_mut().enumerate().take($n) {
-                                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(p.add(16 * j)), *a);
+    /// Defines `$name`: the depthwise loop for one vector width.
+    macro_rules! dw_tier {
+        ($name:ident, $group:ident, $feat:literal, $v:ty, $lanes:literal, $set1:ident, $fmadd:ident,
+         $loadu:ident, $min:ident, $max:ident, $store_n:ident) => {
+            /// # Safety
+            /// The target features on the host; `d.scratch` padded as `DwLayout` says.
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name(d: &DwPlane, out: &mut [f32]) {
+                let blocks = d.ow.div_ceil($lanes);
+                let mut c0 = 0;
+                let mut left = blocks;
+                while left > 0 {
+                    let nb = left.min(4);
+                    match nb {
+                        4 => $group::<2, 4>(d, out, c0),
+                        3 => $group::<2, 3>(d, out, c0),
+                        2 => $group::<4, 2>(d, out, c0),
+                        _ => $group::<8, 1>(d, out, c0),
+                    }
+                    c0 += nb * $lanes;
+                    left -= nb;
+                }
+            }
+
+            /// Every output row of columns `c0 .. c0 + NB * lanes`, `R` rows at a time.
+            #[inline(always)]
+            unsafe fn $group<const R: usize, const NB: usize>(d: &DwPlane, out: &mut [f32], c0: usize) {
+                let clamp = d.clamp.map(|(lo, hi)| ($set1(lo), $set1(hi)));
+                let mut oy0 = 0;
+                while oy0 < d.oh {
+                    let rows = R.min(d.oh - oy0);
+                    // Rows past the last are computed again from the last row, not stored.
+                    let src: [*const f32; R] =
+                        std::array::from_fn(|r| d.scratch.as_ptr().add((oy0 + r.min(rows - 1)) * d.row_step + c0));
+                    let mut acc = [[$set1(d.b); NB]; R];
+                    for (&wv, &off) in d.weights.iter().zip(d.offsets) {
+                        let w = $set1(wv);
+                        for (r, row) in acc.iter_mut().enumerate() {
+                            let p = src[r].add(off);
+                            for (j, a) in row.iter_mut().enumerate() {
+                                *a = $fmadd(w, $loadu(p.add($lanes * j)), *a);
                             }
                         }
-                    };
+                    }
+                    for (r, row) in acc.iter().enumerate().take(rows) {
+                        let dst = out.as_mut_ptr().add((oy0 + r) * d.ow);
+                        for (j, a) in row.iter().enumerate() {
+                            let col = c0 + $lanes * j;
+                            if col >= d.ow {
+                                break;
+                            }
+                            // max(a, lo) then min: a NaN sum becomes lo, as the portable loop's f32::max does.
+                            let v = clamp.map_or(*a, |(lo, hi)| $min($max(*a, lo), hi));
+                            $store_n(dst.add(col), v, (d.ow - col).min($lanes));
+                        }
+                    }
+                    oy0 += R;
                 }
-                match blocks {
-                    4 => taps!(4),
-                    3 => taps!(3),
-                    2 => taps!(2),
-                    _ => taps!(1),
-                }
-                for (j, a) in acc.iter().enumerate().take(blocks) {
-                    // max(a, lo) then min: a NaN sum becomes lo, as the portable loop's f32::max does.
-                    let v = clamp.map_or(*a, |(lo, hi)| _mm512_min_ps(_mm512_max_ps(*a, lo), hi));
-                    let n = (left - 16 * j).min(16);
-                    let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
-                    _mm512_mask_storeu_ps(dst.add(c0 + 16 * j), mask, v);
-                }
-                c0 += 16 * blocks;
             }
+        };
+    }
+
+    #[inline(always)]
+    unsafe fn store_n_512(p: *mut f32, v: __m512, n: usize) {
+        let mask: __mmask16 = if n >= 16 { 0xffff } else { (1u16 << n) - 1 };
+        _mm512_mask_storeu_ps(p, mask, v);
+    }
+
+    #[inline(always)]
+    unsafe fn store_n_256(p: *mut f32, v: __m256, n: usize) {
+        if n >= 8 {
+            _mm256_storeu_ps(p, v);
+        } else {
+            let mut tmp = [0f32; 8];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), p, n);
         }
     }
 
-    /// # Safety
-    /// AVX2 and FMA on the host; `d.scratch` padded as `pad_plane` does.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2(d: &DwPlane, out: &mut [f32]) {
-        let clamp = d.clamp.map(|(lo, hi)| (_mm256_set1_ps(lo), _mm256_set1_ps(hi)));
-        let mut tmp = [0f32; 8];
-        for oy in 0..d.oh {
-            let src = d.scratch.as_ptr().add(oy * d.row_step);
-            let dst = out.as_mut_ptr().add(oy * d.ow);
-            let mut c0 = 0;
-            while c0 < d.ow {
-                let left = d.ow - c0;
-                let mut acc = [_mm256_set1_ps(d.b); 4];
-                let blocks = left.div_ceil(8).min(4);
-                macro_rules! taps {
-                    ($n:literal) => {
-                        for &(wv, off) in d.taps {
-                            let w = _mm256_set1_ps(wv);
-                            let p = src.add(off + c0);
-                            for (j, a) in acc.iter_mut().enumerate().take($n) {
-                                *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.add(8 * j)), *a);
-                            }
-                        }
-                    };
-                }
-                match blocks {
-                    4 => taps!(4),
-                    3 => taps!(3),
-                    2 => taps!(2),
-                    _ => taps!(1),
-                }
-                for (j, a) in acc.iter().enumerate().take(blocks) {
-                    // max(a, lo) then min: a NaN sum becomes lo, as the portable loop's f32::max does.
-                    let v = clamp.map_or(*a, |(lo, hi)| _mm256_min_ps(_mm256_max_ps(*a, lo), hi));
-                    let n = (left - 8 * j).min(8);
-                    if n == 8 {
-                        _mm256_storeu_ps(dst.add(c0 + 8 * j), v);
-                    } else {
-                        _mm256_storeu_ps(tmp.as_mut_ptr(), v);
-                        std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(c0 + 8 * j), n);
-                    }
-                }
-                c0 += 8 * blocks;
-            }
-        }
-    }
+    dw_tier!(
+        avx512,
+        group512,
+        "avx512f",
+        __m512,
+        16,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_loadu_ps,
+        _mm512_min_ps,
+        _mm512_max_ps,
+        store_n_512
+    );
+    dw_tier!(
+        avx2,
+        group256,
+        "avx2,fma",
+        __m256,
+        8,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_loadu_ps,
+        _mm256_min_ps,
+        _mm256_max_ps,
+        store_n_256
+    );
 }
 
 /// Outputs per depthwise block of the portable loop, and the padding granule (one AVX-512
@@ -810,10 +861,11 @@ mod tests {
             let wc = &kern.weights[..k * k];
             for clamp in [None, Some((0.0, 6.0))] {
                 let mut want = vec![0f32; oh * ow];
-                depthwise_plane_on(CpuTier::Generic, &kern.geom, &x, wc, 0.25, clamp, &mut want);
+                let layout = DwLayout::new(&kern.geom);
+                depthwise_plane_on(CpuTier::Generic, &layout, &x, wc, 0.25, clamp, &mut want);
                 for tier in slimnn_kernels::cpu::supported_tiers() {
                     let mut got = vec![f32::INFINITY; oh * ow];
-                    depthwise_plane_on(tier, &kern.geom, &x, wc, 0.25, clamp, &mut got);
+                    depthwise_plane_on(tier, &layout, &x, wc, 0.25, clamp, &mut got);
                     let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{tier:?} {h}x{w} k{k} s{s} p{p} {clamp:?}");
                 }
