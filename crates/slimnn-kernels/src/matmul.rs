@@ -121,6 +121,10 @@ impl BatchedMatMul {
                 return Err(KernelError::shape(KERNEL, format!("{name} has {got} values, {self:?} needs {want}")));
             }
         }
+        if ep.row_bias.is_some() {
+            // Batched rows are stacked or split; a per-row bias is the 2-d GEMM's alone.
+            return Err(KernelError::epilogue(KERNEL, "a row bias is not supported on batched products"));
+        }
         if ep.bias.is_some_and(|b| b.len() != n) {
             return Err(KernelError::epilogue(
                 KERNEL,

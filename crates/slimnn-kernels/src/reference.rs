@@ -30,6 +30,9 @@ pub fn sgemm(
             if let Some(bias) = epilogue.bias {
                 s += bias[j] as f64;
             }
+            if let Some(bias) = epilogue.row_bias {
+                s += bias[i] as f64;
+            }
             if epilogue.accumulate {
                 s += c[i * ldc + j] as f64;
             }

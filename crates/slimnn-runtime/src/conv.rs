@@ -325,16 +325,14 @@ impl ConvKernel {
         Ok(())
     }
 
-    /// `out = act(W · cols + bias) + residual`, the bias preloaded and accumulated into.
+    /// `out = act(W · cols + bias) + residual`, the bias (one per output channel, a row of
+    /// the product) added in the kernel's epilogue.
     fn gemm(&self, cols: &[f32], residual: Option<&[f32]>, out: &mut [f32], par: bool) -> Result<()> {
         let g = &self.geom;
         let (m, k, n) = (g.c_out, self.weights.len() / g.c_out, g.oh * g.ow);
         let mut ep = Epilogue::NONE.with_activation(self.activation);
         if let Some(b) = &self.bias {
-            for (row, &bv) in out.chunks_mut(n).zip(b.iter()) {
-                row.fill(bv);
-            }
-            ep = ep.accumulating();
+            ep = ep.with_row_bias(b);
         }
         if let Some(r) = residual {
             ep = ep.with_residual(r, n);
@@ -902,6 +900,54 @@ mod tests {
 #[cfg(test)]
 mod speed {
     use super::*;
+
+    #[test]
+    #[ignore]
+    fn pointwise_speed() {
+        // EfficientNet-lite0's 1x1 convolutions: (c_in, c_out, h).
+        for (ci, co, h) in [
+            (32, 16, 112),
+            (16, 96, 112),
+            (96, 24, 56),
+            (24, 144, 56),
+            (144, 24, 56),
+            (144, 40, 28),
+            (40, 240, 28),
+            (240, 40, 28),
+            (240, 80, 14),
+            (80, 480, 14),
+            (480, 80, 14),
+            (480, 112, 14),
+            (112, 672, 14),
+            (672, 112, 14),
+            (672, 192, 7),
+            (192, 1152, 7),
+            (1152, 192, 7),
+            (1152, 320, 7),
+            (320, 1280, 7),
+        ] {
+            let attrs = ConvAttrs::default();
+            let mut kern = ConvKernel::prepare(
+                &attrs,
+                &[1, ci, h, h],
+                &[co, ci, 1, 1],
+                &vec![0.1; co * ci],
+                Some(&vec![0.0; co]),
+                &[1, co, h, h],
+            )
+            .unwrap();
+            kern.activation = Activation::RELU6;
+            let x = vec![1.0f32; ci * h * h];
+            let mut out = vec![0.0; co * h * h];
+            let t = std::time::Instant::now();
+            for _ in 0..50 {
+                kern.run(&x, None, &mut out, false).unwrap();
+            }
+            let dt = t.elapsed().as_secs_f64() / 50.0;
+            let flops = 2.0 * (ci * co * h * h) as f64;
+            eprintln!("{ci}->{co} h{h}: {:.3} ms, {:.1} GFLOP/s", dt * 1e3, flops / dt / 1e9);
+        }
+    }
 
     #[test]
     #[ignore]

@@ -21,6 +21,7 @@ struct Job {
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
+    row_bias: *const f32,
     act: super::Activation,
     res: *const f32,
     res_ld: usize,
@@ -52,6 +53,7 @@ impl Job {
             c: c.as_mut_ptr(),
             ldc,
             bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
+            row_bias: ep.row_bias.map_or(std::ptr::null(), |s| s.as_ptr()),
             act: ep.activation,
             res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
             res_ld: ep.residual.map_or(0, |r| r.ld),
@@ -232,6 +234,7 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                         let width = cols.div_ceil(T::LANES) * T::LANES;
                         let ep = TileEpilogue {
                             bias: null_or(job.bias, col0),
+                            row_bias: null_or(job.row_bias, ir),
                             act: job.act,
                             res: null_or(job.res, ir * job.res_ld + col0),
                             res_ld: job.res_ld,
@@ -283,6 +286,7 @@ unsafe fn empty_k<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<us
         let null_or = |p: *const f32, off: usize| if p.is_null() { p } else { p.add(off) };
         let ep = TileEpilogue {
             bias: null_or(job.bias, col0),
+            row_bias: null_or(job.row_bias, rows.start),
             act: job.act,
             res: null_or(job.res, rows.start * job.res_ld + col0),
             res_ld: job.res_ld,

@@ -17,6 +17,8 @@ use crate::simd::Simd;
 pub(crate) struct TileEpilogue {
     /// Bias for the tile's first column, or null.
     pub bias: *const f32,
+    /// Row bias for the tile's first row, or null.
+    pub row_bias: *const f32,
     pub act: Activation,
     /// Residual at the tile's first element, or null.
     pub res: *const f32,
@@ -182,6 +184,9 @@ unsafe fn finish<S: Simd>(mut v: S, ep: &TileEpilogue, i: usize, j: usize) -> S 
     if !ep.bias.is_null() {
         v = v.add(S::load(ep.bias.add(j)));
     }
+    if !ep.row_bias.is_null() {
+        v = v.add(S::splat(*ep.row_bias.add(i)));
+    }
     v = match ep.act {
         Activation::None => v,
         Activation::Relu => act::<S, ACT_RELU>(v, 0.0, 0.0),
@@ -230,10 +235,20 @@ unsafe fn act<S: Simd, const A: u8>(x: S, lo: f32, hi: f32) -> S {
 }
 
 #[inline(always)]
-unsafe fn step<S: Simd, const A: u8>(c: *mut f32, bias: *const f32, res: *const f32, lo: f32, hi: f32) {
+unsafe fn step<S: Simd, const A: u8>(
+    c: *mut f32,
+    bias: *const f32,
+    row_bias: *const f32,
+    res: *const f32,
+    lo: f32,
+    hi: f32,
+) {
     let mut v = S::load(c);
     if !bias.is_null() {
         v = v.add(S::load(bias));
+    }
+    if !row_bias.is_null() {
+        v = v.add(S::splat(*row_bias));
     }
     v = act::<S, A>(v, lo, hi);
     if !res.is_null() {
@@ -256,14 +271,15 @@ unsafe fn rows_apply<S: Simd, const A: u8>(
     for r in 0..rows {
         let crow = c.add(r * ldc);
         let rrow = at(ep.res, r * ep.res_ld);
+        let rb = at(ep.row_bias, r);
         let mut j = 0;
         while j + S::LANES <= cols {
-            step::<S, A>(crow.add(j), at(ep.bias, j), at(rrow, j), lo, hi);
+            step::<S, A>(crow.add(j), at(ep.bias, j), rb, at(rrow, j), lo, hi);
             j += S::LANES;
         }
         // The tail goes through the one-lane instantiation of the same math.
         while j < cols {
-            step::<f32, A>(crow.add(j), at(ep.bias, j), at(rrow, j), lo, hi);
+            step::<f32, A>(crow.add(j), at(ep.bias, j), rb, at(rrow, j), lo, hi);
             j += 1;
         }
     }

@@ -56,7 +56,7 @@ pub struct Residual<'a> {
 
 /// What happens to each output element `s = sum_k A[i][k] * B[k][j]`:
 ///
-/// `C[i][j] = act(s + bias[j] + (accumulate ? C[i][j] : 0)) + residual[i][j]`
+/// `C[i][j] = act(s + bias[j] + row_bias[i] + (accumulate ? C[i][j] : 0)) + residual[i][j]`
 ///
 /// Absent parts drop out: the default epilogue is plain `C = A·B`. `accumulate` adds the old C
 /// before the activation, so a product split over K in several calls (activation only on the
@@ -65,6 +65,8 @@ pub struct Residual<'a> {
 pub struct Epilogue<'a> {
     /// One value per column of C (`n` values).
     pub bias: Option<&'a [f32]>,
+    /// One value per row of C (`m` values): a convolution's bias in the `W · columns` form.
+    pub row_bias: Option<&'a [f32]>,
     pub activation: Activation,
     pub residual: Option<Residual<'a>>,
     /// Add the GEMM into C instead of overwriting it.
@@ -74,10 +76,15 @@ pub struct Epilogue<'a> {
 impl<'a> Epilogue<'a> {
     /// Plain `C = A·B`.
     pub const NONE: Epilogue<'static> =
-        Epilogue { bias: None, activation: Activation::None, residual: None, accumulate: false };
+        Epilogue { bias: None, row_bias: None, activation: Activation::None, residual: None, accumulate: false };
 
     pub fn with_bias(mut self, bias: &'a [f32]) -> Self {
         self.bias = Some(bias);
+        self
+    }
+
+    pub fn with_row_bias(mut self, row_bias: &'a [f32]) -> Self {
+        self.row_bias = Some(row_bias);
         self
     }
 
@@ -98,7 +105,7 @@ impl<'a> Epilogue<'a> {
 
     /// True when the epilogue has nothing to do after the products are stored.
     fn is_store_only(&self) -> bool {
-        self.bias.is_none() && self.residual.is_none() && self.activation == Activation::None
+        self.bias.is_none() && self.row_bias.is_none() && self.residual.is_none() && self.activation == Activation::None
     }
 }
 

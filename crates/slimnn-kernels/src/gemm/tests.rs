@@ -39,6 +39,11 @@ fn epilogue_order_by_hand() {
         let ep = Epilogue::default().with_activation(Activation::RELU6);
         sgemm_tier(tier, 2, 2, 2, &a, 2, &b, 2, &mut c, 2, ep, Par::Seq).unwrap();
         assert_eq!(c, [6.0; 4], "{tier}");
+        // Row bias [-40, 10] with column bias [-20, 1]: [19-60, 22-39; 43-10, 50+11].
+        let row_bias = [-40.0, 10.0];
+        let ep = Epilogue::default().with_bias(&bias).with_row_bias(&row_bias);
+        sgemm_tier(tier, 2, 2, 2, &a, 2, &b, 2, &mut c, 2, ep, Par::Seq).unwrap();
+        assert_eq!(c, [-41.0, -17.0, 33.0, 61.0], "{tier}");
     }
 }
 
@@ -64,6 +69,10 @@ fn k_zero_gives_epilogue_of_zero() {
         let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::Relu);
         sgemm_tier(tier, 2, 0, 3, &[], 0, &[], 3, &mut c, 3, ep, Par::Seq).unwrap();
         assert_eq!(c, [1.0, 0.0, 3.0, 1.0, 0.0, 3.0], "{tier}");
+        let mut c = [7.0; 6];
+        let ep = Epilogue::default().with_row_bias(&[0.5, -1.0]);
+        sgemm_tier(tier, 2, 0, 3, &[], 0, &[], 3, &mut c, 3, ep, Par::Seq).unwrap();
+        assert_eq!(c, [0.5, 0.5, 0.5, -1.0, -1.0, -1.0], "{tier}");
         let mut c = [7.0; 6];
         sgemm_tier(tier, 2, 0, 3, &[], 0, &[], 3, &mut c, 3, Epilogue::NONE.accumulating(), Par::Seq).unwrap();
         assert_eq!(c, [7.0; 6], "{tier}");
@@ -97,6 +106,9 @@ fn rejects_bad_arguments() {
     let bias = [0.0; 3];
     let e = call(&a, 3, &mut c, 2, Epilogue::default().with_bias(&bias)).unwrap_err();
     assert!(matches!(e, KernelError::Epilogue { .. }), "{e}");
+    // row bias of the wrong length (m = 2)
+    let e = call(&a, 3, &mut c, 2, Epilogue::default().with_row_bias(&bias)).unwrap_err();
+    assert!(e.to_string().contains("row bias has 3 values"), "{e}");
     // residual too short
     let res = [0.0; 3];
     assert!(call(&a, 3, &mut c, 2, Epilogue::default().with_residual(&res, 2)).is_err());
@@ -143,7 +155,8 @@ fn threaded_matches_sequential_and_reference() {
     let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
     let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
     let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
-    let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::GeluErf);
+    let row_bias: Vec<f32> = (0..m).map(|_| lcg(&mut seed)).collect();
+    let ep = Epilogue::default().with_bias(&bias).with_row_bias(&row_bias).with_activation(Activation::GeluErf);
     let mut want = vec![0.0; m * n];
     reference::sgemm(m, k, n, &a, k, &b, n, &mut want, n, ep).unwrap();
     for tier in tiers() {
@@ -253,7 +266,12 @@ fn bf16_gemm_matches_reference_on_rounded_inputs() {
         let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
         let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
         let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
-        let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::GeluErf).with_residual(&res, n);
+        let row_bias: Vec<f32> = (0..m).map(|_| lcg(&mut seed)).collect();
+        let ep = Epilogue::default()
+            .with_bias(&bias)
+            .with_row_bias(&row_bias)
+            .with_activation(Activation::GeluErf)
+            .with_residual(&res, n);
         let mut want = vec![0.0; m * n];
         reference::sgemm(m, k, n, &round_bf16(&a), k, &round_bf16(&b), n, &mut want, n, ep).unwrap();
         let mut bt = vec![0.0; n * k];

@@ -48,6 +48,11 @@ pub(crate) fn check_gemm(
             return Err(KernelError::epilogue(KERNEL, format!("bias has {} values, expected n = {n}", bias.len())));
         }
     }
+    if let Some(bias) = ep.row_bias {
+        if bias.len() != m {
+            return Err(KernelError::epilogue(KERNEL, format!("row bias has {} values, expected m = {m}", bias.len())));
+        }
+    }
     if let Some(r) = ep.residual {
         matrix_extent("residual", r.data.len(), m, n, r.ld)
             .map_err(|e| KernelError::epilogue(KERNEL, e.to_string()))?;
