@@ -771,14 +771,81 @@ pub(super) fn convert(cx: &mut Cx) -> Result<Vec<OutletId>> {
             ins.extend(cx.opt(3));
             cx.add(op, ins)
         }
+        // ONNX Runtime's QOperator contrib ops, defined in float arithmetic: read as their QDQ
+        // form, which the runtime folds and fuses like any other.
+        "QLinearAdd" => {
+            let a_dq = dequantize_input(cx, "a_dq", 0, 1, 2, 1)?;
+            let b_dq = dequantize_input(cx, "b_dq", 3, 4, 5, 1)?;
+            let sum = cx.add_aux("sum", Binary(BinaryOp::Add), vec![a_dq, b_dq])?;
+            let zdt = cx.fact(cx.input(0)?).dtype;
+            quantize_output(cx, sum, 6, 7, zdt)
+        }
+        "QLinearGlobalAveragePool" => {
+            if cx.bool_attr("channels_last", false) {
+                return Err(cx.unsupported("channels_last = 1 (NHWC) is not supported"));
+            }
+            let x_dq = dequantize_input(cx, "x_dq", 0, 1, 2, 1)?;
+            let pooled = cx.add_aux("pool", GlobalPool { max: false }, vec![x_dq])?;
+            let zdt = cx.fact(cx.input(0)?).dtype;
+            quantize_output(cx, pooled, 3, 4, zdt)
+        }
+        "QGemm" => {
+            // (A, a_scale, a_zp, B, b_scale, b_zp[, C: i32 bias at scale a_scale * b_scale][, y_scale, y_zp]).
+            let trans_b = cx.bool_attr("transB", false);
+            let op = Gemm { alpha: a.f_or("alpha", 1.0), beta: 1.0, trans_a: cx.bool_attr("transA", false), trans_b };
+            let a_dq = dequantize_input(cx, "a_dq", 0, 1, 2, 1)?;
+            // A per-column B scale runs along N: B's axis 0 when transposed.
+            let b_dq = dequantize_input(cx, "b_dq", 3, 4, 5, if trans_b { 0 } else { 1 })?;
+            let mut ins = vec![a_dq, b_dq];
+            if let Some(c) = cx.opt(6) {
+                let scale = cx.add_aux("bias_scale", Binary(BinaryOp::Mul), vec![cx.input(1)?, cx.input(4)?])?;
+                let zero = cx.scalar_zero("bias_zero", DType::I32)?;
+                ins.push(cx.add_aux("bias_dq", DequantizeLinear { axis: 0 }, vec![c, scale, zero])?);
+            }
+            if cx.opt(7).is_none() {
+                return cx.add(op, ins);
+            }
+            let y = cx.add_aux("gemm", op, ins)?;
+            let zdt = cx.opt(8).map_or(DType::U8, |z| cx.fact(z).dtype);
+            quantize_output(cx, y, 7, 8, zdt)
+        }
         other => Err(cx.unsupported(format!("op {other} has no converter"))),
     }
 }
 
+/// `DequantizeLinear(input x, input scale, input zero point or 0 of x's type)` along `axis`.
+fn dequantize_input(cx: &mut Cx, suffix: &str, x: usize, scale: usize, zero: usize, axis: i64) -> Result<OutletId> {
+    let (xo, so) = (cx.input(x)?, cx.input(scale)?);
+    let zo = match cx.opt(zero) {
+        Some(z) => z,
+        None => {
+            let dt = cx.fact(xo).dtype;
+            cx.scalar_zero(&format!("{suffix}_zero"), dt)?
+        }
+    };
+    cx.add_aux(suffix, DequantizeLinear { axis }, vec![xo, so, zo])
+}
+
+/// The node's output: `QuantizeLinear(y, input scale, input zero point or 0 of `zdt`)`.
+fn quantize_output(cx: &mut Cx, y: OutletId, scale: usize, zero: usize, zdt: DType) -> Result<Vec<OutletId>> {
+    let so = cx.input(scale)?;
+    let zo = match cx.opt(zero) {
+        Some(z) => z,
+        None => cx.scalar_zero("y_zero", zdt)?,
+    };
+    cx.add(QuantizeLinear { axis: 1 }, vec![y, so, zo])
+}
+
 /// Whether a node is one of the non-default-domain ops the importer reads: `com.microsoft`
-/// `MatMulNBits` and `GatherBlockQuantized`, and slimnn's own `DynamicRowQuantMatMul` (whose function body is not needed).
+/// `MatMulNBits`, `GatherBlockQuantized` and the QOperator ops ONNX Runtime's quantizer writes
+/// around convolutions (`QLinearAdd`, `QLinearGlobalAveragePool`, `QGemm`), and slimnn's own
+/// `DynamicRowQuantMatMul` (whose function body is not needed).
 pub(super) fn is_microsoft_op(domain: Option<&str>, op_type: &str) -> bool {
-    (domain == Some("com.microsoft") && matches!(op_type, "MatMulNBits" | "GatherBlockQuantized"))
+    (domain == Some("com.microsoft")
+        && matches!(
+            op_type,
+            "MatMulNBits" | "GatherBlockQuantized" | "QLinearAdd" | "QLinearGlobalAveragePool" | "QGemm"
+        ))
         || (domain == Some(SLIMNN_DOMAIN) && op_type == "DynamicRowQuantMatMul")
 }
 
@@ -794,6 +861,15 @@ pub(super) fn microsoft_op_problem(op_type: &str, a: &Attrs, inputs: usize) -> O
     }
     if op_type == "DynamicRowQuantMatMul" {
         return (inputs != 3).then(|| format!("takes 3 inputs (x, w, w_scale), got {inputs}"));
+    }
+    let arity = match op_type {
+        "QLinearAdd" => Some((7, 8, "A, A_scale, A_zero_point, B, B_scale, B_zero_point, C_scale[, C_zero_point]")),
+        "QLinearGlobalAveragePool" => Some((4, 5, "X, x_scale, x_zero_point, y_scale[, y_zero_point]")),
+        "QGemm" => Some((6, 9, "A, a_scale, a_zero_point, B, b_scale, b_zero_point[, C, y_scale, y_zero_point]")),
+        _ => None,
+    };
+    if let Some((lo, hi, names)) = arity {
+        return (!(lo..=hi).contains(&inputs)).then(|| format!("takes {lo} to {hi} inputs ({names}), got {inputs}"));
     }
     if op_type != "MatMulNBits" {
         return Some(format!("{op_type} is not supported"));
