@@ -120,6 +120,71 @@ pub enum QuantKernel {
     /// f32 x weight-only (4- or 8-bit, block-quantized) GEMM: `MatMulNBits`; inputs `[a,
     /// residual?]`.
     WeightOnly(WeightOnlyMatMul),
+    /// `QLinearConv` on the convolution kernels, exactly; inputs `[x]`.
+    Conv(QLinearConvKernel),
+}
+
+/// `QLinearConv` in integer arithmetic carried by f32: the centred input `x - x_zero` and
+/// weights `w - w_zero` are small integers, so the f32 convolution's products and sums are
+/// exact while every partial sum stays below 2^24, which [`match_qlinear_conv`] proves from
+/// the weights (else the node stays on the reference evaluator). The requantization is the
+/// reference's (ONNX Runtime's): `round_even(f32(acc + bias) * (x_scale * w_scale[c] / y_scale))
+/// + y_zero`, the bias added in f64 so `f32(acc + bias)` is the one rounding of the exact sum.
+#[derive(Debug)]
+pub struct QLinearConvKernel {
+    /// Weights `w - w_zero` as f32, no bias.
+    conv: crate::conv::ConvKernel,
+    bias: Option<Arc<[i32]>>,
+    x_zero: i32,
+    /// One multiplier per output channel.
+    multipliers: Arc<[f32]>,
+    y_zero: i32,
+    y_dtype: DType,
+}
+
+impl QLinearConvKernel {
+    fn run(&self, x: &Tensor, shape: Vec<usize>, par: bool) -> Result<Vec<Tensor>> {
+        let z = self.x_zero as f32;
+        let xf: Vec<f32> = match x.dtype() {
+            DType::U8 => x.as_slice::<u8>()?.iter().map(|&v| v as f32 - z).collect(),
+            _ => x.as_slice::<i8>()?.iter().map(|&v| v as f32 - z).collect(),
+        };
+        let numel: usize = shape.iter().product();
+        let mut acc = vec![0f32; numel];
+        self.conv.run(&xf, None, &mut acc, par)?;
+        let m = self.multipliers.len();
+        let plane = numel / (shape.first().copied().unwrap_or(1) * m).max(1);
+        let (lo, hi) = if self.y_dtype == DType::U8 { (0.0, 255.0) } else { (-128.0, 127.0) };
+        let zy = self.y_zero as f32;
+        // Adding then subtracting 1.5 * 2^23 rounds to nearest even for |v| < 2^22 (in the
+        // default rounding mode) and vectorises, where round_ties_even is a libm call on
+        // baseline x86-64; values are clamped first (beyond the range, rounding is moot).
+        const MAGIC: f32 = 12_582_912.0;
+        let (vlo, vhi) = (lo - zy - 1.0, hi - zy + 1.0);
+        let mut q = vec![0f32; numel];
+        // One output channel's plane at a time: one multiplier and bias per loop.
+        for (ci, (o, a)) in q.chunks_mut(plane.max(1)).zip(acc.chunks(plane.max(1))).enumerate() {
+            let mult = self.multipliers[ci % m];
+            let b = self.bias.as_ref().map_or(0, |b| b[ci % m]);
+            let finish = |v: f32| {
+                let v = (v * mult).clamp(vlo, vhi);
+                ((v + MAGIC) - MAGIC + zy).clamp(lo, hi)
+            };
+            if (b as f32) as i64 == b as i64 {
+                // An f32 bias: one f32 addition rounds the exact sum once.
+                let bf = b as f32;
+                o.iter_mut().zip(a).for_each(|(o, &a)| *o = finish(a + bf));
+            } else {
+                let bd = b as f64;
+                o.iter_mut().zip(a).for_each(|(o, &a)| *o = finish((a as f64 + bd) as f32));
+            }
+        }
+        Ok(vec![if self.y_dtype == DType::U8 {
+            Tensor::from_vec(shape, q.iter().map(|&v| v as u8).collect::<Vec<_>>())?
+        } else {
+            Tensor::from_vec(shape, q.iter().map(|&v| v as i8).collect::<Vec<_>>())?
+        }])
+    }
 }
 
 #[derive(Debug)]
@@ -202,6 +267,7 @@ impl QuantKernel {
                 s
             }
             QuantKernel::GatherBlock(gb) => format!("gather_dequantize_int{}_b{}", gb.op.bits, gb.op.block_size),
+            QuantKernel::Conv(k) => format!("qlinear_{}", k.conv.name()),
             QuantKernel::RowQuant(q) => {
                 let mut s = format!("quantize_rows_u8+qgemm_u8i8_{}", q.packed.kernel());
                 if q.bias.is_some() {
@@ -273,6 +339,7 @@ impl QuantKernel {
             QuantKernel::MatMul(mm) => mm.run(ins, shape, out, par),
             QuantKernel::RowQuant(rq) => rq.run(ins, shape, out, par),
             QuantKernel::GatherBlock(gb) => gb.run(ins[0], shape, out),
+            QuantKernel::Conv(k) => k.run(ins[0], shape, par),
             QuantKernel::WeightOnly(w) => {
                 let a = ins[0].as_slice::<f32>()?;
                 let (k, n) = (w.packed.k(), w.packed.n());
@@ -511,6 +578,7 @@ pub(super) fn match_group(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Opt
         Op::MatMulInteger(_) => match_matmul_integer(c, id, packs),
         Op::MatMul(MatMul) if is_qdq_matmul(c, id) => match_qdq(c, id, packs),
         Op::QLinearMatMul(_) => match_qlinear(c, id, packs),
+        Op::QLinearConv(op) => match_qlinear_conv(c, id, &op.attrs),
         Op::MatMulNBits(op) => match_nbits(c, id, op, packs),
         Op::DynamicRowQuantMatMul(_) => match_row_quant(c, id, packs),
         Op::GatherBlockQuantized(op) => Ok(match_gather_block(c, id, *op)),
@@ -679,6 +747,90 @@ fn match_qlinear(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group
         requantize: Some(zy),
     };
     Ok(Some(group(c, vec![id], vec![a], mm, vec![])))
+}
+
+/// An 8-bit constant's values as i32 (u8 or i8).
+fn const_8bit(c: &Ctx, o: OutletId) -> Option<Vec<i32>> {
+    let t = c.konst(o)?;
+    match t.dtype() {
+        DType::U8 => Some(t.as_slice::<u8>().ok()?.iter().map(|&v| v as i32).collect()),
+        DType::I8 => Some(t.as_slice::<i8>().ok()?.iter().map(|&v| v as i32).collect()),
+        _ => None,
+    }
+}
+
+/// `QLinearConv(x, sx, zx, W const, sw, zw, sy, zy[, bias i32])` with constant parameters, on
+/// the f32 convolution kernels when its sums provably stay exact in f32.
+fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) -> Result<Option<Group>> {
+    let ins = &c.g.node(id).inputs;
+    let (x, y) = (ins[0], out0(id));
+    let (Some(xs), Some(ys)) = (c.shape(x), c.shape(y)) else { return Ok(None) };
+    let Some(w) = c.konst(ins[3]) else { return Ok(None) };
+    let (x_dt, y_dt) = (c.g.fact(x).dtype, c.g.fact(y).dtype);
+    if !matches!(x_dt, DType::U8 | DType::I8) || !matches!(y_dt, DType::U8 | DType::I8) || w.rank() != 4 {
+        return Ok(None);
+    }
+    let m = w.shape()[0];
+    let per_channel = |v: Vec<f64>| match v.len() {
+        1 => Some(vec![v[0]; m]),
+        n if n == m => Some(v),
+        _ => None,
+    };
+    let ws = c.konst(ins[4]).filter(|t| t.dtype() == DType::F32).and_then(|t| per_channel(t.to_f64_vec()));
+    let wz = const_8bit(c, ins[5]).and_then(|z| per_channel(z.into_iter().map(f64::from).collect()));
+    let (Some(sx), Some(zx), Some(ws), Some(wz), Some(sy), Some(zy)) = (
+        c.scalar(ins[1]),
+        const_8bit(c, ins[2]).filter(|z| z.len() == 1),
+        ws,
+        wz,
+        c.scalar(ins[6]),
+        const_8bit(c, ins[7]).filter(|z| z.len() == 1),
+    ) else {
+        return Ok(None);
+    };
+    let Some(wv) = const_8bit(c, ins[3]) else { return Ok(None) };
+    let bias = match ins.get(8) {
+        None => None,
+        Some(&b) => match c.konst(b) {
+            Some(t) if t.dtype() == DType::I32 && t.len() == m => Some(t.as_slice::<i32>()?.to_vec()),
+            _ => return Ok(None),
+        },
+    };
+    let (lo, hi) = if x_dt == DType::U8 { (0, 255) } else { (-128, 127) };
+    let x_max = (zx[0] - lo).max(hi - zx[0]) as f64;
+    let per = wv.len() / m.max(1);
+    let centred: Vec<f32> = wv.iter().enumerate().map(|(i, &v)| (v as f64 - wz[i / per]) as f32).collect();
+    let Some(conv) = crate::conv::ConvKernel::prepare(attrs, &xs, w.shape(), &centred, None, &ys) else {
+        return Ok(None);
+    };
+    // Exactness: |x - zx| <= x_max, so every partial sum is at most x_max * sum |w - zw|. The
+    // bias (quantizers saturate it near 2^31 on dead channels) is added in f64 afterwards.
+    let limit = (1u32 << 24) as f64;
+    let exact = (0..m).all(|ch| {
+        let l1: f64 = centred[ch * per..(ch + 1) * per].iter().map(|v| v.abs() as f64).sum();
+        x_max * l1 < limit
+    });
+    if !(exact && sy.is_finite() && sy > 0.0) {
+        return Ok(None);
+    }
+    // The reference's multiplier, operation for operation.
+    let multipliers: Vec<f32> = ws.iter().map(|&s| sx * s as f32 / sy).collect();
+    let kernel = QuantKernel::Conv(QLinearConvKernel {
+        conv,
+        bias: bias.map(Arc::from),
+        x_zero: zx[0],
+        multipliers: Arc::from(multipliers),
+        y_zero: zy[0],
+        y_dtype: y_dt,
+    });
+    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&[id]), note: String::new() };
+    Ok(Some(Group {
+        members: vec![id],
+        kernel: Kernel::Quant(Arc::new(kernel)),
+        inputs: vec![x],
+        fusion,
+        output_shape: None,
+    }))
 }
 
 fn match_matmul_integer(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
@@ -1024,6 +1176,79 @@ mod tests {
         let kernels = check(g, feeds, 0.0);
         assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+requantize")), "{kernels:?}");
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+
+    /// `QLinearConv(Quantize(x))` with per-channel weight scales and zero points and a bias
+    /// that has a quantizer-saturated channel; `x_i8` quantizes the input to i8.
+    #[allow(clippy::too_many_arguments)]
+    fn qlinear_conv_graph(
+        c: usize,
+        co: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        group: usize,
+        x_i8: bool,
+        w_max: i32,
+    ) -> Graph {
+        use slimnn_ir::ops::{ConvAttrs, QLinearConv};
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[2, c, 9, 11])).unwrap();
+        let s = g.add_const("s", Tensor::scalar(0.02f32)).unwrap();
+        let z = match x_i8 {
+            true => g.add_const("z", Tensor::scalar(-7i8)).unwrap(),
+            false => g.add_const("z", Tensor::scalar(121u8)).unwrap(),
+        };
+        let xq = g.add_node("q", QuantizeLinear { axis: 1 }, vec![x, s, z]).unwrap()[0];
+        let per = c / group * k * k;
+        let wv: Vec<u8> = (0..co * per).map(|i| ((i * 37 + 11) % (2 * w_max as usize + 1)) as u8).collect();
+        let wq = g.add_const("wq", Tensor::from_vec(vec![co, c / group, k, k], wv).unwrap()).unwrap();
+        let ws = g
+            .add_const(
+                "ws",
+                Tensor::from_vec(vec![co], values(co, 3).iter().map(|v| 0.01 + v.abs() * 0.01).collect::<Vec<f32>>())
+                    .unwrap(),
+            )
+            .unwrap();
+        let wz = g
+            .add_const(
+                "wz",
+                Tensor::from_vec(vec![co], (0..co).map(|i| (w_max - 3 + (i % 7) as i32) as u8).collect::<Vec<u8>>())
+                    .unwrap(),
+            )
+            .unwrap();
+        let ys = g.add_const("ys", Tensor::scalar(0.3f32)).unwrap();
+        let yz = g.add_const("yz", Tensor::scalar(5u8)).unwrap();
+        let mut bias: Vec<i32> = (0..co as i32).map(|i| (i - 2) * 1000).collect();
+        bias[1] = i32::MAX - 3;
+        let b = g.add_const("b", Tensor::from_vec(vec![co], bias).unwrap()).unwrap();
+        let attrs = ConvAttrs { strides: vec![stride; 2], pads: vec![pad; 4], group, ..Default::default() };
+        let y = g.add_node("qconv", QLinearConv { attrs }, vec![xq, s, z, wq, ws, wz, ys, yz, b]).unwrap()[0];
+        g.add_output("y", y);
+        g
+    }
+
+    #[test]
+    fn qlinear_conv_runs_exactly_on_the_conv_kernels() {
+        // (c_in, c_out, k, stride, pad, group): pointwise, im2col, depthwise.
+        for (c, co, k, stride, pad, group) in
+            [(6, 5, 1, 1, 0, 1), (4, 6, 3, 2, 1, 1), (6, 6, 3, 1, 1, 6), (5, 5, 5, 2, 2, 5)]
+        {
+            for x_i8 in [false, true] {
+                let g = qlinear_conv_graph(c, co, k, stride, pad, group, x_i8, 100);
+                let feeds =
+                    vec![("x".to_string(), Tensor::from_vec(vec![2, c, 9, 11], values(2 * c * 99, 4)).unwrap())];
+                let kernels = check(g, feeds, 0.0);
+                assert!(kernels.iter().any(|n| n.starts_with("qlinear_conv")), "{kernels:?}");
+                assert!(!kernels.iter().any(|n| n.starts_with("ref:QLinearConv")), "{kernels:?}");
+            }
+        }
+        // 2400 inputs x |w - zw| ~65 on average x |x - zx| up to 134 may pass 2^24: the
+        // reference keeps it.
+        let g = qlinear_conv_graph(2400, 2, 1, 1, 0, 1, false, 127);
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 2400, 9, 11], values(2 * 2400 * 99, 5)).unwrap())];
+        let kernels = check(g, feeds, 0.0);
+        assert!(kernels.iter().any(|n| n == "ref:QLinearConv"), "{kernels:?}");
     }
 
     #[test]
