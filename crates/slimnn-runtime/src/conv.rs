@@ -310,7 +310,7 @@ impl ConvKernel {
         if residual.is_some_and(|r| r.len() != out.len()) || residual.is_some() != self.residual {
             return Err(shape_error("conv: residual does not match the output".into()));
         }
-        for (i, (xi, oi)) in x.chunks(in_len).zip(out.chunks_mut(out_len)).enumerate() {
+        let one = |i: usize, xi: &[f32], oi: &mut [f32], par: bool| -> Result<()> {
             let ri = residual.map(|r| &r[i * out_len..(i + 1) * out_len]);
             match self.method {
                 ConvMethod::Pointwise => self.gemm(xi, ri, oi, par)?,
@@ -321,8 +321,18 @@ impl ConvKernel {
                 })?,
                 ConvMethod::Depthwise => self.depthwise(xi, ri, oi, par),
             }
+            Ok(())
+        };
+        if par && x.len() / in_len > 1 {
+            // A batch: one image per task, each sequential (splitting one image's small
+            // products between threads scaled poorly).
+            x.par_chunks(in_len)
+                .zip(out.par_chunks_mut(out_len))
+                .enumerate()
+                .try_for_each(|(i, (xi, oi))| one(i, xi, oi, false))
+        } else {
+            x.chunks(in_len).zip(out.chunks_mut(out_len)).enumerate().try_for_each(|(i, (xi, oi))| one(i, xi, oi, par))
         }
-        Ok(())
     }
 
     /// `out = act(W · cols + bias) + residual`, the bias (one per output channel, a row of

@@ -144,31 +144,101 @@ pub struct QLinearConvKernel {
 
 impl QLinearConvKernel {
     fn run(&self, x: &Tensor, shape: Vec<usize>, par: bool) -> Result<Vec<Tensor>> {
-        let z = self.x_zero as f32;
-        let xf: Vec<f32> = match x.dtype() {
-            DType::U8 => x.as_slice::<u8>()?.iter().map(|&v| v as f32 - z).collect(),
-            _ => x.as_slice::<i8>()?.iter().map(|&v| v as f32 - z).collect(),
+        let images = shape.first().copied().unwrap_or(1).max(1);
+        let (in_len, out_len) = (x.len() / images, shape.iter().product::<usize>() / images);
+        let mut y = vec![0u8; images * out_len];
+        let one = |i: usize, yi: &mut [u8], par: bool| -> Result<()> {
+            QCONV_SCRATCH.with(|s| {
+                // A task stolen while this thread waits inside `conv.run` finds the scratch
+                // taken: it gets its own.
+                let mut own = (Vec::new(), Vec::new());
+                let mut held = s.try_borrow_mut();
+                let (xf, acc) = match held.as_mut() {
+                    Ok(b) => &mut **b,
+                    Err(_) => &mut own,
+                };
+                xf.resize(in_len, 0.0);
+                acc.resize(out_len, 0.0);
+                let wide = slimnn_kernels::cpu::tier() >= slimnn_kernels::CpuTier::Avx2;
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: every tier from AVX2 up has AVX2 and FMA.
+                    unsafe { self.centre_avx2(x, i * in_len, xf)? };
+                } else {
+                    self.centre(x, i * in_len, xf)?;
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                self.centre(x, i * in_len, xf)?;
+                self.conv.run(xf, None, acc, par)?;
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: as above.
+                    unsafe { self.requantize_avx2(acc, yi) };
+                    return Ok(());
+                }
+                self.requantize(acc, yi);
+                Ok(())
+            })
         };
-        let numel: usize = shape.iter().product();
-        let mut acc = vec![0f32; numel];
-        self.conv.run(&xf, None, &mut acc, par)?;
+        if par && images > 1 {
+            y.par_chunks_mut(out_len).enumerate().try_for_each(|(i, yi)| one(i, yi, false))?;
+        } else {
+            y.chunks_mut(out_len).enumerate().try_for_each(|(i, yi)| one(i, yi, par))?;
+        }
+        let t = match self.y_dtype {
+            DType::U8 => Tensor::from_vec(shape, y)?,
+            _ => Tensor::from_vec(shape, y.into_iter().map(|v| v as i8).collect::<Vec<_>>())?,
+        };
+        Ok(vec![t])
+    }
+
+    /// `x[from..] - x_zero` as f32 into `xf` (its length).
+    #[inline(always)]
+    fn centre(&self, x: &Tensor, from: usize, xf: &mut [f32]) -> Result<()> {
+        let z = self.x_zero as f32;
+        match x.dtype() {
+            DType::U8 => xf.iter_mut().zip(&x.as_slice::<u8>()?[from..]).for_each(|(o, &v)| *o = v as f32 - z),
+            _ => xf.iter_mut().zip(&x.as_slice::<i8>()?[from..]).for_each(|(o, &v)| *o = v as f32 - z),
+        }
+        Ok(())
+    }
+
+    /// [`Self::centre`] compiled for AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn centre_avx2(&self, x: &Tensor, from: usize, xf: &mut [f32]) -> Result<()> {
+        self.centre(x, from, xf)
+    }
+
+    /// [`Self::requantize`] compiled for AVX2 (the same operations, so the same results).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn requantize_avx2(&self, acc: &[f32], y: &mut [u8]) {
+        self.requantize(acc, y)
+    }
+
+    /// One image's sums to 8-bit outputs (i8 ones as their bit patterns).
+    #[inline(always)]
+    fn requantize(&self, acc: &[f32], y: &mut [u8]) {
         let m = self.multipliers.len();
-        let plane = numel / (shape.first().copied().unwrap_or(1) * m).max(1);
-        let (lo, hi) = if self.y_dtype == DType::U8 { (0.0, 255.0) } else { (-128.0, 127.0) };
-        let zy = self.y_zero as f32;
-        // Adding then subtracting 1.5 * 2^23 rounds to nearest even for |v| < 2^22 (in the
-        // default rounding mode) and vectorises, where round_ties_even is a libm call on
-        // baseline x86-64; values are clamped first (beyond the range, rounding is moot).
+        let plane = (acc.len() / m).max(1);
+        let (lo, hi) = if self.y_dtype == DType::U8 { (0, 255) } else { (-128, 127) };
+        let zy = self.y_zero;
+        // Adding 1.5 * 2^23 rounds to an integer, to nearest even, for |v| < 2^22 (in the
+        // default rounding mode), and leaves it in the low mantissa bits: integer arithmetic
+        // from there on, all of it vectorised (round_ties_even is a libm call on baseline
+        // x86-64, and `as` casts check for NaN one value at a time). Values are clamped
+        // first; beyond the output range rounding is moot. The sums are finite integers.
         const MAGIC: f32 = 12_582_912.0;
-        let (vlo, vhi) = (lo - zy - 1.0, hi - zy + 1.0);
-        let mut q = vec![0f32; numel];
+        let magic_bits = MAGIC.to_bits() as i32;
+        let (vlo, vhi) = ((lo - zy - 1) as f32, (hi - zy + 1) as f32);
         // One output channel's plane at a time: one multiplier and bias per loop.
-        for (ci, (o, a)) in q.chunks_mut(plane.max(1)).zip(acc.chunks(plane.max(1))).enumerate() {
+        for (ci, (o, a)) in y.chunks_mut(plane).zip(acc.chunks(plane)).enumerate() {
             let mult = self.multipliers[ci % m];
             let b = self.bias.as_ref().map_or(0, |b| b[ci % m]);
             let finish = |v: f32| {
-                let v = (v * mult).clamp(vlo, vhi);
-                ((v + MAGIC) - MAGIC + zy).clamp(lo, hi)
+                let r = (v * mult).clamp(vlo, vhi) + MAGIC;
+                ((r.to_bits() as i32 - magic_bits) + zy).clamp(lo, hi) as u8
             };
             if (b as f32) as i64 == b as i64 {
                 // An f32 bias: one f32 addition rounds the exact sum once.
@@ -179,12 +249,12 @@ impl QLinearConvKernel {
                 o.iter_mut().zip(a).for_each(|(o, &a)| *o = finish((a as f64 + bd) as f32));
             }
         }
-        Ok(vec![if self.y_dtype == DType::U8 {
-            Tensor::from_vec(shape, q.iter().map(|&v| v as u8).collect::<Vec<_>>())?
-        } else {
-            Tensor::from_vec(shape, q.iter().map(|&v| v as i8).collect::<Vec<_>>())?
-        }])
     }
+}
+
+thread_local! {
+    /// A `QLinearConv` image's centred f32 input and its sums, reused across calls.
+    static QCONV_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[derive(Debug)]
