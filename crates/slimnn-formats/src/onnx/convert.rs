@@ -1118,6 +1118,24 @@ mod tests {
     }
 
     #[test]
+    fn microsoft_qoperator_ops_are_read_with_their_arity_checked() {
+        let none = Attrs { list: &[] };
+        for op in ["QLinearAdd", "QLinearGlobalAveragePool", "QGemm"] {
+            assert!(is_microsoft_op(Some("com.microsoft"), op), "{op}");
+            assert!(!is_microsoft_op(None, op), "{op}");
+        }
+        assert!(microsoft_op_problem("QLinearAdd", &none, 7).is_none());
+        assert!(microsoft_op_problem("QLinearAdd", &none, 8).is_none());
+        let msg = microsoft_op_problem("QLinearAdd", &none, 5).unwrap();
+        assert!(msg.contains("takes 7 to 8 inputs") && msg.contains("got 5"), "{msg}");
+        assert!(microsoft_op_problem("QLinearGlobalAveragePool", &none, 5).is_none());
+        assert!(microsoft_op_problem("QLinearGlobalAveragePool", &none, 3).is_some());
+        assert!(microsoft_op_problem("QGemm", &none, 6).is_none());
+        assert!(microsoft_op_problem("QGemm", &none, 9).is_none());
+        assert!(microsoft_op_problem("QGemm", &none, 10).is_some());
+    }
+
+    #[test]
     fn static_checks() {
         let none = Attrs { list: &[] };
         assert!(static_unsupported("MaxPool", 12, &none, &[true, false]).is_none());
