@@ -18,24 +18,9 @@ use std::sync::Arc;
 
 // ---------------------------------------------------------------- helpers
 
-/// A scratch directory removed when dropped; derefs to its path.
-struct TestDir(tempfile::TempDir);
-
-impl std::ops::Deref for TestDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl AsRef<Path> for TestDir {
-    fn as_ref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-fn tmp_dir(tag: &str) -> TestDir {
-    TestDir(tempfile::Builder::new().prefix(&format!("slimnn-onnx-io-{tag}-")).tempdir().unwrap())
+/// A scratch directory, removed when dropped.
+fn tmp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("slimnn-onnx-io-{tag}-")).tempdir().unwrap()
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -341,7 +326,8 @@ fn legacy_softmax_and_gelu_choose_their_forms() {
 
 #[test]
 fn external_data_roundtrip() {
-    let dir = tmp_dir("ext");
+    let dir_tmp = tmp_dir("ext");
+    let dir = dir_tmp.path();
     let mut g = Graph::default();
     let x = g.add_input("x", Fact::known(DType::F32, &[2, 64])).unwrap();
     let w = konst(&mut g, "w", randn(&[64, 32], 30));
@@ -391,7 +377,8 @@ fn truncated_and_random_bytes_are_errors() {
         assert!(onnx::from_bytes(&junk, None).is_err());
     }
     assert!(onnx::from_bytes(&[], None).is_err());
-    let dir = tmp_dir("trunc");
+    let dir_tmp = tmp_dir("trunc");
+    let dir = dir_tmp.path();
     let p = dir.join("t.onnx");
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = onnx::load(&p).unwrap_err().to_string();
@@ -696,7 +683,8 @@ fn external(name: &str, dims: &[i64], location: &str, offset: u64, length: u64) 
 
 #[test]
 fn external_data_is_confined_and_checked() {
-    let root = tmp_dir("extbad");
+    let root_tmp = tmp_dir("extbad");
+    let root = root_tmp.path();
     let dir = root.join("model");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(root.join("secret.bin"), [0u8; 64]).unwrap();
@@ -793,7 +781,8 @@ fn check_against_ort_with(
         eprintln!("SKIPPED: {} or {} missing; run scripts/setup-python.sh", python.display(), script.display());
         return false;
     }
-    let dir = tmp_dir(tag);
+    let dir_tmp = tmp_dir(tag);
+    let dir = dir_tmp.path();
     let model = dir.join("model.onnx");
     onnx::save_with(g, &model, opts).unwrap();
     assert_eq!(opset_of(&std::fs::read(&model).unwrap()), expect_opset);

@@ -10,7 +10,6 @@ use slimnn_train::loss::{LossConfig, TEACHER_INPUT};
 use slimnn_train::optim::OptimizerConfig;
 use slimnn_train::schedule::ScheduleConfig;
 use slimnn_train::{lift_parameters, Dataset, Parameters, Recipe, TensorDataset, TrainGraph, Trainer, WithTeacher};
-use std::path::Path;
 
 const FEATURES: usize = 4;
 const HIDDEN: usize = 8;
@@ -70,24 +69,9 @@ fn adamw() -> OptimizerConfig {
     OptimizerConfig::AdamW { lr: 0.02, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
 }
 
-/// A scratch directory removed when dropped; derefs to its path.
-struct TestDir(tempfile::TempDir);
-
-impl std::ops::Deref for TestDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl AsRef<Path> for TestDir {
-    fn as_ref(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-fn temp_dir(name: &str) -> TestDir {
-    TestDir(tempfile::Builder::new().prefix(&format!("slimnn-train-{name}-")).tempdir().unwrap())
+/// A scratch directory, removed when dropped.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("slimnn-train-{name}-")).tempdir().unwrap()
 }
 
 #[test]
@@ -131,9 +115,10 @@ fn fit_learns_writes_outputs_and_keeps_frozen_parameters() {
     let mut r = recipe(OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 1e-4 });
     r.epochs = 6;
     r.freeze = vec!["fc1.bias".into()];
-    let dir = temp_dir("fit");
+    let dir_tmp = temp_dir("fit");
+    let dir = dir_tmp.path();
     let mut trainer =
-        Trainer::new(g, params.clone(), r).unwrap().with_output_dir(&dir).unwrap().with_progress_bar(false);
+        Trainer::new(g, params.clone(), r).unwrap().with_output_dir(dir).unwrap().with_progress_bar(false);
     let before = trainer.evaluate(&test).unwrap();
     let report = trainer.fit(&train, &test).unwrap();
     assert_eq!(report.steps, 6 * 10);
@@ -149,7 +134,7 @@ fn fit_learns_writes_outputs_and_keeps_frozen_parameters() {
     assert_ne!(value(trainer.parameters(), "fc1.weight"), value(&params, "fc1.weight"));
     // Outputs: checkpoint, JSON log, SVG; no temporary files.
     let mut files: Vec<String> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     files.sort();
     assert_eq!(files, vec!["checkpoint.safetensors", "log.json", "loss.svg"]);
     let log: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("log.json")).unwrap()).unwrap();
@@ -180,18 +165,20 @@ fn resume_matches(threads: usize, stop: u64) {
     r.checkpoint_every = Some(4);
     let (g, params) = mlp(8);
 
-    let straight_dir = temp_dir(&format!("straight-{threads}"));
+    let straight_dir_tmp = temp_dir(&format!("straight-{threads}"));
+    let straight_dir = straight_dir_tmp.path();
     let mut straight = Trainer::new(g.clone(), params.clone(), r.clone())
         .unwrap()
-        .with_output_dir(&straight_dir)
+        .with_output_dir(straight_dir)
         .unwrap()
         .with_progress_bar(false);
     let full = straight.fit(&train, &test).unwrap();
 
-    let dir = temp_dir(&format!("resume-{threads}"));
+    let dir_tmp = temp_dir(&format!("resume-{threads}"));
+    let dir = dir_tmp.path();
     let mut first = Trainer::new(g.clone(), params.clone(), r.clone())
         .unwrap()
-        .with_output_dir(&dir)
+        .with_output_dir(dir)
         .unwrap()
         .with_progress_bar(false)
         .stop_after(stop);
@@ -200,7 +187,7 @@ fn resume_matches(threads: usize, stop: u64) {
     assert_eq!(partial.steps, stop);
     drop(first);
 
-    let mut resumed = Trainer::new(g, params, r).unwrap().with_output_dir(&dir).unwrap().with_progress_bar(false);
+    let mut resumed = Trainer::new(g, params, r).unwrap().with_output_dir(dir).unwrap().with_progress_bar(false);
     resumed.resume(&dir.join("checkpoint.safetensors")).unwrap();
     assert_eq!(resumed.progress().step, stop);
     let rest = resumed.fit(&train, &test).unwrap();
@@ -234,11 +221,12 @@ fn resume_rejects_a_different_model_or_recipe() {
     let (train, test) = (blobs(40, 1), blobs(10, 2));
     let mut r = recipe(adamw());
     r.epochs = 1;
-    let dir = temp_dir("reject");
+    let dir_tmp = temp_dir("reject");
+    let dir = dir_tmp.path();
     let (g, params) = mlp(1);
     Trainer::new(g.clone(), params.clone(), r.clone())
         .unwrap()
-        .with_output_dir(&dir)
+        .with_output_dir(dir)
         .unwrap()
         .with_progress_bar(false)
         .fit(&train, &test)
