@@ -406,8 +406,9 @@ fn im2col(g: &ConvGeom, x: &[f32], cols: &mut Vec<f32>) {
     im2col_into(g, x, cols);
 }
 
-/// [`im2col`] into a zeroed buffer of exactly `c_in * kh * kw * oh * ow` values.
-fn im2col_into(g: &ConvGeom, x: &[f32], cols: &mut [f32]) {
+/// [`im2col`] into a buffer of exactly `c_in * kh * kw * oh * ow` values already holding the
+/// padding value.
+pub(crate) fn im2col_into<T: Copy>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
     let n = g.oh * g.ow;
     for ci in 0..g.c_in {
         let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];

@@ -124,16 +124,21 @@ pub enum QuantKernel {
     Conv(QLinearConvKernel),
 }
 
-/// `QLinearConv` in integer arithmetic carried by f32: the centred input `x - x_zero` and
-/// weights `w - w_zero` are small integers, so the f32 convolution's products and sums are
-/// exact while every partial sum stays below 2^24, which [`match_qlinear_conv`] proves from
-/// the weights (else the node stays on the reference evaluator). The requantization is the
-/// reference's (ONNX Runtime's): `round_even(f32(acc + bias) * (x_scale * w_scale[c] / y_scale))
-/// + y_zero`, the bias added in f64 so `f32(acc + bias)` is the one rounding of the exact sum.
+/// `QLinearConv`, exactly. Pointwise and `group == 1` convolutions run on the integer GEMM
+/// with the weights on the left ([`qgemm::wx`], VNNI hosts): u8 x i8 products summed in i32,
+/// requantized as the tile is stored. Otherwise (depthwise, or hosts without VNNI) the integer
+/// arithmetic is carried by f32: the centred input `x - x_zero` and weights `w - w_zero` are
+/// small integers, so the f32 convolution's products and sums are exact while every partial
+/// sum stays below 2^24, which [`match_qlinear_conv`] proves from the weights (else the node
+/// stays on the reference evaluator). Either way the requantization is the reference's (ONNX
+/// Runtime's): `round_even(f32(acc + bias) * (x_scale * w_scale[c] / y_scale)) + y_zero`,
+/// where `f32(acc + bias)` is the one rounding of the exact sum.
 #[derive(Debug)]
 pub struct QLinearConvKernel {
     /// Weights `w - w_zero` as f32, no bias.
     conv: crate::conv::ConvKernel,
+    /// The weights packed for the integer GEMM, when it runs this convolution.
+    int8: Option<qgemm::PackedQW>,
     bias: Option<Arc<[i32]>>,
     x_zero: i32,
     /// One multiplier per output channel.
@@ -147,7 +152,15 @@ impl QLinearConvKernel {
         let images = shape.first().copied().unwrap_or(1).max(1);
         let (in_len, out_len) = (x.len() / images, shape.iter().product::<usize>() / images);
         let mut y = vec![0u8; images * out_len];
+        let bytes: &[u8] = match x.dtype() {
+            DType::U8 => x.as_slice::<u8>()?,
+            // SAFETY: i8 and u8 have the same size and alignment; the bits are reinterpreted.
+            _ => unsafe { std::mem::transmute::<&[i8], &[u8]>(x.as_slice::<i8>()?) },
+        };
         let one = |i: usize, yi: &mut [u8], par: bool| -> Result<()> {
+            if let Some(w) = &self.int8 {
+                return self.run_int8(w, &bytes[i * in_len..(i + 1) * in_len], x.dtype() == DType::I8, yi, par);
+            }
             QCONV_SCRATCH.with(|s| {
                 // A task stolen while this thread waits inside `conv.run` finds the scratch
                 // taken: it gets its own.
@@ -190,6 +203,39 @@ impl QLinearConvKernel {
             _ => Tensor::from_vec(shape, y.into_iter().map(|v| v as i8).collect::<Vec<_>>())?,
         };
         Ok(vec![t])
+    }
+
+    /// One image on the integer GEMM: its columns (the image itself for 1x1; else im2col,
+    /// padded with the zero point as `QLinearConv` pads) packed, multiplied, requantized.
+    fn run_int8(&self, w: &qgemm::PackedQW, x: &[u8], signed: bool, y: &mut [u8], par: bool) -> Result<()> {
+        let g = &self.conv.geom;
+        let n = g.oh * g.ow;
+        let q = qgemm::Requantize {
+            multiplier: &self.multipliers,
+            bias: self.bias.as_deref(),
+            zero: self.y_zero,
+            signed: self.y_dtype == DType::I8,
+        };
+        let gp = if par { Par::Current } else { Par::Seq };
+        QCONV_INT_SCRATCH.with(|s| {
+            let mut own = Default::default();
+            let mut held = s.try_borrow_mut();
+            let (packed, cols): &mut (qgemm::PackedQX, Vec<u8>) = match held.as_mut() {
+                Ok(b) => b,
+                Err(_) => &mut own,
+            };
+            let src = if self.conv.method == crate::conv::ConvMethod::Pointwise {
+                x
+            } else {
+                cols.clear();
+                cols.resize(w.k() * n, self.x_zero as u8);
+                crate::conv::im2col_into(g, x, cols);
+                &cols[..]
+            };
+            packed.pack(w, src, n, n, signed, self.x_zero)?;
+            qgemm::qgemm_wx(w, packed, qgemm::WxOut::Requantized { c: y, ldc: n, q }, gp)?;
+            Ok(())
+        })
     }
 
     /// `x[from..] - x_zero` as f32 into `xf` (its length).
@@ -253,6 +299,8 @@ impl QLinearConvKernel {
 }
 
 thread_local! {
+    /// A `QLinearConv` image's packed columns (and im2col ones), reused across calls.
+    static QCONV_INT_SCRATCH: std::cell::RefCell<(qgemm::PackedQX, Vec<u8>)> = std::cell::RefCell::new(Default::default());
     /// A `QLinearConv` image's centred f32 input and its sums, reused across calls.
     static QCONV_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -337,6 +385,7 @@ impl QuantKernel {
                 s
             }
             QuantKernel::GatherBlock(gb) => format!("gather_dequantize_int{}_b{}", gb.op.bits, gb.op.block_size),
+            QuantKernel::Conv(k) if k.int8.is_some() => format!("qlinear_{}_int8", k.conv.name()),
             QuantKernel::Conv(k) => format!("qlinear_{}", k.conv.name()),
             QuantKernel::RowQuant(q) => {
                 let mut s = format!("quantize_rows_u8+qgemm_u8i8_{}", q.packed.kernel());
@@ -829,6 +878,14 @@ fn const_8bit(c: &Ctx, o: OutletId) -> Option<Vec<i32>> {
     }
 }
 
+/// Whether a test asked for `QLinearConv` on the float kernels even on VNNI hosts.
+fn float_qconv_forced() -> bool {
+    #[cfg(test)]
+    return tests::FLOAT_QCONV.get();
+    #[cfg(not(test))]
+    false
+}
+
 /// `QLinearConv(x, sx, zx, W const, sw, zw, sy, zy[, bias i32])` with constant parameters, on
 /// the f32 convolution kernels when its sums provably stay exact in f32.
 fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) -> Result<Option<Group>> {
@@ -873,20 +930,32 @@ fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) ->
     let Some(conv) = crate::conv::ConvKernel::prepare(attrs, &xs, w.shape(), &centred, None, &ys) else {
         return Ok(None);
     };
-    // Exactness: |x - zx| <= x_max, so every partial sum is at most x_max * sum |w - zw|. The
-    // bias (quantizers saturate it near 2^31 on dead channels) is added in f64 afterwards.
+    // The integer GEMM for everything but depthwise, where the host has it: i8 weights (u8
+    // ones shifted by 128, their zero points with them).
+    let int8 = match qgemm::wx::wx_kernel().filter(|_| !float_qconv_forced()) {
+        Some(kernel) if conv.method != crate::conv::ConvMethod::Depthwise && per <= qgemm::wx::MAX_K => {
+            let shift = if w.dtype() == DType::U8 { 128 } else { 0 };
+            let wq: Vec<i8> = wv.iter().map(|&v| (v - shift) as i8).collect();
+            let zeros: Vec<i32> = wz.iter().map(|&z| z as i32 - shift).collect();
+            Some(qgemm::PackedQW::new(kernel, &wq, m, per, &zeros)?)
+        }
+        _ => None,
+    };
+    // Exactness in f32: |x - zx| <= x_max, so every partial sum is at most x_max * sum |w - zw|.
+    // The bias (quantizers saturate it near 2^31 on dead channels) is added in f64 afterwards.
     let limit = (1u32 << 24) as f64;
     let exact = (0..m).all(|ch| {
         let l1: f64 = centred[ch * per..(ch + 1) * per].iter().map(|v| v.abs() as f64).sum();
         x_max * l1 < limit
     });
-    if !(exact && sy.is_finite() && sy > 0.0) {
+    if !((exact || int8.is_some()) && sy.is_finite() && sy > 0.0) {
         return Ok(None);
     }
     // The reference's multiplier, operation for operation.
     let multipliers: Vec<f32> = ws.iter().map(|&s| sx * s as f32 / sy).collect();
     let kernel = QuantKernel::Conv(QLinearConvKernel {
         conv,
+        int8,
         bias: bias.map(Arc::from),
         x_zero: zx[0],
         multipliers: Arc::from(multipliers),
@@ -1064,6 +1133,11 @@ pub(super) fn single_kernel(c: &Ctx, id: NodeId) -> Option<Kernel> {
 
 #[cfg(test)]
 mod tests {
+    thread_local! {
+        /// Lowers `QLinearConv` onto the float kernels even on VNNI hosts.
+        pub(super) static FLOAT_QCONV: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
     use crate::{Runnable, RuntimeConfig};
     use slimnn_ir::ops::{
         Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, MatMul, MatMulInteger,
@@ -1300,25 +1374,33 @@ mod tests {
 
     #[test]
     fn qlinear_conv_runs_exactly_on_the_conv_kernels() {
-        // (c_in, c_out, k, stride, pad, group): pointwise, im2col, depthwise.
-        for (c, co, k, stride, pad, group) in
-            [(6, 5, 1, 1, 0, 1), (4, 6, 3, 2, 1, 1), (6, 6, 3, 1, 1, 6), (5, 5, 5, 2, 2, 5)]
-        {
-            for x_i8 in [false, true] {
-                let g = qlinear_conv_graph(c, co, k, stride, pad, group, x_i8, 100);
-                let feeds =
-                    vec![("x".to_string(), Tensor::from_vec(vec![2, c, 9, 11], values(2 * c * 99, 4)).unwrap())];
-                let kernels = check(g, feeds, 0.0);
-                assert!(kernels.iter().any(|n| n.starts_with("qlinear_conv")), "{kernels:?}");
-                assert!(!kernels.iter().any(|n| n.starts_with("ref:QLinearConv")), "{kernels:?}");
+        let int8 = slimnn_kernels::qgemm::wx::wx_kernel().is_some();
+        for float in [false, true] {
+            FLOAT_QCONV.set(float);
+            // (c_in, c_out, k, stride, pad, group): pointwise, im2col, depthwise.
+            for (c, co, k, stride, pad, group) in
+                [(6, 5, 1, 1, 0, 1), (4, 6, 3, 2, 1, 1), (6, 6, 3, 1, 1, 6), (5, 5, 5, 2, 2, 5)]
+            {
+                for x_i8 in [false, true] {
+                    let g = qlinear_conv_graph(c, co, k, stride, pad, group, x_i8, 100);
+                    let feeds =
+                        vec![("x".to_string(), Tensor::from_vec(vec![2, c, 9, 11], values(2 * c * 99, 4)).unwrap())];
+                    let kernels = check(g, feeds, 0.0);
+                    let name = kernels.iter().find(|n| n.starts_with("qlinear_conv")).expect("a conv kernel");
+                    assert_eq!(name.ends_with("_int8"), int8 && !float && group == 1, "{kernels:?}");
+                    assert!(!kernels.iter().any(|n| n.starts_with("ref:QLinearConv")), "{kernels:?}");
+                }
             }
+            // 2400 inputs x |w - zw| ~65 on average x |x - zx| up to 134 may pass 2^24: exact
+            // in i32, but f32 could round, so without the integer GEMM the reference keeps it.
+            let g = qlinear_conv_graph(2400, 2, 1, 1, 0, 1, false, 127);
+            let feeds =
+                vec![("x".to_string(), Tensor::from_vec(vec![2, 2400, 9, 11], values(2 * 2400 * 99, 5)).unwrap())];
+            let kernels = check(g, feeds, 0.0);
+            let want = if int8 && !float { "qlinear_conv1x1_int8" } else { "ref:QLinearConv" };
+            assert!(kernels.iter().any(|n| n == want), "{kernels:?}");
         }
-        // 2400 inputs x |w - zw| ~65 on average x |x - zx| up to 134 may pass 2^24: the
-        // reference keeps it.
-        let g = qlinear_conv_graph(2400, 2, 1, 1, 0, 1, false, 127);
-        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 2400, 9, 11], values(2 * 2400 * 99, 5)).unwrap())];
-        let kernels = check(g, feeds, 0.0);
-        assert!(kernels.iter().any(|n| n == "ref:QLinearConv"), "{kernels:?}");
+        FLOAT_QCONV.set(false);
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod driver;
 mod kernels;
 pub mod quantize;
 pub mod wonly;
+pub mod wx;
 
 use crate::cpu::{self, CpuTier};
 use crate::error::KernelError;
@@ -28,6 +29,7 @@ use crate::gemm::{Activation, Par, Residual};
 
 pub use quantize::{dequantize_u8, quantize_dynamic_u8, quantize_rows_u8, quantize_u8};
 pub use wonly::{wgemm, PackedWeightOnly};
+pub use wx::{qgemm_wx, PackedQW, PackedQX, Requantize, WxOut};
 
 const KERNEL: &str = "qgemm";
 

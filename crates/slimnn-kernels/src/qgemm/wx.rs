@@ -1,0 +1,740 @@
+//! Integer GEMM with the weights on the left: `C = (W - zw) · (X - zx)` for i8 weights `W`
+//! (`m x k`, a zero point per row) and u8 activations `X` (`k x n`, one zero point), exact in
+//! i32. This is the layout of an NCHW convolution: `W` holds the `[c_out, c_in·kh·kw]`
+//! filters and `X` one image's `[c_in·kh·kw, h·w]` columns (the image itself for 1x1), so
+//! neither side needs transposing.
+//!
+//! `vpdpbusd` multiplies four u8 by four i8 per 32-bit lane. The activations are the vector
+//! operand, packed per call ([`PackedQX`]) into panels of NR columns of 4 consecutive K
+//! values; each weight row's 4 values are broadcast from memory, packed once ([`PackedQW`])
+//! in blocks of MR rows. Zero points are applied as the tile is stored:
+//! `sum (x - zx)(w - zw) = sum x w - zx rowsum(w) - zw colsum(x) + k zx zw`.
+//!
+//! Kernels: AVX-512 VNNI (8 x 32), AVX-VNNI (4 x 16) and a scalar reference. There is no AVX2
+//! kernel: [`wx_kernel`] is `None` there and callers keep to their float path.
+
+use super::{driver::grid, AlignedBytes, QKernel, KERNEL};
+use crate::error::KernelError;
+use crate::gemm::Par;
+use std::ops::Range;
+
+/// Below this many multiply-adds per task, threads cost more than they save.
+const MIN_MACS_PER_TASK: usize = 1 << 20;
+
+/// The largest `k` whose sums `k * 255 * 255` cannot overflow i32.
+pub const MAX_K: usize = i32::MAX as usize / (255 * 255);
+
+/// The kernel for the active CPU tier, when it has a VNNI one.
+pub fn wx_kernel() -> Option<QKernel> {
+    Some(QKernel::active()).filter(|k| matches!(k, QKernel::Avx512Vnni | QKernel::AvxVnni))
+}
+
+/// `(MR, NR)` of `kernel`'s tile, `None` when it has no kernel here.
+fn tile_of(kernel: QKernel) -> Option<(usize, usize)> {
+    match kernel {
+        QKernel::Avx512Vnni => Some((8, 32)),
+        QKernel::AvxVnni | QKernel::Scalar => Some((4, 16)),
+        QKernel::Avx2 => None,
+    }
+}
+
+/// Signed 8-bit weights (`m x k`, row-major) with a zero point per row, packed once for one
+/// kernel: blocks of MR rows (zero-padded), each `ceil(k/4)` groups of MR rows' 4 values.
+#[derive(Clone, Debug)]
+pub struct PackedQW {
+    kernel: QKernel,
+    m: usize,
+    k: usize,
+    mr: usize,
+    nr: usize,
+    data: Vec<u32>,
+    row_sums: Vec<i32>,
+    zero: Vec<i32>,
+}
+
+impl PackedQW {
+    /// Packs `w` (`m x k`, stride `k`) whose zero points `zero` are one per row or one in all
+    /// (each in `-128..=127`), for `kernel`, which the host must support.
+    pub fn new(kernel: QKernel, w: &[i8], m: usize, k: usize, zero: &[i32]) -> Result<Self, KernelError> {
+        kernel.check()?;
+        let (mr, nr) = tile_of(kernel)
+            .ok_or_else(|| KernelError::shape(KERNEL, format!("no {} kernel for weights on the left", kernel.name())))?;
+        if k > MAX_K {
+            return Err(KernelError::shape(KERNEL, format!("k = {k} exceeds {MAX_K}: i32 sums could overflow")));
+        }
+        if m.checked_mul(k) != Some(w.len()) {
+            return Err(KernelError::shape(KERNEL, format!("{} weights for {m} x {k}", w.len())));
+        }
+        let zero = match zero.len() {
+            1 => vec![zero[0]; m],
+            len if len == m => zero.to_vec(),
+            len => return Err(KernelError::shape(KERNEL, format!("{len} weight zero points for {m} rows"))),
+        };
+        if let Some(z) = zero.iter().find(|z| !(-128..=127).contains(*z)) {
+            return Err(KernelError::shape(KERNEL, format!("weight zero point {z} is not an i8")));
+        }
+        let kq = k.div_ceil(4);
+        let blocks = m.div_ceil(mr);
+        let mut data = vec![0u32; blocks * kq * mr];
+        for i in 0..m {
+            let (b, r) = (i / mr, i % mr);
+            for (q, group) in w[i * k..(i + 1) * k].chunks(4).enumerate() {
+                let mut bytes = [0u8; 4];
+                for (d, &v) in bytes.iter_mut().zip(group) {
+                    *d = v as u8;
+                }
+                data[(b * kq + q) * mr + r] = u32::from_le_bytes(bytes);
+            }
+        }
+        let row_sums = w.chunks(k.max(1)).map(|row| row.iter().map(|&v| v as i32).sum()).take(m).collect();
+        Ok(PackedQW { kernel, m, k, mr, nr, data, row_sums, zero })
+    }
+
+    pub fn kernel(&self) -> QKernel {
+        self.kernel
+    }
+    pub fn m(&self) -> usize {
+        self.m
+    }
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        (self.data.len() + self.row_sums.len() + self.zero.len()) * 4
+    }
+    fn symmetric(&self) -> bool {
+        self.zero.iter().all(|&z| z == 0)
+    }
+}
+
+/// One call's activations (`k x n`, u8 or i8 bits) packed for a [`PackedQW`]: panels of NR
+/// columns (zero-padded), each `ceil(k/4)` groups of NR columns' 4 values. Reusable: packing
+/// again keeps the allocation.
+#[derive(Clone, Default)]
+pub struct PackedQX {
+    k: usize,
+    n: usize,
+    nr: usize,
+    panel_stride: usize,
+    /// In the u8 domain (i8 inputs are shifted by 128).
+    zero: i32,
+    data: AlignedBytes,
+    /// Column sums, kept only when some weight zero point is not 0.
+    col_sums: Vec<i32>,
+}
+
+impl std::fmt::Debug for PackedQX {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedQX").field("k", &self.k).field("n", &self.n).field("zero", &self.zero).finish()
+    }
+}
+
+impl PackedQX {
+    /// Packs `x` (`w.k() x n`, row stride `ldx`) with zero point `zero`; `signed` reads the
+    /// bytes as i8 (shifted to u8 by flipping the top bit, and the zero point with them).
+    pub fn pack(
+        &mut self,
+        w: &PackedQW,
+        x: &[u8],
+        ldx: usize,
+        n: usize,
+        signed: bool,
+        zero: i32,
+    ) -> Result<(), KernelError> {
+        let k = w.k;
+        super::check_matrix("X", x.len(), k, n, ldx)?;
+        let range = if signed { -128..=127 } else { 0..=255 };
+        if !range.contains(&zero) {
+            return Err(KernelError::shape(KERNEL, format!("activation zero point {zero} is out of range")));
+        }
+        let nr = w.nr;
+        let kq = k.div_ceil(4);
+        let panel_stride = kq * nr * 4;
+        let total = panel_stride * n.div_ceil(nr);
+        if self.data.as_slice().len() < total {
+            self.data = AlignedBytes::zeroed(total);
+        }
+        *self = PackedQX {
+            k,
+            n,
+            nr,
+            panel_stride,
+            zero: if signed { zero + 128 } else { zero },
+            data: std::mem::take(&mut self.data),
+            col_sums: std::mem::take(&mut self.col_sums),
+        };
+        let flip = if signed { 0x8080_8080u32 } else { 0 };
+        // SAFETY: tiers are checked by `features`; the body is the same on each.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let f = crate::cpu::features();
+            if f.avx512f && f.avx512bw && f.avx512vl {
+                pack_avx512(self, x, ldx, flip);
+            } else if f.avx2 {
+                pack_avx2(self, x, ldx, flip);
+            } else {
+                pack_panels(self, x, ldx, flip);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        pack_panels(self, x, ldx, flip);
+        self.col_sums.clear();
+        if !w.symmetric() {
+            self.col_sums.resize(n, 0);
+            let sign = if signed { 128 } else { 0 };
+            for r in 0..k {
+                let row = &x[r * ldx..r * ldx + n];
+                for (s, &v) in self.col_sums.iter_mut().zip(row) {
+                    *s += (v ^ sign) as i32;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_avx512(p: &mut PackedQX, x: &[u8], ldx: usize, flip: u32) {
+    pack_panels(p, x, ldx, flip)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pack_avx2(p: &mut PackedQX, x: &[u8], ldx: usize, flip: u32) {
+    pack_panels(p, x, ldx, flip)
+}
+
+/// Writes every byte of every panel (padding included), so the buffer needs no clearing.
+#[inline(always)]
+fn pack_panels(p: &mut PackedQX, x: &[u8], ldx: usize, flip: u32) {
+    let (k, n, nr) = (p.k, p.n, p.nr);
+    let stride = p.panel_stride;
+    let data = p.data.as_mut_slice();
+    for (pi, panel) in data[..stride * n.div_ceil(nr)].chunks_exact_mut(stride).enumerate() {
+        let j0 = pi * nr;
+        let cols = nr.min(n - j0);
+        for (q, dst) in panel.chunks_exact_mut(nr * 4).enumerate() {
+            let row = |t: usize| {
+                let r = 4 * q + t;
+                (r < k).then(|| &x[r * ldx + j0..r * ldx + j0 + cols])
+            };
+            match (row(0), row(1), row(2), row(3)) {
+                (Some(r0), Some(r1), Some(r2), Some(r3)) if cols == nr => match nr {
+                    32 => interleave::<32>(r0, r1, r2, r3, dst, flip),
+                    _ => interleave::<16>(r0, r1, r2, r3, dst, flip),
+                },
+                rows => {
+                    let rows = [rows.0, rows.1, rows.2, rows.3];
+                    for (j, d) in dst.chunks_exact_mut(4).enumerate() {
+                        for (t, b) in d.iter_mut().enumerate() {
+                            *b = match rows[t] {
+                                Some(r) if j < cols => r[j] ^ (flip as u8),
+                                _ => 0,
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[4j + t] = rt[j] ^ flip` for NR columns of four rows.
+#[inline(always)]
+fn interleave<const NR: usize>(r0: &[u8], r1: &[u8], r2: &[u8], r3: &[u8], dst: &mut [u8], flip: u32) {
+    let (r0, r1, r2, r3) = (&r0[..NR], &r1[..NR], &r2[..NR], &r3[..NR]);
+    for (j, d) in dst[..4 * NR].chunks_exact_mut(4).enumerate() {
+        let v = (r0[j] as u32 | (r1[j] as u32) << 8 | (r2[j] as u32) << 16 | (r3[j] as u32) << 24) ^ flip;
+        d.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// How [`qgemm_wx`]'s exact sums `acc` become 8-bit outputs, per row `i` (an output channel):
+/// `y = clamp(round_half_even(f32(acc + bias[i]) * multiplier[i]) + zero)`, where
+/// `f32(acc + bias)` rounds the exact sum once: ONNX `QLinearConv`'s requantization as ONNX
+/// Runtime computes it. Signed outputs are written as their i8 bit patterns.
+#[derive(Clone, Copy, Debug)]
+pub struct Requantize<'a> {
+    pub multiplier: &'a [f32],
+    pub bias: Option<&'a [i32]>,
+    pub zero: i32,
+    pub signed: bool,
+}
+
+impl Requantize<'_> {
+    /// One value, as the kernels compute it.
+    pub fn apply(&self, i: usize, acc: i32) -> u8 {
+        let v = (acc as i64 + self.bias.map_or(0, |b| b[i]) as i64) as f32;
+        self.finish(v, self.multiplier[i])
+    }
+
+    #[inline(always)]
+    fn bounds(&self) -> (i32, i32) {
+        if self.signed {
+            (-128, 127)
+        } else {
+            (0, 255)
+        }
+    }
+
+    /// `v * mult` rounded and offset. Adding 1.5 * 2^23 rounds to an integer, to nearest
+    /// even, for |v| < 2^22 and leaves it in the low mantissa bits, so the rest is integer
+    /// arithmetic that vectorises (`round_ties_even` is a libm call on baseline x86-64).
+    /// Values are clamped first; beyond the output range rounding is moot.
+    #[inline(always)]
+    fn finish(&self, v: f32, mult: f32) -> u8 {
+        const MAGIC: f32 = 12_582_912.0;
+        let (lo, hi) = self.bounds();
+        let (vlo, vhi) = ((lo - self.zero - 1) as f32, (hi - self.zero + 1) as f32);
+        let r = (v * mult).clamp(vlo, vhi) + MAGIC;
+        ((r.to_bits() as i32 - MAGIC.to_bits() as i32) + self.zero).clamp(lo, hi) as u8
+    }
+}
+
+/// Where [`qgemm_wx`] writes: `m x n` row-major at row stride `ldc`.
+#[derive(Debug)]
+pub enum WxOut<'a> {
+    /// The exact sums.
+    I32 { c: &'a mut [i32], ldc: usize },
+    /// Requantized to 8 bits.
+    Requantized { c: &'a mut [u8], ldc: usize, q: Requantize<'a> },
+}
+
+/// `(W - zw)(X - zx)` (`m x n`, exact in i32) into `out`. `x` must have been packed for `w`.
+pub fn qgemm_wx(w: &PackedQW, x: &PackedQX, out: WxOut<'_>, par: Par<'_>) -> Result<(), KernelError> {
+    w.kernel.check()?;
+    if x.k != w.k || x.nr != w.nr {
+        return Err(KernelError::shape(KERNEL, format!("activations packed for k = {}, weights have {}", x.k, w.k)));
+    }
+    let (m, n) = (w.m, x.n);
+    let (out, ldc) = match out {
+        WxOut::I32 { c, ldc } => {
+            super::check_matrix("C", c.len(), m, n, ldc)?;
+            (Out::I32(c.as_mut_ptr()), ldc)
+        }
+        WxOut::Requantized { c, ldc, q } => {
+            super::check_matrix("C", c.len(), m, n, ldc)?;
+            if q.multiplier.len() != m || q.bias.is_some_and(|b| b.len() != m) {
+                return Err(KernelError::epilogue(KERNEL, format!("requantization needs {m} multipliers and biases")));
+            }
+            let (lo, hi) = q.bounds();
+            if !(lo..=hi).contains(&q.zero) {
+                return Err(KernelError::epilogue(KERNEL, format!("output zero point {} is out of range", q.zero)));
+            }
+            (Out::U8(c.as_mut_ptr(), q), ldc)
+        }
+    };
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // Per row: k zx zw - zx rowsum(w), in wrapping i32 (the final sums fit; see `MAX_K`).
+    let zx = x.zero;
+    let row_terms: Vec<i32> = (0..m)
+        .map(|i| (w.k as i32).wrapping_mul(zx).wrapping_mul(w.zero[i]).wrapping_sub(zx.wrapping_mul(w.row_sums[i])))
+        .collect();
+    let job = Job { w, x, out, ldc, row_terms: &row_terms };
+    let macs = m.saturating_mul(n).saturating_mul(w.k.max(1));
+    let threads = par.threads().min(macs / MIN_MACS_PER_TASK).max(1);
+    let (blocks, panels) = (m.div_ceil(w.mr), n.div_ceil(w.nr));
+    let (tm, tn) = grid(threads, blocks, panels);
+    let (bper, pper) = (blocks.div_ceil(tm), panels.div_ceil(tn));
+    let task = |t: usize| {
+        let (ti, tj) = (t / tn, t % tn);
+        let rb = (ti * bper).min(blocks)..((ti + 1) * bper).min(blocks);
+        let ps = (tj * pper).min(panels)..((tj + 1) * pper).min(panels);
+        if !rb.is_empty() && !ps.is_empty() {
+            // SAFETY: shapes were checked above; tasks write disjoint blocks of C.
+            unsafe { run_block(&job, rb, ps) }
+        }
+    };
+    let tasks = tm * tn;
+    if tasks == 1 {
+        task(0);
+        return Ok(());
+    }
+    let task = &task;
+    match par {
+        Par::Pool(pool) => pool.scope(|s| {
+            for t in 1..tasks {
+                s.spawn(move |_| task(t));
+            }
+            task(0);
+        }),
+        _ => rayon::scope(|s| {
+            for t in 1..tasks {
+                s.spawn(move |_| task(t));
+            }
+            task(0);
+        }),
+    }
+    Ok(())
+}
+
+/// Scalar reference for [`qgemm_wx`] on unpacked operands (`x` u8, `k x n` row-major).
+#[allow(clippy::too_many_arguments)]
+pub fn reference_qgemm_wx(m: usize, k: usize, n: usize, w: &[i8], zw: &[i32], x: &[u8], zx: i32, c: &mut [i32]) {
+    for i in 0..m {
+        let z = zw[if zw.len() == 1 { 0 } else { i }];
+        for j in 0..n {
+            let sum: i64 = (0..k).map(|t| (x[t * n + j] as i64 - zx as i64) * (w[i * k + t] as i64 - z as i64)).sum();
+            c[i * n + j] = sum as i32;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Out<'a> {
+    I32(*mut i32),
+    U8(*mut u8, Requantize<'a>),
+}
+
+struct Job<'a> {
+    w: &'a PackedQW,
+    x: &'a PackedQX,
+    out: Out<'a>,
+    ldc: usize,
+    row_terms: &'a [i32],
+}
+
+// SAFETY: tasks read the packed operands and write disjoint blocks of `c`.
+unsafe impl Sync for Job<'_> {}
+
+/// Row blocks `rb` x panels `ps` of the job on its kernel.
+///
+/// # Safety
+/// The job's shapes must be consistent and no other task may write this block.
+unsafe fn run_block(job: &Job, rb: Range<usize>, ps: Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    match job.w.kernel {
+        QKernel::Avx512Vnni => return x86::block_avx512(job, rb, ps),
+        QKernel::AvxVnni => return x86::block_avx_vnni(job, rb, ps),
+        _ => {}
+    }
+    block::<Scalar>(job, rb, ps)
+}
+
+/// An `MR x NR` micro-kernel: `out` (MR rows at stride NR) receives the raw sums `sum x w`
+/// over `kq` groups of a weight block and an activation panel.
+trait Tile {
+    const MR: usize;
+    const NR: usize;
+    unsafe fn tile(kq: usize, w: *const u32, x: *const u8, out: *mut i32);
+    /// [`requantize_row`], vectorised where the kernel's ISA allows.
+    #[inline(always)]
+    unsafe fn requantize(q: &Requantize<'_>, i: usize, k: usize, term: i32, raw: &[i32], out: &mut [u8]) {
+        requantize_row(q, i, k, term, raw, out)
+    }
+}
+
+struct Scalar;
+
+impl Tile for Scalar {
+    const MR: usize = 4;
+    const NR: usize = 16;
+    #[inline(always)]
+    unsafe fn tile(kq: usize, w: *const u32, x: *const u8, out: *mut i32) {
+        let mut acc = [[0i32; 16]; 4];
+        for q in 0..kq {
+            let xq = x.add(q * 64);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let wv = (*w.add(q * 4 + i)).to_le_bytes();
+                for (j, a) in row.iter_mut().enumerate() {
+                    for (t, &wb) in wv.iter().enumerate() {
+                        *a += *xq.add(j * 4 + t) as i32 * wb as i8 as i32;
+                    }
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(i * 16), 16);
+        }
+    }
+}
+
+/// The tiles of a block, each stored with its zero-point terms.
+#[inline(always)]
+unsafe fn block<T: Tile>(job: &Job, rb: Range<usize>, ps: Range<usize>) {
+    let (w, x) = (job.w, job.x);
+    let kq = w.k.div_ceil(4);
+    let mut raw = [0i32; 8 * 32];
+    debug_assert!(T::MR * T::NR <= raw.len());
+    let col_sums = (!x.col_sums.is_empty()).then_some(&x.col_sums[..]);
+    for p in ps {
+        let j0 = p * T::NR;
+        let cols = T::NR.min(x.n - j0);
+        let xp = x.data.as_slice().as_ptr().add(p * x.panel_stride);
+        for b in rb.clone() {
+            T::tile(kq, w.data.as_ptr().add(b * kq * T::MR), xp, raw.as_mut_ptr());
+            let i0 = b * T::MR;
+            for r in 0..T::MR.min(w.m - i0) {
+                let i = i0 + r;
+                let src = &mut raw[r * T::NR..r * T::NR + cols];
+                // The row's zero-point term goes with the store; the column one (asymmetric
+                // weights only) takes a pass of its own.
+                let mut term = job.row_terms[i];
+                if let (Some(cs), z @ 1..) | (Some(cs), z @ ..=-1) = (col_sums, w.zero[i]) {
+                    for (s, &c) in src.iter_mut().zip(&cs[j0..j0 + cols]) {
+                        *s = s.wrapping_add(term).wrapping_sub(z.wrapping_mul(c));
+                    }
+                    term = 0;
+                }
+                let at = i * job.ldc + j0;
+                match job.out {
+                    Out::I32(c) => std::slice::from_raw_parts_mut(c.add(at), cols)
+                        .iter_mut()
+                        .zip(&*src)
+                        .for_each(|(d, &s)| *d = s.wrapping_add(term)),
+                    Out::U8(c, q) => {
+                        T::requantize(&q, i, w.k, term, src, std::slice::from_raw_parts_mut(c.add(at), cols))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `acc + bias` fits i32 for every `|acc| <= k * 255 * 255`.
+#[inline(always)]
+fn bias_fits(bias: i32, k: usize) -> bool {
+    (bias as i64).abs() + (k * 255 * 255) as i64 <= i32::MAX as i64
+}
+
+/// Row `i`'s sums `raw + term` (exact, wrapping) to 8 bits, as [`Requantize::apply`].
+#[inline(always)]
+fn requantize_row(q: &Requantize<'_>, i: usize, k: usize, term: i32, raw: &[i32], out: &mut [u8]) {
+    let (mult, bias) = (q.multiplier[i], q.bias.map_or(0, |b| b[i]));
+    let acc = raw.iter().map(|&r| r.wrapping_add(term));
+    // |acc| <= k * 255 * 255: when the bias cannot carry that past i32, one i32 addition and
+    // one conversion round the exact sum once, vectorised.
+    if bias_fits(bias, k) {
+        out.iter_mut().zip(acc).for_each(|(o, a)| *o = q.finish(a.wrapping_add(bias) as f32, mult));
+    } else {
+        out.iter_mut().zip(acc).for_each(|(o, a)| *o = q.finish((a as i64 + bias as i64) as f32, mult));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{bias_fits, block, requantize_row, Job, Requantize, Tile};
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    struct Vnni512;
+
+    impl Tile for Vnni512 {
+        const MR: usize = 8;
+        const NR: usize = 32;
+        #[inline(always)]
+        unsafe fn tile(kq: usize, w: *const u32, x: *const u8, out: *mut i32) {
+            let mut acc = [[_mm512_setzero_si512(); 2]; 8];
+            for q in 0..kq {
+                let xq = x.add(q * 128);
+                let xv = [_mm512_load_si512(xq as *const _), _mm512_load_si512(xq.add(64) as *const _)];
+                let wq = w.add(q * 8);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_set1_epi32(*wq.add(i) as i32);
+                    for (a, &xj) in row.iter_mut().zip(&xv) {
+                        *a = _mm512_dpbusd_epi32(*a, xj, wv);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (v, a) in row.iter().enumerate() {
+                    _mm512_storeu_si512(out.add(i * 32 + v * 16) as *mut _, *a);
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn requantize(q: &Requantize<'_>, i: usize, k: usize, term: i32, acc: &[i32], out: &mut [u8]) {
+            let bias = q.bias.map_or(0, |b| b[i]);
+            if !bias_fits(bias, k) {
+                return requantize_row(q, i, k, term, acc, out);
+            }
+            let (lo, hi) = q.bounds();
+            let (vlo, vhi) = ((lo - q.zero - 1) as f32, (hi - q.zero + 1) as f32);
+            let (vt, vb, vm) = (_mm512_set1_epi32(term), _mm512_set1_epi32(bias), _mm512_set1_ps(q.multiplier[i]));
+            let (flo, fhi) = (_mm512_set1_ps(vlo), _mm512_set1_ps(vhi));
+            let (zero, ilo, ihi) = (_mm512_set1_epi32(q.zero), _mm512_set1_epi32(lo), _mm512_set1_epi32(hi));
+            for j in (0..acc.len()).step_by(16) {
+                let mask: __mmask16 = if acc.len() - j >= 16 { !0 } else { (1 << (acc.len() - j)) - 1 };
+                let a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, acc.as_ptr().add(j)), vt);
+                // The i32 sum is exact (`bias_fits`); its conversion is the one rounding, and
+                // `cvtps` rounds half to even in the default mode, as `finish` does.
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, vb)), vm);
+                let r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, flo), fhi));
+                let y = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, zero), ilo), ihi);
+                _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(j) as *mut _, mask, y);
+            }
+        }
+    }
+
+    struct Vnni256;
+
+    impl Tile for Vnni256 {
+        const MR: usize = 4;
+        const NR: usize = 16;
+        #[inline(always)]
+        unsafe fn tile(kq: usize, w: *const u32, x: *const u8, out: *mut i32) {
+            let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+            for q in 0..kq {
+                let xq = x.add(q * 64);
+                let xv = [_mm256_load_si256(xq as *const _), _mm256_load_si256(xq.add(32) as *const _)];
+                let wq = w.add(q * 4);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let wv = _mm256_set1_epi32(*wq.add(i) as i32);
+                    for (a, &xj) in row.iter_mut().zip(&xv) {
+                        *a = _mm256_dpbusd_avx_epi32(*a, xj, wv);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (v, a) in row.iter().enumerate() {
+                    _mm256_storeu_si256(out.add(i * 16 + v * 8) as *mut _, *a);
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As `run_block`, on a host with AVX-512 VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn block_avx512(job: &Job, rb: Range<usize>, ps: Range<usize>) {
+        block::<Vnni512>(job, rb, ps)
+    }
+
+    /// # Safety
+    /// As `run_block`, on a host with AVX2 and AVX-VNNI.
+    #[target_feature(enable = "avx2,avxvnni")]
+    pub(super) unsafe fn block_avx_vnni(job: &Job, rb: Range<usize>, ps: Range<usize>) {
+        block::<Vnni256>(job, rb, ps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(s: &mut u64) -> u64 {
+        *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *s >> 33
+    }
+
+    /// Every supported kernel against the reference: shapes around the tile sizes, u8 and
+    /// i8 activations, zero and per-row weight zero points, threads 1 and 2.
+    #[test]
+    fn kernels_match_the_reference_exactly() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut s = 7u64;
+        let shapes = [(1, 1, 1), (3, 5, 17), (8, 27, 32), (9, 64, 33), (16, 130, 100), (40, 96, 196), (24, 300, 49)];
+        for kernel in QKernel::supported().into_iter().filter(|k| tile_of(*k).is_some()) {
+            for &(m, k, n) in &shapes {
+                for (signed, asym) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let w: Vec<i8> = (0..m * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+                    let x: Vec<u8> = (0..k * n).map(|_| lcg(&mut s) as u8).collect();
+                    let zw: Vec<i32> =
+                        if asym { (0..m).map(|_| (lcg(&mut s) % 256) as i32 - 128).collect() } else { vec![0] };
+                    let zx = (lcg(&mut s) % 256) as i32 - if signed { 128 } else { 0 };
+                    // The reference sees the i8 bits shifted into u8.
+                    let xu: Vec<u8> = x.iter().map(|&v| if signed { v ^ 0x80 } else { v }).collect();
+                    let zxu = if signed { zx + 128 } else { zx };
+                    let mut want = vec![0i32; m * n];
+                    reference_qgemm_wx(m, k, n, &w, &zw, &xu, zxu, &mut want);
+                    let packed = PackedQW::new(kernel, &w, m, k, &zw).unwrap();
+                    let mut px = PackedQX::default();
+                    px.pack(&packed, &x, n, n, signed, zx).unwrap();
+                    // Biases up to the i32 limits (quantizers saturate dead channels' biases).
+                    let bias: Vec<i32> = (0..m)
+                        .map(|i| match i % 5 {
+                            0 => i32::MAX - (lcg(&mut s) % 100) as i32,
+                            1 => i32::MIN + (lcg(&mut s) % 100) as i32,
+                            _ => (lcg(&mut s) % 20_000) as i32 - 10_000,
+                        })
+                        .collect();
+                    let multiplier: Vec<f32> = (0..m).map(|_| 1e-4 * (1 + lcg(&mut s) % 200) as f32).collect();
+                    let q = Requantize { multiplier: &multiplier, bias: Some(&bias), zero: 3, signed };
+                    let want_q: Vec<u8> = want.iter().enumerate().map(|(e, &a)| q.apply(e / n, a)).collect();
+                    let tag = format!("{kernel} {m}x{k}x{n} signed={signed} asym={asym}");
+                    for par in [Par::Seq, Par::Pool(&pool)] {
+                        let mut got = vec![0i32; m * n];
+                        qgemm_wx(&packed, &px, WxOut::I32 { c: &mut got, ldc: n }, par).unwrap();
+                        assert_eq!(got, want, "{tag}");
+                        let mut got = vec![0u8; m * n];
+                        qgemm_wx(&packed, &px, WxOut::Requantized { c: &mut got, ldc: n, q }, par).unwrap();
+                        assert_eq!(got, want_q, "{tag} requantized");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_values_do_not_overflow() {
+        // Largest |sum|: x - zx = 255 and w - zw = -255 at every k.
+        let (m, k, n) = (2, MAX_K, 3);
+        let w = vec![-128i8; m * k];
+        let x = vec![255u8; k * n];
+        for kernel in QKernel::supported().into_iter().filter(|k| tile_of(*k).is_some()) {
+            let packed = PackedQW::new(kernel, &w, m, k, &[127]).unwrap();
+            let mut px = PackedQX::default();
+            px.pack(&packed, &x, n, n, false, 0).unwrap();
+            let mut got = vec![0i32; m * n];
+            qgemm_wx(&packed, &px, WxOut::I32 { c: &mut got, ldc: n }, Par::Seq).unwrap();
+            assert!(got.iter().all(|&v| v as i64 == -(255 * 255) * k as i64), "{kernel}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let k = QKernel::Scalar;
+        assert!(PackedQW::new(k, &[0; 6], 2, 4, &[0]).is_err());
+        assert!(PackedQW::new(k, &[0; 8], 2, 4, &[0, 0, 0]).is_err());
+        assert!(PackedQW::new(k, &[0; 8], 2, 4, &[200]).is_err());
+        assert!(PackedQW::new(k, &vec![0; MAX_K + 1], 1, MAX_K + 1, &[0]).is_err());
+        let w = PackedQW::new(k, &[0; 8], 2, 4, &[0]).unwrap();
+        let mut px = PackedQX::default();
+        assert!(px.pack(&w, &[0; 7], 2, 2, false, 0).is_err());
+        assert!(px.pack(&w, &[0; 8], 2, 2, true, 130).is_err());
+        px.pack(&w, &[0; 8], 2, 2, false, 0).unwrap();
+        assert!(qgemm_wx(&w, &px, WxOut::I32 { c: &mut [0; 3], ldc: 2 }, Par::Seq).is_err());
+        let q = Requantize { multiplier: &[1.0], bias: None, zero: 0, signed: false };
+        assert!(qgemm_wx(&w, &px, WxOut::Requantized { c: &mut [0; 4], ldc: 2, q }, Par::Seq).is_err());
+    }
+
+    /// Kernel throughput on EfficientNet-lite0's pointwise shapes, packing included:
+    /// `cargo test --release -p slimnn-kernels --lib wx_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn wx_speed() {
+        let Some(kernel) = wx_kernel() else { return };
+        let mut s = 3u64;
+        for (m, k, n) in [(16, 32, 12544), (96, 16, 12544), (24, 144, 3136), (144, 24, 3136), (80, 240, 784), (1152, 192, 49)] {
+            let w: Vec<i8> = (0..m * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+            let x: Vec<u8> = (0..k * n).map(|_| lcg(&mut s) as u8).collect();
+            let packed = PackedQW::new(kernel, &w, m, k, &[0]).unwrap();
+            let mut px = PackedQX::default();
+            let mut c = vec![0u8; m * n];
+            let multiplier = vec![1e-3; m];
+            let q = Requantize { multiplier: &multiplier, bias: None, zero: 3, signed: false };
+            let reps = (2e9 / (m * k * n) as f64).ceil() as usize;
+            let (mut pack_t, mut gemm_t) = (0.0, 0.0);
+            for _ in 0..reps {
+                let t = std::time::Instant::now();
+                px.pack(&packed, &x, n, n, false, 3).unwrap();
+                pack_t += t.elapsed().as_secs_f64();
+                let t = std::time::Instant::now();
+                qgemm_wx(&packed, &px, WxOut::Requantized { c: &mut c, ldc: n, q }, Par::Seq).unwrap();
+                gemm_t += t.elapsed().as_secs_f64();
+            }
+            let ops = 2.0 * (m * k * n) as f64 * reps as f64;
+            println!(
+                "{kernel} m={m} k={k} n={n}: gemm {:.0} GOP/s, pack {:.1} us/call, gemm {:.1} us/call",
+                ops / gemm_t / 1e9,
+                pack_t / reps as f64 * 1e6,
+                gemm_t / reps as f64 * 1e6
+            );
+        }
+    }
+}
