@@ -365,7 +365,7 @@ impl ConvKernel {
                 Activation::Clip { min, max } => (Some((min, max)), Activation::None),
                 other => (None, other),
             };
-            depthwise_plane(&layout, xc, wc, b, clamp, o);
+            depthwise_plane(&layout, PlaneIn::F32(xc), wc, b, clamp, o);
             let r = residual.map(|r| &r[c * oplane..(c + 1) * oplane]);
             finish(o, rest, r);
         };
@@ -377,7 +377,51 @@ impl ConvKernel {
     }
 }
 
+impl ConvKernel {
+    /// One image of a depthwise convolution on 8-bit input (`signed`: i8 bits) centred on
+    /// `zero` as each plane is padded (the border is the zero point, as `QLinearConv` pads).
+    /// Channel `c`'s f32 sums (exact while small, see `QLinearConvKernel`) go to
+    /// `finish(c, sums, out_plane)`, planes in parallel when `par`.
+    pub fn depthwise_8bit(
+        &self,
+        x: &[u8],
+        signed: bool,
+        zero: i32,
+        out: &mut [u8],
+        finish: impl Fn(usize, &[f32], &mut [u8]) + Sync,
+        par: bool,
+    ) -> Result<()> {
+        let g = self.geom;
+        let (plane, oplane, taps) = (g.h * g.w, g.oh * g.ow, g.kh * g.kw);
+        if self.method != ConvMethod::Depthwise || x.len() != g.c_in * plane || out.len() != g.c_out * oplane {
+            return Err(shape_error(format!("depthwise: input of {} values for output of {}", x.len(), out.len())));
+        }
+        let layout = DwLayout::new(&g);
+        let one = |c: usize, o: &mut [u8]| {
+            let xc = &x[c * plane..(c + 1) * plane];
+            let input = if signed { PlaneIn::I8(xc, zero as f32) } else { PlaneIn::U8(xc, zero as f32) };
+            let wc = &self.weights[c * taps..(c + 1) * taps];
+            SUMS.with(|s| {
+                let mut own = Vec::new();
+                let mut held = s.try_borrow_mut();
+                let sums = held.as_deref_mut().unwrap_or(&mut own);
+                sums.resize(oplane, 0.0);
+                depthwise_plane(&layout, input, wc, 0.0, None, sums);
+                finish(c, sums, o);
+            })
+        };
+        if par && out.len() >= 1 << 15 {
+            out.par_chunks_mut(oplane).enumerate().for_each(|(c, o)| one(c, o));
+        } else {
+            out.chunks_mut(oplane).enumerate().for_each(|(c, o)| one(c, o));
+        }
+        Ok(())
+    }
+}
+
 thread_local! {
+    /// One depthwise plane's f32 sums on 8-bit input.
+    static SUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// im2col columns, reused across calls on each thread.
     static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Depthwise padded planes, reused across channels on each thread, with the geometry of
@@ -464,8 +508,17 @@ impl DwLayout {
     }
 }
 
+/// An input plane's values as the depthwise kernels read them: f32 as they are, 8-bit ones
+/// centred on their zero point (exact small integers).
+#[derive(Clone, Copy)]
+enum PlaneIn<'a> {
+    F32(&'a [f32]),
+    U8(&'a [u8], f32),
+    I8(&'a [u8], f32),
+}
+
 /// One channel of a depthwise convolution: `out = b + sum_taps w * x`, on the active tier.
-fn depthwise_plane(l: &DwLayout, x: &[f32], w: &[f32], b: f32, clamp: Option<(f32, f32)>, out: &mut [f32]) {
+fn depthwise_plane(l: &DwLayout, x: PlaneIn, w: &[f32], b: f32, clamp: Option<(f32, f32)>, out: &mut [f32]) {
     depthwise_plane_on(slimnn_kernels::cpu::tier(), l, x, w, b, clamp, out)
 }
 
@@ -473,7 +526,7 @@ fn depthwise_plane(l: &DwLayout, x: &[f32], w: &[f32], b: f32, clamp: Option<(f3
 fn depthwise_plane_on(
     tier: slimnn_kernels::CpuTier,
     l: &DwLayout,
-    x: &[f32],
+    x: PlaneIn,
     w: &[f32],
     b: f32,
     clamp: Option<(f32, f32)>,
@@ -486,7 +539,7 @@ fn depthwise_plane_on(
             scratch.resize(l.geom.sw * l.rows * l.pw, 0.0);
             *padded_for = Some(l.geom);
         }
-        pad_plane(l, x, scratch);
+        pad_plane_on(tier, l, x, scratch);
         let g = &l.geom;
         let d = DwPlane {
             scratch,
@@ -528,10 +581,43 @@ struct DwPlane<'a> {
     clamp: Option<(f32, f32)>,
 }
 
+/// [`pad_plane`] of any input, compiled for `tier` (the conversions vectorise with it).
+fn pad_plane_on(tier: slimnn_kernels::CpuTier, l: &DwLayout, x: PlaneIn, scratch: &mut [f32]) {
+    #[inline(always)]
+    fn any(l: &DwLayout, x: PlaneIn, scratch: &mut [f32]) {
+        match x {
+            PlaneIn::F32(x) => pad_plane(l, x, |v| v, scratch),
+            PlaneIn::U8(x, z) => pad_plane(l, x, |v| v as f32 - z, scratch),
+            PlaneIn::I8(x, z) => pad_plane(l, x, |v| v as i8 as f32 - z, scratch),
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use slimnn_kernels::CpuTier;
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        unsafe fn avx512(l: &DwLayout, x: PlaneIn, scratch: &mut [f32]) {
+            any(l, x, scratch)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(l: &DwLayout, x: PlaneIn, scratch: &mut [f32]) {
+            any(l, x, scratch)
+        }
+        // SAFETY: callers pass supported tiers only.
+        match tier {
+            CpuTier::Avx512 | CpuTier::Amx => return unsafe { avx512(l, x, scratch) },
+            CpuTier::Avx2 => return unsafe { avx2(l, x, scratch) },
+            CpuTier::Generic => {}
+        }
+    }
+    let _ = tier;
+    any(l, x, scratch)
+}
+
 /// Copies the input plane into the interior of `scratch` (zero-padded to `l`'s layout, split
 /// into `sw` column phases: phase `q` holds padded columns `q, q + sw, ...`), so every tap
 /// reads a contiguous run of `ow` values. The border is left as it is (zero).
-fn pad_plane(l: &DwLayout, x: &[f32], scratch: &mut [f32]) {
+#[inline(always)]
+fn pad_plane<T: Copy>(l: &DwLayout, x: &[T], f: impl Fn(T) -> f32, scratch: &mut [f32]) {
     let (g, rows, pw) = (&l.geom, l.rows, l.pw);
     let cols = (g.ow - 1) * g.sw + g.kw;
     for r in 0..rows {
@@ -539,7 +625,7 @@ fn pad_plane(l: &DwLayout, x: &[f32], scratch: &mut [f32]) {
         let xr = &x[iy * g.w..][..g.w];
         if g.sw == 1 {
             let n = g.w.min(cols.saturating_sub(g.pl));
-            scratch[r * pw + g.pl..][..n].copy_from_slice(&xr[..n]);
+            scratch[r * pw + g.pl..][..n].iter_mut().zip(&xr[..n]).for_each(|(d, &v)| *d = f(v));
         } else if g.sw == 2 {
             // Input column `ix` is padded column `ix + pl`: pairs `(2i, 2i + 1)` go to phase
             // `pl % 2` at `i + pl / 2` and to the other phase at `i + (pl + 1) / 2`.
@@ -547,15 +633,29 @@ fn pad_plane(l: &DwLayout, x: &[f32], scratch: &mut [f32]) {
             let (even, odd) = (&mut lo[r * pw..][..pw], &mut hi[r * pw..][..pw]);
             let (ra, rb) = if g.pl.is_multiple_of(2) { (even, odd) } else { (odd, even) };
             let (oa, ob) = (g.pl / 2, g.pl.div_ceil(2));
-            let pairs = xr.chunks_exact(2);
-            let last = pairs.remainder().first().copied();
-            let n = pairs.len();
-            for ((a, b), p) in ra[oa.min(pw)..].iter_mut().zip(rb[ob.min(pw)..].iter_mut()).zip(pairs) {
-                *a = p[0];
-                *b = p[1];
-            }
-            if let (Some(v), Some(d)) = (last, ra.get_mut(oa + n)) {
-                *d = v;
+            // Converted 64 at a time into a buffer, then split in fixed-length loops the
+            // compiler turns into vector shuffles.
+            let mut buf = [0f32; 64];
+            for (ci, chunk) in xr.chunks(64).enumerate() {
+                let fb = &mut buf[..chunk.len()];
+                fb.iter_mut().zip(chunk).for_each(|(d, &v)| *d = f(v));
+                let base = ci * 32;
+                let np = chunk.len() / 2;
+                let (Some(ea), Some(eb)) =
+                    (ra.get_mut(oa + base..oa + base + np), rb.get_mut(ob + base..ob + base + np))
+                else {
+                    // The layout always has room (`DwLayout`); stay safe if not.
+                    continue;
+                };
+                for i in 0..np {
+                    ea[i] = fb[2 * i];
+                    eb[i] = fb[2 * i + 1];
+                }
+                if chunk.len() % 2 == 1 {
+                    if let Some(d) = ra.get_mut(oa + base + np) {
+                        *d = fb[2 * np];
+                    }
+                }
             }
         } else {
             for q in 0..g.sw {
@@ -564,7 +664,7 @@ fn pad_plane(l: &DwLayout, x: &[f32], scratch: &mut [f32]) {
                 let j0 = g.pl.saturating_sub(q).div_ceil(g.sw);
                 let Some(ix0) = (j0 * g.sw + q).checked_sub(g.pl).filter(|&ix| ix < g.w) else { continue };
                 for (d, &v) in dst[j0.min(pw)..].iter_mut().zip(xr[ix0..].iter().step_by(g.sw)) {
-                    *d = v;
+                    *d = f(v);
                 }
             }
         }
@@ -871,10 +971,10 @@ mod tests {
             for clamp in [None, Some((0.0, 6.0))] {
                 let mut want = vec![0f32; oh * ow];
                 let layout = DwLayout::new(&kern.geom);
-                depthwise_plane_on(CpuTier::Generic, &layout, &x, wc, 0.25, clamp, &mut want);
+                depthwise_plane_on(CpuTier::Generic, &layout, PlaneIn::F32(&x), wc, 0.25, clamp, &mut want);
                 for tier in slimnn_kernels::cpu::supported_tiers() {
                     let mut got = vec![f32::INFINITY; oh * ow];
-                    depthwise_plane_on(tier, &layout, &x, wc, 0.25, clamp, &mut got);
+                    depthwise_plane_on(tier, &layout, PlaneIn::F32(&x), wc, 0.25, clamp, &mut got);
                     let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{tier:?} {h}x{w} k{k} s{s} p{p} {clamp:?}");
                 }

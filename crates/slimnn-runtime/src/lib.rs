@@ -28,6 +28,7 @@ mod lower;
 mod optimize;
 pub mod plan;
 pub mod pool;
+mod qdq;
 
 pub use exec::State;
 pub use optimize::{optimize, OptimizeReport};

@@ -20,6 +20,8 @@ pub fn optimize(mut g: Graph) -> IrResult<(Graph, OptimizeReport)> {
     let nodes_before = op_nodes(&g);
     let runner = PassRunner::new()
         .with(IdentityElimination)
+        // Before constant folding turns the quantized weights into f32 ones.
+        .with(crate::qdq::FuseQdqConv)
         .with(ConstantFolding)
         .with(crate::fold::FoldWeightCasts)
         .with(crate::fold::FoldConvWeightDequantize)

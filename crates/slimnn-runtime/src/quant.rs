@@ -157,9 +157,16 @@ impl QLinearConvKernel {
             // SAFETY: i8 and u8 have the same size and alignment; the bits are reinterpreted.
             _ => unsafe { std::mem::transmute::<&[i8], &[u8]>(x.as_slice::<i8>()?) },
         };
+        let signed = x.dtype() == DType::I8;
         let one = |i: usize, yi: &mut [u8], par: bool| -> Result<()> {
+            let xi = &bytes[i * in_len..(i + 1) * in_len];
             if let Some(w) = &self.int8 {
-                return self.run_int8(w, &bytes[i * in_len..(i + 1) * in_len], x.dtype() == DType::I8, yi, par);
+                return self.run_int8(w, xi, signed, yi, par);
+            }
+            if self.conv.method == crate::conv::ConvMethod::Depthwise {
+                // Centred as each plane is padded, requantized as each plane is done.
+                let finish = |c: usize, sums: &[f32], o: &mut [u8]| self.requantize_plane(c, sums, o);
+                return self.conv.depthwise_8bit(xi, signed, self.x_zero, yi, finish, par);
             }
             QCONV_SCRATCH.with(|s| {
                 // A task stolen while this thread waits inside `conv.run` finds the scratch
@@ -172,24 +179,12 @@ impl QLinearConvKernel {
                 };
                 xf.resize(in_len, 0.0);
                 acc.resize(out_len, 0.0);
-                let wide = slimnn_kernels::cpu::tier() >= slimnn_kernels::CpuTier::Avx2;
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: every tier from AVX2 up has AVX2 and FMA.
-                    unsafe { self.centre_avx2(x, i * in_len, xf)? };
-                } else {
-                    self.centre(x, i * in_len, xf)?;
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                self.centre(x, i * in_len, xf)?;
+                self.centre(xi, signed, xf);
                 self.conv.run(xf, None, acc, par)?;
-                #[cfg(target_arch = "x86_64")]
-                if wide {
-                    // SAFETY: as above.
-                    unsafe { self.requantize_avx2(acc, yi) };
-                    return Ok(());
+                let plane = out_len / self.multipliers.len().max(1);
+                for (c, (o, a)) in yi.chunks_mut(plane).zip(acc.chunks(plane)).enumerate() {
+                    self.requantize_plane(c, a, o);
                 }
-                self.requantize(acc, yi);
                 Ok(())
             })
         };
@@ -200,7 +195,13 @@ impl QLinearConvKernel {
         }
         let t = match self.y_dtype {
             DType::U8 => Tensor::from_vec(shape, y)?,
-            _ => Tensor::from_vec(shape, y.into_iter().map(|v| v as i8).collect::<Vec<_>>())?,
+            _ => {
+                let mut y = std::mem::ManuallyDrop::new(y);
+                // SAFETY: the same allocation reinterpreted: i8 and u8 have one size and
+                // alignment, and the outputs were written as i8 bit patterns.
+                let y = unsafe { Vec::from_raw_parts(y.as_mut_ptr() as *mut i8, y.len(), y.capacity()) };
+                Tensor::from_vec(shape, y)?
+            }
         };
         Ok(vec![t])
     }
@@ -238,36 +239,46 @@ impl QLinearConvKernel {
         })
     }
 
-    /// `x[from..] - x_zero` as f32 into `xf` (its length).
-    #[inline(always)]
-    fn centre(&self, x: &Tensor, from: usize, xf: &mut [f32]) -> Result<()> {
-        let z = self.x_zero as f32;
-        match x.dtype() {
-            DType::U8 => xf.iter_mut().zip(&x.as_slice::<u8>()?[from..]).for_each(|(o, &v)| *o = v as f32 - z),
-            _ => xf.iter_mut().zip(&x.as_slice::<i8>()?[from..]).for_each(|(o, &v)| *o = v as f32 - z),
+    /// `x - x_zero` as f32 into `xf` (its length); `signed`: `x` holds i8 bits.
+    fn centre(&self, x: &[u8], signed: bool, xf: &mut [f32]) {
+        #[inline(always)]
+        fn body(x: &[u8], signed: bool, z: f32, xf: &mut [f32]) {
+            if signed {
+                xf.iter_mut().zip(x).for_each(|(o, &v)| *o = v as i8 as f32 - z);
+            } else {
+                xf.iter_mut().zip(x).for_each(|(o, &v)| *o = v as f32 - z);
+            }
         }
-        Ok(())
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[u8], signed: bool, z: f32, xf: &mut [f32]) {
+            body(x, signed, z, xf)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if slimnn_kernels::cpu::tier() >= slimnn_kernels::CpuTier::Avx2 {
+            // SAFETY: every tier from AVX2 up has AVX2 and FMA.
+            return unsafe { avx2(x, signed, self.x_zero as f32, xf) };
+        }
+        body(x, signed, self.x_zero as f32, xf)
     }
 
-    /// [`Self::centre`] compiled for AVX2.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn centre_avx2(&self, x: &Tensor, from: usize, xf: &mut [f32]) -> Result<()> {
-        self.centre(x, from, xf)
+    /// Output channel `c`'s exact sums to 8-bit outputs (i8 ones as their bit patterns).
+    fn requantize_plane(&self, c: usize, acc: &[f32], y: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(k: &QLinearConvKernel, c: usize, acc: &[f32], y: &mut [u8]) {
+            k.requantize_body(c, acc, y)
+        }
+        #[cfg(target_arch = "x86_64")]
+        if slimnn_kernels::cpu::tier() >= slimnn_kernels::CpuTier::Avx2 {
+            // SAFETY: as in `centre`; the same operations, so the same results.
+            return unsafe { avx2(self, c, acc, y) };
+        }
+        self.requantize_body(c, acc, y)
     }
 
-    /// [`Self::requantize`] compiled for AVX2 (the same operations, so the same results).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn requantize_avx2(&self, acc: &[f32], y: &mut [u8]) {
-        self.requantize(acc, y)
-    }
-
-    /// One image's sums to 8-bit outputs (i8 ones as their bit patterns).
     #[inline(always)]
-    fn requantize(&self, acc: &[f32], y: &mut [u8]) {
-        let m = self.multipliers.len();
-        let plane = (acc.len() / m).max(1);
+    fn requantize_body(&self, c: usize, acc: &[f32], y: &mut [u8]) {
         let (lo, hi) = if self.y_dtype == DType::U8 { (0, 255) } else { (-128, 127) };
         let zy = self.y_zero;
         // Adding 1.5 * 2^23 rounds to an integer, to nearest even, for |v| < 2^22 (in the
@@ -278,22 +289,19 @@ impl QLinearConvKernel {
         const MAGIC: f32 = 12_582_912.0;
         let magic_bits = MAGIC.to_bits() as i32;
         let (vlo, vhi) = ((lo - zy - 1) as f32, (hi - zy + 1) as f32);
-        // One output channel's plane at a time: one multiplier and bias per loop.
-        for (ci, (o, a)) in y.chunks_mut(plane).zip(acc.chunks(plane)).enumerate() {
-            let mult = self.multipliers[ci % m];
-            let b = self.bias.as_ref().map_or(0, |b| b[ci % m]);
-            let finish = |v: f32| {
-                let r = (v * mult).clamp(vlo, vhi) + MAGIC;
-                ((r.to_bits() as i32 - magic_bits) + zy).clamp(lo, hi) as u8
-            };
-            if (b as f32) as i64 == b as i64 {
-                // An f32 bias: one f32 addition rounds the exact sum once.
-                let bf = b as f32;
-                o.iter_mut().zip(a).for_each(|(o, &a)| *o = finish(a + bf));
-            } else {
-                let bd = b as f64;
-                o.iter_mut().zip(a).for_each(|(o, &a)| *o = finish((a as f64 + bd) as f32));
-            }
+        let mult = self.multipliers[c];
+        let b = self.bias.as_ref().map_or(0, |b| b[c]);
+        let finish = |v: f32| {
+            let r = (v * mult).clamp(vlo, vhi) + MAGIC;
+            ((r.to_bits() as i32 - magic_bits) + zy).clamp(lo, hi) as u8
+        };
+        if (b as f32) as i64 == b as i64 {
+            // An f32 bias: one f32 addition rounds the exact sum once.
+            let bf = b as f32;
+            y.iter_mut().zip(acc).for_each(|(o, &a)| *o = finish(a + bf));
+        } else {
+            let bd = b as f64;
+            y.iter_mut().zip(acc).for_each(|(o, &a)| *o = finish((a as f64 + bd) as f32));
         }
     }
 }

@@ -57,8 +57,9 @@ impl PackedQW {
     /// (each in `-128..=127`), for `kernel`, which the host must support.
     pub fn new(kernel: QKernel, w: &[i8], m: usize, k: usize, zero: &[i32]) -> Result<Self, KernelError> {
         kernel.check()?;
-        let (mr, nr) = tile_of(kernel)
-            .ok_or_else(|| KernelError::shape(KERNEL, format!("no {} kernel for weights on the left", kernel.name())))?;
+        let (mr, nr) = tile_of(kernel).ok_or_else(|| {
+            KernelError::shape(KERNEL, format!("no {} kernel for weights on the left", kernel.name()))
+        })?;
         if k > MAX_K {
             return Err(KernelError::shape(KERNEL, format!("k = {k} exceeds {MAX_K}: i32 sums could overflow")));
         }
@@ -710,7 +711,9 @@ mod tests {
     fn wx_speed() {
         let Some(kernel) = wx_kernel() else { return };
         let mut s = 3u64;
-        for (m, k, n) in [(16, 32, 12544), (96, 16, 12544), (24, 144, 3136), (144, 24, 3136), (80, 240, 784), (1152, 192, 49)] {
+        for (m, k, n) in
+            [(16, 32, 12544), (96, 16, 12544), (24, 144, 3136), (144, 24, 3136), (80, 240, 784), (1152, 192, 49)]
+        {
             let w: Vec<i8> = (0..m * k).map(|_| lcg(&mut s) as u8 as i8).collect();
             let x: Vec<u8> = (0..k * n).map(|_| lcg(&mut s) as u8).collect();
             let packed = PackedQW::new(kernel, &w, m, k, &[0]).unwrap();
