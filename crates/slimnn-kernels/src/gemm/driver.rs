@@ -142,25 +142,7 @@ fn run_tasks<T: TileKernel>(job: &Job, par: Par<'_>) {
             unsafe { run_block::<T>(job, rows, cols) }
         }
     };
-    let tasks = tm * tn;
-    if tasks == 1 {
-        return task(0);
-    }
-    let task = &task;
-    match par {
-        Par::Pool(pool) => pool.scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-        _ => rayon::scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-    }
+    par.run_tasks(tm * tn, task);
 }
 
 /// Picks `tm x tn = threads` minimising the largest task, splitting N first when

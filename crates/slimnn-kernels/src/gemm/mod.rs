@@ -130,6 +130,22 @@ impl Par<'_> {
             Par::Current => rayon::current_num_threads().max(1),
         }
     }
+
+    /// Runs `task(0..tasks)`, task 0 on the calling thread and the others spawned on this
+    /// setting's pool; returns when all are done.
+    pub(crate) fn run_tasks(&self, tasks: usize, task: impl Fn(usize) + Sync) {
+        fn spawn_rest<'s>(s: &rayon::Scope<'s>, tasks: usize, task: &'s (impl Fn(usize) + Sync)) {
+            for t in 1..tasks {
+                s.spawn(move |_| task(t));
+            }
+            task(0);
+        }
+        match self {
+            _ if tasks <= 1 => (0..tasks).for_each(task),
+            Par::Pool(pool) => pool.scope(|s| spawn_rest(s, tasks, &task)),
+            _ => rayon::scope(|s| spawn_rest(s, tasks, &task)),
+        }
+    }
 }
 
 /// `C = epilogue(A·B)` with B pre-packed: A is `m x b.k()` (stride `lda`), C is `m x b.n()`

@@ -70,25 +70,7 @@ pub(super) fn run(m: usize, a: &[u8], lda: usize, b: &PackedQB, out: QOutput<'_>
             unsafe { run_block_tiered(&job, rows, cols) }
         }
     };
-    let tasks = tm * tn;
-    if tasks == 1 {
-        return task(0);
-    }
-    let task = &task;
-    match par {
-        Par::Pool(pool) => pool.scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-        _ => rayon::scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-    }
+    par.run_tasks(tm * tn, task);
 }
 
 /// `tm x tn = threads` minimising the largest task, splitting N on ties (each task then reads

@@ -276,26 +276,7 @@ pub fn wgemm(
             unsafe { run_block(&job, rows, cols) }
         }
     };
-    let tasks = tm * tn;
-    if tasks == 1 {
-        task(0);
-        return Ok(());
-    }
-    let task = &task;
-    match par {
-        Par::Pool(pool) => pool.scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-        _ => rayon::scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-    }
+    par.run_tasks(tm * tn, task);
     Ok(())
 }
 

@@ -350,26 +350,7 @@ pub fn qgemm_wx(w: &PackedQW, x: &PackedQX, out: WxOut<'_>, par: Par<'_>) -> Res
             unsafe { run_block(&job, rb, ps) }
         }
     };
-    let tasks = tm * tn;
-    if tasks == 1 {
-        task(0);
-        return Ok(());
-    }
-    let task = &task;
-    match par {
-        Par::Pool(pool) => pool.scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-        _ => rayon::scope(|s| {
-            for t in 1..tasks {
-                s.spawn(move |_| task(t));
-            }
-            task(0);
-        }),
-    }
+    par.run_tasks(tm * tn, task);
     Ok(())
 }
 
