@@ -8,3 +8,5 @@ cd "$repo_root"
 bash scripts/setup-python.sh
 bash scripts/fetch-assets.sh all
 cargo test --workspace --all-targets --no-fail-fast "$@"
+# --all-targets leaves out the examples in the docs.
+cargo test --workspace --doc "$@"

@@ -20,7 +20,8 @@
 //! let recipe = QuantRecipe { mode: Mode::Dynamic, ..QuantRecipe::default() };
 //! let no_data: Vec<Vec<(String, Tensor)>> = vec![];
 //! let (q, report) = quantize(&g, &recipe, &no_data, &mut |_| {}).unwrap();
-//! assert!(q.op_histogram().contains_key("MatMulInteger"));
+//! // Per-token activation scales by default: one fused op per weight matmul.
+//! assert!(q.op_histogram().contains_key("DynamicRowQuantMatMul"));
 //! assert_eq!(report.layers[0].bits, 8);
 //! ```
 
