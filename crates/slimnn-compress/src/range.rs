@@ -104,7 +104,13 @@ const ENTROPY_LEVELS: usize = 128;
 pub fn entropy_threshold(h: &Histogram) -> f32 {
     let nb = h.counts.len() / 2;
     // |x| histogram: bin i covers [i w, (i+1) w).
-    let abs: Vec<f64> = (0..nb).map(|i| (h.counts[nb + i] + h.counts[nb - 1 - i]) as f64).collect();
+    let mut abs: Vec<f64> = (0..nb).map(|i| (h.counts[nb + i] + h.counts[nb - 1 - i]) as f64).collect();
+    // The bin at 0 holds every exact zero (half of a ReLU's outputs), which any threshold
+    // represents exactly; counted as is, merging it into wider levels dominates the divergence
+    // and drives the threshold down to clip real values (NVIDIA's calibrator does the same).
+    if nb > 1 {
+        abs[0] = abs[1];
+    }
     let w = h.bin_width();
     let last_nonzero = abs.iter().rposition(|&c| c > 0.0).unwrap_or(0);
     if last_nonzero < ENTROPY_LEVELS {
