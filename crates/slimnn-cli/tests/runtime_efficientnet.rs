@@ -70,6 +70,32 @@ fn runtime_matches_reference_on_efficientnet_lite0() {
     }
 }
 
+/// `[1, 3, 224, 224]` variants of each photo: (rows down, columns right, mirrored).
+fn photo_variants(npy_dir: &Path, variants: &[(usize, usize, bool)]) -> Vec<Tensor> {
+    let (h, w) = (224, 224);
+    let mut out = vec![];
+    for (stem, _) in IMAGES {
+        let x = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
+        let v = x.as_slice::<f32>().unwrap();
+        for &(dy, dx, mirror) in variants {
+            let data = (0..3 * h * w)
+                .map(|i| {
+                    let (c, y, x) = (i / (h * w), i / w % h, i % w);
+                    let x = if mirror { w - 1 - x } else { x };
+                    v[(c * h + (y + h - dy) % h) * w + (x + w - dx) % w]
+                })
+                .collect();
+            out.push(Tensor::from_vec(vec![1, 3, h, w], data).unwrap());
+        }
+    }
+    out
+}
+
+/// Calibration images: each photo as is, mirrored, and shifted (8 sets of one image).
+fn calibration_images(npy_dir: &Path) -> Vec<Tensor> {
+    photo_variants(npy_dir, &[(0, 0, false), (0, 0, true), (0, 224 - 16, false), (16, 0, false)])
+}
+
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
     let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
@@ -87,28 +113,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 fn onnxruntime_quantized_efficientnet_runs_like_onnxruntime() {
     let work = temp_dir("ortq-efficientnet");
     let (model, npy_dir) = build(&work);
-    // Calibration: each photo as is, mirrored, and shifted (8 sets of one image).
     let calib = work.join("calib");
-    let mut sets = 0;
-    for (stem, _) in IMAGES {
-        let x = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
-        let v = x.as_slice::<f32>().unwrap();
-        let (h, w) = (224, 224);
-        let variant = |f: &dyn Fn(usize, usize, usize) -> f32| -> Vec<f32> {
-            (0..3 * h * w).map(|i| f(i / (h * w), i / w % h, i % w)).collect()
-        };
-        let at = |c: usize, y: usize, x: usize| v[(c * h + y) * w + x];
-        for data in [
-            v.to_vec(),
-            variant(&|c, y, x| at(c, y, w - 1 - x)),
-            variant(&|c, y, x| at(c, y, (x + 16) % w)),
-            variant(&|c, y, x| at(c, (y + h - 16) % h, x)),
-        ] {
-            let dir = calib.join(sets.to_string());
-            std::fs::create_dir_all(&dir).unwrap();
-            npy::write(&dir.join("input.npy"), &Tensor::from_vec(vec![1, 3, h, w], data).unwrap()).unwrap();
-            sets += 1;
-        }
+    for (i, x) in calibration_images(&npy_dir).iter().enumerate() {
+        let dir = calib.join(i.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        npy::write(&dir.join("input.npy"), x).unwrap();
     }
     let out_dir = work.join("ortq");
     let out = Command::new(python())
@@ -159,5 +168,72 @@ fn onnxruntime_quantized_efficientnet_runs_like_onnxruntime() {
             assert_eq!(argmax(b), class, "{file} {stem} (ONNX Runtime)");
             assert!(cos >= min_cosine, "{file} {stem}: cosine {cos}");
         }
+    }
+}
+
+/// slimnn's own static int8 quantization of EfficientNet-Lite0 (`slimnn quantize --mode static`,
+/// min-max calibration on the 8 calibration images): BatchNorm folded, every conv written as
+/// `Q(Conv(DQ, DQ, DQ(b_i32)))` with its ReLU6 folded into the u8 range. slimnn runs each conv as
+/// an integer `QLinearConv`; ONNX Runtime loads the same file and agrees; on 12 shifted and
+/// mirrored photos the calibration never saw, the logits stay close to the fp32 model's.
+#[test]
+fn slimnn_static_int8_efficientnet_runs_on_integer_kernels_and_in_onnxruntime() {
+    use slimnn_compress::pipeline::quantize;
+    use slimnn_compress::recipe::{Mode, QuantRecipe};
+
+    let work = temp_dir("slimnn-static-efficientnet");
+    let (model, npy_dir) = build(&work);
+    let g = onnx::load(&model).unwrap();
+    let calib: Vec<Vec<(String, Tensor)>> =
+        calibration_images(&npy_dir).into_iter().map(|x| vec![("input".to_string(), x)]).collect();
+    let recipe = QuantRecipe { mode: Mode::Static, ..QuantRecipe::default() };
+    let (q, report) = quantize(&g, &recipe, &calib, &mut |_| {}).unwrap();
+    let convs = report.layers.iter().filter(|l| l.scheme == "int8-qdq-conv").count();
+    assert_eq!(convs, 49, "{}", report.table());
+    let h = q.op_histogram();
+    assert_eq!((h.get("BatchNormalization"), h.get("Clip")), (None, None), "{h:?}");
+    let path = work.join("static.onnx");
+    onnx::save(&q, &path).unwrap();
+    let (fp32_size, int8_size) = (std::fs::metadata(&model).unwrap().len(), std::fs::metadata(&path).unwrap().len());
+    eprintln!("int8 file {int8_size} bytes, {:.1}% of fp32", 100.0 * int8_size as f64 / fp32_size as f64);
+    assert!(int8_size * 100 <= fp32_size * 27, "int8 file {int8_size} vs fp32 {fp32_size}");
+
+    let q = onnx::load(&path).unwrap();
+    let rt = Runnable::new(q, RuntimeConfig::with_threads(2)).unwrap();
+    let fused = rt.report().passes.iter().find(|(p, _)| p == "fuse-qdq-conv").map(|(_, n)| *n);
+    assert_eq!(fused, Some(49), "{:?}", rt.report().passes);
+    let summary = rt.plan_for(&[vec![1, 3, 224, 224]]).unwrap().summary();
+    let qconvs: usize = summary.kernels.iter().filter(|(k, _)| k.starts_with("qlinear_conv")).map(|(_, n)| n).sum();
+    assert_eq!(qconvs, 49, "{:#?}", summary.kernels);
+    let fp32 = Runnable::new(g, RuntimeConfig::with_threads(2)).unwrap();
+    let (mut state, mut fp32_state) = (rt.new_state(), fp32.new_state());
+
+    // Held-out photos: near the fp32 model.
+    let held_out = [(8, 0, false), (0, 216, true), (24, 24, false), (200, 8, true), (4, 194, false), (40, 0, true)];
+    let (mut agree, mut worst) = (0, 1f64);
+    let variants = photo_variants(&npy_dir, &held_out);
+    for x in &variants {
+        let inputs = vec![("input".to_string(), x.clone())];
+        let ours = rt.run(&mut state, inputs.clone()).unwrap();
+        let reference = fp32.run(&mut fp32_state, inputs).unwrap();
+        let (a, b) = (ours[0].as_slice::<f32>().unwrap(), reference[0].as_slice::<f32>().unwrap());
+        agree += usize::from(argmax(a) == argmax(b));
+        worst = worst.min(cosine(a, b));
+    }
+    eprintln!("held-out photos: top-1 agreement {agree}/{}, worst logit cosine to fp32 {worst:.5}", variants.len());
+    assert!(worst >= 0.985 && agree >= variants.len() - 2, "top-1 {agree}/{}, cosine {worst}", variants.len());
+
+    // The photos: classified right, and as ONNX Runtime runs the same file.
+    for (stem, class) in IMAGES {
+        let x = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
+        let inputs = vec![("input".to_string(), x)];
+        let ours = rt.run(&mut state, inputs.clone()).unwrap();
+        let ort = ort_run(&path, &inputs, &work.join(format!("ort-{stem}")));
+        let (_, theirs) = ort.iter().find(|(n, _)| n == "logits").expect("ORT wrote logits");
+        let (a, b) = (ours[0].as_slice::<f32>().unwrap(), theirs.as_slice::<f32>().unwrap());
+        let (cos, d) = (cosine(a, b), ours[0].max_abs_diff(theirs).unwrap());
+        eprintln!("{stem}: cosine to ONNX Runtime {cos:.6}, max abs logit diff {d:e}");
+        assert_eq!((argmax(a), argmax(b)), (class, class), "{stem}");
+        assert!(cos >= 0.999, "{stem}: cosine to ONNX Runtime {cos}");
     }
 }

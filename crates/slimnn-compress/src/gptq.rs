@@ -150,7 +150,7 @@ pub fn gptq(w: &[f32], k: usize, n: usize, gram: &Gram, grid: &GptqGrid, damp: f
     }
     Ok(match grid {
         GptqGrid::Int8 { scales } => {
-            GptqOutput::Int8(Int8Weight { values: codes.iter().map(|&q| q as i8).collect(), scales: scales.clone() })
+            GptqOutput::Int8(Int8Weight::matmul(codes.iter().map(|&q| q as i8).collect(), scales.clone(), n))
         }
         GptqGrid::Groups { bits, block } => {
             let blocks = k.div_ceil(*block);

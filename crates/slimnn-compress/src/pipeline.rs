@@ -9,7 +9,7 @@ use crate::report::{Report, METADATA_KEY};
 use crate::schemes::{Dynamic, EmbeddingBlock, HalfWeights, Selection, StaticQdq, WeightOnly};
 use crate::smoothquant::SmoothQuant;
 use crate::{Algorithm, CompressError, Result};
-use slimnn_ir::Graph;
+use slimnn_ir::{Graph, PassRunner};
 use slimnn_tensor::DType;
 use std::collections::HashSet;
 
@@ -88,6 +88,8 @@ pub fn quantize(
     let mut report = Report::default();
     let base = Selection { exclude: recipe.exclude.clone(), skip: HashSet::new() };
     let mut g = crate::targets::split_gemms(graph)?;
+    // Convolutions are quantized with their inference BatchNormalization folded in, as they run.
+    PassRunner::new().with(slimnn_runtime::FoldConvBatchNorm).run(&mut g)?;
     if let Some(alpha) = recipe.smoothquant_alpha {
         let sq = SmoothQuant { alpha, selection: base.clone() };
         let stats = gather(&g, &sq, data, "smoothquant statistics", progress)?;

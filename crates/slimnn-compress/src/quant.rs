@@ -34,49 +34,92 @@ pub fn quantize_value(x: f32, scale: f32, zero: i32, qmin: i32, qmax: i32) -> i3
     ((x / scale).round_ties_even() as i32 + zero).clamp(qmin, qmax)
 }
 
-/// A `[K, N]` weight quantized to int8 with one scale per output column (or one in all).
+/// A weight quantized to int8 with one scale per output channel (or one in all).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Int8Weight {
     pub values: Vec<i8>,
-    /// One per column, or one.
+    /// One per channel, or one.
     pub scales: Vec<f32>,
+    /// The channel of each value (None: per tensor).
+    layout: ChannelAxis,
 }
 
-impl Int8Weight {
-    pub fn dequantize(&self, n: usize) -> Vec<f32> {
-        self.values
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| q as f32 * self.scales[if self.scales.len() == 1 { 0 } else { i % n }])
-            .collect()
+/// Where a weight's output channels lie.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ChannelAxis {
+    /// Per tensor.
+    None,
+    /// The last axis of `[K, N]` (matmul weights): value `i` is in channel `i % n`.
+    Columns(usize),
+    /// The leading axis of `[M, ...]` (convolution weights): value `i` is in `i / per`.
+    Leading(usize),
+}
+
+impl ChannelAxis {
+    fn of(self, i: usize) -> usize {
+        match self {
+            ChannelAxis::None => 0,
+            ChannelAxis::Columns(n) => i % n,
+            ChannelAxis::Leading(per) => i / per,
+        }
     }
 }
 
-/// Quantizes a row-major `[K, N]` weight symmetrically to `[-127, 127]` (ONNX Runtime's
-/// convention: -128 unused, so a negated weight quantizes to the negated codes).
-pub fn quantize_int8_weight(w: &[f32], n: usize, granularity: Granularity) -> Int8Weight {
-    let absmax: Vec<f32> = match granularity {
-        Granularity::PerTensor => vec![w.iter().fold(0f32, |m, v| m.max(v.abs()))],
-        Granularity::PerChannel => {
-            let mut m = vec![0f32; n];
-            for row in w.chunks_exact(n) {
-                for (a, v) in m.iter_mut().zip(row) {
-                    *a = a.max(v.abs());
-                }
-            }
-            m
+impl Int8Weight {
+    /// Codes of a `[K, N]` matmul weight with `scales` per column (or one).
+    pub fn matmul(values: Vec<i8>, scales: Vec<f32>, n: usize) -> Int8Weight {
+        let layout = if scales.len() == 1 { ChannelAxis::None } else { ChannelAxis::Columns(n) };
+        Int8Weight { values, scales, layout }
+    }
+
+    /// Raises channel `c`'s scale to at least `min`, requantizing its values from `w` (the
+    /// weight these codes came from).
+    pub fn raise_scale(&mut self, w: &[f32], c: usize, min: f32) {
+        if self.scales[c] >= min {
+            return;
         }
-    };
+        self.scales[c] = min;
+        for (i, (q, &v)) in self.values.iter_mut().zip(w).enumerate() {
+            if self.layout.of(i) == c {
+                *q = quantize_value(v, min, 0, -127, 127) as i8;
+            }
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.values.iter().enumerate().map(|(i, &q)| q as f32 * self.scales[self.layout.of(i)]).collect()
+    }
+}
+
+/// Symmetric `[-127, 127]` codes (ONNX Runtime's convention: -128 unused, so a negated weight
+/// quantizes to the negated codes), one scale per channel of `layout`.
+fn quantize_int8(w: &[f32], channels: usize, layout: ChannelAxis) -> Int8Weight {
+    let mut absmax = vec![0f32; channels];
+    for (i, v) in w.iter().enumerate() {
+        let a = &mut absmax[layout.of(i)];
+        *a = a.max(v.abs());
+    }
     let scales: Vec<f32> = absmax.iter().map(|&a| symmetric_scale(a, 127.0)).collect();
-    let values = w
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            let s = scales[if scales.len() == 1 { 0 } else { i % n }];
-            quantize_value(v, s, 0, -127, 127) as i8
-        })
-        .collect();
-    Int8Weight { values, scales }
+    let values =
+        w.iter().enumerate().map(|(i, &v)| quantize_value(v, scales[layout.of(i)], 0, -127, 127) as i8).collect();
+    Int8Weight { values, scales, layout }
+}
+
+/// Quantizes a row-major `[K, N]` matmul weight to int8, per column or per tensor.
+pub fn quantize_int8_weight(w: &[f32], n: usize, granularity: Granularity) -> Int8Weight {
+    match granularity {
+        Granularity::PerTensor => quantize_int8(w, 1, ChannelAxis::None),
+        Granularity::PerChannel => quantize_int8(w, n, ChannelAxis::Columns(n)),
+    }
+}
+
+/// Quantizes a convolution weight `[M, C / group, kh, kw]` (`m` output channels, leading) to
+/// int8, per output channel or per tensor.
+pub fn quantize_int8_conv_weight(w: &[f32], m: usize, granularity: Granularity) -> Int8Weight {
+    match granularity {
+        Granularity::PerTensor => quantize_int8(w, 1, ChannelAxis::None),
+        Granularity::PerChannel => quantize_int8(w, m, ChannelAxis::Leading(w.len() / m.max(1))),
+    }
 }
 
 /// A `[K, N]` weight quantized to `bits`-bit codes in blocks of `block` values along K per
@@ -212,7 +255,7 @@ mod tests {
         let t = quantize_int8_weight(&w, 2, Granularity::PerTensor);
         assert_eq!(t.scales, vec![0.01]);
         assert_eq!(t.values, vec![127, -50, -63, 20]);
-        assert!(sqnr_db(&w, &q.dequantize(2)) > 40.0);
+        assert!(sqnr_db(&w, &q.dequantize()) > 40.0);
     }
 
     #[test]

@@ -11,13 +11,15 @@
 
 use crate::calib::{StatKind, StatPoint, Statistics};
 use crate::gptq::{gptq, GptqGrid, GptqOutput};
-use crate::quant::{quantize_groups, quantize_int8_weight, sqnr_db, Granularity, GroupWeight, Int8Weight};
+use crate::quant::{
+    quantize_groups, quantize_int8_conv_weight, quantize_int8_weight, sqnr_db, Granularity, GroupWeight, Int8Weight,
+};
 use crate::range::{activation_range, histogram_sqnr_db, ActivationType, CalibrationMethod};
 use crate::report::{LayerReport, Report};
-use crate::targets::{activation_matmuls, find_targets, require_some, Target};
+use crate::targets::{activation_matmuls, find_conv_targets, find_targets, require_some, ConvTarget, Target};
 use crate::{Algorithm, CompressError, Result};
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Cast, Const, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, Gather,
+    Binary, BinaryOp, Cast, Const, Conv, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, Gather,
     GatherBlockQuantized, MatMul, MatMulInteger, MatMulNBits, QuantizeLinear,
 };
 use slimnn_ir::{Graph, Op, OutletId, Patch, Wire};
@@ -55,7 +57,7 @@ fn int8_report(t: &Target, scheme: &str, q: &Int8Weight, w: &[f32]) -> LayerRepo
     let mut r = LayerReport::new(&t.name, scheme, 8, [t.k, t.n]);
     let (lo, hi) = q.scales.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
     r.weight_scale = Some((lo, hi));
-    r.weight_sqnr_db = Some(sqnr_db(w, &q.dequantize(t.n)));
+    r.weight_sqnr_db = Some(sqnr_db(w, &q.dequantize()));
     r
 }
 
@@ -131,7 +133,7 @@ impl Algorithm for Dynamic {
 
     fn apply(&self, g: &Graph, stats: &Statistics) -> Result<(Graph, Report)> {
         let targets = self.selection.targets(g)?;
-        require_some(&targets, self.name())?;
+        require_some(&targets, None, self.name())?;
         let mut p = Patch::new();
         let mut report = Report::default();
         let mut quantizers: HashMap<OutletId, usize> = HashMap::new();
@@ -146,7 +148,7 @@ impl Algorithm for Dynamic {
                 p.shunt(OutletId::new(t.node, 0), Patch::wire(y, 0));
                 let mut r = int8_report(t, "int8-dynamic-per-token", &q, w);
                 if self.bias_correction {
-                    r.note = correct_bias(&mut p, g, t, stats, Patch::wire(y, 0), &q.dequantize(t.n))?;
+                    r.note = correct_bias(&mut p, g, t, stats, Patch::wire(y, 0), &q.dequantize())?;
                 }
                 report.layers.push(r);
                 continue;
@@ -181,7 +183,7 @@ impl Algorithm for Dynamic {
             p.shunt(OutletId::new(t.node, 0), Patch::wire(y, 0));
             let mut r = int8_report(t, self.name(), &q, w);
             if self.bias_correction {
-                r.note = correct_bias(&mut p, g, t, stats, Patch::wire(y, 0), &q.dequantize(t.n))?;
+                r.note = correct_bias(&mut p, g, t, stats, Patch::wire(y, 0), &q.dequantize())?;
             }
             report.layers.push(r);
         }
@@ -194,7 +196,10 @@ impl Algorithm for Dynamic {
 /// An activation's dequantized wire, its `(scale, zero point)` and estimated SQNR (dB).
 type ActivationQdq = (Wire, (f32, i32), Option<f64>);
 
-/// int8 static quantization in QDQ form with calibrated activation ranges.
+/// int8 static quantization in QDQ form with calibrated activation ranges. Weight matmuls
+/// get their activation and weight dequantized into a float `MatMul`; convolutions are written
+/// as ONNX Runtime's quantizer writes them, `Q(Conv(DQ(x), DQ(W), DQ(b_i32)))` with the bias
+/// at scale `x_scale * w_scale`, the form both runtimes execute as an integer `QLinearConv`.
 #[derive(Debug, Clone)]
 pub struct StaticQdq {
     pub granularity: Granularity,
@@ -207,9 +212,64 @@ pub struct StaticQdq {
     pub activation_matmuls: bool,
 }
 
+/// Largest bias code written (2^30): leaves the integer sum the bias adds to room in i32.
+const BIAS_CODE_LIMIT: f32 = 1073741824.0;
+
+/// Builds the quantize / dequantize pairs of one rewrite, one per activation, shared by its
+/// readers.
+struct QdqBuilder<'a> {
+    scheme: &'a StaticQdq,
+    g: &'a Graph,
+    stats: &'a Statistics,
+    made: HashMap<OutletId, ActivationQdq>,
+}
+
+impl QdqBuilder<'_> {
+    /// The dequantized form of activation `o`, quantizing `source` (what now computes `o`) the
+    /// first time `o` is asked for.
+    fn at(&mut self, p: &mut Patch, o: OutletId, source: Wire) -> Result<ActivationQdq> {
+        if let Some(q) = self.made.get(&o) {
+            return Ok(*q);
+        }
+        let s = self.scheme;
+        let st = self.stats.get(o)?;
+        let (lo, hi) = activation_range(st, s.method, s.percentile, s.activation_type);
+        let (scale, zero) = s.activation_type.params(lo, hi);
+        let sqnr = st.hist.as_ref().map(|h| histogram_sqnr_db(h, scale, zero, s.activation_type.qrange()));
+        let base = value_name(self.g, o);
+        let zero_t = match s.activation_type {
+            ActivationType::U8 => Tensor::scalar(zero as u8),
+            ActivationType::I8 => Tensor::scalar(zero as i8),
+        };
+        let sw = konst(p, &format!("{base}_scale"), Tensor::scalar(scale));
+        let zw = konst(p, &format!("{base}_zero_point"), zero_t);
+        let qn = p.add_node(&format!("{base}_QuantizeLinear"), QuantizeLinear { axis: 1 }, vec![source, sw, zw]);
+        let dn = p.add_node(
+            &format!("{base}_DequantizeLinear"),
+            DequantizeLinear { axis: 1 },
+            vec![Patch::wire(qn, 0), sw, zw],
+        );
+        let q = (Patch::wire(dn, 0), (scale, zero), sqnr);
+        self.made.insert(o, q);
+        Ok(q)
+    }
+}
+
 impl StaticQdq {
+    fn convs(&self, g: &Graph) -> Result<Vec<ConvTarget>> {
+        // Relu / Clip(0, _) fold into u8 ranges, whose zero point is then 0.
+        let fold = self.activation_type == ActivationType::U8;
+        find_conv_targets(g, &self.selection.exclude, &self.selection.skip, fold)
+    }
+
     fn activation_points(&self, g: &Graph) -> Result<Vec<OutletId>> {
         let mut v: Vec<OutletId> = self.selection.targets(g)?.iter().map(|t| t.x).collect();
+        for c in self.convs(g)? {
+            v.push(c.x);
+            if c.quantize_output {
+                v.push(c.out);
+            }
+        }
         if self.activation_matmuls {
             for id in activation_matmuls(g, &self.selection.exclude, &self.selection.skip) {
                 v.extend(g.node(id).inputs.iter().copied());
@@ -218,6 +278,68 @@ impl StaticQdq {
         v.sort();
         v.dedup();
         Ok(v)
+    }
+
+    /// Rewrites convolution `c` (its input's QDQ from `qdq`) and quantizes its output.
+    fn conv(&self, p: &mut Patch, qdq: &mut QdqBuilder, c: &ConvTarget) -> Result<LayerReport> {
+        let (x, act, act_sqnr) = qdq.at(p, c.x, c.x.into())?;
+        let (m, w) = (c.channels(), c.w.as_slice::<f32>()?);
+        let mut q = quantize_int8_conv_weight(w, m, self.granularity);
+        let per_channel = q.scales.len() > 1;
+        let bias = c.bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
+        for (i, &b) in bias.unwrap_or_default().iter().enumerate() {
+            // A channel with (near) zero weights gets a tiny scale, and its bias at scale
+            // x_scale * w_scale would overflow i32: widen the weight scale until it fits.
+            q.raise_scale(w, if per_channel { i } else { 0 }, b.abs() / (act.0 * BIAS_CODE_LIMIT));
+        }
+        let channel_shape = |len: usize| if per_channel { vec![len] } else { vec![] };
+        let wq = konst(
+            p,
+            &format!("{}/weight_quantized", c.name),
+            Tensor::from_vec(c.w.shape().to_vec(), q.values.clone())?,
+        );
+        let ws = konst(p, &format!("{}/weight_scale", c.name), Tensor::from_vec(channel_shape(m), q.scales.clone())?);
+        let wz = konst(
+            p,
+            &format!("{}/weight_zero_point", c.name),
+            Tensor::from_vec(channel_shape(m), vec![0i8; q.scales.len()])?,
+        );
+        let wd =
+            p.add_node(&format!("{}/weight_DequantizeLinear", c.name), DequantizeLinear { axis: 0 }, vec![wq, ws, wz]);
+        let mut inputs = vec![x, Patch::wire(wd, 0)];
+        if let Some(b) = bias {
+            // i32 at scale x_scale * w_scale: the sum's own scale, so it adds to the integer
+            // accumulator as is.
+            let scales: Vec<f32> = q.scales.iter().map(|&s| act.0 * s).collect();
+            let codes: Vec<i32> = b
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let s = scales[if per_channel { i } else { 0 }];
+                    (v as f64 / s as f64).round_ties_even().clamp(i32::MIN as f64, i32::MAX as f64) as i32
+                })
+                .collect();
+            let bq = konst(p, &format!("{}/bias_quantized", c.name), Tensor::from_vec(vec![m], codes)?);
+            let bs = konst(p, &format!("{}/bias_scale", c.name), Tensor::from_vec(channel_shape(m), scales)?);
+            inputs.push(Patch::wire(
+                p.add_node(&format!("{}/bias_DequantizeLinear", c.name), DequantizeLinear { axis: 0 }, vec![bq, bs]),
+                0,
+            ));
+        }
+        let conv = Patch::wire(p.add_node(&c.name, Conv { attrs: c.attrs.clone() }, inputs), 0);
+        let y = if c.quantize_output { qdq.at(p, c.out, conv)?.0 } else { conv };
+        p.shunt(c.out, y);
+        let k = w.len() / m;
+        let mut r = LayerReport::new(&c.name, "int8-qdq-conv", 8, [k, m]);
+        let (lo, hi) = q.scales.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
+        r.weight_scale = Some((lo, hi));
+        r.weight_sqnr_db = Some(sqnr_db(w, &q.dequantize()));
+        r.activation = Some(act);
+        r.activation_sqnr_db = act_sqnr;
+        if c.folds_activation {
+            r.note = Some(format!("{} folded into the output range", qdq.g.node(c.out.node).op.as_def().name()));
+        }
+        Ok(r)
     }
 }
 
@@ -236,30 +358,14 @@ impl Algorithm for StaticQdq {
 
     fn apply(&self, g: &Graph, stats: &Statistics) -> Result<(Graph, Report)> {
         let targets = self.selection.targets(g)?;
-        require_some(&targets, self.name())?;
+        let convs = self.convs(g)?;
+        require_some(&targets, Some(&convs), self.name())?;
         let mut p = Patch::new();
         let mut report = Report::default();
-        let zero_of = |z: i32| match self.activation_type {
-            ActivationType::U8 => Tensor::scalar(z as u8),
-            ActivationType::I8 => Tensor::scalar(z as i8),
-        };
-        // One QuantizeLinear/DequantizeLinear pair per activation, shared by its readers.
-        let mut qdq: HashMap<OutletId, ActivationQdq> = HashMap::new();
-        for o in self.activation_points(g)? {
-            let st = stats.get(o)?;
-            let (lo, hi) = activation_range(st, self.method, self.percentile, self.activation_type);
-            let (s, z) = self.activation_type.params(lo, hi);
-            let sqnr = st.hist.as_ref().map(|h| histogram_sqnr_db(h, s, z, self.activation_type.qrange()));
-            let base = value_name(g, o);
-            let sw = konst(&mut p, &format!("{base}_scale"), Tensor::scalar(s));
-            let zw = konst(&mut p, &format!("{base}_zero_point"), zero_of(z));
-            let qn = p.add_node(&format!("{base}_QuantizeLinear"), QuantizeLinear { axis: 1 }, vec![o.into(), sw, zw]);
-            let dn = p.add_node(
-                &format!("{base}_DequantizeLinear"),
-                DequantizeLinear { axis: 1 },
-                vec![Patch::wire(qn, 0), sw, zw],
-            );
-            qdq.insert(o, (Patch::wire(dn, 0), (s, z), sqnr));
+        let mut qdq = QdqBuilder { scheme: self, g, stats, made: HashMap::new() };
+        // In graph order, so a conv's quantized output exists before the convs reading it.
+        for c in &convs {
+            report.layers.push(self.conv(&mut p, &mut qdq, c)?);
         }
         for t in &targets {
             let w = t.weight()?;
@@ -273,21 +379,22 @@ impl Algorithm for StaticQdq {
                 DequantizeLinear { axis: 1 },
                 vec![wq, ws, wz],
             );
-            let (xw, act, act_sqnr) = qdq[&t.x];
+            let (xw, act, act_sqnr) = qdq.at(&mut p, t.x, t.x.into())?;
             let mm = p.add_node(&t.name, MatMul, vec![xw, Patch::wire(wd, 0)]);
             p.shunt(OutletId::new(t.node, 0), Patch::wire(mm, 0));
             let mut r = int8_report(t, self.name(), &q, w);
             r.activation = Some(act);
             r.activation_sqnr_db = act_sqnr;
             if self.bias_correction {
-                r.note = correct_bias(&mut p, g, t, stats, Patch::wire(mm, 0), &q.dequantize(t.n))?;
+                r.note = correct_bias(&mut p, g, t, stats, Patch::wire(mm, 0), &q.dequantize())?;
             }
             report.layers.push(r);
         }
         if self.activation_matmuls {
             for id in activation_matmuls(g, &self.selection.exclude, &self.selection.skip) {
                 let n = g.node(id);
-                let (a, b) = (qdq[&n.inputs[0]], qdq[&n.inputs[1]]);
+                let a = qdq.at(&mut p, n.inputs[0], n.inputs[0].into())?;
+                let b = qdq.at(&mut p, n.inputs[1], n.inputs[1].into())?;
                 let mm = p.add_node(&n.name, MatMul, vec![a.0, b.0]);
                 p.shunt(OutletId::new(id, 0), Patch::wire(mm, 0));
                 let mut r = LayerReport::new(&n.name, "int8-qdq-act", 8, [0, 0]);
@@ -342,7 +449,7 @@ impl Algorithm for WeightOnly {
 
     fn apply(&self, g: &Graph, stats: &Statistics) -> Result<(Graph, Report)> {
         let targets = self.selection.targets(g)?;
-        require_some(&targets, self.name())?;
+        require_some(&targets, None, self.name())?;
         if self.bits == 4 {
             if let Some(t) = targets.iter().find(|t| t.k % self.group_size != 0) {
                 return Err(CompressError::Recipe(format!(
@@ -381,7 +488,7 @@ impl Algorithm for WeightOnly {
                 );
                 let mm = p.add_node(&t.name, MatMul, vec![t.x.into(), Patch::wire(wd, 0)]);
                 let r = int8_report(t, &format!("{scheme}{algo}"), &q, w);
-                (Patch::wire(mm, 0), q.dequantize(t.n), r)
+                (Patch::wire(mm, 0), q.dequantize(), r)
             } else {
                 let gw: GroupWeight = if self.gptq {
                     let gram = stats.get(t.x)?.gram.as_ref().ok_or_else(|| {
@@ -446,7 +553,7 @@ impl Algorithm for HalfWeights {
 
     fn apply(&self, g: &Graph, _: &Statistics) -> Result<(Graph, Report)> {
         let targets = self.selection.targets(g)?;
-        require_some(&targets, self.name())?;
+        require_some(&targets, None, self.name())?;
         let mut p = Patch::new();
         let mut report = Report::default();
         let scheme = if self.dtype == DType::BF16 { "bf16" } else { "fp16" };
@@ -561,5 +668,131 @@ impl Algorithm for EmbeddingBlock {
         let mut out = g.clone();
         out.apply(p)?;
         Ok((out, report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::pipeline::quantize;
+    use crate::quant::Granularity;
+    use crate::range::ActivationType;
+    use crate::recipe::{Mode, QuantRecipe};
+    use slimnn_ir::ops::{
+        BatchNorm, Binary, BinaryOp, Clip, Conv, ConvAttrs, Flatten, Gemm, GlobalPool, Unary, UnaryOp,
+    };
+    use slimnn_ir::{Fact, Graph, OutletId};
+    use slimnn_runtime::{Runnable, RuntimeConfig};
+    use slimnn_tensor::{DType, Tensor};
+
+    /// Deterministic values in `[-1, 1)`.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// A small mobile-style CNN: conv 3x3 + BatchNorm + ReLU6, depthwise 3x3 + ReLU, pointwise
+    /// 1x1 with a residual add, global average pool, classifier Gemm.
+    fn cnn() -> Graph {
+        let mut g = Graph::default();
+        let c = |g: &mut Graph, name: &str, shape: Vec<usize>, seed: u64, scale: f32| -> OutletId {
+            let n: usize = shape.iter().product();
+            let mut v: Vec<f32> = values(n, seed).into_iter().map(|v| v * scale).collect();
+            if name.starts_with('w') && name != "w4" {
+                // A dead output channel (all-zero weights) whose bias still matters.
+                v[..n / shape[0]].fill(0.0);
+            }
+            g.add_const(name, Tensor::from_vec(shape, v).unwrap()).unwrap()
+        };
+        let x = g.add_input("x", Fact::known(DType::F32, &[1, 3, 8, 8])).unwrap();
+        let pad1 = ConvAttrs { pads: vec![1, 1, 1, 1], ..ConvAttrs::default() };
+        let (w1, b1) = (c(&mut g, "w1", vec![8, 3, 3, 3], 1, 0.5), c(&mut g, "b1", vec![8], 2, 0.2));
+        let y = g.add_node("conv1", Conv { attrs: pad1.clone() }, vec![x, w1, b1]).unwrap()[0];
+        let bn: Vec<OutletId> = (0..4).map(|i| c(&mut g, &format!("bn{i}"), vec![8], 10 + i, 0.3)).collect();
+        let var = g.add_const("bn_var", Tensor::from_vec(vec![8], vec![0.5f32; 8]).unwrap()).unwrap();
+        let mean_ix = 2;
+        let y = g.add_node("bn", BatchNorm { epsilon: 1e-3 }, vec![y, bn[0], bn[1], bn[mean_ix], var]).unwrap()[0];
+        let (lo, hi) =
+            (g.add_const("lo", Tensor::scalar(0f32)).unwrap(), g.add_const("hi", Tensor::scalar(6f32)).unwrap());
+        let a1 = g.add_node("relu6", Clip, vec![y, lo, hi]).unwrap()[0];
+        let dw_attrs = ConvAttrs { group: 8, ..pad1 };
+        let (w2, b2) = (c(&mut g, "w2", vec![8, 1, 3, 3], 3, 0.8), c(&mut g, "b2", vec![8], 4, 0.2));
+        let y = g.add_node("dw", Conv { attrs: dw_attrs }, vec![a1, w2, b2]).unwrap()[0];
+        let a2 = g.add_node("relu", Unary(UnaryOp::Relu), vec![y]).unwrap()[0];
+        let (w3, b3) = (c(&mut g, "w3", vec![8, 8, 1, 1], 5, 0.4), c(&mut g, "b3", vec![8], 6, 0.1));
+        let y = g.add_node("pw", Conv { attrs: ConvAttrs::default() }, vec![a2, w3, b3]).unwrap()[0];
+        let y = g.add_node("residual", Binary(BinaryOp::Add), vec![y, a1]).unwrap()[0];
+        let y = g.add_node("pool", GlobalPool { max: false }, vec![y]).unwrap()[0];
+        let y = g.add_node("flatten", Flatten { axis: 1 }, vec![y]).unwrap()[0];
+        let (w4, b4) = (c(&mut g, "w4", vec![5, 8], 7, 0.5), c(&mut g, "b4", vec![5], 8, 0.1));
+        let gemm = Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+        let y = g.add_node("fc", gemm, vec![y, w4, b4]).unwrap()[0];
+        g.add_output("logits", y);
+        g
+    }
+
+    fn input(seed: u64) -> Vec<(String, Tensor)> {
+        let v = values(3 * 64, seed).into_iter().map(|v| v * 2.0).collect();
+        vec![("x".to_string(), Tensor::from_vec(vec![1, 3, 8, 8], v).unwrap())]
+    }
+
+    fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b) = (a.to_f64_vec(), b.to_f64_vec());
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        dot / (a.iter().map(|x| x * x).sum::<f64>() * b.iter().map(|x| x * x).sum::<f64>()).sqrt()
+    }
+
+    /// Static quantization of convolutions: BatchNorm folded, ReLU6 / ReLU folded into u8 ranges
+    /// (kept with i8), every conv written as `Q(Conv(DQ, DQ, DQ(b_i32)))`, which the runtime
+    /// executes as `QLinearConv`; close to the float model on unseen inputs.
+    #[test]
+    fn static_quantization_of_convolutions() {
+        let g = cnn();
+        let calibration: Vec<Vec<(String, Tensor)>> = (0..8).map(|i| input(100 + i)).collect();
+        for (activation_type, granularity) in [
+            (ActivationType::U8, Granularity::PerChannel),
+            (ActivationType::U8, Granularity::PerTensor),
+            (ActivationType::I8, Granularity::PerChannel),
+        ] {
+            let case = format!("{activation_type:?} {granularity:?}");
+            let recipe = QuantRecipe { mode: Mode::Static, activation_type, granularity, ..QuantRecipe::default() };
+            let (q, report) = quantize(&g, &recipe, &calibration, &mut |_| {}).unwrap();
+            let h = q.op_histogram();
+            let folded = activation_type == ActivationType::U8;
+            let kept = if folded { None } else { Some(&1) };
+            assert_eq!(h.get("BatchNormalization"), None, "{case}: {h:?}");
+            assert_eq!((h.get("Conv"), h.get("Clip"), h.get("Relu")), (Some(&3), kept, kept), "{case}: {h:?}");
+            // x, the three conv outputs (after their activation when folded) and the fc input;
+            // unfolded activations' outputs are quantized again for their reader.
+            assert_eq!(h.get("QuantizeLinear"), Some(if folded { &5 } else { &7 }), "{case}: {h:?}");
+            let schemes: Vec<&str> = report.layers.iter().map(|l| l.scheme.as_str()).collect();
+            assert_eq!(schemes, ["int8-qdq-conv", "int8-qdq-conv", "int8-qdq-conv", "int8-qdq"], "{case}");
+            assert_eq!(report.layers[0].shape, [27, 8], "{case}");
+            assert!(report.layers[..3].iter().all(|l| l.weight_sqnr_db.unwrap() > 30.0), "{case}: {report:?}");
+
+            let rt = Runnable::new(q.clone(), RuntimeConfig::with_threads(1)).unwrap();
+            let fused = rt.report().passes.iter().find(|(p, _)| p == "fuse-qdq-conv").map(|(_, n)| *n);
+            assert_eq!(fused, Some(3), "{case}: {:?}", rt.report().passes);
+            let kernels = rt.plan_for(&[vec![1, 3, 8, 8]]).unwrap().summary().kernels;
+            let qconvs: usize = kernels.iter().filter(|(k, _)| k.starts_with("qlinear_conv")).map(|(_, n)| n).sum();
+            assert_eq!(qconvs, 3, "{case}: {kernels:?}");
+            let mut state = rt.new_state();
+            for seed in 0..4 {
+                let x = input(seed);
+                let float = g.eval(x.clone()).unwrap();
+                let graph = q.eval(x.clone()).unwrap();
+                let runtime = rt.run(&mut state, x).unwrap();
+                let (to_float, to_graph) = (cosine(&float[0], &graph[0]), cosine(&graph[0], &runtime[0]));
+                assert!(to_float > 0.999, "{case}: cosine to the float model {to_float}");
+                // The integer convolution rounds its sum once less than the QDQ graph.
+                assert!(to_graph > 0.9999, "{case}: runtime vs QDQ graph cosine {to_graph}");
+            }
+        }
     }
 }

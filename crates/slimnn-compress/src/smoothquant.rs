@@ -42,7 +42,7 @@ impl Algorithm for SmoothQuant {
 
     fn apply(&self, g: &Graph, stats: &Statistics) -> Result<(Graph, Report)> {
         let targets = self.selection.targets_of(g)?;
-        require_some(&targets, self.name())?;
+        require_some(&targets, None, self.name())?;
         let mut groups: BTreeMap<OutletId, Vec<&Target>> = BTreeMap::new();
         for t in &targets {
             groups.entry(t.x).or_default().push(t);

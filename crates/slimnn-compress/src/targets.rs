@@ -1,9 +1,9 @@
 //! Which nodes quantization rewrites: `MatMul`s with a constant 2-d f32 weight (and, when
-//! asked, matmuls of two activations), minus excluded names. Weight `Gemm`s are first split
-//! into that form ([`split_gemms`]).
+//! asked, matmuls of two activations) and `Conv`s with constant f32 weights, minus excluded
+//! names. Weight `Gemm`s are first split into that form ([`split_gemms`]).
 
 use crate::{CompressError, Result};
-use slimnn_ir::ops::{Binary, BinaryOp, Const, Gemm, MatMul};
+use slimnn_ir::ops::{Binary, BinaryOp, Const, ConvAttrs, Gemm, MatMul, UnaryOp};
 use slimnn_ir::{Graph, NodeId, Op, OutletId, Patch};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::HashSet;
@@ -96,6 +96,97 @@ pub fn find_targets(g: &Graph, exclude: &[String], skip: &HashSet<String>) -> Re
     Ok(out)
 }
 
+/// A convolution `Conv(x, W[, b])` with constant f32 weights `[M, C / group, k...]`.
+#[derive(Debug, Clone)]
+pub struct ConvTarget {
+    pub node: NodeId,
+    pub name: String,
+    pub attrs: ConvAttrs,
+    pub x: OutletId,
+    pub w: Arc<Tensor>,
+    /// `[M]`.
+    pub bias: Option<Arc<Tensor>>,
+    /// The value quantized after the conv: its output, or the output of the `Relu` / `Clip(0, _)`
+    /// that alone reads it when that activation folds into the quantization range.
+    pub out: OutletId,
+    /// Whether `out` is the folded activation's output.
+    pub folds_activation: bool,
+    /// Whether `out` gets quantized: not when it is a model output (kept in float).
+    pub quantize_output: bool,
+}
+
+impl ConvTarget {
+    /// Output channels.
+    pub fn channels(&self) -> usize {
+        self.w.shape()[0]
+    }
+}
+
+/// Whether node `id` is `Relu` or `Clip(·, 0, max)` with constant bounds, both of which an
+/// asymmetric u8 quantization with zero point 0 and range top at most `max` performs exactly.
+fn zero_floor_activation(g: &Graph, id: NodeId) -> bool {
+    let n = g.node(id);
+    match n.op {
+        Op::Unary(slimnn_ir::ops::Unary(UnaryOp::Relu)) => true,
+        Op::Clip(_) => {
+            let bound = |i: usize| n.inputs.get(i).and_then(|&o| g.fact(o).konst.as_ref()).map(|t| t.to_f64_vec());
+            matches!((bound(1).as_deref(), bound(2).as_deref()), (Some([lo]), Some([hi])) if *lo == 0.0 && *hi > 0.0)
+        }
+        _ => false,
+    }
+}
+
+/// Every 2-d convolution of `g` with constant f32 weights (and bias) not excluded by a pattern
+/// nor in `skip`. With `fold_activations`, a `Relu` / `Clip(0, max)` that alone reads a conv's
+/// output is quantized instead of the conv output (what ONNX Runtime's quantizer does too).
+pub fn find_conv_targets(
+    g: &Graph,
+    exclude: &[String],
+    skip: &HashSet<String>,
+    fold_activations: bool,
+) -> Result<Vec<ConvTarget>> {
+    let consumers = g.consumers();
+    let outputs: Vec<OutletId> = g.outputs().iter().map(|(_, o)| *o).collect();
+    let mut out = Vec::new();
+    for (id, n) in g.nodes().iter().enumerate() {
+        let Op::Conv(conv) = &n.op else { continue };
+        let Some(w) = n.inputs.get(1).and_then(|&w| g.fact(w).konst.clone()) else { continue };
+        if w.dtype() != DType::F32 || w.rank() != 4 || w.shape()[0] == 0 || g.fact(n.inputs[0]).dtype != DType::F32 {
+            continue;
+        }
+        let bias = match n.inputs.get(2) {
+            None => None,
+            Some(&b) => match g.fact(b).konst.clone() {
+                Some(b) if b.dtype() == DType::F32 && b.len() == w.shape()[0] => Some(b),
+                _ => continue,
+            },
+        };
+        if exclude.iter().any(|p| name_matches(p, &n.name)) || skip.contains(&n.name) {
+            continue;
+        }
+        let y = OutletId::new(id, 0);
+        let readers = consumers.get(&y).map(Vec::as_slice).unwrap_or_default();
+        let (out_outlet, folds_activation) = match readers {
+            [(act, _)] if fold_activations && !outputs.contains(&y) && zero_floor_activation(g, *act) => {
+                (OutletId::new(*act, 0), true)
+            }
+            _ => (y, false),
+        };
+        out.push(ConvTarget {
+            node: id,
+            name: n.name.clone(),
+            attrs: conv.attrs.clone(),
+            x: n.inputs[0],
+            w,
+            bias,
+            out: out_outlet,
+            folds_activation,
+            quantize_output: !outputs.contains(&out_outlet),
+        });
+    }
+    Ok(out)
+}
+
 /// `Gemm(x, W, c)` with `alpha = beta = 1`, `x` not transposed, a constant 2-d f32 `W` and a
 /// constant per-column `c` (or none) becomes `MatMul(x, W or Wᵀ)` followed by `Add(c)`, the form
 /// every scheme quantizes (classifier heads and older exporters write Gemm). The MatMul keeps
@@ -163,14 +254,17 @@ pub fn activation_matmuls(g: &Graph, exclude: &[String], skip: &HashSet<String>)
         .collect()
 }
 
-/// Errors unless some layer is left to quantize.
-pub fn require_some(targets: &[Target], what: &str) -> Result<()> {
-    if targets.is_empty() {
-        return Err(CompressError::Model(format!(
-            "{what}: the model has no MatMul with a constant f32 [K, N] weight left to quantize"
-        )));
+/// Errors unless some layer is left to quantize (`convs`: whether the scheme also takes convolutions).
+pub fn require_some(targets: &[Target], convs: Option<&[ConvTarget]>, what: &str) -> Result<()> {
+    if !targets.is_empty() || convs.is_some_and(|c| !c.is_empty()) {
+        return Ok(());
     }
-    Ok(())
+    let layers = if convs.is_some() {
+        "MatMul with a constant f32 [K, N] weight and no Conv with constant f32 weights"
+    } else {
+        "MatMul with a constant f32 [K, N] weight"
+    };
+    Err(CompressError::Model(format!("{what}: the model has no {layers} left to quantize")))
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ pub mod pool;
 mod qdq;
 
 pub use exec::State;
+pub use fold::FoldConvBatchNorm;
 pub use optimize::{optimize, OptimizeReport};
 pub use plan::{Fusion, PlanSummary};
 
