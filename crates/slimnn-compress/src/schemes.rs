@@ -215,6 +215,31 @@ pub struct StaticQdq {
 /// Largest bias code written (2^30): leaves the integer sum the bias adds to room in i32.
 const BIAS_CODE_LIMIT: f32 = 1073741824.0;
 
+/// A layer's bias as `DequantizeLinear(b_i32)` at scale `x_scale * w_scale`, the integer sum's
+/// own scale, so it adds to the accumulator as is (how ONNX Runtime's quantizer writes it and
+/// what its integer fusions look for). Channels whose bias would overflow the codes (a tiny
+/// weight scale from (near) zero weights) get a wider weight scale first.
+fn int32_bias(p: &mut Patch, name: &str, bias: &[f32], x_scale: f32, q: &mut Int8Weight, w: &[f32]) -> Result<Wire> {
+    let per_channel = q.scales.len() > 1;
+    let channel = |i: usize| if per_channel { i } else { 0 };
+    for (i, &b) in bias.iter().enumerate() {
+        q.raise_scale(w, channel(i), b.abs() / (x_scale * BIAS_CODE_LIMIT));
+    }
+    let scales: Vec<f32> = q.scales.iter().map(|&s| x_scale * s).collect();
+    let codes: Vec<i32> = bias
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            (v as f64 / scales[channel(i)] as f64).round_ties_even().clamp(i32::MIN as f64, i32::MAX as f64) as i32
+        })
+        .collect();
+    let scale_shape = if per_channel { vec![scales.len()] } else { vec![] };
+    let bq = konst(p, &format!("{name}/bias_quantized"), Tensor::from_vec(vec![bias.len()], codes)?);
+    let bs = konst(p, &format!("{name}/bias_scale"), Tensor::from_vec(scale_shape, scales)?);
+    let dq = p.add_node(&format!("{name}/bias_DequantizeLinear"), DequantizeLinear { axis: 0 }, vec![bq, bs]);
+    Ok(Patch::wire(dq, 0))
+}
+
 /// Builds the quantize / dequantize pairs of one rewrite, one per activation, shared by its
 /// readers.
 struct QdqBuilder<'a> {
@@ -286,12 +311,10 @@ impl StaticQdq {
         let (m, w) = (c.channels(), c.w.as_slice::<f32>()?);
         let mut q = quantize_int8_conv_weight(w, m, self.granularity);
         let per_channel = q.scales.len() > 1;
-        let bias = c.bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
-        for (i, &b) in bias.unwrap_or_default().iter().enumerate() {
-            // A channel with (near) zero weights gets a tiny scale, and its bias at scale
-            // x_scale * w_scale would overflow i32: widen the weight scale until it fits.
-            q.raise_scale(w, if per_channel { i } else { 0 }, b.abs() / (act.0 * BIAS_CODE_LIMIT));
-        }
+        let bias = match &c.bias {
+            Some(b) => Some(int32_bias(p, &c.name, b.as_slice::<f32>()?, act.0, &mut q, w)?),
+            None => None,
+        };
         let channel_shape = |len: usize| if per_channel { vec![len] } else { vec![] };
         let wq = konst(
             p,
@@ -307,25 +330,7 @@ impl StaticQdq {
         let wd =
             p.add_node(&format!("{}/weight_DequantizeLinear", c.name), DequantizeLinear { axis: 0 }, vec![wq, ws, wz]);
         let mut inputs = vec![x, Patch::wire(wd, 0)];
-        if let Some(b) = bias {
-            // i32 at scale x_scale * w_scale: the sum's own scale, so it adds to the integer
-            // accumulator as is.
-            let scales: Vec<f32> = q.scales.iter().map(|&s| act.0 * s).collect();
-            let codes: Vec<i32> = b
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    let s = scales[if per_channel { i } else { 0 }];
-                    (v as f64 / s as f64).round_ties_even().clamp(i32::MIN as f64, i32::MAX as f64) as i32
-                })
-                .collect();
-            let bq = konst(p, &format!("{}/bias_quantized", c.name), Tensor::from_vec(vec![m], codes)?);
-            let bs = konst(p, &format!("{}/bias_scale", c.name), Tensor::from_vec(channel_shape(m), scales)?);
-            inputs.push(Patch::wire(
-                p.add_node(&format!("{}/bias_DequantizeLinear", c.name), DequantizeLinear { axis: 0 }, vec![bq, bs]),
-                0,
-            ));
-        }
+        inputs.extend(bias);
         let conv = Patch::wire(p.add_node(&c.name, Conv { attrs: c.attrs.clone() }, inputs), 0);
         let y = if c.quantize_output { qdq.at(p, c.out, conv)?.0 } else { conv };
         p.shunt(c.out, y);
@@ -369,7 +374,20 @@ impl Algorithm for StaticQdq {
         }
         for t in &targets {
             let w = t.weight()?;
-            let q = quantize_int8_weight(w, t.n, self.granularity);
+            let mut q = quantize_int8_weight(w, t.n, self.granularity);
+            let (xw, act, act_sqnr) = qdq.at(&mut p, t.x, t.x.into())?;
+            // The bias add in integer form too (unless bias correction rewrites it), so ONNX
+            // Runtime fuses the layer into an integer op instead of dequantizing its weight per run.
+            let bias_const = t.bias.filter(|_| !self.bias_correction).and_then(|(add, ix)| {
+                let b = g.fact(g.node(add).inputs[ix]).konst.clone()?;
+                Some((add, ix, b))
+            });
+            let bias = match bias_const {
+                Some((add, ix, b)) => {
+                    Some((add, ix, int32_bias(&mut p, &t.name, b.as_slice::<f32>()?, act.0, &mut q, w)?))
+                }
+                None => None,
+            };
             let (values, scale, zero) = int8_tensors(&q, t.k, t.n)?;
             let wq = konst(&mut p, &format!("{}/weight_quantized", t.name), values);
             let ws = konst(&mut p, &format!("{}/weight_scale", t.name), scale);
@@ -379,14 +397,18 @@ impl Algorithm for StaticQdq {
                 DequantizeLinear { axis: 1 },
                 vec![wq, ws, wz],
             );
-            let (xw, act, act_sqnr) = qdq.at(&mut p, t.x, t.x.into())?;
-            let mm = p.add_node(&t.name, MatMul, vec![xw, Patch::wire(wd, 0)]);
-            p.shunt(OutletId::new(t.node, 0), Patch::wire(mm, 0));
+            let mm = Patch::wire(p.add_node(&t.name, MatMul, vec![xw, Patch::wire(wd, 0)]), 0);
+            p.shunt(OutletId::new(t.node, 0), mm);
+            if let Some((add, ix, b)) = bias {
+                let ins = if ix == 0 { vec![b, mm] } else { vec![mm, b] };
+                let a = p.add_node(&g.node(add).name, Binary(BinaryOp::Add), ins);
+                p.shunt(OutletId::new(add, 0), Patch::wire(a, 0));
+            }
             let mut r = int8_report(t, self.name(), &q, w);
             r.activation = Some(act);
             r.activation_sqnr_db = act_sqnr;
             if self.bias_correction {
-                r.note = correct_bias(&mut p, g, t, stats, Patch::wire(mm, 0), &q.dequantize())?;
+                r.note = correct_bias(&mut p, g, t, stats, mm, &q.dequantize())?;
             }
             report.layers.push(r);
         }
