@@ -102,11 +102,24 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (norm(a) * norm(b))
 }
 
+/// Convolutions on integer kernels.
+fn integer_convs(kernels: &std::collections::BTreeMap<String, usize>) -> usize {
+    kernels.iter().filter(|(k, _)| k.starts_with("qlinear_conv") && k.ends_with("_int8")).map(|(_, n)| n).sum()
+}
+
+/// EfficientNet-Lite0's convolutions this host runs on integer kernels: the 33 pointwise and
+/// stem ones with VNNI, the 16 depthwise ones with VNNI and VBMI.
+fn expected_integer_convs() -> usize {
+    let gemm = if slimnn_kernels::qgemm::wx::wx_kernel().is_some() { 33 } else { 0 };
+    let depthwise = if slimnn_kernels::qgemm::dw::dw_kernel_available() { 16 } else { 0 };
+    gemm + depthwise
+}
+
 /// ONNX Runtime's `quantize_static` of EfficientNet-Lite0 with its default op types, in both
 /// formats: QDQ (each `Q(Conv(DQ, DQ, DQ))` read as a `QLinearConv`) and QOperator
 /// (`QLinearConv` and the `com.microsoft` `QLinearAdd`, `QLinearGlobalAveragePool` and `QGemm`
-/// ONNX Runtime writes). Convolutions run on the integer GEMM (VNNI hosts; depthwise ones, and
-/// all elsewhere, exactly on the f32 convolution kernels). Both must classify the photos as
+/// ONNX Runtime writes). Convolutions run on the integer kernels (VNNI hosts, depthwise ones
+/// with VBMI too; the rest exactly on the f32 convolution kernels). Both must classify the photos as
 /// ONNX Runtime does on the same file, with logits close to ONNX Runtime's (identical in the
 /// runs measured here).
 #[test]
@@ -150,10 +163,7 @@ fn onnxruntime_quantized_efficientnet_runs_like_onnxruntime() {
         // kernels; depthwise ones always on the latter.
         let convs: usize = summary.kernels.iter().filter(|(k, _)| k.starts_with("qlinear_conv")).map(|(_, n)| n).sum();
         assert_eq!(convs, 49, "{:#?}", summary.kernels);
-        if slimnn_kernels::qgemm::wx::wx_kernel().is_some() {
-            let int8: usize = summary.kernels.iter().filter(|(k, _)| k.ends_with("_int8")).map(|(_, n)| n).sum();
-            assert_eq!(int8, 33, "{:#?}", summary.kernels);
-        }
+        assert_eq!(integer_convs(&summary.kernels), expected_integer_convs(), "{:#?}", summary.kernels);
         let mut state = rt.new_state();
         for (stem, class) in IMAGES {
             let x = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
@@ -205,6 +215,7 @@ fn slimnn_static_int8_efficientnet_runs_on_integer_kernels_and_in_onnxruntime() 
     let summary = rt.plan_for(&[vec![1, 3, 224, 224]]).unwrap().summary();
     let qconvs: usize = summary.kernels.iter().filter(|(k, _)| k.starts_with("qlinear_conv")).map(|(_, n)| n).sum();
     assert_eq!(qconvs, 49, "{:#?}", summary.kernels);
+    assert_eq!(integer_convs(&summary.kernels), expected_integer_convs(), "{:#?}", summary.kernels);
     let fp32 = Runnable::new(g, RuntimeConfig::with_threads(2)).unwrap();
     let (mut state, mut fp32_state) = (rt.new_state(), fp32.new_state());
 

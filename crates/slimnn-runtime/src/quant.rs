@@ -121,7 +121,7 @@ pub enum QuantKernel {
     /// residual?]`.
     WeightOnly(WeightOnlyMatMul),
     /// `QLinearConv` on the convolution kernels, exactly; inputs `[x]`.
-    Conv(QLinearConvKernel),
+    Conv(Box<QLinearConvKernel>),
 }
 
 /// `QLinearConv`, exactly. Pointwise and `group == 1` convolutions run on the integer GEMM
@@ -139,6 +139,9 @@ pub struct QLinearConvKernel {
     conv: crate::conv::ConvKernel,
     /// The weights packed for the integer GEMM, when it runs this convolution.
     int8: Option<qgemm::PackedQW>,
+    /// Depthwise weights `[c, kh * kw]` (zero point 0) for the 8-bit depthwise kernel, when it
+    /// runs this convolution.
+    dw_int8: Option<Arc<[i8]>>,
     bias: Option<Arc<[i32]>>,
     x_zero: i32,
     /// One multiplier per output channel.
@@ -162,6 +165,12 @@ impl QLinearConvKernel {
             let xi = &bytes[i * in_len..(i + 1) * in_len];
             if let Some(w) = &self.int8 {
                 return self.run_int8(w, xi, signed, yi, par);
+            }
+            if let Some(w) = &self.dw_int8 {
+                let gp = if par { Par::Current } else { Par::Seq };
+                let g = dw_geom(&self.conv.geom);
+                let input = qgemm::dw::DwInput { data: xi, signed, zero: self.x_zero };
+                return Ok(qgemm::dw::depthwise_u8(&g, input, w, &self.requantize(), yi, gp)?);
             }
             if self.conv.method == crate::conv::ConvMethod::Depthwise {
                 // Centred as each plane is padded, requantized as each plane is done.
@@ -208,15 +217,20 @@ impl QLinearConvKernel {
 
     /// One image on the integer GEMM: its columns (the image itself for 1x1; else im2col,
     /// padded with the zero point as `QLinearConv` pads) packed, multiplied, requantized.
-    fn run_int8(&self, w: &qgemm::PackedQW, x: &[u8], signed: bool, y: &mut [u8], par: bool) -> Result<()> {
-        let g = &self.conv.geom;
-        let n = g.oh * g.ow;
-        let q = qgemm::Requantize {
+    /// The integer kernels' requantization: this node's.
+    fn requantize(&self) -> qgemm::Requantize<'_> {
+        qgemm::Requantize {
             multiplier: &self.multipliers,
             bias: self.bias.as_deref(),
             zero: self.y_zero,
             signed: self.y_dtype == DType::I8,
-        };
+        }
+    }
+
+    fn run_int8(&self, w: &qgemm::PackedQW, x: &[u8], signed: bool, y: &mut [u8], par: bool) -> Result<()> {
+        let g = &self.conv.geom;
+        let n = g.oh * g.ow;
+        let q = self.requantize();
         let gp = if par { Par::Current } else { Par::Seq };
         QCONV_INT_SCRATCH.with(|s| {
             let mut own = Default::default();
@@ -393,7 +407,9 @@ impl QuantKernel {
                 s
             }
             QuantKernel::GatherBlock(gb) => format!("gather_dequantize_int{}_b{}", gb.op.bits, gb.op.block_size),
-            QuantKernel::Conv(k) if k.int8.is_some() => format!("qlinear_{}_int8", k.conv.name()),
+            QuantKernel::Conv(k) if k.int8.is_some() || k.dw_int8.is_some() => {
+                format!("qlinear_{}_int8", k.conv.name())
+            }
             QuantKernel::Conv(k) => format!("qlinear_{}", k.conv.name()),
             QuantKernel::RowQuant(q) => {
                 let mut s = format!("quantize_rows_u8+qgemm_u8i8_{}", q.packed.kernel());
@@ -896,6 +912,23 @@ fn float_qconv_forced() -> bool {
 
 /// `QLinearConv(x, sx, zx, W const, sw, zw, sy, zy[, bias i32])` with constant parameters, on
 /// the f32 convolution kernels when its sums provably stay exact in f32.
+/// A depthwise convolution's geometry as the 8-bit depthwise kernel takes it.
+fn dw_geom(g: &crate::conv::ConvGeom) -> qgemm::dw::DwGeom {
+    qgemm::dw::DwGeom {
+        c: g.c_out,
+        h: g.h,
+        w: g.w,
+        kh: g.kh,
+        kw: g.kw,
+        sh: g.sh,
+        sw: g.sw,
+        pt: g.pt,
+        pl: g.pl,
+        oh: g.oh,
+        ow: g.ow,
+    }
+}
+
 fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) -> Result<Option<Group>> {
     let ins = &c.g.node(id).inputs;
     let (x, y) = (ins[0], out0(id));
@@ -949,6 +982,19 @@ fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) ->
         }
         _ => None,
     };
+    // Depthwise ones on the 8-bit depthwise kernel where the host has it: i8 weights around 0
+    // (u8 ones around 128, shifted).
+    let dw_int8 = match conv.method {
+        crate::conv::ConvMethod::Depthwise
+            if !float_qconv_forced()
+                && qgemm::dw::dw_kernel_available()
+                && qgemm::dw::dw_supported(&dw_geom(&conv.geom)) =>
+        {
+            let shift = if w.dtype() == DType::U8 { 128 } else { 0 };
+            wz.iter().all(|&z| z == shift as f64).then(|| wv.iter().map(|&v| (v - shift) as i8).collect())
+        }
+        _ => None,
+    };
     // Exactness in f32: |x - zx| <= x_max, so every partial sum is at most x_max * sum |w - zw|.
     // The bias (quantizers saturate it near 2^31 on dead channels) is added in f64 afterwards.
     let limit = (1u32 << 24) as f64;
@@ -956,20 +1002,21 @@ fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) ->
         let l1: f64 = centred[ch * per..(ch + 1) * per].iter().map(|v| v.abs() as f64).sum();
         x_max * l1 < limit
     });
-    if !((exact || int8.is_some()) && sy.is_finite() && sy > 0.0) {
+    if !((exact || int8.is_some() || dw_int8.is_some()) && sy.is_finite() && sy > 0.0) {
         return Ok(None);
     }
     // The reference's multiplier, operation for operation.
     let multipliers: Vec<f32> = ws.iter().map(|&s| sx * s as f32 / sy).collect();
-    let kernel = QuantKernel::Conv(QLinearConvKernel {
+    let kernel = QuantKernel::Conv(Box::new(QLinearConvKernel {
         conv,
         int8,
+        dw_int8,
         bias: bias.map(Arc::from),
         x_zero: zx[0],
         multipliers: Arc::from(multipliers),
         y_zero: zy[0],
         y_dtype: y_dt,
-    });
+    }));
     let fusion = Fusion { kind: kernel.name(), nodes: c.names(&[id]), note: String::new() };
     Ok(Some(Group {
         members: vec![id],
@@ -1342,6 +1389,7 @@ mod tests {
         group: usize,
         x_i8: bool,
         w_max: i32,
+        symmetric: bool,
     ) -> Graph {
         use slimnn_ir::ops::{ConvAttrs, QLinearConv};
         let mut g = Graph::default();
@@ -1365,8 +1413,13 @@ mod tests {
         let wz = g
             .add_const(
                 "wz",
-                Tensor::from_vec(vec![co], (0..co).map(|i| (w_max - 3 + (i % 7) as i32) as u8).collect::<Vec<u8>>())
-                    .unwrap(),
+                Tensor::from_vec(
+                    vec![co],
+                    (0..co)
+                        .map(|i| if symmetric { 128 } else { (w_max - 3 + (i % 7) as i32) as u8 })
+                        .collect::<Vec<u8>>(),
+                )
+                .unwrap(),
             )
             .unwrap();
         let ys = g.add_const("ys", Tensor::scalar(0.3f32)).unwrap();
@@ -1383,25 +1436,28 @@ mod tests {
     #[test]
     fn qlinear_conv_runs_exactly_on_the_conv_kernels() {
         let int8 = slimnn_kernels::qgemm::wx::wx_kernel().is_some();
+        let dw_int8 = slimnn_kernels::qgemm::dw::dw_kernel_available();
         for float in [false, true] {
             FLOAT_QCONV.set(float);
             // (c_in, c_out, k, stride, pad, group): pointwise, im2col, depthwise.
             for (c, co, k, stride, pad, group) in
                 [(6, 5, 1, 1, 0, 1), (4, 6, 3, 2, 1, 1), (6, 6, 3, 1, 1, 6), (5, 5, 5, 2, 2, 5)]
             {
-                for x_i8 in [false, true] {
-                    let g = qlinear_conv_graph(c, co, k, stride, pad, group, x_i8, 100);
+                // Symmetric weights (zero point 128 on u8) take the 8-bit depthwise kernel.
+                for (x_i8, symmetric) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let g = qlinear_conv_graph(c, co, k, stride, pad, group, x_i8, 100, symmetric);
                     let feeds =
                         vec![("x".to_string(), Tensor::from_vec(vec![2, c, 9, 11], values(2 * c * 99, 4)).unwrap())];
                     let kernels = check(g, feeds, 0.0);
                     let name = kernels.iter().find(|n| n.starts_with("qlinear_conv")).expect("a conv kernel");
-                    assert_eq!(name.ends_with("_int8"), int8 && !float && group == 1, "{kernels:?}");
+                    let on_int8 = if group == 1 { int8 } else { dw_int8 && symmetric };
+                    assert_eq!(name.ends_with("_int8"), on_int8 && !float, "{kernels:?}");
                     assert!(!kernels.iter().any(|n| n.starts_with("ref:QLinearConv")), "{kernels:?}");
                 }
             }
             // 2400 inputs x |w - zw| ~65 on average x |x - zx| up to 134 may pass 2^24: exact
             // in i32, but f32 could round, so without the integer GEMM the reference keeps it.
-            let g = qlinear_conv_graph(2400, 2, 1, 1, 0, 1, false, 127);
+            let g = qlinear_conv_graph(2400, 2, 1, 1, 0, 1, false, 127, false);
             let feeds =
                 vec![("x".to_string(), Tensor::from_vec(vec![2, 2400, 9, 11], values(2 * 2400 * 99, 5)).unwrap())];
             let kernels = check(g, feeds, 0.0);

@@ -18,6 +18,7 @@
 //! implemented: on an `amx` tier the AVX-512 VNNI kernel runs.
 
 mod driver;
+pub mod dw;
 mod kernels;
 pub mod quantize;
 pub mod wonly;

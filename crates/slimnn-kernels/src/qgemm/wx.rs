@@ -479,7 +479,7 @@ unsafe fn block<T: Tile>(job: &Job, rb: Range<usize>, ps: Range<usize>) {
 
 /// Whether `acc + bias` fits i32 for every `|acc| <= k * 255 * 255`.
 #[inline(always)]
-fn bias_fits(bias: i32, k: usize) -> bool {
+pub(super) fn bias_fits(bias: i32, k: usize) -> bool {
     (bias as i64).abs() + (k * 255 * 255) as i64 <= i32::MAX as i64
 }
 

@@ -1,0 +1,378 @@
+//! 8-bit depthwise convolution with requantized 8-bit output (`QLinearConv` with
+//! `group == channels`), exact in i32.
+//!
+//! Each output is `sum_t w[t] * (x[t] - zx)` over the taps of its channel. With AVX-512 VNNI
+//! and VBMI, `vpdpbusd` sums four taps of a kernel row per i32 lane: one `vpermb` turns a
+//! padded input row into, for each of 16 outputs, the four bytes under those taps (any stride
+//! up to 3, so strided convolutions need no column split), and the channel's four weights are
+//! one broadcast dword. The raw `sum w * x` is corrected by `zx * sum w` (the zero-point
+//! border makes padding exact) and requantized in registers, as [`Requantize`] does.
+
+use super::wx::Requantize;
+use crate::gemm::Par;
+use crate::KernelError;
+use std::cell::RefCell;
+
+/// One image's depthwise convolution: `c` channels of `h x w` in, `oh x ow` out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DwGeom {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    /// Top and left padding (the bottom and right follow from `oh`, `ow`).
+    pub pt: usize,
+    pub pl: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl DwGeom {
+    fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+
+    /// Padded rows and row length the outputs read.
+    fn padded(&self) -> (usize, usize) {
+        ((self.oh - 1) * self.sh + self.kh, (self.ow - 1) * self.sw + self.kw)
+    }
+}
+
+/// Whether this host has the vector kernel (AVX-512 VNNI and VBMI, within the tier cap).
+pub fn dw_kernel_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::QKernel::active() == super::QKernel::Avx512Vnni && std::is_x86_feature_detected!("avx512vbmi");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Most four-tap chunks a kernel may have (`kh * ceil(kw / 4)`: 8x8 kernels and beyond fit).
+const MAX_CHUNKS: usize = 64;
+
+/// Whether [`depthwise_u8`] takes `g`: strides up to 3 (a 16-output block's bytes fit one
+/// 64-byte `vpermb`), at most [`MAX_CHUNKS`] four-tap chunks.
+pub fn dw_supported(g: &DwGeom) -> bool {
+    let sizes = g.sh >= 1 && g.kw >= 1 && g.kh >= 1 && g.oh >= 1 && g.ow >= 1;
+    sizes && (1..=3).contains(&g.sw) && g.kh * g.kw.div_ceil(4) <= MAX_CHUNKS
+}
+
+thread_local! {
+    /// A channel's padded plane.
+    static PLANE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Bytes read past a padded plane's last row by the 64-byte loads.
+const SLACK: usize = 64;
+
+/// A depthwise convolution's 8-bit input: `[c, h, w]` bytes (`signed`: i8 bit patterns) and
+/// its zero point.
+#[derive(Clone, Copy, Debug)]
+pub struct DwInput<'a> {
+    pub data: &'a [u8],
+    pub signed: bool,
+    pub zero: i32,
+}
+
+/// `out[c] = requantize(sum_t w[c][t] * (x[c][t] - x.zero))`, weights `[c, kh * kw]` i8 with
+/// zero point 0, output `[c, oh, ow]`.
+pub fn depthwise_u8(
+    g: &DwGeom,
+    input: DwInput<'_>,
+    w: &[i8],
+    q: &Requantize<'_>,
+    out: &mut [u8],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    let DwInput { data: x, signed, zero: x_zero } = input;
+    let bad = |m: String| Err(KernelError::shape("depthwise_u8", m));
+    let (plane, oplane, taps) = (g.h * g.w, g.oh * g.ow, g.taps());
+    if !dw_supported(g) {
+        return bad(format!("unsupported geometry {g:?}"));
+    }
+    if x.len() != g.c * plane || w.len() != g.c * taps || out.len() != g.c * oplane {
+        return bad(format!("{} inputs, {} weights, {} outputs for {g:?}", x.len(), w.len(), out.len()));
+    }
+    if q.multiplier.len() != g.c || q.bias.is_some_and(|b| b.len() != g.c) {
+        return bad(format!("requantization for {} channels, not {}", q.multiplier.len(), g.c));
+    }
+    // i8 inputs shift to u8 (x ^ 0x80 = x + 128), and their zero point with them.
+    let zx = if signed { x_zero + 128 } else { x_zero };
+    if !(0..=255).contains(&zx) {
+        return bad(format!("input zero point {x_zero}"));
+    }
+    let tasks = par.threads().min(g.c).min((g.c * oplane * taps).div_ceil(1 << 16)).max(1);
+    let per = g.c.div_ceil(tasks);
+    let out_ptr = out.as_mut_ptr() as usize;
+    par.run_tasks(g.c.div_ceil(per), |t| {
+        let channels = t * per..((t + 1) * per).min(g.c);
+        PLANE.with(|p| {
+            let mut scratch = p.borrow_mut();
+            for c in channels {
+                // SAFETY: tasks own disjoint channel ranges of `out`.
+                let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut u8).add(c * oplane), oplane) };
+                let xc = &x[c * plane..(c + 1) * plane];
+                pad_channel(g, xc, signed, zx as u8, &mut scratch);
+                channel(g, &scratch, zx, &w[c * taps..(c + 1) * taps], q, c, o);
+            }
+        })
+    });
+    Ok(())
+}
+
+/// The channel's plane with a border of its zero point, rows `padded().1` long, then slack.
+fn pad_channel(g: &DwGeom, x: &[u8], signed: bool, zx: u8, scratch: &mut Vec<u8>) {
+    let (rows, pw) = g.padded();
+    scratch.clear();
+    scratch.resize(rows * pw + SLACK, zx);
+    let n = g.w.min(pw.saturating_sub(g.pl));
+    for iy in 0..g.h.min(rows.saturating_sub(g.pt)) {
+        let dst = &mut scratch[(iy + g.pt) * pw + g.pl..][..n];
+        let src = &x[iy * g.w..][..n];
+        if signed {
+            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v ^ 0x80);
+        } else {
+            dst.copy_from_slice(src);
+        }
+    }
+}
+
+/// One channel from its padded plane.
+fn channel(g: &DwGeom, padded: &[u8], zx: i32, w: &[i8], q: &Requantize<'_>, c: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if dw_kernel_available() && super::wx::bias_fits(q.bias.map_or(0, |b| b[c]), g.taps()) {
+        // SAFETY: the host has the features; `padded` has `SLACK` bytes past its rows.
+        return unsafe { x86::channel(g, padded, zx, w, q, c, out) };
+    }
+    channel_scalar(g, padded, zx, w, q, c, out)
+}
+
+/// The portable loop (and reference): exact i32 sums, then [`Requantize::apply`].
+fn channel_scalar(g: &DwGeom, padded: &[u8], zx: i32, w: &[i8], q: &Requantize<'_>, c: usize, out: &mut [u8]) {
+    let pw = g.padded().1;
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let mut acc = 0i32;
+            for ky in 0..g.kh {
+                let row = &padded[(oy * g.sh + ky) * pw + ox * g.sw..];
+                for kx in 0..g.kw {
+                    acc += w[ky * g.kw + kx] as i32 * (row[kx] as i32 - zx);
+                }
+            }
+            out[oy * g.ow + ox] = q.apply(c, acc);
+        }
+    }
+}
+
+/// Straight from the definition, for tests: unpadded input, taps outside it skipped.
+pub fn reference_depthwise_u8(g: &DwGeom, input: DwInput<'_>, w: &[i8], q: &Requantize<'_>, out: &mut [u8]) {
+    let DwInput { data: x, signed, zero: x_zero } = input;
+    for c in 0..g.c {
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let mut acc = 0i64;
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let (iy, ix) =
+                            ((oy * g.sh + ky) as isize - g.pt as isize, (ox * g.sw + kx) as isize - g.pl as isize);
+                        if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize {
+                            continue;
+                        }
+                        let v = x[c * g.h * g.w + iy as usize * g.w + ix as usize];
+                        let v = if signed { v as i8 as i64 } else { v as i64 };
+                        acc += w[(c * g.kh + ky) * g.kw + kx] as i64 * (v - x_zero as i64);
+                    }
+                }
+                out[(c * g.oh + oy) * g.ow + ox] = q.apply(c, acc as i32);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{DwGeom, Requantize, MAX_CHUNKS};
+    use std::arch::x86_64::*;
+
+    /// Independent accumulation chains in flight (`vpdpbusd` latency over its throughput).
+    const CHAINS: usize = 4;
+
+    /// # Safety
+    /// AVX-512 F/BW/VNNI/VBMI on the host; `padded` as `pad_channel` writes it (with slack);
+    /// the channel's bias passes `bias_fits`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    pub(super) unsafe fn channel(
+        g: &DwGeom,
+        padded: &[u8],
+        zx: i32,
+        w: &[i8],
+        q: &Requantize<'_>,
+        c: usize,
+        out: &mut [u8],
+    ) {
+        let pw = g.padded().1;
+        // Kernel rows in chunks of four taps: each chunk's offset in the plane and its
+        // weights as one dword (on the stack: no allocation per channel).
+        let chunks_per_row = g.kw.div_ceil(4);
+        let mut chunks = [(0usize, 0i32); MAX_CHUNKS];
+        for ky in 0..g.kh {
+            for j in 0..chunks_per_row {
+                let b: [u8; 4] = std::array::from_fn(|i| {
+                    let kx = 4 * j + i;
+                    if kx < g.kw {
+                        w[ky * g.kw + kx] as u8
+                    } else {
+                        0
+                    }
+                });
+                chunks[ky * chunks_per_row + j] = (ky * pw + 4 * j, i32::from_le_bytes(b));
+            }
+        }
+        let chunks = &chunks[..g.kh * chunks_per_row];
+        // Lane i's bytes: the four at columns sw * i + 0..4.
+        let idx: [u8; 64] = std::array::from_fn(|b| ((b / 4) * g.sw + b % 4) as u8);
+        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+        let sum_w: i32 = w.iter().map(|&v| v as i32).sum();
+        let term = _mm512_set1_epi32(q.bias.map_or(0, |b| b[c]) - zx * sum_w);
+        let (lo, hi) = if q.signed { (-128, 127) } else { (0, 255) };
+        let (flo, fhi) = (_mm512_set1_ps((lo - q.zero - 1) as f32), _mm512_set1_ps((hi - q.zero + 1) as f32));
+        let vm = _mm512_set1_ps(q.multiplier[c]);
+        let (zero, ilo, ihi) = (_mm512_set1_epi32(q.zero), _mm512_set1_epi32(lo), _mm512_set1_epi32(hi));
+        // Output blocks (row, first column), CHAINS at a time.
+        let blocks_per_row = g.ow.div_ceil(16);
+        let total = g.oh * blocks_per_row;
+        let base = padded.as_ptr();
+        let mut b0 = 0;
+        while b0 < total {
+            let n = CHAINS.min(total - b0);
+            let mut src = [base; CHAINS];
+            let mut dst = [(0usize, 0u16); CHAINS];
+            for (k, (s, d)) in src.iter_mut().zip(dst.iter_mut()).enumerate().take(n) {
+                let (oy, ox) = ((b0 + k) / blocks_per_row, (b0 + k) % blocks_per_row * 16);
+                *s = base.add(oy * g.sh * pw + ox * g.sw);
+                let left = (g.ow - ox).min(16);
+                *d = (oy * g.ow + ox, if left == 16 { !0 } else { (1u16 << left) - 1 });
+            }
+            let mut acc = [_mm512_setzero_si512(); CHAINS];
+            for &(off, wd) in chunks {
+                let wv = _mm512_set1_epi32(wd);
+                for k in 0..CHAINS {
+                    let v = _mm512_permutexvar_epi8(idx, _mm512_loadu_si512(src[k].add(off) as *const _));
+                    acc[k] = _mm512_dpbusd_epi32(acc[k], v, wv);
+                }
+            }
+            for k in 0..n {
+                // Exact in i32 (`bias_fits`); the conversion is the one rounding, and `cvtps`
+                // rounds half to even in the default mode, as `Requantize::finish` does.
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[k], term)), vm);
+                let r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, flo), fhi));
+                let y = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, zero), ilo), ihi);
+                let (at, mask) = dst[k];
+                _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(at) as *mut _, mask, y);
+            }
+            b0 += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(s: &mut u64) -> u64 {
+        *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *s >> 33
+    }
+
+    fn geom(c: usize, h: usize, w: usize, k: usize, s: usize, pad: usize) -> DwGeom {
+        let (oh, ow) = ((h + 2 * pad - k) / s + 1, (w + 2 * pad - k) / s + 1);
+        DwGeom { c, h, w, kh: k, kw: k, sh: s, sw: s, pt: pad, pl: pad, oh, ow }
+    }
+
+    /// Every shape family EfficientNet / MobileNet use, odd sizes around the 16-wide blocks,
+    /// u8 and i8 inputs and outputs, biases at the limits: the kernel equals the reference.
+    #[test]
+    fn depthwise_matches_the_reference_exactly() {
+        let mut s = 7u64;
+        let cases = [
+            geom(5, 7, 7, 3, 1, 1),
+            geom(3, 17, 33, 3, 2, 1),
+            geom(4, 14, 14, 5, 1, 2),
+            geom(3, 29, 31, 5, 2, 2),
+            geom(2, 9, 40, 3, 3, 1),
+            geom(2, 6, 5, 7, 1, 3),
+            geom(2, 1, 1, 1, 1, 0),
+            DwGeom { c: 2, h: 8, w: 9, kh: 3, kw: 3, sh: 2, sw: 2, pt: 0, pl: 0, oh: 4, ow: 4 },
+        ];
+        for g in cases {
+            for (signed, out_signed) in [(false, false), (true, true), (false, true)] {
+                let x: Vec<u8> = (0..g.c * g.h * g.w).map(|_| lcg(&mut s) as u8).collect();
+                let w: Vec<i8> = (0..g.c * g.taps()).map(|_| (lcg(&mut s) % 255) as i8).collect();
+                let multiplier: Vec<f32> = (0..g.c).map(|_| 1e-4 + (lcg(&mut s) % 100) as f32 * 3e-5).collect();
+                let mut bias: Vec<i32> = (0..g.c).map(|_| (lcg(&mut s) % 20001) as i32 - 10000).collect();
+                bias[0] = i32::MAX - 1;
+                let q = Requantize { multiplier: &multiplier, bias: Some(&bias), zero: 5, signed: out_signed };
+                let x_zero = if signed { -3 } else { 131 };
+                let mut want = vec![0u8; g.c * g.oh * g.ow];
+                let input = DwInput { data: &x, signed, zero: x_zero };
+                reference_depthwise_u8(&g, input, &w, &q, &mut want);
+                for threads in [1, 2] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut got = vec![0u8; want.len()];
+                    depthwise_u8(&g, input, &w, &q, &mut got, Par::Pool(&pool)).unwrap();
+                    assert_eq!(got, want, "{g:?} signed {signed}/{out_signed}, {threads} threads");
+                }
+                // The portable loop on its own.
+                let mut scratch = vec![];
+                let zx = if signed { x_zero + 128 } else { x_zero };
+                let oplane = g.oh * g.ow;
+                for c in 0..g.c {
+                    pad_channel(&g, &x[c * g.h * g.w..][..g.h * g.w], signed, zx as u8, &mut scratch);
+                    let mut o = vec![0u8; oplane];
+                    channel_scalar(&g, &scratch, zx, &w[c * g.taps()..][..g.taps()], &q, c, &mut o);
+                    assert_eq!(o, want[c * oplane..][..oplane], "{g:?} scalar channel {c}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let g = geom(2, 4, 4, 3, 1, 1);
+        let q = Requantize { multiplier: &[1.0, 1.0], bias: None, zero: 0, signed: false };
+        let mut out = vec![0u8; 32];
+        assert!(depthwise_u8(&g, DwInput { data: &[0; 31], signed: false, zero: 0 }, &[0; 18], &q, &mut out, Par::Seq)
+            .is_err());
+        assert!(depthwise_u8(
+            &g,
+            DwInput { data: &[0; 32], signed: false, zero: 300 },
+            &[0; 18],
+            &q,
+            &mut out,
+            Par::Seq
+        )
+        .is_err());
+        let q1 = Requantize { multiplier: &[1.0], ..q };
+        assert!(depthwise_u8(
+            &g,
+            DwInput { data: &[0; 32], signed: false, zero: 0 },
+            &[0; 18],
+            &q1,
+            &mut out,
+            Par::Seq
+        )
+        .is_err());
+        let wide = DwGeom { sw: 4, ..g };
+        assert!(depthwise_u8(
+            &wide,
+            DwInput { data: &[0; 32], signed: false, zero: 0 },
+            &[0; 18],
+            &q,
+            &mut out,
+            Par::Seq
+        )
+        .is_err());
+    }
+}
