@@ -67,6 +67,61 @@ thread_local! {
 /// Bytes read past a padded plane's last row by the 64-byte loads.
 const SLACK: usize = 64;
 
+/// What every channel of a call shares: where each kernel row's four-tap chunks read in the
+/// padded plane, and how outputs fill the vectors.
+struct Layout {
+    g: DwGeom,
+    /// Padded row length.
+    pw: usize,
+    chunks_per_row: usize,
+    /// Each chunk's offset from its output block's window.
+    offsets: [usize; MAX_CHUNKS],
+    /// A vector holds 16 outputs of a row, or whole rows of `ow < 16` (as many as its 64-byte
+    /// load reaches: outputs of consecutive rows are consecutive).
+    rows_per_vec: usize,
+    /// Outputs per vector row.
+    cols: usize,
+    /// Lane i's four bytes: at row `i / cols`, columns `(i % cols) * sw + 0..4` of the window.
+    idx: [u8; 64],
+    /// Whether the vector kernel runs.
+    vector: bool,
+}
+
+impl Layout {
+    fn new(g: &DwGeom) -> Layout {
+        let pw = g.padded().1;
+        let chunks_per_row = g.kw.div_ceil(4);
+        let mut offsets = [0usize; MAX_CHUNKS];
+        for ky in 0..g.kh {
+            for j in 0..chunks_per_row {
+                offsets[ky * chunks_per_row + j] = ky * pw + 4 * j;
+            }
+        }
+        let (rows_per_vec, cols) = if g.ow < 16 {
+            let mut r = 16 / g.ow;
+            while r > 1 && (r - 1) * g.sh * pw + (g.ow - 1) * g.sw + 3 >= 64 {
+                r -= 1;
+            }
+            (r, g.ow)
+        } else {
+            (1, 16)
+        };
+        let idx = std::array::from_fn(|b| {
+            let i = b / 4;
+            if i >= rows_per_vec * cols {
+                0
+            } else {
+                ((i / cols) * g.sh * pw + (i % cols) * g.sw + b % 4) as u8
+            }
+        });
+        Layout { g: *g, pw, chunks_per_row, offsets, rows_per_vec, cols, idx, vector: dw_kernel_available() }
+    }
+
+    fn chunks(&self) -> usize {
+        self.g.kh * self.chunks_per_row
+    }
+}
+
 /// A depthwise convolution's 8-bit input: `[c, h, w]` bytes (`signed`: i8 bit patterns) and
 /// its zero point.
 #[derive(Clone, Copy, Debug)]
@@ -106,6 +161,7 @@ pub fn depthwise_u8(
     let tasks = par.threads().min(g.c).min((g.c * oplane * taps).div_ceil(1 << 16)).max(1);
     let per = g.c.div_ceil(tasks);
     let out_ptr = out.as_mut_ptr() as usize;
+    let layout = Layout::new(g);
     par.run_tasks(g.c.div_ceil(per), |t| {
         let channels = t * per..((t + 1) * per).min(g.c);
         PLANE.with(|p| {
@@ -115,7 +171,7 @@ pub fn depthwise_u8(
                 let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut u8).add(c * oplane), oplane) };
                 let xc = &x[c * plane..(c + 1) * plane];
                 pad_channel(g, xc, signed, zx as u8, &mut scratch);
-                channel(g, &scratch, zx, &w[c * taps..(c + 1) * taps], q, c, o);
+                channel(&layout, &scratch, zx, &w[c * taps..(c + 1) * taps], q, c, o);
             }
         })
     });
@@ -140,13 +196,13 @@ fn pad_channel(g: &DwGeom, x: &[u8], signed: bool, zx: u8, scratch: &mut Vec<u8>
 }
 
 /// One channel from its padded plane.
-fn channel(g: &DwGeom, padded: &[u8], zx: i32, w: &[i8], q: &Requantize<'_>, c: usize, out: &mut [u8]) {
+fn channel(l: &Layout, padded: &[u8], zx: i32, w: &[i8], q: &Requantize<'_>, c: usize, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if dw_kernel_available() && super::wx::bias_fits(q.bias.map_or(0, |b| b[c]), g.taps()) {
+    if l.vector && super::wx::bias_fits(q.bias.map_or(0, |b| b[c]), l.g.taps()) {
         // SAFETY: the host has the features; `padded` has `SLACK` bytes past its rows.
-        return unsafe { x86::channel(g, padded, zx, w, q, c, out) };
+        return unsafe { x86::channel(l, padded, zx, w, q, c, out) };
     }
-    channel_scalar(g, padded, zx, w, q, c, out)
+    channel_scalar(&l.g, padded, zx, w, q, c, out)
 }
 
 /// The portable loop (and reference): exact i32 sums, then [`Requantize::apply`].
@@ -193,7 +249,7 @@ pub fn reference_depthwise_u8(g: &DwGeom, input: DwInput<'_>, w: &[i8], q: &Requ
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{DwGeom, Requantize, MAX_CHUNKS};
+    use super::{Layout, Requantize, MAX_CHUNKS};
     use std::arch::x86_64::*;
 
     /// Independent accumulation chains in flight (`vpdpbusd` latency over its throughput).
@@ -204,7 +260,7 @@ mod x86 {
     /// the channel's bias passes `bias_fits`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
     pub(super) unsafe fn channel(
-        g: &DwGeom,
+        l: &Layout,
         padded: &[u8],
         zx: i32,
         w: &[i8],
@@ -212,13 +268,11 @@ mod x86 {
         c: usize,
         out: &mut [u8],
     ) {
-        let pw = g.padded().1;
-        // Kernel rows in chunks of four taps: each chunk's offset in the plane and its
-        // weights as one dword (on the stack: no allocation per channel).
-        let chunks_per_row = g.kw.div_ceil(4);
-        let mut chunks = [(0usize, 0i32); MAX_CHUNKS];
+        let (g, pw, cpr) = (&l.g, l.pw, l.chunks_per_row);
+        // The channel's weights as one dword per chunk (zero past the kernel row).
+        let mut weights = [0i32; MAX_CHUNKS];
         for ky in 0..g.kh {
-            for j in 0..chunks_per_row {
+            for j in 0..cpr {
                 let b: [u8; 4] = std::array::from_fn(|i| {
                     let kx = 4 * j + i;
                     if kx < g.kw {
@@ -227,36 +281,37 @@ mod x86 {
                         0
                     }
                 });
-                chunks[ky * chunks_per_row + j] = (ky * pw + 4 * j, i32::from_le_bytes(b));
+                weights[ky * cpr + j] = i32::from_le_bytes(b);
             }
         }
-        let chunks = &chunks[..g.kh * chunks_per_row];
-        // Lane i's bytes: the four at columns sw * i + 0..4.
-        let idx: [u8; 64] = std::array::from_fn(|b| ((b / 4) * g.sw + b % 4) as u8);
-        let idx = _mm512_loadu_si512(idx.as_ptr() as *const _);
+        let chunks = l.offsets[..l.chunks()].iter().zip(&weights[..l.chunks()]);
+        let idx = _mm512_loadu_si512(l.idx.as_ptr() as *const _);
+        let (rows_per_vec, cols) = (l.rows_per_vec, l.cols);
         let sum_w: i32 = w.iter().map(|&v| v as i32).sum();
         let term = _mm512_set1_epi32(q.bias.map_or(0, |b| b[c]) - zx * sum_w);
         let (lo, hi) = if q.signed { (-128, 127) } else { (0, 255) };
         let (flo, fhi) = (_mm512_set1_ps((lo - q.zero - 1) as f32), _mm512_set1_ps((hi - q.zero + 1) as f32));
         let vm = _mm512_set1_ps(q.multiplier[c]);
         let (zero, ilo, ihi) = (_mm512_set1_epi32(q.zero), _mm512_set1_epi32(lo), _mm512_set1_epi32(hi));
-        // Output blocks (row, first column), CHAINS at a time.
-        let blocks_per_row = g.ow.div_ceil(16);
-        let total = g.oh * blocks_per_row;
+        // Output blocks (first row, first column), CHAINS at a time.
         let base = padded.as_ptr();
-        let mut b0 = 0;
-        while b0 < total {
-            let n = CHAINS.min(total - b0);
+        let (mut oy, mut ox) = (0, 0);
+        while oy < g.oh {
+            let mut n = 0;
             let mut src = [base; CHAINS];
             let mut dst = [(0usize, 0u16); CHAINS];
-            for (k, (s, d)) in src.iter_mut().zip(dst.iter_mut()).enumerate().take(n) {
-                let (oy, ox) = ((b0 + k) / blocks_per_row, (b0 + k) % blocks_per_row * 16);
-                *s = base.add(oy * g.sh * pw + ox * g.sw);
-                let left = (g.ow - ox).min(16);
-                *d = (oy * g.ow + ox, if left == 16 { !0 } else { (1u16 << left) - 1 });
+            while n < CHAINS && oy < g.oh {
+                src[n] = base.add(oy * g.sh * pw + ox * g.sw);
+                let left = if rows_per_vec > 1 { rows_per_vec.min(g.oh - oy) * g.ow } else { (g.ow - ox).min(16) };
+                dst[n] = (oy * g.ow + ox, if left == 16 { !0 } else { (1u16 << left) - 1 });
+                n += 1;
+                ox += cols;
+                if ox >= g.ow {
+                    (oy, ox) = (oy + rows_per_vec, 0);
+                }
             }
             let mut acc = [_mm512_setzero_si512(); CHAINS];
-            for &(off, wd) in chunks {
+            for (&off, &wd) in chunks.clone() {
                 let wv = _mm512_set1_epi32(wd);
                 for k in 0..CHAINS {
                     let v = _mm512_permutexvar_epi8(idx, _mm512_loadu_si512(src[k].add(off) as *const _));
@@ -272,7 +327,6 @@ mod x86 {
                 let (at, mask) = dst[k];
                 _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(at) as *mut _, mask, y);
             }
-            b0 += n;
         }
     }
 }
@@ -304,6 +358,7 @@ mod tests {
             geom(2, 9, 40, 3, 3, 1),
             geom(2, 6, 5, 7, 1, 3),
             geom(2, 1, 1, 1, 1, 0),
+            geom(3, 13, 8, 3, 2, 1),
             DwGeom { c: 2, h: 8, w: 9, kh: 3, kw: 3, sh: 2, sw: 2, pt: 0, pl: 0, oh: 4, ow: 4 },
         ];
         for g in cases {
@@ -374,5 +429,47 @@ mod tests {
             Par::Seq
         )
         .is_err());
+    }
+
+    /// EfficientNet-Lite0's depthwise layers one by one (best of 20 runs, one thread):
+    /// `cargo test --release -p slimnn-kernels --lib dw_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn dw_speed() {
+        let layers = [
+            (32, 112, 3, 1),
+            (96, 112, 3, 2),
+            (144, 56, 3, 1),
+            (144, 56, 5, 2),
+            (240, 28, 5, 1),
+            (240, 28, 3, 2),
+            (480, 14, 3, 1),
+            (480, 14, 5, 1),
+            (672, 14, 5, 1),
+            (672, 14, 5, 2),
+            (1152, 7, 5, 1),
+            (1152, 7, 3, 1),
+        ];
+        let mut s = 3u64;
+        let mut total = 0.0;
+        for (c, hw, k, stride) in layers {
+            let g = geom(c, hw, hw, k, stride, k / 2);
+            let x: Vec<u8> = (0..c * hw * hw).map(|_| lcg(&mut s) as u8).collect();
+            let w: Vec<i8> = (0..c * g.taps()).map(|_| (lcg(&mut s) % 255) as i8).collect();
+            let multiplier = vec![1e-3f32; c];
+            let q = Requantize { multiplier: &multiplier, bias: None, zero: 0, signed: false };
+            let mut out = vec![0u8; c * g.oh * g.ow];
+            let input = DwInput { data: &x, signed: false, zero: 128 };
+            let mut best = f64::INFINITY;
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                depthwise_u8(&g, input, &w, &q, &mut out, Par::Seq).unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            total += best;
+            let macs = (c * g.oh * g.ow * g.taps()) as f64;
+            eprintln!("{c}x{hw}x{hw} k{k} s{stride}: {:.3} ms, {:.1} GMAC/s", best * 1e3, macs / best / 1e9);
+        }
+        eprintln!("total {:.3} ms", total * 1e3);
     }
 }
