@@ -293,29 +293,17 @@ impl QLinearConvKernel {
 
     #[inline(always)]
     fn requantize_body(&self, c: usize, acc: &[f32], y: &mut [u8]) {
-        let (lo, hi) = if self.y_dtype == DType::U8 { (0, 255) } else { (-128, 127) };
-        let zy = self.y_zero;
-        // Adding 1.5 * 2^23 rounds to an integer, to nearest even, for |v| < 2^22 (in the
-        // default rounding mode), and leaves it in the low mantissa bits: integer arithmetic
-        // from there on, all of it vectorised (round_ties_even is a libm call on baseline
-        // x86-64, and `as` casts check for NaN one value at a time). Values are clamped
-        // first; beyond the output range rounding is moot. The sums are finite integers.
-        const MAGIC: f32 = 12_582_912.0;
-        let magic_bits = MAGIC.to_bits() as i32;
-        let (vlo, vhi) = ((lo - zy - 1) as f32, (hi - zy + 1) as f32);
+        // The integer kernels' rounding, on sums carried exactly by f32.
+        let q = self.requantize();
         let mult = self.multipliers[c];
         let b = self.bias.as_ref().map_or(0, |b| b[c]);
-        let finish = |v: f32| {
-            let r = (v * mult).clamp(vlo, vhi) + MAGIC;
-            ((r.to_bits() as i32 - magic_bits) + zy).clamp(lo, hi) as u8
-        };
         if (b as f32) as i64 == b as i64 {
             // An f32 bias: one f32 addition rounds the exact sum once.
             let bf = b as f32;
-            y.iter_mut().zip(acc).for_each(|(o, &a)| *o = finish(a + bf));
+            y.iter_mut().zip(acc).for_each(|(o, &a)| *o = q.finish(a + bf, mult));
         } else {
             let bd = b as f64;
-            y.iter_mut().zip(acc).for_each(|(o, &a)| *o = finish((a as f64 + bd) as f32));
+            y.iter_mut().zip(acc).for_each(|(o, &a)| *o = q.finish((a as f64 + bd) as f32, mult));
         }
     }
 }

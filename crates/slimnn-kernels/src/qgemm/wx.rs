@@ -280,12 +280,13 @@ impl Requantize<'_> {
         }
     }
 
-    /// `v * mult` rounded and offset. Adding 1.5 * 2^23 rounds to an integer, to nearest
-    /// even, for |v| < 2^22 and leaves it in the low mantissa bits, so the rest is integer
-    /// arithmetic that vectorises (`round_ties_even` is a libm call on baseline x86-64).
-    /// Values are clamped first; beyond the output range rounding is moot.
+    /// `v * mult` rounded and offset: the 8-bit output of the sum `v` (`f32(acc + bias)`).
+    /// Adding 1.5 * 2^23 rounds to an integer, to nearest even, for |v| < 2^22 and leaves it
+    /// in the low mantissa bits, so the rest is integer arithmetic that vectorises
+    /// (`round_ties_even` is a libm call on baseline x86-64). Values are clamped first; beyond
+    /// the output range rounding is moot.
     #[inline(always)]
-    fn finish(&self, v: f32, mult: f32) -> u8 {
+    pub fn finish(&self, v: f32, mult: f32) -> u8 {
         const MAGIC: f32 = 12_582_912.0;
         let (lo, hi) = self.bounds();
         let (vlo, vhi) = ((lo - self.zero - 1) as f32, (hi - self.zero + 1) as f32);
