@@ -16,13 +16,15 @@ use crate::quant::{
 };
 use crate::range::{activation_range, histogram_sqnr_db, ActivationType, CalibrationMethod};
 use crate::report::{LayerReport, Report};
-use crate::targets::{activation_matmuls, find_conv_targets, find_targets, require_some, ConvTarget, Target};
+use crate::targets::{
+    activation_matmuls, feature_map_adds, find_conv_targets, find_targets, require_some, ConvTarget, Target,
+};
 use crate::{Algorithm, CompressError, Result};
 use slimnn_ir::ops::{
     Binary, BinaryOp, Cast, Const, Conv, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, Gather,
     GatherBlockQuantized, MatMul, MatMulInteger, MatMulNBits, QuantizeLinear,
 };
-use slimnn_ir::{Graph, Op, OutletId, Patch, Wire};
+use slimnn_ir::{Graph, NodeId, Op, OutletId, Patch, Wire};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -287,13 +289,27 @@ impl StaticQdq {
         find_conv_targets(g, &self.selection.exclude, &self.selection.skip, fold)
     }
 
+    /// A CNN's residual adds (none without quantized convolutions).
+    fn adds(&self, g: &Graph, convs: &[ConvTarget]) -> Vec<NodeId> {
+        if convs.is_empty() {
+            return vec![];
+        }
+        feature_map_adds(g, &self.selection.exclude, &self.selection.skip)
+    }
+
     fn activation_points(&self, g: &Graph) -> Result<Vec<OutletId>> {
         let mut v: Vec<OutletId> = self.selection.targets(g)?.iter().map(|t| t.x).collect();
-        for c in self.convs(g)? {
+        let convs = self.convs(g)?;
+        for c in &convs {
             v.push(c.x);
             if c.quantize_output {
                 v.push(c.out);
             }
+        }
+        let outputs: Vec<OutletId> = g.outputs().iter().map(|(_, o)| *o).collect();
+        for id in self.adds(g, &convs) {
+            v.extend(g.node(id).inputs.iter().copied());
+            v.extend(Some(OutletId::new(id, 0)).filter(|o| !outputs.contains(o)));
         }
         if self.activation_matmuls {
             for id in activation_matmuls(g, &self.selection.exclude, &self.selection.skip) {
@@ -368,9 +384,29 @@ impl Algorithm for StaticQdq {
         let mut p = Patch::new();
         let mut report = Report::default();
         let mut qdq = QdqBuilder { scheme: self, g, stats, made: HashMap::new() };
-        // In graph order, so a conv's quantized output exists before the convs reading it.
-        for c in &convs {
-            report.layers.push(self.conv(&mut p, &mut qdq, c)?);
+        // Convolutions and residual adds in graph order, so each one's quantized output exists
+        // before the layers reading it.
+        let adds = self.adds(g, &convs);
+        let mut steps: Vec<(NodeId, Option<&ConvTarget>)> = convs.iter().map(|c| (c.node, Some(c))).collect();
+        steps.extend(adds.iter().map(|&id| (id, None)));
+        steps.sort_by_key(|(id, _)| *id);
+        let outputs: Vec<OutletId> = g.outputs().iter().map(|(_, o)| *o).collect();
+        for (id, conv) in steps {
+            match conv {
+                Some(c) => report.layers.push(self.conv(&mut p, &mut qdq, c)?),
+                None => {
+                    let n = g.node(id);
+                    let a = qdq.at(&mut p, n.inputs[0], n.inputs[0].into())?.0;
+                    let b = qdq.at(&mut p, n.inputs[1], n.inputs[1].into())?.0;
+                    let sum = Patch::wire(p.add_node(&n.name, Binary(BinaryOp::Add), vec![a, b]), 0);
+                    let out = OutletId::new(id, 0);
+                    let y = if outputs.contains(&out) { sum } else { qdq.at(&mut p, out, sum)?.0 };
+                    p.shunt(out, y);
+                }
+            }
+        }
+        if !adds.is_empty() {
+            report.notes.push(format!("{} residual adds read and write quantized activations", adds.len()));
         }
         for t in &targets {
             let w = t.weight()?;
@@ -702,7 +738,7 @@ mod tests {
     use slimnn_ir::ops::{
         BatchNorm, Binary, BinaryOp, Clip, Conv, ConvAttrs, Flatten, Gemm, GlobalPool, Unary, UnaryOp,
     };
-    use slimnn_ir::{Fact, Graph, OutletId};
+    use slimnn_ir::{Fact, Graph, Op, OutletId};
     use slimnn_runtime::{Runnable, RuntimeConfig};
     use slimnn_tensor::{DType, Tensor};
 
@@ -790,9 +826,13 @@ mod tests {
             let kept = if folded { None } else { Some(&1) };
             assert_eq!(h.get("BatchNormalization"), None, "{case}: {h:?}");
             assert_eq!((h.get("Conv"), h.get("Clip"), h.get("Relu")), (Some(&3), kept, kept), "{case}: {h:?}");
-            // x, the three conv outputs (after their activation when folded) and the fc input;
-            // unfolded activations' outputs are quantized again for their reader.
-            assert_eq!(h.get("QuantizeLinear"), Some(if folded { &5 } else { &7 }), "{case}: {h:?}");
+            // x, the three conv outputs (after their activation when folded), the residual sum
+            // and the fc input; unfolded activations' outputs are quantized again for their reader.
+            assert_eq!(h.get("QuantizeLinear"), Some(if folded { &6 } else { &8 }), "{case}: {h:?}");
+            // The residual add reads quantized activations (ONNX Runtime makes it a QLinearAdd).
+            let add = q.nodes().iter().find(|n| n.name == "residual").expect("the residual add");
+            let reads_dq = add.inputs.iter().all(|i| matches!(q.node(i.node).op, Op::DequantizeLinear(_)));
+            assert!(reads_dq, "{case}: {:?}", add.inputs);
             let schemes: Vec<&str> = report.layers.iter().map(|l| l.scheme.as_str()).collect();
             assert_eq!(schemes, ["int8-qdq-conv", "int8-qdq-conv", "int8-qdq-conv", "int8-qdq"], "{case}");
             assert_eq!(report.layers[0].shape, [27, 8], "{case}");

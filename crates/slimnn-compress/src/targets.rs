@@ -187,6 +187,25 @@ pub fn find_conv_targets(
     Ok(out)
 }
 
+/// `Add`s of two f32 activations with a 4-d output (a CNN's residual connections), not
+/// excluded: static quantization quantizes their inputs and output in a CNN, as ONNX
+/// Runtime's quantizer does, so that chains of residual blocks stay integer (`QLinearAdd`).
+pub fn feature_map_adds(g: &Graph, exclude: &[String], skip: &HashSet<String>) -> Vec<NodeId> {
+    g.nodes()
+        .iter()
+        .enumerate()
+        .filter(|(id, n)| {
+            matches!(n.op, Op::Binary(Binary(BinaryOp::Add)))
+                && n.inputs.len() == 2
+                && n.inputs.iter().all(|&i| g.fact(i).konst.is_none() && g.fact(i).dtype == DType::F32)
+                && g.fact(OutletId::new(*id, 0)).rank() == 4
+                && !exclude.iter().any(|p| name_matches(p, &n.name))
+                && !skip.contains(&n.name)
+        })
+        .map(|(id, _)| id)
+        .collect()
+}
+
 /// `Gemm(x, W, c)` with `alpha = beta = 1`, `x` not transposed, a constant 2-d f32 `W` and a
 /// constant per-column `c` (or none) becomes `MatMul(x, W or Wᵀ)` followed by `Add(c)`, the form
 /// every scheme quantizes (classifier heads and older exporters write Gemm). The MatMul keeps
