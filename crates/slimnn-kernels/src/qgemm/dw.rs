@@ -250,6 +250,7 @@ pub fn reference_depthwise_u8(g: &DwGeom, input: DwInput<'_>, w: &[i8], q: &Requ
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Layout, Requantize, MAX_CHUNKS};
+    use crate::qgemm::wx::ZmmRequantize;
     use std::arch::x86_64::*;
 
     /// Independent accumulation chains in flight (`vpdpbusd` latency over its throughput).
@@ -289,10 +290,7 @@ mod x86 {
         let (rows_per_vec, cols) = (l.rows_per_vec, l.cols);
         let sum_w: i32 = w.iter().map(|&v| v as i32).sum();
         let term = _mm512_set1_epi32(q.bias.map_or(0, |b| b[c]) - zx * sum_w);
-        let (lo, hi) = if q.signed { (-128, 127) } else { (0, 255) };
-        let (flo, fhi) = (_mm512_set1_ps((lo - q.zero - 1) as f32), _mm512_set1_ps((hi - q.zero + 1) as f32));
-        let vm = _mm512_set1_ps(q.multiplier[c]);
-        let (zero, ilo, ihi) = (_mm512_set1_epi32(q.zero), _mm512_set1_epi32(lo), _mm512_set1_epi32(hi));
+        let rq = ZmmRequantize::new(q, c, g.taps());
         // Output blocks (first row, first column), CHAINS at a time.
         let base = padded.as_ptr();
         let (mut oy, mut ox) = (0, 0);
@@ -319,13 +317,9 @@ mod x86 {
                 }
             }
             for k in 0..n {
-                // Exact in i32 (`bias_fits`); the conversion is the one rounding, and `cvtps`
-                // rounds half to even in the default mode, as `Requantize::finish` does.
-                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[k], term)), vm);
-                let r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, flo), fhi));
-                let y = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, zero), ilo), ihi);
+                // Exact in i32 (`bias_fits`).
                 let (at, mask) = dst[k];
-                _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(at) as *mut _, mask, y);
+                rq.store(out.as_mut_ptr().add(at), mask, _mm512_add_epi32(acc[k], term));
             }
         }
     }
@@ -365,7 +359,9 @@ mod tests {
             for (signed, out_signed) in [(false, false), (true, true), (false, true)] {
                 let x: Vec<u8> = (0..g.c * g.h * g.w).map(|_| lcg(&mut s) as u8).collect();
                 let w: Vec<i8> = (0..g.c * g.taps()).map(|_| (lcg(&mut s) % 255) as i8).collect();
-                let multiplier: Vec<f32> = (0..g.c).map(|_| 1e-4 + (lcg(&mut s) % 100) as f32 * 3e-5).collect();
+                // The last channel's multiplier would overflow the f32 -> i32 conversion unclamped.
+                let mut multiplier: Vec<f32> = (0..g.c).map(|_| 1e-4 + (lcg(&mut s) % 100) as f32 * 3e-5).collect();
+                multiplier[g.c - 1] = 1e5;
                 let mut bias: Vec<i32> = (0..g.c).map(|_| (lcg(&mut s) % 20001) as i32 - 10000).collect();
                 bias[0] = i32::MAX - 1;
                 let q = Requantize { multiplier: &multiplier, bias: Some(&bias), zero: 5, signed: out_signed };

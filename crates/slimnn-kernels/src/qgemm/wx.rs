@@ -498,9 +498,65 @@ fn requantize_row(q: &Requantize<'_>, i: usize, k: usize, term: i32, raw: &[i32]
     }
 }
 
+/// [`Requantize`] of one output channel on 16 sums in a zmm register.
+#[cfg(target_arch = "x86_64")]
+pub(super) struct ZmmRequantize {
+    mult: std::arch::x86_64::__m512,
+    /// f32 bounds that keep the conversion from overflowing, where the sums could reach it.
+    clamp: Option<(std::arch::x86_64::__m512, std::arch::x86_64::__m512)>,
+    zero: std::arch::x86_64::__m512i,
+    signed: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ZmmRequantize {
+    /// Channel `i`'s, for sums of `k` u8 x i8 products (plus its bias).
+    ///
+    /// # Safety
+    /// AVX-512 F on the host.
+    #[inline(always)]
+    pub(super) unsafe fn new(q: &Requantize<'_>, i: usize, k: usize) -> ZmmRequantize {
+        use std::arch::x86_64::*;
+        let mult = q.multiplier[i];
+        let (lo, hi) = q.bounds();
+        // |acc| <= k * 255 * 255: when |(acc + bias) * mult| stays below 2^30 the conversion
+        // cannot overflow, and the saturating narrowing store does the output clamp alone.
+        let reach = ((k * 255 * 255) as f64 + q.bias.map_or(0, |b| b[i]).unsigned_abs() as f64) * mult.abs() as f64;
+        let clamp = (reach.is_nan() || reach >= (1u64 << 30) as f64)
+            .then(|| (_mm512_set1_ps((lo - q.zero - 1) as f32), _mm512_set1_ps((hi - q.zero + 1) as f32)));
+        ZmmRequantize { mult: _mm512_set1_ps(mult), clamp, zero: _mm512_set1_epi32(q.zero), signed: q.signed }
+    }
+
+    /// Writes the 8-bit outputs of the exact sums `sum` (bias included) under `mask`, as
+    /// [`Requantize::finish`]: the i32 -> f32 conversion is the one rounding of the sum, and
+    /// `cvtps` rounds half to even in the default mode.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW on the host; `out` valid for the masked bytes.
+    #[inline(always)]
+    pub(super) unsafe fn store(
+        &self,
+        out: *mut u8,
+        mask: std::arch::x86_64::__mmask16,
+        sum: std::arch::x86_64::__m512i,
+    ) {
+        use std::arch::x86_64::*;
+        let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), self.mult);
+        if let Some((lo, hi)) = self.clamp {
+            v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        }
+        let y = _mm512_add_epi32(_mm512_cvtps_epi32(v), self.zero);
+        if self.signed {
+            _mm512_mask_cvtsepi32_storeu_epi8(out as *mut _, mask, y);
+        } else {
+            _mm512_mask_cvtusepi32_storeu_epi8(out as *mut _, mask, _mm512_max_epi32(y, _mm512_setzero_si512()));
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{bias_fits, block, requantize_row, Job, Requantize, Tile};
+    use super::{bias_fits, block, requantize_row, Job, Requantize, Tile, ZmmRequantize};
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -536,20 +592,12 @@ mod x86 {
             if !bias_fits(bias, k) {
                 return requantize_row(q, i, k, term, acc, out);
             }
-            let (lo, hi) = q.bounds();
-            let (vlo, vhi) = ((lo - q.zero - 1) as f32, (hi - q.zero + 1) as f32);
-            let (vt, vb, vm) = (_mm512_set1_epi32(term), _mm512_set1_epi32(bias), _mm512_set1_ps(q.multiplier[i]));
-            let (flo, fhi) = (_mm512_set1_ps(vlo), _mm512_set1_ps(vhi));
-            let (zero, ilo, ihi) = (_mm512_set1_epi32(q.zero), _mm512_set1_epi32(lo), _mm512_set1_epi32(hi));
+            let rq = ZmmRequantize::new(q, i, k);
+            let vt = _mm512_set1_epi32(term.wrapping_add(bias));
             for j in (0..acc.len()).step_by(16) {
                 let mask: __mmask16 = if acc.len() - j >= 16 { !0 } else { (1 << (acc.len() - j)) - 1 };
                 let a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, acc.as_ptr().add(j)), vt);
-                // The i32 sum is exact (`bias_fits`); its conversion is the one rounding, and
-                // `cvtps` rounds half to even in the default mode, as `finish` does.
-                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, vb)), vm);
-                let r = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, flo), fhi));
-                let y = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, zero), ilo), ihi);
-                _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(j) as *mut _, mask, y);
+                rq.store(out.as_mut_ptr().add(j), mask, a);
             }
         }
     }
@@ -636,7 +684,9 @@ mod tests {
                             _ => (lcg(&mut s) % 20_000) as i32 - 10_000,
                         })
                         .collect();
-                    let multiplier: Vec<f32> = (0..m).map(|_| 1e-4 * (1 + lcg(&mut s) % 200) as f32).collect();
+                    // Multipliers so large the f32 product would overflow the conversion too.
+                    let multiplier: Vec<f32> =
+                        (0..m).map(|i| if i % 3 == 2 { 1e4 } else { 1e-4 * (1 + lcg(&mut s) % 200) as f32 }).collect();
                     let q = Requantize { multiplier: &multiplier, bias: Some(&bias), zero: 3, signed };
                     let want_q: Vec<u8> = want.iter().enumerate().map(|(e, &a)| q.apply(e / n, a)).collect();
                     let tag = format!("{kernel} {m}x{k}x{n} signed={signed} asym={asym}");
