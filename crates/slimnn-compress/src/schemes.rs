@@ -857,4 +857,26 @@ mod tests {
             }
         }
     }
+
+    /// A conv whose activation's output is a model output keeps the activation: folded away,
+    /// nothing would clamp the float output.
+    #[test]
+    fn activation_of_a_model_output_stays() {
+        let mut g = Graph::default();
+        let x = g.add_input("x", Fact::known(DType::F32, &[1, 3, 8, 8])).unwrap();
+        let w = g.add_const("w", Tensor::from_vec(vec![4, 3, 3, 3], values(108, 21)).unwrap()).unwrap();
+        let attrs = ConvAttrs { pads: vec![1, 1, 1, 1], ..ConvAttrs::default() };
+        let y = g.add_node("conv", Conv { attrs }, vec![x, w]).unwrap()[0];
+        let y = g.add_node("relu", Unary(UnaryOp::Relu), vec![y]).unwrap()[0];
+        g.add_output("y", y);
+        let calibration: Vec<Vec<(String, Tensor)>> = (0..4).map(|i| input(200 + i)).collect();
+        let recipe = QuantRecipe { mode: Mode::Static, ..QuantRecipe::default() };
+        let (q, _) = quantize(&g, &recipe, &calibration, &mut |_| {}).unwrap();
+        let h = q.op_histogram();
+        // x and the conv output are quantized, the ReLU runs on the dequantized output.
+        assert_eq!((h.get("Relu"), h.get("QuantizeLinear")), (Some(&1), Some(&2)), "{h:?}");
+        let out = q.eval(input(7)).unwrap();
+        assert!(out[0].as_slice::<f32>().unwrap().iter().all(|&v| v >= 0.0));
+        assert!(cosine(&out[0], &g.eval(input(7)).unwrap()[0]) > 0.999);
+    }
 }

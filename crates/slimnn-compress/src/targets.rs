@@ -167,7 +167,13 @@ pub fn find_conv_targets(
         let y = OutletId::new(id, 0);
         let readers = consumers.get(&y).map(Vec::as_slice).unwrap_or_default();
         let (out_outlet, folds_activation) = match readers {
-            [(act, _)] if fold_activations && !outputs.contains(&y) && zero_floor_activation(g, *act) => {
+            // Not when either is a model output: those stay float, and float needs the activation.
+            [(act, _)]
+                if fold_activations
+                    && !outputs.contains(&y)
+                    && !outputs.contains(&OutletId::new(*act, 0))
+                    && zero_floor_activation(g, *act) =>
+            {
                 (OutletId::new(*act, 0), true)
             }
             _ => (y, false),
