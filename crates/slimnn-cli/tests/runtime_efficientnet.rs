@@ -159,25 +159,32 @@ fn onnxruntime_quantized_efficientnet_runs_like_onnxruntime() {
             let fused = rt.report().passes.iter().find(|(p, _)| p == "fuse-qdq-conv").map(|(_, n)| *n);
             assert_eq!(fused, Some(49), "{:?}", rt.report().passes);
         }
-        // Every QLinearConv on the integer GEMM (VNNI hosts) or exact on the f32 convolution
-        // kernels; depthwise ones always on the latter.
+        // Every QLinearConv on the integer kernels (where the host has them) or exact on the
+        // f32 convolution kernels.
         let convs: usize = summary.kernels.iter().filter(|(k, _)| k.starts_with("qlinear_conv")).map(|(_, n)| n).sum();
         assert_eq!(convs, 49, "{:#?}", summary.kernels);
         assert_eq!(integer_convs(&summary.kernels), expected_integer_convs(), "{:#?}", summary.kernels);
-        let mut state = rt.new_state();
-        for (stem, class) in IMAGES {
-            let x = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
-            let inputs = vec![("input".to_string(), x)];
-            let ours = rt.run(&mut state, inputs.clone()).unwrap();
-            let ort = ort_run(&path, &inputs, &work.join(format!("{file}-{stem}")));
-            let (_, theirs) = ort.iter().find(|(n, _)| n == "logits").expect("ORT wrote logits");
-            let (a, b) = (ours[0].as_slice::<f32>().unwrap(), theirs.as_slice::<f32>().unwrap());
-            let (cos, d) = (cosine(a, b), ours[0].max_abs_diff(theirs).unwrap());
-            eprintln!("{file} {stem}: cosine to ONNX Runtime {cos:.6}, max abs logit diff {d:e}");
-            assert_eq!(argmax(a), class, "{file} {stem}");
-            assert_eq!(argmax(b), class, "{file} {stem} (ONNX Runtime)");
-            assert!(cos >= min_cosine, "{file} {stem}: cosine {cos}");
-        }
+        photos_as_onnxruntime_runs_them(&rt, &path, &npy_dir, &work, min_cosine);
+    }
+}
+
+/// Both photos through `rt` and through ONNX Runtime on `path`: each classified right by
+/// both, with logits at least `min_cosine` alike.
+fn photos_as_onnxruntime_runs_them(rt: &Runnable, path: &Path, npy_dir: &Path, work: &Path, min_cosine: f64) {
+    let file = path.file_name().unwrap().to_string_lossy();
+    let mut state = rt.new_state();
+    for (stem, class) in IMAGES {
+        let x = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
+        let inputs = vec![("input".to_string(), x)];
+        let ours = rt.run(&mut state, inputs.clone()).unwrap();
+        let ort = ort_run(path, &inputs, &work.join(format!("{file}-{stem}")));
+        let (_, theirs) = ort.iter().find(|(n, _)| n == "logits").expect("ORT wrote logits");
+        let (a, b) = (ours[0].as_slice::<f32>().unwrap(), theirs.as_slice::<f32>().unwrap());
+        let (cos, d) = (cosine(a, b), ours[0].max_abs_diff(theirs).unwrap());
+        eprintln!("{file} {stem}: cosine to ONNX Runtime {cos:.6}, max abs logit diff {d:e}");
+        assert_eq!(argmax(a), class, "{file} {stem}");
+        assert_eq!(argmax(b), class, "{file} {stem} (ONNX Runtime)");
+        assert!(cos >= min_cosine, "{file} {stem}: cosine {cos}");
     }
 }
 
@@ -235,16 +242,5 @@ fn slimnn_static_int8_efficientnet_runs_on_integer_kernels_and_in_onnxruntime() 
     assert!(worst >= 0.985 && agree >= variants.len() - 2, "top-1 {agree}/{}, cosine {worst}", variants.len());
 
     // The photos: classified right, and as ONNX Runtime runs the same file.
-    for (stem, class) in IMAGES {
-        let x = npy::read(&npy_dir.join(format!("{stem}.npy"))).unwrap();
-        let inputs = vec![("input".to_string(), x)];
-        let ours = rt.run(&mut state, inputs.clone()).unwrap();
-        let ort = ort_run(&path, &inputs, &work.join(format!("ort-{stem}")));
-        let (_, theirs) = ort.iter().find(|(n, _)| n == "logits").expect("ORT wrote logits");
-        let (a, b) = (ours[0].as_slice::<f32>().unwrap(), theirs.as_slice::<f32>().unwrap());
-        let (cos, d) = (cosine(a, b), ours[0].max_abs_diff(theirs).unwrap());
-        eprintln!("{stem}: cosine to ONNX Runtime {cos:.6}, max abs logit diff {d:e}");
-        assert_eq!((argmax(a), argmax(b)), (class, class), "{stem}");
-        assert!(cos >= 0.999, "{stem}: cosine to ONNX Runtime {cos}");
-    }
+    photos_as_onnxruntime_runs_them(&rt, &path, &npy_dir, &work, 0.999);
 }
