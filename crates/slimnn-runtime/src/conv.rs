@@ -191,7 +191,7 @@ impl ConvTrainKernel {
 fn im2col_images(g: &ConvGeom, x: &[f32], images: usize, par: bool) -> Vec<f32> {
     let (in_len, per) = (g.c_in * g.h * g.w, g.c_in * g.kh * g.kw * g.oh * g.ow);
     let mut cols = vec![0.0; images * per];
-    let run = |(xi, c): (&[f32], &mut [f32])| im2col_into(g, xi, c);
+    let run = |(xi, c): (&[f32], &mut [f32])| im2col_into(g, xi, c, false);
     if par {
         x.par_chunks(in_len).zip(cols.par_chunks_mut(per.max(1))).for_each(run);
     } else {
@@ -316,7 +316,7 @@ impl ConvKernel {
                 ConvMethod::Pointwise => self.gemm(xi, ri, oi, par)?,
                 ConvMethod::Im2col => COLS.with(|c| {
                     let mut cols = c.borrow_mut();
-                    im2col(g, xi, &mut cols);
+                    im2col(g, xi, &mut cols, par);
                     self.gemm(&cols, ri, oi, par)
                 })?,
                 ConvMethod::Depthwise => self.depthwise(xi, ri, oi, par),
@@ -444,38 +444,48 @@ fn valid_range(ow: usize, w: usize, s: usize, k: usize, p: usize) -> (usize, usi
 
 /// `cols[(ci * kh + ky) * kw + kx][oy * ow + ox] = x[ci][oy * sh + ky - pt][ox * sw + kx - pl]`,
 /// zero outside the input.
-fn im2col(g: &ConvGeom, x: &[f32], cols: &mut Vec<f32>) {
+fn im2col(g: &ConvGeom, x: &[f32], cols: &mut Vec<f32>, par: bool) {
     cols.clear();
     cols.resize(g.c_in * g.kh * g.kw * g.oh * g.ow, 0.0);
-    im2col_into(g, x, cols);
+    im2col_into(g, x, cols, par);
 }
 
 /// [`im2col`] into a buffer of exactly `c_in * kh * kw * oh * ow` values already holding the
-/// padding value.
-pub(crate) fn im2col_into<T: Copy>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
+/// padding value; rows split over threads when `par` (the copies are most of a stem's time).
+pub(crate) fn im2col_into<T: Copy + Send + Sync>(g: &ConvGeom, x: &[T], cols: &mut [T], par: bool) {
     let n = g.oh * g.ow;
-    for ci in 0..g.c_in {
-        let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let row = &mut cols[((ci * g.kh + ky) * g.kw + kx) * n..][..n];
-                let (lo, hi) = valid_range(g.ow, g.w, g.sw, kx, g.pl);
-                for oy in 0..g.oh {
-                    let iy = (oy * g.sh + ky) as isize - g.pt as isize;
-                    if iy < 0 || iy >= g.h as isize || lo >= hi {
-                        continue;
-                    }
-                    let xr = &xc[iy as usize * g.w..][..g.w];
-                    let orow = &mut row[oy * g.ow..][..g.ow];
-                    let base = lo * g.sw + kx - g.pl;
-                    if g.sw == 1 {
-                        orow[lo..hi].copy_from_slice(&xr[base..base + hi - lo]);
-                    } else {
-                        for (j, o) in orow[lo..hi].iter_mut().enumerate() {
-                            *o = xr[base + j * g.sw];
-                        }
-                    }
-                }
+    if n == 0 {
+        return;
+    }
+    if par && cols.len() >= 1 << 16 {
+        cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| im2col_row(g, x, r, row));
+    } else {
+        cols.chunks_mut(n).enumerate().for_each(|(r, row)| im2col_row(g, x, r, row));
+    }
+}
+
+/// Row `r = (ci * kh + ky) * kw + kx` of the columns.
+#[inline(always)]
+fn im2col_row<T: Copy>(g: &ConvGeom, x: &[T], r: usize, row: &mut [T]) {
+    let (ci, ky, kx) = (r / (g.kh * g.kw), r / g.kw % g.kh, r % g.kw);
+    let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+    let (lo, hi) = valid_range(g.ow, g.w, g.sw, kx, g.pl);
+    if lo >= hi {
+        return;
+    }
+    for oy in 0..g.oh {
+        let iy = (oy * g.sh + ky) as isize - g.pt as isize;
+        if iy < 0 || iy >= g.h as isize {
+            continue;
+        }
+        let xr = &xc[iy as usize * g.w..][..g.w];
+        let orow = &mut row[oy * g.ow..][..g.ow];
+        let base = lo * g.sw + kx - g.pl;
+        if g.sw == 1 {
+            orow[lo..hi].copy_from_slice(&xr[base..base + hi - lo]);
+        } else {
+            for (j, o) in orow[lo..hi].iter_mut().enumerate() {
+                *o = xr[base + j * g.sw];
             }
         }
     }

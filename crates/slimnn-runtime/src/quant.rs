@@ -244,7 +244,7 @@ impl QLinearConvKernel {
             } else {
                 cols.clear();
                 cols.resize(w.k() * n, self.x_zero as u8);
-                crate::conv::im2col_into(g, x, cols);
+                crate::conv::im2col_into(g, x, cols, par);
                 &cols[..]
             };
             packed.pack(w, src, n, n, signed, self.x_zero)?;
