@@ -44,7 +44,9 @@ impl DwGeom {
 /// Whether this host has the vector kernel (AVX-512 VNNI and VBMI, within the tier cap).
 pub fn dw_kernel_available() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return super::QKernel::active() == super::QKernel::Avx512Vnni && std::is_x86_feature_detected!("avx512vbmi");
+    return super::QKernel::active() == super::QKernel::Avx512Vnni
+        && std::is_x86_feature_detected!("avx512vbmi")
+        && std::is_x86_feature_detected!("avx512dq");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -198,7 +200,7 @@ fn pad_channel(g: &DwGeom, x: &[u8], signed: bool, zx: u8, scratch: &mut Vec<u8>
 /// One channel from its padded plane.
 fn channel(l: &Layout, padded: &[u8], zx: i32, w: &[i8], q: &Requantize<'_>, c: usize, out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
-    if l.vector && super::wx::bias_fits(q.bias.map_or(0, |b| b[c]), l.g.taps()) {
+    if l.vector {
         // SAFETY: the host has the features; `padded` has `SLACK` bytes past its rows.
         return unsafe { x86::channel(l, padded, zx, w, q, c, out) };
     }
@@ -250,16 +252,15 @@ pub fn reference_depthwise_u8(g: &DwGeom, input: DwInput<'_>, w: &[i8], q: &Requ
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Layout, Requantize, MAX_CHUNKS};
-    use crate::qgemm::wx::ZmmRequantize;
+    use crate::qgemm::wx::{bias_fits, ZmmRequantize};
     use std::arch::x86_64::*;
 
     /// Independent accumulation chains in flight (`vpdpbusd` latency over its throughput).
     const CHAINS: usize = 4;
 
     /// # Safety
-    /// AVX-512 F/BW/VNNI/VBMI on the host; `padded` as `pad_channel` writes it (with slack);
-    /// the channel's bias passes `bias_fits`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi")]
+    /// AVX-512 F/BW/DQ/VNNI/VBMI on the host; `padded` as `pad_channel` writes it (with slack).
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vbmi")]
     pub(super) unsafe fn channel(
         l: &Layout,
         padded: &[u8],
@@ -289,7 +290,12 @@ mod x86 {
         let idx = _mm512_loadu_si512(l.idx.as_ptr() as *const _);
         let (rows_per_vec, cols) = (l.rows_per_vec, l.cols);
         let sum_w: i32 = w.iter().map(|&v| v as i32).sum();
-        let term = _mm512_set1_epi32(q.bias.map_or(0, |b| b[c]) - zx * sum_w);
+        let bias = q.bias.map_or(0, |b| b[c]);
+        // With the bias the sums fit i32 (`bias_fits`), or the bias is added in i64 (quantizers
+        // saturate dead channels' biases near 2^31).
+        let fits = bias_fits(bias, g.taps());
+        let term = _mm512_set1_epi32(if fits { bias } else { 0 } - zx * sum_w);
+        let wide_bias = _mm512_set1_epi64(bias as i64);
         let rq = ZmmRequantize::new(q, c, g.taps());
         // Output blocks (first row, first column), CHAINS at a time.
         let base = padded.as_ptr();
@@ -317,9 +323,18 @@ mod x86 {
                 }
             }
             for k in 0..n {
-                // Exact in i32 (`bias_fits`).
                 let (at, mask) = dst[k];
-                rq.store(out.as_mut_ptr().add(at), mask, _mm512_add_epi32(acc[k], term));
+                let sum = _mm512_add_epi32(acc[k], term);
+                if fits {
+                    rq.store(out.as_mut_ptr().add(at), mask, sum);
+                } else {
+                    // Each half widened to i64, the bias added, one rounding to f32.
+                    let lo = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(sum)), wide_bias);
+                    let hi = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64::<1>(sum)), wide_bias);
+                    let v =
+                        _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm512_cvtepi64_ps(lo)), _mm512_cvtepi64_ps(hi));
+                    rq.store_rounded(out.as_mut_ptr().add(at), mask, v);
+                }
             }
         }
     }
@@ -362,8 +377,14 @@ mod tests {
                 // The last channel's multiplier would overflow the f32 -> i32 conversion unclamped.
                 let mut multiplier: Vec<f32> = (0..g.c).map(|_| 1e-4 + (lcg(&mut s) % 100) as f32 * 3e-5).collect();
                 multiplier[g.c - 1] = 1e5;
+                // Channel 0's saturated bias lands mid-range: its i64 path is checked, not masked.
+                multiplier[0] = 5e-8;
                 let mut bias: Vec<i32> = (0..g.c).map(|_| (lcg(&mut s) % 20001) as i32 - 10000).collect();
+                // Saturated biases (dead channels): added in i64.
                 bias[0] = i32::MAX - 1;
+                if g.c > 2 {
+                    bias[1] = i32::MIN + 5;
+                }
                 let q = Requantize { multiplier: &multiplier, bias: Some(&bias), zero: 5, signed: out_signed };
                 let x_zero = if signed { -3 } else { 131 };
                 let mut want = vec![0u8; g.c * g.oh * g.ow];

@@ -544,8 +544,22 @@ impl ZmmRequantize {
         mask: std::arch::x86_64::__mmask16,
         sum: std::arch::x86_64::__m512i,
     ) {
+        self.store_rounded(out, mask, std::arch::x86_64::_mm512_cvtepi32_ps(sum))
+    }
+
+    /// [`Self::store`] of sums already rounded to f32 (the one rounding of the exact sum).
+    ///
+    /// # Safety
+    /// As [`Self::store`].
+    #[inline(always)]
+    pub(super) unsafe fn store_rounded(
+        &self,
+        out: *mut u8,
+        mask: std::arch::x86_64::__mmask16,
+        sum: std::arch::x86_64::__m512,
+    ) {
         use std::arch::x86_64::*;
-        let mut v = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), self.mult);
+        let mut v = _mm512_mul_ps(sum, self.mult);
         if let Some((lo, hi)) = self.clamp {
             v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
         }
