@@ -55,8 +55,9 @@ fn value_name(g: &Graph, o: OutletId) -> String {
     g.node(o.node).output_names[o.slot].clone().unwrap_or_else(|| g.node(o.node).name.clone())
 }
 
-fn int8_report(t: &Target, scheme: &str, q: &Int8Weight, w: &[f32]) -> LayerReport {
-    let mut r = LayerReport::new(&t.name, scheme, 8, [t.k, t.n]);
+/// An int8 layer's report row: `shape` is `[K, N]` (a conv's `[C / group · kh · kw, M]`).
+fn int8_report(name: &str, shape: [usize; 2], scheme: &str, q: &Int8Weight, w: &[f32]) -> LayerReport {
+    let mut r = LayerReport::new(name, scheme, 8, shape);
     let (lo, hi) = q.scales.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
     r.weight_scale = Some((lo, hi));
     r.weight_sqnr_db = Some(sqnr_db(w, &q.dequantize()));
@@ -148,7 +149,7 @@ impl Algorithm for Dynamic {
                 let ws = konst(&mut p, &format!("{}/weight_scale", t.name), scale);
                 let y = p.add_node(&format!("{}_quant", t.name), DynamicRowQuantMatMul, vec![t.x.into(), wq, ws]);
                 p.shunt(OutletId::new(t.node, 0), Patch::wire(y, 0));
-                let mut r = int8_report(t, "int8-dynamic-per-token", &q, w);
+                let mut r = int8_report(&t.name, [t.k, t.n], "int8-dynamic-per-token", &q, w);
                 if self.bias_correction {
                     r.note = correct_bias(&mut p, g, t, stats, Patch::wire(y, 0), &q.dequantize())?;
                 }
@@ -183,7 +184,7 @@ impl Algorithm for Dynamic {
                 vec![Patch::wire(cast, 0), Patch::wire(sc, 0)],
             );
             p.shunt(OutletId::new(t.node, 0), Patch::wire(y, 0));
-            let mut r = int8_report(t, self.name(), &q, w);
+            let mut r = int8_report(&t.name, [t.k, t.n], self.name(), &q, w);
             if self.bias_correction {
                 r.note = correct_bias(&mut p, g, t, stats, Patch::wire(y, 0), &q.dequantize())?;
             }
@@ -351,10 +352,7 @@ impl StaticQdq {
         let y = if c.quantize_output { qdq.at(p, c.out, conv)?.0 } else { conv };
         p.shunt(c.out, y);
         let k = w.len() / m;
-        let mut r = LayerReport::new(&c.name, "int8-qdq-conv", 8, [k, m]);
-        let (lo, hi) = q.scales.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
-        r.weight_scale = Some((lo, hi));
-        r.weight_sqnr_db = Some(sqnr_db(w, &q.dequantize()));
+        let mut r = int8_report(&c.name, [k, m], "int8-qdq-conv", &q, w);
         r.activation = Some(act);
         r.activation_sqnr_db = act_sqnr;
         if c.folds_activation {
@@ -440,7 +438,7 @@ impl Algorithm for StaticQdq {
                 let a = p.add_node(&g.node(add).name, Binary(BinaryOp::Add), ins);
                 p.shunt(OutletId::new(add, 0), Patch::wire(a, 0));
             }
-            let mut r = int8_report(t, self.name(), &q, w);
+            let mut r = int8_report(&t.name, [t.k, t.n], self.name(), &q, w);
             r.activation = Some(act);
             r.activation_sqnr_db = act_sqnr;
             if self.bias_correction {
@@ -545,7 +543,7 @@ impl Algorithm for WeightOnly {
                     vec![wq, ws, wz],
                 );
                 let mm = p.add_node(&t.name, MatMul, vec![t.x.into(), Patch::wire(wd, 0)]);
-                let r = int8_report(t, &format!("{scheme}{algo}"), &q, w);
+                let r = int8_report(&t.name, [t.k, t.n], &format!("{scheme}{algo}"), &q, w);
                 (Patch::wire(mm, 0), q.dequantize(), r)
             } else {
                 let gw: GroupWeight = if self.gptq {

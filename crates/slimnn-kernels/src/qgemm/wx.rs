@@ -223,22 +223,23 @@ fn pack_panels(p: &mut PackedQX, x: &[u8], ldx: usize, flip: u32) {
             // Rows past k meet zero weights: any bytes do, so zeros keep the fast path.
             let row = |t: usize| {
                 let r = 4 * q + t;
-                Some(if r < k { &x[r * ldx + j0..r * ldx + j0 + cols] } else { &ZERO_ROW[..cols] })
+                if r < k {
+                    &x[r * ldx + j0..r * ldx + j0 + cols]
+                } else {
+                    &ZERO_ROW[..cols]
+                }
             };
-            match (row(0), row(1), row(2), row(3)) {
-                (Some(r0), Some(r1), Some(r2), Some(r3)) if cols == nr => match nr {
-                    32 => interleave::<32>(r0, r1, r2, r3, dst, flip),
-                    _ => interleave::<16>(r0, r1, r2, r3, dst, flip),
-                },
-                rows => {
-                    let rows = [rows.0, rows.1, rows.2, rows.3];
-                    for (j, d) in dst.chunks_exact_mut(4).enumerate() {
-                        for (t, b) in d.iter_mut().enumerate() {
-                            *b = match rows[t] {
-                                Some(r) if j < cols => r[j] ^ (flip as u8),
-                                _ => 0,
-                            };
-                        }
+            let rows = [row(0), row(1), row(2), row(3)];
+            if cols == nr {
+                match nr {
+                    32 => interleave::<32>(rows[0], rows[1], rows[2], rows[3], dst, flip),
+                    _ => interleave::<16>(rows[0], rows[1], rows[2], rows[3], dst, flip),
+                }
+            } else {
+                // The last, partial panel: columns past n are zeros.
+                for (j, d) in dst.chunks_exact_mut(4).enumerate() {
+                    for (b, r) in d.iter_mut().zip(&rows) {
+                        *b = if j < cols { r[j] ^ (flip as u8) } else { 0 };
                     }
                 }
             }
