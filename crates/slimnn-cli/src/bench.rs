@@ -272,7 +272,12 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
             if std::env::var_os("SLIMNN_PROFILE").is_some() {
                 let mut st = rt.new_state();
                 rt.run(&mut st, inputs.clone())?;
-                st.enable_profile();
+                // SLIMNN_PROFILE=steps: one line per node.
+                if std::env::var_os("SLIMNN_PROFILE").is_some_and(|v| v == "steps") {
+                    st.enable_step_profile();
+                } else {
+                    st.enable_profile();
+                }
                 for _ in 0..cfg.iterations {
                     rt.run(&mut st, inputs.clone())?;
                 }

@@ -12,8 +12,8 @@
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};
 use crate::gemm::{gemm, Epilogue, PackedB, Par};
+use crate::matmul::transpose_scaled;
 use crate::rows::{scale_rows, softmax_block};
-use crate::simd::Simd;
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -214,146 +214,6 @@ fn check(
     }
     Ok(hd)
 }
-
-/// `dst[c * rows + j] = scale * src[j * ld + c]` for `j < rows`, `c < cols`: one head's K
-/// (rows of `cols` values, stride `ld`) transposed into `cols x rows`, row-major.
-fn transpose_scaled(
-    tier: CpuTier,
-    src: &[f32],
-    ld: usize,
-    rows: usize,
-    cols: usize,
-    scale: f32,
-    dst: &mut [f32],
-) -> Result<(), KernelError> {
-    let need = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
-    if cols > ld || src.len() < need || dst.len() != rows * cols {
-        return Err(KernelError::shape(KERNEL, format!("transpose of {rows} x {cols} (stride {ld})")));
-    }
-    if rows * cols > 0 {
-        transpose_tier(tier, src.as_ptr(), ld, rows, cols, scale, dst.as_mut_ptr());
-    }
-    Ok(())
-}
-
-/// Square `LANES x LANES` block transposes.
-trait Transpose: Simd {
-    /// `dst[c * ldd + j] = scale * src[j * lds + c]` for `j, c < LANES`.
-    ///
-    /// # Safety
-    /// Both blocks in bounds; the type's features available.
-    unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, scale: f32);
-}
-
-impl Transpose for f32 {
-    #[inline(always)]
-    unsafe fn transpose_block(src: *const f32, _lds: usize, dst: *mut f32, _ldd: usize, scale: f32) {
-        *dst = *src * scale;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86_transpose {
-    use super::Transpose;
-    use std::arch::x86_64::*;
-
-    impl Transpose for __m256 {
-        #[inline(always)]
-        unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, scale: f32) {
-            let s = _mm256_set1_ps(scale);
-            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(src.add(i * lds)), s));
-            // 32-bit interleave of row pairs, 64-bit interleave of pair pairs, then 128-bit halves.
-            let t: [__m256; 8] = std::array::from_fn(|i| {
-                let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-                if i % 2 == 0 {
-                    _mm256_unpacklo_ps(a, b)
-                } else {
-                    _mm256_unpackhi_ps(a, b)
-                }
-            });
-            let mut u = [_mm256_setzero_ps(); 8];
-            for g in 0..2 {
-                let (t0, t1, t2, t3) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
-                u[4 * g] = _mm256_shuffle_ps::<0x44>(t0, t2);
-                u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(t1, t3);
-                u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            }
-            for c in 0..4 {
-                _mm256_storeu_ps(dst.add(c * ldd), _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c]));
-                _mm256_storeu_ps(dst.add((c + 4) * ldd), _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]));
-            }
-        }
-    }
-
-    impl Transpose for __m512 {
-        #[inline(always)]
-        unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, scale: f32) {
-            let s = _mm512_set1_ps(scale);
-            let r: [__m512; 16] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_loadu_ps(src.add(i * lds)), s));
-            // Row pairs interleaved by 32 bits: t[2p] = lo(r[2p], r[2p+1]), t[2p+1] = hi.
-            let t: [__m512; 16] = std::array::from_fn(|i| {
-                let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-                if i % 2 == 0 {
-                    _mm512_unpacklo_ps(a, b)
-                } else {
-                    _mm512_unpackhi_ps(a, b)
-                }
-            });
-            // Groups of four rows by 64 bits: u[4g + k] holds column k (mod 4) of rows 4g..4g+4
-            // in each 128-bit lane.
-            let mut u = [_mm512_setzero_ps(); 16];
-            for g in 0..4 {
-                let pd = |x: __m512| _mm512_castps_pd(x);
-                let (t0, t1, t2, t3) = (pd(t[4 * g]), pd(t[4 * g + 1]), pd(t[4 * g + 2]), pd(t[4 * g + 3]));
-                u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-                u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-                u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-                u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-            }
-            // 128-bit lanes: lane l of u[4g + k] is column 4l + k of rows 4g..4g+4.
-            for k in 0..4 {
-                let v0 = _mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]);
-                let v1 = _mm512_shuffle_f32x4::<0xdd>(u[k], u[4 + k]);
-                let v2 = _mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]);
-                let v3 = _mm512_shuffle_f32x4::<0xdd>(u[8 + k], u[12 + k]);
-                _mm512_storeu_ps(dst.add(k * ldd), _mm512_shuffle_f32x4::<0x88>(v0, v2));
-                _mm512_storeu_ps(dst.add((k + 8) * ldd), _mm512_shuffle_f32x4::<0xdd>(v0, v2));
-                _mm512_storeu_ps(dst.add((k + 4) * ldd), _mm512_shuffle_f32x4::<0x88>(v1, v3));
-                _mm512_storeu_ps(dst.add((k + 12) * ldd), _mm512_shuffle_f32x4::<0xdd>(v1, v3));
-            }
-        }
-    }
-}
-
-/// # Safety
-/// As [`transpose_scaled`]'s checks; `S`'s features available.
-#[inline(always)]
-unsafe fn transpose_body<S: Transpose>(
-    src: *const f32,
-    ld: usize,
-    rows: usize,
-    cols: usize,
-    scale: f32,
-    dst: *mut f32,
-) {
-    let l = S::LANES;
-    let (full_r, full_c) = (rows - rows % l, cols - cols % l);
-    for j0 in (0..full_r).step_by(l) {
-        for c0 in (0..full_c).step_by(l) {
-            S::transpose_block(src.add(j0 * ld + c0), ld, dst.add(c0 * rows + j0), rows, scale);
-        }
-    }
-    // Edges: the last columns of every row, then the last rows.
-    for j in 0..rows {
-        let cs = if j < full_r { full_c } else { 0 };
-        for c in cs..cols {
-            *dst.add(c * rows + j) = *src.add(j * ld + c) * scale;
-        }
-    }
-}
-
-crate::rows::tiered!(fn transpose_tier(src: *const f32, ld: usize, rows: usize, cols: usize, scale: f32, dst: *mut f32) => transpose_body);
 
 /// Per-thread scratch: Kᵀ and V packs (sequential path) and the score block.
 #[derive(Default)]
@@ -641,25 +501,6 @@ mod tests {
                 assert!((g as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()), "{what} at {i}: {g} vs {w}");
             }
         }
-    }
-
-    #[test]
-    fn transposes_every_tier() {
-        for (rows, cols, ld) in [(1, 1, 1), (16, 16, 16), (40, 35, 37), (128, 32, 384), (7, 70, 70)] {
-            let src = values((rows - 1) * ld + cols, rows as u64);
-            for tier in supported_tiers() {
-                let mut dst = vec![0.0; rows * cols];
-                transpose_scaled(tier, &src, ld, rows, cols, 0.5, &mut dst).unwrap();
-                for j in 0..rows {
-                    for c in 0..cols {
-                        assert_eq!(dst[c * rows + j], src[j * ld + c] * 0.5, "{tier} {rows}x{cols} at ({j}, {c})");
-                    }
-                }
-            }
-        }
-        let mut dst = vec![0.0; 6];
-        assert!(transpose_scaled(CpuTier::Generic, &[0.0; 5], 3, 2, 3, 1.0, &mut dst).is_err());
-        assert!(transpose_scaled(CpuTier::Generic, &[0.0; 6], 2, 2, 3, 1.0, &mut dst).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@
 use crate::cpu::{self, CpuTier};
 use crate::error::KernelError;
 use crate::gemm::{gemm, Epilogue, PackedB, Par};
+use crate::simd::Simd;
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -177,6 +178,164 @@ fn transpose_cols(src: &[f32], rows: usize, cols: usize, c0: usize, dst: &mut [f
                     *v = tile[r][c];
                 }
             }
+        }
+    }
+}
+
+/// `dst[c * rows + j] = scale * src[j * ld + c]` for `j < rows`, `c < cols`: `rows` rows of
+/// `cols` values (stride `ld`) transposed into `cols x rows`, row-major, through register
+/// blocks on `tier` (which the host must support). Attention uses it for a head's K.
+pub fn transpose_scaled(
+    tier: CpuTier,
+    src: &[f32],
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    dst: &mut [f32],
+) -> Result<(), KernelError> {
+    let need = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+    if cols > ld || src.len() < need || dst.len() != rows * cols {
+        return Err(KernelError::shape("transpose", format!("transpose of {rows} x {cols} (stride {ld})")));
+    }
+    if rows * cols > 0 {
+        transpose_tier(tier, src.as_ptr(), ld, rows, cols, scale, dst.as_mut_ptr());
+    }
+    Ok(())
+}
+
+/// Square `LANES x LANES` block transposes.
+trait Transpose: Simd {
+    /// `dst[c * ldd + j] = scale * src[j * lds + c]` for `j, c < LANES`.
+    ///
+    /// # Safety
+    /// Both blocks in bounds; the type's features available.
+    unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, scale: f32);
+}
+
+impl Transpose for f32 {
+    #[inline(always)]
+    unsafe fn transpose_block(src: *const f32, _lds: usize, dst: *mut f32, _ldd: usize, scale: f32) {
+        *dst = *src * scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_transpose {
+    use super::Transpose;
+    use std::arch::x86_64::*;
+
+    impl Transpose for __m256 {
+        #[inline(always)]
+        unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, scale: f32) {
+            let s = _mm256_set1_ps(scale);
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(src.add(i * lds)), s));
+            // 32-bit interleave of row pairs, 64-bit interleave of pair pairs, then 128-bit halves.
+            let t: [__m256; 8] = std::array::from_fn(|i| {
+                let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                if i % 2 == 0 {
+                    _mm256_unpacklo_ps(a, b)
+                } else {
+                    _mm256_unpackhi_ps(a, b)
+                }
+            });
+            let mut u = [_mm256_setzero_ps(); 8];
+            for g in 0..2 {
+                let (t0, t1, t2, t3) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+                u[4 * g] = _mm256_shuffle_ps::<0x44>(t0, t2);
+                u[4 * g + 1] = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                u[4 * g + 2] = _mm256_shuffle_ps::<0x44>(t1, t3);
+                u[4 * g + 3] = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            }
+            for c in 0..4 {
+                _mm256_storeu_ps(dst.add(c * ldd), _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c]));
+                _mm256_storeu_ps(dst.add((c + 4) * ldd), _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]));
+            }
+        }
+    }
+
+    impl Transpose for __m512 {
+        #[inline(always)]
+        unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, scale: f32) {
+            let s = _mm512_set1_ps(scale);
+            let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_mul_ps(_mm512_loadu_ps(src.add(i * lds)), s));
+            crate::matmul::x86::transpose_16x16(&mut r);
+            for (c, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(dst.add(c * ldd), *v);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// As [`transpose_scaled`]'s checks; `S`'s features available.
+#[inline(always)]
+unsafe fn transpose_body<S: Transpose>(
+    src: *const f32,
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    dst: *mut f32,
+) {
+    let l = S::LANES;
+    let (full_r, full_c) = (rows - rows % l, cols - cols % l);
+    for j0 in (0..full_r).step_by(l) {
+        for c0 in (0..full_c).step_by(l) {
+            S::transpose_block(src.add(j0 * ld + c0), ld, dst.add(c0 * rows + j0), rows, scale);
+        }
+    }
+    // Edges: the last columns of every row, then the last rows.
+    for j in 0..rows {
+        let cs = if j < full_r { full_c } else { 0 };
+        for c in cs..cols {
+            *dst.add(c * rows + j) = *src.add(j * ld + c) * scale;
+        }
+    }
+}
+
+crate::rows::tiered!(fn transpose_tier(src: *const f32, ld: usize, rows: usize, cols: usize, scale: f32, dst: *mut f32) => transpose_body);
+
+/// In-register building blocks shared by kernels that change layouts.
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Transposes 16 rows of 16 f32 in registers: `r[i]` lane `j` becomes `r[j]` lane `i`.
+    ///
+    /// # Safety
+    /// Only from code compiled with AVX-512 F (this is inlined into it).
+    #[inline(always)]
+    pub unsafe fn transpose_16x16(r: &mut [__m512; 16]) {
+        // Pairs of rows interleaved within each 128-bit lane: t[2i] holds columns 4j, 4j+1 of
+        // rows 2i, 2i+1 in lane j; t[2i+1] columns 4j+2, 4j+3.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // Then 64-bit pairs: u[4i + e] holds column 4j + e of rows 4i..4i+4 in lane j.
+        let mut u = [_mm512_setzero_ps(); 16];
+        let (lo, hi) = (
+            |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+            |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
+        );
+        for i in 0..4 {
+            u[4 * i] = lo(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+        }
+        // Column 4j + e gathers lane j of u[e], u[4 + e], u[8 + e], u[12 + e].
+        for e in 0..4 {
+            let a = _mm512_shuffle_f32x4::<0x88>(u[e], u[4 + e]);
+            let b = _mm512_shuffle_f32x4::<0xdd>(u[e], u[4 + e]);
+            let c = _mm512_shuffle_f32x4::<0x88>(u[8 + e], u[12 + e]);
+            let d = _mm512_shuffle_f32x4::<0xdd>(u[8 + e], u[12 + e]);
+            r[e] = _mm512_shuffle_f32x4::<0x88>(a, c);
+            r[8 + e] = _mm512_shuffle_f32x4::<0xdd>(a, c);
+            r[4 + e] = _mm512_shuffle_f32x4::<0x88>(b, d);
+            r[12 + e] = _mm512_shuffle_f32x4::<0xdd>(b, d);
         }
     }
 }
@@ -517,6 +676,51 @@ mod tests {
         let mut s = spec(6, 20, 30, false, true, &[17], &[17]);
         s.reduce = true;
         run_case(&s, false, Activation::None, false, 9);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn register_transpose_swaps_rows_and_columns() {
+        use std::arch::x86_64::*;
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run(m: &[f32], got: &mut [f32]) {
+            let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+            super::x86::transpose_16x16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_ps(got.as_mut_ptr().add(16 * i), *v);
+            }
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut got = [0f32; 256];
+        // SAFETY: AVX-512 F checked above; 256 values each.
+        unsafe { run(&m, &mut got) };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(got[i * 16 + j], m[j * 16 + i]);
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_every_tier() {
+        for (rows, cols, ld) in [(1, 1, 1), (16, 16, 16), (40, 35, 37), (128, 32, 384), (7, 70, 70)] {
+            let src = values((rows - 1) * ld + cols, rows as u64);
+            for tier in crate::cpu::supported_tiers() {
+                let mut dst = vec![0.0; rows * cols];
+                transpose_scaled(tier, &src, ld, rows, cols, 0.5, &mut dst).unwrap();
+                for j in 0..rows {
+                    for c in 0..cols {
+                        assert_eq!(dst[c * rows + j], src[j * ld + c] * 0.5, "{tier} {rows}x{cols} at ({j}, {c})");
+                    }
+                }
+            }
+        }
+        let mut dst = vec![0.0; 6];
+        assert!(transpose_scaled(CpuTier::Generic, &[0.0; 5], 3, 2, 3, 1.0, &mut dst).is_err());
+        assert!(transpose_scaled(CpuTier::Generic, &[0.0; 6], 2, 2, 3, 1.0, &mut dst).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_ir::ops::{AutoPad, ConvAttrs};
 use slimnn_kernels::matmul::{BatchedMatMul, MatMulDims};
-use slimnn_kernels::{sgemm, Activation, Epilogue, Par};
+use slimnn_kernels::{sgemm, Activation, Epilogue, PackedB, Par};
 use std::cell::RefCell;
 use std::sync::Arc;
 
@@ -240,7 +240,13 @@ pub struct ConvKernel {
     pub residual: bool,
     /// Depthwise weights for the channel-blocked kernel (`blocked::suits`), packed at load.
     blocked: Option<Arc<[f32]>>,
+    /// Pointwise weights transposed and packed at load for small planes, which run pixel-major
+    /// (see [`ConvKernel::pointwise_pixel_major`]).
+    pixel_major: Option<Arc<PackedB>>,
 }
+
+/// Output planes up to this many pixels run pointwise convolutions pixel-major.
+const PIXEL_MAJOR_MAX: usize = 64;
 
 impl ConvKernel {
     pub fn name(&self) -> String {
@@ -296,6 +302,9 @@ impl ConvKernel {
         }
         let blocked = (method == ConvMethod::Depthwise && blocked::suits(&geom))
             .then(|| Arc::from(blocked::pack_weights(weights, c_out, kh * kw)));
+        let pixel_major = (method == ConvMethod::Pointwise && oh * ow <= PIXEL_MAJOR_MAX)
+            .then(|| PackedB::from_transposed(weights, c_in, c_out, c_in).ok().map(Arc::new))
+            .flatten();
         Some(ConvKernel {
             geom,
             method,
@@ -304,6 +313,7 @@ impl ConvKernel {
             activation: Activation::None,
             residual: false,
             blocked,
+            pixel_major,
         })
     }
 
@@ -320,7 +330,10 @@ impl ConvKernel {
         let one = |i: usize, xi: &[f32], oi: &mut [f32], par: bool| -> Result<()> {
             let ri = residual.map(|r| &r[i * out_len..(i + 1) * out_len]);
             match self.method {
-                ConvMethod::Pointwise => self.gemm(xi, ri, oi, par)?,
+                ConvMethod::Pointwise => match &self.pixel_major {
+                    Some(w) => self.pointwise_pixel_major(w, xi, ri, oi, par)?,
+                    None => self.gemm(xi, ri, oi, par)?,
+                },
                 ConvMethod::Im2col => COLS.with(|c| {
                     let mut cols = c.borrow_mut();
                     im2col(g, xi, &mut cols, par);
@@ -356,6 +369,40 @@ impl ConvKernel {
         }
         let gp = if par { Par::Current } else { Par::Seq };
         sgemm(m, k, n, &self.weights, k, cols, n, out, n, ep, gp).map_err(RuntimeError::from)
+    }
+
+    /// A pointwise convolution on a small plane as `Out^T[hw, c_out] = X^T[hw, c_in] · W^T`:
+    /// the weights are then the GEMM's packed operand (packed once, streamed once per run),
+    /// and its N (= c_out) fills whole panels, where `W · X` with N = hw (49, 196) ends in a
+    /// narrow edge panel that reads every weight row again for a few columns.
+    fn pointwise_pixel_major(
+        &self,
+        w: &PackedB,
+        x: &[f32],
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+        par: bool,
+    ) -> Result<()> {
+        let g = &self.geom;
+        let (ci, co, n) = (g.c_in, g.c_out, g.oh * g.ow);
+        let (tier, transpose) = (w.tier(), slimnn_kernels::matmul::transpose_scaled);
+        PIXELS.with(|p| {
+            let (xt, ct) = &mut *p.borrow_mut();
+            xt.resize(n * ci, 0.0);
+            transpose(tier, x, n, ci, n, 1.0, xt)?;
+            ct.resize(n * co, 0.0);
+            let mut ep = Epilogue::NONE.with_activation(self.activation);
+            if let Some(b) = &self.bias {
+                ep = ep.with_bias(b);
+            }
+            let gp = if par { Par::Current } else { Par::Seq };
+            slimnn_kernels::gemm(n, xt, ci, w, ct, co, ep, gp)?;
+            transpose(tier, ct, co, n, co, 1.0, out)?;
+            if let Some(r) = residual {
+                out.iter_mut().zip(r).for_each(|(o, &r)| *o += r);
+            }
+            Ok(())
+        })
     }
 
     fn depthwise(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32], par: bool) {
@@ -469,6 +516,8 @@ impl ConvKernel {
 thread_local! {
     /// One depthwise plane's f32 sums on 8-bit input.
     static SUMS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// A pixel-major pointwise convolution's transposed input and output.
+    static PIXELS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// im2col columns, reused across calls on each thread.
     static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Depthwise padded planes, reused across channels on each thread, with the geometry of
@@ -1266,16 +1315,16 @@ mod speed {
     #[test]
     #[ignore]
     fn pointwise_speed() {
-        // EfficientNet-lite0's 1x1 convolutions: (c_in, c_out, h).
+        // EfficientNet-lite0's 1x1 convolutions (c_in, c_out, side).
         for (ci, co, h) in [
             (32, 16, 112),
             (16, 96, 112),
-            (96, 24, 56),
-            (24, 144, 56),
-            (144, 24, 56),
-            (144, 40, 28),
-            (40, 240, 28),
-            (240, 40, 28),
+            (96, 32, 56),
+            (32, 144, 56),
+            (144, 32, 56),
+            (144, 48, 28),
+            (48, 240, 28),
+            (240, 48, 28),
             (240, 80, 14),
             (80, 480, 14),
             (480, 80, 14),

@@ -1,7 +1,7 @@
 //! Executing a plan: values in slots, f32 buffers recycled through the caller's [`State`].
 
 use crate::fast::{self, AttnDims, Rows};
-use crate::plan::{Kernel, Plan};
+use crate::plan::{Kernel, Plan, Step};
 use crate::Result;
 use slimnn_ir::{IrError, OpDef};
 use slimnn_kernels::{gemm, Epilogue, Par};
@@ -35,6 +35,8 @@ pub struct State {
     live_bytes: usize,
     peak_bytes: usize,
     profile: Option<std::collections::BTreeMap<String, (std::time::Duration, usize)>>,
+    /// Profile each step by its node's name rather than summing per kernel kind.
+    profile_steps: bool,
 }
 
 impl State {
@@ -43,7 +45,13 @@ impl State {
         self.profile = Some(Default::default());
     }
 
-    /// Time and call count per kernel kind since profiling was enabled, slowest first.
+    /// Starts timing every step on its own, keyed `"<node> <kernel kind>"`.
+    pub fn enable_step_profile(&mut self) {
+        self.profile = Some(Default::default());
+        self.profile_steps = true;
+    }
+
+    /// Time and call count per kernel kind (or step) since profiling was enabled, slowest first.
     pub fn profile(&self) -> Vec<(String, std::time::Duration, usize)> {
         let mut v: Vec<_> = self.profile.iter().flatten().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
         v.sort_by_key(|e| std::cmp::Reverse(e.1));
@@ -58,6 +66,17 @@ impl State {
     /// Bytes held by the pool and live values (what this state keeps between runs).
     pub fn retained_bytes(&self) -> usize {
         self.pool.iter().map(|v| v.capacity() * 4).sum::<usize>() + self.live_bytes
+    }
+
+    /// Adds a profiled step's time since `started`.
+    fn record(&mut self, step: &Step, started: Option<std::time::Instant>) {
+        if let (Some(t), Some(p)) = (started, self.profile.as_mut()) {
+            let key =
+                if self.profile_steps { format!("{} {}", step.name, step.kernel.name()) } else { step.kernel.name() };
+            let e = p.entry(key).or_default();
+            e.0 += t.elapsed();
+            e.1 += 1;
+        }
     }
 
     fn take(&mut self, len: usize) -> Vec<f32> {
@@ -118,11 +137,7 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
         let started = st.profile.is_some().then(std::time::Instant::now);
         if let Kernel::View = step.kernel {
             view(step, st)?;
-            if let (Some(t), Some(p)) = (started, st.profile.as_mut()) {
-                let e = p.entry(step.kernel.name()).or_default();
-                e.0 += t.elapsed();
-                e.1 += 1;
-            }
+            st.record(step, started);
             for &s in &step.frees {
                 if let Some(v) = st.values[s].take() {
                     st.release(v);
@@ -135,11 +150,7 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
             other => other,
         });
         let outs = result?;
-        if let (Some(t), Some(p)) = (started, st.profile.as_mut()) {
-            let e = p.entry(step.kernel.name()).or_default();
-            e.0 += t.elapsed();
-            e.1 += 1;
-        }
+        st.record(step, started);
         let pooled = match &step.kernel {
             Kernel::Ref(_) => false,
             Kernel::Quant(q) => q.f32_output(),

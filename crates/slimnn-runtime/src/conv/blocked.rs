@@ -52,6 +52,7 @@ pub(super) use x86::run_block;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Block, BLOCK};
+    use slimnn_kernels::matmul::x86::transpose_16x16;
     use std::arch::x86_64::*;
 
     /// Scratch for the transposed input (zero border kept between blocks of one geometry) and
@@ -120,7 +121,7 @@ mod x86 {
                     _mm512_setzero_ps()
                 }
             });
-            transpose(&mut v);
+            transpose_16x16(&mut v);
             for pixel in v.iter().take(n) {
                 let (py, px) = (iy + g.pt, ix + g.pl);
                 if py < ph && px < pw {
@@ -196,71 +197,9 @@ mod x86 {
             let mask = if n == BLOCK { 0xffff } else { (1u16 << n) - 1 };
             // `src` has whole 16-pixel groups; the rows past `ohw` are never stored.
             let mut v: [__m512; BLOCK] = std::array::from_fn(|i| _mm512_loadu_ps(src.as_ptr().add((p0 + i) * BLOCK)));
-            transpose(&mut v);
+            transpose_16x16(&mut v);
             for (c, plane) in v.iter().take(b.lanes).enumerate() {
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(c * ohw + p0), mask, *plane);
-            }
-        }
-    }
-
-    /// Transposes 16 rows of 16 values in registers.
-    #[inline(always)]
-    pub(super) unsafe fn transpose(r: &mut [__m512; 16]) {
-        // Pairs of rows interleaved within each 128-bit lane: t[2i] holds columns 4j, 4j+1 of
-        // rows 2i, 2i+1 in lane j; t[2i+1] columns 4j+2, 4j+3.
-        let mut t = [_mm512_setzero_ps(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-        }
-        // Then 64-bit pairs: u[4i + e] holds column 4j + e of rows 4i..4i+4 in lane j.
-        let mut u = [_mm512_setzero_ps(); 16];
-        let (lo, hi) = (
-            |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
-            |a: __m512, b: __m512| _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))),
-        );
-        for i in 0..4 {
-            u[4 * i] = lo(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]);
-            u[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
-        }
-        // Column 4j + e gathers lane j of u[e], u[4 + e], u[8 + e], u[12 + e].
-        for e in 0..4 {
-            let a = _mm512_shuffle_f32x4::<0x88>(u[e], u[4 + e]);
-            let b = _mm512_shuffle_f32x4::<0xdd>(u[e], u[4 + e]);
-            let c = _mm512_shuffle_f32x4::<0x88>(u[8 + e], u[12 + e]);
-            let d = _mm512_shuffle_f32x4::<0xdd>(u[8 + e], u[12 + e]);
-            r[e] = _mm512_shuffle_f32x4::<0x88>(a, c);
-            r[8 + e] = _mm512_shuffle_f32x4::<0xdd>(a, c);
-            r[4 + e] = _mm512_shuffle_f32x4::<0x88>(b, d);
-            r[12 + e] = _mm512_shuffle_f32x4::<0xdd>(b, d);
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        #[test]
-        fn transpose_swaps_rows_and_columns() {
-            if !std::arch::is_x86_feature_detected!("avx512f") {
-                return;
-            }
-            let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
-            let mut got = [0f32; 256];
-            // SAFETY: AVX-512 F checked above; 256 values read and written.
-            unsafe {
-                let mut r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
-                transpose(&mut r);
-                for (i, v) in r.iter().enumerate() {
-                    _mm512_storeu_ps(got.as_mut_ptr().add(16 * i), *v);
-                }
-            }
-            for i in 0..16 {
-                for j in 0..16 {
-                    assert_eq!(got[i * 16 + j], m[j * 16 + i]);
-                }
             }
         }
     }
