@@ -193,7 +193,7 @@ impl ConvTrainKernel {
 fn im2col_images(g: &ConvGeom, x: &[f32], images: usize, par: bool) -> Vec<f32> {
     let (in_len, per) = (g.c_in * g.h * g.w, g.c_in * g.kh * g.kw * g.oh * g.ow);
     let mut cols = vec![0.0; images * per];
-    let run = |(xi, c): (&[f32], &mut [f32])| im2col_into(g, xi, c, false);
+    let run = |(xi, c): (&[f32], &mut [f32])| im2col_into(g, xi, 0.0, c, false);
     if par {
         x.par_chunks(in_len).zip(cols.par_chunks_mut(per.max(1))).for_each(run);
     } else {
@@ -541,47 +541,62 @@ fn valid_range(ow: usize, w: usize, s: usize, k: usize, p: usize) -> (usize, usi
 /// `cols[(ci * kh + ky) * kw + kx][oy * ow + ox] = x[ci][oy * sh + ky - pt][ox * sw + kx - pl]`,
 /// zero outside the input.
 fn im2col(g: &ConvGeom, x: &[f32], cols: &mut Vec<f32>, par: bool) {
-    cols.clear();
+    // Every value is written below: no need to clear what a previous call left.
     cols.resize(g.c_in * g.kh * g.kw * g.oh * g.ow, 0.0);
-    im2col_into(g, x, cols, par);
+    im2col_into(g, x, 0.0, cols, par);
 }
 
-/// [`im2col`] into a buffer of exactly `c_in * kh * kw * oh * ow` values already holding the
-/// padding value; rows split over threads when `par` (the copies are most of a stem's time).
-pub(crate) fn im2col_into<T: Copy + Send + Sync>(g: &ConvGeom, x: &[T], cols: &mut [T], par: bool) {
+/// [`im2col`] into a buffer of exactly `c_in * kh * kw * oh * ow` values, `pad` outside the
+/// input; rows split over threads when `par` (the copies are most of a stem's time).
+pub(crate) fn im2col_into<T: Copy + Send + Sync>(g: &ConvGeom, x: &[T], pad: T, cols: &mut [T], par: bool) {
     let n = g.oh * g.ow;
     if n == 0 {
         return;
     }
     if par && cols.len() >= 1 << 16 {
-        cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| im2col_row(g, x, r, row));
+        cols.par_chunks_mut(n).enumerate().for_each(|(r, row)| im2col_row(g, x, pad, r, row));
     } else {
-        cols.chunks_mut(n).enumerate().for_each(|(r, row)| im2col_row(g, x, r, row));
+        cols.chunks_mut(n).enumerate().for_each(|(r, row)| im2col_row(g, x, pad, r, row));
     }
 }
 
 /// Row `r = (ci * kh + ky) * kw + kx` of the columns.
 #[inline(always)]
-fn im2col_row<T: Copy>(g: &ConvGeom, x: &[T], r: usize, row: &mut [T]) {
+fn im2col_row<T: Copy>(g: &ConvGeom, x: &[T], pad: T, r: usize, row: &mut [T]) {
     let (ci, ky, kx) = (r / (g.kh * g.kw), r / g.kw % g.kh, r % g.kw);
     let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
     let (lo, hi) = valid_range(g.ow, g.w, g.sw, kx, g.pl);
-    if lo >= hi {
-        return;
-    }
     for oy in 0..g.oh {
         let iy = (oy * g.sh + ky) as isize - g.pt as isize;
-        if iy < 0 || iy >= g.h as isize {
+        let orow = &mut row[oy * g.ow..][..g.ow];
+        if iy < 0 || iy >= g.h as isize || lo >= hi {
+            orow.fill(pad);
             continue;
         }
+        orow[..lo].fill(pad);
+        orow[hi..].fill(pad);
         let xr = &xc[iy as usize * g.w..][..g.w];
-        let orow = &mut row[oy * g.ow..][..g.ow];
         let base = lo * g.sw + kx - g.pl;
-        if g.sw == 1 {
-            orow[lo..hi].copy_from_slice(&xr[base..base + hi - lo]);
-        } else {
-            for (j, o) in orow[lo..hi].iter_mut().enumerate() {
-                *o = xr[base + j * g.sw];
+        match g.sw {
+            1 => orow[lo..hi].copy_from_slice(&xr[base..base + hi - lo]),
+            // Fixed-width chunks the compiler turns into shuffles (while 32 inputs remain).
+            2 => {
+                let (dst, src) = (&mut orow[lo..hi], &xr[base..]);
+                let full = (dst.len() / 16).min(src.len() / 32);
+                for c in 0..full {
+                    let s: &[T; 32] = src[c * 32..c * 32 + 32].try_into().expect("32 values");
+                    for (j, o) in dst[c * 16..c * 16 + 16].iter_mut().enumerate() {
+                        *o = s[2 * j];
+                    }
+                }
+                for (j, o) in dst.iter_mut().enumerate().skip(full * 16) {
+                    *o = src[2 * j];
+                }
+            }
+            s => {
+                for (j, o) in orow[lo..hi].iter_mut().enumerate() {
+                    *o = xr[base + j * s];
+                }
             }
         }
     }
@@ -1180,6 +1195,9 @@ mod tests {
         check(1, 4, 11, 10, 6, 5, 2, [2; 4], 1, ConvMethod::Im2col);
         check(1, 4, 6, 6, 6, 1, 2, [0; 4], 1, ConvMethod::Im2col);
         check(1, 2, 5, 5, 3, 3, 1, [0; 4], 1, ConvMethod::Im2col);
+        // Stride 2 over rows long enough for the 16-output chunks, even and odd widths.
+        check(1, 2, 7, 40, 3, 3, 2, [1; 4], 1, ConvMethod::Im2col);
+        check(1, 2, 6, 67, 2, 3, 2, [0, 1, 1, 0], 1, ConvMethod::Im2col);
     }
 
     #[test]

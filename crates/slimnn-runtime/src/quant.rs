@@ -242,9 +242,8 @@ impl QLinearConvKernel {
             let src = if self.conv.method == crate::conv::ConvMethod::Pointwise {
                 x
             } else {
-                cols.clear();
                 cols.resize(w.k() * n, self.x_zero as u8);
-                crate::conv::im2col_into(g, x, cols, par);
+                crate::conv::im2col_into(g, x, self.x_zero as u8, cols, par);
                 &cols[..]
             };
             packed.pack(w, src, n, n, signed, self.x_zero)?;
