@@ -37,6 +37,8 @@ pub struct State {
     profile: Option<std::collections::BTreeMap<String, (std::time::Duration, usize)>>,
     /// Profile each step by its node's name rather than summing per kernel kind.
     profile_steps: bool,
+    /// One state per group of samples when a batch runs sample by sample.
+    shards: Vec<State>,
 }
 
 impl State {
@@ -51,21 +53,45 @@ impl State {
         self.profile_steps = true;
     }
 
-    /// Time and call count per kernel kind (or step) since profiling was enabled, slowest first.
+    /// Time and call count per kernel kind (or step) since profiling was enabled, slowest first
+    /// (summed over the threads of a batch run sample by sample).
     pub fn profile(&self) -> Vec<(String, std::time::Duration, usize)> {
-        let mut v: Vec<_> = self.profile.iter().flatten().map(|(k, (d, n))| (k.clone(), *d, *n)).collect();
+        let mut all = std::collections::BTreeMap::<String, (std::time::Duration, usize)>::new();
+        for p in std::iter::once(self).chain(&self.shards).filter_map(|s| s.profile.as_ref()) {
+            for (k, (d, n)) in p {
+                let e = all.entry(k.clone()).or_default();
+                e.0 += *d;
+                e.1 += n;
+            }
+        }
+        let mut v: Vec<_> = all.into_iter().map(|(k, (d, n))| (k, d, n)).collect();
         v.sort_by_key(|e| std::cmp::Reverse(e.1));
         v
     }
 
-    /// Most bytes of activations (f32 buffers from the pool) alive at once so far.
+    /// Most bytes of activations (f32 buffers from the pool) alive at once so far (per-sample
+    /// groups run at once, so theirs add up).
     pub fn peak_activation_bytes(&self) -> usize {
-        self.peak_bytes
+        self.peak_bytes.max(self.shards.iter().map(|s| s.peak_bytes).sum())
     }
 
     /// Bytes held by the pool and live values (what this state keeps between runs).
     pub fn retained_bytes(&self) -> usize {
-        self.pool.iter().map(|v| v.capacity() * 4).sum::<usize>() + self.live_bytes
+        let shards: usize = self.shards.iter().map(State::retained_bytes).sum();
+        self.pool.iter().map(|v| v.capacity() * 4).sum::<usize>() + self.live_bytes + shards
+    }
+
+    /// `n` states for groups of samples, profiling as this one does.
+    pub(crate) fn shards(&mut self, n: usize) -> &mut [State] {
+        while self.shards.len() < n {
+            let mut s = State::default();
+            if self.profile.is_some() {
+                s.profile = Some(Default::default());
+                s.profile_steps = self.profile_steps;
+            }
+            self.shards.push(s);
+        }
+        &mut self.shards[..n]
     }
 
     /// Adds a profiled step's time since `started`.

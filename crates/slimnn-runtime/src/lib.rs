@@ -29,6 +29,7 @@ mod optimize;
 pub mod plan;
 pub mod pool;
 mod qdq;
+mod samples;
 
 pub use exec::State;
 pub use fold::FoldConvBatchNorm;
@@ -144,6 +145,11 @@ pub struct Runnable {
     threads: usize,
     plans: Mutex<PlanCache>,
     packed: lower::PackCache,
+    /// Whether batches of a CNN may run sample by sample ([`samples`]); `SLIMNN_SPLIT_BATCH=0`
+    /// turns it off.
+    split_batches: bool,
+    /// Per input shapes: run sample by sample?
+    splits: Mutex<HashMap<Vec<Vec<usize>>, bool>>,
 }
 
 /// Plans by input shapes, least recently used evicted beyond [`PlanCache::CAPACITY`]: a server
@@ -249,6 +255,8 @@ impl Runnable {
             threads,
             plans: Default::default(),
             packed: lower::PackCache::new(config.precision.uses_bf16()),
+            split_batches: std::env::var_os("SLIMNN_SPLIT_BATCH").is_none_or(|v| v != "0"),
+            splits: Default::default(),
         })
     }
 
@@ -285,10 +293,80 @@ impl Runnable {
         self.plans.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// The batch size when inputs of these shapes run sample by sample ([`samples`]).
+    fn sample_split(&self, shapes: &[Vec<usize>]) -> Result<Option<usize>> {
+        let n = shapes.first().and_then(|s| s.first()).copied().unwrap_or(0);
+        if !self.split_batches || n < 2 || shapes.iter().any(|s| s.first() != Some(&n)) {
+            return Ok(None);
+        }
+        // A graph declared for a fixed batch has no one-sample form.
+        let fixed = |i: usize| matches!(self.graph.input_fact(i).shape.first(), Some(slimnn_tensor::Dim::Known(_)));
+        if (0..shapes.len()).any(fixed) {
+            return Ok(None);
+        }
+        if let Some(&split) = self.splits.lock().unwrap_or_else(|e| e.into_inner()).get(shapes) {
+            return Ok(split.then_some(n));
+        }
+        let split = samples::splittable(&self.graph.specialized(shapes)?, n);
+        let mut splits = self.splits.lock().unwrap_or_else(|e| e.into_inner());
+        if splits.len() >= PlanCache::CAPACITY {
+            splits.clear();
+        }
+        splits.insert(shapes.to_vec(), split);
+        Ok(split.then_some(n))
+    }
+
+    /// Whether a run on inputs of these shapes goes sample by sample (a batch of a CNN whose
+    /// samples are independent; see the `samples` module).
+    pub fn splits_batch(&self, shapes: &[Vec<usize>]) -> Result<bool> {
+        Ok(self.sample_split(shapes)?.is_some())
+    }
+
+    /// Runs `n` samples one at a time, in contiguous groups, one group per thread.
+    fn run_samples(&self, state: &mut State, bound: Vec<Tensor>, n: usize) -> Result<Vec<Tensor>> {
+        use rayon::prelude::*;
+        let one: Vec<Vec<usize>> = bound
+            .iter()
+            .map(|t| {
+                let mut s = t.shape().to_vec();
+                s[0] = 1;
+                s
+            })
+            .collect();
+        let plan = self.plan_for(&one)?;
+        let per_input = bound.iter().map(|t| samples::split(t, n)).collect::<Result<Vec<_>>>()?;
+        let groups = self.threads.min(n);
+        let per_group = n.div_ceil(groups);
+        let shards = state.shards(groups);
+        let run_group = |(g, st): (usize, &mut State)| -> Result<Vec<Vec<Tensor>>> {
+            (g * per_group..((g + 1) * per_group).min(n))
+                .map(|i| exec::execute(&plan, st, per_input.iter().map(|p| p[i].clone()).collect(), false))
+                .collect()
+        };
+        let outs: Vec<Vec<Vec<Tensor>>> = match &self.pool {
+            Some(pool) if groups > 1 => {
+                pool.install(|| shards.par_iter_mut().enumerate().map(run_group).collect::<Result<_>>())?
+            }
+            _ => shards.iter_mut().enumerate().map(run_group).collect::<Result<_>>()?,
+        };
+        let mut per_sample = outs.into_iter().flatten();
+        let Some(first) = per_sample.next() else { return Ok(vec![]) };
+        let mut stacked: Vec<Vec<Tensor>> = first.into_iter().map(|t| vec![t]).collect();
+        for outputs in per_sample {
+            for (s, t) in stacked.iter_mut().zip(outputs) {
+                s.push(t);
+            }
+        }
+        stacked.into_iter().map(samples::stack).collect()
+    }
+
     /// Runs on named inputs; returns outputs in signature order.
     pub fn run(&self, state: &mut State, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>> {
         let bound = self.graph.bind_inputs(inputs)?;
         let shapes: Vec<Vec<usize>> = bound.iter().map(|t| t.shape().to_vec()).collect();
+        if let Some(n) = self.sample_split(&shapes)? {
+            return self.run_samples(state, bound, n);
+        }
         let plan = self.plan_for(&shapes)?;
         match &self.pool {
             Some(pool) => {
