@@ -16,34 +16,51 @@ use slimnn_tensor::{DType, Tensor};
 /// convolutions that computes each of the `n` samples independently.
 pub(crate) fn splittable(g: &Graph, n: usize) -> bool {
     let mut convs = false;
-    for node in g.nodes() {
+    // Nodes computed from constants alone (a QDQ model's weight dequantization): the same for
+    // every sample, whatever their shapes.
+    let mut fixed = vec![false; g.nodes().len()];
+    for (id, node) in g.nodes().iter().enumerate() {
+        let is_fixed = |o: &slimnn_ir::OutletId| g.fact(*o).konst.is_some() || fixed[o.node];
+        if !matches!(node.op, Op::Input(_)) && node.inputs.iter().all(is_fixed) {
+            fixed[id] = true;
+            continue;
+        }
         // Values computed at run time carry the batch on axis 0.
-        let batched = |f: &slimnn_ir::Fact| f.konst.is_some() || f.known_shape().is_some_and(|s| s.first() == Some(&n));
+        let batched = |f: &slimnn_ir::Fact| f.known_shape().is_some_and(|s| s.first() == Some(&n));
         if !node.outputs.iter().all(batched) {
             return false;
         }
-        let konst = |i: usize| node.inputs.get(i).and_then(|&o| g.fact(o).konst.clone());
+        let input = |i: usize| node.inputs.get(i).map(|o| (is_fixed(o), g.fact(*o).known_shape()));
+        let constant = |i: usize| input(i).is_some_and(|(c, _)| c);
         let rank = node.outputs.first().map_or(0, |f| f.shape.len());
         // A constant operand of an element-wise op must broadcast over the batch.
-        let broadcasts = |i: usize| konst(i).is_none_or(|t| t.rank() < rank || t.shape().first() == Some(&1));
+        let broadcasts = |i: usize| match input(i) {
+            Some((true, Some(s))) => s.len() < rank || s.first() == Some(&1),
+            Some((true, None)) => false,
+            _ => true,
+        };
+        let scale_ok = |axis: i64| {
+            input(1).is_some_and(|(c, s)| c && s.is_some_and(|s| s.iter().product::<usize>() == 1))
+                || (axis != 0 && axis != -(rank as i64))
+        };
         let axis_not_batch = |axis: i64| axis != 0 && axis != -(rank as i64);
         let ok = match &node.op {
-            Op::Input(_) | Op::Const(_) | Op::Identity(_) | Op::Cast(_) | Op::Unary(_) => true,
+            Op::Input(_) | Op::Identity(_) | Op::Cast(_) | Op::Unary(_) => true,
             Op::Reshape(_) | Op::Squeeze(_) | Op::Unsqueeze(_) => true, // axis 0 kept (checked above)
             Op::BatchNorm(_) | Op::Pool(_) | Op::GlobalPool(_) => true,
             Op::Conv(_) | Op::QLinearConv(_) | Op::ConvInteger(_) => {
                 convs = true;
-                konst(0).is_none()
+                !constant(0)
             }
             Op::Binary(_) | Op::Clip(_) => (0..node.inputs.len()).all(broadcasts),
-            Op::QuantizeLinear(q) => konst(1).is_some_and(|s| s.len() == 1 || axis_not_batch(q.axis)),
-            Op::DequantizeLinear(q) => konst(1).is_some_and(|s| s.len() == 1 || axis_not_batch(q.axis)),
+            Op::QuantizeLinear(q) => scale_ok(q.axis),
+            Op::DequantizeLinear(q) => scale_ok(q.axis),
             Op::Flatten(f) => f.axis != 0,
             Op::Softmax(s) => axis_not_batch(s.axis),
             Op::Concat(c) => axis_not_batch(c.axis),
             // Activations times constant weights.
-            Op::Gemm(gm) => !gm.trans_a && konst(0).is_none() && (1..node.inputs.len()).all(|i| konst(i).is_some()),
-            Op::MatMul(_) => konst(0).is_none() && konst(1).is_some_and(|w| w.rank() <= 2),
+            Op::Gemm(gm) => !gm.trans_a && !constant(0) && (1..node.inputs.len()).all(constant),
+            Op::MatMul(_) => !constant(0) && input(1).is_some_and(|(c, s)| c && s.is_some_and(|s| s.len() <= 2)),
             _ => false,
         };
         if !ok {
