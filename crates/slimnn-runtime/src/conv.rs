@@ -858,8 +858,8 @@ mod dw_x86 {
 
     /// Defines `$name`: the depthwise loop for one vector width.
     macro_rules! dw_tier {
-        ($name:ident, $group:ident, $rows:ident, $by_rows:ident, $r:literal, $feat:literal, $v:ty, $lanes:literal,
-         $set1:ident, $fmadd:ident, $loadu:ident, $min:ident, $max:ident, $store_n:ident) => {
+        ($name:ident, $group:ident, $rows:ident, $by_rows:ident, $store:ident, $r:literal, $feat:literal, $v:ty,
+         $lanes:literal, $set1:ident, $fmadd:ident, $loadu:ident, $min:ident, $max:ident, $store_n:ident) => {
             /// # Safety
             /// The target features on the host; `d.scratch` padded as `DwLayout` says.
             #[target_feature(enable = $feat)]
@@ -909,19 +909,32 @@ mod dw_x86 {
                             }
                         }
                     }
-                    for (r, row) in acc.iter().enumerate().take(rows) {
-                        let dst = out.as_mut_ptr().add((oy0 + r) * d.ow);
-                        for (j, a) in row.iter().enumerate() {
-                            let col = c0 + $lanes * j;
-                            if col >= d.ow {
-                                break;
-                            }
-                            // max(a, lo) then min: a NaN sum becomes lo, as the portable loop's f32::max does.
-                            let v = clamp.map_or(*a, |(lo, hi)| $min($max(*a, lo), hi));
-                            $store_n(dst.add(col), v, (d.ow - col).min($lanes));
-                        }
-                    }
+                    $store(d, out, &acc[..rows], oy0, c0, clamp);
                     oy0 += R;
+                }
+            }
+
+            /// Output rows `oy0 ..` of columns `c0 ..` from the accumulators, clamped if asked
+            /// (max then min: a NaN sum becomes lo, as the portable loop's `f32::max` does).
+            #[inline(always)]
+            unsafe fn $store<const NB: usize>(
+                d: &DwPlane,
+                out: &mut [f32],
+                acc: &[[$v; NB]],
+                oy0: usize,
+                c0: usize,
+                clamp: Option<($v, $v)>,
+            ) {
+                for (r, row) in acc.iter().enumerate() {
+                    let dst = out.as_mut_ptr().add((oy0 + r) * d.ow);
+                    for (j, a) in row.iter().enumerate() {
+                        let col = c0 + $lanes * j;
+                        if col >= d.ow {
+                            break;
+                        }
+                        let v = clamp.map_or(*a, |(lo, hi)| $min($max(*a, lo), hi));
+                        $store_n(dst.add(col), v, (d.ow - col).min($lanes));
+                    }
                 }
             }
 
@@ -979,17 +992,7 @@ mod dw_x86 {
                             }
                         }
                     }
-                    for (r, row) in acc.iter().enumerate() {
-                        let dst = out.as_mut_ptr().add((oy + r) * d.ow);
-                        for (j, a) in row.iter().enumerate() {
-                            let col = c0 + $lanes * j;
-                            if col >= d.ow {
-                                break;
-                            }
-                            let v = clamp.map_or(*a, |(lo, hi)| $min($max(*a, lo), hi));
-                            $store_n(dst.add(col), v, (d.ow - col).min($lanes));
-                        }
-                    }
+                    $store(d, out, &acc, oy, c0, clamp);
                     oy0 = oy + R;
                 }
             }
@@ -1049,6 +1052,7 @@ mod dw_x86 {
         group512,
         rows512,
         by_rows512,
+        store512,
         4,
         "avx512f",
         __m512,
@@ -1065,6 +1069,7 @@ mod dw_x86 {
         group256,
         rows256,
         by_rows256,
+        store256,
         2,
         "avx2,fma",
         __m256,

@@ -3,22 +3,13 @@
 //!
 //! Tolerance: f32 kernels against the f64 reference, `|got - want| <= 1e-4 (1 + |want|)`.
 
+mod common;
+
+use common::values;
 use slimnn_ir::ops::{Binary, BinaryOp, Clip, Conv, ConvAttrs, Flatten, Gemm, GlobalPool, Reduce, ReduceOp};
 use slimnn_ir::{Fact, Graph, OutletId};
 use slimnn_runtime::{Runnable, RuntimeConfig};
 use slimnn_tensor::{DType, Dim, Tensor};
-
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn konst(g: &mut Graph, name: &str, shape: &[usize], seed: u64) -> OutletId {
     let n = shape.iter().product();

@@ -8,22 +8,13 @@
 #[path = "../examples/common/minilm_step.rs"]
 mod minilm_step;
 
+mod common;
+
+use common::values;
 use slimnn_ir::ops::{Binary, BinaryOp, Gemm, MatMul, Reduce, ReduceOp, Transpose, Unary, UnaryOp};
 use slimnn_ir::{Fact, Graph, OutletId};
 use slimnn_runtime::{Runnable, RuntimeConfig};
 use slimnn_tensor::{DType, Tensor};
-
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// Inputs of `g` filled with seeded values.
 fn random_inputs(g: &Graph) -> Vec<(String, Tensor)> {
