@@ -334,25 +334,27 @@ impl Runnable {
             })
             .collect();
         let plan = self.plan_for(&one)?;
-        let per_input = bound.iter().map(|t| samples::split(t, n)).collect::<Result<Vec<_>>>()?;
+        let mut per_sample: Vec<Vec<Tensor>> = (0..n).map(|_| Vec::with_capacity(bound.len())).collect();
+        for t in &bound {
+            for (inputs, part) in per_sample.iter_mut().zip(samples::split(t, n)?) {
+                inputs.push(part);
+            }
+        }
         let groups = self.threads.min(n);
         let per_group = n.div_ceil(groups);
-        let shards = state.shards(groups);
-        let run_group = |(g, st): (usize, &mut State)| -> Result<Vec<Vec<Tensor>>> {
-            (g * per_group..((g + 1) * per_group).min(n))
-                .map(|i| exec::execute(&plan, st, per_input.iter().map(|p| p[i].clone()).collect(), false))
-                .collect()
+        let work: Vec<(&mut State, &mut [Vec<Tensor>])> =
+            state.shards(groups).iter_mut().zip(per_sample.chunks_mut(per_group)).collect();
+        let run_group = |(st, inputs): (&mut State, &mut [Vec<Tensor>])| -> Result<Vec<Vec<Tensor>>> {
+            inputs.iter_mut().map(|i| exec::execute(&plan, st, std::mem::take(i), false)).collect()
         };
         let outs: Vec<Vec<Vec<Tensor>>> = match &self.pool {
-            Some(pool) if groups > 1 => {
-                pool.install(|| shards.par_iter_mut().enumerate().map(run_group).collect::<Result<_>>())?
-            }
-            _ => shards.iter_mut().enumerate().map(run_group).collect::<Result<_>>()?,
+            Some(pool) if groups > 1 => pool.install(|| work.into_par_iter().map(run_group).collect::<Result<_>>())?,
+            _ => work.into_iter().map(run_group).collect::<Result<_>>()?,
         };
-        let mut per_sample = outs.into_iter().flatten();
-        let Some(first) = per_sample.next() else { return Ok(vec![]) };
+        let mut results = outs.into_iter().flatten();
+        let Some(first) = results.next() else { return Ok(vec![]) };
         let mut stacked: Vec<Vec<Tensor>> = first.into_iter().map(|t| vec![t]).collect();
-        for outputs in per_sample {
+        for outputs in results {
             for (s, t) in stacked.iter_mut().zip(outputs) {
                 s.push(t);
             }
