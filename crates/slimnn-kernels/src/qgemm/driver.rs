@@ -168,6 +168,10 @@ unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usize>) {
 /// B waiting on memory at batch 1).
 const A_BLOCK_BYTES: usize = 192 << 10;
 
+/// Panels up to this size are prefetched while the previous one runs (larger ones would push
+/// the running panel out of L1: AMD's prefetches fill L1 whatever the hint).
+const PREFETCH_PANEL_MAX: usize = 24 << 10;
+
 /// [`run_block`] on the AVX-512 VNNI kernel with the f32 epilogue fused into the tile.
 ///
 /// # Safety
@@ -214,9 +218,27 @@ unsafe fn run_block_fused_f32(job: &Job, rows: Range<usize>, panels: Range<usize
                 sa: [0.0; 8],
                 act: ep.activation,
             };
+            // The next panel is prefetched a share per row tile, so its first tile does not
+            // wait on memory (weights of a whole model do not stay in L2 between runs).
+            let next = if p + 1 < panels.end && b.panel_stride <= PREFETCH_PANEL_MAX {
+                bp.add(b.panel_stride)
+            } else {
+                std::ptr::null()
+            };
+            let lines = b.panel_stride.div_ceil(64);
+            let per_tile = lines.div_ceil((ib_end - ib).div_ceil(mr_max));
+            let mut line = 0;
             let mut ir = ib;
             while ir < ib_end {
                 let mr = mr_max.min(ib_end - ir);
+                if !next.is_null() {
+                    for l in line..(line + per_tile).min(lines) {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                            next.add(l * 64) as *const i8
+                        );
+                    }
+                    line += per_tile;
+                }
                 let o = ir - ib;
                 f.za[..mr].copy_from_slice(&za[o..o + mr]);
                 f.sa[..mr].copy_from_slice(&sa[o..o + mr]);
