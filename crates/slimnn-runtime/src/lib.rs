@@ -307,7 +307,8 @@ impl Runnable {
         if let Some(&split) = self.splits.lock().unwrap_or_else(|e| e.into_inner()).get(shapes) {
             return Ok(split.then_some(n));
         }
-        let split = samples::splittable(&self.graph.specialized(shapes)?, n);
+        let one: Vec<Vec<usize>> = shapes.iter().map(|s| [&[1], &s[1..]].concat()).collect();
+        let split = samples::splittable(&self.graph.specialized(shapes)?, &self.graph.specialized(&one)?, n);
         let mut splits = self.splits.lock().unwrap_or_else(|e| e.into_inner());
         if splits.len() >= PlanCache::CAPACITY {
             splits.clear();

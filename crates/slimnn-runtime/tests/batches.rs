@@ -1,12 +1,16 @@
-//! Batches of a CNN run sample by sample give what the whole batch gives on the reference
-//! evaluator; graphs that mix samples keep the batch whole.
+//! Batches run sample by sample (a CNN; attention over a padded, masked batch laid out as
+//! PyTorch exports it) give what the whole batch gives on the reference evaluator; graphs that
+//! mix samples, or do too little work per weight, keep the batch whole.
 //!
 //! Tolerance: f32 kernels against the f64 reference, `|got - want| <= 1e-4 (1 + |want|)`.
 
 mod common;
 
 use common::values;
-use slimnn_ir::ops::{Binary, BinaryOp, Clip, Conv, ConvAttrs, Flatten, Gemm, GlobalPool, Reduce, ReduceOp};
+use slimnn_ir::ops::{
+    Binary, BinaryOp, Clip, Concat, Conv, ConvAttrs, Flatten, Gather, Gemm, GlobalPool, LayerNorm, MatMul, Range,
+    Reduce, ReduceOp, Reshape, Shape, Softmax, Transpose, Unsqueeze,
+};
 use slimnn_ir::{Fact, Graph, OutletId};
 use slimnn_runtime::{Runnable, RuntimeConfig};
 use slimnn_tensor::{DType, Dim, Tensor};
@@ -21,11 +25,11 @@ fn node(g: &mut Graph, name: &str, op: impl Into<slimnn_ir::Op>, ins: Vec<Outlet
 }
 
 /// Conv 3x3 stride 2 + ReLU6, depthwise 3x3, pointwise with a residual, global pool, linear
-/// layer: `[n, 3, 17, 15] -> [n, 10]`; `mix` adds a step that reads across samples.
+/// layer: `[n, 3, 33, 31] -> [n, 10]`; `mix` adds a step that reads across samples.
 fn cnn(mix: Option<&str>) -> Graph {
     let mut g = Graph::default();
     let batch = Dim::Sym("n".into());
-    let fact = Fact::new(DType::F32, vec![batch, Dim::Known(3), Dim::Known(17), Dim::Known(15)]);
+    let fact = Fact::new(DType::F32, vec![batch, Dim::Known(3), Dim::Known(33), Dim::Known(31)]);
     let x = g.add_input("x", fact).unwrap();
     let conv = |g: &mut Graph, name: &str, x: OutletId, co: usize, ci: usize, k: usize, s: usize, group: usize| {
         let attrs = ConvAttrs { strides: vec![s, s], pads: vec![k / 2; 4], group, ..Default::default() };
@@ -65,12 +69,17 @@ fn cnn(mix: Option<&str>) -> Graph {
 }
 
 fn check(g: &Graph, batch: usize, split: bool) {
-    let x = Tensor::from_vec(vec![batch, 3, 17, 15], values(batch * 3 * 17 * 15, 5)).unwrap();
-    let inputs = vec![("x".to_string(), x)];
+    let x = Tensor::from_vec(vec![batch, 3, 33, 31], values(batch * 3 * 33 * 31, 5)).unwrap();
+    check_inputs(g, vec![("x".to_string(), x)], split && batch > 1);
+}
+
+fn check_inputs(g: &Graph, inputs: Vec<(String, Tensor)>, split: bool) {
+    let batch = inputs[0].1.shape()[0];
+    let shapes: Vec<Vec<usize>> = inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();
     let want = g.eval(inputs.clone()).unwrap().remove(0);
     for threads in [1, 2, 3] {
         let rt = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads)).unwrap();
-        assert_eq!(rt.splits_batch(&[vec![batch, 3, 17, 15]]).unwrap(), split && batch > 1);
+        assert_eq!(rt.splits_batch(&shapes).unwrap(), split);
         let mut st = rt.new_state();
         for _ in 0..2 {
             let got = rt.run(&mut st, inputs.clone()).unwrap().remove(0);
@@ -97,4 +106,87 @@ fn cnn_batches_run_sample_by_sample_and_match_the_reference() {
 fn graphs_that_mix_samples_keep_the_batch_whole() {
     check(&cnn(Some("per-sample constant")), 4, false);
     check(&cnn(Some("batch mean")), 4, false);
+}
+
+/// Masked self-attention over `[n, t, 16]` (2 heads of 8), laid out as PyTorch exports BERT:
+/// reshape targets computed from the input's shape, and the mask's rows picked from the
+/// flattened `[n t, 1]` mask by indices `b t + s` computed from the batch size (`swap` picks
+/// another sample's rows instead: `(n - 1 - b) t + s`).
+fn attention(t: usize, swap: bool) -> Graph {
+    let mut g = Graph::default();
+    let n = Dim::Sym("n".into());
+    let x = g.add_input("x", Fact::new(DType::F32, vec![n.clone(), Dim::Known(t), Dim::Known(16)])).unwrap();
+    let mask = g.add_input("mask", Fact::new(DType::F32, vec![n, Dim::Known(t)])).unwrap();
+    let i64s = |g: &mut Graph, name: &str, v: Vec<i64>| {
+        let len = v.len();
+        g.add_const(name, Tensor::from_vec(vec![len], v).unwrap()).unwrap()
+    };
+    let scalar = |g: &mut Graph, name: &str, v: i64| g.add_const(name, Tensor::scalar(v)).unwrap();
+    // Mask rows: flat[b t + s] for sample b.
+    let flat = node(&mut g, "flat", Flatten { axis: 2 }, vec![mask]);
+    let shape = node(&mut g, "shape", Shape { start: 0, end: None }, vec![x]);
+    let zero = scalar(&mut g, "zero", 0);
+    let batch = node(&mut g, "batch", Gather { axis: 0 }, vec![shape, zero]);
+    let one = scalar(&mut g, "one", 1);
+    let samples = node(&mut g, "samples", Range, vec![zero, batch, one]);
+    let samples = if swap {
+        let last = node(&mut g, "last", Binary(BinaryOp::Sub), vec![batch, one]);
+        node(&mut g, "reversed", Binary(BinaryOp::Sub), vec![last, samples])
+    } else {
+        samples
+    };
+    let tc = scalar(&mut g, "t", t as i64);
+    let starts = node(&mut g, "starts", Binary(BinaryOp::Mul), vec![samples, tc]);
+    let starts = node(&mut g, "starts2", Unsqueeze { axes: vec![1] }, vec![starts]);
+    let tokens = node(&mut g, "tokens", Range, vec![zero, tc, one]);
+    let ids = node(&mut g, "ids", Binary(BinaryOp::Add), vec![starts, tokens]);
+    let m = node(&mut g, "mask_rows", Gather { axis: 0 }, vec![flat, ids]);
+    let xm = node(&mut g, "masked", Binary(BinaryOp::Mul), vec![x, m]);
+    // Heads: [n, t, 16] -> [n, 2, t, 8], the target's batch taken from the shape.
+    let batch1 = node(&mut g, "batch1", Unsqueeze { axes: vec![0] }, vec![batch]);
+    let rest = i64s(&mut g, "rest", vec![t as i64, 2, 8]);
+    let target = node(&mut g, "target", Concat { axis: 0 }, vec![batch1, rest]);
+    let back = i64s(&mut g, "back", vec![t as i64, 16]);
+    let back = node(&mut g, "back_target", Concat { axis: 0 }, vec![batch1, back]);
+    let heads = |g: &mut Graph, name: &str, perm: Vec<usize>, seed: u64| {
+        let w = konst(g, &format!("{name}.w"), &[16, 16], seed);
+        let p = node(g, name, MatMul, vec![xm, w]);
+        let r = node(g, &format!("{name}.heads"), Reshape { allowzero: false }, vec![p, target]);
+        node(g, &format!("{name}.t"), Transpose { perm: Some(perm) }, vec![r])
+    };
+    let q = heads(&mut g, "q", vec![0, 2, 1, 3], 21);
+    let k = heads(&mut g, "k", vec![0, 2, 3, 1], 22);
+    let v = heads(&mut g, "v", vec![0, 2, 1, 3], 23);
+    let scores = node(&mut g, "scores", MatMul, vec![q, k]);
+    let p = node(&mut g, "probs", Softmax { axis: -1, legacy_2d: false }, vec![scores]);
+    let ctx = node(&mut g, "ctx", MatMul, vec![p, v]);
+    let ctx = node(&mut g, "ctx.t", Transpose { perm: Some(vec![0, 2, 1, 3]) }, vec![ctx]);
+    let ctx = node(&mut g, "ctx.r", Reshape { allowzero: false }, vec![ctx, back]);
+    let (gamma, beta) = (konst(&mut g, "ln.g", &[16], 24), konst(&mut g, "ln.b", &[16], 25));
+    let ln = node(&mut g, "ln", LayerNorm { axis: -1, epsilon: 1e-5, num_outputs: 1 }, vec![ctx, gamma, beta]);
+    let mean = Reduce { op: ReduceOp::Mean, axes: Some(vec![1]), keepdims: false, noop_with_empty_axes: false };
+    let y = node(&mut g, "pool", mean, vec![ln]);
+    g.add_output("y", y);
+    g
+}
+
+fn attention_inputs(n: usize, t: usize) -> Vec<(String, Tensor)> {
+    // Sample b has t - 3 b real tokens, the rest padding.
+    let mask: Vec<f32> =
+        (0..n * t).map(|i| if i % t < t.saturating_sub(3 * (i / t)).max(1) { 1.0 } else { 0.0 }).collect();
+    vec![
+        ("x".to_string(), Tensor::from_vec(vec![n, t, 16], values(n * t * 16, 26)).unwrap()),
+        ("mask".to_string(), Tensor::from_vec(vec![n, t], mask).unwrap()),
+    ]
+}
+
+#[test]
+fn attention_batches_laid_out_as_pytorch_exports_them_run_sample_by_sample() {
+    for n in [2, 3] {
+        check_inputs(&attention(64, false), attention_inputs(n, 64), true);
+        // Indices that pick another sample's mask rows mix samples.
+        check_inputs(&attention(64, true), attention_inputs(n, 64), false);
+    }
+    // Four tokens: too little work per weight byte to pay for reading the weights per sample.
+    check_inputs(&attention(4, false), attention_inputs(3, 4), false);
 }
