@@ -139,9 +139,9 @@ pub struct QLinearConvKernel {
     conv: crate::conv::ConvKernel,
     /// The weights packed for the integer GEMM, when it runs this convolution.
     int8: Option<qgemm::PackedQW>,
-    /// Depthwise weights `[c, kh * kw]` (zero point 0) for the 8-bit depthwise kernel, when it
-    /// runs this convolution.
-    dw_int8: Option<Arc<[i8]>>,
+    /// Depthwise weights (zero point 0) packed for the 8-bit depthwise kernel, when it runs
+    /// this convolution.
+    dw_int8: Option<Arc<qgemm::dw::DwPacked>>,
     bias: Option<Arc<[i32]>>,
     x_zero: i32,
     /// One multiplier per output channel.
@@ -168,9 +168,8 @@ impl QLinearConvKernel {
             }
             if let Some(w) = &self.dw_int8 {
                 let gp = if par { Par::Current } else { Par::Seq };
-                let g = dw_geom(&self.conv.geom);
                 let input = qgemm::dw::DwInput { data: xi, signed, zero: self.x_zero };
-                return Ok(qgemm::dw::depthwise_u8(&g, input, w, &self.requantize(), yi, gp)?);
+                return Ok(qgemm::dw::depthwise_u8_packed(w, input, &self.requantize(), yi, gp)?);
             }
             if self.conv.method == crate::conv::ConvMethod::Depthwise {
                 // Centred as each plane is padded, requantized as each plane is done.
@@ -978,7 +977,13 @@ fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) ->
                 && qgemm::dw::dw_supported(&dw_geom(&conv.geom)) =>
         {
             let shift = if w.dtype() == DType::U8 { 128 } else { 0 };
-            wz.iter().all(|&z| z == shift as f64).then(|| wv.iter().map(|&v| (v - shift) as i8).collect())
+            match wz.iter().all(|&z| z == shift as f64) {
+                true => {
+                    let wq: Vec<i8> = wv.iter().map(|&v| (v - shift) as i8).collect();
+                    Some(Arc::new(qgemm::dw::DwPacked::new(&dw_geom(&conv.geom), &wq)?))
+                }
+                false => None,
+            }
         }
         _ => None,
     };

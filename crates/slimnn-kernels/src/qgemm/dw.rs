@@ -3,9 +3,11 @@
 //!
 //! Each output is `sum_t w[t] * (x[t] - zx)` over the taps of its channel. With AVX-512 VNNI
 //! and VBMI, `vpdpbusd` sums four taps of a kernel row per i32 lane: one `vpermb` turns a
-//! padded input row into, for each of 16 outputs, the four bytes under those taps (any stride
-//! up to 3, so strided convolutions need no column split), and the channel's four weights are
-//! one broadcast dword. The raw `sum w * x` is corrected by `zx * sum w` (the zero-point
+//! padded input window into, for each of 16 outputs, the four bytes under four taps (any
+//! stride up to 3, so strided convolutions need no column split), and the channel's four
+//! weights are one broadcast dword. Taps go four at a time in row-major order, across kernel
+//! rows where a window reaches (a 5x5 kernel: 7 groups instead of 10 row chunks of which 5
+//! hold one tap); weights and the layout are packed once ([`DwPacked`]). The raw `sum w * x` is corrected by `zx * sum w` (the zero-point
 //! border makes padding exact) and requantized in registers, as [`Requantize`] does.
 
 use super::wx::Requantize;
@@ -69,22 +71,28 @@ thread_local! {
 /// Bytes read past a padded plane's last row by the 64-byte loads.
 const SLACK: usize = 64;
 
-/// What every channel of a call shares: where each kernel row's four-tap chunks read in the
-/// padded plane, and how outputs fill the vectors.
+/// Four taps read by one `vpermb` + `vpdpbusd`: where the 64-byte window starts (from an
+/// output block's first input) and, per output lane, the four bytes under the taps.
+#[derive(Clone, Debug)]
+struct Group {
+    offset: usize,
+    idx: [u8; 64],
+    /// Tap indices (`ky * kw + kx`) of the four bytes; `None` pads the last group.
+    taps: [Option<usize>; 4],
+}
+
+/// What every channel of a geometry shares: the tap groups and how outputs fill the vectors.
+#[derive(Clone, Debug)]
 struct Layout {
     g: DwGeom,
     /// Padded row length.
     pw: usize,
-    chunks_per_row: usize,
-    /// Each chunk's offset from its output block's window.
-    offsets: [usize; MAX_CHUNKS],
+    groups: Vec<Group>,
     /// A vector holds 16 outputs of a row, or whole rows of `ow < 16` (as many as its 64-byte
     /// load reaches: outputs of consecutive rows are consecutive).
     rows_per_vec: usize,
     /// Outputs per vector row.
     cols: usize,
-    /// Lane i's four bytes: at row `i / cols`, columns `(i % cols) * sw + 0..4` of the window.
-    idx: [u8; 64],
     /// Whether the vector kernel runs.
     vector: bool,
 }
@@ -92,13 +100,6 @@ struct Layout {
 impl Layout {
     fn new(g: &DwGeom) -> Layout {
         let pw = g.padded().1;
-        let chunks_per_row = g.kw.div_ceil(4);
-        let mut offsets = [0usize; MAX_CHUNKS];
-        for ky in 0..g.kh {
-            for j in 0..chunks_per_row {
-                offsets[ky * chunks_per_row + j] = ky * pw + 4 * j;
-            }
-        }
         let (rows_per_vec, cols) = if g.ow < 16 {
             let mut r = 16 / g.ow;
             while r > 1 && (r - 1) * g.sh * pw + (g.ow - 1) * g.sw + 3 >= 64 {
@@ -108,19 +109,80 @@ impl Layout {
         } else {
             (1, 16)
         };
-        let idx = std::array::from_fn(|b| {
-            let i = b / 4;
-            if i >= rows_per_vec * cols {
-                0
-            } else {
-                ((i / cols) * g.sh * pw + (i % cols) * g.sw + b % 4) as u8
+        // The farthest lane's first byte from the block's first input.
+        let reach = (rows_per_vec - 1) * g.sh * pw + (cols - 1) * g.sw;
+        let group = |taps: [Option<usize>; 4]| -> Option<Group> {
+            let off = |t: usize| (t / g.kw) * pw + t % g.kw;
+            let offset = taps.iter().flatten().map(|&t| off(t)).min()?;
+            let rel = taps.map(|t| t.map_or(0, |t| off(t) - offset));
+            if reach + rel.iter().max()? >= 64 {
+                return None;
             }
+            let idx = std::array::from_fn(|b| {
+                let i = b / 4;
+                if i >= rows_per_vec * cols {
+                    0
+                } else {
+                    ((i / cols) * g.sh * pw + (i % cols) * g.sw + rel[b % 4]) as u8
+                }
+            });
+            Some(Group { offset, idx, taps })
+        };
+        // Taps four at a time in row-major order, else four at a time within each kernel row
+        // (which always fits: `rows_per_vec` was chosen for it).
+        let taps = g.kh * g.kw;
+        let flat: Option<Vec<Group>> = (0..taps.div_ceil(4))
+            .map(|q| group(std::array::from_fn(|b| Some(4 * q + b).filter(|&t| t < taps))))
+            .collect();
+        let groups = flat.unwrap_or_else(|| {
+            (0..g.kh)
+                .flat_map(|ky| (0..g.kw.div_ceil(4)).map(move |j| (ky, j)))
+                .map(|(ky, j)| {
+                    let taps =
+                        std::array::from_fn(|b| Some(4 * j + b).filter(|&kx| kx < g.kw).map(|kx| ky * g.kw + kx));
+                    group(taps).expect("a kernel row's chunk fits the window")
+                })
+                .collect()
         });
-        Layout { g: *g, pw, chunks_per_row, offsets, rows_per_vec, cols, idx, vector: dw_kernel_available() }
+        Layout { g: *g, pw, groups, rows_per_vec, cols, vector: dw_kernel_available() }
+    }
+}
+
+/// A depthwise convolution's weights packed for one geometry: each channel's tap groups as
+/// dwords of four i8 weights, and each channel's weight sum (for the input zero point).
+#[derive(Clone, Debug)]
+pub struct DwPacked {
+    layout: Layout,
+    /// `[c, kh * kw]` as given.
+    w: Vec<i8>,
+    /// `[c, groups]`.
+    dwords: Vec<i32>,
+    sums: Vec<i32>,
+}
+
+impl DwPacked {
+    /// Packs `[c, kh * kw]` i8 weights (zero point 0) for `g`.
+    pub fn new(g: &DwGeom, w: &[i8]) -> Result<DwPacked, KernelError> {
+        if !dw_supported(g) {
+            return Err(KernelError::shape("depthwise_u8", format!("unsupported geometry {g:?}")));
+        }
+        let taps = g.taps();
+        if w.len() != g.c * taps {
+            return Err(KernelError::shape("depthwise_u8", format!("{} weights for {g:?}", w.len())));
+        }
+        let layout = Layout::new(g);
+        let mut dwords = Vec::with_capacity(g.c * layout.groups.len());
+        for wc in w.chunks_exact(taps.max(1)) {
+            for grp in &layout.groups {
+                dwords.push(i32::from_le_bytes(grp.taps.map(|t| t.map_or(0, |t| wc[t] as u8))));
+            }
+        }
+        let sums = w.chunks_exact(taps.max(1)).map(|wc| wc.iter().map(|&v| v as i32).sum()).collect();
+        Ok(DwPacked { layout, w: w.to_vec(), dwords, sums })
     }
 
-    fn chunks(&self) -> usize {
-        self.g.kh * self.chunks_per_row
+    pub fn geom(&self) -> &DwGeom {
+        &self.layout.g
     }
 }
 
@@ -134,7 +196,7 @@ pub struct DwInput<'a> {
 }
 
 /// `out[c] = requantize(sum_t w[c][t] * (x[c][t] - x.zero))`, weights `[c, kh * kw]` i8 with
-/// zero point 0, output `[c, oh, ow]`.
+/// zero point 0, output `[c, oh, ow]` (packs the weights, then [`depthwise_u8_packed`]).
 pub fn depthwise_u8(
     g: &DwGeom,
     input: DwInput<'_>,
@@ -143,14 +205,23 @@ pub fn depthwise_u8(
     out: &mut [u8],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
+    depthwise_u8_packed(&DwPacked::new(g, w)?, input, q, out, par)
+}
+
+/// [`depthwise_u8`] with weights packed once ([`DwPacked::new`]).
+pub fn depthwise_u8_packed(
+    packed: &DwPacked,
+    input: DwInput<'_>,
+    q: &Requantize<'_>,
+    out: &mut [u8],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
     let DwInput { data: x, signed, zero: x_zero } = input;
+    let (layout, g) = (&packed.layout, &packed.layout.g);
     let bad = |m: String| Err(KernelError::shape("depthwise_u8", m));
     let (plane, oplane, taps) = (g.h * g.w, g.oh * g.ow, g.taps());
-    if !dw_supported(g) {
-        return bad(format!("unsupported geometry {g:?}"));
-    }
-    if x.len() != g.c * plane || w.len() != g.c * taps || out.len() != g.c * oplane {
-        return bad(format!("{} inputs, {} weights, {} outputs for {g:?}", x.len(), w.len(), out.len()));
+    if x.len() != g.c * plane || out.len() != g.c * oplane {
+        return bad(format!("{} inputs, {} outputs for {g:?}", x.len(), out.len()));
     }
     if q.multiplier.len() != g.c || q.bias.is_some_and(|b| b.len() != g.c) {
         return bad(format!("requantization for {} channels, not {}", q.multiplier.len(), g.c));
@@ -163,30 +234,47 @@ pub fn depthwise_u8(
     let tasks = par.threads().min(g.c).min((g.c * oplane * taps).div_ceil(1 << 16)).max(1);
     let per = g.c.div_ceil(tasks);
     let out_ptr = out.as_mut_ptr() as usize;
-    let layout = Layout::new(g);
+    let ngroups = layout.groups.len();
     par.run_tasks(g.c.div_ceil(per), |t| {
         let channels = t * per..((t + 1) * per).min(g.c);
         PLANE.with(|p| {
             let mut scratch = p.borrow_mut();
+            // The border is the zero point for every channel: filled once, interiors rewritten.
+            let (rows, pw) = g.padded();
+            scratch.clear();
+            scratch.resize(rows * pw + SLACK, zx as u8);
             for c in channels {
                 // SAFETY: tasks own disjoint channel ranges of `out`.
                 let o = unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut u8).add(c * oplane), oplane) };
-                let xc = &x[c * plane..(c + 1) * plane];
-                pad_channel(g, xc, signed, zx as u8, &mut scratch);
-                channel(&layout, &scratch, zx, &w[c * taps..(c + 1) * taps], q, c, o);
+                pad_channel(g, &x[c * plane..(c + 1) * plane], signed, &mut scratch, layout.vector);
+                #[cfg(target_arch = "x86_64")]
+                if layout.vector {
+                    let dwords = &packed.dwords[c * ngroups..(c + 1) * ngroups];
+                    // SAFETY: the host has the features; `scratch` has `SLACK` bytes past its rows.
+                    unsafe { x86::channel(layout, &scratch, zx * packed.sums[c], dwords, q, c, o) };
+                    continue;
+                }
+                let _ = ngroups;
+                channel_scalar(g, &scratch, zx, &packed.w[c * taps..(c + 1) * taps], q, c, o);
             }
         })
     });
     Ok(())
 }
 
-/// The channel's plane with a border of its zero point, rows `padded().1` long, then slack.
-fn pad_channel(g: &DwGeom, x: &[u8], signed: bool, zx: u8, scratch: &mut Vec<u8>) {
+/// Writes the channel's plane into `scratch`, a padded plane (rows `padded().1` long, then
+/// slack) whose border already holds the zero point.
+fn pad_channel(g: &DwGeom, x: &[u8], signed: bool, scratch: &mut [u8], vector: bool) {
     let (rows, pw) = g.padded();
-    scratch.clear();
-    scratch.resize(rows * pw + SLACK, zx);
     let n = g.w.min(pw.saturating_sub(g.pl));
-    for iy in 0..g.h.min(rows.saturating_sub(g.pt)) {
+    let h = g.h.min(rows.saturating_sub(g.pt));
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: the vector kernel's features are on the host; the rows are in bounds.
+        return unsafe { x86::copy_rows(&x[..h * g.w], g.w, &mut scratch[g.pt * pw + g.pl..], pw, n, signed) };
+    }
+    let _ = vector;
+    for iy in 0..h {
         let dst = &mut scratch[(iy + g.pt) * pw + g.pl..][..n];
         let src = &x[iy * g.w..][..n];
         if signed {
@@ -195,16 +283,6 @@ fn pad_channel(g: &DwGeom, x: &[u8], signed: bool, zx: u8, scratch: &mut Vec<u8>
             dst.copy_from_slice(src);
         }
     }
-}
-
-/// One channel from its padded plane.
-fn channel(l: &Layout, padded: &[u8], zx: i32, w: &[i8], q: &Requantize<'_>, c: usize, out: &mut [u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if l.vector {
-        // SAFETY: the host has the features; `padded` has `SLACK` bytes past its rows.
-        return unsafe { x86::channel(l, padded, zx, w, q, c, out) };
-    }
-    channel_scalar(&l.g, padded, zx, w, q, c, out)
 }
 
 /// The portable loop (and reference): exact i32 sums, then [`Requantize::apply`].
@@ -251,50 +329,58 @@ pub fn reference_depthwise_u8(g: &DwGeom, input: DwInput<'_>, w: &[i8], q: &Requ
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Layout, Requantize, MAX_CHUNKS};
+    use super::{Layout, Requantize};
     use crate::qgemm::wx::{bias_fits, ZmmRequantize};
     use std::arch::x86_64::*;
+
+    /// Rows of `n` bytes from `src` (stride `ls`) to `dst` (stride `ld`), flipping the top bit
+    /// when `signed`, with masked 64-byte moves (short rows made a `memcpy` call each).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW on the host; `src.len()` a multiple of `ls`; `dst` long enough for as many
+    /// rows of `n` at stride `ld`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn copy_rows(src: &[u8], ls: usize, dst: &mut [u8], ld: usize, n: usize, signed: bool) {
+        let rows = src.len().checked_div(ls).unwrap_or(0);
+        assert!(n <= ls && (rows == 0 || (rows - 1) * ld + n <= dst.len()));
+        let flip = _mm512_set1_epi8(if signed { -128 } else { 0 });
+        for r in 0..rows {
+            let (s, d) = (src.as_ptr().add(r * ls), dst.as_mut_ptr().add(r * ld));
+            let mut j = 0;
+            while j < n {
+                let m: __mmask64 = if n - j >= 64 { !0 } else { (1u64 << (n - j)) - 1 };
+                let v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, s.add(j) as *const _), flip);
+                _mm512_mask_storeu_epi8(d.add(j) as *mut _, m, v);
+                j += 64;
+            }
+        }
+    }
 
     /// Independent accumulation chains in flight (`vpdpbusd` latency over its throughput).
     const CHAINS: usize = 4;
 
+    /// Channel `c`: `dwords` its packed weights (one per tap group), `zx_sum_w` the input zero
+    /// point times its weight sum.
+    ///
     /// # Safety
     /// AVX-512 F/BW/DQ/VNNI/VBMI on the host; `padded` as `pad_channel` writes it (with slack).
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx512vbmi")]
     pub(super) unsafe fn channel(
         l: &Layout,
         padded: &[u8],
-        zx: i32,
-        w: &[i8],
+        zx_sum_w: i32,
+        dwords: &[i32],
         q: &Requantize<'_>,
         c: usize,
         out: &mut [u8],
     ) {
-        let (g, pw, cpr) = (&l.g, l.pw, l.chunks_per_row);
-        // The channel's weights as one dword per chunk (zero past the kernel row).
-        let mut weights = [0i32; MAX_CHUNKS];
-        for ky in 0..g.kh {
-            for j in 0..cpr {
-                let b: [u8; 4] = std::array::from_fn(|i| {
-                    let kx = 4 * j + i;
-                    if kx < g.kw {
-                        w[ky * g.kw + kx] as u8
-                    } else {
-                        0
-                    }
-                });
-                weights[ky * cpr + j] = i32::from_le_bytes(b);
-            }
-        }
-        let chunks = l.offsets[..l.chunks()].iter().zip(&weights[..l.chunks()]);
-        let idx = _mm512_loadu_si512(l.idx.as_ptr() as *const _);
+        let (g, pw) = (&l.g, l.pw);
         let (rows_per_vec, cols) = (l.rows_per_vec, l.cols);
-        let sum_w: i32 = w.iter().map(|&v| v as i32).sum();
         let bias = q.bias.map_or(0, |b| b[c]);
         // With the bias the sums fit i32 (`bias_fits`), or the bias is added in i64 (quantizers
         // saturate dead channels' biases near 2^31).
         let fits = bias_fits(bias, g.taps());
-        let term = _mm512_set1_epi32(if fits { bias } else { 0 } - zx * sum_w);
+        let term = _mm512_set1_epi32(if fits { bias } else { 0 } - zx_sum_w);
         let wide_bias = _mm512_set1_epi64(bias as i64);
         let rq = ZmmRequantize::new(q, c, g.taps());
         // Output blocks (first row, first column), CHAINS at a time.
@@ -315,10 +401,11 @@ mod x86 {
                 }
             }
             let mut acc = [_mm512_setzero_si512(); CHAINS];
-            for (&off, &wd) in chunks.clone() {
+            for (grp, &wd) in l.groups.iter().zip(dwords) {
                 let wv = _mm512_set1_epi32(wd);
+                let idx = _mm512_loadu_si512(grp.idx.as_ptr() as *const _);
                 for k in 0..CHAINS {
-                    let v = _mm512_permutexvar_epi8(idx, _mm512_loadu_si512(src[k].add(off) as *const _));
+                    let v = _mm512_permutexvar_epi8(idx, _mm512_loadu_si512(src[k].add(grp.offset) as *const _));
                     acc[k] = _mm512_dpbusd_epi32(acc[k], v, wv);
                 }
             }
@@ -397,11 +484,12 @@ mod tests {
                     assert_eq!(got, want, "{g:?} signed {signed}/{out_signed}, {threads} threads");
                 }
                 // The portable loop on its own.
-                let mut scratch = vec![];
                 let zx = if signed { x_zero + 128 } else { x_zero };
+                let (rows, pw) = g.padded();
+                let mut scratch = vec![zx as u8; rows * pw + SLACK];
                 let oplane = g.oh * g.ow;
                 for c in 0..g.c {
-                    pad_channel(&g, &x[c * g.h * g.w..][..g.h * g.w], signed, zx as u8, &mut scratch);
+                    pad_channel(&g, &x[c * g.h * g.w..][..g.h * g.w], signed, &mut scratch, false);
                     let mut o = vec![0u8; oplane];
                     channel_scalar(&g, &scratch, zx, &w[c * g.taps()..][..g.taps()], &q, c, &mut o);
                     assert_eq!(o, want[c * oplane..][..oplane], "{g:?} scalar channel {c}");
@@ -477,10 +565,11 @@ mod tests {
             let q = Requantize { multiplier: &multiplier, bias: None, zero: 0, signed: false };
             let mut out = vec![0u8; c * g.oh * g.ow];
             let input = DwInput { data: &x, signed: false, zero: 128 };
+            let packed = DwPacked::new(&g, &w).unwrap();
             let mut best = f64::INFINITY;
             for _ in 0..20 {
                 let t = std::time::Instant::now();
-                depthwise_u8(&g, input, &w, &q, &mut out, Par::Seq).unwrap();
+                depthwise_u8_packed(&packed, input, &q, &mut out, Par::Seq).unwrap();
                 best = best.min(t.elapsed().as_secs_f64());
             }
             total += best;
