@@ -581,11 +581,10 @@ mod x86 {
 
     struct Vnni512;
 
-    impl Tile for Vnni512 {
-        const MR: usize = 8;
-        const NR: usize = 32;
+    impl Vnni512 {
+        /// The raw sums of an 8 x 32 tile, left in registers.
         #[inline(always)]
-        unsafe fn tile(kq: usize, w: *const u32, x: *const u8, out: *mut i32) {
+        unsafe fn sums(kq: usize, w: *const u32, x: *const u8) -> [[__m512i; 2]; 8] {
             let mut acc = [[_mm512_setzero_si512(); 2]; 8];
             for q in 0..kq {
                 let xq = x.add(q * 128);
@@ -598,6 +597,16 @@ mod x86 {
                     }
                 }
             }
+            acc
+        }
+    }
+
+    impl Tile for Vnni512 {
+        const MR: usize = 8;
+        const NR: usize = 32;
+        #[inline(always)]
+        unsafe fn tile(kq: usize, w: *const u32, x: *const u8, out: *mut i32) {
+            let acc = Self::sums(kq, w, x);
             for (i, row) in acc.iter().enumerate() {
                 for (v, a) in row.iter().enumerate() {
                     _mm512_storeu_si512(out.add(i * 32 + v * 16) as *mut _, *a);
@@ -652,7 +661,50 @@ mod x86 {
     /// As `run_block`, on a host with AVX-512 VNNI.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn block_avx512(job: &Job, rb: Range<usize>, ps: Range<usize>) {
-        block::<Vnni512>(job, rb, ps)
+        match job.out {
+            super::Out::U8(c, q) if job.x.col_sums.is_empty() || job.w.symmetric() => fused_u8(job, c, &q, rb, ps),
+            _ => block::<Vnni512>(job, rb, ps),
+        }
+    }
+
+    /// Requantized output finished in registers: row blocks outer (each block's requantization
+    /// set up once, its weights kept in L1), panels inner. Storing the i32 tile and setting up
+    /// each row's requantization per tile cost as much as the products at K = 192.
+    ///
+    /// # Safety
+    /// As `block_avx512`; the weights' zero points play no part (symmetric, or no column sums).
+    #[inline(always)]
+    unsafe fn fused_u8(job: &Job, c: *mut u8, q: &Requantize<'_>, rb: Range<usize>, ps: Range<usize>) {
+        const MR: usize = Vnni512::MR;
+        let (w, x) = (job.w, job.x);
+        let kq = w.k.div_ceil(4);
+        for b in rb {
+            let i0 = b * MR;
+            let rows = MR.min(w.m - i0);
+            // A saturated bias (a dead channel) needs the i64 path of `requantize_row`.
+            if (i0..i0 + rows).any(|i| !bias_fits(q.bias.map_or(0, |v| v[i]), w.k)) {
+                block::<Vnni512>(job, b..b + 1, ps.clone());
+                continue;
+            }
+            let rq: [ZmmRequantize; MR] = std::array::from_fn(|r| ZmmRequantize::new(q, (i0 + r).min(w.m - 1), w.k));
+            let vt: [__m512i; MR] = std::array::from_fn(|r| {
+                let i = (i0 + r).min(w.m - 1);
+                _mm512_set1_epi32(job.row_terms[i].wrapping_add(q.bias.map_or(0, |v| v[i])))
+            });
+            let wb = w.data.as_ptr().add(b * kq * MR);
+            for p in ps.clone() {
+                let j0 = p * Vnni512::NR;
+                let cols = Vnni512::NR.min(x.n - j0);
+                let acc = Vnni512::sums(kq, wb, x.data.as_slice().as_ptr().add(p * x.panel_stride));
+                for (r, (row, (rq, vt))) in acc.iter().zip(rq.iter().zip(&vt)).take(rows).enumerate() {
+                    for (v, &sum) in row.iter().enumerate().take(cols.div_ceil(16)) {
+                        let j = v * 16;
+                        let mask: __mmask16 = if cols - j >= 16 { !0 } else { (1 << (cols - j)) - 1 };
+                        rq.store(c.add((i0 + r) * job.ldc + j0 + j), mask, _mm512_add_epi32(sum, *vt));
+                    }
+                }
+            }
+        }
     }
 
     /// # Safety
@@ -695,27 +747,31 @@ mod tests {
                     let packed = PackedQW::new(kernel, &w, m, k, &zw).unwrap();
                     let mut px = PackedQX::default();
                     px.pack(&packed, &x, n, n, signed, zx).unwrap();
-                    // Biases up to the i32 limits (quantizers saturate dead channels' biases).
-                    let bias: Vec<i32> = (0..m)
-                        .map(|i| match i % 5 {
-                            0 => i32::MAX - (lcg(&mut s) % 100) as i32,
-                            1 => i32::MIN + (lcg(&mut s) % 100) as i32,
-                            _ => (lcg(&mut s) % 20_000) as i32 - 10_000,
-                        })
-                        .collect();
-                    // Multipliers so large the f32 product would overflow the conversion too.
-                    let multiplier: Vec<f32> =
-                        (0..m).map(|i| if i % 3 == 2 { 1e4 } else { 1e-4 * (1 + lcg(&mut s) % 200) as f32 }).collect();
-                    let q = Requantize { multiplier: &multiplier, bias: Some(&bias), zero: 3, signed };
-                    let want_q: Vec<u8> = want.iter().enumerate().map(|(e, &a)| q.apply(e / n, a)).collect();
-                    let tag = format!("{kernel} {m}x{k}x{n} signed={signed} asym={asym}");
-                    for par in [Par::Seq, Par::Pool(&pool)] {
-                        let mut got = vec![0i32; m * n];
-                        qgemm_wx(&packed, &px, WxOut::I32 { c: &mut got, ldc: n }, par).unwrap();
-                        assert_eq!(got, want, "{tag}");
-                        let mut got = vec![0u8; m * n];
-                        qgemm_wx(&packed, &px, WxOut::Requantized { c: &mut got, ldc: n, q }, par).unwrap();
-                        assert_eq!(got, want_q, "{tag} requantized");
+                    // Biases up to the i32 limits (quantizers saturate dead channels' biases;
+                    // those rows take the i64 path), or all small (the in-register path).
+                    for saturated in [true, false] {
+                        let bias: Vec<i32> = (0..m)
+                            .map(|i| match i % 5 {
+                                0 if saturated => i32::MAX - (lcg(&mut s) % 100) as i32,
+                                1 if saturated => i32::MIN + (lcg(&mut s) % 100) as i32,
+                                _ => (lcg(&mut s) % 20_000) as i32 - 10_000,
+                            })
+                            .collect();
+                        // Multipliers so large the f32 product would overflow the conversion too.
+                        let multiplier: Vec<f32> = (0..m)
+                            .map(|i| if i % 3 == 2 { 1e4 } else { 1e-4 * (1 + lcg(&mut s) % 200) as f32 })
+                            .collect();
+                        let q = Requantize { multiplier: &multiplier, bias: Some(&bias), zero: 3, signed };
+                        let want_q: Vec<u8> = want.iter().enumerate().map(|(e, &a)| q.apply(e / n, a)).collect();
+                        let tag = format!("{kernel} {m}x{k}x{n} signed={signed} asym={asym} saturated={saturated}");
+                        for par in [Par::Seq, Par::Pool(&pool)] {
+                            let mut got = vec![0i32; m * n];
+                            qgemm_wx(&packed, &px, WxOut::I32 { c: &mut got, ldc: n }, par).unwrap();
+                            assert_eq!(got, want, "{tag}");
+                            let mut got = vec![0u8; m * n];
+                            qgemm_wx(&packed, &px, WxOut::Requantized { c: &mut got, ldc: n, q }, par).unwrap();
+                            assert_eq!(got, want_q, "{tag} requantized");
+                        }
                     }
                 }
             }
