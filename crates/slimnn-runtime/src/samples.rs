@@ -65,7 +65,11 @@ pub(crate) fn splittable(g: &Graph, one: &Graph, n: usize) -> bool {
         }
         kinds.push(vec![Kind::Batched; node.outputs.len()]);
     }
-    pays_off(one)
+    // Outputs are stacked from one-sample outputs whose axis 0 is the sample.
+    let stacks = |o: &OutletId| {
+        kinds[o.node][o.slot] == Kind::Batched && one.fact(*o).known_shape().is_some_and(|s| s.first() == Some(&1))
+    };
+    g.outputs().iter().all(|(_, o)| stacks(o)) && pays_off(one)
 }
 
 /// Multiply-adds per weight byte, per sample, below which a batch stays whole: one sample then

@@ -55,6 +55,11 @@ fn cnn(mix: Option<&str>) -> Graph {
             let mean = node(&mut g, "mean", reduce, vec![pw]);
             pw = node(&mut g, "centre", Binary(BinaryOp::Sub), vec![pw, mean]);
         }
+        // A second output that is the same for every batch: nothing to stack per sample.
+        Some("constant output") => {
+            let c = konst(&mut g, "table", &[3], 4);
+            g.add_output("table", c);
+        }
         _ => {}
     }
     let res = node(&mut g, "res", Binary(BinaryOp::Add), vec![pw, act]);
@@ -106,6 +111,7 @@ fn cnn_batches_run_sample_by_sample_and_match_the_reference() {
 fn graphs_that_mix_samples_keep_the_batch_whole() {
     check(&cnn(Some("per-sample constant")), 4, false);
     check(&cnn(Some("batch mean")), 4, false);
+    check(&cnn(Some("constant output")), 4, false);
 }
 
 /// Masked self-attention over `[n, t, 16]` (2 heads of 8), laid out as PyTorch exports BERT:
