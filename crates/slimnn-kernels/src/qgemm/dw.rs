@@ -180,10 +180,6 @@ impl DwPacked {
         let sums = w.chunks_exact(taps.max(1)).map(|wc| wc.iter().map(|&v| v as i32).sum()).collect();
         Ok(DwPacked { layout, w: w.to_vec(), dwords, sums })
     }
-
-    pub fn geom(&self) -> &DwGeom {
-        &self.layout.g
-    }
 }
 
 /// A depthwise convolution's 8-bit input: `[c, h, w]` bytes (`signed`: i8 bit patterns) and
