@@ -10,7 +10,7 @@ use std::ops::Range;
 const MIN_MACS_PER_TASK: usize = 1 << 20;
 
 #[derive(Clone, Copy)]
-enum Out {
+pub(super) enum Out {
     F32(*mut f32),
     U8(*mut u8, f32, u8),
     I32(*mut i32),
@@ -35,7 +35,7 @@ unsafe impl Sync for Job<'_> {}
 /// The f32 tier whose row kernels (activation) go with a quantized kernel.
 pub(crate) fn row_tier(k: QKernel) -> CpuTier {
     match k {
-        QKernel::Avx512Vnni => CpuTier::Avx512,
+        QKernel::Avx512Vnni | QKernel::AmxInt8 => CpuTier::Avx512,
         QKernel::AvxVnni | QKernel::Avx2 => CpuTier::Avx2,
         QKernel::Scalar => CpuTier::Generic,
     }
@@ -52,8 +52,29 @@ pub(super) fn run(m: usize, a: &[u8], lda: usize, b: &PackedQB, out: QOutput<'_>
         QOutput::I32 { c, ldc } => (Out::I32(c.as_mut_ptr()), ldc),
     };
     let (mr, nr) = b.kernel.tile();
+    #[cfg(target_arch = "x86_64")]
+    if b.kernel == QKernel::AmxInt8 {
+        let job = super::amx::Job { a, lda, b, out, ldc, ep };
+        // SAFETY: as below; the kernel's support (AMX granted, AVX-512) was checked.
+        return split(m, n, b.k, mr, nr, par, |rows, cols| unsafe { super::amx::run_block(&job, rows, cols) });
+    }
     let job = Job { a, lda, b, out, ldc, ep, tile: kernels::tile_fn(b.kernel), mr, tier: row_tier(b.kernel) };
-    let macs = m.saturating_mul(n).saturating_mul(b.k.max(1));
+    // SAFETY: `qgemm` validated the buffers and the kernel's features; tasks own disjoint
+    // output blocks.
+    split(m, n, b.k, mr, nr, par, |rows, cols| unsafe { run_block_tiered(&job, rows, cols) });
+}
+
+/// Splits `m x n` into (row range x panel range) tasks, one per thread at most.
+fn split(
+    m: usize,
+    n: usize,
+    k: usize,
+    mr: usize,
+    nr: usize,
+    par: Par<'_>,
+    block: impl Fn(Range<usize>, Range<usize>) + Sync,
+) {
+    let macs = m.saturating_mul(n).saturating_mul(k.max(1));
     let threads = par.threads().min(macs / MIN_MACS_PER_TASK).max(1);
     let row_tiles = m.div_ceil(mr);
     let panels = n.div_ceil(nr);
@@ -65,9 +86,7 @@ pub(super) fn run(m: usize, a: &[u8], lda: usize, b: &PackedQB, out: QOutput<'_>
         let rows = (ti * rows_per).min(m)..((ti + 1) * rows_per).min(m);
         let cols = (tj * panels_per).min(panels)..((tj + 1) * panels_per).min(panels);
         if !rows.is_empty() && !cols.is_empty() {
-            // SAFETY: `qgemm` validated the buffers and the kernel's features; tasks own
-            // disjoint output blocks.
-            unsafe { run_block_tiered(&job, rows, cols) }
+            block(rows, cols)
         }
     };
     par.run_tasks(tm * tn, task);
@@ -109,7 +128,7 @@ unsafe fn run_block_tiered(job: &Job, rows: Range<usize>, panels: Range<usize>) 
             run_block(job, rows, panels)
         }
         match job.b.kernel {
-            QKernel::Avx512Vnni => return avx512(job, rows, panels),
+            QKernel::Avx512Vnni | QKernel::AmxInt8 => return avx512(job, rows, panels),
             QKernel::AvxVnni | QKernel::Avx2 => return avx2(job, rows, panels),
             QKernel::Scalar => {}
         }

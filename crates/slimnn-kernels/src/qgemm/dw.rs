@@ -46,7 +46,7 @@ impl DwGeom {
 /// Whether this host has the vector kernel (AVX-512 VNNI and VBMI, within the tier cap).
 pub fn dw_kernel_available() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return super::QKernel::active() == super::QKernel::Avx512Vnni
+    return super::QKernel::active_vector() == super::QKernel::Avx512Vnni
         && std::is_x86_feature_detected!("avx512vbmi")
         && std::is_x86_feature_detected!("avx512dq");
     #[cfg(not(target_arch = "x86_64"))]

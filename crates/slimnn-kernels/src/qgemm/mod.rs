@@ -14,9 +14,11 @@
 //! Kernels ([`QKernel`]): AVX-512 VNNI (`vpdpbusd` on zmm), AVX-VNNI (ymm), an AVX2 fallback
 //! whose `vpmaddubsw` cannot saturate because A is split into its low 7 bits and its top bit
 //! (each pair sum then fits i16), and a scalar reference. The tier ([`crate::cpu::tier`], capped
-//! by `SLIMNN_CPU_TIER`) picks one; tests run every kernel the host supports. AMX-INT8 is not
-//! implemented: on an `amx` tier the AVX-512 VNNI kernel runs.
+//! by `SLIMNN_CPU_TIER`) picks one; tests run every kernel the host supports. On the `amx` tier
+//! (AMX-INT8 granted by the OS) [`qgemm`] runs on AMX tiles ([`amx`]); the convolution kernels
+//! ([`wx`], [`dw`]) stay on AVX-512 VNNI there.
 
+mod amx;
 mod driver;
 pub mod dw;
 mod kernels;
@@ -45,15 +47,19 @@ pub enum QKernel {
     AvxVnni,
     /// AVX-512 VNNI `vpdpbusd` on 512-bit vectors.
     Avx512Vnni,
+    /// AMX-INT8 `tdpbusd` on 16 x 64-byte tiles, finished with AVX-512.
+    AmxInt8,
 }
 
 impl QKernel {
-    pub const ALL: [QKernel; 4] = [QKernel::Scalar, QKernel::Avx2, QKernel::AvxVnni, QKernel::Avx512Vnni];
+    pub const ALL: [QKernel; 5] =
+        [QKernel::Scalar, QKernel::Avx2, QKernel::AvxVnni, QKernel::Avx512Vnni, QKernel::AmxInt8];
 
     /// The best kernel for `tier` on this host.
     pub fn for_tier(tier: CpuTier) -> QKernel {
         let f = cpu::features();
         match tier {
+            CpuTier::Amx if QKernel::AmxInt8.is_supported() => QKernel::AmxInt8,
             CpuTier::Avx512 | CpuTier::Amx if f.avx512vnni => QKernel::Avx512Vnni,
             CpuTier::Avx512 | CpuTier::Amx | CpuTier::Avx2 if has_avx_vnni() => QKernel::AvxVnni,
             CpuTier::Avx512 | CpuTier::Amx | CpuTier::Avx2 => QKernel::Avx2,
@@ -66,6 +72,11 @@ impl QKernel {
         QKernel::for_tier(cpu::tier())
     }
 
+    /// The best vector (non-AMX) kernel of the active tier: the convolution kernels' family.
+    pub fn active_vector() -> QKernel {
+        QKernel::for_tier(cpu::tier().min(CpuTier::Avx512))
+    }
+
     /// Whether the host can run this kernel (the tier cap aside).
     pub fn is_supported(self) -> bool {
         let f = cpu::features();
@@ -75,6 +86,7 @@ impl QKernel {
             QKernel::Avx2 => avx2,
             QKernel::AvxVnni => avx2 && has_avx_vnni(),
             QKernel::Avx512Vnni => CpuTier::Avx512.is_supported() && f.avx512vnni,
+            QKernel::AmxInt8 => CpuTier::Amx.is_supported() && f.avx512vnni,
         }
     }
 
@@ -89,6 +101,7 @@ impl QKernel {
             QKernel::Avx2 => "avx2",
             QKernel::AvxVnni => "avx-vnni",
             QKernel::Avx512Vnni => "avx512-vnni",
+            QKernel::AmxInt8 => "amx-int8",
         }
     }
 
@@ -99,6 +112,7 @@ impl QKernel {
             QKernel::Avx2 => (4, 16),
             QKernel::AvxVnni => (6, 16),
             QKernel::Avx512Vnni => (8, 48),
+            QKernel::AmxInt8 => (amx::MR, amx::NR),
         }
     }
 
@@ -157,7 +171,8 @@ impl AlignedBytes {
 /// Signed 8-bit weights `B` (`k x n`, zero point 0) packed once for one [`QKernel`].
 ///
 /// Panels of `nr` columns follow one another (each starting on a cache line); a panel holds
-/// `ceil(k/4)` groups, each `nr` columns of 4 consecutive K values, zero-padded in K and N.
+/// `ceil(k/4)` groups (for AMX rounded up to whole 16-group tiles), each `nr` columns of 4
+/// consecutive K values, zero-padded in K and N.
 /// Valid only on the machine that packed it: never serialise it.
 #[derive(Clone)]
 pub struct PackedQB {
@@ -203,7 +218,10 @@ impl PackedQB {
         let (rows, cols) = if transposed { (n, k) } else { (k, n) };
         check_matrix("B", b.len(), rows, cols, ld)?;
         let (_, nr) = kernel.tile();
-        let kq = k.div_ceil(4);
+        let kq = match kernel {
+            QKernel::AmxInt8 => k.div_ceil(amx::KB) * amx::KB / 4,
+            _ => k.div_ceil(4),
+        };
         let too_big = || KernelError::shape(KERNEL, format!("packed B of {k} x {n} is too large"));
         let panel_stride = kq.checked_mul(nr * 4).map(|s| s.next_multiple_of(64)).ok_or_else(too_big)?;
         let total =

@@ -309,3 +309,15 @@ fn weight_only_threads_and_errors() {
     assert!(PackedWeightOnly::from_nbits(3, 32, 1, 32, &[0; 12], &[1.0], None).is_err());
     assert!(PackedWeightOnly::from_nbits(4, 64, 2, 32, &[0; 16], &[1.0; 4], None).is_err());
 }
+
+#[test]
+fn tile_shapes_match_reference() {
+    // K a multiple of 64 (AMX reads A in place) and not, whole and partial 16- and 32-row tiles,
+    // one and several 32-column panels.
+    for (m, k, n, seed) in [(77, 128, 70, 1), (16, 64, 32, 2), (48, 384, 100, 3), (33, 192, 65, 4), (5, 100, 31, 5)] {
+        let c = case(m, k, n, seed);
+        for kernel in QKernel::supported() {
+            check_case(&c, kernel, Par::Seq);
+        }
+    }
+}

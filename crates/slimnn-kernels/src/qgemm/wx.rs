@@ -26,7 +26,7 @@ pub const MAX_K: usize = i32::MAX as usize / (255 * 255);
 
 /// The kernel for the active CPU tier, when it has a VNNI one.
 pub fn wx_kernel() -> Option<QKernel> {
-    Some(QKernel::active()).filter(|k| matches!(k, QKernel::Avx512Vnni | QKernel::AvxVnni))
+    Some(QKernel::active_vector()).filter(|k| matches!(k, QKernel::Avx512Vnni | QKernel::AvxVnni))
 }
 
 /// `(MR, NR)` of `kernel`'s tile, `None` when it has no kernel here.
@@ -34,7 +34,7 @@ fn tile_of(kernel: QKernel) -> Option<(usize, usize)> {
     match kernel {
         QKernel::Avx512Vnni => Some((8, 32)),
         QKernel::AvxVnni | QKernel::Scalar => Some((4, 16)),
-        QKernel::Avx2 => None,
+        QKernel::Avx2 | QKernel::AmxInt8 => None,
     }
 }
 

@@ -1,0 +1,306 @@
+//! AMX-INT8 blocks of the integer GEMM: `tdpbusd` on 16-row x 64-byte tiles, a 32 x 32 block
+//! of C in four accumulator tiles, finished with AVX-512 (zero-point correction, scales, bias,
+//! activation, residual, requantization) from a tile store in L1.
+//!
+//! B is the [`PackedQB`] layout with NR = 32 and its groups padded to whole 64-byte K blocks:
+//! 16 groups of one 32-column panel are two B tiles side by side (row stride 128 bytes), so
+//! the packing needs no AMX-specific order. A tiles are read in place (16 rows of 64 bytes at
+//! stride `lda`) when K is a multiple of 64 and a row tile is whole; otherwise the rows are
+//! copied into a zero-padded buffer first.
+
+use super::driver::Out;
+use super::{PackedQB, QEpilogue};
+use std::ops::Range;
+
+/// Rows and columns of the C block.
+pub(super) const MR: usize = 32;
+pub(super) const NR: usize = 32;
+/// Bytes of K per tile step (16 groups of 4).
+pub(super) const KB: usize = 64;
+
+/// Rows of A kept in L2 while B panels stream past them (as the VNNI path does).
+const A_BLOCK_BYTES: usize = 64 << 10;
+
+/// One operand-set of a blocked run.
+pub(super) struct Job<'a> {
+    pub a: &'a [u8],
+    pub lda: usize,
+    pub b: &'a PackedQB,
+    pub out: Out,
+    pub ldc: usize,
+    pub ep: &'a QEpilogue<'a>,
+}
+
+// SAFETY: tasks read A, B and the epilogue operands (shared borrows outliving the tasks) and
+// write disjoint (row range x panel range) blocks of the output through `out`.
+unsafe impl Sync for Job<'_> {}
+
+/// The 32 x 32 i32 block as the tiles store it (row stride 128 bytes).
+#[repr(C, align(64))]
+struct Block([i32; MR * NR]);
+
+/// Runs rows `rows` x panels `panels` of the job.
+///
+/// # Safety
+/// The buffers must be valid for the job's dimensions (as `qgemm` checks), no other task may
+/// write this block, and the host must have AMX-INT8 granted and AVX-512 F/BW/VL/DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+pub(super) unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usize>) {
+    let b = job.b;
+    let k = b.k;
+    let kb = k.div_ceil(KB);
+    let kpad = kb * KB;
+    // A read in place needs whole 64-byte K blocks; otherwise the block is copied padded.
+    let in_place = k.is_multiple_of(KB);
+    let block = (A_BLOCK_BYTES / kpad.max(1)).max(MR) / MR * MR;
+    let mut padded = vec![0u8; if in_place { MR * kpad } else { block * kpad }];
+    let mut za = vec![0i32; block];
+    let mut sa = vec![0f32; block];
+    let mut acc = Block([0; MR * NR]);
+    tiles::configure();
+    for ib in rows.clone().step_by(block) {
+        let ib_end = (ib + block).min(rows.end);
+        for r in ib..ib_end {
+            za[r - ib] = job.ep.a_zero.at(r);
+            sa[r - ib] = job.ep.a_scale.at(r);
+        }
+        // Padding needs no zeros: B's padded K rows are zero, and rows past `mr` are not stored.
+        if !in_place {
+            for r in ib..ib_end {
+                padded[(r - ib) * kpad..][..k].copy_from_slice(&job.a[r * job.lda..][..k]);
+            }
+        }
+        for p in panels.clone() {
+            let j0 = p * NR;
+            let bp = b.data.as_slice().as_ptr().add(p * b.panel_stride);
+            let fin = Finish::new(job, j0);
+            // The next panel is prefetched a share per row tile, so its first tile does not wait
+            // on memory (a model's weights do not stay in L2 between runs).
+            let next = if p + 1 < panels.end { bp.add(b.panel_stride) } else { std::ptr::null() };
+            let lines = b.panel_stride / 64;
+            let per_tile = lines.div_ceil((ib_end - ib).div_ceil(MR));
+            let mut line = 0;
+            let mut ir = ib;
+            while ir < ib_end {
+                let mr = MR.min(ib_end - ir);
+                if !next.is_null() {
+                    for l in line..(line + per_tile).min(lines) {
+                        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                        _mm_prefetch::<_MM_HINT_T1>(next.add(l * 64) as *const i8);
+                    }
+                    line += per_tile;
+                }
+                let (a, lda) = if !in_place {
+                    (padded.as_ptr().add((ir - ib) * kpad), kpad)
+                } else if mr == MR || mr == MR / 2 {
+                    (job.a.as_ptr().add(ir * job.lda), job.lda)
+                } else {
+                    // A partial row tile: the tiles read 16 or 32 whole rows.
+                    for i in 0..mr {
+                        padded[i * kpad..][..k].copy_from_slice(&job.a[(ir + i) * job.lda..][..k]);
+                    }
+                    (padded.as_ptr(), kpad)
+                };
+                if mr > MR / 2 {
+                    tiles::block_32x32(kb, a, lda, bp, acc.0.as_mut_ptr());
+                } else {
+                    tiles::block_16x32(kb, a, lda, bp, acc.0.as_mut_ptr());
+                }
+                fin.rows(job, &acc, ir, mr, &za[ir - ib..], &sa[ir - ib..]);
+                ir += mr;
+            }
+        }
+    }
+    tiles::release();
+}
+
+/// Per-panel constants of the epilogue.
+#[cfg(target_arch = "x86_64")]
+struct Finish {
+    j0: usize,
+    masks: [u16; 2],
+    col_sums: [std::arch::x86_64::__m512i; 2],
+    b_scale: [std::arch::x86_64::__m512; 2],
+    bias: [std::arch::x86_64::__m512; 2],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Finish {
+    // No closures here: a closure does not inherit the caller's target features, and its
+    // intrinsics then run as calls.
+    #[inline(always)]
+    unsafe fn new(job: &Job, j0: usize) -> Self {
+        use std::arch::x86_64::*;
+        let ep = job.ep;
+        let cols = NR.min(job.b.n - j0);
+        let mut f = Finish {
+            j0,
+            masks: [0; 2],
+            col_sums: [_mm512_setzero_si512(); 2],
+            b_scale: [_mm512_setzero_ps(); 2],
+            bias: [_mm512_setzero_ps(); 2],
+        };
+        for v in 0..2 {
+            let c = cols.saturating_sub(v * 16).min(16);
+            let mask = ((1u32 << c) - 1) as u16;
+            let j = j0 + v * 16;
+            f.masks[v] = mask;
+            f.col_sums[v] = _mm512_maskz_loadu_epi32(mask, job.b.col_sums.as_ptr().add(j) as *const _);
+            f.b_scale[v] = match ep.b_scale.len() {
+                1 => _mm512_set1_ps(ep.b_scale[0]),
+                _ => _mm512_maskz_loadu_ps(mask, ep.b_scale.as_ptr().add(j)),
+            };
+            if let Some(bias) = ep.bias {
+                f.bias[v] = _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(j));
+            }
+        }
+        f
+    }
+
+    /// Finishes rows `ir..ir + mr` of the panel from `acc`; `za` / `sa` start at row `ir`.
+    #[inline(always)]
+    unsafe fn rows(&self, job: &Job, acc: &Block, ir: usize, mr: usize, za: &[i32], sa: &[f32]) {
+        use std::arch::x86_64::*;
+        let ep = job.ep;
+        for i in 0..mr {
+            let r = ir + i;
+            let zav = _mm512_set1_epi32(za[i]);
+            for v in 0..2 {
+                let mask = self.masks[v];
+                if mask == 0 {
+                    break;
+                }
+                let j = self.j0 + v * 16;
+                let x = _mm512_load_si512(acc.0.as_ptr().add(i * NR + v * 16) as *const _);
+                let x = _mm512_sub_epi32(x, _mm512_mullo_epi32(zav, self.col_sums[v]));
+                let at = r * job.ldc + j;
+                if let Out::I32(c) = job.out {
+                    _mm512_mask_storeu_epi32(c.add(at) as *mut _, mask, x);
+                    continue;
+                }
+                // Multiply, then add: the graph's own order (Cast, Mul, Add), as the reference.
+                let s = _mm512_mul_ps(_mm512_set1_ps(sa[i]), self.b_scale[v]);
+                let mut y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(x), s), self.bias[v]);
+                y = crate::math::activate(y, ep.activation);
+                if let Some(res) = ep.residual {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, res.data.as_ptr().add(r * res.ld + j)));
+                }
+                match job.out {
+                    Out::F32(c) => _mm512_mask_storeu_ps(c.add(at), mask, y),
+                    Out::U8(c, scale, zero) => {
+                        let q = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                            _mm512_div_ps(y, _mm512_set1_ps(scale)),
+                        );
+                        // max first: a NaN becomes 0, as the reference's saturating cast.
+                        let q = _mm512_max_ps(_mm512_add_ps(q, _mm512_set1_ps(zero as f32)), _mm512_setzero_ps());
+                        let q = _mm512_cvtps_epi32(_mm512_min_ps(q, _mm512_set1_ps(255.0)));
+                        _mm512_mask_cvtusepi32_storeu_epi8(c.add(at) as *mut _, mask, q);
+                    }
+                    Out::I32(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The AMX instructions (inline assembly: the AMX intrinsics are not stable Rust).
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    use std::arch::asm;
+
+    /// Palette 1 with all eight tiles 16 rows x 64 bytes.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    /// Loads the tile configuration on this thread.
+    #[inline(always)]
+    pub(super) unsafe fn configure() {
+        let mut c = Config([0; 64]);
+        c.0[0] = 1;
+        for t in 0..8 {
+            c.0[16 + 2 * t] = super::KB as u8;
+            c.0[48 + t] = 16;
+        }
+        asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly));
+    }
+
+    /// Returns the tile state to init (the OS then need not save it on a context switch).
+    #[inline(always)]
+    pub(super) unsafe fn release() {
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// `c[32 x 32] = a[32 rows x 64 kb bytes] · b` for one packed panel (`kb` blocks of two
+    /// 16 x 64-byte B tiles at row stride 128); `c` at row stride 128 bytes.
+    #[inline(always)]
+    pub(super) unsafe fn block_32x32(kb: usize, a: *const u8, lda: usize, b: *const u8, c: *mut i32) {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "test {n}, {n}",
+            "jz 3f",
+            "2:",
+            "tileloadd tmm4, [{a} + {lda}*1]",
+            "tileloadd tmm6, [{b} + {s}*1]",
+            "tileloadd tmm7, [{b} + {s}*1 + 64]",
+            "tileloadd tmm5, [{a2} + {lda}*1]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tdpbusd tmm1, tmm4, tmm7",
+            "tdpbusd tmm2, tmm5, tmm6",
+            "tdpbusd tmm3, tmm5, tmm7",
+            "add {a}, 64",
+            "add {a2}, 64",
+            "add {b}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            "3:",
+            "tilestored [{c} + {s}*1], tmm0",
+            "tilestored [{c} + {s}*1 + 64], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c2} + {s}*1 + 64], tmm3",
+            n = inout(reg) kb => _,
+            a = inout(reg) a => _,
+            a2 = inout(reg) a.add(16 * lda) => _,
+            b = inout(reg) b => _,
+            lda = in(reg) lda,
+            s = in(reg) 128usize,
+            c = in(reg) c,
+            c2 = in(reg) c.add(16 * 32),
+            options(nostack),
+        );
+    }
+
+    /// [`block_32x32`] for 16 rows (`c` rows 0..16).
+    #[inline(always)]
+    pub(super) unsafe fn block_16x32(kb: usize, a: *const u8, lda: usize, b: *const u8, c: *mut i32) {
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "test {n}, {n}",
+            "jz 3f",
+            "2:",
+            "tileloadd tmm4, [{a} + {lda}*1]",
+            "tileloadd tmm6, [{b} + {s}*1]",
+            "tileloadd tmm7, [{b} + {s}*1 + 64]",
+            "tdpbusd tmm0, tmm4, tmm6",
+            "tdpbusd tmm1, tmm4, tmm7",
+            "add {a}, 64",
+            "add {b}, 2048",
+            "dec {n}",
+            "jnz 2b",
+            "3:",
+            "tilestored [{c} + {s}*1], tmm0",
+            "tilestored [{c} + {s}*1 + 64], tmm1",
+            n = inout(reg) kb => _,
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            lda = in(reg) lda,
+            s = in(reg) 128usize,
+            c = in(reg) c,
+            options(nostack),
+        );
+    }
+}
