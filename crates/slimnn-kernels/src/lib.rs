@@ -36,6 +36,7 @@
 //! assert_eq!(c, [4.5, 0.0, 10.5, 0.0]);
 //! ```
 
+mod amx;
 pub mod attention;
 pub mod blockq;
 pub mod cpu;

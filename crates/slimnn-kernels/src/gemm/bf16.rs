@@ -156,12 +156,13 @@ impl<const MR: usize, const NR: usize> TileKernel for ScalarBf16<MR, NR> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::Avx512Bf16;
+pub(crate) use x86::{AmxBf16, Avx512Bf16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::kernels::{prefetch_tile, store_tile, tile_dispatch, Avx512};
     use super::*;
+    use crate::amx;
     use crate::simd::Simd;
     use std::arch::x86_64::*;
 
@@ -295,6 +296,136 @@ mod x86 {
                 [1, 2, 3, 4, 5, 6, 7, 8],
                 (kc, a, lda, b, c, ldc, load_c, pf, ep)
             )
+        }
+
+        unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {
+            Avx512::epilogue(rows, cols, c, ldc, ep)
+        }
+    }
+
+    /// AMX-BF16 tiles (`tdpbf16ps`) on the AVX-512 packing (NR = 48: three 16-column B tiles
+    /// side by side): a 32-row tile runs as a 2 x 2 block of C tiles plus a 2 x 1 block for
+    /// the last 16 columns, a 16-row one as 1 x 3; the f32 tile goes through a store in L1,
+    /// then C is added (for later K blocks) and the AVX-512 epilogue applied.
+    pub(crate) struct AmxBf16;
+
+    /// The 32 x 48 f32 block the tiles store.
+    #[repr(C, align(64))]
+    struct AmxAcc([f32; 32 * 48]);
+
+    /// A K tail of fewer than 16 slots, zero-padded to one tile step.
+    #[repr(C, align(64))]
+    struct AmxTail<const N: usize>([f32; N]);
+
+    /// # Safety
+    /// As [`TileKernel::tile`] for [`AmxBf16`]; AMX-BF16 granted, AVX-512 F/BW/VL/DQ present.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    unsafe fn amx_bf16_tile(
+        mr: usize,
+        width: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+        pf: *const f32,
+        ep: *const TileEpilogue,
+    ) {
+        const NR: usize = 48;
+        const LDB: usize = NR * 4;
+        for l in 0..kc {
+            _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(l * 16) as *const i8);
+        }
+        let two = mr > 16;
+        let rows = if two { 32 } else { 16 };
+        // The tiles read 16 or 32 whole rows of A: other row counts read a padded copy.
+        let padded: Vec<f32>;
+        let (a, lda) = if mr == rows {
+            (a, lda)
+        } else {
+            let mut p = vec![0f32; rows * kc];
+            for r in 0..mr {
+                std::ptr::copy_nonoverlapping(a.add(r * lda), p.as_mut_ptr().add(r * kc), kc);
+            }
+            padded = p;
+            (padded.as_ptr(), kc)
+        };
+        let (kb, tail) = (kc / 16, kc % 16);
+        let mut at = AmxTail([0f32; 32 * 16]);
+        let mut bt = AmxTail([0f32; 16 * NR]);
+        if tail > 0 {
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(a.add(r * lda + kb * 16), at.0.as_mut_ptr().add(r * 16), tail);
+            }
+            std::ptr::copy_nonoverlapping(b.add(kb * 16 * NR), bt.0.as_mut_ptr(), tail * NR);
+        }
+        let (ab, bb) = (a as *const u8, b as *const u8);
+        let (atp, btp) = (at.0.as_ptr() as *const u8, bt.0.as_ptr() as *const u8);
+        let mut acc = AmxAcc([0f32; 32 * 48]);
+        let accp = acc.0.as_mut_ptr() as *mut u8;
+        amx::configure();
+        amx::zero_acc();
+        if two {
+            amx::bf16_2x2(kb, ab, lda * 4, bb, LDB);
+            if tail > 0 {
+                amx::bf16_2x2(1, atp, 64, btp, LDB);
+            }
+            amx::store_2x2(accp, LDB);
+            if width > 32 {
+                amx::zero_acc();
+                amx::bf16_2x1(kb, ab, lda * 4, bb.add(128), LDB);
+                if tail > 0 {
+                    amx::bf16_2x1(1, atp, 64, btp.add(128), LDB);
+                }
+                amx::store_2x1(accp.add(128), LDB);
+            }
+        } else {
+            amx::bf16_1x3(kb, ab, lda * 4, bb, LDB);
+            if tail > 0 {
+                amx::bf16_1x3(1, atp, 64, btp, LDB);
+            }
+            amx::store_1x3(accp, LDB);
+        }
+        for r in 0..mr {
+            for v in (0..width).step_by(16) {
+                let mut x = _mm512_load_ps(acc.0.as_ptr().add(r * NR + v));
+                let cp = c.add(r * ldc + v);
+                if load_c {
+                    x = _mm512_add_ps(x, _mm512_loadu_ps(cp));
+                }
+                _mm512_storeu_ps(cp, x);
+            }
+        }
+        if !ep.is_null() {
+            Avx512::epilogue(mr, width, c, ldc, &*ep);
+        }
+    }
+
+    impl TileKernel for AmxBf16 {
+        const MR: usize = 32;
+        const NR: usize = Avx512::NR;
+        const LANES: usize = Avx512::LANES;
+        const MC: usize = 128;
+        const KC: usize = 192;
+        const NC_PANELS: usize = 16;
+
+        unsafe fn tile(
+            mr: usize,
+            width: usize,
+            kc: usize,
+            a: *const f32,
+            lda: usize,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            load_c: bool,
+            pf: *const f32,
+            ep: *const TileEpilogue,
+        ) {
+            const { assert!(Avx512::NR == 48 && Avx512::LANES == 16) };
+            amx_bf16_tile(mr, width, kc, a, lda, b, c, ldc, load_c, pf, ep)
         }
 
         unsafe fn epilogue(rows: usize, cols: usize, c: *mut f32, ldc: usize, ep: &TileEpilogue) {

@@ -112,10 +112,12 @@ fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
     let job = Job::new(m, k2, pairs.as_slice().as_ptr(), k2, b, c, ldc, ep);
     match b.tier() {
         #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Avx512 | crate::CpuTier::Amx if bf16::native_for(b.tier()) => {
-            run_tasks::<bf16::Avx512Bf16>(&job, par)
-        }
-        crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<bf16::ScalarBf16<8, 48>>(&job, par),
+        crate::CpuTier::Amx => run_tasks::<bf16::AmxBf16>(&job, par),
+        #[cfg(target_arch = "x86_64")]
+        crate::CpuTier::Avx512 if bf16::native_for(b.tier()) => run_tasks::<bf16::Avx512Bf16>(&job, par),
+        crate::CpuTier::Avx512 => run_tasks::<bf16::ScalarBf16<8, 48>>(&job, par),
+        #[cfg(not(target_arch = "x86_64"))]
+        crate::CpuTier::Amx => run_tasks::<bf16::ScalarBf16<8, 48>>(&job, par),
         crate::CpuTier::Avx2 => run_tasks::<bf16::ScalarBf16<6, 16>>(&job, par),
         crate::CpuTier::Generic => run_tasks::<bf16::ScalarBf16<4, 8>>(&job, par),
     }
@@ -167,7 +169,7 @@ fn grid(threads: usize, row_tiles: usize, panels: usize, prefer_n: bool) -> (usi
 
 /// A stack tile for partial-width panels.
 #[repr(C, align(64))]
-struct ScratchTile([f32; 512]);
+struct ScratchTile([f32; 1536]);
 
 /// Computes C rows `rows` x panels `panels`.
 ///
@@ -175,8 +177,8 @@ struct ScratchTile([f32; 512]);
 /// The job's buffers must be valid for its dimensions (as `gemm` validates), `T` supported by
 /// the host, and no other thread may touch this block of C meanwhile.
 unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<usize>) {
-    const { assert!(T::MR * T::NR <= 512 && T::MC % T::MR == 0) };
-    let mut scratch = ScratchTile([0.0; 512]);
+    const { assert!(T::MR * T::NR <= 1536 && T::MC % T::MR == 0) };
+    let mut scratch = ScratchTile([0.0; 1536]);
     if job.k == 0 {
         return empty_k::<T>(job, rows, panels);
     }

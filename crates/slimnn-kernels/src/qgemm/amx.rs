@@ -58,7 +58,7 @@ pub(super) unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usiz
     let mut za = vec![0i32; block];
     let mut sa = vec![0f32; block];
     let mut acc = Block([0; MR * NR]);
-    tiles::configure();
+    crate::amx::configure();
     for ib in rows.clone().step_by(block) {
         let ib_end = (ib + block).min(rows.end);
         for r in ib..ib_end {
@@ -112,7 +112,7 @@ pub(super) unsafe fn run_block(job: &Job, rows: Range<usize>, panels: Range<usiz
             }
         }
     }
-    tiles::release();
+    crate::amx::release();
 }
 
 /// Per-panel constants of the epilogue.
@@ -204,32 +204,10 @@ impl Finish {
     }
 }
 
-/// The AMX instructions (inline assembly: the AMX intrinsics are not stable Rust).
+/// The int8 tile loops (see [`crate::amx`] for the tile state).
 #[cfg(target_arch = "x86_64")]
 mod tiles {
     use std::arch::asm;
-
-    /// Palette 1 with all eight tiles 16 rows x 64 bytes.
-    #[repr(C, align(64))]
-    struct Config([u8; 64]);
-
-    /// Loads the tile configuration on this thread.
-    #[inline(always)]
-    pub(super) unsafe fn configure() {
-        let mut c = Config([0; 64]);
-        c.0[0] = 1;
-        for t in 0..8 {
-            c.0[16 + 2 * t] = super::KB as u8;
-            c.0[48 + t] = 16;
-        }
-        asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly));
-    }
-
-    /// Returns the tile state to init (the OS then need not save it on a context switch).
-    #[inline(always)]
-    pub(super) unsafe fn release() {
-        asm!("tilerelease", options(nostack, nomem));
-    }
 
     /// `c[32 x 32] = a[32 rows x 64 kb bytes] · b` for one packed panel (`kb` blocks of two
     /// 16 x 64-byte B tiles at row stride 128); `c` at row stride 128 bytes.

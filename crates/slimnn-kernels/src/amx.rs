@@ -1,0 +1,180 @@
+//! AMX tile state and the bf16 tile loops (inline assembly: the AMX intrinsics are not stable
+//! Rust). Every kernel uses one configuration, all eight tiles 16 rows x 64 bytes; tiles keep
+//! their contents between `asm!` blocks, since nothing else in the program touches them.
+//!
+//! Measured on the development VM (Xeon with AMX, 2 cores): `tdpbusd` / `tdpbf16ps` issue every
+//! ~6 ns with operands in tiles, but each `tileloadd` costs ~17 ns whatever the address, so the
+//! loops that load one tile per product (a 2 x 2 block of C) are bound by the loads.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::asm;
+
+/// Palette 1 with all eight tiles 16 rows x 64 bytes.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+/// Loads the tile configuration on this thread.
+///
+/// # Safety
+/// The OS must have granted this process the AMX tile state.
+#[inline(always)]
+pub(crate) unsafe fn configure() {
+    let mut c = Config([0; 64]);
+    c.0[0] = 1;
+    for t in 0..8 {
+        c.0[16 + 2 * t] = 64;
+        c.0[48 + t] = 16;
+    }
+    asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly));
+}
+
+/// Returns the tiles to their init state (the OS then need not save them on a context switch).
+///
+/// # Safety
+/// As [`configure`].
+#[inline(always)]
+pub(crate) unsafe fn release() {
+    asm!("tilerelease", options(nostack, nomem));
+}
+
+/// Zeroes the accumulator tiles 0-3.
+#[inline(always)]
+pub(crate) unsafe fn zero_acc() {
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+}
+
+/// bf16 pairs: `kb` steps of tmm0..3 += A(2 row tiles) x B(2 column tiles): A rows 0-15 at `a`,
+/// 16-31 at `a + 16 lda`, B column tiles at `b` and `b + 64`; `lda`, `ldb` in bytes; each step
+/// moves 64 bytes along A's rows and 16 rows down B.
+#[inline(always)]
+pub(crate) unsafe fn bf16_2x2(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+    if kb == 0 {
+        return;
+    }
+    asm!(
+        "2:",
+        "tileloadd tmm4, [{a} + {lda}*1]",
+        "tileloadd tmm6, [{b} + {ldb}*1]",
+        "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+        "tileloadd tmm5, [{a2} + {lda}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "tdpbf16ps tmm3, tmm5, tmm7",
+        "add {a}, 64",
+        "add {a2}, 64",
+        "add {b}, {bstep}",
+        "dec {n}",
+        "jnz 2b",
+        n = inout(reg) kb => _,
+        a = inout(reg) a => _,
+        a2 = inout(reg) a.add(16 * lda) => _,
+        b = inout(reg) b => _,
+        lda = in(reg) lda,
+        ldb = in(reg) ldb,
+        bstep = in(reg) 16 * ldb,
+        options(nostack, readonly),
+    );
+}
+
+/// As [`bf16_2x2`] with one column tile at `b`: tmm0 (rows 0-15) and tmm2 (rows 16-31).
+#[inline(always)]
+pub(crate) unsafe fn bf16_2x1(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+    if kb == 0 {
+        return;
+    }
+    asm!(
+        "2:",
+        "tileloadd tmm4, [{a} + {lda}*1]",
+        "tileloadd tmm6, [{b} + {ldb}*1]",
+        "tileloadd tmm5, [{a2} + {lda}*1]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm2, tmm5, tmm6",
+        "add {a}, 64",
+        "add {a2}, 64",
+        "add {b}, {bstep}",
+        "dec {n}",
+        "jnz 2b",
+        n = inout(reg) kb => _,
+        a = inout(reg) a => _,
+        a2 = inout(reg) a.add(16 * lda) => _,
+        b = inout(reg) b => _,
+        lda = in(reg) lda,
+        ldb = in(reg) ldb,
+        bstep = in(reg) 16 * ldb,
+        options(nostack, readonly),
+    );
+}
+
+/// As [`bf16_2x2`] for one row tile and three column tiles (`b`, `b + 64`, `b + 128`):
+/// tmm0..2.
+#[inline(always)]
+pub(crate) unsafe fn bf16_1x3(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+    if kb == 0 {
+        return;
+    }
+    asm!(
+        "2:",
+        "tileloadd tmm4, [{a} + {lda}*1]",
+        "tileloadd tmm5, [{b} + {ldb}*1]",
+        "tileloadd tmm6, [{b} + {ldb}*1 + 64]",
+        "tileloadd tmm7, [{b} + {ldb}*1 + 128]",
+        "tdpbf16ps tmm0, tmm4, tmm5",
+        "tdpbf16ps tmm1, tmm4, tmm6",
+        "tdpbf16ps tmm2, tmm4, tmm7",
+        "add {a}, 64",
+        "add {b}, {bstep}",
+        "dec {n}",
+        "jnz 2b",
+        n = inout(reg) kb => _,
+        a = inout(reg) a => _,
+        b = inout(reg) b => _,
+        lda = in(reg) lda,
+        ldb = in(reg) ldb,
+        bstep = in(reg) 16 * ldb,
+        options(nostack, readonly),
+    );
+}
+
+/// Stores tmm0..3 as the 2 x 2 block at `c` (row stride `ldc` bytes): tmm0 / tmm1 rows 0-15
+/// at columns 0 / +64 bytes, tmm2 / tmm3 rows 16-31.
+#[inline(always)]
+pub(crate) unsafe fn store_2x2(c: *mut u8, ldc: usize) {
+    asm!(
+        "tilestored [{c} + {ldc}*1], tmm0",
+        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+        "tilestored [{c2} + {ldc}*1], tmm2",
+        "tilestored [{c2} + {ldc}*1 + 64], tmm3",
+        c = in(reg) c,
+        c2 = in(reg) c.add(16 * ldc),
+        ldc = in(reg) ldc,
+        options(nostack),
+    );
+}
+
+/// Stores tmm0 (rows 0-15) and tmm2 (rows 16-31) at `c`.
+#[inline(always)]
+pub(crate) unsafe fn store_2x1(c: *mut u8, ldc: usize) {
+    asm!(
+        "tilestored [{c} + {ldc}*1], tmm0",
+        "tilestored [{c2} + {ldc}*1], tmm2",
+        c = in(reg) c,
+        c2 = in(reg) c.add(16 * ldc),
+        ldc = in(reg) ldc,
+        options(nostack),
+    );
+}
+
+/// Stores tmm0..2 as one row tile at `c`, `c + 64`, `c + 128`.
+#[inline(always)]
+pub(crate) unsafe fn store_1x3(c: *mut u8, ldc: usize) {
+    asm!(
+        "tilestored [{c} + {ldc}*1], tmm0",
+        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+        "tilestored [{c} + {ldc}*1 + 128], tmm2",
+        c = in(reg) c,
+        ldc = in(reg) ldc,
+        options(nostack),
+    );
+}
