@@ -282,3 +282,73 @@ mod tiles {
         );
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::super::{qgemm, PackedQB, QEpilogue, QKernel, QOutput};
+    use crate::gemm::Par;
+    use std::time::Instant;
+
+    /// `tdpbusd` throughput with operands in tiles (four independent accumulators), GOP/s.
+    fn register_peak(iters: usize) -> f64 {
+        let a = [1u8; 1024];
+        // SAFETY: AMX-INT8 is granted (the caller checked); the loads read 1 KB buffers.
+        let t = Instant::now();
+        unsafe {
+            crate::amx::configure();
+            std::arch::asm!(
+                "tileloadd tmm4, [{a} + {s}*1]",
+                "tileloadd tmm5, [{a} + {s}*1]",
+                "tileloadd tmm6, [{a} + {s}*1]",
+                "tileloadd tmm7, [{a} + {s}*1]",
+                "2:",
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tdpbusd tmm1, tmm4, tmm7",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "tdpbusd tmm3, tmm5, tmm7",
+                "dec {n}",
+                "jnz 2b",
+                a = in(reg) a.as_ptr(),
+                s = in(reg) 64usize,
+                n = inout(reg) iters => _,
+                options(nostack),
+            );
+            crate::amx::release();
+        }
+        iters as f64 * 4.0 * 16.0 * 16.0 * 64.0 * 2.0 / t.elapsed().as_secs_f64() / 1e9
+    }
+
+    /// `cargo test --release -p slimnn-kernels --lib amx_speed -- --ignored --nocapture`: the
+    /// register-only AMX-INT8 peak, then the GEMM (f32 output with per-channel scales and
+    /// bias, weights warm) on MiniLM's shapes at 128 rows, 1 thread, best of 50.
+    #[test]
+    #[ignore]
+    fn amx_speed() {
+        if !QKernel::AmxInt8.is_supported() {
+            eprintln!("no AMX-INT8 here");
+            return;
+        }
+        let peak = (0..5).map(|_| register_peak(2_000_000)).fold(0.0, f64::max);
+        eprintln!("AMX-INT8 tdpbusd, operands in tiles: {peak:.0} GOP/s");
+        for (m, k, n) in [(128, 384, 1152), (128, 384, 384), (128, 384, 1536), (128, 1536, 384), (128, 768, 3072)] {
+            let a: Vec<u8> = (0..m * k).map(|i| (i * 7 % 251) as u8).collect();
+            let b: Vec<i8> = (0..k * n).map(|i| (i * 13 % 255) as u8 as i8).collect();
+            let scales = vec![0.01f32; n];
+            let bias = vec![0.5f32; n];
+            let mut out = vec![0f32; m * n];
+            let ep = QEpilogue::new(0.02, 117, &scales).with_bias(&bias);
+            for kernel in [QKernel::Avx512Vnni, QKernel::AmxInt8] {
+                let p = PackedQB::with_kernel(kernel, &b, k, n, n, false).unwrap();
+                let mut best = f64::MAX;
+                for _ in 0..50 {
+                    let t = Instant::now();
+                    qgemm(m, &a, k, &p, QOutput::F32 { c: &mut out, ldc: n }, &ep, Par::Seq).unwrap();
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let gops = 2.0 * (m * k * n) as f64 / best / 1e9;
+                let pct = 100.0 * gops / peak;
+                eprintln!("{m}x{k}x{n} {kernel}: {:.1} us, {gops:.0} GOP/s ({pct:.0}% of the AMX peak)", best * 1e6);
+            }
+        }
+    }
+}
