@@ -210,15 +210,40 @@ mod x86 {
         (l, h)
     }
 
+    /// Quotients `x * (1 / scale)` within this of a half-integer are redone with the division:
+    /// elsewhere the product rounds to the same integer as `x / scale` (they differ by at most
+    /// ~3 ulp, under 2^-13 for the |quotients| <= 512 that do not saturate).
+    const NEAR_HALF: f32 = 1.0 / 4096.0;
+
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn quantize_avx512(x: &[f32], scale: f32, zero: u8, out: &mut [u8]) {
         let s = _mm512_set1_ps(scale);
+        let inv = 1.0 / scale;
+        // A division per vector costs ~16 cycles on Intel cores: multiply by the reciprocal and
+        // divide only the lanes where that could round differently (~1 in 2000).
+        let fast = inv.is_normal();
+        let inv = _mm512_set1_ps(inv);
+        let (half, near) = (_mm512_set1_ps(0.5), _mm512_set1_ps(NEAR_HALF));
         let z = _mm512_set1_epi32(zero as i32);
         let (lim_lo, lim_hi) = (_mm512_set1_ps(-LIMIT), _mm512_set1_ps(LIMIT));
         let (q_lo, q_hi) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
         let n = x.len() / 16 * 16;
         for i in (0..n).step_by(16) {
-            let d = _mm512_div_ps(_mm512_loadu_ps(x.as_ptr().add(i)), s);
+            let v = _mm512_loadu_ps(x.as_ptr().add(i));
+            let d = if fast {
+                let d = _mm512_mul_ps(v, inv);
+                let frac =
+                    _mm512_sub_ps(d, _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(d));
+                let off = _mm512_abs_ps(_mm512_sub_ps(_mm512_abs_ps(frac), half));
+                let redo = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, near);
+                if redo != 0 {
+                    _mm512_mask_div_ps(d, redo, v, s)
+                } else {
+                    d
+                }
+            } else {
+                _mm512_div_ps(v, s)
+            };
             let d = _mm512_min_ps(_mm512_max_ps(d, lim_lo), lim_hi);
             // The default rounding mode (MXCSR) is round-half-even.
             let r = _mm512_add_epi32(_mm512_cvtps_epi32(d), z);

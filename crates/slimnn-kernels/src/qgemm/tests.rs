@@ -321,3 +321,26 @@ fn tile_shapes_match_reference() {
         }
     }
 }
+
+#[test]
+fn quantization_near_half_steps_matches_the_division() {
+    // Values on and around `(k + 0.5) * scale`, where `x * (1 / scale)` can round differently
+    // from `x / scale`: every tier must give the scalar (division) result.
+    let mut s = 17u64;
+    for _ in 0..200 {
+        let scale = 1e-4 * (1 + lcg(&mut s) % 100_000) as f32 / 7.0;
+        let zero = (lcg(&mut s) % 256) as u8;
+        let mut x = Vec::new();
+        for _ in 0..64 {
+            let k = (lcg(&mut s) % 600) as f32 - 300.0;
+            let v = (k + 0.5) * scale;
+            x.extend([v, v.next_up(), v.next_down(), v.next_up().next_up(), v.next_down().next_down()]);
+        }
+        let want: Vec<u8> = x.iter().map(|&v| quantize::quantize_one(v, scale, zero)).collect();
+        for tier in crate::cpu::supported_tiers() {
+            let mut got = vec![0u8; x.len()];
+            quantize_u8_with(tier, &x, scale, zero, &mut got).unwrap();
+            assert_eq!(got, want, "{tier} scale {scale} zero {zero}");
+        }
+    }
+}
