@@ -91,7 +91,7 @@ pub(crate) fn convert_a(m: usize, k: usize, a: &[f32], lda: usize, out: &mut [f3
 }
 
 /// One row of `k` values to `ceil(k/2)` pairs.
-fn convert_row(row: &[f32], dst: &mut [f32], tier: CpuTier) {
+pub(crate) fn convert_row(row: &[f32], dst: &mut [f32], tier: CpuTier) {
     #[cfg(target_arch = "x86_64")]
     if native_for(tier) {
         // SAFETY: AVX-512 BF16 and BW are present (native_for); `dst` has room for

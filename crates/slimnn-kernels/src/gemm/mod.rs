@@ -18,6 +18,7 @@ pub(crate) mod kernels;
 mod pack;
 pub(crate) mod validate;
 
+pub(crate) use pack::AlignedVec;
 pub use pack::PackedB;
 
 use crate::cpu::{self, CpuTier};

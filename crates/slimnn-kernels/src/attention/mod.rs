@@ -17,6 +17,8 @@ use crate::rows::{scale_rows, softmax_block};
 use rayon::prelude::*;
 use std::cell::Cell;
 
+mod amx;
+
 const KERNEL: &str = "attention";
 
 /// Query rows per block: the score block (`BLOCK_ROWS x seq_k`) stays in L1 for the usual
@@ -102,7 +104,8 @@ pub fn mha_strided(
 }
 
 /// [`mha_strided`] with both products in bf16 (f32 accumulation; see [`crate::gemm::bf16`]):
-/// K, V and the query and probability rows rounded to bf16.
+/// K, V and the query and probability rows rounded to bf16. On the `amx` tier both products
+/// run on AMX tiles.
 #[allow(clippy::too_many_arguments)]
 pub fn mha_strided_bf16(
     q: Rows<'_>,
@@ -114,7 +117,23 @@ pub fn mha_strided_bf16(
     out: &mut [f32],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    run(cpu::tier(), true, q, k, v, mask, dims, scale, out, par)
+    mha_strided_bf16_with(cpu::tier(), q, k, v, mask, dims, scale, out, par)
+}
+
+/// [`mha_strided_bf16`] with the kernels of `tier`, which the host must support.
+#[allow(clippy::too_many_arguments)]
+pub fn mha_strided_bf16_with(
+    tier: CpuTier,
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    run(tier, true, q, k, v, mask, dims, scale, out, par)
 }
 
 /// [`mha_strided`] with the kernels of `tier`, which the host must support.
@@ -157,6 +176,13 @@ fn run(
         return Ok(());
     }
     let job = Job { tier, bf16, q, k, v, mask, dims, scale, hd };
+    #[cfg(target_arch = "x86_64")]
+    if bf16 && amx::usable(tier) {
+        return match par {
+            Par::Pool(pool) => pool.install(|| amx::run(&job, out, par.threads())),
+            _ => amx::run(&job, out, par.threads()),
+        };
+    }
     match par {
         _ if par.threads() <= 1 => job.run_seq(out),
         Par::Pool(pool) => pool.install(|| job.run_par(out, par.threads())),
@@ -627,6 +653,82 @@ mod tests {
         assert!(mha_strided(fused(0), fused(1), short, None, dims, 0.3, &mut out, Par::Seq).is_err());
         let narrow = Rows { data: &qkv, ld: hd - 1 };
         assert!(mha_strided(narrow, fused(1), fused(2), None, dims, 0.3, &mut out, Par::Seq).is_err());
+    }
+
+    /// `x` rounded to bf16.
+    fn bf16(x: f32) -> f32 {
+        crate::gemm::bf16::bf16_to_f32(crate::gemm::bf16::round_bf16_bits(x))
+    }
+
+    /// The bf16 path of `tier` against the f64 reference on its rounded operands: Q, V and K
+    /// rounded (the AMX path; the GEMM path rounds `scale * K`). What remains is P's rounding,
+    /// at most 2^-9 of each weight, so at most 2^-9 of max |V| per output.
+    #[allow(clippy::too_many_arguments)]
+    fn check_bf16(
+        tier: CpuTier,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<AttnMask<'_>>,
+        dims: AttnDims,
+        scale: f32,
+        threads: usize,
+    ) {
+        let round = |x: &[f32], f: f32| -> Vec<f32> { x.iter().map(|&x| bf16(x * f)).collect() };
+        let want = if amx::usable(tier) {
+            reference::mha(&round(q, 1.0), &round(k, 1.0), &round(v, 1.0), mask, dims, scale)
+        } else {
+            reference::mha(&round(q, 1.0), &round(k, scale), &round(v, 1.0), mask, dims, 1.0)
+        };
+        let hd = dims.heads * dims.head_dim;
+        let rows = |data| Rows { data, ld: hd };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut got = vec![0.0; want.len()];
+        mha_strided_bf16_with(tier, rows(q), rows(k), rows(v), mask, dims, scale, &mut got, Par::Pool(&pool)).unwrap();
+        let vmax = v.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64));
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            if w.is_nan() {
+                assert!(g.is_nan(), "{tier} {dims:?} at {i}: {g}, want NaN");
+            } else {
+                let tol = 4e-3 * vmax + 1e-5 * w.abs() + 1e-6;
+                assert!((g as f64 - w).abs() <= tol, "{tier} {dims:?} at {i}: {g} vs {w}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn bf16_matches_rounded_reference(
+            (batch, seq_q, seq_k, heads, head_dim) in (1usize..3, 1usize..80, 1usize..80, 1usize..4, 1usize..80),
+            mask_kind in 0u8..3,
+            per_query_mask: bool,
+            threads in 1usize..4,
+            seed in any::<u64>(),
+        ) {
+            let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
+            let hd = heads * head_dim;
+            let q = values(batch * seq_q * hd, seed);
+            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
+            let v = values(batch * seq_k * hd, seed ^ 2);
+            let shape = [batch, 1, if per_query_mask { seq_q } else { 1 }, seq_k];
+            // Kind 1: finite offsets and -inf on every third key; kind 2 also masks the first
+            // query row (or, with one mask row for all queries, every row) entirely: NaN.
+            let mut m = values(shape_len(shape), seed ^ 3);
+            for (i, x) in m.iter_mut().enumerate() {
+                if i % seq_k % 3 == 2 {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            if mask_kind == 2 {
+                m[..seq_k].fill(f32::NEG_INFINITY);
+            }
+            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            for tier in supported_tiers() {
+                check_bf16(tier, &q, &k, &v, mask, dims, scale, threads);
+            }
+        }
     }
 
     proptest! {

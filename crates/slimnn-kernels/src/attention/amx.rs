@@ -1,0 +1,220 @@
+//! bf16 attention on AMX tiles: one task per (batch, head) packs that head's K and V as bf16
+//! pairs in the tile layout, then takes query rows 32 at a time through
+//! `S = Q·Kᵀ` (tiles), the masked softmax in f32 ([`softmax_block`], rows left unnormalised),
+//! `P` rounded to bf16, `O = P·V` (tiles) and `O / sum` into the head's columns.
+//!
+//! The generic bf16 path calls the GEMM driver four times per block of rows; at MiniLM's
+//! shapes (`head_dim` 32, 128 keys) each call is a few tile products, so the per-call
+//! conversion, packing and blocking dominated. Here both products are a handful of tile loads
+//! on buffers that stay in L1.
+//!
+//! Layouts, in 32-bit slots each holding a bf16 pair (low half first, as `tdpbf16ps` reads):
+//! - Q block: 32 rows of `dp / 2` slots (`dp` = `head_dim` rounded up to 32, zeros past it);
+//! - Kᵀ: `dp / 2` rows of `skp` slots (`skp` = `seq_k` rounded up to 32), slot `(p, j)` =
+//!   `(K[j][2p], K[j][2p+1])`: the tile B operand of `S = Q·Kᵀ`, zeros past `seq_k`;
+//! - V: `skp / 2` rows of `dp` slots, slot `(r, c)` = `(V[2r][c], V[2r+1][c])`;
+//! - P: 32 rows of `skp / 2` slots, zeros past `seq_k`.
+
+#![cfg(target_arch = "x86_64")]
+
+use super::{AttnDims, Job, KernelError};
+use crate::amx;
+use crate::cpu::{self, CpuTier};
+use crate::gemm::bf16::{convert_row, native_for, pack_pair_row};
+use crate::gemm::AlignedVec;
+use crate::rows::softmax_block;
+use rayon::prelude::*;
+use std::cell::Cell;
+
+/// Query rows per block: two row tiles.
+const ROWS: usize = 32;
+
+/// Whether the AMX path runs for `tier` on this host (AMX-BF16 tiles granted, AVX-512 BF16 for
+/// the conversions).
+pub(super) fn usable(tier: CpuTier) -> bool {
+    tier == CpuTier::Amx && native_for(tier) && cpu::features().amx_granted
+}
+
+#[derive(Default)]
+struct Scratch {
+    q: AlignedVec,
+    kt: AlignedVec,
+    v: AlignedVec,
+    s: AlignedVec,
+    p: AlignedVec,
+    o: AlignedVec,
+    inv: Vec<f32>,
+    /// One K row as pairs before it is scattered into Kᵀ.
+    krow: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: Cell<Option<Scratch>> = const { Cell::new(None) };
+}
+
+/// The output, shared by the tasks: task (b, h) writes only head `h`'s columns of batch `b`'s
+/// rows, so no two tasks touch the same value.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: see the type's comment; the pointer outlives the tasks (they finish inside `run`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// Runs `job` (validated by the caller, `seq_k > 0`) into `out`.
+pub(super) fn run(job: &Job<'_>, out: &mut [f32], threads: usize) -> Result<(), KernelError> {
+    let AttnDims { batch, heads, .. } = job.dims;
+    let ptr = Out(out.as_mut_ptr());
+    let task = |i: usize| {
+        let mut s = SCRATCH.with(Cell::take).unwrap_or_default();
+        // SAFETY: AMX tiles granted (`usable`); the head's writes stay within `out` (checked
+        // lengths) and within its own columns (see `Out`).
+        let r = unsafe { head(job, i / heads, i % heads, &mut s, ptr) };
+        SCRATCH.with(|c| c.set(Some(s)));
+        r
+    };
+    if threads <= 1 {
+        (0..batch * heads).try_for_each(task)
+    } else {
+        (0..batch * heads).into_par_iter().try_for_each(task)
+    }
+}
+
+/// Batch `b`, head `h`: packs K and V, then every block of query rows.
+///
+/// # Safety
+/// AMX-BF16 tiles granted and AVX-512 BF16 present; `out` as [`Out`] describes.
+unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) -> Result<(), KernelError> {
+    let AttnDims { seq_q, seq_k, head_dim: d, .. } = job.dims;
+    let (dp, skp) = (d.next_multiple_of(32), seq_k.next_multiple_of(32));
+    let (d2, sk2) = (dp / 2, skp / 2);
+    let tier = job.tier;
+    pack(job, b, h, s, dp, skp);
+
+    s.q.resize(ROWS * d2);
+    s.s.resize(ROWS * skp);
+    s.p.resize(ROWS * sk2);
+    s.o.resize(ROWS * dp);
+    s.inv.resize(ROWS, 0.0);
+    // Slots past a row's values stay zero: the tiles read them.
+    s.q.as_mut_slice().fill(0.0);
+    s.p.as_mut_slice().fill(0.0);
+
+    amx::configure();
+    let result = (0..seq_q).step_by(ROWS).try_for_each(|i0| {
+        let m = ROWS.min(seq_q - i0);
+        let q = job.q;
+        let qs = s.q.as_mut_slice();
+        for r in 0..m {
+            let src = &q.data[(b * seq_q + i0 + r) * q.ld + h * d..][..d];
+            convert_row(src, &mut qs[r * d2..(r + 1) * d2], tier);
+        }
+        qs[m * d2..].fill(0.0);
+
+        // S = Q·Kᵀ, 32 key columns (two tiles) at a time.
+        let (qp, ktp, sp) = (
+            s.q.as_slice().as_ptr().cast::<u8>(),
+            s.kt.as_slice().as_ptr().cast::<u8>(),
+            s.s.as_mut_slice().as_mut_ptr().cast::<u8>(),
+        );
+        for j in 0..skp / 32 {
+            amx::zero_acc();
+            amx::bf16_2x2(dp / 32, qp, d2 * 4, ktp.add(j * 128), skp * 4);
+            amx::store_2x2(sp.add(j * 128), skp * 4);
+        }
+
+        softmax(job, b, h, i0, m, s.s.as_mut_slice(), skp, &mut s.inv[..m])?;
+
+        let (ss, ps) = (s.s.as_slice(), s.p.as_mut_slice());
+        for r in 0..m {
+            convert_row(&ss[r * skp..r * skp + seq_k], &mut ps[r * sk2..(r + 1) * sk2], tier);
+        }
+
+        // O = P·V, 32 output columns at a time.
+        let (pp, vp, op) = (
+            s.p.as_slice().as_ptr().cast::<u8>(),
+            s.v.as_slice().as_ptr().cast::<u8>(),
+            s.o.as_mut_slice().as_mut_ptr().cast::<u8>(),
+        );
+        for j in 0..dp / 32 {
+            amx::zero_acc();
+            amx::bf16_2x2(skp / 32, pp, sk2 * 4, vp.add(j * 128), dp * 4);
+            amx::store_2x2(op.add(j * 128), dp * 4);
+        }
+
+        let os = s.o.as_slice();
+        for r in 0..m {
+            let dst = out.0.add((b * seq_q + i0 + r) * job.hd + h * d);
+            let f = s.inv[r];
+            for (c, &x) in os[r * dp..r * dp + d].iter().enumerate() {
+                *dst.add(c) = x * f;
+            }
+        }
+        Ok(())
+    });
+    amx::release();
+    result
+}
+
+/// Packs head `h` of batch `b`: Kᵀ and V as bf16 pairs (see the module comment).
+fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, skp: usize) {
+    let AttnDims { seq_k, head_dim: d, .. } = job.dims;
+    let (k, v, tier) = (job.k, job.v, job.tier);
+    let d2 = dp / 2;
+    s.krow.clear();
+    s.krow.resize(d2, 0.0);
+    s.kt.resize(d2 * skp);
+    let kt = s.kt.as_mut_slice();
+    for j in 0..seq_k {
+        convert_row(&k.data[(b * seq_k + j) * k.ld + h * d..][..d], &mut s.krow, tier);
+        for (p, &pair) in s.krow.iter().enumerate() {
+            kt[p * skp + j] = pair;
+        }
+    }
+    for row in kt.chunks_exact_mut(skp) {
+        row[seq_k..].fill(0.0);
+    }
+
+    s.v.resize(skp / 2 * dp);
+    let row = |j: usize| (j < seq_k).then(|| &v.data[(b * seq_k + j) * v.ld + h * d..][..d]);
+    for (r, dst) in s.v.as_mut_slice().chunks_exact_mut(dp).enumerate() {
+        match row(2 * r) {
+            Some(lo) => pack_pair_row(tier, lo, row(2 * r + 1), dst),
+            None => dst.fill(0.0),
+        }
+    }
+}
+
+/// The masked, scaled softmax of score rows `i0..i0 + m` (row stride `skp`, `seq_k` values
+/// each), left unnormalised with `1 / sum` in `inv`.
+#[allow(clippy::too_many_arguments)]
+fn softmax(
+    job: &Job<'_>,
+    b: usize,
+    h: usize,
+    i0: usize,
+    m: usize,
+    scores: &mut [f32],
+    skp: usize,
+    inv: &mut [f32],
+) -> Result<(), KernelError> {
+    let seq_k = job.dims.seq_k;
+    // The mask rows of this block: (first row, stride between rows).
+    let mask = job.mask.map(|mk| {
+        let [mb, mh, mq, _] = mk.shape;
+        let base = ((b % mb) * mh + h % mh) * mq * seq_k;
+        if mq == 1 {
+            (&mk.data[base..base + seq_k], 0)
+        } else {
+            (&mk.data[base + i0 * seq_k..base + (i0 + m) * seq_k], seq_k)
+        }
+    });
+    if skp == seq_k {
+        return softmax_block(job.tier, &mut scores[..m * seq_k], seq_k, job.scale, mask, Some(inv));
+    }
+    for (r, f) in inv.iter_mut().enumerate() {
+        let row_mask = mask.map(|(data, stride)| (&data[r * stride..r * stride + seq_k], 0));
+        let row = &mut scores[r * skp..r * skp + seq_k];
+        softmax_block(job.tier, row, seq_k, job.scale, row_mask, Some(std::slice::from_mut(f)))?;
+    }
+    Ok(())
+}
