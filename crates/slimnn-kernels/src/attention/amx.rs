@@ -83,80 +83,96 @@ pub(super) fn run(job: &Job<'_>, out: &mut [f32], threads: usize) -> Result<(), 
 ///
 /// # Safety
 /// AMX-BF16 tiles granted and AVX-512 BF16 present; `out` as [`Out`] describes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) -> Result<(), KernelError> {
     let AttnDims { seq_q, seq_k, head_dim: d, .. } = job.dims;
     let (dp, skp) = (d.next_multiple_of(32), seq_k.next_multiple_of(32));
-    let (d2, sk2) = (dp / 2, skp / 2);
-    let tier = job.tier;
     pack(job, b, h, s, dp, skp);
-
-    s.q.resize(ROWS * d2);
+    s.q.resize(ROWS * dp / 2);
     s.s.resize(ROWS * skp);
-    s.p.resize(ROWS * sk2);
+    s.p.resize(ROWS * skp / 2);
     s.o.resize(ROWS * dp);
     s.inv.resize(ROWS, 0.0);
     // Slots past a row's values stay zero: the tiles read them.
     s.q.as_mut_slice().fill(0.0);
     s.p.as_mut_slice().fill(0.0);
-
     amx::configure();
-    let result = (0..seq_q).step_by(ROWS).try_for_each(|i0| {
-        let m = ROWS.min(seq_q - i0);
-        let q = job.q;
-        let qs = s.q.as_mut_slice();
-        for r in 0..m {
-            let src = &q.data[(b * seq_q + i0 + r) * q.ld + h * d..][..d];
-            convert_row(src, &mut qs[r * d2..(r + 1) * d2], tier);
+    let mut result = Ok(());
+    for i0 in (0..seq_q).step_by(ROWS) {
+        result = block(job, b, h, i0, s, out);
+        if result.is_err() {
+            break;
         }
-        qs[m * d2..].fill(0.0);
-
-        // S = Q·Kᵀ, 32 key columns (two tiles) at a time.
-        let (qp, ktp, sp) = (
-            s.q.as_slice().as_ptr().cast::<u8>(),
-            s.kt.as_slice().as_ptr().cast::<u8>(),
-            s.s.as_mut_slice().as_mut_ptr().cast::<u8>(),
-        );
-        for j in 0..skp / 32 {
-            amx::zero_acc();
-            amx::bf16_2x2(dp / 32, qp, d2 * 4, ktp.add(j * 128), skp * 4);
-            amx::store_2x2(sp.add(j * 128), skp * 4);
-        }
-
-        softmax(job, b, h, i0, m, s.s.as_mut_slice(), skp, &mut s.inv[..m])?;
-
-        let (ss, ps) = (s.s.as_slice(), s.p.as_mut_slice());
-        for r in 0..m {
-            convert_row(&ss[r * skp..r * skp + seq_k], &mut ps[r * sk2..(r + 1) * sk2], tier);
-        }
-
-        // O = P·V, 32 output columns at a time.
-        let (pp, vp, op) = (
-            s.p.as_slice().as_ptr().cast::<u8>(),
-            s.v.as_slice().as_ptr().cast::<u8>(),
-            s.o.as_mut_slice().as_mut_ptr().cast::<u8>(),
-        );
-        for j in 0..dp / 32 {
-            amx::zero_acc();
-            amx::bf16_2x2(skp / 32, pp, sk2 * 4, vp.add(j * 128), dp * 4);
-            amx::store_2x2(op.add(j * 128), dp * 4);
-        }
-
-        let os = s.o.as_slice();
-        for r in 0..m {
-            let dst = out.0.add((b * seq_q + i0 + r) * job.hd + h * d);
-            let f = s.inv[r];
-            for (c, &x) in os[r * dp..r * dp + d].iter().enumerate() {
-                *dst.add(c) = x * f;
-            }
-        }
-        Ok(())
-    });
+    }
     amx::release();
     result
 }
 
+/// Query rows `i0..i0 + 32` (or to `seq_q`) of batch `b`, head `h`, with the head packed in
+/// `s` and the tiles configured. (A plain function, not a closure: closures do not inherit
+/// the caller's target features.)
+///
+/// # Safety
+/// As [`head`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, out: Out) -> Result<(), KernelError> {
+    let AttnDims { seq_q, seq_k, head_dim: d, .. } = job.dims;
+    let (dp, skp) = (d.next_multiple_of(32), seq_k.next_multiple_of(32));
+    let (d2, sk2) = (dp / 2, skp / 2);
+    let tier = job.tier;
+    let m = ROWS.min(seq_q - i0);
+    let q = job.q;
+    let qs = s.q.as_mut_slice();
+    for r in 0..m {
+        let src = &q.data[(b * seq_q + i0 + r) * q.ld + h * d..][..d];
+        convert_row(src, &mut qs[r * d2..(r + 1) * d2], tier);
+    }
+    qs[m * d2..].fill(0.0);
+
+    // S = Q·Kᵀ, 32 key columns (two tiles) at a time.
+    let qp = s.q.as_slice().as_ptr().cast::<u8>();
+    let ktp = s.kt.as_slice().as_ptr().cast::<u8>();
+    let sp = s.s.as_mut_slice().as_mut_ptr().cast::<u8>();
+    for j in 0..skp / 32 {
+        amx::zero_acc();
+        amx::bf16_2x2(dp / 32, qp, d2 * 4, ktp.add(j * 128), skp * 4);
+        amx::store_2x2(sp.add(j * 128), skp * 4);
+    }
+
+    softmax(job, b, h, i0, m, s.s.as_mut_slice(), skp, &mut s.inv[..m])?;
+
+    let (ss, ps) = (s.s.as_slice(), s.p.as_mut_slice());
+    for r in 0..m {
+        convert_row(&ss[r * skp..r * skp + seq_k], &mut ps[r * sk2..(r + 1) * sk2], tier);
+    }
+
+    // O = P·V, 32 output columns at a time.
+    let pp = s.p.as_slice().as_ptr().cast::<u8>();
+    let vp = s.v.as_slice().as_ptr().cast::<u8>();
+    let op = s.o.as_mut_slice().as_mut_ptr().cast::<u8>();
+    for j in 0..dp / 32 {
+        amx::zero_acc();
+        amx::bf16_2x2(skp / 32, pp, sk2 * 4, vp.add(j * 128), dp * 4);
+        amx::store_2x2(op.add(j * 128), dp * 4);
+    }
+
+    let os = s.o.as_slice();
+    for r in 0..m {
+        let dst = std::slice::from_raw_parts_mut(out.0.add((b * seq_q + i0 + r) * job.hd + h * d), d);
+        let f = s.inv[r];
+        for (y, &x) in dst.iter_mut().zip(&os[r * dp..r * dp + d]) {
+            *y = x * f;
+        }
+    }
+    Ok(())
+}
+
 /// Packs head `h` of batch `b`: Kᵀ and V as bf16 pairs (see the module comment).
-fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, skp: usize) {
+///
+/// # Safety
+/// AVX-512 F/BW/VL/DQ present.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, skp: usize) {
     let AttnDims { seq_k, head_dim: d, .. } = job.dims;
     let (k, v, tier) = (job.k, job.v, job.tier);
     let d2 = dp / 2;
