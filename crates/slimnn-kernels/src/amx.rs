@@ -1,6 +1,7 @@
-//! AMX tile state and the bf16 tile loops (inline assembly: the AMX intrinsics are not stable
-//! Rust). Every kernel uses one configuration, all eight tiles 16 rows x 64 bytes; tiles keep
-//! their contents between `asm!` blocks, since nothing else in the program touches them.
+//! AMX tile state and the tile loops of the bf16 and int8 kernels (inline assembly: the AMX
+//! intrinsics are not stable Rust). Every kernel uses one configuration, all eight tiles 16 rows x
+//! 64 bytes; tiles keep their contents between `asm!` blocks, since nothing else in the program
+//! touches them.
 //!
 //! Measured on the development VM (Xeon with AMX, 2 cores): `tdpbusd` / `tdpbf16ps` issue every
 //! ~6 ns with operands in tiles, but each `tileloadd` costs ~17 ns whatever the address, so the
@@ -44,98 +45,143 @@ pub(crate) unsafe fn zero_acc() {
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
 }
 
-/// bf16 pairs: `kb` steps of tmm0..3 += A(2 row tiles) x B(2 column tiles): A rows 0-15 at `a`,
-/// 16-31 at `a + 16 lda`, B column tiles at `b` and `b + 64`; `lda`, `ldb` in bytes; each step
-/// moves 64 bytes along A's rows and 16 rows down B.
-#[inline(always)]
-pub(crate) unsafe fn bf16_2x2(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
-    if kb == 0 {
-        return;
-    }
-    asm!(
-        "2:",
-        "tileloadd tmm4, [{a} + {lda}*1]",
-        "tileloadd tmm6, [{b} + {ldb}*1]",
-        "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-        "tileloadd tmm5, [{a2} + {lda}*1]",
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tdpbf16ps tmm1, tmm4, tmm7",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "tdpbf16ps tmm3, tmm5, tmm7",
-        "add {a}, 64",
-        "add {a2}, 64",
-        "add {b}, {bstep}",
-        "dec {n}",
-        "jnz 2b",
-        n = inout(reg) kb => _,
-        a = inout(reg) a => _,
-        a2 = inout(reg) a.add(16 * lda) => _,
-        b = inout(reg) b => _,
-        lda = in(reg) lda,
-        ldb = in(reg) ldb,
-        bstep = in(reg) 16 * ldb,
-        options(nostack, readonly),
-    );
+/// Defines a tile loop of one dot-product instruction (`tdpbf16ps` on bf16 pairs, `tdpbusd` on
+/// u8 x i8 groups of four) and one block shape (row tiles x column tiles). Every loop runs `kb`
+/// steps; a step moves 64 bytes along A's rows and 16 rows (`16 ldb` bytes) down B; `lda`,
+/// `ldb` are in bytes.
+macro_rules! tile_loop {
+    (2x2, $op:literal, $x2x2:ident) => {
+        /// tmm0..3 += A (2 row tiles: rows 0-15 at `a`, 16-31 at `a + 16 lda`) x B (column
+        /// tiles at `b` and `b + 64`): tmm0 / tmm1 rows 0-15, tmm2 / tmm3 rows 16-31.
+        #[inline(always)]
+        pub(crate) unsafe fn $x2x2(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+            if kb == 0 {
+                return;
+            }
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                "tileloadd tmm5, [{a2} + {lda}*1]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                concat!($op, " tmm1, tmm4, tmm7"),
+                concat!($op, " tmm2, tmm5, tmm6"),
+                concat!($op, " tmm3, tmm5, tmm7"),
+                "add {a}, 64",
+                "add {a2}, 64",
+                "add {b}, {bstep}",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) kb => _,
+                a = inout(reg) a => _,
+                a2 = inout(reg) a.add(16 * lda) => _,
+                b = inout(reg) b => _,
+                lda = in(reg) lda,
+                ldb = in(reg) ldb,
+                bstep = in(reg) 16 * ldb,
+                options(nostack, readonly),
+            );
+        }
+
+    };
+    (2x1, $op:literal, $x2x1:ident) => {
+        /// As the 2 x 2 loop with one column tile at `b`: tmm0 (rows 0-15) and tmm2 (16-31).
+        #[inline(always)]
+        pub(crate) unsafe fn $x2x1(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+            if kb == 0 {
+                return;
+            }
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm5, [{a2} + {lda}*1]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                concat!($op, " tmm2, tmm5, tmm6"),
+                "add {a}, 64",
+                "add {a2}, 64",
+                "add {b}, {bstep}",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) kb => _,
+                a = inout(reg) a => _,
+                a2 = inout(reg) a.add(16 * lda) => _,
+                b = inout(reg) b => _,
+                lda = in(reg) lda,
+                ldb = in(reg) ldb,
+                bstep = in(reg) 16 * ldb,
+                options(nostack, readonly),
+            );
+        }
+
+    };
+    (1x2, $op:literal, $x1x2:ident) => {
+        /// One row tile at `a` and two column tiles (`b`, `b + 64`): tmm0, tmm1.
+        #[inline(always)]
+        pub(crate) unsafe fn $x1x2(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+            if kb == 0 {
+                return;
+            }
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                concat!($op, " tmm1, tmm4, tmm7"),
+                "add {a}, 64",
+                "add {b}, {bstep}",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) kb => _,
+                a = inout(reg) a => _,
+                b = inout(reg) b => _,
+                lda = in(reg) lda,
+                ldb = in(reg) ldb,
+                bstep = in(reg) 16 * ldb,
+                options(nostack, readonly),
+            );
+        }
+
+    };
+    (1x3, $op:literal, $x1x3:ident) => {
+        /// One row tile and three column tiles (`b`, `b + 64`, `b + 128`): tmm0..2.
+        #[inline(always)]
+        pub(crate) unsafe fn $x1x3(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+            if kb == 0 {
+                return;
+            }
+            asm!(
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm5, [{b} + {ldb}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1 + 64]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 128]",
+                concat!($op, " tmm0, tmm4, tmm5"),
+                concat!($op, " tmm1, tmm4, tmm6"),
+                concat!($op, " tmm2, tmm4, tmm7"),
+                "add {a}, 64",
+                "add {b}, {bstep}",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) kb => _,
+                a = inout(reg) a => _,
+                b = inout(reg) b => _,
+                lda = in(reg) lda,
+                ldb = in(reg) ldb,
+                bstep = in(reg) 16 * ldb,
+                options(nostack, readonly),
+            );
+        }
+    };
 }
 
-/// As [`bf16_2x2`] with one column tile at `b`: tmm0 (rows 0-15) and tmm2 (rows 16-31).
-#[inline(always)]
-pub(crate) unsafe fn bf16_2x1(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
-    if kb == 0 {
-        return;
-    }
-    asm!(
-        "2:",
-        "tileloadd tmm4, [{a} + {lda}*1]",
-        "tileloadd tmm6, [{b} + {ldb}*1]",
-        "tileloadd tmm5, [{a2} + {lda}*1]",
-        "tdpbf16ps tmm0, tmm4, tmm6",
-        "tdpbf16ps tmm2, tmm5, tmm6",
-        "add {a}, 64",
-        "add {a2}, 64",
-        "add {b}, {bstep}",
-        "dec {n}",
-        "jnz 2b",
-        n = inout(reg) kb => _,
-        a = inout(reg) a => _,
-        a2 = inout(reg) a.add(16 * lda) => _,
-        b = inout(reg) b => _,
-        lda = in(reg) lda,
-        ldb = in(reg) ldb,
-        bstep = in(reg) 16 * ldb,
-        options(nostack, readonly),
-    );
-}
-
-/// As [`bf16_2x2`] for one row tile and three column tiles (`b`, `b + 64`, `b + 128`):
-/// tmm0..2.
-#[inline(always)]
-pub(crate) unsafe fn bf16_1x3(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
-    if kb == 0 {
-        return;
-    }
-    asm!(
-        "2:",
-        "tileloadd tmm4, [{a} + {lda}*1]",
-        "tileloadd tmm5, [{b} + {ldb}*1]",
-        "tileloadd tmm6, [{b} + {ldb}*1 + 64]",
-        "tileloadd tmm7, [{b} + {ldb}*1 + 128]",
-        "tdpbf16ps tmm0, tmm4, tmm5",
-        "tdpbf16ps tmm1, tmm4, tmm6",
-        "tdpbf16ps tmm2, tmm4, tmm7",
-        "add {a}, 64",
-        "add {b}, {bstep}",
-        "dec {n}",
-        "jnz 2b",
-        n = inout(reg) kb => _,
-        a = inout(reg) a => _,
-        b = inout(reg) b => _,
-        lda = in(reg) lda,
-        ldb = in(reg) ldb,
-        bstep = in(reg) 16 * ldb,
-        options(nostack, readonly),
-    );
-}
+tile_loop!(2x2, "tdpbf16ps", bf16_2x2);
+tile_loop!(2x1, "tdpbf16ps", bf16_2x1);
+tile_loop!(1x3, "tdpbf16ps", bf16_1x3);
+tile_loop!(2x2, "tdpbusd", int8_2x2);
+tile_loop!(1x2, "tdpbusd", int8_1x2);
 
 /// Stores tmm0..3 as the 2 x 2 block at `c` (row stride `ldc` bytes): tmm0 / tmm1 rows 0-15
 /// at columns 0 / +64 bytes, tmm2 / tmm3 rows 16-31.
@@ -161,6 +207,18 @@ pub(crate) unsafe fn store_2x1(c: *mut u8, ldc: usize) {
         "tilestored [{c2} + {ldc}*1], tmm2",
         c = in(reg) c,
         c2 = in(reg) c.add(16 * ldc),
+        ldc = in(reg) ldc,
+        options(nostack),
+    );
+}
+
+/// Stores tmm0 and tmm1 as one row tile at `c`, `c + 64`.
+#[inline(always)]
+pub(crate) unsafe fn store_1x2(c: *mut u8, ldc: usize) {
+    asm!(
+        "tilestored [{c} + {ldc}*1], tmm0",
+        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+        c = in(reg) c,
         ldc = in(reg) ldc,
         options(nostack),
     );

@@ -204,82 +204,29 @@ impl Finish {
     }
 }
 
-/// The int8 tile loops (see [`crate::amx`] for the tile state).
+/// The int8 blocks, on [`crate::amx`]'s tile loops.
 #[cfg(target_arch = "x86_64")]
 mod tiles {
-    use std::arch::asm;
+    use crate::amx;
+
+    /// Row stride of a packed panel's B tiles and of the C block, bytes.
+    const STRIDE: usize = 128;
 
     /// `c[32 x 32] = a[32 rows x 64 kb bytes] · b` for one packed panel (`kb` blocks of two
     /// 16 x 64-byte B tiles at row stride 128); `c` at row stride 128 bytes.
     #[inline(always)]
     pub(super) unsafe fn block_32x32(kb: usize, a: *const u8, lda: usize, b: *const u8, c: *mut i32) {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            "test {n}, {n}",
-            "jz 3f",
-            "2:",
-            "tileloadd tmm4, [{a} + {lda}*1]",
-            "tileloadd tmm6, [{b} + {s}*1]",
-            "tileloadd tmm7, [{b} + {s}*1 + 64]",
-            "tileloadd tmm5, [{a2} + {lda}*1]",
-            "tdpbusd tmm0, tmm4, tmm6",
-            "tdpbusd tmm1, tmm4, tmm7",
-            "tdpbusd tmm2, tmm5, tmm6",
-            "tdpbusd tmm3, tmm5, tmm7",
-            "add {a}, 64",
-            "add {a2}, 64",
-            "add {b}, 2048",
-            "dec {n}",
-            "jnz 2b",
-            "3:",
-            "tilestored [{c} + {s}*1], tmm0",
-            "tilestored [{c} + {s}*1 + 64], tmm1",
-            "tilestored [{c2} + {s}*1], tmm2",
-            "tilestored [{c2} + {s}*1 + 64], tmm3",
-            n = inout(reg) kb => _,
-            a = inout(reg) a => _,
-            a2 = inout(reg) a.add(16 * lda) => _,
-            b = inout(reg) b => _,
-            lda = in(reg) lda,
-            s = in(reg) 128usize,
-            c = in(reg) c,
-            c2 = in(reg) c.add(16 * 32),
-            options(nostack),
-        );
+        amx::zero_acc();
+        amx::int8_2x2(kb, a, lda, b, STRIDE);
+        amx::store_2x2(c.cast(), STRIDE);
     }
 
     /// [`block_32x32`] for 16 rows (`c` rows 0..16).
     #[inline(always)]
     pub(super) unsafe fn block_16x32(kb: usize, a: *const u8, lda: usize, b: *const u8, c: *mut i32) {
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "test {n}, {n}",
-            "jz 3f",
-            "2:",
-            "tileloadd tmm4, [{a} + {lda}*1]",
-            "tileloadd tmm6, [{b} + {s}*1]",
-            "tileloadd tmm7, [{b} + {s}*1 + 64]",
-            "tdpbusd tmm0, tmm4, tmm6",
-            "tdpbusd tmm1, tmm4, tmm7",
-            "add {a}, 64",
-            "add {b}, 2048",
-            "dec {n}",
-            "jnz 2b",
-            "3:",
-            "tilestored [{c} + {s}*1], tmm0",
-            "tilestored [{c} + {s}*1 + 64], tmm1",
-            n = inout(reg) kb => _,
-            a = inout(reg) a => _,
-            b = inout(reg) b => _,
-            lda = in(reg) lda,
-            s = in(reg) 128usize,
-            c = in(reg) c,
-            options(nostack),
-        );
+        amx::zero_acc();
+        amx::int8_1x2(kb, a, lda, b, STRIDE);
+        amx::store_1x2(c.cast(), STRIDE);
     }
 }
 
