@@ -116,14 +116,63 @@ macro_rules! tile_loop {
         }
 
     };
-    (1x2, $op:literal, $x1x2:ident) => {
-        /// One row tile at `a` and two column tiles (`b`, `b + 64`): tmm0, tmm1.
+    (block 2x2, $op:literal, $name:ident) => {
+        /// The 2 x 2 loop from zeroed accumulators, stored to `c` (row stride `ldc` bytes), in
+        /// one assembly block: for the int8 GEMM's short loops (6 steps at K = 384) zeroing,
+        /// loop and stores as three blocks ran 2-4% slower than the old hand-written block,
+        /// this form 5-8% faster (`amx_speed` probe).
         #[inline(always)]
-        pub(crate) unsafe fn $x1x2(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize) {
-            if kb == 0 {
-                return;
-            }
+        pub(crate) unsafe fn $name(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize, c: *mut u8, ldc: usize) {
             asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "test {n}, {n}",
+                "jz 3f",
+                "2:",
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                "tileloadd tmm5, [{a2} + {lda}*1]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                concat!($op, " tmm1, tmm4, tmm7"),
+                concat!($op, " tmm2, tmm5, tmm6"),
+                concat!($op, " tmm3, tmm5, tmm7"),
+                "add {a}, 64",
+                "add {a2}, 64",
+                "add {b}, {bstep}",
+                "dec {n}",
+                "jnz 2b",
+                "3:",
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                "tilestored [{c2} + {ldc}*1], tmm2",
+                "tilestored [{c2} + {ldc}*1 + 64], tmm3",
+                n = inout(reg) kb => _,
+                a = inout(reg) a => _,
+                a2 = inout(reg) a.add(16 * lda) => _,
+                b = inout(reg) b => _,
+                lda = in(reg) lda,
+                ldb = in(reg) ldb,
+                bstep = in(reg) 16 * ldb,
+                c = in(reg) c,
+                c2 = in(reg) c.add(16 * ldc),
+                ldc = in(reg) ldc,
+                options(nostack),
+            );
+        }
+    };
+    (block 1x2, $op:literal, $name:ident) => {
+        /// One row tile and two column tiles from zeroed accumulators, stored to `c` (see the
+        /// 2 x 2 block).
+        #[inline(always)]
+        pub(crate) unsafe fn $name(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize, c: *mut u8, ldc: usize) {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "test {n}, {n}",
+                "jz 3f",
                 "2:",
                 "tileloadd tmm4, [{a} + {lda}*1]",
                 "tileloadd tmm6, [{b} + {ldb}*1]",
@@ -134,16 +183,20 @@ macro_rules! tile_loop {
                 "add {b}, {bstep}",
                 "dec {n}",
                 "jnz 2b",
+                "3:",
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c} + {ldc}*1 + 64], tmm1",
                 n = inout(reg) kb => _,
                 a = inout(reg) a => _,
                 b = inout(reg) b => _,
                 lda = in(reg) lda,
                 ldb = in(reg) ldb,
                 bstep = in(reg) 16 * ldb,
-                options(nostack, readonly),
+                c = in(reg) c,
+                ldc = in(reg) ldc,
+                options(nostack),
             );
         }
-
     };
     (1x3, $op:literal, $x1x3:ident) => {
         /// One row tile and three column tiles (`b`, `b + 64`, `b + 128`): tmm0..2.
@@ -180,8 +233,8 @@ macro_rules! tile_loop {
 tile_loop!(2x2, "tdpbf16ps", bf16_2x2);
 tile_loop!(2x1, "tdpbf16ps", bf16_2x1);
 tile_loop!(1x3, "tdpbf16ps", bf16_1x3);
-tile_loop!(2x2, "tdpbusd", int8_2x2);
-tile_loop!(1x2, "tdpbusd", int8_1x2);
+tile_loop!(block 2x2, "tdpbusd", int8_block_2x2);
+tile_loop!(block 1x2, "tdpbusd", int8_block_1x2);
 
 /// Stores tmm0..3 as the 2 x 2 block at `c` (row stride `ldc` bytes): tmm0 / tmm1 rows 0-15
 /// at columns 0 / +64 bytes, tmm2 / tmm3 rows 16-31.
@@ -207,18 +260,6 @@ pub(crate) unsafe fn store_2x1(c: *mut u8, ldc: usize) {
         "tilestored [{c2} + {ldc}*1], tmm2",
         c = in(reg) c,
         c2 = in(reg) c.add(16 * ldc),
-        ldc = in(reg) ldc,
-        options(nostack),
-    );
-}
-
-/// Stores tmm0 and tmm1 as one row tile at `c`, `c + 64`.
-#[inline(always)]
-pub(crate) unsafe fn store_1x2(c: *mut u8, ldc: usize) {
-    asm!(
-        "tilestored [{c} + {ldc}*1], tmm0",
-        "tilestored [{c} + {ldc}*1 + 64], tmm1",
-        c = in(reg) c,
         ldc = in(reg) ldc,
         options(nostack),
     );

@@ -216,17 +216,13 @@ mod tiles {
     /// 16 x 64-byte B tiles at row stride 128); `c` at row stride 128 bytes.
     #[inline(always)]
     pub(super) unsafe fn block_32x32(kb: usize, a: *const u8, lda: usize, b: *const u8, c: *mut i32) {
-        amx::zero_acc();
-        amx::int8_2x2(kb, a, lda, b, STRIDE);
-        amx::store_2x2(c.cast(), STRIDE);
+        amx::int8_block_2x2(kb, a, lda, b, STRIDE, c.cast(), STRIDE);
     }
 
     /// [`block_32x32`] for 16 rows (`c` rows 0..16).
     #[inline(always)]
     pub(super) unsafe fn block_16x32(kb: usize, a: *const u8, lda: usize, b: *const u8, c: *mut i32) {
-        amx::zero_acc();
-        amx::int8_1x2(kb, a, lda, b, STRIDE);
-        amx::store_1x2(c.cast(), STRIDE);
+        amx::int8_block_1x2(kb, a, lda, b, STRIDE, c.cast(), STRIDE);
     }
 }
 
