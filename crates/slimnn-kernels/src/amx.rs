@@ -233,6 +233,7 @@ macro_rules! tile_loop {
 tile_loop!(2x2, "tdpbf16ps", bf16_2x2);
 tile_loop!(2x1, "tdpbf16ps", bf16_2x1);
 tile_loop!(1x3, "tdpbf16ps", bf16_1x3);
+tile_loop!(block 2x2, "tdpbf16ps", bf16_block_2x2);
 tile_loop!(block 2x2, "tdpbusd", int8_block_2x2);
 tile_loop!(block 1x2, "tdpbusd", int8_block_1x2);
 

@@ -134,9 +134,7 @@ unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, o
     let ktp = s.kt.as_slice().as_ptr().cast::<u8>();
     let sp = s.s.as_mut_slice().as_mut_ptr().cast::<u8>();
     for j in 0..skp / 32 {
-        amx::zero_acc();
-        amx::bf16_2x2(dp / 32, qp, d2 * 4, ktp.add(j * 128), skp * 4);
-        amx::store_2x2(sp.add(j * 128), skp * 4);
+        amx::bf16_block_2x2(dp / 32, qp, d2 * 4, ktp.add(j * 128), skp * 4, sp.add(j * 128), skp * 4);
     }
 
     softmax(job, b, h, i0, m, s.s.as_mut_slice(), skp, &mut s.inv[..m])?;
@@ -151,9 +149,7 @@ unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, o
     let vp = s.v.as_slice().as_ptr().cast::<u8>();
     let op = s.o.as_mut_slice().as_mut_ptr().cast::<u8>();
     for j in 0..dp / 32 {
-        amx::zero_acc();
-        amx::bf16_2x2(skp / 32, pp, sk2 * 4, vp.add(j * 128), dp * 4);
-        amx::store_2x2(op.add(j * 128), dp * 4);
+        amx::bf16_block_2x2(skp / 32, pp, sk2 * 4, vp.add(j * 128), dp * 4, op.add(j * 128), dp * 4);
     }
 
     let os = s.o.as_slice();
@@ -214,16 +210,7 @@ fn softmax(
     inv: &mut [f32],
 ) -> Result<(), KernelError> {
     let seq_k = job.dims.seq_k;
-    // The mask rows of this block: (first row, stride between rows).
-    let mask = job.mask.map(|mk| {
-        let [mb, mh, mq, _] = mk.shape;
-        let base = ((b % mb) * mh + h % mh) * mq * seq_k;
-        if mq == 1 {
-            (&mk.data[base..base + seq_k], 0)
-        } else {
-            (&mk.data[base + i0 * seq_k..base + (i0 + m) * seq_k], seq_k)
-        }
-    });
+    let mask = job.mask_rows(b, h, i0, m);
     if skp == seq_k {
         return softmax_block(job.tier, &mut scores[..m * seq_k], seq_k, job.scale, mask, Some(inv));
     }

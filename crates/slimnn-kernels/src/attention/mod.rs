@@ -313,6 +313,21 @@ impl Job<'_> {
         }
     }
 
+    /// The mask rows of query rows `i0..i0 + m` of batch `b`, head `h`: (first row, stride
+    /// between rows; 0 when one row serves every query).
+    fn mask_rows(&self, b: usize, h: usize, i0: usize, m: usize) -> Option<(&[f32], usize)> {
+        let seq_k = self.dims.seq_k;
+        self.mask.map(|mk| {
+            let [mb, mh, mq, _] = mk.shape;
+            let base = ((b % mb) * mh + h % mh) * mq * seq_k;
+            if mq == 1 {
+                (&mk.data[base..base + seq_k], 0)
+            } else {
+                (&mk.data[base + i0 * seq_k..base + (i0 + m) * seq_k], seq_k)
+            }
+        })
+    }
+
     /// Query rows `i0..i0 + m` of batch `b`, head `h`, into `out_rows` (row stride `ldo`,
     /// starting at that head's first column of row `i0`).
     #[allow(clippy::too_many_arguments)]
@@ -333,15 +348,7 @@ impl Job<'_> {
         let s = &mut scores[..m * seq_k];
         let q = self.q;
         gemm(m, &q.data[(b * seq_q + i0) * q.ld + h * d..], q.ld, kt, s, seq_k, Epilogue::NONE, Par::Seq)?;
-        let mask = self.mask.map(|mk| {
-            let [mb, mh, mq, _] = mk.shape;
-            let base = ((b % mb) * mh + h % mh) * mq * seq_k;
-            if mq == 1 {
-                (&mk.data[base..base + seq_k], 0)
-            } else {
-                (&mk.data[base + i0 * seq_k..base + (i0 + m) * seq_k], seq_k)
-            }
-        });
+        let mask = self.mask_rows(b, h, i0, m);
         // Normalising P·V's rows (head_dim wide) instead of P's (seq_k wide) saves work.
         if inv.len() < m {
             inv.resize(m, 0.0);
