@@ -45,6 +45,34 @@ pub(crate) unsafe fn zero_acc() {
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
 }
 
+/// The 2 x 2 loop's assembly (shared by the plain loop and the zero-loop-store block): `{n}`
+/// steps of two A row tiles (`{a}`, `{a2}`) times two B column tiles (`{b}`, `{b} + 64`) into
+/// tmm0..3.
+macro_rules! steps_2x2 {
+    ($op:literal) => {
+        concat!(
+            "2:\n",
+            "tileloadd tmm4, [{a} + {lda}*1]\n",
+            "tileloadd tmm6, [{b} + {ldb}*1]\n",
+            "tileloadd tmm7, [{b} + {ldb}*1 + 64]\n",
+            "tileloadd tmm5, [{a2} + {lda}*1]\n",
+            $op,
+            " tmm0, tmm4, tmm6\n",
+            $op,
+            " tmm1, tmm4, tmm7\n",
+            $op,
+            " tmm2, tmm5, tmm6\n",
+            $op,
+            " tmm3, tmm5, tmm7\n",
+            "add {a}, 64\n",
+            "add {a2}, 64\n",
+            "add {b}, {bstep}\n",
+            "dec {n}\n",
+            "jnz 2b",
+        )
+    };
+}
+
 /// Defines a tile loop of one dot-product instruction (`tdpbf16ps` on bf16 pairs, `tdpbusd` on
 /// u8 x i8 groups of four) and one block shape (row tiles x column tiles). Every loop runs `kb`
 /// steps; a step moves 64 bytes along A's rows and 16 rows (`16 ldb` bytes) down B; `lda`,
@@ -59,20 +87,7 @@ macro_rules! tile_loop {
                 return;
             }
             asm!(
-                "2:",
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm6, [{b} + {ldb}*1]",
-                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                "tileloadd tmm5, [{a2} + {lda}*1]",
-                concat!($op, " tmm0, tmm4, tmm6"),
-                concat!($op, " tmm1, tmm4, tmm7"),
-                concat!($op, " tmm2, tmm5, tmm6"),
-                concat!($op, " tmm3, tmm5, tmm7"),
-                "add {a}, 64",
-                "add {a2}, 64",
-                "add {b}, {bstep}",
-                "dec {n}",
-                "jnz 2b",
+                steps_2x2!($op),
                 n = inout(reg) kb => _,
                 a = inout(reg) a => _,
                 a2 = inout(reg) a.add(16 * lda) => _,
@@ -130,20 +145,7 @@ macro_rules! tile_loop {
                 "tilezero tmm3",
                 "test {n}, {n}",
                 "jz 3f",
-                "2:",
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm6, [{b} + {ldb}*1]",
-                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                "tileloadd tmm5, [{a2} + {lda}*1]",
-                concat!($op, " tmm0, tmm4, tmm6"),
-                concat!($op, " tmm1, tmm4, tmm7"),
-                concat!($op, " tmm2, tmm5, tmm6"),
-                concat!($op, " tmm3, tmm5, tmm7"),
-                "add {a}, 64",
-                "add {a2}, 64",
-                "add {b}, {bstep}",
-                "dec {n}",
-                "jnz 2b",
+                steps_2x2!($op),
                 "3:",
                 "tilestored [{c} + {ldc}*1], tmm0",
                 "tilestored [{c} + {ldc}*1 + 64], tmm1",
