@@ -11,11 +11,17 @@ use slimnn_kernels::{grad, rows, Activation, BinaryOp, KernelError, Par};
 pub use slimnn_kernels::attention::Rows;
 pub use slimnn_kernels::AttnDims;
 
-/// Rows per parallel task for row-wise kernels (keeps tasks big enough to be worth it).
-const ROWS_PER_TASK: usize = 16;
-/// Elements per parallel task at least: row kernels run at several elements per nanosecond,
-/// so smaller tasks cost more in rayon overhead than they gain.
-const ELEMS_PER_TASK: usize = 1 << 16;
+/// Values per parallel task at least: row kernels run at several values per nanosecond, so
+/// smaller tasks cost more in thread hand-off than they gain.
+const MIN_ELEMS_PER_TASK: usize = 1 << 14;
+
+/// Rows per task when `rows` rows of `n` values are split over the current pool: one task per
+/// thread, rows in order, like the row-split GEMMs (`Ties::Rows` in slimnn-kernels). Task 0
+/// runs on the calling thread and, with two threads, task 1 on the other, so from op to op
+/// each core keeps working on rows it wrote itself.
+pub(crate) fn rows_per_task(rows: usize, n: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads().max(1)).max(MIN_ELEMS_PER_TASK.div_ceil(n.max(1))).max(1)
+}
 
 /// Runs `f(first_row, out_chunk)` over chunks of whole rows of `n` values, split over rayon's
 /// threads when `par` and there are at least two tasks' worth.
@@ -28,9 +34,9 @@ fn row_chunks(
     if n == 0 || out.is_empty() {
         return f(0, out);
     }
-    let rows = ROWS_PER_TASK.max(ELEMS_PER_TASK.div_ceil(n));
+    let rows = rows_per_task(out.len() / n, n);
     let chunk = rows * n;
-    if par && out.len() >= 2 * chunk {
+    if par && out.len() > chunk {
         out.par_chunks_mut(chunk).enumerate().try_for_each(|(t, c)| f(t * rows, c))
     } else {
         f(0, out)
@@ -234,8 +240,8 @@ pub fn layer_norm_grad(
     dscale.fill(0.0);
     dbias.fill(0.0);
     let rows = dx.len().checked_div(n).unwrap_or(0);
-    let per = ROWS_PER_TASK.max(ELEMS_PER_TASK.div_ceil(n.max(1)));
-    if !par || rows < 2 * per {
+    let per = rows_per_task(rows, n);
+    if !par || rows <= per {
         return Ok(grad::layer_norm_grad(x, scale, dy, n, eps, dx, dscale, dbias)?);
     }
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx

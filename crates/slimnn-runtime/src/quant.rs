@@ -488,9 +488,6 @@ impl QuantKernel {
     }
 }
 
-/// Below this many values, splitting over threads costs more than it saves.
-const PAR_CHUNK: usize = 1 << 16;
-
 fn chunked<A: Sync, B: Send>(
     x: &[A],
     out: &mut [B],
@@ -504,8 +501,10 @@ fn chunked<A: Sync, B: Send>(
         }
         .into());
     }
-    if par && x.len() >= 2 * PAR_CHUNK {
-        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).try_for_each(|(o, x)| f(x, o))?;
+    // One chunk per thread, lined up with the row-split GEMMs and row ops around it.
+    let chunk = crate::fast::rows_per_task(x.len(), 1);
+    if par && x.len() > chunk {
+        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).try_for_each(|(o, x)| f(x, o))?;
     } else {
         f(x, out)?;
     }
@@ -514,13 +513,14 @@ fn chunked<A: Sync, B: Send>(
 
 /// Per-tensor dynamic quantization, the range reduced over threads when large.
 fn quantize_dynamic(x: &[f32], q: &mut [u8], par: bool) -> Result<(f32, u8)> {
-    if !par || x.len() < 2 * PAR_CHUNK {
+    let chunk = crate::fast::rows_per_task(x.len(), 1);
+    if !par || x.len() <= chunk {
         return Ok(qgemm::quantize_dynamic_u8(x, q)?);
     }
     // Each chunk's quantization is thrown away except for its range (quantize_dynamic_u8
     // reports it through the scale and zero point only), so reduce the range directly.
     let (lo, hi) = x
-        .par_chunks(PAR_CHUNK)
+        .par_chunks(chunk)
         .map(|c| c.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v))))
         .reduce(|| (0.0, 0.0), |a, b| (a.0.min(b.0), a.1.max(b.1)));
     let (scale, zero) = qgemm::quantize::dynamic_params(lo, hi);
@@ -621,8 +621,8 @@ impl RowQuantMatMul {
         scales.resize(m, 0.0);
         zeros.resize(m, 0);
         let result = (|| {
-            // Rows in chunks of at least PAR_CHUNK values when threads help.
-            let rows_per = if par && x.len() >= 2 * PAR_CHUNK { PAR_CHUNK.div_ceil(k.max(1)) } else { m.max(1) };
+            // One chunk of rows per thread, as the GEMM below splits them.
+            let rows_per = if par { crate::fast::rows_per_task(m, k) } else { m.max(1) };
             x.par_chunks(rows_per * k.max(1))
                 .zip(q.par_chunks_mut(rows_per * k.max(1)))
                 .zip(scales.par_chunks_mut(rows_per).zip(zeros.par_chunks_mut(rows_per)))

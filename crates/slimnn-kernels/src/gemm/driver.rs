@@ -131,7 +131,7 @@ fn run_tasks<T: TileKernel>(job: &Job, par: Par<'_>) {
     let threads = par.threads().min(flops / MIN_FLOPS_PER_TASK).max(1);
     let row_tiles = job.m.div_ceil(T::MR);
     let panels = job.n.div_ceil(T::NR);
-    let (tm, tn) = grid(threads, row_tiles, panels, job.n >= job.m);
+    let (tm, tn) = grid(threads, row_tiles, panels, Ties::Rows);
     let rows_per = row_tiles.div_ceil(tm) * T::MR;
     let panels_per = panels.div_ceil(tn);
     let task = move |t: usize| {
@@ -147,19 +147,31 @@ fn run_tasks<T: TileKernel>(job: &Job, par: Par<'_>) {
     par.run_tasks(tm * tn, task);
 }
 
-/// Picks `tm x tn = threads` minimising the largest task, splitting N first when
-/// `prefer_n` (then each task reads only its share of the larger operand, B).
-fn grid(threads: usize, row_tiles: usize, panels: usize, prefer_n: bool) -> (usize, usize) {
+/// Which way [`grid`] splits when both ways give tasks of the same size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ties {
+    /// Each task writes whole rows. The row-wise ops after an activation x weight GEMM (layer
+    /// norm, the next GEMM's row quantization) split rows the same way, so each thread reads
+    /// rows its own core wrote: cross-core reads made int8 MiniLM at batch 1 / 2 threads 20%
+    /// slower when the GEMMs split columns.
+    Rows,
+    /// Each task reads only its share of B: better where streaming B is the bound (weight-only
+    /// GEMMs at small M) or where the next op splits columns.
+    Columns,
+}
+
+/// Picks `tm x tn = threads` minimising the largest task (`row_tiles / tm` by `panels / tn`).
+pub(crate) fn grid(threads: usize, row_tiles: usize, panels: usize, ties: Ties) -> (usize, usize) {
     let mut best = (1, 1);
     let mut best_cost = usize::MAX;
-    for tm in 1..=threads {
-        if !threads.is_multiple_of(tm) {
-            continue;
-        }
+    for tm in (1..=threads).filter(|tm| threads.is_multiple_of(*tm)) {
         let tn = threads / tm;
         let cost = row_tiles.div_ceil(tm) * panels.div_ceil(tn);
-        let better = cost < best_cost || (cost == best_cost && (tn > best.1) == prefer_n);
-        if better {
+        let wins_tie = match ties {
+            Ties::Rows => tm > best.0,
+            Ties::Columns => tn > best.1,
+        };
+        if cost < best_cost || (cost == best_cost && wins_tie) {
             best = (tm, tn);
             best_cost = cost;
         }
@@ -281,19 +293,23 @@ unsafe fn empty_k<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<us
 
 #[cfg(test)]
 mod tests {
-    use super::grid;
+    use super::{grid, Ties};
 
     #[test]
-    fn grid_splits_the_longer_side() {
-        assert_eq!(grid(1, 16, 64, true), (1, 1));
-        // 128 x 3072 on two threads: split the 64 panels.
-        assert_eq!(grid(2, 16, 64, true), (1, 2));
+    fn grid_balances_tasks_and_follows_the_tie_rule() {
+        assert_eq!(grid(1, 16, 64, Ties::Rows), (1, 1));
+        // 15 row tiles split unevenly, 64 panels evenly.
+        assert_eq!(grid(2, 15, 64, Ties::Rows), (1, 2));
         // Tall and narrow: split rows.
-        assert_eq!(grid(2, 100, 1, false), (2, 1));
-        assert_eq!(grid(4, 64, 16, true), (1, 4));
-        assert_eq!(grid(4, 64, 2, true), (2, 2));
+        assert_eq!(grid(2, 100, 1, Ties::Columns), (2, 1));
+        // Equal either way: the tie rule decides.
+        assert_eq!(grid(2, 16, 64, Ties::Rows), (2, 1));
+        assert_eq!(grid(2, 16, 64, Ties::Columns), (1, 2));
+        assert_eq!(grid(4, 64, 16, Ties::Columns), (1, 4));
+        assert_eq!(grid(4, 64, 16, Ties::Rows), (4, 1));
+        assert_eq!(grid(4, 64, 2, Ties::Columns), (2, 2));
         // A prime thread count still yields a valid grid.
-        let (tm, tn) = grid(3, 10, 10, true);
+        let (tm, tn) = grid(3, 10, 10, Ties::Rows);
         assert_eq!(tm * tn, 3);
     }
 }

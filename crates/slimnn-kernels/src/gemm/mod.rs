@@ -13,7 +13,7 @@
 //! AVX-512 BF16's `vdpbf16ps` where present, twice the multiply-adds per instruction.
 
 pub mod bf16;
-mod driver;
+pub(crate) mod driver;
 pub(crate) mod kernels;
 mod pack;
 pub(crate) mod validate;

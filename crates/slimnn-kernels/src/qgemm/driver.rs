@@ -3,6 +3,7 @@
 use super::kernels::{self, TileFn};
 use super::{PackedQB, QEpilogue, QKernel, QOutput};
 use crate::cpu::CpuTier;
+use crate::gemm::driver::{grid, Ties};
 use crate::gemm::{Activation, Par};
 use std::ops::Range;
 
@@ -78,7 +79,7 @@ fn split(
     let threads = par.threads().min(macs / MIN_MACS_PER_TASK).max(1);
     let row_tiles = m.div_ceil(mr);
     let panels = n.div_ceil(nr);
-    let (tm, tn) = grid(threads, row_tiles, panels);
+    let (tm, tn) = grid(threads, row_tiles, panels, Ties::Rows);
     let rows_per = row_tiles.div_ceil(tm) * mr;
     let panels_per = panels.div_ceil(tn);
     let task = |t: usize| {
@@ -90,22 +91,6 @@ fn split(
         }
     };
     par.run_tasks(tm * tn, task);
-}
-
-/// `tm x tn = threads` minimising the largest task, splitting N on ties (each task then reads
-/// only its share of B).
-pub(crate) fn grid(threads: usize, row_tiles: usize, panels: usize) -> (usize, usize) {
-    let mut best = (1, 1);
-    let mut best_cost = usize::MAX;
-    for tm in (1..=threads).filter(|tm| threads.is_multiple_of(*tm)) {
-        let tn = threads / tm;
-        let cost = row_tiles.div_ceil(tm) * panels.div_ceil(tn);
-        if cost < best_cost || (cost == best_cost && tn > best.1) {
-            best = (tm, tn);
-            best_cost = cost;
-        }
-    }
-    best
 }
 
 /// The micro-tile's i32 results, aligned for vector stores.
@@ -380,15 +365,5 @@ unsafe fn stage2(job: &Job, ir: usize, mr: usize, col0: usize, width: usize, buf
             }
             Out::I32(_) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn grid_prefers_splitting_columns() {
-        assert_eq!(super::grid(1, 16, 8), (1, 1));
-        assert_eq!(super::grid(2, 16, 8), (1, 2));
-        assert_eq!(super::grid(2, 16, 1), (2, 1));
     }
 }

@@ -7,10 +7,10 @@
 //! codes: one byte each for 8 bits, or NR/2 bytes for 4 bits with column `j` in the low nibble
 //! and column `j + NR/2` in the high nibble of byte `j` (both halves unpack with one shift).
 
-use super::driver::grid;
 use super::AlignedBytes;
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};
+use crate::gemm::driver::{grid, Ties};
 use crate::gemm::{Activation, Epilogue, Par};
 
 const KERNEL: &str = "weight-only gemm";
@@ -263,7 +263,7 @@ pub fn wgemm(
     }
     let job = Job { a: a.as_ptr(), lda, w, c: c.as_mut_ptr(), ldc, ep: &ep };
     let threads = par.threads().min(m.saturating_mul(n).saturating_mul(k.max(1)) >> 19).max(1);
-    let (tm, tn) = grid(threads, m.div_ceil(MR), n.div_ceil(w.nr));
+    let (tm, tn) = grid(threads, m.div_ceil(MR), n.div_ceil(w.nr), Ties::Columns);
     let rows_per = m.div_ceil(MR).div_ceil(tm) * MR;
     let panels = n.div_ceil(w.nr);
     let panels_per = panels.div_ceil(tn);

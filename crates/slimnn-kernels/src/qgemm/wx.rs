@@ -13,8 +13,9 @@
 //! Kernels: AVX-512 VNNI (8 x 32), AVX-VNNI (4 x 16) and a scalar reference. There is no AVX2
 //! kernel: [`wx_kernel`] is `None` there and callers keep to their float path.
 
-use super::{driver::grid, AlignedBytes, QKernel, KERNEL};
+use super::{AlignedBytes, QKernel, KERNEL};
 use crate::error::KernelError;
+use crate::gemm::driver::{grid, Ties};
 use crate::gemm::Par;
 use std::ops::Range;
 
@@ -345,7 +346,7 @@ pub fn qgemm_wx(w: &PackedQW, x: &PackedQX, out: WxOut<'_>, par: Par<'_>) -> Res
     let macs = m.saturating_mul(n).saturating_mul(w.k.max(1));
     let threads = par.threads().min(macs / MIN_MACS_PER_TASK).max(1);
     let (blocks, panels) = (m.div_ceil(w.mr), n.div_ceil(w.nr));
-    let (tm, tn) = grid(threads, blocks, panels);
+    let (tm, tn) = grid(threads, blocks, panels, Ties::Columns);
     let (bper, pper) = (blocks.div_ceil(tm), panels.div_ceil(tn));
     let task = |t: usize| {
         let (ti, tj) = (t / tn, t % tn);
