@@ -19,7 +19,7 @@ pub(super) const NR: usize = 32;
 pub(super) const KB: usize = 64;
 
 /// Rows of A kept in L2 while B panels stream past them (as the VNNI path does).
-const A_BLOCK_BYTES: usize = 64 << 10;
+const A_BLOCK_BYTES: usize = 256 << 10;
 
 /// One operand-set of a blocked run.
 pub(super) struct Job<'a> {
