@@ -188,13 +188,14 @@ unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, sk
             }
         }
         for c in (0..d2).step_by(16) {
-            let mut v = [_mm512_setzero_si512(); 16];
+            // The slots are bf16 pairs in f32 containers; the shuffles move their bits as they are.
+            let mut v = [_mm512_setzero_ps(); 16];
             for (r, v) in v.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(s.krow.as_ptr().add(r * d2 + c).cast());
+                *v = _mm512_loadu_ps(s.krow.as_ptr().add(r * d2 + c));
             }
-            transpose_16x16(&mut v);
+            crate::matmul::x86::transpose_16x16(&mut v);
             for (p, v) in v.iter().enumerate() {
-                _mm512_storeu_si512(kt.add((c + p) * skp + j0).cast(), *v);
+                _mm512_storeu_ps(kt.add((c + p) * skp + j0), *v);
             }
         }
     }
@@ -206,36 +207,6 @@ unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, sk
             Some(lo) => pack_pair_row(tier, lo, row(2 * r + 1), dst),
             None => dst.fill(0.0),
         }
-    }
-}
-
-/// Transposes 16 x 16 32-bit values (row `r` in `v[r]`): 32-bit then 64-bit interleaves
-/// within 128-bit lanes, then two rounds of lane shuffles.
-#[target_feature(enable = "avx512f")]
-fn transpose_16x16(v: &mut [__m512i; 16]) {
-    let mut t = [_mm512_setzero_si512(); 16];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-    }
-    // u[4i + c], lane L: rows 4i..4i + 4 of column 4L + c.
-    let mut u = [_mm512_setzero_si512(); 16];
-    for i in 0..4 {
-        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
-    for c in 0..4 {
-        let x0 = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
-        let x1 = _mm512_shuffle_i32x4::<0xDD>(u[c], u[4 + c]);
-        let y0 = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
-        let y1 = _mm512_shuffle_i32x4::<0xDD>(u[8 + c], u[12 + c]);
-        v[c] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
-        v[4 + c] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
-        v[8 + c] = _mm512_shuffle_i32x4::<0xDD>(x0, y0);
-        v[12 + c] = _mm512_shuffle_i32x4::<0xDD>(x1, y1);
     }
 }
 
@@ -263,34 +234,4 @@ fn softmax(
         softmax_block(job.tier, row, seq_k, job.scale, row_mask, Some(std::slice::from_mut(f)))?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::arch::x86_64::*;
-
-    #[test]
-    fn transpose_16x16_swaps_rows_and_columns() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        let src: Vec<u32> = (0..256).collect();
-        let mut out = [0u32; 256];
-        // SAFETY: AVX-512 F was detected; the loads and stores cover 16 values each.
-        unsafe {
-            let mut v = [_mm512_setzero_si512(); 16];
-            for (r, v) in v.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(src.as_ptr().add(16 * r).cast());
-            }
-            super::transpose_16x16(&mut v);
-            for (r, v) in v.iter().enumerate() {
-                _mm512_storeu_si512(out.as_mut_ptr().add(16 * r).cast(), *v);
-            }
-        }
-        for r in 0..16 {
-            for c in 0..16 {
-                assert_eq!(out[16 * r + c], src[16 * c + r], "row {r} column {c}");
-            }
-        }
-    }
 }
