@@ -496,8 +496,51 @@ mod x86 {
     /// AVX-512 kernels (also used by the AMX tier: AMX has no f32 multiply).
     pub(crate) struct Avx512;
 
+    /// One row of one k step of the 8 x 48 kernel: broadcast A's value at `$addr` (plus `$u`
+    /// steps) into `zmm$t` and multiply-add it with the three panel vectors in zmm24-26 into
+    /// the row's accumulators.
+    #[rustfmt::skip]
+    macro_rules! row_8x48 {
+        ($t:literal, $addr:literal, $u:literal, $c0:literal, $c1:literal, $c2:literal) => {
+            concat!(
+                "vbroadcastss zmm", $t, ", dword ptr [", $addr, " + ", $u, "*4]\n",
+                "vfmadd231ps zmm", $c0, ", zmm24, zmm", $t, "\n",
+                "vfmadd231ps zmm", $c1, ", zmm25, zmm", $t, "\n",
+                "vfmadd231ps zmm", $c2, ", zmm26, zmm", $t, "\n",
+            )
+        };
+    }
+
+    /// One k step of the 8 x 48 kernel, `$u` steps into the current group of four: three panel
+    /// loads, then eight rows. Rows of A are addressed from three bases (rows 0, 3 and 6) plus
+    /// `l` (the row stride in bytes) times 1, 2 or 4, so no address is recomputed in the loop.
+    #[rustfmt::skip]
+    macro_rules! step_8x48 {
+        ($u:literal) => {
+            concat!(
+                "vmovups zmm24, [{b} + ", $u, "*192]\n",
+                "vmovups zmm25, [{b} + ", $u, "*192 + 64]\n",
+                "vmovups zmm26, [{b} + ", $u, "*192 + 128]\n",
+                row_8x48!(27, "{a0}", $u, 0, 1, 2),
+                row_8x48!(28, "{a0} + {l}", $u, 3, 4, 5),
+                row_8x48!(29, "{a0} + {l}*2", $u, 6, 7, 8),
+                row_8x48!(30, "{a3}", $u, 9, 10, 11),
+                row_8x48!(27, "{a0} + {l}*4", $u, 12, 13, 14),
+                row_8x48!(28, "{a3} + {l}*2", $u, 15, 16, 17),
+                row_8x48!(29, "{a6}", $u, 18, 19, 20),
+                row_8x48!(30, "{a3} + {l}*4", $u, 21, 22, 23),
+            )
+        };
+    }
+
     /// The AVX-512 micro-kernel: 8 rows x 48 columns (24 zmm accumulators; per k step 3 panel
     /// loads and 8 broadcasts feed 24 FMAs).
+    ///
+    /// The k loop is written in assembly: compiled from [`kernel_body`] it recomputed row
+    /// addresses with extra integer instructions each iteration and ran at 83-85% of the FMA
+    /// peak on L1-resident operands, against 90% for this loop (Xeon with AMX, 2026-11-23).
+    /// C is prefetched only before the last 32 k steps (`kernel_body` does it first): 128 x 384
+    /// x 768 went from 167 to 186 GFLOP/s on one core.
     ///
     /// # Safety
     /// As [`TileKernel::tile`] with `mr = 8`, `width = 48`, on an AVX-512F host.
@@ -513,7 +556,96 @@ mod x86 {
         pf: *const f32,
         ep: *const TileEpilogue,
     ) {
-        kernel_body::<__m512, 8, 3, 48>(kc, a, lda, b, c, ldc, load_c, pf, ep)
+        let mut acc = [[<__m512 as Simd>::zero(); 3]; 8];
+        // `$kc` k steps from `$a` (row 0 of A), `$b` (the panel) and `$pf` (lines to prefetch).
+        macro_rules! k_loop {
+            ($kc:expr, $a:expr, $b:expr, $pf:expr, $acc:ident) => {
+                std::arch::asm!(
+                    "test {n4}, {n4}",
+                    "jz 3f",
+                    "2:",
+                    step_8x48!(0),
+                    step_8x48!(1),
+                    step_8x48!(2),
+                    step_8x48!(3),
+                    "prefetcht1 [{pf}]",
+                    "prefetcht1 [{pf} + 64]",
+                    "prefetcht1 [{pf} + 128]",
+                    "prefetcht1 [{pf} + 192]",
+                    "add {pf}, 256",
+                    "add {a0}, 16",
+                    "add {a3}, 16",
+                    "add {a6}, 16",
+                    "add {b}, 768",
+                    "dec {n4}",
+                    "jnz 2b",
+                    "3:",
+                    "test {n1}, {n1}",
+                    "jz 5f",
+                    "4:",
+                    step_8x48!(0),
+                    "prefetcht1 [{pf}]",
+                    "add {pf}, 64",
+                    "add {a0}, 4",
+                    "add {a3}, 4",
+                    "add {a6}, 4",
+                    "add {b}, 192",
+                    "dec {n1}",
+                    "jnz 4b",
+                    "5:",
+                    n4 = inout(reg) $kc / 4 => _,
+                    n1 = inout(reg) $kc % 4 => _,
+                    a0 = inout(reg) $a => _,
+                    a3 = inout(reg) $a.wrapping_add(3 * lda) => _,
+                    a6 = inout(reg) $a.wrapping_add(6 * lda) => _,
+                    l = in(reg) lda * 4,
+                    b = inout(reg) $b => _,
+                    pf = inout(reg) $pf => _,
+                    inout("zmm0") $acc[0][0],
+                    inout("zmm1") $acc[0][1],
+                    inout("zmm2") $acc[0][2],
+                    inout("zmm3") $acc[1][0],
+                    inout("zmm4") $acc[1][1],
+                    inout("zmm5") $acc[1][2],
+                    inout("zmm6") $acc[2][0],
+                    inout("zmm7") $acc[2][1],
+                    inout("zmm8") $acc[2][2],
+                    inout("zmm9") $acc[3][0],
+                    inout("zmm10") $acc[3][1],
+                    inout("zmm11") $acc[3][2],
+                    inout("zmm12") $acc[4][0],
+                    inout("zmm13") $acc[4][1],
+                    inout("zmm14") $acc[4][2],
+                    inout("zmm15") $acc[5][0],
+                    inout("zmm16") $acc[5][1],
+                    inout("zmm17") $acc[5][2],
+                    inout("zmm18") $acc[6][0],
+                    inout("zmm19") $acc[6][1],
+                    inout("zmm20") $acc[6][2],
+                    inout("zmm21") $acc[7][0],
+                    inout("zmm22") $acc[7][1],
+                    inout("zmm23") $acc[7][2],
+                    out("zmm24") _,
+                    out("zmm25") _,
+                    out("zmm26") _,
+                    out("zmm27") _,
+                    out("zmm28") _,
+                    out("zmm29") _,
+                    out("zmm30") _,
+                    options(nostack, readonly),
+                );
+            };
+        }
+        // C is pulled into L1 only for the last k steps: fetched at the start, the streaming
+        // panel of B would evict it again before the tile is stored.
+        let tail = kc.min(32);
+        let head = kc - tail;
+        // SAFETY: the caller guarantees 8 rows of `kc` values of A at stride `lda` and `kc`
+        // rows of 48 values of B; the loops read only those (prefetches never fault).
+        k_loop!(head, a, b, pf, acc);
+        prefetch_tile::<__m512, 8, 3>(c, ldc, ep);
+        k_loop!(tail, a.add(head), b.add(head * 48), pf.wrapping_add(head * 16), acc);
+        store_tile(&acc, c, ldc, load_c, ep);
     }
 
     /// Edge tiles: `MR x 16*NV` with `MR <= 8`, `NV <= 3`.
