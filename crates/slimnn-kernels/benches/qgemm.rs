@@ -256,6 +256,9 @@ fn bench_quantize_rows(c: &mut Criterion) {
         group.bench_function(BenchmarkId::from_parameter(format!("{m}x{k}")), |b| {
             b.iter(|| slimnn_kernels::qgemm::quantize_rows_u8(black_box(&x), k, &mut q, &mut s, &mut z).expect("valid"))
         });
+        group.bench_function(BenchmarkId::from_parameter(format!("static {m}x{k}")), |b| {
+            b.iter(|| slimnn_kernels::qgemm::quantize_u8(black_box(&x), 0.05, 7, &mut q).expect("valid"))
+        });
     }
     group.finish();
 }

@@ -67,13 +67,21 @@ pub fn quantize_rows_u8_with(
             format!("{} values are not rows of {n}, or fewer than that many scales/zeros", x.len()),
         ));
     }
-    for r in 0..rows {
-        let (xr, qr) = (&x[r * n..(r + 1) * n], &mut out[r * n..(r + 1) * n]);
-        let (lo, hi) = min_max(tier, xr);
-        let (scale, zero) = dynamic_params(lo, hi);
-        quantize(tier, xr, scale, zero, qr);
-        scales[r] = scale;
-        zeros[r] = zero as i32;
+    // Ranges and parameters for a group of rows first, then the group's quantization: each
+    // row's reduction and divisions are a chain of latencies, and rows taken one at a time
+    // waited on theirs (128 x 384: 9.6 -> 7.9 µs in `cargo bench --bench qgemm -- quantize_rows`).
+    const GROUP: usize = 8;
+    for r0 in (0..rows).step_by(GROUP) {
+        let group = r0..(r0 + GROUP).min(rows);
+        for r in group.clone() {
+            let (lo, hi) = min_max(tier, &x[r * n..(r + 1) * n]);
+            let (scale, zero) = dynamic_params(lo, hi);
+            scales[r] = scale;
+            zeros[r] = zero as i32;
+        }
+        for r in group {
+            quantize(tier, &x[r * n..(r + 1) * n], scales[r], zeros[r] as u8, &mut out[r * n..(r + 1) * n]);
+        }
     }
     Ok(())
 }
@@ -215,42 +223,62 @@ mod x86 {
     /// ~3 ulp, under 2^-13 for the |quotients| <= 512 that do not saturate).
     const NEAR_HALF: f32 = 1.0 / 4096.0;
 
-    #[target_feature(enable = "avx512f")]
+    /// `round_half_even(x / scale)` for 16 values, as i32 (`i32::MIN` for NaN and quotients
+    /// below -LIMIT; quotients above LIMIT give LIMIT).
+    ///
+    /// A division per vector costs ~16 cycles on Intel cores: multiply by the reciprocal and
+    /// divide only the lanes where that could round differently (~1 in 2000): those whose
+    /// product lies within NEAR_HALF of a half-integer (`vreduceps` gives `d - round(d)`).
+    #[inline(always)]
+    unsafe fn quotients_avx512(v: __m512, s: __m512, inv: __m512, fast: bool) -> __m512i {
+        let d = if fast {
+            let d = _mm512_mul_ps(v, inv);
+            let frac = _mm512_abs_ps(_mm512_reduce_ps::<{ _MM_FROUND_TO_NEAREST_INT }>(d));
+            let redo = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(frac, _mm512_set1_ps(0.5 - NEAR_HALF));
+            if redo != 0 {
+                _mm512_mask_div_ps(d, redo, v, s)
+            } else {
+                d
+            }
+        } else {
+            _mm512_div_ps(v, s)
+        };
+        // Only the upper end needs clamping: below, the conversion's overflow value (i32::MIN)
+        // saturates to 0 like the quotient would. `d` second, so NaN passes through to it.
+        // The default rounding mode (MXCSR) is round-half-even.
+        _mm512_cvtps_epi32(_mm512_min_ps(_mm512_set1_ps(LIMIT), d))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
     pub(super) unsafe fn quantize_avx512(x: &[f32], scale: f32, zero: u8, out: &mut [u8]) {
         let s = _mm512_set1_ps(scale);
         let inv = 1.0 / scale;
-        // A division per vector costs ~16 cycles on Intel cores: multiply by the reciprocal and
-        // divide only the lanes where that could round differently (~1 in 2000).
         let fast = inv.is_normal();
         let inv = _mm512_set1_ps(inv);
-        let (half, near) = (_mm512_set1_ps(0.5), _mm512_set1_ps(NEAR_HALF));
-        let z = _mm512_set1_epi32(zero as i32);
-        let (lim_lo, lim_hi) = (_mm512_set1_ps(-LIMIT), _mm512_set1_ps(LIMIT));
-        let (q_lo, q_hi) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
-        let n = x.len() / 16 * 16;
-        for i in (0..n).step_by(16) {
-            let v = _mm512_loadu_ps(x.as_ptr().add(i));
-            let d = if fast {
-                let d = _mm512_mul_ps(v, inv);
-                let frac =
-                    _mm512_sub_ps(d, _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(d));
-                let off = _mm512_abs_ps(_mm512_sub_ps(_mm512_abs_ps(frac), half));
-                let redo = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, near);
-                if redo != 0 {
-                    _mm512_mask_div_ps(d, redo, v, s)
-                } else {
-                    d
-                }
-            } else {
-                _mm512_div_ps(v, s)
-            };
-            let d = _mm512_min_ps(_mm512_max_ps(d, lim_lo), lim_hi);
-            // The default rounding mode (MXCSR) is round-half-even.
-            let r = _mm512_add_epi32(_mm512_cvtps_epi32(d), z);
-            let r = _mm512_min_epi32(_mm512_max_epi32(r, q_lo), q_hi);
-            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, _mm512_cvtepi32_epi8(r));
+        // 64 values per step: two saturating packs (i32 -> i16 -> u8) clamp to [0, 255] with
+        // far fewer instructions than per-vector clamps and narrowing stores. The packs work
+        // within 128-bit lanes, so the bytes end in (lane, vector) order; one permute restores
+        // them.
+        let z16 = _mm512_set1_epi16(zero as i16);
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let n64 = x.len() / 64 * 64;
+        for i in (0..n64).step_by(64) {
+            let p = x.as_ptr().add(i);
+            let r: [__m512i; 4] =
+                std::array::from_fn(|u| quotients_avx512(_mm512_loadu_ps(p.add(16 * u)), s, inv, fast));
+            let w0 = _mm512_adds_epi16(_mm512_packs_epi32(r[0], r[1]), z16);
+            let w1 = _mm512_adds_epi16(_mm512_packs_epi32(r[2], r[3]), z16);
+            let bytes = _mm512_permutexvar_epi32(order, _mm512_packus_epi16(w0, w1));
+            _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut __m512i, bytes);
         }
-        for i in n..x.len() {
+        let z = _mm512_set1_epi32(zero as i32);
+        let n16 = x.len() / 16 * 16;
+        for i in (n64..n16).step_by(16) {
+            let r = _mm512_add_epi32(quotients_avx512(_mm512_loadu_ps(x.as_ptr().add(i)), s, inv, fast), z);
+            let r = _mm512_max_epi32(r, _mm512_setzero_si512());
+            _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, _mm512_cvtusepi32_epi8(r));
+        }
+        for i in n16..x.len() {
             out[i] = quantize_one(x[i], scale, zero);
         }
     }
