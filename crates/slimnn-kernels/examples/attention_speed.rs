@@ -1,7 +1,8 @@
 //! MiniLM's attention (128 tokens, 12 heads of 32, one sequence, padding mask) on one thread:
 //! time per call and GFLOP/s of its two products.
 //!
-//! `cargo run --release -p slimnn-kernels --example attention_speed [-- SEQ]`
+//! `[PAD=K] cargo run --release -p slimnn-kernels --example attention_speed [-- SEQ]` (the last K
+//! keys masked, as padding; default 5)
 
 use slimnn_kernels::attention::{mha, AttnDims, AttnMask};
 use slimnn_kernels::Par;
@@ -14,7 +15,8 @@ fn main() {
     let vals =
         |seed: usize| -> Vec<f32> { (0..len).map(|i| (((i * 7919 + seed) % 2003) as f32 / 1001.0) - 1.0).collect() };
     let (q, k, v) = (vals(1), vals(2), vals(3));
-    let mask: Vec<f32> = (0..seq).map(|i| if i < seq - 5 { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let pad: usize = std::env::var("PAD").map(|s| s.parse().unwrap()).unwrap_or(5);
+    let mask: Vec<f32> = (0..seq).map(|i| if i < seq - pad { 0.0 } else { f32::NEG_INFINITY }).collect();
     let mut out = vec![0f32; len];
     let mut best = f64::MAX;
     for _ in 0..1000 {
