@@ -539,8 +539,9 @@ mod x86 {
     /// The k loop is written in assembly: compiled from [`kernel_body`] it recomputed row
     /// addresses with extra integer instructions each iteration and ran at 83-85% of the FMA
     /// peak on L1-resident operands, against 90% for this loop (Xeon with AMX, 2026-11-23).
-    /// C is prefetched only before the last 32 k steps (`kernel_body` does it first): 128 x 384
-    /// x 768 went from 167 to 186 GFLOP/s on one core.
+    /// C is prefetched only before the last 32 k steps (`kernel_body` does it first, and the
+    /// streaming panel of B evicted it again). Both changes took hot 128 x 384 x 768 from
+    /// 171-172 to 180-181 GFLOP/s on one core (`--example gemm_shape`).
     ///
     /// # Safety
     /// As [`TileKernel::tile`] with `mr = 8`, `width = 48`, on an AVX-512F host.
