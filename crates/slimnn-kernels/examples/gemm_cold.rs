@@ -10,7 +10,7 @@ fn main() {
     let m: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(128);
     // One encoder layer's projections: QKV, attention output, FFN in, FFN out.
     let layer = [(384, 1152), (384, 384), (384, 1536), (1536, 384)];
-    let layers = 6;
+    let layers: usize = std::env::var("LAYERS").map_or(6, |s| s.parse().unwrap());
     let mut weights = Vec::new();
     for l in 0..layers {
         for &(k, n) in &layer {

@@ -1,9 +1,10 @@
 //! One f32 GEMM shape with everything hot in cache: GFLOP/s on one thread, best of three
 //! timings of ~2 GFLOP each.
 //!
-//! `cargo run --release -p slimnn-kernels --example gemm_shape -- M K N`
+//! `[EPILOGUE=bias|gelu|residual] cargo run --release -p slimnn-kernels --example gemm_shape -- M K N`
+//! (`gelu` is bias + erf GELU, as MiniLM's FFN input; `residual` is bias + residual add)
 
-use slimnn_kernels::{gemm, Epilogue, PackedB, Par};
+use slimnn_kernels::{gemm, Activation, Epilogue, PackedB, Par};
 use std::time::Instant;
 
 fn main() {
@@ -16,15 +17,28 @@ fn main() {
     let packed = PackedB::new(&b, k, n, n).expect("pack");
     let a: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 * 0.1).collect();
     let mut c = vec![0f32; m * n];
+    let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.1 - 0.2).collect();
+    let res: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32 * 0.5).collect();
+    let what = std::env::var("EPILOGUE").unwrap_or_default();
+    let ep = match what.as_str() {
+        "" => Epilogue::NONE,
+        "bias" => Epilogue::NONE.with_bias(&bias),
+        "gelu" => Epilogue::NONE.with_bias(&bias).with_activation(Activation::GeluErf),
+        "residual" => Epilogue::NONE.with_bias(&bias).with_residual(&res, n),
+        other => {
+            eprintln!("unknown EPILOGUE {other}: use bias, gelu or residual");
+            std::process::exit(2);
+        }
+    };
     let flops = 2.0 * (m * k * n) as f64;
     let reps = (2e9 / flops) as usize + 1;
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t = Instant::now();
         for _ in 0..reps {
-            gemm(m, &a, k, &packed, &mut c, n, Epilogue::NONE, Par::Seq).expect("gemm");
+            gemm(m, &a, k, &packed, &mut c, n, ep, Par::Seq).expect("gemm");
         }
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }
-    println!("{m}x{k}x{n}: {:.1} GFLOP/s", flops / best / 1e9);
+    println!("{m}x{k}x{n} {what}: {:.1} GFLOP/s", flops / best / 1e9);
 }

@@ -31,7 +31,11 @@ impl Value {
 #[derive(Default)]
 pub struct State {
     values: Vec<Option<Value>>,
+    /// Free buffers, each initialised up to its capacity and at that length.
     pool: Vec<Vec<f32>>,
+    /// (data pointer, capacity) of the pool's buffers now held by values: they come back
+    /// still initialised to their capacity, so they regain full length without a fill.
+    lent: Vec<(usize, usize)>,
     live_bytes: usize,
     peak_bytes: usize,
     profile: Option<std::collections::BTreeMap<String, (std::time::Duration, usize)>>,
@@ -111,15 +115,12 @@ impl State {
             (0..self.pool.len()).filter(|&i| self.pool[i].capacity() >= len).min_by_key(|&i| self.pool[i].capacity());
         let mut v = match best {
             Some(i) => self.pool.swap_remove(i),
-            None => Vec::with_capacity(len),
+            None => vec![0.0; len],
         };
         // Every fast kernel overwrites its whole output, so a reused buffer keeps its stale
         // contents instead of being zero-filled again.
-        if v.len() >= len {
-            v.truncate(len);
-        } else {
-            v.resize(len, 0.0);
-        }
+        v.truncate(len);
+        self.lent.push((v.as_ptr() as usize, v.capacity()));
         self.live_bytes += v.capacity() * 4;
         self.peak_bytes = self.peak_bytes.max(self.live_bytes);
         v
@@ -128,7 +129,18 @@ impl State {
     fn release(&mut self, v: Value) {
         if let Value::Pooled(t) = v {
             if t.dtype() == DType::F32 {
-                if let Ok(buf) = t.into_vec::<f32>() {
+                if let Ok(mut buf) = t.into_vec::<f32>() {
+                    let id = (buf.as_ptr() as usize, buf.capacity());
+                    if let Some(i) = self.lent.iter().position(|&l| l == id) {
+                        self.lent.swap_remove(i);
+                        // SAFETY: `take` lent this allocation (same pointer and capacity)
+                        // initialised to its full capacity; truncation leaves f32 values in
+                        // place, so all `capacity` values are still initialised.
+                        unsafe { buf.set_len(buf.capacity()) };
+                    } else {
+                        // Made elsewhere: fill its spare capacity once.
+                        buf.resize(buf.capacity(), 0.0);
+                    }
                     self.live_bytes = self.live_bytes.saturating_sub(buf.capacity() * 4);
                     self.pool.push(buf);
                 }
@@ -151,6 +163,8 @@ fn f32s(t: &Tensor) -> Result<&[f32]> {
 
 pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: bool) -> Result<Vec<Tensor>> {
     st.values.clear();
+    // Buffers a failed run left in its values were dropped with them.
+    st.lent.clear();
     st.values.resize_with(plan.slots, || None);
     for (&s, t) in plan.inputs.iter().zip(inputs) {
         st.values[s] = Some(Value::Owned(t));
@@ -432,5 +446,46 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             crate::conv::global_average_pool(x, x.len() / numel.max(1), &mut out)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{State, Value};
+    use slimnn_tensor::Tensor;
+
+    fn give_back(st: &mut State, v: Vec<f32>) {
+        let n = v.len();
+        st.release(Value::Pooled(Tensor::from_vec(vec![n], v).unwrap()));
+    }
+
+    #[test]
+    fn a_buffer_lent_short_regrows_without_a_refill() {
+        let mut st = State::default();
+        let mut v = st.take(64);
+        v.iter_mut().enumerate().for_each(|(i, x)| *x = i as f32);
+        let ptr = v.as_ptr();
+        give_back(&mut st, v);
+        // Lent for fewer values, then for all of them again: same allocation, and the values
+        // past the short length are the ones written first (not zeroed).
+        let short = st.take(16);
+        assert_eq!((short.as_ptr(), short.len()), (ptr, 16));
+        give_back(&mut st, short);
+        let full = st.take(64);
+        assert_eq!(full.as_ptr(), ptr);
+        assert_eq!(full[63], 63.0);
+        give_back(&mut st, full);
+        assert!(st.lent.is_empty());
+    }
+
+    #[test]
+    fn a_buffer_made_elsewhere_is_filled_before_reuse() {
+        let mut st = State::default();
+        let mut v = Vec::with_capacity(32);
+        v.extend_from_slice(&[1.0f32; 8]);
+        give_back(&mut st, v);
+        let w = st.take(32);
+        assert_eq!(w.len(), 32);
+        assert!(w[..8].iter().all(|&x| x == 1.0) && w[8..].iter().all(|&x| x == 0.0));
     }
 }
