@@ -18,6 +18,11 @@ struct Job {
     lda: usize,
     b: *const f32,
     panel_stride: usize,
+    /// B unpacked (row-major, row stride `ldb`), or null when `b` is packed: each `KC x NR`
+    /// block is then packed just before the tiles that use it, into a buffer that stays in
+    /// L1/L2, instead of the whole of B making a round trip through memory first.
+    raw_b: *const f32,
+    ldb: usize,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
@@ -50,6 +55,8 @@ impl Job {
             lda,
             b: b.data().as_ptr(),
             panel_stride: b.panel_stride(),
+            raw_b: std::ptr::null(),
+            ldb: 0,
             c: c.as_mut_ptr(),
             ldc,
             bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
@@ -97,7 +104,57 @@ pub(super) fn run(
     }
 }
 
+/// Runs a GEMM with B unpacked (`k x n`, row stride `ldb`) that `sgemm` has validated, on
+/// `tier`'s kernels (which the host supports).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_unpacked(
+    tier: crate::CpuTier,
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    ep: &Epilogue<'_>,
+    par: Par<'_>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let job = Job {
+        m,
+        k,
+        n,
+        a: a.as_ptr(),
+        lda,
+        b: std::ptr::null(),
+        panel_stride: 0,
+        raw_b: b.as_ptr(),
+        ldb,
+        c: c.as_mut_ptr(),
+        ldc,
+        bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
+        row_bias: ep.row_bias.map_or(std::ptr::null(), |s| s.as_ptr()),
+        act: ep.activation,
+        res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
+        res_ld: ep.residual.map_or(0, |r| r.ld),
+        accumulate: ep.accumulate,
+        store_only: ep.is_store_only(),
+    };
+    match tier {
+        #[cfg(target_arch = "x86_64")]
+        crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<super::kernels::Avx512>(&job, par),
+        #[cfg(target_arch = "x86_64")]
+        crate::CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(&job, par),
+        _ => run_tasks::<Generic>(&job, par),
+    }
+}
+
 thread_local! {
+    /// Blocks of an unpacked B, packed as they are used; taken out while in use so nested
+    /// calls get their own.
+    static SCRATCH_PANEL: Cell<Option<AlignedVec>> = const { Cell::new(None) };
     /// A rounded to bf16 pairs, taken out while in use so nested calls get their own.
     static SCRATCH_A: Cell<Option<AlignedVec>> = const { Cell::new(None) };
 }
@@ -131,7 +188,9 @@ fn run_tasks<T: TileKernel>(job: &Job, par: Par<'_>) {
     let threads = par.threads().min(flops / MIN_FLOPS_PER_TASK).max(1);
     let row_tiles = job.m.div_ceil(T::MR);
     let panels = job.n.div_ceil(T::NR);
-    let (tm, tn) = grid(threads, row_tiles, panels, Ties::Rows);
+    // Tasks that pack their own blocks of an unpacked B should not pack the same ones.
+    let ties = if job.raw_b.is_null() { Ties::Rows } else { Ties::Columns };
+    let (tm, tn) = grid(threads, row_tiles, panels, ties);
     let rows_per = row_tiles.div_ceil(tm) * T::MR;
     let panels_per = panels.div_ceil(tn);
     let task = move |t: usize| {
@@ -195,8 +254,17 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
         return empty_k::<T>(job, rows, panels);
     }
     let null_or = |p: *const f32, off: usize| if p.is_null() { p } else { p.add(off) };
-    for ic in rows.clone().step_by(T::MC) {
-        let ic_end = (ic + T::MC).min(rows.end);
+    let unpacked = !job.raw_b.is_null();
+    let mut panel = AlignedVec::default();
+    if unpacked {
+        panel = SCRATCH_PANEL.with(Cell::take).unwrap_or_default();
+        panel.resize(T::KC * T::NR);
+    }
+    // Packing as it goes, every row of the task uses a block before the next is packed, so
+    // each is packed once.
+    let mc = if unpacked { rows.len().max(1) } else { T::MC };
+    for ic in rows.clone().step_by(mc) {
+        let ic_end = (ic + mc).min(rows.end);
         for jc in panels.clone().step_by(T::NC_PANELS) {
             let jc_end = (jc + T::NC_PANELS).min(panels.end);
             for pc in (0..job.k).step_by(T::KC) {
@@ -206,9 +274,16 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                 for jr in jc..jc_end {
                     let col0 = jr * T::NR;
                     let cols = T::NR.min(job.n - col0);
-                    let bp = job.b.add(jr * job.panel_stride + pc * T::NR);
+                    let bp = if unpacked {
+                        pack_block(job, pc, kc, col0, cols, T::NR, panel.as_mut_slice());
+                        panel.as_slice().as_ptr()
+                    } else {
+                        job.b.add(jr * job.panel_stride + pc * T::NR)
+                    };
                     // The B block used after this one, pulled into L2 by the first tiles.
-                    let next = if jr + 1 < jc_end {
+                    let next = if unpacked {
+                        bp
+                    } else if jr + 1 < jc_end {
                         job.b.add((jr + 1) * job.panel_stride + pc * T::NR)
                     } else if pc + kc < job.k {
                         job.b.add(jc * job.panel_stride + (pc + kc) * T::NR)
@@ -262,6 +337,23 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                 }
             }
         }
+    }
+    if unpacked {
+        SCRATCH_PANEL.with(|s| s.set(Some(panel)));
+    }
+}
+
+/// Packs rows `pc..pc + kc`, columns `col0..col0 + cols` of the job's unpacked B into `dst`
+/// as one panel block (`kc` rows of `nr` values, zero past `cols`).
+///
+/// # Safety
+/// The job's `raw_b` must be valid for its `k x n` at stride `ldb`, and `pc + kc <= k`,
+/// `col0 + cols <= n`, `cols <= nr`, `dst.len() >= kc * nr`.
+unsafe fn pack_block(job: &Job, pc: usize, kc: usize, col0: usize, cols: usize, nr: usize, dst: &mut [f32]) {
+    for (kk, row) in dst.chunks_exact_mut(nr).take(kc).enumerate() {
+        let src = std::slice::from_raw_parts(job.raw_b.add((pc + kk) * job.ldb + col0), cols);
+        row[..cols].copy_from_slice(src);
+        row[cols..].fill(0.0);
     }
 }
 

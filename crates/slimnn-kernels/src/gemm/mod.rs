@@ -23,7 +23,6 @@ pub use pack::PackedB;
 
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};
-use std::cell::Cell;
 
 /// Element-wise activation applied in the GEMM epilogue.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -169,17 +168,10 @@ pub fn gemm(
     Ok(())
 }
 
-thread_local! {
-    /// `sgemm`'s packing buffer, taken out while in use so nested calls (e.g. from rayon work
-    /// stealing) get their own.
-    static SCRATCH_B: Cell<Option<PackedB>> = const { Cell::new(None) };
-}
-
 /// `C = epilogue(A·B)` with B unpacked (row-major `k x n`, stride `ldb`), using the active
-/// tier ([`cpu::tier`]). B is packed on the fly into a thread-local buffer that is reused by
-/// later calls, so repeated small GEMMs (attention's per-head products) do not allocate; the
-/// buffer keeps the size of the largest B packed on that thread. For a B used more than once,
-/// pack it once with [`PackedB`] and call [`gemm`].
+/// tier ([`cpu::tier`]). B is packed block by block as the tiles reach it, into a small
+/// thread-local buffer that stays in cache (and is reused by later calls, so they do not
+/// allocate). For a B used more than once, pack it once with [`PackedB`] and call [`gemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
@@ -215,13 +207,10 @@ pub fn sgemm_tier(
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     validate::check_gemm(m, k, n, a.len(), lda, c.len(), ldc, &epilogue)?;
-    let mut packed = match SCRATCH_B.with(Cell::take) {
-        Some(p) if p.tier() == tier => p,
-        _ => PackedB::empty(tier)?,
-    };
-    let result = packed.pack(b, k, n, ldb).and_then(|()| gemm(m, a, lda, &packed, c, ldc, epilogue, par));
-    SCRATCH_B.with(|s| s.set(Some(packed)));
-    result
+    validate::matrix_extent("B", b.len(), k, n, ldb)?;
+    check_tier(tier)?;
+    driver::run_unpacked(tier, (m, k, n), a, lda, b, ldb, c, ldc, &epilogue, par);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -188,6 +188,34 @@ fn split_k_with_accumulate_equals_one_call() {
 }
 
 #[test]
+fn unpacked_b_equals_packed_b_bit_for_bit() {
+    // Rows past one MC block, k past one KC block, a partial last panel and a padded ldb: the
+    // blocks packed as the tiles reach them hold what `PackedB` holds, summed in the same order.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let (m, k, n, ldb) = (300, 800, 130, 133);
+    let mut seed = 11;
+    let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+    let b: Vec<f32> = (0..k * ldb).map(|_| lcg(&mut seed)).collect();
+    let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+    let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+    let ep = Epilogue::default().with_bias(&bias).with_activation(Activation::Relu).with_residual(&res, n);
+    let mut want = vec![0.0; m * n];
+    reference::sgemm(m, k, n, &a, k, &b, ldb, &mut want, n, ep).unwrap();
+    for tier in tiers() {
+        let mut packed = PackedB::empty(tier).unwrap();
+        packed.pack(&b, k, n, ldb).unwrap();
+        for par in [Par::Seq, Par::Pool(&pool)] {
+            let mut from_packed = vec![0.0; m * n];
+            gemm(m, &a, k, &packed, &mut from_packed, n, ep, par).unwrap();
+            let mut c = vec![0.0; m * n];
+            sgemm_tier(tier, m, k, n, &a, k, &b, ldb, &mut c, n, ep, par).unwrap();
+            assert!(c == from_packed, "{tier} {par:?}: unpacked and packed B differ");
+            check_close(&c, &want, 1e-4, &format!("{tier} {par:?}"));
+        }
+    }
+}
+
+#[test]
 fn nested_sgemm_inside_pool_tasks() {
     // Many small products run from inside pool tasks, each with its own scratch.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
