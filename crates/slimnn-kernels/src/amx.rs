@@ -46,8 +46,8 @@ pub(crate) unsafe fn zero_acc() {
 }
 
 /// The 2 x 2 loop's assembly (shared by the plain loop and the zero-loop-store block): `{n}`
-/// steps of two A row tiles (`{a}`, `{a2}`) times two B column tiles (`{b}`, `{b} + 64`) into
-/// tmm0..3.
+/// steps of two A row tiles (`{a}`, `{a2}`, each moving `{astep}` bytes a step) times two B
+/// column tiles (`{b}`, `{b} + 64`) into tmm0..3.
 macro_rules! steps_2x2 {
     ($op:literal) => {
         concat!(
@@ -64,8 +64,8 @@ macro_rules! steps_2x2 {
             " tmm2, tmm5, tmm6\n",
             $op,
             " tmm3, tmm5, tmm7\n",
-            "add {a}, 64\n",
-            "add {a2}, 64\n",
+            "add {a}, {astep}\n",
+            "add {a2}, {astep}\n",
             "add {b}, {bstep}\n",
             "dec {n}\n",
             "jnz 2b",
@@ -95,6 +95,7 @@ macro_rules! tile_loop {
                 lda = in(reg) lda,
                 ldb = in(reg) ldb,
                 bstep = in(reg) 16 * ldb,
+                astep = in(reg) 64usize,
                 options(nostack, readonly),
             );
         }
@@ -135,9 +136,20 @@ macro_rules! tile_loop {
         /// The 2 x 2 loop from zeroed accumulators, stored to `c` (row stride `ldc` bytes), in
         /// one assembly block: for the int8 GEMM's short loops (6 steps at K = 384) zeroing,
         /// loop and stores as three blocks ran 2-4% slower than the old hand-written block,
-        /// this form 5-8% faster (`amx_speed` probe).
+        /// this form 5-8% faster (`amx_speed` probe). A's tiles move `astep` bytes a step (64
+        /// along rows in place; more when A is packed tile after tile).
+        #[allow(clippy::too_many_arguments)]
         #[inline(always)]
-        pub(crate) unsafe fn $name(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize, c: *mut u8, ldc: usize) {
+        pub(crate) unsafe fn $name(
+            kb: usize,
+            a: *const u8,
+            lda: usize,
+            astep: usize,
+            b: *const u8,
+            ldb: usize,
+            c: *mut u8,
+            ldc: usize,
+        ) {
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -158,6 +170,7 @@ macro_rules! tile_loop {
                 lda = in(reg) lda,
                 ldb = in(reg) ldb,
                 bstep = in(reg) 16 * ldb,
+                astep = in(reg) astep,
                 c = in(reg) c,
                 c2 = in(reg) c.add(16 * ldc),
                 ldc = in(reg) ldc,
@@ -168,8 +181,18 @@ macro_rules! tile_loop {
     (block 1x2, $op:literal, $name:ident) => {
         /// One row tile and two column tiles from zeroed accumulators, stored to `c` (see the
         /// 2 x 2 block).
+        #[allow(clippy::too_many_arguments)]
         #[inline(always)]
-        pub(crate) unsafe fn $name(kb: usize, a: *const u8, lda: usize, b: *const u8, ldb: usize, c: *mut u8, ldc: usize) {
+        pub(crate) unsafe fn $name(
+            kb: usize,
+            a: *const u8,
+            lda: usize,
+            astep: usize,
+            b: *const u8,
+            ldb: usize,
+            c: *mut u8,
+            ldc: usize,
+        ) {
             asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
@@ -181,7 +204,7 @@ macro_rules! tile_loop {
                 "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
                 concat!($op, " tmm0, tmm4, tmm6"),
                 concat!($op, " tmm1, tmm4, tmm7"),
-                "add {a}, 64",
+                "add {a}, {astep}",
                 "add {b}, {bstep}",
                 "dec {n}",
                 "jnz 2b",
@@ -194,6 +217,7 @@ macro_rules! tile_loop {
                 lda = in(reg) lda,
                 ldb = in(reg) ldb,
                 bstep = in(reg) 16 * ldb,
+                astep = in(reg) astep,
                 c = in(reg) c,
                 ldc = in(reg) ldc,
                 options(nostack),

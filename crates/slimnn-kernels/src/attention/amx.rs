@@ -135,7 +135,7 @@ unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, o
     let ktp = s.kt.as_slice().as_ptr().cast::<u8>();
     let sp = s.s.as_mut_slice().as_mut_ptr().cast::<u8>();
     for j in 0..skp / 32 {
-        amx::bf16_block_2x2(dp / 32, qp, d2 * 4, ktp.add(j * 128), skp * 4, sp.add(j * 128), skp * 4);
+        amx::bf16_block_2x2(dp / 32, qp, d2 * 4, 64, ktp.add(j * 128), skp * 4, sp.add(j * 128), skp * 4);
     }
 
     softmax(job, b, h, i0, m, s.s.as_mut_slice(), skp, &mut s.inv[..m])?;
@@ -150,7 +150,7 @@ unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, o
     let vp = s.v.as_slice().as_ptr().cast::<u8>();
     let op = s.o.as_mut_slice().as_mut_ptr().cast::<u8>();
     for j in 0..dp / 32 {
-        amx::bf16_block_2x2(skp / 32, pp, sk2 * 4, vp.add(j * 128), dp * 4, op.add(j * 128), dp * 4);
+        amx::bf16_block_2x2(skp / 32, pp, sk2 * 4, 64, vp.add(j * 128), dp * 4, op.add(j * 128), dp * 4);
     }
 
     let os = s.o.as_slice();

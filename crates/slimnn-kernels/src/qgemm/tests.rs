@@ -312,9 +312,19 @@ fn weight_only_threads_and_errors() {
 
 #[test]
 fn tile_shapes_match_reference() {
-    // K a multiple of 64 (AMX reads A in place) and not, whole and partial 16- and 32-row tiles,
-    // one and several 32-column panels.
-    for (m, k, n, seed) in [(77, 128, 70, 1), (16, 64, 32, 2), (48, 384, 100, 3), (33, 192, 65, 4), (5, 100, 31, 5)] {
+    // AMX packs A (short rows, K not a multiple of 64) or reads it in place (K > 768): whole
+    // and partial 16- and 32-row tiles, one and several 32-column panels, and (400 x 768) two
+    // blocks of packed rows.
+    for (m, k, n, seed) in [
+        (77, 128, 70, 1),
+        (16, 64, 32, 2),
+        (48, 384, 100, 3),
+        (33, 192, 65, 4),
+        (5, 100, 31, 5),
+        (77, 832, 70, 6),
+        (48, 1024, 40, 7),
+        (400, 768, 40, 8),
+    ] {
         let c = case(m, k, n, seed);
         for kernel in QKernel::supported() {
             check_case(&c, kernel, Par::Seq);
