@@ -65,8 +65,17 @@ fn runtime_matches_reference_on_efficientnet_lite0() {
             "{:#?}",
             summary.kernels
         );
-        let convs: usize = summary.kernels.iter().filter(|(k, _)| k.starts_with("conv")).map(|(_, n)| n).sum();
+        // A fused pointwise + depthwise step ("conv1x1..>conv_depthwise..") runs two convs.
+        let convs: usize = summary
+            .kernels
+            .iter()
+            .filter(|(k, _)| k.starts_with("conv"))
+            .map(|(k, n)| n * (1 + k.matches(">conv").count()))
+            .sum();
         assert_eq!(convs, 49, "{:#?}", summary.kernels);
+        // The first block's 4.8 MB expansion runs fused with its depthwise conv.
+        let fused: usize = summary.kernels.iter().filter(|(k, _)| k.contains(">conv_depthwise")).map(|(_, n)| n).sum();
+        assert_eq!(fused, 1, "{:#?}", summary.kernels);
     }
 }
 

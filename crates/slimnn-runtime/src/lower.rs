@@ -283,9 +283,44 @@ fn match_conv(c: &Ctx, id: NodeId) -> Result<Option<Group>> {
     let (activation, residual) = fuse_tail(c, y, &mut members, &mut inputs, &mut notes);
     kernel.activation = activation;
     kernel.residual = residual;
+    let end = out0(*members.last().expect("the conv is a member"));
+    if let Some((dw, dw_members)) = match_fused_depthwise(c, end, &kernel)? {
+        kernel.then = Some(Arc::new(dw));
+        members.extend(dw_members);
+    }
     let kernel = Kernel::Conv(Arc::new(kernel));
     let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
     Ok(Some(Group { fusion, members, kernel, inputs, output_shape: None }))
+}
+
+/// A depthwise convolution (and its activation) that is the sole reader of pointwise
+/// convolution `pw`'s output `end`, when the two can run fused and the output is large enough
+/// for it to pay (`ConvKernel::fuses_with`, `ConvKernel::fusing_pays`).
+fn match_fused_depthwise(c: &Ctx, end: OutletId, pw: &ConvKernel) -> Result<Option<(ConvKernel, Vec<NodeId>)>> {
+    let Some(r) = c.sole_reader(end) else { return Ok(None) };
+    let node = c.g.node(r);
+    let Op::Conv(Conv { attrs }) = &node.op else { return Ok(None) };
+    let Some(wt) = node.inputs.get(1).and_then(|&w| c.konst(w)) else { return Ok(None) };
+    let bias = match node.inputs.get(2) {
+        None => None,
+        Some(&b) => match c.konst(b) {
+            Some(t) if t.dtype() == DType::F32 => Some(t.as_slice::<f32>()?),
+            _ => return Ok(None),
+        },
+    };
+    let y = out0(r);
+    let (Some(xs), Some(ys)) = (c.shape(end), c.shape(y)) else { return Ok(None) };
+    if node.inputs[0] != end || !c.is_f32(y) || wt.dtype() != DType::F32 || xs.first() != ys.first() {
+        return Ok(None);
+    }
+    let Some(mut dw) = ConvKernel::prepare(attrs, &xs, wt.shape(), wt.as_slice::<f32>()?, bias, &ys) else {
+        return Ok(None);
+    };
+    let (mut members, mut inputs, mut notes) = (vec![r], vec![], vec![]);
+    let (activation, residual) = fuse_tail(c, y, &mut members, &mut inputs, &mut notes);
+    dw.activation = activation;
+    dw.residual = residual;
+    Ok((pw.fuses_with(&dw) && pw.fusing_pays()).then_some((dw, members)))
 }
 
 /// Multi-head attention from its exported pattern, anchored at the Softmax:
