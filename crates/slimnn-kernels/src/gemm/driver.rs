@@ -185,7 +185,10 @@ fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
 /// and runs them.
 fn run_tasks<T: TileKernel>(job: &Job, par: Par<'_>) {
     let flops = 2usize.saturating_mul(job.m).saturating_mul(job.n).saturating_mul(job.k.max(1));
-    let threads = par.threads().min(flops / MIN_FLOPS_PER_TASK).max(1);
+    // With few rows, streaming B is the work (a classifier's 1280 x 1000 weights at batch 1:
+    // 2.6 Mflop, 5 MB): a byte of B costs about what 4 flops do.
+    let work = flops.max(16usize.saturating_mul(job.k).saturating_mul(job.n));
+    let threads = par.threads().min(work / MIN_FLOPS_PER_TASK).max(1);
     let row_tiles = job.m.div_ceil(T::MR);
     let panels = job.n.div_ceil(T::NR);
     // Tasks that pack their own blocks of an unpacked B should not pack the same ones.
