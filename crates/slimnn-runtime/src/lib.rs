@@ -149,7 +149,8 @@ pub struct Runnable {
     /// turns it off.
     split_batches: bool,
     /// Per input shapes: run sample by sample?
-    splits: Mutex<HashMap<Vec<Vec<usize>>, bool>>,
+    /// Per input shapes: the samples per run when the batch is split, or `None`.
+    splits: Mutex<HashMap<Vec<Vec<usize>>, Option<usize>>>,
 }
 
 /// Plans by input shapes, least recently used evicted beyond [`PlanCache::CAPACITY`]: a server
@@ -293,8 +294,8 @@ impl Runnable {
         self.plans.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// The batch size when inputs of these shapes run sample by sample ([`samples`]).
-    fn sample_split(&self, shapes: &[Vec<usize>]) -> Result<Option<usize>> {
+    /// `(batch, samples per run)` when inputs of these shapes run sample by sample ([`samples`]).
+    fn sample_split(&self, shapes: &[Vec<usize>]) -> Result<Option<(usize, usize)>> {
         let n = shapes.first().and_then(|s| s.first()).copied().unwrap_or(0);
         if !self.split_batches || n < 2 || shapes.iter().any(|s| s.first() != Some(&n)) {
             return Ok(None);
@@ -305,16 +306,18 @@ impl Runnable {
             return Ok(None);
         }
         if let Some(&split) = self.splits.lock().unwrap_or_else(|e| e.into_inner()).get(shapes) {
-            return Ok(split.then_some(n));
+            return Ok(split.map(|s| (n, s)));
         }
         let one: Vec<Vec<usize>> = shapes.iter().map(|s| [&[1], &s[1..]].concat()).collect();
-        let split = samples::splittable(&self.graph.specialized(shapes)?, &self.graph.specialized(&one)?, n);
+        let one = self.graph.specialized(&one)?;
+        let split =
+            samples::splittable(&self.graph.specialized(shapes)?, &one, n).then(|| samples::samples_per_run(&one));
         let mut splits = self.splits.lock().unwrap_or_else(|e| e.into_inner());
         if splits.len() >= PlanCache::CAPACITY {
             splits.clear();
         }
         splits.insert(shapes.to_vec(), split);
-        Ok(split.then_some(n))
+        Ok(split.map(|s| (n, s)))
     }
 
     /// Whether a run on inputs of these shapes goes sample by sample (a batch of a CNN whose
@@ -323,34 +326,49 @@ impl Runnable {
         Ok(self.sample_split(shapes)?.is_some())
     }
 
-    /// Runs `n` samples one at a time, in contiguous groups, one group per thread.
-    fn run_samples(&self, state: &mut State, bound: Vec<Tensor>, n: usize) -> Result<Vec<Tensor>> {
+    /// Runs `n` samples in contiguous groups, one group per thread, each group in runs of at
+    /// most `per_run` samples.
+    fn run_samples(&self, state: &mut State, bound: Vec<Tensor>, n: usize, per_run: usize) -> Result<Vec<Tensor>> {
         use rayon::prelude::*;
-        let one: Vec<Vec<usize>> = bound
-            .iter()
-            .map(|t| {
-                let mut s = t.shape().to_vec();
-                s[0] = 1;
-                s
-            })
-            .collect();
-        let plan = self.plan_for(&one)?;
-        let mut per_sample: Vec<Vec<Tensor>> = (0..n).map(|_| Vec::with_capacity(bound.len())).collect();
+        let groups = self.threads.min(n);
+        let per_group = n.div_ceil(groups);
+        // Each group's samples in runs of nearly equal sizes.
+        let mut runs_of: Vec<Vec<usize>> = Vec::with_capacity(groups);
+        for g in (0..n).step_by(per_group) {
+            let size = per_group.min(n - g);
+            let runs = size.div_ceil(per_run.max(1));
+            runs_of.push((0..runs).map(|r| (r + 1) * size / runs - r * size / runs).collect());
+        }
+        let sizes: Vec<usize> = runs_of.iter().flatten().copied().collect();
+        let mut per_run_inputs: Vec<Vec<Tensor>> = sizes.iter().map(|_| Vec::with_capacity(bound.len())).collect();
         for t in &bound {
-            for (inputs, part) in per_sample.iter_mut().zip(samples::split(t, n)?) {
+            for (inputs, part) in per_run_inputs.iter_mut().zip(samples::split(t, &sizes)?) {
                 inputs.push(part);
             }
         }
-        let groups = self.threads.min(n);
-        let per_group = n.div_ceil(groups);
-        let work: Vec<(&mut State, &mut [Vec<Tensor>])> =
-            state.shards(groups).iter_mut().zip(per_sample.chunks_mut(per_group)).collect();
-        let run_group = |(st, inputs): (&mut State, &mut [Vec<Tensor>])| -> Result<Vec<Vec<Tensor>>> {
-            inputs.iter_mut().map(|i| exec::execute(&plan, st, std::mem::take(i), false)).collect()
+        let mut plans = Vec::with_capacity(sizes.len());
+        for &size in &sizes {
+            let shapes: Vec<Vec<usize>> = bound.iter().map(|t| [&[size], &t.shape()[1..]].concat()).collect();
+            plans.push(self.plan_for(&shapes)?);
+        }
+        // Per group: its state, its runs' inputs and their plans.
+        type Group<'a> = (&'a mut State, &'a mut [Vec<Tensor>], &'a [Arc<plan::Plan>]);
+        let mut work: Vec<Group> = Vec::with_capacity(groups);
+        let (mut inputs_rest, mut plans_rest) = (per_run_inputs.as_mut_slice(), plans.as_slice());
+        for (st, runs) in state.shards(runs_of.len()).iter_mut().zip(&runs_of) {
+            let (inputs, rest) = inputs_rest.split_at_mut(runs.len());
+            let (group_plans, prest) = plans_rest.split_at(runs.len());
+            work.push((st, inputs, group_plans));
+            (inputs_rest, plans_rest) = (rest, prest);
+        }
+        let run_group = |(st, inputs, plans): Group| {
+            inputs.iter_mut().zip(plans).map(|(i, p)| exec::execute(p, st, std::mem::take(i), false)).collect()
         };
         let outs: Vec<Vec<Vec<Tensor>>> = match &self.pool {
-            Some(pool) if groups > 1 => pool.install(|| work.into_par_iter().map(run_group).collect::<Result<_>>())?,
-            _ => work.into_iter().map(run_group).collect::<Result<_>>()?,
+            Some(pool) if groups > 1 => {
+                pool.install(|| work.into_par_iter().map(run_group).collect::<Result<Vec<Vec<Vec<Tensor>>>>>())?
+            }
+            _ => work.into_iter().map(run_group).collect::<Result<Vec<Vec<Vec<Tensor>>>>>()?,
         };
         let mut results = outs.into_iter().flatten();
         let Some(first) = results.next() else { return Ok(vec![]) };
@@ -367,8 +385,8 @@ impl Runnable {
     pub fn run(&self, state: &mut State, inputs: Vec<(String, Tensor)>) -> Result<Vec<Tensor>> {
         let bound = self.graph.bind_inputs(inputs)?;
         let shapes: Vec<Vec<usize>> = bound.iter().map(|t| t.shape().to_vec()).collect();
-        if let Some(n) = self.sample_split(&shapes)? {
-            return self.run_samples(state, bound, n);
+        if let Some((n, per_run)) = self.sample_split(&shapes)? {
+            return self.run_samples(state, bound, n, per_run);
         }
         let plan = self.plan_for(&shapes)?;
         match &self.pool {
