@@ -259,6 +259,26 @@ fn fuse_tail(
 
 /// `act(Conv(x, W, b)) + residual` for f32 NCHW 2-d convolutions with constant weights.
 fn match_conv(c: &Ctx, id: NodeId) -> Result<Option<Group>> {
+    let Some(mut kernel) = prepare_conv(c, id)? else { return Ok(None) };
+    let mut members = vec![id];
+    let mut inputs = vec![c.g.node(id).inputs[0]];
+    let mut notes = vec![];
+    let (activation, residual) = fuse_tail(c, out0(id), &mut members, &mut inputs, &mut notes);
+    kernel.activation = activation;
+    kernel.residual = residual;
+    let end = out0(*members.last().expect("the conv is a member"));
+    if let Some((dw, dw_members)) = match_fused_depthwise(c, end, &kernel)? {
+        kernel.then = Some(Arc::new(dw));
+        members.extend(dw_members);
+    }
+    let kernel = Kernel::Conv(Arc::new(kernel));
+    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
+    Ok(Some(Group { fusion, members, kernel, inputs, output_shape: None }))
+}
+
+/// The kernel of Conv node `id` when it is an f32 NCHW 2-d convolution with constant weights
+/// (and bias) that `ConvKernel` runs.
+fn prepare_conv(c: &Ctx, id: NodeId) -> Result<Option<ConvKernel>> {
     let node = c.g.node(id);
     let Op::Conv(Conv { attrs }) = &node.op else { return Ok(None) };
     let (x, y) = (node.inputs[0], out0(id));
@@ -274,23 +294,7 @@ fn match_conv(c: &Ctx, id: NodeId) -> Result<Option<Group>> {
     if !c.is_f32(x) || !c.is_f32(y) || wt.dtype() != DType::F32 {
         return Ok(None);
     }
-    let Some(mut kernel) = ConvKernel::prepare(attrs, &xs, wt.shape(), wt.as_slice::<f32>()?, bias, &ys) else {
-        return Ok(None);
-    };
-    let mut members = vec![id];
-    let mut inputs = vec![x];
-    let mut notes = vec![];
-    let (activation, residual) = fuse_tail(c, y, &mut members, &mut inputs, &mut notes);
-    kernel.activation = activation;
-    kernel.residual = residual;
-    let end = out0(*members.last().expect("the conv is a member"));
-    if let Some((dw, dw_members)) = match_fused_depthwise(c, end, &kernel)? {
-        kernel.then = Some(Arc::new(dw));
-        members.extend(dw_members);
-    }
-    let kernel = Kernel::Conv(Arc::new(kernel));
-    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: notes.join("; ") };
-    Ok(Some(Group { fusion, members, kernel, inputs, output_shape: None }))
+    Ok(ConvKernel::prepare(attrs, &xs, wt.shape(), wt.as_slice::<f32>()?, bias, &ys))
 }
 
 /// A depthwise convolution (and its activation) that is the sole reader of pointwise
@@ -298,26 +302,12 @@ fn match_conv(c: &Ctx, id: NodeId) -> Result<Option<Group>> {
 /// for it to pay (`ConvKernel::fuses_with`, `ConvKernel::fusing_pays`).
 fn match_fused_depthwise(c: &Ctx, end: OutletId, pw: &ConvKernel) -> Result<Option<(ConvKernel, Vec<NodeId>)>> {
     let Some(r) = c.sole_reader(end) else { return Ok(None) };
-    let node = c.g.node(r);
-    let Op::Conv(Conv { attrs }) = &node.op else { return Ok(None) };
-    let Some(wt) = node.inputs.get(1).and_then(|&w| c.konst(w)) else { return Ok(None) };
-    let bias = match node.inputs.get(2) {
-        None => None,
-        Some(&b) => match c.konst(b) {
-            Some(t) if t.dtype() == DType::F32 => Some(t.as_slice::<f32>()?),
-            _ => return Ok(None),
-        },
-    };
-    let y = out0(r);
-    let (Some(xs), Some(ys)) = (c.shape(end), c.shape(y)) else { return Ok(None) };
-    if node.inputs[0] != end || !c.is_f32(y) || wt.dtype() != DType::F32 || xs.first() != ys.first() {
+    if c.g.node(r).inputs.first() != Some(&end) {
         return Ok(None);
     }
-    let Some(mut dw) = ConvKernel::prepare(attrs, &xs, wt.shape(), wt.as_slice::<f32>()?, bias, &ys) else {
-        return Ok(None);
-    };
+    let Some(mut dw) = prepare_conv(c, r)? else { return Ok(None) };
     let (mut members, mut inputs, mut notes) = (vec![r], vec![], vec![]);
-    let (activation, residual) = fuse_tail(c, y, &mut members, &mut inputs, &mut notes);
+    let (activation, residual) = fuse_tail(c, out0(r), &mut members, &mut inputs, &mut notes);
     dw.activation = activation;
     dw.residual = residual;
     Ok((pw.fuses_with(&dw) && pw.fusing_pays()).then_some((dw, members)))

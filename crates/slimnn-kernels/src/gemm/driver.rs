@@ -34,29 +34,39 @@ struct Job {
     store_only: bool,
 }
 
+/// Where a job's tiles read B.
+enum BSource<'a> {
+    Packed(&'a PackedB),
+    /// Row-major `k x n` at row stride `ldb`, packed block by block as it is used.
+    Rows(&'a [f32], usize),
+}
+
 impl Job {
-    /// A GEMM over `k` rows of B's slots (f32 values, or bf16 pairs with `a` converted to match).
-    #[allow(clippy::too_many_arguments)]
+    /// A GEMM over `k` rows of B (f32 values, or bf16 pair slots of a packed B with `a` converted
+    /// to match).
     fn new(
-        m: usize,
-        k: usize,
+        (m, k, n): (usize, usize, usize),
         a: *const f32,
         lda: usize,
-        b: &PackedB,
+        b: BSource<'_>,
         c: &mut [f32],
         ldc: usize,
         ep: &Epilogue<'_>,
     ) -> Job {
+        let (bp, panel_stride, raw_b, ldb) = match b {
+            BSource::Packed(p) => (p.data().as_ptr(), p.panel_stride(), std::ptr::null(), 0),
+            BSource::Rows(rows, ldb) => (std::ptr::null(), 0, rows.as_ptr(), ldb),
+        };
         Job {
             m,
             k,
-            n: b.n(),
+            n,
             a,
             lda,
-            b: b.data().as_ptr(),
-            panel_stride: b.panel_stride(),
-            raw_b: std::ptr::null(),
-            ldb: 0,
+            b: bp,
+            panel_stride,
+            raw_b,
+            ldb,
             c: c.as_mut_ptr(),
             ldc,
             bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
@@ -94,13 +104,18 @@ pub(super) fn run(
     if b.is_bf16() && k > 0 {
         return run_bf16(m, a, lda, b, c, ldc, ep, par);
     }
-    let job = Job::new(m, k, a.as_ptr(), lda, b, c, ldc, ep);
-    match b.tier() {
+    let job = Job::new((m, k, n), a.as_ptr(), lda, BSource::Packed(b), c, ldc, ep);
+    run_f32(b.tier(), &job, par);
+}
+
+/// Runs an f32 job on `tier`'s kernels.
+fn run_f32(tier: crate::CpuTier, job: &Job, par: Par<'_>) {
+    match tier {
         #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<super::kernels::Avx512>(&job, par),
+        crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<super::kernels::Avx512>(job, par),
         #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(&job, par),
-        _ => run_tasks::<Generic>(&job, par),
+        crate::CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(job, par),
+        _ => run_tasks::<Generic>(job, par),
     }
 }
 
@@ -122,33 +137,8 @@ pub(super) fn run_unpacked(
     if m == 0 || n == 0 {
         return;
     }
-    let job = Job {
-        m,
-        k,
-        n,
-        a: a.as_ptr(),
-        lda,
-        b: std::ptr::null(),
-        panel_stride: 0,
-        raw_b: b.as_ptr(),
-        ldb,
-        c: c.as_mut_ptr(),
-        ldc,
-        bias: ep.bias.map_or(std::ptr::null(), |s| s.as_ptr()),
-        row_bias: ep.row_bias.map_or(std::ptr::null(), |s| s.as_ptr()),
-        act: ep.activation,
-        res: ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
-        res_ld: ep.residual.map_or(0, |r| r.ld),
-        accumulate: ep.accumulate,
-        store_only: ep.is_store_only(),
-    };
-    match tier {
-        #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Avx512 | crate::CpuTier::Amx => run_tasks::<super::kernels::Avx512>(&job, par),
-        #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Avx2 => run_tasks::<super::kernels::Avx2>(&job, par),
-        _ => run_tasks::<Generic>(&job, par),
-    }
+    let job = Job::new((m, k, n), a.as_ptr(), lda, BSource::Rows(b, ldb), c, ldc, ep);
+    run_f32(tier, &job, par);
 }
 
 thread_local! {
@@ -166,7 +156,7 @@ fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
     let mut pairs = SCRATCH_A.with(Cell::take).unwrap_or_default();
     pairs.resize(m * k2);
     bf16::convert_a(m, k, a, lda, pairs.as_mut_slice(), b.tier(), par);
-    let job = Job::new(m, k2, pairs.as_slice().as_ptr(), k2, b, c, ldc, ep);
+    let job = Job::new((m, k2, b.n()), pairs.as_slice().as_ptr(), k2, BSource::Packed(b), c, ldc, ep);
     match b.tier() {
         #[cfg(target_arch = "x86_64")]
         crate::CpuTier::Amx => run_tasks::<bf16::AmxBf16>(&job, par),
