@@ -12,7 +12,7 @@
 
 #![allow(clippy::too_many_arguments)] // kernel signatures: raw pointers and strides, kept flat for speed
 
-use super::kernels::{epilogue_body, TileEpilogue, TileKernel};
+use super::kernels::{epilogue_body, Prefetch, TileEpilogue, TileKernel};
 use super::Par;
 use crate::cpu::{self, CpuTier};
 use rayon::prelude::*;
@@ -128,7 +128,7 @@ impl<const MR: usize, const NR: usize> TileKernel for ScalarBf16<MR, NR> {
         c: *mut f32,
         ldc: usize,
         load_c: bool,
-        _pf: *const f32,
+        _pf: Prefetch,
         ep: *const TileEpilogue,
     ) {
         let half = |slot: f32, hi: bool| bf16_to_f32((slot.to_bits() >> if hi { 16 } else { 0 }) as u16);
@@ -242,13 +242,13 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         load_c: bool,
-        pf: *const f32,
+        pf: Prefetch,
         ep: *const TileEpilogue,
     ) {
         prefetch_tile::<__m512, MR, NV>(c, ldc, ep);
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        let (mut ap, mut bp, mut pf) = (a.cast::<i32>(), b, pf);
-        for _ in 0..kc {
+        let (mut ap, mut bp) = (a.cast::<i32>(), b);
+        for p in 0..kc {
             let mut bv = [_mm512_setzero_ps(); NV];
             for (j, v) in bv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(bp.add(j * 16));
@@ -261,8 +261,9 @@ mod x86 {
             }
             ap = ap.add(1);
             bp = bp.add(Avx512::NR);
-            __m512::prefetch_l2(pf);
-            pf = pf.wrapping_add(16);
+            if p < pf.lines {
+                __m512::prefetch_l2(pf.at.wrapping_add(16 * p));
+            }
         }
         store_tile(&acc, c, ldc, load_c, ep);
     }
@@ -285,7 +286,7 @@ mod x86 {
             c: *mut f32,
             ldc: usize,
             load_c: bool,
-            pf: *const f32,
+            pf: Prefetch,
             ep: *const TileEpilogue,
         ) {
             tile_dispatch!(
@@ -330,13 +331,13 @@ mod x86 {
         c: *mut f32,
         ldc: usize,
         load_c: bool,
-        pf: *const f32,
+        pf: Prefetch,
         ep: *const TileEpilogue,
     ) {
         const NR: usize = 48;
         const LDB: usize = NR * 4;
-        for l in 0..kc {
-            _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(l * 16) as *const i8);
+        for l in 0..pf.lines {
+            _mm_prefetch::<_MM_HINT_T1>(pf.at.wrapping_add(l * 16) as *const i8);
         }
         let two = mr > 16;
         let rows = if two { 32 } else { 16 };
@@ -421,7 +422,7 @@ mod x86 {
             c: *mut f32,
             ldc: usize,
             load_c: bool,
-            pf: *const f32,
+            pf: Prefetch,
             ep: *const TileEpilogue,
         ) {
             const { assert!(Avx512::NR == 48 && Avx512::LANES == 16) };

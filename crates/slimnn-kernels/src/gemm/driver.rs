@@ -1,6 +1,6 @@
 //! Cache blocking, edge tiles and the split over threads.
 
-use super::kernels::{Generic, TileEpilogue, TileKernel};
+use super::kernels::{Generic, Prefetch, TileEpilogue, TileKernel};
 use super::pack::AlignedVec;
 use super::{bf16, Epilogue, PackedB, Par};
 use std::cell::Cell;
@@ -273,25 +273,34 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                     } else {
                         job.b.add(jr * job.panel_stride + pc * T::NR)
                     };
-                    // The B block used after this one, pulled into L2 by the first tiles.
-                    let next = if unpacked {
-                        bp
+                    // The B block used after this one (and its depth), pulled into L2 by the
+                    // tiles that use this one.
+                    let (next, next_kc) = if unpacked {
+                        (bp, 0)
                     } else if jr + 1 < jc_end {
-                        job.b.add((jr + 1) * job.panel_stride + pc * T::NR)
+                        (job.b.add((jr + 1) * job.panel_stride + pc * T::NR), kc)
                     } else if pc + kc < job.k {
-                        job.b.add(jc * job.panel_stride + (pc + kc) * T::NR)
+                        (job.b.add(jc * job.panel_stride + (pc + kc) * T::NR), T::KC.min(job.k - pc - kc))
                     } else if jc_end < panels.end {
-                        job.b.add(jc_end * job.panel_stride)
+                        (job.b.add(jc_end * job.panel_stride), T::KC.min(job.k))
                     } else {
-                        bp
+                        (bp, 0)
                     };
+                    let next_lines = next_kc * T::NR / 16;
+                    let per_tile = lines_per_tile(next_lines, (ic_end - ic).div_ceil(T::MR), kc);
                     let mut ir = ic;
-                    let mut tile_no = 0;
+                    let mut first_line = 0;
                     while ir < ic_end {
                         let mr = T::MR.min(ic_end - ir);
-                        // Each tile prefetches kc lines; NR/16 tiles cover a kc x NR block.
-                        let pf = if tile_no < T::NR.div_ceil(16) { next.wrapping_add(tile_no * kc * 16) } else { bp };
-                        tile_no += 1;
+                        let pf = if first_line < next_lines {
+                            Prefetch {
+                                at: next.wrapping_add(first_line * 16),
+                                lines: per_tile.min(next_lines - first_line),
+                            }
+                        } else {
+                            Prefetch { at: bp, lines: 0 }
+                        };
+                        first_line += per_tile;
                         let ap = job.a.add(ir * job.lda + pc);
                         let cp = job.c.add(ir * job.ldc + col0);
                         // Edge panels compute only the vectors that hold valid columns.
@@ -336,6 +345,12 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
     }
 }
 
+/// How many lines of the next B block each of `tiles` tiles of depth `kc` prefetches: all of
+/// them spread evenly, but at least one per four k steps (fewer tiles then cover the block).
+fn lines_per_tile(lines: usize, tiles: usize, kc: usize) -> usize {
+    lines.div_ceil(tiles.max(1)).max(kc.div_ceil(4))
+}
+
 /// Packs rows `pc..pc + kc`, columns `col0..col0 + cols` of the job's unpacked B into `dst`
 /// as one panel block (`kc` rows of `nr` values, zero past `cols`).
 ///
@@ -378,7 +393,25 @@ unsafe fn empty_k<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<us
 
 #[cfg(test)]
 mod tests {
-    use super::{grid, Ties};
+    use super::{grid, lines_per_tile, Ties};
+    use crate::gemm::kernels::Prefetch;
+
+    #[test]
+    fn the_next_block_is_prefetched_whole_and_spread_thin() {
+        // (lines of the block, tiles, kc): MiniLM's 384 x 48 blocks at 16, 4 and 1 row tiles,
+        // a short last K block and an odd depth.
+        for (lines, tiles, kc) in [(1152, 16, 384), (1152, 4, 384), (1152, 1, 384), (96, 16, 32), (1149, 7, 383)] {
+            let per = lines_per_tile(lines, tiles, kc);
+            // The tiles the driver lets prefetch (those whose first line is in the block)
+            // cover every line where the kernels' densest rate (4 per 4 steps) allows.
+            let covered: usize = (0..tiles).map(|t| per.min(kc).min(lines.saturating_sub(t * per))).sum();
+            assert_eq!(covered, lines.min(tiles * kc), "{lines} lines over {tiles} tiles of depth {kc}");
+            let density = Prefetch { at: std::ptr::null(), lines: per }.per_four_steps(kc);
+            assert!(density * kc.div_ceil(4) >= per.min(kc), "{per} lines at {density} per four of {kc} steps");
+        }
+        // Sixteen tiles of 384 steps need only one line per four steps for 1152 lines.
+        assert_eq!(Prefetch { at: std::ptr::null(), lines: lines_per_tile(1152, 16, 384) }.per_four_steps(384), 1);
+    }
 
     #[test]
     fn grid_balances_tasks_and_follows_the_tie_rule() {
