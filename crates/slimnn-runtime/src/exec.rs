@@ -49,12 +49,14 @@ impl State {
     /// Starts timing every step, summed per kernel kind (see [`State::profile`]).
     pub fn enable_profile(&mut self) {
         self.profile = Some(Default::default());
+        self.shards.iter_mut().for_each(State::enable_profile);
     }
 
     /// Starts timing every step on its own, keyed `"<node> <kernel kind>"`.
     pub fn enable_step_profile(&mut self) {
         self.profile = Some(Default::default());
         self.profile_steps = true;
+        self.shards.iter_mut().for_each(State::enable_step_profile);
     }
 
     /// Time and call count per kernel kind (or step) since profiling was enabled, slowest first

@@ -108,6 +108,29 @@ fn cnn_batches_run_sample_by_sample_and_match_the_reference() {
 }
 
 #[test]
+fn profiling_a_state_that_already_split_counts_every_sample() {
+    let g = cnn(None);
+    let x = vec![("x".to_string(), Tensor::from_vec(vec![3, 3, 33, 31], values(3 * 3 * 33 * 31, 5)).unwrap())];
+    let rt = Runnable::new(g, RuntimeConfig::with_threads(2)).unwrap();
+    let calls = |st: &slimnn_runtime::State| st.profile().into_iter().map(|(k, _, n)| (k, n)).collect::<Vec<_>>();
+    // Profiled from the start: the per-sample states are made profiling.
+    let mut fresh = rt.new_state();
+    fresh.enable_profile();
+    rt.run(&mut fresh, x.clone()).unwrap();
+    // Profiled after a first run has made them: they must start profiling too.
+    let mut st = rt.new_state();
+    rt.run(&mut st, x.clone()).unwrap();
+    st.enable_profile();
+    rt.run(&mut st, x).unwrap();
+    assert!(calls(&st).iter().any(|(k, _)| k.starts_with("conv")), "{:?}", calls(&st));
+    let mut want = calls(&fresh);
+    let mut got = calls(&st);
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+}
+
+#[test]
 fn graphs_that_mix_samples_keep_the_batch_whole() {
     check(&cnn(Some("per-sample constant")), 4, false);
     check(&cnn(Some("batch mean")), 4, false);
