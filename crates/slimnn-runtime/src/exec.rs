@@ -1,4 +1,4 @@
-//! Executing a plan: values in slots, f32 buffers recycled through the caller's [`State`].
+//! Executing a plan: values in slots, f32 and byte buffers recycled through the caller's [`State`].
 
 use crate::fast::{self, AttnDims, Rows};
 use crate::plan::{Kernel, Plan, Step};
@@ -26,16 +26,65 @@ impl Value {
     }
 }
 
-/// One caller's working memory: value slots and a pool of f32 buffers reused across steps and
-/// runs, so a steady stream of same-shaped runs stops allocating activations.
-#[derive(Default)]
-pub struct State {
-    values: Vec<Option<Value>>,
+/// Free buffers of one element type, reused across steps and runs.
+struct Pool<T> {
     /// Free buffers, each initialised up to its capacity and at that length.
-    pool: Vec<Vec<f32>>,
+    free: Vec<Vec<T>>,
     /// (data pointer, capacity) of the pool's buffers now held by values: they come back
     /// still initialised to their capacity, so they regain full length without a fill.
     lent: Vec<(usize, usize)>,
+}
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool { free: Vec::new(), lent: Vec::new() }
+    }
+}
+
+impl<T: Copy + Default> Pool<T> {
+    /// A buffer of `len` values: the smallest free one that holds them, else a new one.
+    fn take(&mut self, len: usize) -> Vec<T> {
+        let best =
+            (0..self.free.len()).filter(|&i| self.free[i].capacity() >= len).min_by_key(|&i| self.free[i].capacity());
+        let mut v = match best {
+            Some(i) => self.free.swap_remove(i),
+            None => vec![T::default(); len],
+        };
+        // Every fast kernel overwrites its whole output, so a reused buffer keeps its stale
+        // contents instead of being zero-filled again.
+        v.truncate(len);
+        self.lent.push((v.as_ptr() as usize, v.capacity()));
+        v
+    }
+
+    fn give_back(&mut self, mut buf: Vec<T>) {
+        let id = (buf.as_ptr() as usize, buf.capacity());
+        if let Some(i) = self.lent.iter().position(|&l| l == id) {
+            self.lent.swap_remove(i);
+            // SAFETY: `take` lent this allocation (same pointer and capacity) initialised to
+            // its full capacity; truncation leaves the values in place (`T: Copy` has no drop),
+            // so all `capacity` values are still initialised.
+            unsafe { buf.set_len(buf.capacity()) };
+        } else {
+            // Made elsewhere: fill its spare capacity once.
+            buf.resize(buf.capacity(), T::default());
+        }
+        self.free.push(buf);
+    }
+
+    fn bytes(&self) -> usize {
+        self.free.iter().map(|v| v.capacity() * std::mem::size_of::<T>()).sum()
+    }
+}
+
+/// One caller's working memory: value slots and pools of f32 and byte buffers reused across
+/// steps and runs, so a steady stream of same-shaped runs stops allocating activations.
+#[derive(Default)]
+pub struct State {
+    values: Vec<Option<Value>>,
+    pool: Pool<f32>,
+    /// 8-bit activations (u8, and i8 as their bit patterns).
+    bytes: Pool<u8>,
     live_bytes: usize,
     peak_bytes: usize,
     profile: Option<std::collections::BTreeMap<String, (std::time::Duration, usize)>>,
@@ -75,7 +124,7 @@ impl State {
         v
     }
 
-    /// Most bytes of activations (f32 buffers from the pool) alive at once so far (per-sample
+    /// Most bytes of activations (f32 and byte buffers from the pools) alive at once so far (per-sample
     /// groups run at once, so theirs add up).
     pub fn peak_activation_bytes(&self) -> usize {
         self.peak_bytes.max(self.shards.iter().map(|s| s.peak_bytes).sum())
@@ -84,7 +133,7 @@ impl State {
     /// Bytes held by the pool and live values (what this state keeps between runs).
     pub fn retained_bytes(&self) -> usize {
         let shards: usize = self.shards.iter().map(State::retained_bytes).sum();
-        self.pool.iter().map(|v| v.capacity() * 4).sum::<usize>() + self.live_bytes + shards
+        self.pool.bytes() + self.bytes.bytes() + self.live_bytes + shards
     }
 
     /// `n` states for groups of samples, profiling as this one does.
@@ -112,42 +161,48 @@ impl State {
     }
 
     fn take(&mut self, len: usize) -> Vec<f32> {
-        // Best fit: the smallest pooled buffer that holds `len`.
-        let best =
-            (0..self.pool.len()).filter(|&i| self.pool[i].capacity() >= len).min_by_key(|&i| self.pool[i].capacity());
-        let mut v = match best {
-            Some(i) => self.pool.swap_remove(i),
-            None => vec![0.0; len],
-        };
-        // Every fast kernel overwrites its whole output, so a reused buffer keeps its stale
-        // contents instead of being zero-filled again.
-        v.truncate(len);
-        self.lent.push((v.as_ptr() as usize, v.capacity()));
-        self.live_bytes += v.capacity() * 4;
-        self.peak_bytes = self.peak_bytes.max(self.live_bytes);
+        let v = self.pool.take(len);
+        self.lend(v.capacity() * 4);
         v
     }
 
+    /// A pooled buffer for `len` 8-bit values.
+    fn take_bytes(&mut self, len: usize) -> Vec<u8> {
+        let v = self.bytes.take(len);
+        self.lend(v.capacity());
+        v
+    }
+
+    fn lend(&mut self, bytes: usize) {
+        self.live_bytes += bytes;
+        self.peak_bytes = self.peak_bytes.max(self.live_bytes);
+    }
+
     fn release(&mut self, v: Value) {
-        if let Value::Pooled(t) = v {
-            if t.dtype() == DType::F32 {
-                if let Ok(mut buf) = t.into_vec::<f32>() {
-                    let id = (buf.as_ptr() as usize, buf.capacity());
-                    if let Some(i) = self.lent.iter().position(|&l| l == id) {
-                        self.lent.swap_remove(i);
-                        // SAFETY: `take` lent this allocation (same pointer and capacity)
-                        // initialised to its full capacity; truncation leaves f32 values in
-                        // place, so all `capacity` values are still initialised.
-                        unsafe { buf.set_len(buf.capacity()) };
-                    } else {
-                        // Made elsewhere: fill its spare capacity once.
-                        buf.resize(buf.capacity(), 0.0);
-                    }
-                    self.live_bytes = self.live_bytes.saturating_sub(buf.capacity() * 4);
-                    self.pool.push(buf);
-                }
-            }
-        }
+        let Value::Pooled(t) = v else { return };
+        let freed = match t.dtype() {
+            DType::F32 => t.into_vec::<f32>().ok().map(|buf| {
+                let n = buf.capacity() * 4;
+                self.pool.give_back(buf);
+                n
+            }),
+            DType::U8 => t.into_vec::<u8>().ok().map(|buf| {
+                let n = buf.capacity();
+                self.bytes.give_back(buf);
+                n
+            }),
+            DType::I8 => t.into_vec::<i8>().ok().map(|buf| {
+                let mut buf = std::mem::ManuallyDrop::new(buf);
+                // SAFETY: the same allocation reinterpreted: i8 and u8 have one size and
+                // alignment.
+                let buf = unsafe { Vec::from_raw_parts(buf.as_mut_ptr() as *mut u8, buf.len(), buf.capacity()) };
+                let n = buf.capacity();
+                self.bytes.give_back(buf);
+                n
+            }),
+            _ => None,
+        };
+        self.live_bytes = self.live_bytes.saturating_sub(freed.unwrap_or(0));
     }
 
     fn get(&self, slot: usize) -> Result<&Tensor> {
@@ -166,7 +221,8 @@ fn f32s(t: &Tensor) -> Result<&[f32]> {
 pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: bool) -> Result<Vec<Tensor>> {
     st.values.clear();
     // Buffers a failed run left in its values were dropped with them.
-    st.lent.clear();
+    st.pool.lent.clear();
+    st.bytes.lent.clear();
     st.values.resize_with(plan.slots, || None);
     for (&s, t) in plan.inputs.iter().zip(inputs) {
         st.values[s] = Some(Value::Owned(t));
@@ -193,13 +249,15 @@ pub(crate) fn execute(plan: &Plan, st: &mut State, inputs: Vec<Tensor>, par: boo
         });
         let outs = result?;
         st.record(step, started);
+        // How many of the step's outputs (from the first) came from the pools.
         let pooled = match &step.kernel {
-            Kernel::Ref(_) => false,
-            Kernel::Quant(q) => q.f32_output(),
-            _ => true,
+            Kernel::Ref(_) => 0,
+            Kernel::Quant(q) if q.f32_output() => usize::MAX,
+            Kernel::Quant(q) => usize::from(q.byte_output()),
+            _ => usize::MAX,
         };
-        for (&s, t) in step.outputs.iter().zip(outs) {
-            st.values[s] = Some(if pooled { Value::Pooled(t) } else { Value::Owned(t) });
+        for (i, (&s, t)) in step.outputs.iter().zip(outs).enumerate() {
+            st.values[s] = Some(if i < pooled { Value::Pooled(t) } else { Value::Owned(t) });
         }
         for &s in &step.frees {
             if let Some(v) = st.values[s].take() {
@@ -433,8 +491,9 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
         }
         Kernel::Quant(q) => {
             let out = if q.f32_output() { st.take(numel) } else { Vec::new() };
+            let bytes = if q.byte_output() { st.take_bytes(numel) } else { Vec::new() };
             let ins: Vec<&Tensor> = step.inputs.iter().map(|&s| st.get(s)).collect::<Result<_>>()?;
-            q.run(&ins, &shape, out, par)
+            q.run(&ins, &shape, out, bytes, par)
         }
         Kernel::BlockQ(k) => {
             let mut out = st.take(numel);
@@ -477,7 +536,24 @@ mod tests {
         assert_eq!(full.as_ptr(), ptr);
         assert_eq!(full[63], 63.0);
         give_back(&mut st, full);
-        assert!(st.lent.is_empty());
+        assert!(st.pool.lent.is_empty());
+    }
+
+    #[test]
+    fn byte_buffers_come_back_to_their_pool_whatever_their_sign() {
+        let mut st = State::default();
+        let v = st.take_bytes(100);
+        let ptr = v.as_ptr();
+        assert_eq!(st.peak_activation_bytes(), 100);
+        // Released as an i8 tensor (a signed output's bits), it comes back as bytes.
+        let mut v = std::mem::ManuallyDrop::new(v);
+        // SAFETY: the same allocation reinterpreted; i8 and u8 share size and alignment.
+        let signed = unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut i8, v.len(), v.capacity()) };
+        st.release(Value::Pooled(Tensor::from_vec(vec![100], signed).unwrap()));
+        assert_eq!(st.retained_bytes(), 100);
+        let again = st.take_bytes(60);
+        assert_eq!((again.as_ptr(), again.len()), (ptr, 60));
+        assert!(st.pool.free.is_empty(), "no f32 buffer was involved");
     }
 
     #[test]

@@ -151,10 +151,11 @@ pub struct QLinearConvKernel {
 }
 
 impl QLinearConvKernel {
-    fn run(&self, x: &Tensor, shape: Vec<usize>, par: bool) -> Result<Vec<Tensor>> {
+    /// `y` is the output's buffer (any contents: every value is written).
+    fn run(&self, x: &Tensor, shape: Vec<usize>, mut y: Vec<u8>, par: bool) -> Result<Vec<Tensor>> {
         let images = shape.first().copied().unwrap_or(1).max(1);
         let (in_len, out_len) = (x.len() / images, shape.iter().product::<usize>() / images);
-        let mut y = vec![0u8; images * out_len];
+        y.resize(images * out_len, 0);
         let bytes: &[u8] = match x.dtype() {
             DType::U8 => x.as_slice::<u8>()?,
             // SAFETY: i8 and u8 have the same size and alignment; the bits are reinterpreted.
@@ -444,31 +445,48 @@ impl QuantKernel {
         }
     }
 
-    /// Runs the step; `out` is a pooled buffer of the output's size when [`Self::f32_output`].
-    pub fn run(&self, ins: &[&Tensor], shape: &[usize], mut out: Vec<f32>, par: bool) -> Result<Vec<Tensor>> {
+    /// Whether the first output holds 8-bit values in a pooled buffer (see [`Self::run`]).
+    pub fn byte_output(&self) -> bool {
+        match self {
+            QuantKernel::DynamicQuantize | QuantKernel::Quantize { .. } | QuantKernel::Conv(_) => true,
+            QuantKernel::MatMul(q) => q.b_scale.is_some() && q.requantize.is_some(),
+            _ => false,
+        }
+    }
+
+    /// Runs the step; `out` is a pooled buffer of the output's size when [`Self::f32_output`],
+    /// `bytes` one when [`Self::byte_output`] (either may hold stale values: it is overwritten).
+    pub fn run(
+        &self,
+        ins: &[&Tensor],
+        shape: &[usize],
+        mut out: Vec<f32>,
+        mut bytes: Vec<u8>,
+        par: bool,
+    ) -> Result<Vec<Tensor>> {
         let shape = shape.to_vec();
         match self {
             QuantKernel::DynamicQuantize => {
                 let x = ins[0].as_slice::<f32>()?;
-                let mut q = vec![0u8; x.len()];
-                let (scale, zero) = quantize_dynamic(x, &mut q, par)?;
-                Ok(vec![Tensor::from_vec(shape, q)?, Tensor::scalar(scale), Tensor::scalar(zero)])
+                bytes.resize(x.len(), 0);
+                let (scale, zero) = quantize_dynamic(x, &mut bytes, par)?;
+                Ok(vec![Tensor::from_vec(shape, bytes)?, Tensor::scalar(scale), Tensor::scalar(zero)])
             }
             QuantKernel::Quantize { scale, zero } => {
                 let x = ins[0].as_slice::<f32>()?;
-                let mut q = vec![0u8; x.len()];
-                chunked(x, &mut q, par, |x, q| qgemm::quantize_u8(x, *scale, *zero, q))?;
-                Ok(vec![Tensor::from_vec(shape, q)?])
+                bytes.resize(x.len(), 0);
+                chunked(x, &mut bytes, par, |x, q| qgemm::quantize_u8(x, *scale, *zero, q))?;
+                Ok(vec![Tensor::from_vec(shape, bytes)?])
             }
             QuantKernel::Dequantize { scale, zero } => {
                 let q = ins[0].as_slice::<u8>()?;
                 chunked(q, &mut out, par, |q, o| qgemm::dequantize_u8(q, *scale, *zero, o))?;
                 Ok(vec![Tensor::from_vec(shape, out)?])
             }
-            QuantKernel::MatMul(mm) => mm.run(ins, shape, out, par),
+            QuantKernel::MatMul(mm) => mm.run(ins, shape, out, bytes, par),
             QuantKernel::RowQuant(rq) => rq.run(ins, shape, out, par),
             QuantKernel::GatherBlock(gb) => gb.run(ins[0], shape, out),
-            QuantKernel::Conv(k) => k.run(ins[0], shape, par),
+            QuantKernel::Conv(k) => k.run(ins[0], shape, bytes, par),
             QuantKernel::WeightOnly(w) => {
                 let a = ins[0].as_slice::<f32>()?;
                 let (k, n) = (w.packed.k(), w.packed.n());
@@ -539,7 +557,14 @@ fn scalar_of<T: Copy + slimnn_tensor::IntoData>(t: &Tensor, what: &str) -> Resul
 }
 
 impl QMatMul {
-    fn run(&self, ins: &[&Tensor], shape: Vec<usize>, mut out: Vec<f32>, par: bool) -> Result<Vec<Tensor>> {
+    fn run(
+        &self,
+        ins: &[&Tensor],
+        shape: Vec<usize>,
+        mut out: Vec<f32>,
+        mut bytes: Vec<u8>,
+        par: bool,
+    ) -> Result<Vec<Tensor>> {
         let a = ins[0].as_slice::<u8>()?;
         let (k, n) = (self.packed.k(), self.packed.n());
         let m = a.len().checked_div(k).unwrap_or_else(|| shape.iter().product::<usize>() / n.max(1));
@@ -570,9 +595,10 @@ impl QMatMul {
             ep = ep.with_residual(ins[r].as_slice::<f32>()?, n);
         }
         if let Some(zero) = self.requantize {
-            let mut c = vec![0u8; m * n];
-            qgemm::qgemm(m, a, k, &self.packed, QOutput::U8 { c: &mut c, ldc: n, scale: 1.0, zero }, &ep, gpar)?;
-            return Ok(vec![Tensor::from_vec(shape, c)?]);
+            bytes.resize(m * n, 0);
+            let c = QOutput::U8 { c: &mut bytes, ldc: n, scale: 1.0, zero };
+            qgemm::qgemm(m, a, k, &self.packed, c, &ep, gpar)?;
+            return Ok(vec![Tensor::from_vec(shape, bytes)?]);
         }
         qgemm::qgemm(m, a, k, &self.packed, QOutput::F32 { c: &mut out, ldc: n }, &ep, gpar)?;
         Ok(vec![Tensor::from_vec(shape, out)?])
@@ -1228,12 +1254,25 @@ mod tests {
     /// Runs `g` through the runtime and the reference evaluator; returns the plan's kernel names.
     fn check(g: Graph, feeds: Vec<(String, Tensor)>, tol: f64) -> Vec<String> {
         let want = g.eval(feeds.clone()).unwrap();
+        // Other inputs of the same shapes (f32 ones reversed), run first on a reused state:
+        // pooled buffers then hold stale values that every kernel must overwrite.
+        let other: Vec<(String, Tensor)> = feeds
+            .iter()
+            .map(|(n, t)| match t.as_slice::<f32>() {
+                Ok(v) => (n.clone(), Tensor::from_vec(t.shape().to_vec(), v.iter().rev().copied().collect()).unwrap()),
+                Err(_) => (n.clone(), t.clone()),
+            })
+            .collect();
         for threads in [1, 2] {
             let r = Runnable::new(g.clone(), RuntimeConfig::with_threads(threads)).unwrap();
-            let got = r.run(&mut r.new_state(), feeds.clone()).unwrap();
-            for (a, b) in got.iter().zip(&want) {
-                let d = a.max_abs_diff(b).unwrap();
-                assert!(d <= tol, "max abs diff {d} > {tol}");
+            let mut reused = r.new_state();
+            r.run(&mut reused, other.clone()).unwrap();
+            for st in [&mut r.new_state(), &mut reused] {
+                let got = r.run(st, feeds.clone()).unwrap();
+                for (a, b) in got.iter().zip(&want) {
+                    let d = a.max_abs_diff(b).unwrap();
+                    assert!(d <= tol, "max abs diff {d} > {tol}");
+                }
             }
         }
         let r = Runnable::new(g, RuntimeConfig::with_threads(1)).unwrap();
