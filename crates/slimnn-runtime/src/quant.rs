@@ -246,7 +246,7 @@ impl QLinearConvKernel {
                 crate::conv::im2col_into(g, x, self.x_zero as u8, cols, par);
                 &cols[..]
             };
-            packed.pack(w, src, n, n, signed, self.x_zero)?;
+            packed.pack_par(w, src, n, n, signed, self.x_zero, gp)?;
             qgemm::qgemm_wx(w, packed, qgemm::WxOut::Requantized { c: y, ldc: n, q }, gp)?;
             Ok(())
         })

@@ -17,6 +17,7 @@ use super::{AlignedBytes, QKernel, KERNEL};
 use crate::error::KernelError;
 use crate::gemm::driver::{grid, Ties};
 use crate::gemm::Par;
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// Below this many multiply-adds per task, threads cost more than they save.
@@ -144,6 +145,22 @@ impl PackedQX {
         signed: bool,
         zero: i32,
     ) -> Result<(), KernelError> {
+        self.pack_par(w, x, ldx, n, signed, zero, Par::Seq)
+    }
+
+    /// [`Self::pack`] with the panels split over `par`'s threads (a serial pack was a fixed
+    /// share of every 1x1 convolution that the threads could not split).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_par(
+        &mut self,
+        w: &PackedQW,
+        x: &[u8],
+        ldx: usize,
+        n: usize,
+        signed: bool,
+        zero: i32,
+        par: Par<'_>,
+    ) -> Result<(), KernelError> {
         let k = w.k;
         super::check_matrix("X", x.len(), k, n, ldx)?;
         let range = if signed { -128..=127 } else { 0..=255 };
@@ -167,20 +184,34 @@ impl PackedQX {
             col_sums: std::mem::take(&mut self.col_sums),
         };
         let flip = if signed { 0x8080_8080u32 } else { 0 };
-        // SAFETY: tiers are checked by `features`; the body is the same on each.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            let f = crate::cpu::features();
-            if f.avx512f && f.avx512bw && f.avx512vl {
-                pack_avx512(self, x, ldx, flip);
-            } else if f.avx2 {
-                pack_avx2(self, x, ldx, flip);
-            } else {
-                pack_panels(self, x, ldx, flip);
+        let panels = n.div_ceil(nr);
+        let shape = Panels { k, n, nr, stride: panel_stride };
+        let pack = |first: usize, dst: &mut [u8]| {
+            // SAFETY: tiers are checked by `features`; the body is the same on each.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let f = crate::cpu::features();
+                if f.avx512f && f.avx512bw && f.avx512vl {
+                    return pack_avx512(&shape, x, ldx, flip, first, dst);
+                } else if f.avx2 {
+                    return pack_avx2(&shape, x, ldx, flip, first, dst);
+                }
             }
+            pack_panels(&shape, x, ldx, flip, first, dst)
+        };
+        let data = &mut self.data.as_mut_slice()[..total];
+        let threads = par.threads().min(total / MIN_PACK_BYTES_PER_TASK).min(panels).max(1);
+        if threads > 1 {
+            let per = panels.div_ceil(threads);
+            let chunk = per * panel_stride;
+            let pack_all = |data: &mut [u8]| data.par_chunks_mut(chunk).enumerate().for_each(|(t, d)| pack(t * per, d));
+            match par {
+                Par::Pool(pool) => pool.install(|| pack_all(data)),
+                _ => pack_all(data),
+            }
+        } else {
+            pack(0, data);
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        pack_panels(self, x, ldx, flip);
         self.col_sums.clear();
         if !w.symmetric() {
             self.col_sums.resize(n, 0);
@@ -196,29 +227,40 @@ impl PackedQX {
     }
 }
 
+/// Below this many packed bytes per task, threads cost more than they save.
+const MIN_PACK_BYTES_PER_TASK: usize = 64 << 10;
+
+/// The panel layout of one [`PackedQX`].
+struct Panels {
+    k: usize,
+    n: usize,
+    nr: usize,
+    /// Bytes per panel.
+    stride: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn pack_avx512(p: &mut PackedQX, x: &[u8], ldx: usize, flip: u32) {
-    pack_panels(p, x, ldx, flip)
+unsafe fn pack_avx512(p: &Panels, x: &[u8], ldx: usize, flip: u32, first: usize, dst: &mut [u8]) {
+    pack_panels(p, x, ldx, flip, first, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn pack_avx2(p: &mut PackedQX, x: &[u8], ldx: usize, flip: u32) {
-    pack_panels(p, x, ldx, flip)
+unsafe fn pack_avx2(p: &Panels, x: &[u8], ldx: usize, flip: u32, first: usize, dst: &mut [u8]) {
+    pack_panels(p, x, ldx, flip, first, dst)
 }
 
 /// Stands in for the rows past k of the last K group.
 static ZERO_ROW: [u8; 32] = [0; 32];
 
-/// Writes every byte of every panel (padding included), so the buffer needs no clearing.
+/// Packs the whole panels that fit `dst`, from panel `first` on. Writes every byte of every
+/// panel (padding included), so the buffer needs no clearing.
 #[inline(always)]
-fn pack_panels(p: &mut PackedQX, x: &[u8], ldx: usize, flip: u32) {
+fn pack_panels(p: &Panels, x: &[u8], ldx: usize, flip: u32, first: usize, dst: &mut [u8]) {
     let (k, n, nr) = (p.k, p.n, p.nr);
-    let stride = p.panel_stride;
-    let data = p.data.as_mut_slice();
-    for (pi, panel) in data[..stride * n.div_ceil(nr)].chunks_exact_mut(stride).enumerate() {
-        let j0 = pi * nr;
+    for (pi, panel) in dst.chunks_exact_mut(p.stride).enumerate() {
+        let j0 = (first + pi) * nr;
         let cols = nr.min(n - j0);
         for (q, dst) in panel.chunks_exact_mut(nr * 4).enumerate() {
             // Rows past k meet zero weights: any bytes do, so zeros keep the fast path.
@@ -723,6 +765,25 @@ mod tests {
     fn lcg(s: &mut u64) -> u64 {
         *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         *s >> 33
+    }
+
+    #[test]
+    fn threads_pack_the_same_bytes() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let mut s = 3u64;
+        // Enough columns for several tasks, a partial last panel, k not a multiple of 4.
+        let (m, k, n) = (8, 27, 20_001);
+        for kernel in QKernel::supported().into_iter().filter(|k| tile_of(*k).is_some()) {
+            let w: Vec<i8> = (0..m * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+            let x: Vec<u8> = (0..k * n).map(|_| lcg(&mut s) as u8).collect();
+            let packed = PackedQW::new(kernel, &w, m, k, &[0]).unwrap();
+            let (mut one, mut many) = (PackedQX::default(), PackedQX::default());
+            one.pack(&packed, &x, n, n, true, 5).unwrap();
+            many.pack_par(&packed, &x, n, n, true, 5, Par::Pool(&pool)).unwrap();
+            let bytes = one.panel_stride * n.div_ceil(one.nr);
+            assert!(bytes >= 3 * MIN_PACK_BYTES_PER_TASK, "{bytes} bytes make fewer than three tasks");
+            assert!(one.data.as_slice()[..bytes] == many.data.as_slice()[..bytes], "{}", kernel.name());
+        }
     }
 
     /// Every supported kernel against the reference: shapes around the tile sizes, u8 and
