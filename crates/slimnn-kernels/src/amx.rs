@@ -224,6 +224,48 @@ macro_rules! tile_loop {
             );
         }
     };
+    (step 2x2, $op:literal, $name:ident) => {
+        /// One K step of the 2 x 2 loop (A row tiles at `a` and `a + 16 lda`, B column tiles at
+        /// `b` and `b + 64`), for callers that run other work between steps: the tile unit
+        /// works through a step's products while the core runs what follows.
+        #[inline(always)]
+        pub(crate) unsafe fn $name(a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+            asm!(
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                "tileloadd tmm5, [{a2} + {lda}*1]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                concat!($op, " tmm1, tmm4, tmm7"),
+                concat!($op, " tmm2, tmm5, tmm6"),
+                concat!($op, " tmm3, tmm5, tmm7"),
+                a = in(reg) a,
+                a2 = in(reg) a.add(16 * lda),
+                b = in(reg) b,
+                lda = in(reg) lda,
+                ldb = in(reg) ldb,
+                options(nostack, readonly),
+            );
+        }
+    };
+    (step 1x2, $op:literal, $name:ident) => {
+        /// One K step of one row tile (`a`) times two column tiles (`b`, `b + 64`): tmm0, tmm1.
+        #[inline(always)]
+        pub(crate) unsafe fn $name(a: *const u8, lda: usize, b: *const u8, ldb: usize) {
+            asm!(
+                "tileloadd tmm4, [{a} + {lda}*1]",
+                "tileloadd tmm6, [{b} + {ldb}*1]",
+                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+                concat!($op, " tmm0, tmm4, tmm6"),
+                concat!($op, " tmm1, tmm4, tmm7"),
+                a = in(reg) a,
+                b = in(reg) b,
+                lda = in(reg) lda,
+                ldb = in(reg) ldb,
+                options(nostack, readonly),
+            );
+        }
+    };
     (1x3, $op:literal, $x1x3:ident) => {
         /// One row tile and three column tiles (`b`, `b + 64`, `b + 128`): tmm0..2.
         #[inline(always)]
@@ -262,6 +304,8 @@ tile_loop!(1x3, "tdpbf16ps", bf16_1x3);
 tile_loop!(block 2x2, "tdpbf16ps", bf16_block_2x2);
 tile_loop!(block 2x2, "tdpbusd", int8_block_2x2);
 tile_loop!(block 1x2, "tdpbusd", int8_block_1x2);
+tile_loop!(step 2x2, "tdpbusd", int8_step_2x2);
+tile_loop!(step 1x2, "tdpbusd", int8_step_1x2);
 
 /// Stores tmm0..3 as the 2 x 2 block at `c` (row stride `ldc` bytes): tmm0 / tmm1 rows 0-15
 /// at columns 0 / +64 bytes, tmm2 / tmm3 rows 16-31.
@@ -274,6 +318,18 @@ pub(crate) unsafe fn store_2x2(c: *mut u8, ldc: usize) {
         "tilestored [{c2} + {ldc}*1 + 64], tmm3",
         c = in(reg) c,
         c2 = in(reg) c.add(16 * ldc),
+        ldc = in(reg) ldc,
+        options(nostack),
+    );
+}
+
+/// Stores tmm0 / tmm1 as one row tile at `c` / `c + 64`.
+#[inline(always)]
+pub(crate) unsafe fn store_1x2(c: *mut u8, ldc: usize) {
+    asm!(
+        "tilestored [{c} + {ldc}*1], tmm0",
+        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+        c = in(reg) c,
         ldc = in(reg) ldc,
         options(nostack),
     );
