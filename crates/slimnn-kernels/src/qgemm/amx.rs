@@ -367,8 +367,46 @@ mod tests {
         iters as f64 * 4.0 * 16.0 * 16.0 * 64.0 * 2.0 / t.elapsed().as_secs_f64() / 1e9
     }
 
+    /// The 2 x 2 step with its four tile loads (two A, two B tiles, 4 KB) walking a buffer of
+    /// `span` bytes (4 KB: L1; 256 KB: L2), GOP/s.
+    fn step_with_loads(iters: usize, span: usize) -> f64 {
+        let buf = vec![1u8; span + 64];
+        let base = buf.as_ptr().wrapping_add(buf.as_ptr().align_offset(64));
+        // SAFETY: as `register_peak`; the loads stay inside `buf` (offsets below `span`).
+        let t = Instant::now();
+        unsafe {
+            crate::amx::configure();
+            std::arch::asm!(
+                "2:",
+                "lea {a}, [{base} + {o}]",
+                "tileloadd tmm4, [{a} + {s}*1]",
+                "tileloadd tmm6, [{a} + {s}*1 + 1024]",
+                "tileloadd tmm7, [{a} + {s}*1 + 2048]",
+                "tileloadd tmm5, [{a} + {s}*1 + 3072]",
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tdpbusd tmm1, tmm4, tmm7",
+                "tdpbusd tmm2, tmm5, tmm6",
+                "tdpbusd tmm3, tmm5, tmm7",
+                "add {o}, 4096",
+                "and {o}, {mask}",
+                "dec {n}",
+                "jnz 2b",
+                base = in(reg) base,
+                a = out(reg) _,
+                o = inout(reg) 0usize => _,
+                mask = in(reg) span - 1,
+                s = in(reg) 64usize,
+                n = inout(reg) iters => _,
+                options(nostack),
+            );
+            crate::amx::release();
+        }
+        iters as f64 * 4.0 * 16.0 * 16.0 * 64.0 * 2.0 / t.elapsed().as_secs_f64() / 1e9
+    }
+
     /// `cargo test --release -p slimnn-kernels --lib amx_speed -- --ignored --nocapture`: the
-    /// register-only AMX-INT8 peak, then the GEMM (f32 output with per-channel scales and
+    /// register-only AMX-INT8 peak, the 2 x 2 step with its tile loads from L1 and from L2, then
+    /// the GEMM (f32 output with per-channel scales and
     /// bias, weights warm) on MiniLM's shapes at 128 rows, 1 thread, best of 50.
     #[test]
     #[ignore]
@@ -379,6 +417,11 @@ mod tests {
         }
         let peak = (0..5).map(|_| register_peak(2_000_000)).fold(0.0, f64::max);
         eprintln!("AMX-INT8 tdpbusd, operands in tiles: {peak:.0} GOP/s");
+        for (span, place) in [(4096, "L1"), (256 << 10, "L2")] {
+            let gops = (0..5).map(|_| step_with_loads(1_000_000, span)).fold(0.0, f64::max);
+            let pct = 100.0 * gops / peak;
+            eprintln!("2 x 2 step loading its 4 tiles from {place}: {gops:.0} GOP/s ({pct:.0}% of the peak)");
+        }
         for (m, k, n) in [(128, 384, 1152), (128, 384, 384), (128, 384, 1536), (128, 1536, 384), (128, 768, 3072)] {
             let a: Vec<u8> = (0..m * k).map(|i| (i * 7 % 251) as u8).collect();
             let b: Vec<i8> = (0..k * n).map(|i| (i * 13 % 255) as u8 as i8).collect();
