@@ -16,12 +16,21 @@ use std::arch::asm;
 #[repr(C, align(64))]
 struct Config([u8; 64]);
 
-/// Loads the tile configuration on this thread.
+thread_local! {
+    /// Whether this thread's tiles hold [`Config`] (set by [`configure`], cleared by [`release`]).
+    static CONFIGURED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Loads the tile configuration on this thread unless it is loaded already: `ldtilecfg` costs
+/// ~57 ns here, and the bf16 GEMM asks once per 32 x 48 tile.
 ///
 /// # Safety
 /// The OS must have granted this process the AMX tile state.
 #[inline(always)]
 pub(crate) unsafe fn configure() {
+    if CONFIGURED.get() {
+        return;
+    }
     let mut c = Config([0; 64]);
     c.0[0] = 1;
     for t in 0..8 {
@@ -29,6 +38,7 @@ pub(crate) unsafe fn configure() {
         c.0[48 + t] = 16;
     }
     asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly));
+    CONFIGURED.set(true);
 }
 
 /// Returns the tiles to their init state (the OS then need not save them on a context switch).
@@ -38,6 +48,7 @@ pub(crate) unsafe fn configure() {
 #[inline(always)]
 pub(crate) unsafe fn release() {
     asm!("tilerelease", options(nostack, nomem));
+    CONFIGURED.set(false);
 }
 
 /// Zeroes the accumulator tiles 0-3.
