@@ -372,3 +372,34 @@ pub(crate) unsafe fn store_1x3(c: *mut u8, ldc: usize) {
         options(nostack),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::cpu::CpuTier;
+
+    /// A release forgets the configuration: the next `configure` loads it again (else the
+    /// tile instructions after it would fault), and the tiles work as before.
+    #[test]
+    fn tiles_are_configured_again_after_a_release() {
+        if !CpuTier::Amx.is_supported() {
+            return;
+        }
+        let mut c = super::Config([0; 64]);
+        let mut out = [7i32; 16 * 16];
+        // SAFETY: the OS granted the tile state (checked above); the store writes 16 rows of
+        // 64 bytes into `out`.
+        unsafe {
+            for _ in 0..2 {
+                super::configure();
+                super::configure();
+                super::zero_acc();
+                std::arch::asm!("tilestored [{p} + {s}*1], tmm0", p = in(reg) out.as_mut_ptr(), s = in(reg) 64usize);
+                assert!(out.iter().all(|&x| x == 0));
+                out = [7; 16 * 16];
+                super::release();
+            }
+            std::arch::asm!("sttilecfg [{}]", in(reg) c.0.as_mut_ptr(), options(nostack));
+        }
+        assert!(c.0.iter().all(|&b| b == 0), "released tiles keep no configuration");
+    }
+}
