@@ -57,13 +57,11 @@ pub(crate) unsafe fn zero_acc() {
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
 }
 
-/// The 2 x 2 loop's assembly (shared by the plain loop and the zero-loop-store block): `{n}`
-/// steps of two A row tiles (`{a}`, `{a2}`, each moving `{astep}` bytes a step) times two B
-/// column tiles (`{b}`, `{b} + 64`) into tmm0..3.
-macro_rules! steps_2x2 {
+/// One K step of the 2 x 2 block: two A row tiles (`{a}`, `{a2}`) and two B column tiles
+/// (`{b}`, `{b} + 64`) loaded, their four products added to tmm0..3.
+macro_rules! products_2x2 {
     ($op:literal) => {
         concat!(
-            "2:\n",
             "tileloadd tmm4, [{a} + {lda}*1]\n",
             "tileloadd tmm6, [{b} + {ldb}*1]\n",
             "tileloadd tmm7, [{b} + {ldb}*1 + 64]\n",
@@ -76,6 +74,34 @@ macro_rules! steps_2x2 {
             " tmm2, tmm5, tmm6\n",
             $op,
             " tmm3, tmm5, tmm7\n",
+        )
+    };
+}
+
+/// One K step of one A row tile (`{a}`) times two B column tiles (`{b}`, `{b} + 64`): tmm0,
+/// tmm1.
+macro_rules! products_1x2 {
+    ($op:literal) => {
+        concat!(
+            "tileloadd tmm4, [{a} + {lda}*1]\n",
+            "tileloadd tmm6, [{b} + {ldb}*1]\n",
+            "tileloadd tmm7, [{b} + {ldb}*1 + 64]\n",
+            $op,
+            " tmm0, tmm4, tmm6\n",
+            $op,
+            " tmm1, tmm4, tmm7\n",
+        )
+    };
+}
+
+/// The 2 x 2 loop's assembly (shared by the plain loop and the zero-loop-store block): `{n}`
+/// steps of two A row tiles (`{a}`, `{a2}`, each moving `{astep}` bytes a step) times two B
+/// column tiles (`{b}`, `{b} + 64`) into tmm0..3.
+macro_rules! steps_2x2 {
+    ($op:literal) => {
+        concat!(
+            "2:\n",
+            products_2x2!($op),
             "add {a}, {astep}\n",
             "add {a2}, {astep}\n",
             "add {b}, {bstep}\n",
@@ -211,11 +237,7 @@ macro_rules! tile_loop {
                 "test {n}, {n}",
                 "jz 3f",
                 "2:",
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm6, [{b} + {ldb}*1]",
-                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                concat!($op, " tmm0, tmm4, tmm6"),
-                concat!($op, " tmm1, tmm4, tmm7"),
+                products_1x2!($op),
                 "add {a}, {astep}",
                 "add {b}, {bstep}",
                 "dec {n}",
@@ -243,14 +265,7 @@ macro_rules! tile_loop {
         #[inline(always)]
         pub(crate) unsafe fn $name(a: *const u8, lda: usize, b: *const u8, ldb: usize) {
             asm!(
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm6, [{b} + {ldb}*1]",
-                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                "tileloadd tmm5, [{a2} + {lda}*1]",
-                concat!($op, " tmm0, tmm4, tmm6"),
-                concat!($op, " tmm1, tmm4, tmm7"),
-                concat!($op, " tmm2, tmm5, tmm6"),
-                concat!($op, " tmm3, tmm5, tmm7"),
+                products_2x2!($op),
                 a = in(reg) a,
                 a2 = in(reg) a.add(16 * lda),
                 b = in(reg) b,
@@ -265,11 +280,7 @@ macro_rules! tile_loop {
         #[inline(always)]
         pub(crate) unsafe fn $name(a: *const u8, lda: usize, b: *const u8, ldb: usize) {
             asm!(
-                "tileloadd tmm4, [{a} + {lda}*1]",
-                "tileloadd tmm6, [{b} + {ldb}*1]",
-                "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
-                concat!($op, " tmm0, tmm4, tmm6"),
-                concat!($op, " tmm1, tmm4, tmm7"),
+                products_1x2!($op),
                 a = in(reg) a,
                 b = in(reg) b,
                 lda = in(reg) lda,
