@@ -58,7 +58,7 @@ pub(crate) use tiered;
 
 /// What the row kernels need beyond [`Simd`]: horizontal reductions (as trees, so a row's
 /// reduction does not serialise 16 dependent operations) and softmax's `e^x`.
-trait Lanes: Simd {
+pub(crate) trait Lanes: Simd {
     /// Largest lane (NaN if a NaN lane wins a comparison; softmax then gives NaN, as it must).
     unsafe fn hmax(self) -> f32;
     /// Sum of the lanes.

@@ -17,7 +17,7 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use super::{AttnDims, Job, KernelError};
+use super::{AttnDims, Job, KernelError, Out};
 use crate::amx;
 use crate::cpu::{self, CpuTier};
 use crate::gemm::bf16::{convert_row, native_for, pack_pair_row};
@@ -52,14 +52,6 @@ struct Scratch {
 thread_local! {
     static SCRATCH: Cell<Option<Scratch>> = const { Cell::new(None) };
 }
-
-/// The output, shared by the tasks: task (b, h) writes only head `h`'s columns of batch `b`'s
-/// rows, so no two tasks touch the same value.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: see the type's comment; the pointer outlives the tasks (they finish inside `run`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
 
 /// Runs `job` (validated by the caller, `seq_k > 0`) into `out`.
 pub(super) fn run(job: &Job<'_>, out: &mut [f32], threads: usize) -> Result<(), KernelError> {

@@ -8,6 +8,9 @@
 //! `P·V` by the GEMM straight into the head's columns of the output (row stride `heads *
 //! head_dim`), then each output row times its `1 / sum`. With threads, tasks are blocks of
 //! query rows (all heads), which own disjoint rows of the output.
+//!
+//! On AVX-512, f32 attention at BERT-family shapes (heads of 16-64 values, up to 128 keys) runs
+//! register-blocked kernels instead (`avx512`); bf16 attention on AMX runs on tiles (`amx`).
 
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};
@@ -18,6 +21,18 @@ use rayon::prelude::*;
 use std::cell::Cell;
 
 mod amx;
+mod avx512;
+
+/// The output, shared by the tasks: task (b, h) writes only head `h`'s columns of batch `b`'s
+/// rows, so no two tasks touch the same value.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: see the type's comment; the pointer outlives the tasks (they finish inside `run`).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for Out {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Out {}
 
 const KERNEL: &str = "attention";
 
@@ -181,6 +196,13 @@ fn run(
         return match par {
             Par::Pool(pool) => pool.install(|| amx::run(&job, out, par.threads())),
             _ => amx::run(&job, out, par.threads()),
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable(&job) {
+        return match par {
+            Par::Pool(pool) => pool.install(|| avx512::run(&job, out, par.threads())),
+            _ => avx512::run(&job, out, par.threads()),
         };
     }
     match par {
@@ -734,6 +756,75 @@ mod tests {
             let scale = 1.0 / (head_dim as f32).sqrt();
             for tier in supported_tiers() {
                 check_bf16(tier, &q, &k, &v, mask, dims, scale, threads);
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bert_shapes_take_the_register_blocked_path() {
+        let job = |tier, bf16, seq_k, head_dim| {
+            let rows = Rows { data: &[], ld: 0 };
+            let dims = AttnDims { batch: 1, seq_q: 4, seq_k, heads: 1, head_dim };
+            Job { tier, bf16, q: rows, k: rows, v: rows, mask: None, dims, scale: 1.0, hd: head_dim }
+        };
+        for tier in [CpuTier::Avx512, CpuTier::Amx] {
+            assert!(avx512::usable(&job(tier, false, 128, 32)));
+            assert!(avx512::usable(&job(tier, false, 1, 64)));
+            assert!(!avx512::usable(&job(tier, true, 128, 32)), "bf16 products");
+            assert!(!avx512::usable(&job(tier, false, 129, 32)), "more keys than registers");
+            assert!(!avx512::usable(&job(tier, false, 128, 40)), "head_dim not a multiple of 16");
+            assert!(!avx512::usable(&job(tier, false, 128, 80)), "head_dim above 64");
+        }
+        assert!(!avx512::usable(&job(CpuTier::Avx2, false, 128, 32)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The shapes of the AVX-512 register-blocked path (heads of 16-64 values, up to 128
+        /// keys) and just past its key limit, with every kind of mask.
+        #[test]
+        fn bert_shapes_match_reference(
+            (batch, seq_q, seq_k, heads) in (1usize..3, 1usize..60, 1usize..140, 1usize..3),
+            head_dim in prop::sample::select(vec![16usize, 32, 48, 64]),
+            mask_kind in 0u8..4,
+            bits in any::<[bool; 3]>(),
+            threads in 1usize..4,
+            seed in any::<u64>(),
+        ) {
+            let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
+            let hd = heads * head_dim;
+            let q = values(batch * seq_q * hd, seed);
+            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
+            let v = values(batch * seq_k * hd, seed ^ 2);
+            let shape = [
+                if bits[0] { batch } else { 1 },
+                if bits[1] { heads } else { 1 },
+                if bits[2] { seq_q } else { 1 },
+                seq_k,
+            ];
+            // Kind 1: finite offsets; 2: -inf on every third key; 3: huge negatives on odd
+            // keys and the first mask row masked entirely (NaN rows).
+            let mut m = values(shape_len(shape), seed ^ 3);
+            for (i, x) in m.iter_mut().enumerate() {
+                let j = i % seq_k;
+                match mask_kind {
+                    2 if j % 3 == 2 => *x = f32::NEG_INFINITY,
+                    3 if j % 2 == 1 => *x = -1e30,
+                    _ => {}
+                }
+            }
+            if mask_kind == 3 {
+                m[..seq_k].fill(f32::NEG_INFINITY);
+            }
+            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let want = reference::mha(&q, &k, &v, mask, dims, scale);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            for tier in supported_tiers() {
+                let mut out = vec![0.0; want.len()];
+                mha_with(tier, &q, &k, &v, mask, dims, scale, &mut out, Par::Pool(&pool)).unwrap();
+                assert_close(&out, &want, tier.name());
             }
         }
     }
