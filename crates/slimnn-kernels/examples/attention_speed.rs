@@ -1,10 +1,11 @@
 //! MiniLM's attention (128 tokens, 12 heads of 32, one sequence, padding mask) on one thread:
 //! time per call and GFLOP/s of its two products.
 //!
-//! `[PAD=K] cargo run --release -p slimnn-kernels --example attention_speed [-- SEQ]` (the last K
-//! keys masked, as padding; default 5)
+//! `[PAD=K] [BF16=1] cargo run --release -p slimnn-kernels --example attention_speed [-- SEQ]`
+//! (the last K keys masked, as padding, default 5; `BF16=1` times the bf16 products, on AMX
+//! tiles where granted)
 
-use slimnn_kernels::attention::{mha, AttnDims, AttnMask};
+use slimnn_kernels::attention::{mha, mha_strided_bf16, AttnDims, AttnMask, Rows};
 use slimnn_kernels::Par;
 use std::time::Instant;
 
@@ -17,14 +18,21 @@ fn main() {
     let (q, k, v) = (vals(1), vals(2), vals(3));
     let pad: usize = std::env::var("PAD").map(|s| s.parse().unwrap()).unwrap_or(5);
     let mask: Vec<f32> = (0..seq).map(|i| if i < seq - pad { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let bf16 = std::env::var("BF16").is_ok_and(|v| v == "1");
     let mut out = vec![0f32; len];
     let mut best = f64::MAX;
     for _ in 0..1000 {
         let t = Instant::now();
         let m = AttnMask { data: &mask, shape: [1, 1, 1, seq] };
-        mha(&q, &k, &v, Some(m), dims, 0.176_776_7, &mut out, Par::Seq).expect("mha");
+        if bf16 {
+            let rows = |data| Rows { data, ld: 384 };
+            mha_strided_bf16(rows(&q), rows(&k), rows(&v), Some(m), dims, 0.176_776_7, &mut out, Par::Seq)
+        } else {
+            mha(&q, &k, &v, Some(m), dims, 0.176_776_7, &mut out, Par::Seq)
+        }
+        .expect("mha");
         best = best.min(t.elapsed().as_secs_f64());
     }
     let flops = 4.0 * (seq * seq * 384) as f64;
-    println!("seq {seq}: {:.1} us, {:.0} GFLOP/s", best * 1e6, flops / best / 1e9);
+    println!("seq {seq}{}: {:.1} us, {:.0} GFLOP/s", if bf16 { " bf16" } else { "" }, best * 1e6, flops / best / 1e9);
 }
