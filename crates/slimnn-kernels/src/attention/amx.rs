@@ -17,13 +17,12 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use super::{AttnDims, Job, KernelError, Out};
+use super::{each_head, AttnDims, Job, KernelError, Out};
 use crate::amx;
 use crate::cpu::{self, CpuTier};
 use crate::gemm::bf16::{convert_row, native_for, pack_pair_row};
 use crate::gemm::AlignedVec;
 use crate::rows::softmax_block;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::Cell;
 
@@ -55,21 +54,12 @@ thread_local! {
 
 /// Runs `job` (validated by the caller, `seq_k > 0`) into `out`.
 pub(super) fn run(job: &Job<'_>, out: &mut [f32], threads: usize) -> Result<(), KernelError> {
-    let AttnDims { batch, heads, .. } = job.dims;
     let ptr = Out(out.as_mut_ptr());
-    let task = |i: usize| {
-        let mut s = SCRATCH.with(Cell::take).unwrap_or_default();
+    each_head(job.dims, threads, &SCRATCH, |b, h, s| {
         // SAFETY: AMX tiles granted (`usable`); the head's writes stay within `out` (checked
         // lengths) and within its own columns (see `Out`).
-        let r = unsafe { head(job, i / heads, i % heads, &mut s, ptr) };
-        SCRATCH.with(|c| c.set(Some(s)));
-        r
-    };
-    if threads <= 1 {
-        (0..batch * heads).try_for_each(task)
-    } else {
-        (0..batch * heads).into_par_iter().try_for_each(task)
-    }
+        unsafe { head(job, b, h, s, ptr) }
+    })
 }
 
 /// Batch `b`, head `h`: packs K and V, then every block of query rows.

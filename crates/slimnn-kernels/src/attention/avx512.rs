@@ -19,12 +19,11 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use super::{AttnDims, Job, Out};
+use super::{each_head, AttnDims, Job, Out};
 use crate::cpu::CpuTier;
 use crate::error::KernelError;
 use crate::matmul::transpose_scaled;
 use crate::rows::Lanes;
-use rayon::prelude::*;
 use std::arch::x86_64::*;
 use std::cell::Cell;
 
@@ -64,21 +63,12 @@ thread_local! {
 
 /// Runs `job` (validated by the caller, [`usable`]) into `out`.
 pub(super) fn run(job: &Job<'_>, out: &mut [f32], threads: usize) -> Result<(), KernelError> {
-    let AttnDims { batch, heads, .. } = job.dims;
     let ptr = Out(out.as_mut_ptr());
-    let task = |i: usize| {
-        let mut s = SCRATCH.with(Cell::take).unwrap_or_default();
+    each_head(job.dims, threads, &SCRATCH, |b, h, s| {
         // SAFETY: the tier has AVX-512 F (`usable`, and `run`'s caller checked the host); the
         // head's writes stay in `out` (validated lengths) and in its own columns (see `Out`).
-        let r = unsafe { head(job, i / heads, i % heads, &mut s, ptr) };
-        SCRATCH.with(|c| c.set(Some(s)));
-        r
-    };
-    if threads <= 1 {
-        (0..batch * heads).try_for_each(task)
-    } else {
-        (0..batch * heads).into_par_iter().try_for_each(task)
-    }
+        unsafe { head(job, b, h, s, ptr) }
+    })
 }
 
 /// Where [`scores`] and [`context`] read and write for one block of query rows.

@@ -34,6 +34,30 @@ unsafe impl Send for Out {}
 #[cfg(target_arch = "x86_64")]
 unsafe impl Sync for Out {}
 
+/// Runs `task(b, h, scratch)` for every (batch, head), over rayon's threads when `threads > 1`.
+/// Each thread keeps its scratch in `slot` between calls, taken out while in use so that a
+/// nested call (rayon work stealing) gets its own.
+#[cfg(target_arch = "x86_64")]
+fn each_head<S: Default + 'static>(
+    dims: AttnDims,
+    threads: usize,
+    slot: &'static std::thread::LocalKey<Cell<Option<S>>>,
+    task: impl Fn(usize, usize, &mut S) -> Result<(), KernelError> + Sync,
+) -> Result<(), KernelError> {
+    let run = |i: usize| {
+        let mut s = slot.with(Cell::take).unwrap_or_default();
+        let r = task(i / dims.heads, i % dims.heads, &mut s);
+        slot.with(|c| c.set(Some(s)));
+        r
+    };
+    let tasks = dims.batch * dims.heads;
+    if threads <= 1 {
+        (0..tasks).try_for_each(run)
+    } else {
+        (0..tasks).into_par_iter().try_for_each(run)
+    }
+}
+
 const KERNEL: &str = "attention";
 
 /// Query rows per block: the score block (`BLOCK_ROWS x seq_k`) stays in L1 for the usual
@@ -606,6 +630,31 @@ mod tests {
         s.iter().product()
     }
 
+    /// A mask shape broadcasting over batch, heads and query rows where `bits` say so.
+    fn mask_shape(bits: [bool; 3], dims: AttnDims) -> [usize; 4] {
+        let pick = |bit: bool, full: usize| if bit { full } else { 1 };
+        [pick(bits[0], dims.batch), pick(bits[1], dims.heads), pick(bits[2], dims.seq_q), dims.seq_k]
+    }
+
+    /// A mask of `shape` for the property tests. Kind 1: finite offsets; 2: also `-inf` on every
+    /// third key; 3: huge negatives on odd keys and the first mask row masked entirely (NaN
+    /// rows). Key 0 stays open in every other row.
+    fn test_mask(shape: [usize; 4], kind: u8, seed: u64) -> Vec<f32> {
+        let seq_k = shape[3];
+        let mut m = values(shape_len(shape), seed);
+        for (i, x) in m.iter_mut().enumerate() {
+            match kind {
+                2 if i % seq_k % 3 == 2 => *x = f32::NEG_INFINITY,
+                3 if i % seq_k % 2 == 1 => *x = -1e30,
+                _ => {}
+            }
+        }
+        if kind == 3 {
+            m[..seq_k].fill(f32::NEG_INFINITY);
+        }
+        m
+    }
+
     #[test]
     fn no_keys_gives_zeros() {
         let dims = AttnDims { batch: 2, seq_q: 3, seq_k: 0, heads: 2, head_dim: 4 };
@@ -797,26 +846,8 @@ mod tests {
             let q = values(batch * seq_q * hd, seed);
             let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
             let v = values(batch * seq_k * hd, seed ^ 2);
-            let shape = [
-                if bits[0] { batch } else { 1 },
-                if bits[1] { heads } else { 1 },
-                if bits[2] { seq_q } else { 1 },
-                seq_k,
-            ];
-            // Kind 1: finite offsets; 2: -inf on every third key; 3: huge negatives on odd
-            // keys and the first mask row masked entirely (NaN rows).
-            let mut m = values(shape_len(shape), seed ^ 3);
-            for (i, x) in m.iter_mut().enumerate() {
-                let j = i % seq_k;
-                match mask_kind {
-                    2 if j % 3 == 2 => *x = f32::NEG_INFINITY,
-                    3 if j % 2 == 1 => *x = -1e30,
-                    _ => {}
-                }
-            }
-            if mask_kind == 3 {
-                m[..seq_k].fill(f32::NEG_INFINITY);
-            }
+            let shape = mask_shape(bits, dims);
+            let m = test_mask(shape, mask_kind, seed ^ 3);
             let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
             let scale = 1.0 / (head_dim as f32).sqrt();
             let want = reference::mha(&q, &k, &v, mask, dims, scale);
@@ -845,26 +876,8 @@ mod tests {
             let q = values(batch * seq_q * hd, seed);
             let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
             let v = values(batch * seq_k * hd, seed ^ 2);
-            let shape = [
-                if bits[0] { batch } else { 1 },
-                if bits[1] { heads } else { 1 },
-                if bits[2] { seq_q } else { 1 },
-                seq_k,
-            ];
-            // Finite offsets, -inf, or huge negatives on some positions; key 0 stays open in
-            // kinds 2 and 3 except for one fully masked row in kind 3.
-            let mut m = values(shape_len(shape), seed ^ 3);
-            for (i, x) in m.iter_mut().enumerate() {
-                let j = i % seq_k;
-                match mask_kind {
-                    2 if j % 3 == 2 => *x = f32::NEG_INFINITY,
-                    3 if j % 2 == 1 => *x = -1e30,
-                    _ => {}
-                }
-            }
-            if mask_kind == 3 {
-                m[..seq_k].fill(f32::NEG_INFINITY);
-            }
+            let shape = mask_shape(bits, dims);
+            let m = test_mask(shape, mask_kind, seed ^ 3);
             let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
             let want = reference::mha(&q, &k, &v, mask, dims, scale);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
