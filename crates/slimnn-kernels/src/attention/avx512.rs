@@ -90,9 +90,8 @@ struct Block {
     p: *mut f32,
     skp: usize,
     inv: *mut f32,
-    /// Head `h`'s V rows and the stride between them.
+    /// Head `h`'s V rows, contiguous (`d` values each).
     v: *const f32,
-    ldv: usize,
     /// Head `h`'s first output value of query row `i0`; rows `ldo` apart.
     out: *mut f32,
     ldo: usize,
@@ -136,7 +135,6 @@ unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) -> 
             skp,
             inv: s.inv.as_mut_ptr(),
             v: s.v.as_ptr(),
-            ldv: d,
             out: out.0.add((b * seq_q + i0) * job.hd + h * d),
             ldo: job.hd,
         };
@@ -273,7 +271,7 @@ unsafe fn context<const R: usize, const NV: usize>(blk: &Block) {
         let p = blk.p.add(r0 * MAX_KEYS).cast_const();
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         for kk in 0..blk.seq_k {
-            let row = blk.v.add(kk * blk.ldv);
+            let row = blk.v.add(kk * blk.d);
             let mut vv = [_mm512_setzero_ps(); NV];
             for (j, v) in vv.iter_mut().enumerate() {
                 *v = _mm512_loadu_ps(row.add(16 * j));
