@@ -630,6 +630,26 @@ mod tests {
         s.iter().product()
     }
 
+    /// Every tier's f32 attention against the f64 reference on random Q, K, V and a mask of
+    /// `mask_kind` (see [`test_mask`]; 0: none) broadcast where `bits` say, on `threads` threads.
+    fn check_against_reference(dims: AttnDims, mask_kind: u8, bits: [bool; 3], scale: f32, threads: usize, seed: u64) {
+        let AttnDims { batch, seq_q, seq_k, heads, head_dim } = dims;
+        let hd = heads * head_dim;
+        let q = values(batch * seq_q * hd, seed);
+        let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
+        let v = values(batch * seq_k * hd, seed ^ 2);
+        let shape = mask_shape(bits, dims);
+        let m = test_mask(shape, mask_kind, seed ^ 3);
+        let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
+        let want = reference::mha(&q, &k, &v, mask, dims, scale);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for tier in supported_tiers() {
+            let mut out = vec![0.0; want.len()];
+            mha_with(tier, &q, &k, &v, mask, dims, scale, &mut out, Par::Pool(&pool)).unwrap();
+            assert_close(&out, &want, tier.name());
+        }
+    }
+
     /// A mask shape broadcasting over batch, heads and query rows where `bits` say so.
     fn mask_shape(bits: [bool; 3], dims: AttnDims) -> [usize; 4] {
         let pick = |bit: bool, full: usize| if bit { full } else { 1 };
@@ -842,21 +862,7 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
-            let hd = heads * head_dim;
-            let q = values(batch * seq_q * hd, seed);
-            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
-            let v = values(batch * seq_k * hd, seed ^ 2);
-            let shape = mask_shape(bits, dims);
-            let m = test_mask(shape, mask_kind, seed ^ 3);
-            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
-            let scale = 1.0 / (head_dim as f32).sqrt();
-            let want = reference::mha(&q, &k, &v, mask, dims, scale);
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            for tier in supported_tiers() {
-                let mut out = vec![0.0; want.len()];
-                mha_with(tier, &q, &k, &v, mask, dims, scale, &mut out, Par::Pool(&pool)).unwrap();
-                assert_close(&out, &want, tier.name());
-            }
+            check_against_reference(dims, mask_kind, bits, 1.0 / (head_dim as f32).sqrt(), threads, seed);
         }
     }
 
@@ -872,20 +878,7 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
-            let hd = heads * head_dim;
-            let q = values(batch * seq_q * hd, seed);
-            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
-            let v = values(batch * seq_k * hd, seed ^ 2);
-            let shape = mask_shape(bits, dims);
-            let m = test_mask(shape, mask_kind, seed ^ 3);
-            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
-            let want = reference::mha(&q, &k, &v, mask, dims, scale);
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            for tier in supported_tiers() {
-                let mut out = vec![0.0; want.len()];
-                mha_with(tier, &q, &k, &v, mask, dims, scale, &mut out, Par::Pool(&pool)).unwrap();
-                assert_close(&out, &want, tier.name());
-            }
+            check_against_reference(dims, mask_kind, bits, scale, threads, seed);
         }
     }
 }
