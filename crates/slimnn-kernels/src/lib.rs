@@ -17,6 +17,7 @@
 //! * [`grad`]: backward kernels of training graphs (activation derivatives, softmax and layer
 //!   norm backward, gather scatter-add).
 //! * [`attention`]: multi-head attention on `[batch, seq, heads * head_dim]` projections.
+//! * [`depthwise`]: depthwise convolution on channels-last images.
 //! * [`qgemm`]: `u8 x i8 -> i32` GEMM (AVX-512 VNNI, AVX-VNNI, AVX2) with dequantize /
 //!   requantize epilogues, activation quantization, weight-only int8 / int4 GEMM.
 //!
@@ -40,6 +41,7 @@ mod amx;
 pub mod attention;
 pub mod blockq;
 pub mod cpu;
+pub mod depthwise;
 mod error;
 pub mod gemm;
 pub mod grad;

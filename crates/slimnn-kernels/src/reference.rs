@@ -108,6 +108,40 @@ pub fn erf(x: f64) -> f64 {
     y.copysign(x)
 }
 
+/// Depthwise convolution of one channels-last image (see [`crate::depthwise::depthwise_nhwc`]),
+/// in f64; taps outside the image are zero.
+pub fn depthwise_nhwc(
+    g: &crate::depthwise::DwGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    clamp: Option<(f32, f32)>,
+) -> Vec<f64> {
+    let mut out = vec![0.0; g.oh * g.ow * g.c];
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            for ch in 0..g.c {
+                let mut s = bias.map_or(0.0, |b| b[ch] as f64);
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let iy = (oy * g.sh + ky) as isize - g.pt as isize;
+                        let ix = (ox * g.sw + kx) as isize - g.pl as isize;
+                        if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                            let xi = (iy as usize * g.w + ix as usize) * g.c + ch;
+                            s += x[xi] as f64 * w[(ky * g.kw + kx) * g.c + ch] as f64;
+                        }
+                    }
+                }
+                if let Some((lo, hi)) = clamp {
+                    s = s.clamp(lo as f64, hi as f64);
+                }
+                out[(oy * g.ow + ox) * g.c + ch] = s;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,9 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 mod blocked;
+mod channels_last;
+
+pub(crate) use channels_last::{channels_last, global_average_pool_nhwc};
 
 /// How a convolution runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,7 +233,7 @@ fn col2im(g: &ConvGeom, cols: &[f32], dx: &mut [f32]) {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConvKernel {
     pub geom: ConvGeom,
     pub method: ConvMethod,
@@ -246,6 +249,8 @@ pub struct ConvKernel {
     /// A depthwise convolution of this pointwise convolution's output, run band by band on it
     /// (see [`ConvKernel::run_fused`]); the step's output is then the depthwise one.
     pub then: Option<Arc<ConvKernel>>,
+    /// Set when the step runs channels-last ([`channels_last`]).
+    nhwc: Option<Arc<channels_last::ChannelsLast>>,
 }
 
 /// Pointwise + depthwise pairs fuse when the expanded image is at least this large: smaller
@@ -267,6 +272,9 @@ impl ConvKernel {
         if let Some(dw) = &self.then {
             s.push('>');
             s.push_str(&dw.own_name());
+        }
+        if self.nhwc.is_some() {
+            s.push_str(" (nhwc)");
         }
         s
     }
@@ -337,6 +345,7 @@ impl ConvKernel {
             blocked,
             pixel_major,
             then: None,
+            nhwc: None,
         })
     }
 
@@ -375,6 +384,9 @@ impl ConvKernel {
         }
         let one = |i: usize, xi: &[f32], oi: &mut [f32], par: bool| -> Result<()> {
             let ri = residual.map(|r| &r[i * out_len..(i + 1) * out_len]);
+            if let Some(l) = &self.nhwc {
+                return self.run_channels_last(l, xi, ri, oi, par);
+            }
             if let Some(dw) = &self.then {
                 return self.run_fused(dw, xi, oi, par, FUSED_BAND_BYTES);
             }

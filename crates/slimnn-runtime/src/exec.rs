@@ -501,10 +501,14 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             k.run(&ins, &mut out, par)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
-        Kernel::GlobalAveragePool => {
+        Kernel::GlobalAveragePool { channels_last } => {
             let mut out = st.take(numel);
             let x = f32s(st.get(step.inputs[0])?)?;
-            crate::conv::global_average_pool(x, x.len() / numel.max(1), &mut out)?;
+            if *channels_last {
+                crate::conv::global_average_pool_nhwc(x, shape.get(1).copied().unwrap_or(0), &mut out)?;
+            } else {
+                crate::conv::global_average_pool(x, x.len() / numel.max(1), &mut out)?;
+            }
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
     }

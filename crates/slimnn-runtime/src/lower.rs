@@ -695,7 +695,7 @@ fn single_kernel(c: &Ctx, id: NodeId) -> Result<Option<Kernel>> {
             crate::pool::PoolKernel::prepare(pool, &xs, &ys, true).map(|k| Kernel::Pool(Arc::new(k)))
         }
         Op::GlobalPool(GlobalPool { max: false }) if all_f32 && c.g.fact(ins[0]).rank() >= 3 => {
-            c.shape(ins[0]).map(|_| Kernel::GlobalAveragePool)
+            c.shape(ins[0]).map(|_| Kernel::GlobalAveragePool { channels_last: false })
         }
         Op::Gather(slimnn_ir::ops::Gather { axis: 0 }) => {
             let table = c.konst(ins[0]).filter(|t| t.dtype() == DType::F32 && t.rank() == 2);
@@ -894,6 +894,7 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
         plan.outputs.push(slot(*o, &mut slot_of));
     }
     plan.slots = next;
+    crate::conv::channels_last(&mut plan)?;
     // Free each owned value after its last reader; graph outputs and constants are never freed.
     let keep: HashSet<Slot> = plan.outputs.iter().chain(plan.consts.iter().map(|(s, _)| s)).copied().collect();
     let mut last: HashMap<Slot, usize> = HashMap::new();

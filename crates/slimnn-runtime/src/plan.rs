@@ -71,8 +71,9 @@ pub enum Kernel {
     ConvTrain(Arc<crate::conv::ConvTrainKernel>),
     /// 2-d max / average pooling, or its gradient (inputs `[x, dy]`).
     Pool(Arc<crate::pool::PoolKernel>),
-    /// Mean over the spatial dims of `[n, c, spatial...]`.
-    GlobalAveragePool,
+    /// Mean over the spatial dims of `[n, c, spatial...]`, or of `[n, spatial.., c]` when
+    /// `channels_last` (the input is a channels-last convolution's output).
+    GlobalAveragePool { channels_last: bool },
     /// Integer kernels of quantized graphs (quantize, dequantize, u8 x i8 GEMM).
     Quant(Arc<crate::lower::quant::QuantKernel>),
     /// LLM ops on block-quantized weights ([`crate::blockq`]).
@@ -186,7 +187,8 @@ impl Kernel {
             Kernel::Conv(k) => k.name(),
             Kernel::ConvTrain(k) => k.name(),
             Kernel::Pool(k) => k.name(),
-            Kernel::GlobalAveragePool => "global_average_pool".into(),
+            Kernel::GlobalAveragePool { channels_last: false } => "global_average_pool".into(),
+            Kernel::GlobalAveragePool { channels_last: true } => "global_average_pool (nhwc)".into(),
             Kernel::Quant(q) => q.name(),
             Kernel::BlockQ(k) => k.name(),
         }
