@@ -245,33 +245,37 @@ fn to_nhwc<'a>(
 }
 
 /// Pixel-major columns `[oh * ow, kh * kw * c_in]` (`(ky, kx, ci)` order, zeros for padding)
-/// of `x`, NHWC when `nhwc`, else NCHW. Output row by output row (its columns stay in L1), one
-/// strided pass per tap and channel, so a stem's three input channels cost no per-pixel copies.
+/// of `x`, NHWC when `nhwc`, else NCHW. A pixel whose taps are all inside the image gathers
+/// them through one table of offsets from its window's corner; border pixels check each tap.
 fn im2col_pixel_major(g: &ConvGeom, x: &[f32], nhwc: bool, cols: &mut Vec<f32>) {
     let (ci, k) = (g.c_in, g.kh * g.kw * g.c_in);
     cols.resize(g.oh * g.ow * k, 0.0);
     // Element (c, iy, ix) is x[c * cs + (iy * w + ix) * ps].
     let (cs, ps) = if nhwc { (1, ci) } else { (g.h * g.w, 1) };
-    for (oy, row) in cols.chunks_mut(g.ow * k).enumerate() {
+    let at = |c: usize, iy: usize, ix: usize| c * cs + (iy * g.w + ix) * ps;
+    let mut table = Vec::with_capacity(k);
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            table.extend((0..ci).map(|c| at(c, ky, kx)));
+        }
+    }
+    let inside = |o: usize, s: usize, p: usize, kk: usize, n: usize| o * s >= p && o * s - p + kk <= n;
+    for (p, col) in cols.chunks_mut(k).enumerate() {
+        let (oy, ox) = (p / g.ow, p % g.ow);
+        if inside(oy, g.sh, g.pt, g.kh, g.h) && inside(ox, g.sw, g.pl, g.kw, g.w) {
+            let corner = &x[at(0, oy * g.sh - g.pt, ox * g.sw - g.pl)..];
+            col.iter_mut().zip(&table).for_each(|(d, &o)| *d = corner[o]);
+            continue;
+        }
         for ky in 0..g.kh {
             let iy = (oy * g.sh + ky) as isize - g.pt as isize;
             for kx in 0..g.kw {
-                let (lo, hi) = super::valid_range(g.ow, g.w, g.sw, kx, g.pl);
-                let (lo, hi) = if iy < 0 || iy >= g.h as isize { (0, 0) } else { (lo, hi) };
-                let tap = (ky * g.kw + kx) * ci;
-                for (ox, px) in row.chunks_mut(k).enumerate() {
-                    if ox < lo || ox >= hi {
-                        px[tap..tap + ci].fill(0.0);
-                    }
-                }
-                if lo == hi {
-                    continue;
-                }
-                for c in 0..ci {
-                    let first = c * cs + (iy as usize * g.w + lo * g.sw + kx - g.pl) * ps;
-                    let src = x[first..].iter().step_by(g.sw * ps);
-                    let dst = row[lo * k + tap + c..].iter_mut().step_by(k);
-                    dst.zip(src).take(hi - lo).for_each(|(d, &v)| *d = v);
+                let ix = (ox * g.sw + kx) as isize - g.pl as isize;
+                let dst = &mut col[(ky * g.kw + kx) * ci..][..ci];
+                if iy < 0 || iy >= g.h as isize || ix < 0 || ix >= g.w as isize {
+                    dst.fill(0.0);
+                } else {
+                    dst.iter_mut().enumerate().for_each(|(c, d)| *d = x[at(c, iy as usize, ix as usize)]);
                 }
             }
         }
