@@ -18,22 +18,7 @@ const KERNEL: &str = "depthwise_nhwc";
 /// Output pixels per interior block: the weight vector of a tap is loaded once per block.
 const P: usize = 8;
 
-/// A depthwise convolution of one `[h, w, c]` image (channel multiplier 1) to `[oh, ow, c]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DwGeom {
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub sh: usize,
-    pub sw: usize,
-    /// Padding rows above and columns left of the image.
-    pub pt: usize,
-    pub pl: usize,
-    pub oh: usize,
-    pub ow: usize,
-}
+pub use crate::qgemm::dw::DwGeom;
 
 impl DwGeom {
     /// Output columns `ox` whose taps all fall inside the image.

@@ -44,6 +44,14 @@ pub struct ConvGeom {
     pub ow: usize,
 }
 
+impl ConvGeom {
+    /// This geometry as the depthwise kernels take it (`c_out` channels).
+    pub fn depthwise(&self) -> slimnn_kernels::depthwise::DwGeom {
+        let ConvGeom { c_out: c, h, w, kh, kw, sh, sw, pt, pl, oh, ow, .. } = *self;
+        slimnn_kernels::depthwise::DwGeom { c, h, w, kh, kw, sh, sw, pt, pl, oh, ow }
+    }
+}
+
 /// A lowered convolution: weights `[c_out, c_in / group * kh * kw]`, optional bias, activation
 /// and residual (same shape as the output, added after the activation).
 impl ConvGeom {
@@ -1248,7 +1256,7 @@ mod tests {
     use slimnn_kernels::CpuTier;
     use slimnn_tensor::Tensor;
 
-    fn values(len: usize, seed: u64) -> Vec<f32> {
+    pub(super) fn values(len: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..len)
             .map(|_| {
@@ -1311,7 +1319,7 @@ mod tests {
         }
     }
 
-    fn conv_attrs(k: usize, stride: usize, pad: usize, group: usize) -> ConvAttrs {
+    pub(super) fn conv_attrs(k: usize, stride: usize, pad: usize, group: usize) -> ConvAttrs {
         ConvAttrs {
             kernel_shape: Some(vec![k, k]),
             strides: vec![stride, stride],

@@ -924,23 +924,6 @@ fn float_qconv_forced() -> bool {
 
 /// `QLinearConv(x, sx, zx, W const, sw, zw, sy, zy[, bias i32])` with constant parameters, on
 /// the f32 convolution kernels when its sums provably stay exact in f32.
-/// A depthwise convolution's geometry as the 8-bit depthwise kernel takes it.
-fn dw_geom(g: &crate::conv::ConvGeom) -> qgemm::dw::DwGeom {
-    qgemm::dw::DwGeom {
-        c: g.c_out,
-        h: g.h,
-        w: g.w,
-        kh: g.kh,
-        kw: g.kw,
-        sh: g.sh,
-        sw: g.sw,
-        pt: g.pt,
-        pl: g.pl,
-        oh: g.oh,
-        ow: g.ow,
-    }
-}
-
 fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) -> Result<Option<Group>> {
     let ins = &c.g.node(id).inputs;
     let (x, y) = (ins[0], out0(id));
@@ -1000,13 +983,13 @@ fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) ->
         crate::conv::ConvMethod::Depthwise
             if !float_qconv_forced()
                 && qgemm::dw::dw_kernel_available()
-                && qgemm::dw::dw_supported(&dw_geom(&conv.geom)) =>
+                && qgemm::dw::dw_supported(&conv.geom.depthwise()) =>
         {
             let shift = if w.dtype() == DType::U8 { 128 } else { 0 };
             match wz.iter().all(|&z| z == shift as f64) {
                 true => {
                     let wq: Vec<i8> = wv.iter().map(|&v| (v - shift) as i8).collect();
-                    Some(Arc::new(qgemm::dw::DwPacked::new(&dw_geom(&conv.geom), &wq)?))
+                    Some(Arc::new(qgemm::dw::DwPacked::new(&conv.geom.depthwise(), &wq)?))
                 }
                 false => None,
             }

@@ -145,7 +145,7 @@ impl ConvKernel {
                     slimnn_kernels::gemm(g.oh * g.ow, a, w.k(), w, o, g.c_out, ep, gp)?;
                 }
                 (None, Weights::Depthwise(w)) => {
-                    depthwise(self, w, &dw_geom(g), x, o, par)?;
+                    depthwise(self, w, &g.depthwise(), x, o, par)?;
                     finish(o, split_clamp(self.activation).1, r);
                 }
                 (Some(_), Weights::Depthwise(_)) => unreachable!("only pointwise convolutions fuse a depthwise one"),
@@ -187,7 +187,7 @@ impl ConvKernel {
                     let xb = &x[ir0 * g.w * g.c_in..][..m * g.c_in];
                     slimnn_kernels::gemm(m, xb, g.c_in, w, buf, g.c_out, ep, gp)?;
                 }
-                let mut bg = dw_geom(d);
+                let mut bg = d.depthwise();
                 (bg.h, bg.pt, bg.oh) = (ir1.saturating_sub(ir0), (ir0 as isize - top) as usize, oy1 - oy0);
                 let o = &mut out[oy0 * d.ow * d.c_out..oy1 * d.ow * d.c_out];
                 depthwise(dw, dww, &bg, buf, o, par)?;
@@ -195,22 +195,6 @@ impl ConvKernel {
             }
             Ok(())
         })
-    }
-}
-
-fn dw_geom(g: &ConvGeom) -> DwGeom {
-    DwGeom {
-        c: g.c_out,
-        h: g.h,
-        w: g.w,
-        kh: g.kh,
-        kw: g.kw,
-        sh: g.sh,
-        sw: g.sw,
-        pt: g.pt,
-        pl: g.pl,
-        oh: g.oh,
-        ow: g.ow,
     }
 }
 
@@ -361,29 +345,8 @@ pub(crate) fn channels_last(plan: &mut Plan) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slimnn_ir::ops::{AutoPad, ConvAttrs};
+    use crate::conv::tests::{conv_attrs as attrs, values};
     use slimnn_kernels::Activation;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn attrs(k: usize, stride: usize, pad: usize, group: usize) -> ConvAttrs {
-        ConvAttrs {
-            kernel_shape: Some(vec![k, k]),
-            strides: vec![stride, stride],
-            pads: vec![pad; 4],
-            dilations: vec![],
-            group,
-            auto_pad: AutoPad::NotSet,
-        }
-    }
 
     /// Images `[c, hw]` as `[hw, c]`.
     fn nhwc(x: &[f32], c: usize, hw: usize) -> Vec<f32> {
