@@ -464,10 +464,7 @@ impl ConvKernel {
             let buf = held.as_deref_mut().unwrap_or(&mut own);
             for oy0 in (0..d.oh).step_by(band) {
                 let oy1 = (oy0 + band).min(d.oh);
-                // Input rows of the band; rows above 0 and below h are the padding.
-                let top = (oy0 * d.sh) as isize - d.pt as isize;
-                let ir0 = top.max(0) as usize;
-                let ir1 = ((oy1 - 1) * d.sh + d.kh).saturating_sub(d.pt).min(d.h);
+                let (top, ir0, ir1) = band_input_rows(d, oy0, oy1);
                 let n = ir1.saturating_sub(ir0) * d.w;
                 buf.resize(d.c_in * n, 0.0);
                 if n > 0 {
@@ -645,6 +642,14 @@ thread_local! {
     /// the last plane padded: the same geometry writes the same interior, so its zero border
     /// is still in place.
     static PADDED: RefCell<(Vec<f32>, Option<ConvGeom>)> = const { RefCell::new((Vec::new(), None)) };
+}
+
+/// The input rows `ir0..ir1` that output rows `oy0..oy1` of `d` read, and the (possibly
+/// negative) row of the first one's top tap: rows above 0 and below `h` are the padding.
+fn band_input_rows(d: &ConvGeom, oy0: usize, oy1: usize) -> (isize, usize, usize) {
+    let top = (oy0 * d.sh) as isize - d.pt as isize;
+    let ir1 = ((oy1 - 1) * d.sh + d.kh).saturating_sub(d.pt).min(d.h);
+    (top, top.max(0) as usize, ir1)
 }
 
 fn shape_error(msg: String) -> RuntimeError {

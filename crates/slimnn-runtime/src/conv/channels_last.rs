@@ -178,9 +178,7 @@ impl ConvKernel {
             let buf = held.as_deref_mut().unwrap_or(&mut own);
             for oy0 in (0..d.oh).step_by(band) {
                 let oy1 = (oy0 + band).min(d.oh);
-                let top = (oy0 * d.sh) as isize - d.pt as isize;
-                let ir0 = top.max(0) as usize;
-                let ir1 = ((oy1 - 1) * d.sh + d.kh).saturating_sub(d.pt).min(d.h);
+                let (top, ir0, ir1) = super::band_input_rows(d, oy0, oy1);
                 let m = ir1.saturating_sub(ir0) * d.w;
                 buf.resize(m * d.c_in, 0.0);
                 if m > 0 {
