@@ -1,11 +1,11 @@
 //! MiniLM's attention (128 tokens, 12 heads of 32, one sequence, padding mask) on one thread:
 //! time per call and GFLOP/s of its two products.
 //!
-//! `[PAD=K] [BF16=1] cargo run --release -p slimnn-kernels --example attention_speed [-- SEQ]`
-//! (the last K keys masked, as padding, default 5; `BF16=1` times the bf16 products, on AMX
-//! tiles where granted)
+//! `[PAD=K] [BF16=1|INT8=1] cargo run --release -p slimnn-kernels --example attention_speed [-- SEQ]`
+//! (the last K keys masked, as padding, default 5; `BF16=1` times the bf16 products, `INT8=1`
+//! the int8 ones, on AMX tiles where granted)
 
-use slimnn_kernels::attention::{mha, mha_strided_bf16, AttnDims, AttnMask, Rows};
+use slimnn_kernels::attention::{mha, mha_strided_bf16, mha_strided_int8, AttnDims, AttnMask, Rows};
 use slimnn_kernels::Par;
 use std::time::Instant;
 
@@ -19,14 +19,17 @@ fn main() {
     let pad: usize = std::env::var("PAD").map(|s| s.parse().unwrap()).unwrap_or(5);
     let mask: Vec<f32> = (0..seq).map(|i| if i < seq - pad { 0.0 } else { f32::NEG_INFINITY }).collect();
     let bf16 = std::env::var("BF16").is_ok_and(|v| v == "1");
+    let int8 = std::env::var("INT8").is_ok_and(|v| v == "1");
     let mut out = vec![0f32; len];
     let mut best = f64::MAX;
     for _ in 0..1000 {
         let t = Instant::now();
         let m = AttnMask { data: &mask, shape: [1, 1, 1, seq] };
+        let rows = |data| Rows { data, ld: 384 };
         if bf16 {
-            let rows = |data| Rows { data, ld: 384 };
             mha_strided_bf16(rows(&q), rows(&k), rows(&v), Some(m), dims, 0.176_776_7, &mut out, Par::Seq)
+        } else if int8 {
+            mha_strided_int8(rows(&q), rows(&k), rows(&v), Some(m), dims, 0.176_776_7, &mut out, Par::Seq)
         } else {
             mha(&q, &k, &v, Some(m), dims, 0.176_776_7, &mut out, Par::Seq)
         }
@@ -34,5 +37,12 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64());
     }
     let flops = 4.0 * (seq * seq * 384) as f64;
-    println!("seq {seq}{}: {:.1} us, {:.0} GFLOP/s", if bf16 { " bf16" } else { "" }, best * 1e6, flops / best / 1e9);
+    let what = if bf16 {
+        " bf16"
+    } else if int8 {
+        " int8"
+    } else {
+        ""
+    };
+    println!("seq {seq}{what}: {:.1} us, {:.0} GFLOP/s", best * 1e6, flops / best / 1e9);
 }

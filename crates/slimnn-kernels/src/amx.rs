@@ -326,6 +326,7 @@ tile_loop!(2x1, "tdpbf16ps", bf16_2x1);
 tile_loop!(1x3, "tdpbf16ps", bf16_1x3);
 tile_loop!(block 2x2, "tdpbf16ps", bf16_block_2x2);
 tile_loop!(block 2x2, "tdpbusd", int8_block_2x2);
+tile_loop!(block 2x2, "tdpbssd", int8ss_block_2x2);
 tile_loop!(block 1x2, "tdpbusd", int8_block_1x2);
 tile_loop!(step 2x2, "tdpbusd", int8_step_2x2);
 tile_loop!(step 1x2, "tdpbusd", int8_step_1x2);

@@ -10,7 +10,8 @@
 //! query rows (all heads), which own disjoint rows of the output.
 //!
 //! On AVX-512, f32 attention at BERT-family shapes (heads of 16-64 values, up to 128 keys) runs
-//! register-blocked kernels instead (`avx512`); bf16 attention on AMX runs on tiles (`amx`).
+//! register-blocked kernels instead (`avx512`); bf16 attention on AMX runs on tiles (`amx`), and
+//! so does int8 attention ([`mha_strided_int8`], `int8`).
 
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};
@@ -22,6 +23,7 @@ use std::cell::Cell;
 
 mod amx;
 mod avx512;
+mod int8;
 
 /// The output, shared by the tasks: task (b, h) writes only head `h`'s columns of batch `b`'s
 /// rows, so no two tasks touch the same value.
@@ -172,7 +174,44 @@ pub fn mha_strided_bf16_with(
     out: &mut [f32],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    run(tier, true, q, k, v, mask, dims, scale, out, par)
+    run(tier, Products::Bf16, q, k, v, mask, dims, scale, out, par)
+}
+
+/// [`mha_strided`] with both products in int8 where AMX-INT8 tiles are granted and `head_dim`
+/// is 16, 32, 48 or 64; elsewhere the f32 kernels run (a request, as bf16 is). Q and K rows are
+/// quantized per token, the softmax weights to u8 and V per column, as
+/// [`reference::mha_int8`] defines; see [`int8_native`].
+#[allow(clippy::too_many_arguments)]
+pub fn mha_strided_int8(
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    run(cpu::tier(), Products::Int8, q, k, v, mask, dims, scale, out, par)
+}
+
+/// Whether [`mha_strided_int8`] runs in int8 for heads of `head_dim` values on the active tier.
+pub fn int8_native(head_dim: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return int8::native(cpu::tier(), head_dim);
+    #[cfg(not(target_arch = "x86_64"))]
+    return {
+        let _ = head_dim;
+        false
+    };
+}
+
+/// The arithmetic of attention's two products.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Products {
+    F32,
+    Bf16,
+    Int8,
 }
 
 /// [`mha_strided`] with the kernels of `tier`, which the host must support.
@@ -188,13 +227,13 @@ pub fn mha_strided_with(
     out: &mut [f32],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    run(tier, false, q, k, v, mask, dims, scale, out, par)
+    run(tier, Products::F32, q, k, v, mask, dims, scale, out, par)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run(
     tier: CpuTier,
-    bf16: bool,
+    products: Products,
     q: Rows<'_>,
     k: Rows<'_>,
     v: Rows<'_>,
@@ -214,7 +253,15 @@ fn run(
         out.fill(0.0);
         return Ok(());
     }
+    let bf16 = products == Products::Bf16;
     let job = Job { tier, bf16, q, k, v, mask, dims, scale, hd };
+    #[cfg(target_arch = "x86_64")]
+    if products == Products::Int8 && int8::native(tier, dims.head_dim) {
+        return match par {
+            Par::Pool(pool) => pool.install(|| int8::run(&job, out, par.threads())),
+            _ => int8::run(&job, out, par.threads()),
+        };
+    }
     #[cfg(target_arch = "x86_64")]
     if bf16 && amx::usable(tier) {
         return match par {
@@ -553,6 +600,74 @@ pub mod reference {
         }
         out
     }
+
+    /// Symmetric i8 of `x` with one scale: `round(x · 127 / max|x|)` (f32 arithmetic, ties to
+    /// even) and `max|x| / 127`, as the int8 kernel rounds.
+    fn quantize(x: impl Iterator<Item = f32> + Clone) -> (Vec<i32>, f32) {
+        let m = x.clone().fold(0f32, |m, v| m.max(v.abs()));
+        let f = if m > 0.0 { 127.0 / m } else { 0.0 };
+        (x.map(|v| (v * f).round_ties_even().clamp(-128.0, 127.0) as i32).collect(), m / 127.0)
+    }
+
+    /// What [`super::mha_strided_int8`] computes, with exact `e^x` (f64): per (batch, head), Q
+    /// and K rows quantized to i8 with a scale each, V columns with a scale each over the keys;
+    /// scores `Σ q·k · scale_q · scale_k · scale + mask`; weights `w = round(255 e^(s - max))`;
+    /// `out = Σ w · v · scale_v / Σ w` (NaN for rows masked entirely).
+    ///
+    /// Also returns each output's slack: how far it moves, at most, if every weight whose
+    /// `255 e^(s - max)` lies within `eps` of a rounding boundary rounds the other way (what an
+    /// approximate `e^x` may do).
+    pub fn mha_int8(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<AttnMask<'_>>,
+        dims: AttnDims,
+        scale: f32,
+        eps: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let AttnDims { batch, seq_q, seq_k, heads, head_dim: d } = dims;
+        let hd = heads * d;
+        let mut out = vec![0.0; batch * seq_q * hd];
+        let mut slack = vec![0.0; batch * seq_q * hd];
+        for b in 0..batch {
+            for h in 0..heads {
+                let row = |x: &'_ [f32], s: usize, i: usize| x[(b * s + i) * hd + h * d..][..d].to_vec();
+                let keys: Vec<_> = (0..seq_k).map(|j| quantize(row(k, seq_k, j).into_iter())).collect();
+                let cols: Vec<_> =
+                    (0..d).map(|c| quantize((0..seq_k).map(|j| v[(b * seq_k + j) * hd + h * d + c]))).collect();
+                for i in 0..seq_q {
+                    let (q8, qs) = quantize(row(q, seq_q, i).into_iter());
+                    let z: Vec<f64> = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(j, (k8, ks))| {
+                            let dot: i64 = q8.iter().zip(k8).map(|(&x, &y)| x as i64 * y as i64).sum();
+                            let m = mask.map_or(0.0, |m| {
+                                let [mb, mh, mq, _] = m.shape;
+                                m.data[(((b % mb) * mh + h % mh) * mq + i % mq) * seq_k + j] as f64
+                            });
+                            dot as f64 * (scale * ks) as f64 * qs as f64 + m
+                        })
+                        .collect();
+                    let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let exact: Vec<f64> = z.iter().map(|&x| 255.0 * (x - max).exp()).collect();
+                    let w: Vec<f64> = exact.iter().map(|x| x.round()).collect();
+                    let near: Vec<bool> = exact.iter().map(|x| ((x - x.floor()) - 0.5).abs() < eps).collect();
+                    let flips = near.iter().filter(|&&n| n).count() as f64;
+                    let sum: f64 = w.iter().sum();
+                    for (c, (v8, vs)) in cols.iter().enumerate() {
+                        let at = (b * seq_q + i) * hd + h * d + c;
+                        let acc: f64 = w.iter().zip(v8).map(|(&w, &x)| w * x as f64).sum();
+                        out[at] = if max == f64::NEG_INFINITY { f64::NAN } else { acc * *vs as f64 / sum };
+                        let moved: f64 = near.iter().zip(v8).filter(|(&n, _)| n).map(|(_, &x)| x.abs() as f64).sum();
+                        slack[at] = (moved * *vs as f64 + out[at].abs() * flips) / (sum - flips).max(1.0);
+                    }
+                }
+            }
+        }
+        (out, slack)
+    }
 }
 
 #[cfg(test)]
@@ -880,5 +995,107 @@ mod tests {
             let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
             check_against_reference(dims, mask_kind, bits, scale, threads, seed);
         }
+    }
+
+    /// MiniLM-like operands (K three times Q's range, as trained projections give): the int8
+    /// reference against exact attention. Q, K and V lose ~0.4% to their i8 steps and weights
+    /// below 1/510 of a row's largest vanish, which stays within 2% of V's range per output.
+    #[test]
+    fn int8_reference_stays_within_quantization_error() {
+        let dims = AttnDims { batch: 2, seq_q: 40, seq_k: 128, heads: 2, head_dim: 32 };
+        let hd = dims.heads * dims.head_dim;
+        let q = values(dims.batch * dims.seq_q * hd, 7);
+        let k: Vec<f32> = values(dims.batch * dims.seq_k * hd, 8).iter().map(|x| x * 3.0).collect();
+        let v = values(dims.batch * dims.seq_k * hd, 9);
+        let m: Vec<f32> =
+            (0..dims.batch * dims.seq_k).map(|i| if i % 128 >= 120 { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let mask = Some(AttnMask { data: &m, shape: [dims.batch, 1, 1, dims.seq_k] });
+        let scale = 1.0 / (dims.head_dim as f32).sqrt();
+        let exact = reference::mha(&q, &k, &v, mask, dims, scale);
+        let (int8, _) = reference::mha_int8(&q, &k, &v, mask, dims, scale, 0.0);
+        let err: Vec<f64> = exact.iter().zip(&int8).map(|(a, b)| (a - b).abs()).collect();
+        let max = err.iter().cloned().fold(0.0, f64::max);
+        let mean = err.iter().sum::<f64>() / err.len() as f64;
+        assert!(max < 0.02 && mean < 0.003, "max {max}, mean {mean}");
+        assert!(max > 1e-4, "quantization must show: max {max}");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn check_int8(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<AttnMask<'_>>,
+        dims: AttnDims,
+        scale: f32,
+        threads: usize,
+    ) {
+        let rows = |data| Rows { data, ld: dims.heads * dims.head_dim };
+        // The kernel's e^x is within 4.3e-5 relative (0.011 of a u8 step), its scores within f32
+        // rounding of the reference's.
+        let (want, slack) = reference::mha_int8(q, k, v, mask, dims, scale, 0.02);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut got = vec![0.0; want.len()];
+        run(CpuTier::Amx, Products::Int8, rows(q), rows(k), rows(v), mask, dims, scale, &mut got, Par::Pool(&pool))
+            .unwrap();
+        for (i, ((&g, &w), &s)) in got.iter().zip(&want).zip(&slack).enumerate() {
+            if w.is_nan() {
+                assert!(g.is_nan(), "{dims:?} at {i}: {g}, want NaN");
+            } else {
+                let tol = s + 1e-5 * (1.0 + w.abs());
+                assert!((g as f64 - w).abs() <= tol, "{dims:?} at {i}: {g} vs {w} (slack {s})");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The AMX kernel against its reference: keys across the 64-key steps, every head size
+        /// it takes, every kind of mask (kind 2 masks whole rows: NaN).
+        #[test]
+        fn int8_matches_its_reference(
+            (batch, seq_q, seq_k, heads) in (1usize..3, 1usize..70, 1usize..150, 1usize..3),
+            head_dim in prop::sample::select(vec![16usize, 32, 48, 64]),
+            mask_kind in 0u8..3,
+            per_query_mask: bool,
+            threads in 1usize..4,
+            seed in any::<u64>(),
+        ) {
+            if !int8::native(CpuTier::Amx, head_dim) || !supported_tiers().contains(&CpuTier::Amx) {
+                return Ok(());
+            }
+            let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
+            let hd = heads * head_dim;
+            let q = values(batch * seq_q * hd, seed);
+            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
+            let v = values(batch * seq_k * hd, seed ^ 2);
+            let shape = [batch, 1, if per_query_mask { seq_q } else { 1 }, seq_k];
+            let mut m = values(shape_len(shape), seed ^ 3);
+            for (i, x) in m.iter_mut().enumerate() {
+                if i % seq_k % 3 == 2 {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            if mask_kind == 2 {
+                m[..seq_k].fill(f32::NEG_INFINITY);
+            }
+            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
+            check_int8(&q, &k, &v, mask, dims, 1.0 / (head_dim as f32).sqrt(), threads);
+        }
+    }
+
+    /// Off AMX (or at a head size the tiles do not take) an int8 request runs the f32 kernels.
+    #[test]
+    fn int8_request_falls_back_to_f32() {
+        let dims = AttnDims { batch: 1, seq_q: 5, seq_k: 7, heads: 2, head_dim: 8 };
+        let q = values(5 * 16, 1);
+        let k = values(7 * 16, 2);
+        let v = values(7 * 16, 3);
+        let rows = |data| Rows { data, ld: 16 };
+        let mut got = vec![0.0; 5 * 16];
+        mha_strided_int8(rows(&q), rows(&k), rows(&v), None, dims, 0.3, &mut got, Par::Seq).unwrap();
+        assert!(!int8_native(8));
+        assert_close(&got, &reference::mha(&q, &k, &v, None, dims, 0.3), "fallback");
     }
 }
