@@ -27,6 +27,8 @@ pub struct BenchConfig {
     pub tokenizer: Option<PathBuf>,
     /// Arithmetic of slimnn's linear layers (ONNX Runtime runs the file as it is).
     pub precision: Precision,
+    /// `RuntimeConfig::int8_attention`.
+    pub int8_attention: bool,
 }
 
 /// One configuration's figures (`--json` writes a list of these).
@@ -250,7 +252,10 @@ pub fn bench(model: &Path, cfg: &BenchConfig, mut report: impl FnMut(&Record)) -
     }
     let mut records = vec![];
     for &threads in &cfg.threads {
-        let rt = Runnable::new(graph.clone(), RuntimeConfig { threads, precision: cfg.precision })?;
+        let rt = Runnable::new(
+            graph.clone(),
+            RuntimeConfig { threads, precision: cfg.precision, int8_attention: cfg.int8_attention },
+        )?;
         for &batch in &cfg.batches {
             let inputs = make_inputs(&graph, model, cfg, batch)?;
             let shapes: Vec<Vec<usize>> = inputs.iter().map(|(_, t)| t.shape().to_vec()).collect();

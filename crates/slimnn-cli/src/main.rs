@@ -93,6 +93,9 @@ enum Command {
         /// AVX-512 BF16, else f32.
         #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
         precision: PrecisionArg,
+        /// Attention's two products in int8 where AMX tiles are granted (else as --precision).
+        #[arg(long)]
+        int8_attention: bool,
         /// Write one JSON record per configuration here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -274,6 +277,9 @@ enum Command {
         /// Arithmetic of the candidate's linear layers (the reference runs in f32).
         #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
         precision: PrecisionArg,
+        /// The candidate's attention products in int8 where AMX tiles are granted.
+        #[arg(long)]
+        int8_attention: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -403,6 +409,7 @@ fn run(cli: Cli) -> Result<()> {
             ort_model,
             tokenizer,
             precision,
+            int8_attention,
             json,
         } => {
             let threads = if threads.is_empty() { vec![slimnn_runtime::physical_cores()] } else { threads };
@@ -420,6 +427,7 @@ fn run(cli: Cli) -> Result<()> {
                 ort_model,
                 tokenizer,
                 precision: precision.into(),
+                int8_attention,
             };
             println!("slimnn bench {} (kernels: {})", model.display(), slimnn_kernels::cpu::describe());
             println!(
@@ -569,6 +577,7 @@ fn run(cli: Cli) -> Result<()> {
             tokenizer,
             threads,
             precision,
+            int8_attention,
             json,
         } => {
             let opts = slimnn_cli::quantize::DataOptions { batch_size, samples, max_length, tokenizer };
@@ -578,8 +587,7 @@ fn run(cli: Cli) -> Result<()> {
                 &candidate,
                 data.as_deref(),
                 &opts,
-                threads,
-                precision.into(),
+                RuntimeConfig { precision: precision.into(), int8_attention, ..RuntimeConfig::with_threads(threads) },
             )?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&a)?);
@@ -718,7 +726,10 @@ fn run_model(
     let outputs = if reference {
         g.eval(named)?
     } else {
-        let config = RuntimeConfig { threads: threads.unwrap_or_else(slimnn_runtime::physical_cores), precision };
+        let config = RuntimeConfig {
+            precision,
+            ..RuntimeConfig::with_threads(threads.unwrap_or_else(slimnn_runtime::physical_cores))
+        };
         let rt = Runnable::new(g.clone(), config)?;
         rt.run(&mut rt.new_state(), named)?
     };

@@ -90,7 +90,10 @@ pub fn optimized_summary(g: &Graph, dims: &[String], precision: slimnn_runtime::
                 .collect()
         })
         .collect();
-    let rt = slimnn_runtime::Runnable::new(g.clone(), slimnn_runtime::RuntimeConfig { threads: 1, precision })?;
+    let rt = slimnn_runtime::Runnable::new(
+        g.clone(),
+        slimnn_runtime::RuntimeConfig { precision, ..slimnn_runtime::RuntimeConfig::with_threads(1) },
+    )?;
     let plan = rt.plan_for(&shapes)?.summary();
     Ok(OptimizedSummary { shapes, report: rt.report().clone(), plan })
 }

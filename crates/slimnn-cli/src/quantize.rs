@@ -10,7 +10,7 @@ use slimnn_compress::{quantize, QuantRecipe, Report};
 use slimnn_data::text::TextTokenizer;
 use slimnn_formats::{npy, onnx};
 use slimnn_ir::Graph;
-use slimnn_runtime::{Precision, RuntimeConfig};
+use slimnn_runtime::RuntimeConfig;
 use slimnn_tensor::{DType, Dim, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -254,9 +254,9 @@ pub fn run_compare(
     candidate: &Path,
     data: Option<&Path>,
     opts: &DataOptions,
-    threads: usize,
-    candidate_precision: Precision,
+    candidate_config: RuntimeConfig,
 ) -> Result<Agreement> {
+    let threads = candidate_config.threads;
     let g_ref = crate::model::load(reference)?;
     let g_cand = crate::model::load(candidate)?;
     let names: Vec<String> = g_ref.outputs().iter().map(|(n, _)| n.clone()).collect();
@@ -270,8 +270,7 @@ pub fn run_compare(
     };
     let n = source.batches();
     let r = run_all(&g_ref, source.as_ref(), n, threads).with_context(|| format!("running {}", reference.display()))?;
-    let config = RuntimeConfig { threads: threads.max(1), precision: candidate_precision };
-    let c = run_all_with(&g_cand, source.as_ref(), n, config)
+    let c = run_all_with(&g_cand, source.as_ref(), n, candidate_config)
         .with_context(|| format!("running {}", candidate.display()))?;
     Ok(agreement(&names, &r, &c)?)
 }

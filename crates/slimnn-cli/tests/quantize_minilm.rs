@@ -11,12 +11,13 @@ mod common;
 
 use common::*;
 use slimnn_cli::tasks::cosine;
-use slimnn_compress::mixed::{agreement, run_all};
+use slimnn_compress::mixed::{agreement, run_all, run_all_with};
 use slimnn_compress::{quantize, ActivationGranularity, CalibrationMethod, Mode, QuantRecipe};
 use slimnn_data::corpus::moby_dick_sentences;
 use slimnn_data::text::TextTokenizer;
 use slimnn_formats::onnx;
 use slimnn_ir::Graph;
+use slimnn_runtime::{Runnable, RuntimeConfig};
 use slimnn_tensor::Tensor;
 use std::process::Command;
 
@@ -225,6 +226,32 @@ fn bf16_weights_match_fp32_and_run_in_onnxruntime() {
     let (c, m, _) = ort_agreement(&d, &q, &out, "bf16");
     eprintln!("bf16 vs ONNX Runtime: worst cosine {c:.7}, max abs {m:.2e}");
     assert!(c >= 0.99999, "bf16 export vs ORT cosine {c}");
+}
+
+/// int8 attention (`RuntimeConfig::int8_attention`, AMX hosts) on the fp32 model and on the
+/// int8 dynamic one: both products quantized, the embeddings keep the int8 targets. Measured on
+/// 200 sentences: fp32 0.9999 mean / 0.9996 min, int8 dynamic 0.9986 / 0.9963.
+#[test]
+fn int8_attention_keeps_embeddings() {
+    let d = setup(48);
+    let native = slimnn_kernels::attention::int8_native(32);
+    let config = RuntimeConfig { int8_attention: true, ..RuntimeConfig::with_threads(2) };
+    let rt = Runnable::new(d.graph.clone(), config.clone()).unwrap();
+    let kernels = rt.plan_for(&[vec![1, 128], vec![1, 128], vec![1, 128]]).unwrap().summary().kernels;
+    assert_eq!(kernels.contains_key("attention_int8"), native, "{kernels:?}");
+    let dynamic = run(&d, &QuantRecipe { mode: Mode::Dynamic, ..Default::default() });
+    for (what, g, mean_at_least, min_at_least) in
+        [("fp32", &d.graph, 0.9995, 0.999), ("int8 dynamic", &dynamic, 0.998, 0.99)]
+    {
+        let out = run_all_with(g, &d.eval, usize::MAX, config.clone()).unwrap();
+        let a = agreement(&d.names, &d.reference, &out).unwrap();
+        let e = a.outputs.iter().find(|o| o.name == "sentence_embedding").unwrap();
+        eprintln!("{what} + int8 attention: cosine mean {:.5} min {:.5}", e.cosine_mean, e.cosine_min);
+        assert!(e.cosine_mean >= mean_at_least && e.cosine_min >= min_at_least, "{what}: {e:?}");
+        if native && what == "fp32" {
+            assert!(e.cosine_min < 0.999999, "int8 products should move the embeddings: {e:?}");
+        }
+    }
 }
 
 fn slimnn(args: &[&str]) -> (bool, String) {

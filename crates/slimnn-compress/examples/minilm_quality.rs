@@ -5,7 +5,9 @@
 //! (calibration: 128 other sentences of the book; schemes default to all). `bf16-compute` runs
 //! the bf16-weight model with bf16 products (`Precision::Bf16`; f32 where the CPU lacks
 //! AVX-512 BF16); any scheme named with a `+bf16` suffix (e.g. `dynamic-embeddings+bf16`) runs
-//! that way too (for int8 models: attention and any float GEMMs in bf16).
+//! that way too (for int8 models: attention and any float GEMMs in bf16), and a `+int8attn`
+//! suffix runs attention's products in int8 (`RuntimeConfig::int8_attention`, where AMX is
+//! granted). `fp32` is the model unquantized (e.g. `fp32+int8attn`).
 
 use slimnn_compress::calib::BatchSource;
 use slimnn_compress::mixed::{agreement, run_all, run_all_with};
@@ -104,25 +106,31 @@ fn main() {
         "{:<26} {:>10} {:>10} {:>10} {:>9} {:>9}",
         "scheme", "cos mean", "cos min", "rel err", "quant s", "eval s"
     );
-    let suffixed: Vec<(String, QuantRecipe)> = wanted
+    let base_name = |w: &str| w.split('+').next().unwrap_or(w).to_string();
+    let suffixed: Vec<(String, Option<QuantRecipe>)> = wanted
         .iter()
-        .filter_map(|w| {
-            let base = w.strip_suffix("+bf16")?;
-            all.iter().find(|(n, _)| *n == base).map(|(_, r)| (w.clone(), r.clone()))
+        .filter(|w| w.contains('+') || *w == "fp32")
+        .filter_map(|w| match base_name(w).as_str() {
+            "fp32" => Some((w.clone(), None)),
+            b => all.iter().find(|(n, _)| *n == b).map(|(_, r)| (w.clone(), Some(r.clone()))),
         })
         .collect();
-    let all = all.into_iter().map(|(n, r)| (n.to_string(), r)).chain(suffixed);
+    let all = all.into_iter().map(|(n, r)| (n.to_string(), Some(r))).chain(suffixed);
     for (name, recipe) in all {
         if !wanted.is_empty() && !wanted.contains(&name) {
             continue;
         }
         let t0 = Instant::now();
-        let (q, _report) = quantize(&g, &recipe, &calib_data, &mut |_| {}).unwrap();
+        let q = match &recipe {
+            Some(recipe) => quantize(&g, recipe, &calib_data, &mut |_| {}).unwrap().0,
+            None => g.clone(),
+        };
         let tq = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let bf16 = name == "bf16-compute" || name.ends_with("+bf16");
+        let bf16 = name == "bf16-compute" || name.contains("+bf16");
         let precision = if bf16 { Precision::Bf16 } else { Precision::F32 };
-        let config = RuntimeConfig { threads, precision };
+        let int8_attention = name.contains("+int8attn");
+        let config = RuntimeConfig { precision, int8_attention, ..RuntimeConfig::with_threads(threads) };
         let out = run_all_with(&q, &eval_data, usize::MAX, config).unwrap();
         let a = agreement(&names, &reference, &out).unwrap();
         let e = a.outputs.iter().find(|o| o.name == "sentence_embedding").unwrap();

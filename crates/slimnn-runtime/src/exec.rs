@@ -333,7 +333,7 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             k.run(&ins, &mut out, gpar)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
-        Kernel::Attention { heads, head_dim, scale, mask_shape, fused_qkv, bf16 } => {
+        Kernel::Attention { heads, head_dim, scale, mask_shape, fused_qkv, products } => {
             let mut out = st.take(numel);
             let projections = if *fused_qkv { 1 } else { 3 };
             let p: Vec<&Tensor> = (0..projections).map(|i| st.get(step.inputs[i])).collect::<Result<_>>()?;
@@ -356,7 +356,7 @@ fn run_step(step: &crate::plan::Step, st: &mut State, par: bool, gpar: Par) -> R
             } else {
                 p.iter().map(|t| Ok(Rows { data: f32s(t)?, ld: hd })).collect::<Result<_>>()?
             };
-            fast::attention(rows[0], rows[1], rows[2], mask, dims, *scale, &mut out, par, *bf16)?;
+            fast::attention(rows[0], rows[1], rows[2], mask, dims, *scale, &mut out, par, *products)?;
             Ok(vec![Tensor::from_vec(shape, out)?])
         }
         Kernel::LayerNorm { scale, bias, epsilon } => {

@@ -2,7 +2,7 @@
 //! kernels, with rows split over threads here. Each has a reference counterpart in the IR's
 //! evaluator; differential tests compare the two.
 
-use crate::plan::{Broadcast, FastBinary, StridedBroadcast};
+use crate::plan::{AttnProducts, Broadcast, FastBinary, StridedBroadcast};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_kernels::attention::{self, AttnMask};
@@ -334,7 +334,7 @@ pub fn embedding(table: &[f32], rows: usize, n: usize, idx: &[i64], out: &mut [f
 
 /// Multi-head attention on `[batch, seq, heads * head_dim]` projections:
 /// `softmax(Q Kᵀ * scale + mask) V` per (batch, head) into that head's columns of `out`, both
-/// products in bf16 when `bf16`.
+/// products in the arithmetic `products` names.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: Rows<'_>,
@@ -345,14 +345,15 @@ pub fn attention(
     scale: f32,
     out: &mut [f32],
     par: bool,
-    bf16: bool,
+    products: AttnProducts,
 ) -> Result<()> {
     let mask = mask.map(|(data, shape)| AttnMask { data, shape });
     let par = if par { Par::Current } else { Par::Seq };
-    if bf16 {
-        return Ok(attention::mha_strided_bf16(q, k, v, mask, dims, scale, out, par)?);
-    }
-    Ok(attention::mha_strided(q, k, v, mask, dims, scale, out, par)?)
+    Ok(match products {
+        AttnProducts::F32 => attention::mha_strided(q, k, v, mask, dims, scale, out, par),
+        AttnProducts::Bf16 => attention::mha_strided_bf16(q, k, v, mask, dims, scale, out, par),
+        AttnProducts::Int8 => attention::mha_strided_int8(q, k, v, mask, dims, scale, out, par),
+    }?)
 }
 
 #[cfg(test)]
@@ -428,7 +429,29 @@ mod tests {
         assert!(softmax(&[1.0; 5], 3, &mut out[..5], false).is_err());
         let dims = AttnDims { batch: 1, seq_q: 2, seq_k: 2, heads: 1, head_dim: 3 };
         let r = |data| Rows { data, ld: 3 };
-        assert!(attention(r(&[0.0; 6]), r(&[0.0; 6]), r(&[0.0; 5]), None, dims, 1.0, &mut out, false, false).is_err());
-        assert!(attention(r(&[0.0; 6]), r(&[0.0; 6]), r(&[0.0; 6]), None, dims, 1.0, &mut out, true, false).is_ok());
+        assert!(attention(
+            r(&[0.0; 6]),
+            r(&[0.0; 6]),
+            r(&[0.0; 5]),
+            None,
+            dims,
+            1.0,
+            &mut out,
+            false,
+            AttnProducts::F32
+        )
+        .is_err());
+        assert!(attention(
+            r(&[0.0; 6]),
+            r(&[0.0; 6]),
+            r(&[0.0; 6]),
+            None,
+            dims,
+            1.0,
+            &mut out,
+            true,
+            AttnProducts::F32
+        )
+        .is_ok());
     }
 }

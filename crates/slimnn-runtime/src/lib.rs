@@ -63,12 +63,18 @@ pub struct RuntimeConfig {
     pub threads: usize,
     /// Arithmetic of products with constant weights.
     pub precision: Precision,
+    /// Attention's two products (`Q·Kᵀ`, `P·V`) in int8 on AMX tiles: Q and K quantized per
+    /// token, the softmax weights to u8, V per column
+    /// ([`slimnn_kernels::attention::mha_strided_int8`]). A request, like `precision`: where
+    /// AMX is not granted or the head size is not 16, 32, 48 or 64, attention runs as
+    /// `precision` says.
+    pub int8_attention: bool,
 }
 
 impl RuntimeConfig {
     /// `threads` workers, f32 arithmetic.
     pub fn with_threads(threads: usize) -> Self {
-        RuntimeConfig { threads, precision: Precision::F32 }
+        RuntimeConfig { threads, precision: Precision::F32, int8_attention: false }
     }
 }
 
@@ -148,6 +154,8 @@ pub struct Runnable {
     /// Whether batches of a CNN may run sample by sample ([`samples`]); `SLIMNN_SPLIT_BATCH=0`
     /// turns it off.
     split_batches: bool,
+    /// `RuntimeConfig::int8_attention`.
+    int8_attention: bool,
     /// Per input shapes: run sample by sample?
     /// Per input shapes: the samples per run when the batch is split, or `None`.
     splits: Mutex<HashMap<Vec<Vec<usize>>, Option<usize>>>,
@@ -256,6 +264,7 @@ impl Runnable {
             threads,
             plans: Default::default(),
             packed: lower::PackCache::new(config.precision.uses_bf16()),
+            int8_attention: config.int8_attention,
             split_batches: std::env::var_os("SLIMNN_SPLIT_BATCH").is_none_or(|v| v != "0"),
             splits: Default::default(),
         })
@@ -284,7 +293,7 @@ impl Runnable {
             return Ok(p);
         }
         let specialized = self.graph.specialized(shapes)?;
-        let plan = Arc::new(lower::lower(&specialized, &self.packed)?);
+        let plan = Arc::new(lower::lower(&specialized, &self.packed, self.int8_attention)?);
         self.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(shapes.to_vec(), plan.clone());
         Ok(plan)
     }

@@ -2,7 +2,7 @@
 //! emitted as one kernel step; every other node runs on the reference evaluator.
 
 use crate::conv::{ConvKernel, ConvTrainKernel, ConvTrainOp};
-use crate::plan::{Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step, StridedBroadcast};
+use crate::plan::{AttnProducts, Broadcast, FastBinary, Fusion, Kernel, Plan, Slot, Step, StridedBroadcast};
 use crate::Result;
 use slimnn_ir::ops::{
     Binary, BinaryOp, Clip, Conv, ConvGradInput, ConvGradWeight, GatherGrad, Gemm, GlobalPool, LayerNorm,
@@ -104,6 +104,9 @@ struct Ctx<'a> {
     taken: HashSet<NodeId>,
     /// Products in bf16 (`Precision::Bf16` on a host with AVX-512 BF16).
     bf16: bool,
+    /// Attention's products in int8 where the host's kernels take the head size
+    /// (`RuntimeConfig::int8_attention`).
+    int8_attention: bool,
 }
 
 fn out0(n: NodeId) -> OutletId {
@@ -413,7 +416,14 @@ fn match_attention(c: &Ctx, sm: NodeId) -> Option<Group> {
         inputs.push(m);
         m4
     });
-    let kernel = Kernel::Attention { heads: h, head_dim: d, scale, mask_shape, fused_qkv: false, bf16: c.bf16 };
+    let products = if c.int8_attention && slimnn_kernels::attention::int8_native(d) {
+        AttnProducts::Int8
+    } else if c.bf16 {
+        AttnProducts::Bf16
+    } else {
+        AttnProducts::F32
+    };
+    let kernel = Kernel::Attention { heads: h, head_dim: d, scale, mask_shape, fused_qkv: false, products };
     let note = format!("{h} heads of {d}, scale {scale}, mask {mask_shape:?}");
     let fusion = Fusion { kind: "attention".into(), nodes: c.names(&members), note };
     Some(Group { fusion, members, kernel, inputs, output_shape: None })
@@ -798,13 +808,14 @@ fn strided_broadcast(a: &[usize], b: &[usize], out: &[usize]) -> Option<StridedB
     Some(StridedBroadcast { dims, a_strides, b_strides })
 }
 
-pub(crate) fn lower(g: &Graph, packs: &PackCache) -> Result<Plan> {
+pub(crate) fn lower(g: &Graph, packs: &PackCache, int8_attention: bool) -> Result<Plan> {
     let mut c = Ctx {
         g,
         readers: g.consumers(),
         outputs: g.outputs().iter().map(|(_, o)| *o).collect(),
         taken: HashSet::new(),
         bf16: packs.bf16,
+        int8_attention,
     };
     // Fusion groups, keyed by the node whose output they produce (their last member in
     // topological order, so every input is ready when the step runs).

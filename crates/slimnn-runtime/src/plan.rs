@@ -8,6 +8,16 @@ use std::sync::Arc;
 /// Index of a value in a plan.
 pub type Slot = usize;
 
+/// The arithmetic of attention's two products (`Q·Kᵀ` and `P·V`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnProducts {
+    F32,
+    /// bf16 multiplies, f32 sums (`Precision::Bf16`).
+    Bf16,
+    /// i8 Q and K, u8 weights, i8 V on AMX tiles (`RuntimeConfig::int8_attention`).
+    Int8,
+}
+
 /// A lowered op: a chosen kernel with its prepared operands. Valid only on the machine (CPU
 /// tier) that built it; never serialised.
 #[derive(Debug)]
@@ -24,8 +34,15 @@ pub enum Kernel {
     /// head_dim]`; inputs `[q, k, v, mask?]`, or `[qkv, mask?]` when `fused_qkv` (one
     /// projection `[batch, seq, 3 * heads * head_dim]`, Q then K then V); the mask is additive,
     /// broadcast to `[batch, heads, seq_q, seq_k]`; output `[batch, seq_q, heads * head_dim]`.
-    /// `bf16`: both products in bf16 (`Precision::Bf16`).
-    Attention { heads: usize, head_dim: usize, scale: f32, mask_shape: Option<[usize; 4]>, fused_qkv: bool, bf16: bool },
+    /// `products`: the arithmetic of both products.
+    Attention {
+        heads: usize,
+        head_dim: usize,
+        scale: f32,
+        mask_shape: Option<[usize; 4]>,
+        fused_qkv: bool,
+        products: AttnProducts,
+    },
     /// Layer normalisation over the last axis; inputs `[x]`.
     LayerNorm { scale: Arc<[f32]>, bias: Arc<[f32]>, epsilon: f32 },
     /// Layer normalisation over the last axis with run-time scale (and bias); inputs
@@ -166,8 +183,9 @@ impl Kernel {
                 s
             }
             Kernel::MatMul(k) => k.name(),
-            Kernel::Attention { bf16: false, .. } => "attention".into(),
-            Kernel::Attention { bf16: true, .. } => "attention_bf16".into(),
+            Kernel::Attention { products: AttnProducts::F32, .. } => "attention".into(),
+            Kernel::Attention { products: AttnProducts::Bf16, .. } => "attention_bf16".into(),
+            Kernel::Attention { products: AttnProducts::Int8, .. } => "attention_int8".into(),
             Kernel::LayerNorm { .. } => "layer_norm".into(),
             Kernel::LayerNormDyn { .. } => "layer_norm".into(),
             Kernel::Softmax => "softmax".into(),

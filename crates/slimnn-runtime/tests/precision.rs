@@ -58,7 +58,11 @@ fn bf16_precision_runs_bf16_gemms_within_bf16_rounding() {
     let g = mlp(DType::BF16);
     let want = g.eval(input()).unwrap();
     for threads in [1, 2] {
-        let rt = Runnable::new(g.clone(), RuntimeConfig { threads, precision: Precision::Bf16 }).unwrap();
+        let rt = Runnable::new(
+            g.clone(),
+            RuntimeConfig { precision: Precision::Bf16, ..RuntimeConfig::with_threads(threads) },
+        )
+        .unwrap();
         let ks = kernels(&rt);
         let bf16 = ks.iter().any(|k| k.starts_with("gemm_bf16"));
         assert_eq!(bf16, Precision::Bf16.uses_bf16(), "{ks:?}");

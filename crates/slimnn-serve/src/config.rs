@@ -19,6 +19,9 @@ pub struct ModelConfig {
     /// Arithmetic of the linear layers: `f32`, or `bf16` products where the CPU has AVX-512
     /// BF16.
     pub precision: slimnn_runtime::Precision,
+    /// Attention's two products in int8 where AMX tiles are granted
+    /// (`RuntimeConfig::int8_attention`).
+    pub int8_attention: bool,
     /// Workers running batches side by side, each with its own buffers.
     pub instances: usize,
     /// Requests that may wait; one more is refused at once with 503 / UNAVAILABLE.
@@ -35,6 +38,7 @@ impl Default for ModelConfig {
             max_batch_delay_ms: 2.0,
             threads: None,
             precision: slimnn_runtime::Precision::F32,
+            int8_attention: false,
             instances: 1,
             queue_capacity: 64,
             sequence_buckets: vec![16, 32, 64, 128, 256, 512],

@@ -178,8 +178,15 @@ impl LoadedModel {
         }
         let threads = source.config.threads.unwrap_or_else(slimnn_runtime::physical_cores);
         let runnable = Arc::new(
-            Runnable::new(graph, RuntimeConfig { threads, precision: source.config.precision })
-                .with_context(|| format!("preparing {} for the runtime", source.path.display()))?,
+            Runnable::new(
+                graph,
+                RuntimeConfig {
+                    threads,
+                    precision: source.config.precision,
+                    int8_attention: source.config.int8_attention,
+                },
+            )
+            .with_context(|| format!("preparing {} for the runtime", source.path.display()))?,
         );
         let tokenizer = match &source.tokenizer {
             Some(p) => {
