@@ -909,6 +909,48 @@ mod tests {
         }
     }
 
+    /// Operands of the reduced-precision property tests: K three times Q's range (as trained
+    /// projections give); mask kind 1 has finite offsets and -inf on every third key, kind 2
+    /// also masks the first query row (or, with one mask row for all queries, every row)
+    /// entirely: NaN.
+    struct Case {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        m: Vec<f32>,
+        shape: [usize; 4],
+        masked: bool,
+    }
+
+    impl Case {
+        fn new(dims: AttnDims, mask_kind: u8, per_query_mask: bool, seed: u64) -> Self {
+            let AttnDims { batch, seq_q, seq_k, heads, head_dim } = dims;
+            let hd = heads * head_dim;
+            let shape = [batch, 1, if per_query_mask { seq_q } else { 1 }, seq_k];
+            let mut m = values(shape_len(shape), seed ^ 3);
+            for (i, x) in m.iter_mut().enumerate() {
+                if i % seq_k % 3 == 2 {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            if mask_kind == 2 {
+                m[..seq_k].fill(f32::NEG_INFINITY);
+            }
+            Case {
+                q: values(batch * seq_q * hd, seed),
+                k: values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect(),
+                v: values(batch * seq_k * hd, seed ^ 2),
+                m,
+                shape,
+                masked: mask_kind > 0,
+            }
+        }
+
+        fn mask(&self) -> Option<AttnMask<'_>> {
+            self.masked.then_some(AttnMask { data: &self.m, shape: self.shape })
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
@@ -920,26 +962,10 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
-            let hd = heads * head_dim;
-            let q = values(batch * seq_q * hd, seed);
-            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
-            let v = values(batch * seq_k * hd, seed ^ 2);
-            let shape = [batch, 1, if per_query_mask { seq_q } else { 1 }, seq_k];
-            // Kind 1: finite offsets and -inf on every third key; kind 2 also masks the first
-            // query row (or, with one mask row for all queries, every row) entirely: NaN.
-            let mut m = values(shape_len(shape), seed ^ 3);
-            for (i, x) in m.iter_mut().enumerate() {
-                if i % seq_k % 3 == 2 {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-            if mask_kind == 2 {
-                m[..seq_k].fill(f32::NEG_INFINITY);
-            }
-            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
+            let c = Case::new(dims, mask_kind, per_query_mask, seed);
             let scale = 1.0 / (head_dim as f32).sqrt();
             for tier in supported_tiers() {
-                check_bf16(tier, &q, &k, &v, mask, dims, scale, threads);
+                check_bf16(tier, &c.q, &c.k, &c.v, c.mask(), dims, scale, threads);
             }
         }
     }
@@ -1066,22 +1092,8 @@ mod tests {
                 return Ok(());
             }
             let dims = AttnDims { batch, seq_q, seq_k, heads, head_dim };
-            let hd = heads * head_dim;
-            let q = values(batch * seq_q * hd, seed);
-            let k: Vec<f32> = values(batch * seq_k * hd, seed ^ 1).iter().map(|x| x * 3.0).collect();
-            let v = values(batch * seq_k * hd, seed ^ 2);
-            let shape = [batch, 1, if per_query_mask { seq_q } else { 1 }, seq_k];
-            let mut m = values(shape_len(shape), seed ^ 3);
-            for (i, x) in m.iter_mut().enumerate() {
-                if i % seq_k % 3 == 2 {
-                    *x = f32::NEG_INFINITY;
-                }
-            }
-            if mask_kind == 2 {
-                m[..seq_k].fill(f32::NEG_INFINITY);
-            }
-            let mask = (mask_kind > 0).then_some(AttnMask { data: &m, shape });
-            check_int8(&q, &k, &v, mask, dims, 1.0 / (head_dim as f32).sqrt(), threads);
+            let c = Case::new(dims, mask_kind, per_query_mask, seed);
+            check_int8(&c.q, &c.k, &c.v, c.mask(), dims, 1.0 / (head_dim as f32).sqrt(), threads);
         }
     }
 
