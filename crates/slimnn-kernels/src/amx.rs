@@ -328,6 +328,8 @@ tile_loop!(block 2x2, "tdpbf16ps", bf16_block_2x2);
 tile_loop!(block 2x2, "tdpbusd", int8_block_2x2);
 tile_loop!(block 2x2, "tdpbssd", int8ss_block_2x2);
 tile_loop!(block 1x2, "tdpbusd", int8_block_1x2);
+// Signed A (weights) times unsigned B (activations): the convolutions' weights-on-the-left GEMM.
+tile_loop!(block 2x2, "tdpbsud", int8su_block_2x2);
 tile_loop!(step 2x2, "tdpbusd", int8_step_2x2);
 tile_loop!(step 1x2, "tdpbusd", int8_step_1x2);
 

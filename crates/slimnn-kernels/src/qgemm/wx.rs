@@ -10,8 +10,10 @@
 //! in blocks of MR rows. Zero points are applied as the tile is stored:
 //! `sum (x - zx)(w - zw) = sum x w - zx rowsum(w) - zw colsum(x) + k zx zw`.
 //!
-//! Kernels: AVX-512 VNNI (8 x 32), AVX-VNNI (4 x 16) and a scalar reference. There is no AVX2
-//! kernel: [`wx_kernel`] is `None` there and callers keep to their float path.
+//! Kernels: AMX-INT8 (32 x 32 blocks of `tdpbsud`: signed weights as the row tiles, the
+//! same activation panels as the column tiles), AVX-512 VNNI (8 x 32), AVX-VNNI (4 x 16) and a
+//! scalar reference. There is no AVX2 kernel: [`wx_kernel`] is `None` there and callers keep to
+//! their float path.
 
 use super::{AlignedBytes, QKernel, KERNEL};
 use crate::error::KernelError;
@@ -23,12 +25,17 @@ use std::ops::Range;
 /// Below this many multiply-adds per task, threads cost more than they save.
 const MIN_MACS_PER_TASK: usize = 1 << 20;
 
+/// Bytes of K per AMX tile step.
+const AMX_KB: usize = super::amx::KB;
+
 /// The largest `k` whose sums `k * 255 * 255` cannot overflow i32.
 pub const MAX_K: usize = i32::MAX as usize / (255 * 255);
 
-/// The kernel for the active CPU tier, when it has a VNNI one.
+/// The kernel for the active CPU tier, when it has an AMX or VNNI one.
 pub fn wx_kernel() -> Option<QKernel> {
-    Some(QKernel::active_vector()).filter(|k| matches!(k, QKernel::Avx512Vnni | QKernel::AvxVnni))
+    Some(QKernel::active())
+        .filter(|k| matches!(k, QKernel::AmxInt8))
+        .or_else(|| Some(QKernel::active_vector()).filter(|k| matches!(k, QKernel::Avx512Vnni | QKernel::AvxVnni)))
 }
 
 /// `(MR, NR)` of `kernel`'s tile, `None` when it has no kernel here.
@@ -36,22 +43,33 @@ fn tile_of(kernel: QKernel) -> Option<(usize, usize)> {
     match kernel {
         QKernel::Avx512Vnni => Some((8, 32)),
         QKernel::AvxVnni | QKernel::Scalar => Some((4, 16)),
-        QKernel::Avx2 | QKernel::AmxInt8 => None,
+        QKernel::AmxInt8 => Some((super::amx::MR, super::amx::NR)),
+        QKernel::Avx2 => None,
     }
 }
 
 /// Signed 8-bit weights (`m x k`, row-major) with a zero point per row, packed once for one
-/// kernel: blocks of MR rows (zero-padded), each `ceil(k/4)` groups of MR rows' 4 values.
-#[derive(Clone, Debug)]
+/// kernel: blocks of MR rows (zero-padded), each `kq` groups of MR rows' 4 values for the
+/// vector kernels; for AMX, each block's K steps are row tiles in a row (MR rows of 64 bytes,
+/// K zero-padded to whole steps).
+#[derive(Clone)]
 pub struct PackedQW {
     kernel: QKernel,
     m: usize,
     k: usize,
+    /// Groups of 4 K values per row, padded to whole tile steps for AMX.
+    kq: usize,
     mr: usize,
     nr: usize,
-    data: Vec<u32>,
+    data: AlignedBytes,
     row_sums: Vec<i32>,
     zero: Vec<i32>,
+}
+
+impl std::fmt::Debug for PackedQW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedQW").field("kernel", &self.kernel).field("m", &self.m).field("k", &self.k).finish()
+    }
 }
 
 impl PackedQW {
@@ -76,21 +94,24 @@ impl PackedQW {
         if let Some(z) = zero.iter().find(|z| !(-128..=127).contains(*z)) {
             return Err(KernelError::shape(KERNEL, format!("weight zero point {z} is not an i8")));
         }
-        let kq = k.div_ceil(4);
+        let amx = kernel == QKernel::AmxInt8;
+        let kq = if amx { k.div_ceil(AMX_KB) * AMX_KB / 4 } else { k.div_ceil(4) };
         let blocks = m.div_ceil(mr);
-        let mut data = vec![0u32; blocks * kq * mr];
+        let mut data = AlignedBytes::zeroed(blocks * kq * mr * 4);
+        let bytes = data.as_mut_slice();
         for i in 0..m {
             let (b, r) = (i / mr, i % mr);
-            for (q, group) in w[i * k..(i + 1) * k].chunks(4).enumerate() {
-                let mut bytes = [0u8; 4];
-                for (d, &v) in bytes.iter_mut().zip(group) {
-                    *d = v as u8;
-                }
-                data[(b * kq + q) * mr + r] = u32::from_le_bytes(bytes);
+            for (t, &v) in w[i * k..(i + 1) * k].iter().enumerate() {
+                let at = if amx {
+                    b * kq * mr * 4 + (t / AMX_KB * mr + r) * AMX_KB + t % AMX_KB
+                } else {
+                    ((b * kq + t / 4) * mr + r) * 4 + t % 4
+                };
+                bytes[at] = v as u8;
             }
         }
         let row_sums = w.chunks(k.max(1)).map(|row| row.iter().map(|&v| v as i32).sum()).take(m).collect();
-        Ok(PackedQW { kernel, m, k, mr, nr, data, row_sums, zero })
+        Ok(PackedQW { kernel, m, k, kq, mr, nr, data, row_sums, zero })
     }
 
     pub fn kernel(&self) -> QKernel {
@@ -104,7 +125,11 @@ impl PackedQW {
     }
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        (self.data.len() + self.row_sums.len() + self.zero.len()) * 4
+        self.data.as_slice().len() + (self.row_sums.len() + self.zero.len()) * 4
+    }
+    /// The packed weights as the vector kernels read them: one dword per row and K group.
+    fn words(&self) -> *const u32 {
+        self.data.as_slice().as_ptr().cast()
     }
     fn symmetric(&self) -> bool {
         self.zero.iter().all(|&z| z == 0)
@@ -168,7 +193,8 @@ impl PackedQX {
             return Err(KernelError::shape(KERNEL, format!("activation zero point {zero} is out of range")));
         }
         let nr = w.nr;
-        let kq = k.div_ceil(4);
+        // The weights' K groups (whole tile steps for AMX): rows past k are packed as zeros.
+        let kq = w.kq;
         let panel_stride = kq * nr * 4;
         let total = panel_stride * n.div_ceil(nr);
         if self.data.as_slice().len() < total {
@@ -441,6 +467,7 @@ unsafe fn run_block(job: &Job, rb: Range<usize>, ps: Range<usize>) {
     match job.w.kernel {
         QKernel::Avx512Vnni => return x86::block_avx512(job, rb, ps),
         QKernel::AvxVnni => return x86::block_avx_vnni(job, rb, ps),
+        QKernel::AmxInt8 => return x86::block_amx(job, rb, ps),
         _ => {}
     }
     block::<Scalar>(job, rb, ps)
@@ -488,8 +515,8 @@ impl Tile for Scalar {
 #[inline(always)]
 unsafe fn block<T: Tile>(job: &Job, rb: Range<usize>, ps: Range<usize>) {
     let (w, x) = (job.w, job.x);
-    let kq = w.k.div_ceil(4);
-    let mut raw = [0i32; 8 * 32];
+    let kq = w.kq;
+    let mut raw = [0i32; 32 * 32];
     debug_assert!(T::MR * T::NR <= raw.len());
     let col_sums = (!x.col_sums.is_empty()).then_some(&x.col_sums[..]);
     for p in ps {
@@ -497,7 +524,7 @@ unsafe fn block<T: Tile>(job: &Job, rb: Range<usize>, ps: Range<usize>) {
         let cols = T::NR.min(x.n - j0);
         let xp = x.data.as_slice().as_ptr().add(p * x.panel_stride);
         for b in rb.clone() {
-            T::tile(kq, w.data.as_ptr().add(b * kq * T::MR), xp, raw.as_mut_ptr());
+            T::tile(kq, w.words().add(b * kq * T::MR), xp, raw.as_mut_ptr());
             let i0 = b * T::MR;
             for r in 0..T::MR.min(w.m - i0) {
                 let i = i0 + r;
@@ -720,7 +747,7 @@ mod x86 {
     unsafe fn fused_u8(job: &Job, c: *mut u8, q: &Requantize<'_>, rb: Range<usize>, ps: Range<usize>) {
         const MR: usize = Vnni512::MR;
         let (w, x) = (job.w, job.x);
-        let kq = w.k.div_ceil(4);
+        let kq = w.kq;
         for b in rb {
             let i0 = b * MR;
             let rows = MR.min(w.m - i0);
@@ -734,7 +761,7 @@ mod x86 {
                 let i = (i0 + r).min(w.m - 1);
                 _mm512_set1_epi32(job.row_terms[i].wrapping_add(q.bias.map_or(0, |v| v[i])))
             });
-            let wb = w.data.as_ptr().add(b * kq * MR);
+            let wb = w.words().add(b * kq * MR);
             for p in ps.clone() {
                 let j0 = p * Vnni512::NR;
                 let cols = Vnni512::NR.min(x.n - j0);
@@ -755,6 +782,109 @@ mod x86 {
     #[target_feature(enable = "avx2,avxvnni")]
     pub(super) unsafe fn block_avx_vnni(job: &Job, rb: Range<usize>, ps: Range<usize>) {
         block::<Vnni256>(job, rb, ps)
+    }
+
+    /// 32 x 32 blocks of `tdpbsud`: a weight block's row tiles (packed tile after tile) times
+    /// a panel's two column tiles (16 K groups of 16 pixels each, 128 bytes apart), stored to L1.
+    struct Amx;
+
+    /// Bytes from one row (or K group) of a stored block, or of a panel, to the next.
+    const AMX_STRIDE: usize = 128;
+
+    impl Amx {
+        /// The block's sums into `out` (32 rows of 32 i32).
+        #[inline(always)]
+        unsafe fn sums(kq: usize, w: *const u8, x: *const u8, out: *mut i32) {
+            const KB: usize = super::AMX_KB;
+            crate::amx::int8su_block_2x2(kq * 4 / KB, w, KB, 32 * KB, x, AMX_STRIDE, out.cast(), AMX_STRIDE);
+        }
+    }
+
+    impl Tile for Amx {
+        const MR: usize = 32;
+        const NR: usize = 32;
+        #[inline(always)]
+        unsafe fn tile(kq: usize, w: *const u32, x: *const u8, out: *mut i32) {
+            Self::sums(kq, w.cast(), x, out)
+        }
+    }
+
+    /// The 32 x 32 i32 block as the tiles store it.
+    #[repr(C, align(64))]
+    struct Stored([i32; 32 * 32]);
+
+    /// # Safety
+    /// As `run_block`, on a host with AMX-INT8 granted and AVX-512 F/BW/VL/DQ.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub(super) unsafe fn block_amx(job: &Job, rb: Range<usize>, ps: Range<usize>) {
+        crate::amx::configure();
+        match job.out {
+            super::Out::U8(c, q) if job.x.col_sums.is_empty() || job.w.symmetric() => amx_fused_u8(job, c, &q, rb, ps),
+            _ => block::<Amx>(job, rb, ps),
+        }
+        crate::amx::release();
+    }
+
+    /// Requantized output, as [`fused_u8`] with 32-row blocks: while the tiles compute one
+    /// panel's block, the core requantizes the previous one from the other stored copy.
+    ///
+    /// # Safety
+    /// As `block_amx`, tiles configured; the weights' zero points play no part.
+    #[inline(always)]
+    unsafe fn amx_fused_u8(job: &Job, c: *mut u8, q: &Requantize<'_>, rb: Range<usize>, ps: Range<usize>) {
+        const MR: usize = Amx::MR;
+        let (w, x) = (job.w, job.x);
+        let kq = w.kq;
+        let mut stored = [Stored([0; 32 * 32]), Stored([0; 32 * 32])];
+        for b in rb {
+            let i0 = b * MR;
+            let rows = MR.min(w.m - i0);
+            if (i0..i0 + rows).any(|i| !bias_fits(q.bias.map_or(0, |v| v[i]), w.k)) {
+                block::<Amx>(job, b..b + 1, ps.clone());
+                continue;
+            }
+            let rq: [ZmmRequantize; MR] = std::array::from_fn(|r| ZmmRequantize::new(q, (i0 + r).min(w.m - 1), w.k));
+            let vt: [__m512i; MR] = std::array::from_fn(|r| {
+                let i = (i0 + r).min(w.m - 1);
+                _mm512_set1_epi32(job.row_terms[i].wrapping_add(q.bias.map_or(0, |v| v[i])))
+            });
+            let wb = w.data.as_slice().as_ptr().add(b * kq * MR * 4);
+            // Rows `i0..i0 + rows` of panel `p`'s block, stored in `acc`, requantized. (A fn, not
+            // a closure: a closure does not inherit the caller's target features.)
+            #[inline(always)]
+            unsafe fn finish(
+                job: &Job,
+                c: *mut u8,
+                (rq, vt): (&[ZmmRequantize], &[__m512i]),
+                i0: usize,
+                acc: &Stored,
+                p: usize,
+            ) {
+                let j0 = p * Amx::NR;
+                let cols = Amx::NR.min(job.x.n - j0);
+                let masks: [__mmask16; 2] =
+                    std::array::from_fn(|v| ((1u32 << cols.saturating_sub(16 * v).min(16)) - 1) as u16);
+                for (r, (rq, vt)) in rq.iter().zip(vt).enumerate() {
+                    let out = c.add((i0 + r) * job.ldc + j0);
+                    for (v, &mask) in masks.iter().enumerate() {
+                        let sum = _mm512_load_si512(acc.0.as_ptr().add(r * 32 + v * 16).cast());
+                        rq.store(out.add(16 * v), mask, _mm512_add_epi32(sum, *vt));
+                    }
+                }
+            }
+            let setup = (&rq[..rows], &vt[..rows]);
+            let mut pending = None;
+            for (t, p) in ps.clone().enumerate() {
+                let cur = t % 2;
+                Amx::sums(kq, wb, x.data.as_slice().as_ptr().add(p * x.panel_stride), stored[cur].0.as_mut_ptr());
+                if let Some(prev) = pending.replace(p) {
+                    finish(job, c, setup, i0, &stored[cur ^ 1], prev);
+                }
+            }
+            if let Some(prev) = pending {
+                finish(job, c, setup, i0, &stored[(ps.len() - 1) % 2], prev);
+            }
+        }
     }
 }
 
@@ -873,22 +1003,29 @@ mod tests {
         assert!(qgemm_wx(&w, &px, WxOut::Requantized { c: &mut [0; 4], ldc: 2, q }, Par::Seq).is_err());
     }
 
-    /// Kernel throughput on EfficientNet-lite0's pointwise shapes, packing included:
-    /// `cargo test --release -p slimnn-kernels --lib wx_speed -- --ignored --nocapture`.
+    /// Kernel throughput on EfficientNet-lite0's pointwise shapes, packing included, on each
+    /// kernel the host has: `cargo test --release -p slimnn-kernels --lib wx_speed -- --ignored
+    /// --nocapture`.
     #[test]
     #[ignore]
     fn wx_speed() {
-        let Some(kernel) = wx_kernel() else { return };
+        let kernels =
+            [QKernel::AvxVnni, QKernel::Avx512Vnni, QKernel::AmxInt8].into_iter().filter(|k| k.is_supported());
         let mut s = 3u64;
-        for (m, k, n) in [
-            (32, 27, 12544),
-            (16, 32, 12544),
-            (96, 16, 12544),
-            (24, 144, 3136),
-            (144, 24, 3136),
-            (80, 240, 784),
-            (1152, 192, 49),
-        ] {
+        for (kernel, (m, k, n)) in kernels.flat_map(|kernel| {
+            [
+                (32, 27, 12544),
+                (16, 32, 12544),
+                (96, 16, 12544),
+                (24, 144, 3136),
+                (144, 24, 3136),
+                (80, 240, 784),
+                (480, 80, 196),
+                (1152, 192, 49),
+                (192, 1152, 49),
+            ]
+            .map(|shape| (kernel, shape))
+        }) {
             let w: Vec<i8> = (0..m * k).map(|_| lcg(&mut s) as u8 as i8).collect();
             let x: Vec<u8> = (0..k * n).map(|_| lcg(&mut s) as u8).collect();
             let packed = PackedQW::new(kernel, &w, m, k, &[0]).unwrap();
