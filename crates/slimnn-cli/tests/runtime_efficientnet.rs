@@ -119,7 +119,7 @@ fn integer_convs(kernels: &std::collections::BTreeMap<String, usize>) -> usize {
 /// EfficientNet-Lite0's convolutions this host runs on integer kernels: the 33 pointwise and
 /// stem ones with VNNI, the 16 depthwise ones with VNNI and VBMI.
 fn expected_integer_convs() -> usize {
-    let gemm = if slimnn_kernels::qgemm::wx::wx_kernel().is_some() { 33 } else { 0 };
+    let gemm = if slimnn_kernels::qgemm::wx::wx_kernel(1).is_some() { 33 } else { 0 };
     let depthwise = if slimnn_kernels::qgemm::dw::dw_kernel_available() { 16 } else { 0 };
     gemm + depthwise
 }

@@ -968,7 +968,7 @@ fn match_qlinear_conv(c: &Ctx, id: NodeId, attrs: &slimnn_ir::ops::ConvAttrs) ->
     };
     // The integer GEMM for everything but depthwise, where the host has it: i8 weights (u8
     // ones shifted by 128, their zero points with them).
-    let int8 = match qgemm::wx::wx_kernel().filter(|_| !float_qconv_forced()) {
+    let int8 = match qgemm::wx::wx_kernel(per).filter(|_| !float_qconv_forced()) {
         Some(kernel) if conv.method != crate::conv::ConvMethod::Depthwise && per <= qgemm::wx::MAX_K => {
             let shift = if w.dtype() == DType::U8 { 128 } else { 0 };
             let wq: Vec<i8> = wv.iter().map(|&v| (v - shift) as i8).collect();
@@ -1449,7 +1449,7 @@ mod tests {
 
     #[test]
     fn qlinear_conv_runs_exactly_on_the_conv_kernels() {
-        let int8 = slimnn_kernels::qgemm::wx::wx_kernel().is_some();
+        let int8 = slimnn_kernels::qgemm::wx::wx_kernel(1).is_some();
         let dw_int8 = slimnn_kernels::qgemm::dw::dw_kernel_available();
         for float in [false, true] {
             FLOAT_QCONV.set(float);
