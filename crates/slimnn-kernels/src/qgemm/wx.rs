@@ -418,7 +418,11 @@ pub fn qgemm_wx(w: &PackedQW, x: &PackedQX, out: WxOut<'_>, par: Par<'_>) -> Res
     let macs = m.saturating_mul(n).saturating_mul(w.k.max(1));
     let threads = par.threads().min(macs / MIN_MACS_PER_TASK).max(1);
     let (blocks, panels) = (m.div_ceil(w.mr), n.div_ceil(w.nr));
-    let (tm, tn) = grid(threads, blocks, panels, Ties::Columns);
+    // On a tie, each task reads a share of the larger operand: the weights (rows) at small
+    // images, where splitting columns had each thread stream all of them (the late 7x7 layers
+    // of EfficientNet gained nothing from a second thread).
+    let ties = if m >= n { Ties::Rows } else { Ties::Columns };
+    let (tm, tn) = grid(threads, blocks, panels, ties);
     let (bper, pper) = (blocks.div_ceil(tm), panels.div_ceil(tn));
     let task = |t: usize| {
         let (ti, tj) = (t / tn, t % tn);
