@@ -1,8 +1,9 @@
-//! One f32 GEMM shape with everything hot in cache: GFLOP/s on one thread, best of three
-//! timings of ~2 GFLOP each.
+//! One GEMM shape (f32, or bf16 products) with everything hot in cache: GFLOP/s on one thread,
+//! best of three timings of ~2 GFLOP each.
 //!
 //! `[EPILOGUE=bias|gelu|residual] cargo run --release -p slimnn-kernels --example gemm_shape -- M K N`
-//! (`gelu` is bias + erf GELU, as MiniLM's FFN input; `residual` is bias + residual add)
+//! (`gelu` is bias + erf GELU, as MiniLM's FFN input; `residual` is bias + residual add;
+//! `BF16=1` packs B as bf16 pairs: bf16 products with f32 accumulation, on AMX tiles where granted)
 
 use slimnn_kernels::{gemm, Activation, Epilogue, PackedB, Par};
 use std::time::Instant;
@@ -14,7 +15,10 @@ fn main() {
         std::process::exit(2);
     };
     let b: Vec<f32> = (0..k * n).map(|i| ((i * 7) % 13) as f32 * 0.01).collect();
-    let packed = PackedB::new(&b, k, n, n).expect("pack");
+    let mut packed = PackedB::new(&b, k, n, n).expect("pack");
+    if std::env::var("BF16").is_ok_and(|v| v == "1") {
+        packed.pack_bf16(&b, k, n, n).expect("pack bf16");
+    }
     let a: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 * 0.1).collect();
     let mut c = vec![0f32; m * n];
     let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.1 - 0.2).collect();
