@@ -349,11 +349,7 @@ pub fn attention(
 ) -> Result<()> {
     let mask = mask.map(|(data, shape)| AttnMask { data, shape });
     let par = if par { Par::Current } else { Par::Seq };
-    Ok(match products {
-        AttnProducts::F32 => attention::mha_strided(q, k, v, mask, dims, scale, out, par),
-        AttnProducts::Bf16 => attention::mha_strided_bf16(q, k, v, mask, dims, scale, out, par),
-        AttnProducts::Int8 => attention::mha_strided_int8(q, k, v, mask, dims, scale, out, par),
-    }?)
+    Ok(attention::mha_strided_as(products, q, k, v, mask, dims, scale, out, par)?)
 }
 
 #[cfg(test)]

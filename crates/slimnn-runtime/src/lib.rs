@@ -156,7 +156,6 @@ pub struct Runnable {
     split_batches: bool,
     /// `RuntimeConfig::int8_attention`.
     int8_attention: bool,
-    /// Per input shapes: run sample by sample?
     /// Per input shapes: the samples per run when the batch is split, or `None`.
     splits: Mutex<HashMap<Vec<Vec<usize>>, Option<usize>>>,
 }

@@ -8,15 +8,9 @@ use std::sync::Arc;
 /// Index of a value in a plan.
 pub type Slot = usize;
 
-/// The arithmetic of attention's two products (`Q·Kᵀ` and `P·V`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttnProducts {
-    F32,
-    /// bf16 multiplies, f32 sums (`Precision::Bf16`).
-    Bf16,
-    /// i8 Q and K, u8 weights, i8 V on AMX tiles (`RuntimeConfig::int8_attention`).
-    Int8,
-}
+/// The arithmetic of attention's two products: bf16 with `Precision::Bf16`, int8 with
+/// `RuntimeConfig::int8_attention`.
+pub use slimnn_kernels::attention::AttnProducts;
 
 /// A lowered op: a chosen kernel with its prepared operands. Valid only on the machine (CPU
 /// tier) that built it; never serialised.

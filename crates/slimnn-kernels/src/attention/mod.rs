@@ -174,7 +174,7 @@ pub fn mha_strided_bf16_with(
     out: &mut [f32],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    run(tier, Products::Bf16, q, k, v, mask, dims, scale, out, par)
+    run(tier, AttnProducts::Bf16, q, k, v, mask, dims, scale, out, par)
 }
 
 /// [`mha_strided`] with both products in int8 where AMX-INT8 tiles are granted and `head_dim`
@@ -192,7 +192,7 @@ pub fn mha_strided_int8(
     out: &mut [f32],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    run(cpu::tier(), Products::Int8, q, k, v, mask, dims, scale, out, par)
+    run(cpu::tier(), AttnProducts::Int8, q, k, v, mask, dims, scale, out, par)
 }
 
 /// Whether [`mha_strided_int8`] runs in int8 for heads of `head_dim` values on the active tier.
@@ -206,12 +206,30 @@ pub fn int8_native(head_dim: usize) -> bool {
     };
 }
 
-/// The arithmetic of attention's two products.
+/// The arithmetic of attention's two products (`Q·Kᵀ` and `P·V`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Products {
+pub enum AttnProducts {
     F32,
+    /// bf16 multiplies, f32 sums ([`mha_strided_bf16`]).
     Bf16,
+    /// i8 Q and K, u8 weights, i8 V on AMX tiles ([`mha_strided_int8`]).
     Int8,
+}
+
+/// [`mha_strided`], [`mha_strided_bf16`] or [`mha_strided_int8`], as `products` names.
+#[allow(clippy::too_many_arguments)]
+pub fn mha_strided_as(
+    products: AttnProducts,
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    run(cpu::tier(), products, q, k, v, mask, dims, scale, out, par)
 }
 
 /// [`mha_strided`] with the kernels of `tier`, which the host must support.
@@ -227,13 +245,13 @@ pub fn mha_strided_with(
     out: &mut [f32],
     par: Par<'_>,
 ) -> Result<(), KernelError> {
-    run(tier, Products::F32, q, k, v, mask, dims, scale, out, par)
+    run(tier, AttnProducts::F32, q, k, v, mask, dims, scale, out, par)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn run(
     tier: CpuTier,
-    products: Products,
+    products: AttnProducts,
     q: Rows<'_>,
     k: Rows<'_>,
     v: Rows<'_>,
@@ -253,10 +271,10 @@ fn run(
         out.fill(0.0);
         return Ok(());
     }
-    let bf16 = products == Products::Bf16;
+    let bf16 = products == AttnProducts::Bf16;
     let job = Job { tier, bf16, q, k, v, mask, dims, scale, hd };
     #[cfg(target_arch = "x86_64")]
-    if products == Products::Int8 && int8::native(tier, dims.head_dim) {
+    if products == AttnProducts::Int8 && int8::native(tier, dims.head_dim) {
         return match par {
             Par::Pool(pool) => pool.install(|| int8::run(&job, out, par.threads())),
             _ => int8::run(&job, out, par.threads()),
@@ -1062,7 +1080,7 @@ mod tests {
         let (want, slack) = reference::mha_int8(q, k, v, mask, dims, scale, 0.02);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let mut got = vec![0.0; want.len()];
-        run(CpuTier::Amx, Products::Int8, rows(q), rows(k), rows(v), mask, dims, scale, &mut got, Par::Pool(&pool))
+        run(CpuTier::Amx, AttnProducts::Int8, rows(q), rows(k), rows(v), mask, dims, scale, &mut got, Par::Pool(&pool))
             .unwrap();
         for (i, ((&g, &w), &s)) in got.iter().zip(&want).zip(&slack).enumerate() {
             if w.is_nan() {
