@@ -686,6 +686,10 @@ fn inspect(
         for (pass, n) in &o.report.passes {
             println!("    {pass:<24} {n} rewrite(s)");
         }
+        println!("  for these shapes:");
+        for (pass, n) in &o.plan.rewrites {
+            println!("    {pass:<24} {n} rewrite(s)");
+        }
         println!("  plan: {} steps", o.plan.steps);
         for (k, n) in &o.plan.kernels {
             println!("    {k:<32} {n}");

@@ -1,7 +1,10 @@
 //! Canonicalising passes that need nothing but the IR.
 
+mod broadcasts;
+
 use crate::ops::{Const, Op};
 use crate::{Graph, IrResult, Pass, Patch};
+pub use broadcasts::SinkBroadcasts;
 
 /// Replaces every node whose outputs inference already knows as constants by `Const` nodes.
 pub struct ConstantFolding;

@@ -17,14 +17,17 @@ fn main() {
         |seed: usize| -> Vec<f32> { (0..len).map(|i| (((i * 7919 + seed) % 2003) as f32 / 1001.0) - 1.0).collect() };
     let (q, k, v) = (vals(1), vals(2), vals(3));
     let pad: usize = std::env::var("PAD").map(|s| s.parse().unwrap()).unwrap_or(5);
-    let mask: Vec<f32> = (0..seq).map(|i| if i < seq - pad { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let row = (0..seq).map(|i| if i < seq - pad { 0.0 } else { f32::NEG_INFINITY });
+    // FULL_MASK=1: one row per query, as PyTorch's exporter writes BERT's padding mask.
+    let full = std::env::var("FULL_MASK").is_ok_and(|v| v == "1");
+    let mask: Vec<f32> = if full { row.cycle().take(seq * seq).collect() } else { row.collect() };
     let bf16 = std::env::var("BF16").is_ok_and(|v| v == "1");
     let int8 = std::env::var("INT8").is_ok_and(|v| v == "1");
     let mut out = vec![0f32; len];
     let mut best = f64::MAX;
     for _ in 0..1000 {
         let t = Instant::now();
-        let m = AttnMask { data: &mask, shape: [1, 1, 1, seq] };
+        let m = AttnMask { data: &mask, shape: [1, 1, if full { seq } else { 1 }, seq] };
         let rows = |data| Rows { data, ld: 384 };
         if bf16 {
             mha_strided_bf16(rows(&q), rows(&k), rows(&v), Some(m), dims, 0.176_776_7, &mut out, Par::Seq)

@@ -291,8 +291,10 @@ impl Runnable {
         if let Some(p) = self.plans.lock().unwrap_or_else(|e| e.into_inner()).get(shapes) {
             return Ok(p);
         }
-        let specialized = self.graph.specialized(shapes)?;
-        let plan = Arc::new(lower::lower(&specialized, &self.packed, self.int8_attention)?);
+        let (specialized, rewrites) = optimize::specialize(&self.graph, shapes)?;
+        let mut plan = lower::lower(&specialized, &self.packed, self.int8_attention)?;
+        plan.rewrites = rewrites;
+        let plan = Arc::new(plan);
         self.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(shapes.to_vec(), plan.clone());
         Ok(plan)
     }

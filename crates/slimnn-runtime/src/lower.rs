@@ -857,7 +857,15 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache, int8_attention: bool) -> Resul
             next - 1
         })
     };
-    let mut plan = Plan { steps: vec![], slots: 0, inputs: vec![], outputs: vec![], consts: vec![], fusions: vec![] };
+    let mut plan = Plan {
+        steps: vec![],
+        slots: 0,
+        inputs: vec![],
+        outputs: vec![],
+        consts: vec![],
+        fusions: vec![],
+        rewrites: vec![],
+    };
     for &i in g.inputs() {
         plan.inputs.push(slot(out0(i), &mut slot_of));
     }

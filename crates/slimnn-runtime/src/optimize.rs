@@ -1,6 +1,6 @@
 //! Canonicalisation: the graph-level passes every model goes through before lowering.
 
-use slimnn_ir::passes::{ConstantFolding, FuseGelu, FuseLayerNorm, IdentityElimination};
+use slimnn_ir::passes::{ConstantFolding, FuseGelu, FuseLayerNorm, IdentityElimination, SinkBroadcasts};
 use slimnn_ir::{Graph, IrResult, PassRunner};
 
 /// What canonicalisation did: node counts and patches applied per pass.
@@ -13,6 +13,26 @@ pub struct OptimizeReport {
 
 fn op_nodes(g: &Graph) -> usize {
     g.op_histogram().values().sum()
+}
+
+/// Patches applied per pass, one entry per pass name.
+fn tally(applied: Vec<(String, usize)>) -> Vec<(String, usize)> {
+    let mut passes: Vec<(String, usize)> = vec![];
+    for (name, n) in applied {
+        match passes.iter_mut().find(|(p, _)| *p == name) {
+            Some((_, c)) => *c += n,
+            None => passes.push((name, n)),
+        }
+    }
+    passes
+}
+
+/// `g` specialised to concrete input shapes (its shape arithmetic folded to constants), then
+/// the rewrites that need those constants; returns the patches applied per pass.
+pub fn specialize(g: &Graph, shapes: &[Vec<usize>]) -> IrResult<(Graph, Vec<(String, usize)>)> {
+    let mut g = g.specialized(shapes)?;
+    let r = PassRunner::new().with(SinkBroadcasts).run(&mut g)?;
+    Ok((g, tally(r.applied)))
 }
 
 /// Runs the canonicalising passes to a fixpoint.
@@ -30,12 +50,6 @@ pub fn optimize(mut g: Graph) -> IrResult<(Graph, OptimizeReport)> {
         .with(crate::fold::FoldConvBatchNorm)
         .with(ConstantFolding);
     let r = runner.run(&mut g)?;
-    let mut passes: Vec<(String, usize)> = vec![];
-    for (name, n) in r.applied {
-        match passes.iter_mut().find(|(p, _)| *p == name) {
-            Some((_, c)) => *c += n,
-            None => passes.push((name, n)),
-        }
-    }
+    let passes = tally(r.applied);
     Ok((g.clone(), OptimizeReport { nodes_before, nodes_after: op_nodes(&g), passes }))
 }

@@ -149,6 +149,8 @@ pub struct Plan {
     pub outputs: Vec<Slot>,
     pub consts: Vec<(Slot, Arc<Tensor>)>,
     pub fusions: Vec<Fusion>,
+    /// Graph rewrites made for these shapes before lowering: patches applied per pass.
+    pub rewrites: Vec<(String, usize)>,
 }
 
 /// A plan in numbers.
@@ -157,6 +159,7 @@ pub struct PlanSummary {
     pub steps: usize,
     pub kernels: std::collections::BTreeMap<String, usize>,
     pub fusions: Vec<Fusion>,
+    pub rewrites: Vec<(String, usize)>,
 }
 
 impl Kernel {
@@ -213,6 +216,6 @@ impl Plan {
         for s in &self.steps {
             *kernels.entry(s.kernel.name()).or_insert(0) += 1;
         }
-        PlanSummary { steps: self.steps.len(), kernels, fusions: self.fusions.clone() }
+        PlanSummary { steps: self.steps.len(), kernels, fusions: self.fusions.clone(), rewrites: self.rewrites.clone() }
     }
 }

@@ -103,13 +103,14 @@ struct Block {
 /// AVX-512 F present; `out` as [`Out`] describes; `job` validated and [`usable`].
 #[target_feature(enable = "avx512f")]
 unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) -> Result<(), KernelError> {
-    let AttnDims { seq_q, seq_k, head_dim: d, .. } = job.dims;
+    let AttnDims { seq_q, seq_k: all_keys, head_dim: d, .. } = job.dims;
+    let seq_k = job.live_keys(b, h);
     let (q, k, v) = (job.q, job.k, job.v);
     s.kt.resize(d * seq_k, 0.0);
-    transpose_scaled(job.tier, &k.data[b * seq_k * k.ld + h * d..], k.ld, seq_k, d, job.scale, &mut s.kt)?;
+    transpose_scaled(job.tier, &k.data[b * all_keys * k.ld + h * d..], k.ld, seq_k, d, job.scale, &mut s.kt)?;
     s.v.resize(seq_k * d, 0.0);
     for (j, dst) in s.v.chunks_exact_mut(d).enumerate() {
-        dst.copy_from_slice(&v.data[(b * seq_k + j) * v.ld + h * d..][..d]);
+        dst.copy_from_slice(&v.data[(b * all_keys + j) * v.ld + h * d..][..d]);
     }
     let skp = seq_k.next_multiple_of(16);
     s.p.resize(ROWS * MAX_KEYS, 0.0);

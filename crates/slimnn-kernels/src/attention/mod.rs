@@ -62,6 +62,10 @@ fn each_head<S: Default + 'static>(
 
 const KERNEL: &str = "attention";
 
+/// Mask values at or below this mask their key out (PyTorch writes the f32 minimum, others
+/// `-inf`): with any score below 1e29 in size, the key's weight is exactly 0.
+const MASKED: f32 = -1e30;
+
 /// Query rows per block: the score block (`BLOCK_ROWS x seq_k`) stays in L1 for the usual
 /// sequence lengths, and a multiple of the micro-kernels' row counts (4, 6, 8) keeps tiles full.
 const BLOCK_ROWS: usize = 48;
@@ -407,20 +411,40 @@ impl Job<'_> {
         (kt, vp): &mut (PackedB, PackedB),
         kt_buf: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
-        let AttnDims { seq_k, head_dim: d, .. } = self.dims;
+        let AttnDims { seq_k: all_keys, head_dim: d, .. } = self.dims;
+        let seq_k = self.live_keys(b, h);
         let (k, v) = (self.k, self.v);
         if kt_buf.len() < d * seq_k {
             kt_buf.resize(d * seq_k, 0.0);
         }
         let buf = &mut kt_buf[..d * seq_k];
-        transpose_scaled(self.tier, &k.data[b * seq_k * k.ld + h * d..], k.ld, seq_k, d, self.scale, buf)?;
-        let v_head = &v.data[b * seq_k * v.ld + h * d..];
+        transpose_scaled(self.tier, &k.data[b * all_keys * k.ld + h * d..], k.ld, seq_k, d, self.scale, buf)?;
+        let v_head = &v.data[b * all_keys * v.ld + h * d..];
         if self.bf16 {
             kt.pack_bf16(buf, d, seq_k, seq_k)?;
             vp.pack_bf16(v_head, seq_k, d, v.ld)
         } else {
             kt.pack(buf, d, seq_k, seq_k)?;
             vp.pack(v_head, seq_k, d, v.ld)
+        }
+    }
+
+    /// Keys of batch `b`, head `h` that can carry weight: all of them, except that a mask with
+    /// one row for every query (a padding mask) drops its trailing run of masked keys. Their
+    /// weights are e^(s - 1e30 - max) = 0, so leaving them out changes nothing but the work:
+    /// a short sentence padded to 128 tokens attends over its own tokens only. A row masked
+    /// entirely keeps every key (and gives NaN, as ONNX's Softmax).
+    fn live_keys(&self, b: usize, h: usize) -> usize {
+        let seq_k = self.dims.seq_k;
+        match self.mask {
+            Some(mk) if mk.shape[2] == 1 => {
+                let (row, _) = self.mask_rows(b, h, 0, 1).expect("mask present");
+                match row.iter().rposition(|&v| v > MASKED) {
+                    Some(last) => last + 1,
+                    None => seq_k,
+                }
+            }
+            _ => seq_k,
         }
     }
 
@@ -452,7 +476,9 @@ impl Job<'_> {
         (scores, inv): (&mut Vec<f32>, &mut Vec<f32>),
         (out_rows, ldo): (&mut [f32], usize),
     ) -> Result<(), KernelError> {
-        let AttnDims { seq_q, seq_k, head_dim: d, .. } = self.dims;
+        let AttnDims { seq_q, head_dim: d, .. } = self.dims;
+        // The packs hold the live keys only (see `pack`).
+        let seq_k = kt.n();
         if scores.len() < m * seq_k {
             scores.resize(m * seq_k, 0.0);
         }
@@ -834,6 +860,34 @@ mod tests {
             let mut par = vec![0.0; n];
             mha_with(tier, &q, &k, &v, mask, dims, 0.176_776_7, &mut par, Par::Pool(&pool)).unwrap();
             assert_eq!(seq, par, "{tier}: threads change the result");
+        }
+    }
+
+    #[test]
+    fn trailing_padding_is_skipped_exactly() {
+        // Padding masks ([batch, 1, 1, seq_k]) whose trailing masked runs the kernels leave
+        // out: none, one key, a run crossing a vector boundary, all keys but the first.
+        let dims = AttnDims { batch: 4, seq_q: 9, seq_k: 40, heads: 3, head_dim: 16 };
+        let n = 4 * 9 * 48;
+        let kv = 4 * 40 * 48;
+        let (q, k, v) = (values(n, 11), values(kv, 12), values(kv, 13));
+        for masked in [f32::NEG_INFINITY, f32::MIN, -1e30] {
+            let mut m = vec![0.0f32; 4 * 40];
+            for (b, live) in [40, 39, 23, 1].into_iter().enumerate() {
+                m[b * 40 + live..(b + 1) * 40].fill(masked);
+            }
+            // A masked key inside the live run stays masked.
+            m[40 + 5] = masked;
+            let mask = Some(AttnMask { data: &m, shape: [4, 1, 1, 40] });
+            let want = reference::mha(&q, &k, &v, mask, dims, 0.25);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            for tier in supported_tiers() {
+                for par in [Par::Seq, Par::Pool(&pool)] {
+                    let mut out = vec![0.0; n];
+                    mha_with(tier, &q, &k, &v, mask, dims, 0.25, &mut out, par).unwrap();
+                    assert_close(&out, &want, &format!("{tier} {par:?} masked by {masked}"));
+                }
+            }
         }
     }
 
