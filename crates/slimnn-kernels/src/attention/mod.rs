@@ -432,7 +432,9 @@ impl Job<'_> {
     /// Keys of batch `b`, head `h` that can carry weight: all of them, except that a mask with
     /// one row for every query (a padding mask) drops its trailing run of masked keys. Their
     /// weights are e^(s - 1e30 - max) = 0, so leaving them out changes nothing but the work:
-    /// a short sentence padded to 128 tokens attends over its own tokens only. A row masked
+    /// a short sentence padded to 128 tokens attends over its own tokens only. The count is
+    /// rounded up to 16 (the mask still masks the extra keys): rows of `Kᵀ` whose length is not
+    /// a multiple of 16 straddle cache lines, which cost more than the keys saved. A row masked
     /// entirely keeps every key (and gives NaN, as ONNX's Softmax).
     fn live_keys(&self, b: usize, h: usize) -> usize {
         let seq_k = self.dims.seq_k;
@@ -440,7 +442,7 @@ impl Job<'_> {
             Some(mk) if mk.shape[2] == 1 => {
                 let (row, _) = self.mask_rows(b, h, 0, 1).expect("mask present");
                 match row.iter().rposition(|&v| v > MASKED) {
-                    Some(last) => last + 1,
+                    Some(last) => (last + 1).next_multiple_of(16).min(seq_k),
                     None => seq_k,
                 }
             }
