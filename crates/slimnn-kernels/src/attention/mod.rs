@@ -441,7 +441,8 @@ impl Job<'_> {
         match self.mask {
             Some(mk) if mk.shape[2] == 1 => {
                 let (row, _) = self.mask_rows(b, h, 0, 1).expect("mask present");
-                match row.iter().rposition(|&v| v > MASKED) {
+                // NaN is live: it must reach the softmax and make the row NaN.
+                match row.iter().rposition(|&v| v > MASKED || v.is_nan()) {
                     Some(last) => (last + 1).next_multiple_of(16).min(seq_k),
                     None => seq_k,
                 }
@@ -878,8 +879,9 @@ mod tests {
             for (b, live) in [40, 39, 23, 1].into_iter().enumerate() {
                 m[b * 40 + live..(b + 1) * 40].fill(masked);
             }
-            // A masked key inside the live run stays masked.
+            // A masked key inside the live run stays masked; a NaN past it is not skipped.
             m[40 + 5] = masked;
+            m[3 * 40 + 30] = f32::NAN;
             let mask = Some(AttnMask { data: &m, shape: [4, 1, 1, 40] });
             let want = reference::mha(&q, &k, &v, mask, dims, 0.25);
             let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
