@@ -65,7 +65,7 @@ pub struct RuntimeConfig {
     pub precision: Precision,
     /// Attention's two products (`Q·Kᵀ`, `P·V`) in int8 on AMX tiles: Q and K quantized per
     /// token, the softmax weights to u8, V per column
-    /// ([`slimnn_kernels::attention::mha_strided_int8`]). A request, like `precision`: where
+    /// ([`slimnn_kernels::attention::AttnProducts::Int8`]). A request, like `precision`: where
     /// AMX is not granted or the head size is not 16, 32, 48 or 64, attention runs as
     /// `precision` says.
     pub int8_attention: bool,

@@ -11,7 +11,7 @@
 //!
 //! On AVX-512, f32 attention at BERT-family shapes (heads of 16-64 values, up to 128 keys) runs
 //! register-blocked kernels instead (`avx512`); bf16 attention on AMX runs on tiles (`amx`), and
-//! so does int8 attention ([`mha_strided_int8`], `int8`).
+//! so does int8 attention ([`AttnProducts::Int8`], `int8`).
 
 use crate::cpu::{self, CpuTier};
 use crate::error::{check_tier, KernelError};
@@ -148,58 +148,7 @@ pub fn mha_strided(
     mha_strided_with(cpu::tier(), q, k, v, mask, dims, scale, out, par)
 }
 
-/// [`mha_strided`] with both products in bf16 (f32 accumulation; see [`crate::gemm::bf16`]):
-/// K, V and the query and probability rows rounded to bf16. On the `amx` tier both products
-/// run on AMX tiles.
-#[allow(clippy::too_many_arguments)]
-pub fn mha_strided_bf16(
-    q: Rows<'_>,
-    k: Rows<'_>,
-    v: Rows<'_>,
-    mask: Option<AttnMask<'_>>,
-    dims: AttnDims,
-    scale: f32,
-    out: &mut [f32],
-    par: Par<'_>,
-) -> Result<(), KernelError> {
-    mha_strided_bf16_with(cpu::tier(), q, k, v, mask, dims, scale, out, par)
-}
-
-/// [`mha_strided_bf16`] with the kernels of `tier`, which the host must support.
-#[allow(clippy::too_many_arguments)]
-pub fn mha_strided_bf16_with(
-    tier: CpuTier,
-    q: Rows<'_>,
-    k: Rows<'_>,
-    v: Rows<'_>,
-    mask: Option<AttnMask<'_>>,
-    dims: AttnDims,
-    scale: f32,
-    out: &mut [f32],
-    par: Par<'_>,
-) -> Result<(), KernelError> {
-    run(tier, AttnProducts::Bf16, q, k, v, mask, dims, scale, out, par)
-}
-
-/// [`mha_strided`] with both products in int8 where AMX-INT8 tiles are granted and `head_dim`
-/// is 16, 32, 48 or 64; elsewhere the f32 kernels run (a request, as bf16 is). Q and K rows are
-/// quantized per token, the softmax weights to u8 and V per column, as
-/// [`reference::mha_int8`] defines; see [`int8_native`].
-#[allow(clippy::too_many_arguments)]
-pub fn mha_strided_int8(
-    q: Rows<'_>,
-    k: Rows<'_>,
-    v: Rows<'_>,
-    mask: Option<AttnMask<'_>>,
-    dims: AttnDims,
-    scale: f32,
-    out: &mut [f32],
-    par: Par<'_>,
-) -> Result<(), KernelError> {
-    run(cpu::tier(), AttnProducts::Int8, q, k, v, mask, dims, scale, out, par)
-}
-
-/// Whether [`mha_strided_int8`] runs in int8 for heads of `head_dim` values on the active tier.
+/// Whether [`AttnProducts::Int8`] runs in int8 for heads of `head_dim` values on the active tier.
 pub fn int8_native(head_dim: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     return int8::native(cpu::tier(), head_dim);
@@ -214,13 +163,17 @@ pub fn int8_native(head_dim: usize) -> bool {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum AttnProducts {
     F32,
-    /// bf16 multiplies, f32 sums ([`mha_strided_bf16`]).
+    /// Both products in bf16 (f32 accumulation; see [`crate::gemm::bf16`]): K, V and the query
+    /// and probability rows rounded to bf16. On the `amx` tier both products run on AMX tiles.
     Bf16,
-    /// i8 Q and K, u8 weights, i8 V on AMX tiles ([`mha_strided_int8`]).
+    /// Both products in int8 where AMX-INT8 tiles are granted and `head_dim` is 16, 32, 48 or
+    /// 64; elsewhere the f32 kernels run (a request, as bf16 is). Q and K rows are quantized
+    /// per token, the softmax weights to u8 and V per column, as [`reference::mha_int8`]
+    /// defines; see [`int8_native`].
     Int8,
 }
 
-/// [`mha_strided`], [`mha_strided_bf16`] or [`mha_strided_int8`], as `products` names.
+/// [`mha_strided`] with the products `products` names.
 #[allow(clippy::too_many_arguments)]
 pub fn mha_strided_as(
     products: AttnProducts,
@@ -234,6 +187,23 @@ pub fn mha_strided_as(
     par: Par<'_>,
 ) -> Result<(), KernelError> {
     run(cpu::tier(), products, q, k, v, mask, dims, scale, out, par)
+}
+
+/// [`mha_strided_as`] with the kernels of `tier`, which the host must support.
+#[allow(clippy::too_many_arguments)]
+pub fn mha_strided_as_with(
+    tier: CpuTier,
+    products: AttnProducts,
+    q: Rows<'_>,
+    k: Rows<'_>,
+    v: Rows<'_>,
+    mask: Option<AttnMask<'_>>,
+    dims: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    par: Par<'_>,
+) -> Result<(), KernelError> {
+    run(tier, products, q, k, v, mask, dims, scale, out, par)
 }
 
 /// [`mha_strided`] with the kernels of `tier`, which the host must support.
@@ -438,16 +408,12 @@ impl Job<'_> {
     /// entirely keeps every key (and gives NaN, as ONNX's Softmax).
     fn live_keys(&self, b: usize, h: usize) -> usize {
         let seq_k = self.dims.seq_k;
-        match self.mask {
-            Some(mk) if mk.shape[2] == 1 => {
-                let (row, _) = self.mask_rows(b, h, 0, 1).expect("mask present");
-                // NaN is live: it must reach the softmax and make the row NaN.
-                match row.iter().rposition(|&v| v > MASKED || v.is_nan()) {
-                    Some(last) => (last + 1).next_multiple_of(16).min(seq_k),
-                    None => seq_k,
-                }
-            }
-            _ => seq_k,
+        // Stride 0: one mask row serves every query.
+        let Some((row, 0)) = self.mask_rows(b, h, 0, 1) else { return seq_k };
+        // NaN is live: it must reach the softmax and make the row NaN.
+        match row.iter().rposition(|&v| v > MASKED || v.is_nan()) {
+            Some(last) => (last + 1).next_multiple_of(16).min(seq_k),
+            None => seq_k,
         }
     }
 
@@ -656,7 +622,7 @@ pub mod reference {
         (x.map(|v| (v * f).round_ties_even().clamp(-128.0, 127.0) as i32).collect(), m / 127.0)
     }
 
-    /// What [`super::mha_strided_int8`] computes, with exact `e^x` (f64): per (batch, head), Q
+    /// What [`super::AttnProducts::Int8`] computes, with exact `e^x` (f64): per (batch, head), Q
     /// and K rows quantized to i8 with a scale each, V columns with a scale each over the keys;
     /// scores `Σ q·k · scale_q · scale_k · scale + mask`; weights `w = round(255 e^(s - max))`;
     /// `out = Σ w · v · scale_v / Σ w` (NaN for rows masked entirely).
@@ -908,7 +874,8 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for par in [Par::Seq, Par::Pool(&pool)] {
             let mut got = vec![0.0; n];
-            mha_strided_bf16(rows(&q), rows(&k), rows(&v), mask, dims, 0.176_776_7, &mut got, par).unwrap();
+            mha_strided_as(AttnProducts::Bf16, rows(&q), rows(&k), rows(&v), mask, dims, 0.176_776_7, &mut got, par)
+                .unwrap();
             let worst = got.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0.0, f64::max);
             let scale = want.iter().map(|x| x.abs()).fold(0.0, f64::max);
             // Q, K, V and P each rounded to 8 mantissa bits: a few 2^-9 relative at most.
@@ -973,7 +940,19 @@ mod tests {
         let rows = |data| Rows { data, ld: hd };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let mut got = vec![0.0; want.len()];
-        mha_strided_bf16_with(tier, rows(q), rows(k), rows(v), mask, dims, scale, &mut got, Par::Pool(&pool)).unwrap();
+        mha_strided_as_with(
+            tier,
+            AttnProducts::Bf16,
+            rows(q),
+            rows(k),
+            rows(v),
+            mask,
+            dims,
+            scale,
+            &mut got,
+            Par::Pool(&pool),
+        )
+        .unwrap();
         let vmax = v.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64));
         for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
             if w.is_nan() {
@@ -1182,7 +1161,7 @@ mod tests {
         let v = values(7 * 16, 3);
         let rows = |data| Rows { data, ld: 16 };
         let mut got = vec![0.0; 5 * 16];
-        mha_strided_int8(rows(&q), rows(&k), rows(&v), None, dims, 0.3, &mut got, Par::Seq).unwrap();
+        mha_strided_as(AttnProducts::Int8, rows(&q), rows(&k), rows(&v), None, dims, 0.3, &mut got, Par::Seq).unwrap();
         assert!(!int8_native(8));
         assert_close(&got, &reference::mha(&q, &k, &v, None, dims, 0.3), "fallback");
     }
