@@ -269,7 +269,8 @@ fn depthwise(k: &ConvKernel, w: &[f32], g: &DwGeom, x: &[f32], out: &mut [f32], 
     if !par || g.oh < 2 {
         return depthwise_nhwc(tier, g, x, w, bias, clamp, 0..g.oh, out).map_err(RuntimeError::from);
     }
-    let per = g.oh.div_ceil(rayon::current_num_threads() * 2).max(1);
+    // One band per thread: with two per thread, 14 rows went 4 + 4 + 4 + 2 and one thread ran 8.
+    let per = per_task_rows(g.oh, true, g.oh);
     out.par_chunks_mut(per * row).enumerate().try_for_each(|(i, o)| {
         let r0 = i * per;
         depthwise_nhwc(tier, g, x, w, bias, clamp, r0..r0 + o.len() / row, o).map_err(RuntimeError::from)
