@@ -42,6 +42,7 @@ pub mod attention;
 pub mod blockq;
 pub mod cpu;
 pub mod depthwise;
+pub mod direct;
 mod error;
 pub mod gemm;
 pub mod grad;

@@ -142,6 +142,42 @@ pub fn depthwise_nhwc(
     out
 }
 
+/// [`crate::direct::conv_direct_nhwc`] in f64: `x` NCHW, `w` `[c_in, kh, kw, c_out]`, output
+/// channels-last.
+pub fn conv_direct_nhwc(
+    g: &crate::direct::DirectGeom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    clamp: Option<(f32, f32)>,
+) -> Vec<f64> {
+    let mut out = vec![0.0; g.oh * g.ow * g.c_out];
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            for co in 0..g.c_out {
+                let mut s = bias.map_or(0.0, |b| b[co] as f64);
+                for ci in 0..g.c_in {
+                    for ky in 0..g.kh {
+                        for kx in 0..g.kw {
+                            let iy = (oy * g.sh + ky) as isize - g.pt as isize;
+                            let ix = (ox * g.sw + kx) as isize - g.pl as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                let xi = (ci * g.h + iy as usize) * g.w + ix as usize;
+                                s += x[xi] as f64 * w[((ci * g.kh + ky) * g.kw + kx) * g.c_out + co] as f64;
+                            }
+                        }
+                    }
+                }
+                if let Some((lo, hi)) = clamp {
+                    s = s.clamp(lo as f64, hi as f64);
+                }
+                out[(oy * g.ow + ox) * g.c_out + co] = s;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

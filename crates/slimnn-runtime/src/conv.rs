@@ -290,6 +290,7 @@ impl ConvKernel {
     fn own_name(&self) -> String {
         let mut s = match self.method {
             ConvMethod::Pointwise => "conv1x1",
+            ConvMethod::Im2col if self.nhwc.as_ref().is_some_and(|l| l.is_direct()) => "conv_direct",
             ConvMethod::Im2col => "conv_im2col",
             ConvMethod::Depthwise => "conv_depthwise",
         }

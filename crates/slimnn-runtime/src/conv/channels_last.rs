@@ -18,6 +18,7 @@ use crate::plan::{Fusion, Kernel, Plan, Slot};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_kernels::depthwise::{depthwise_nhwc, DwGeom};
+use slimnn_kernels::direct::{conv_direct_nhwc, DirectGeom};
 use slimnn_kernels::matmul::transpose_scaled;
 use slimnn_kernels::{Epilogue, PackedB, Par};
 use std::cell::RefCell;
@@ -41,7 +42,21 @@ enum Weights {
     Packed(PackedB),
     /// Depthwise filters as `[kh, kw, c]`.
     Depthwise(Arc<[f32]>),
+    /// Filters as `[c_in, kh, kw, c_out]`, for the direct kernel on NCHW input with few
+    /// channels (a stem).
+    Direct(Arc<[f32]>),
 }
+
+impl ChannelsLast {
+    /// Whether the convolution runs the direct kernel (see [`Weights::Direct`]).
+    pub(super) fn is_direct(&self) -> bool {
+        matches!(self.weights, Weights::Direct(_))
+    }
+}
+
+/// Input channels up to which a `group == 1` convolution on NCHW input runs the direct kernel
+/// instead of im2col (each tap is a broadcast per pixel and `c_out` values of weights).
+const DIRECT_MAX_C_IN: usize = 4;
 
 thread_local! {
     /// An image's NHWC input, residual and output when the step converts them, and
@@ -61,17 +76,29 @@ impl ConvKernel {
             Some(dw) => Some(Arc::new(dw.to_channels_last(true, false, true)?.expect("channels-last"))),
             None => None,
         };
-        let weights = self.channels_last_weights()?;
+        let weights = self.channels_last_weights(input)?;
         let mut k = self.clone();
         k.then = then;
         k.nhwc = Some(Arc::new(ChannelsLast { input, residual, output, weights }));
         Ok(Some(k))
     }
 
-    fn channels_last_weights(&self) -> Result<Weights> {
+    /// The weights as the channels-last kernels read them; `input`: the input is channels-last.
+    fn channels_last_weights(&self, input: bool) -> Result<Weights> {
         let g = &self.geom;
         let taps = g.kh * g.kw;
         Ok(match self.method {
+            ConvMethod::Im2col if !input && g.c_in <= DIRECT_MAX_C_IN => {
+                // `[c_out, c_in, kh, kw]` to `[c_in, kh, kw, c_out]`.
+                let k = g.c_in * taps;
+                let mut w = vec![0.0; k * g.c_out];
+                for (co, filter) in self.weights.chunks(k).enumerate() {
+                    for (i, &v) in filter.iter().enumerate() {
+                        w[i * g.c_out + co] = v;
+                    }
+                }
+                Weights::Direct(w.into())
+            }
             ConvMethod::Depthwise => {
                 let mut w = vec![0.0; taps * g.c_out];
                 for (c, filter) in self.weights.chunks(taps).enumerate() {
@@ -146,7 +173,10 @@ impl ConvKernel {
                     depthwise(self, w, &g.depthwise(), x, o, par)?;
                     finish(o, split_clamp(self.activation).1, r);
                 }
-                (Some(_), Weights::Depthwise(_)) => unreachable!("only pointwise convolutions fuse a depthwise one"),
+                (None, Weights::Direct(w)) => self.direct_nhwc(w, x, r, o, par)?,
+                (Some(_), Weights::Depthwise(_) | Weights::Direct(_)) => {
+                    unreachable!("only pointwise convolutions fuse a depthwise one")
+                }
             }
             if !l.output {
                 let (c, hw) = (last.c_out, last.oh * last.ow);
@@ -198,6 +228,29 @@ impl ConvKernel {
                 band(i * rows, o, held.as_deref_mut().unwrap_or(&mut own))
             })
         })
+    }
+
+    /// This convolution on NCHW input `x` with the direct kernel (weights `w` as
+    /// [`Weights::Direct`]), bands of output rows split over threads when `par`.
+    fn direct_nhwc(&self, w: &[f32], x: &[f32], residual: Option<&[f32]>, out: &mut [f32], par: bool) -> Result<()> {
+        let g = &self.geom;
+        let ConvGeom { c_in, h, w: width, c_out, kh, kw, sh, sw, pt, pl, oh, ow } = *g;
+        let dg = DirectGeom { c_in, h, w: width, c_out, kh, kw, sh, sw, pt, pl, oh, ow };
+        let (clamp, rest) = split_clamp(self.activation);
+        let bias = self.bias.as_deref();
+        let tier = slimnn_kernels::cpu::tier();
+        let row = ow * c_out;
+        let rows = per_task_rows(oh, par, oh);
+        let band = |oy0: usize, o: &mut [f32]| -> Result<()> {
+            let oy1 = oy0 + o.len() / row;
+            conv_direct_nhwc(tier, &dg, x, w, bias, clamp, oy0..oy1, o)?;
+            finish(o, rest, residual.map(|r| &r[oy0 * row..oy1 * row]));
+            Ok(())
+        };
+        if !par || rows >= oh {
+            return out.chunks_mut(rows * row).enumerate().try_for_each(|(i, o)| band(i * rows, o));
+        }
+        out.par_chunks_mut(rows * row).enumerate().try_for_each(|(i, o)| band(i * rows, o))
     }
 
     /// This pointwise convolution then `dw`, channels-last, in bands of `dw`'s output rows
@@ -475,14 +528,26 @@ mod tests {
             k.activation = Activation::None;
             check(&k, xs, true, &format!("pointwise {ci}->{co} + residual"));
         }
-        // im2col: a stem (3 channels, stride 2) and a 3x3 conv, without bias.
-        for (ci, co, hw, kk, s, p, bias) in [(3, 32, 17, 3, 2, 1, true), (5, 7, 8, 3, 1, 1, false)] {
+        // im2col or, on NCHW input with few channels, the direct kernel: stems (3 channels,
+        // stride 2), a 3x3 conv without bias, and 5 channels (always im2col).
+        for (ci, co, hw, kk, s, p, bias) in [
+            (3, 32, 17, 3, 2, 1, true),
+            (3, 64, 23, 7, 2, 3, true),
+            (4, 7, 8, 3, 1, 1, false),
+            (5, 7, 8, 3, 1, 1, false),
+        ] {
             let oh = (hw + 2 * p - kk) / s + 1;
             let (xs, ys) = ([2, ci, hw, hw], [2, co, oh, oh]);
             let (w, b) = (values(co * ci * kk * kk, 3), values(co, 4));
             let b = bias.then_some(&b[..]);
-            let k = ConvKernel::prepare(&attrs(kk, s, p, 1), &xs, &[co, ci, kk, kk], &w, b, &ys).unwrap();
+            let mut k = ConvKernel::prepare(&attrs(kk, s, p, 1), &xs, &[co, ci, kk, kk], &w, b, &ys).unwrap();
+            let cl = k.to_channels_last(false, false, true).unwrap().unwrap();
+            assert_eq!(cl.nhwc.as_deref().unwrap().is_direct(), ci <= DIRECT_MAX_C_IN, "{ci} input channels");
+            assert_eq!(cl.name().contains("conv_direct"), ci <= DIRECT_MAX_C_IN);
             check(&k, xs, false, &format!("im2col {ci}->{co} {kk}x{kk} s{s}"));
+            check(&k, xs, true, &format!("im2col {ci}->{co} {kk}x{kk} s{s} + residual"));
+            k.activation = Activation::RELU6;
+            check(&k, xs, false, &format!("im2col {ci}->{co} {kk}x{kk} s{s} relu6"));
         }
         // Depthwise: 3x3 and 5x5, stride 1 and 2, channels not a multiple of a vector.
         for (c, hw, kk, s, p) in [(32, 12, 3, 1, 1), (20, 11, 5, 2, 2), (17, 9, 5, 1, 2), (48, 14, 3, 2, 1)] {
