@@ -23,18 +23,29 @@ pub use crate::qgemm::dw::DwGeom;
 impl DwGeom {
     /// Output columns `ox` whose taps all fall inside the image.
     fn interior_cols(&self) -> Range<usize> {
-        let lo = self.pl.div_ceil(self.sw);
-        let hi = if self.w + self.pl >= self.kw { (self.w + self.pl - self.kw) / self.sw + 1 } else { 0 };
-        lo.min(self.ow)..hi.clamp(lo.min(self.ow), self.ow)
+        interior_outputs(self.w, self.pl, self.kw, self.sw, self.ow)
     }
 
     /// Kernel rows `ky` whose input row falls inside the image for output row `oy`.
     fn rows_inside(&self, oy: usize) -> Range<usize> {
-        let top = (oy * self.sh) as isize - self.pt as isize;
-        let lo = (-top).max(0) as usize;
-        let hi = (self.h as isize - top).clamp(0, self.kh as isize) as usize;
-        lo.min(hi)..hi
+        taps_inside(self.h, self.pt, self.kh, self.sh, oy)
     }
+}
+
+/// Along one axis of `size` inputs with `pad` before them, a kernel of `k` taps at `stride`:
+/// the outputs (of `outs`) whose taps all fall inside the input.
+pub(crate) fn interior_outputs(size: usize, pad: usize, k: usize, stride: usize, outs: usize) -> Range<usize> {
+    let lo = pad.div_ceil(stride);
+    let hi = if size + pad >= k { (size + pad - k) / stride + 1 } else { 0 };
+    lo.min(outs)..hi.clamp(lo.min(outs), outs)
+}
+
+/// Along the same axis, the taps of output `o` that fall inside the input.
+pub(crate) fn taps_inside(size: usize, pad: usize, k: usize, stride: usize, o: usize) -> Range<usize> {
+    let first = (o * stride) as isize - pad as isize;
+    let lo = (-first).max(0) as usize;
+    let hi = (size as isize - first).clamp(0, k as isize) as usize;
+    lo.min(hi)..hi
 }
 
 /// `out[oy][ox][ch] = clamp(bias[ch] + Σ x[oy sh + ky - pt][ox sw + kx - pl][ch] · w[ky][kx][ch])`

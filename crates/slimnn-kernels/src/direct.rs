@@ -10,6 +10,7 @@
 //! each tap.
 
 use crate::cpu::CpuTier;
+use crate::depthwise::{interior_outputs, taps_inside};
 use crate::error::{check_tier, KernelError};
 use crate::rows::tiered;
 use crate::simd::Simd;
@@ -43,17 +44,12 @@ pub struct DirectGeom {
 impl DirectGeom {
     /// Output columns whose taps all fall inside the image.
     fn interior_cols(&self) -> Range<usize> {
-        let lo = self.pl.div_ceil(self.sw);
-        let hi = if self.w + self.pl >= self.kw { (self.w + self.pl - self.kw) / self.sw + 1 } else { 0 };
-        lo.min(self.ow)..hi.clamp(lo.min(self.ow), self.ow)
+        interior_outputs(self.w, self.pl, self.kw, self.sw, self.ow)
     }
 
     /// Kernel rows whose input row falls inside the image for output row `oy`.
     fn rows_inside(&self, oy: usize) -> Range<usize> {
-        let top = (oy * self.sh) as isize - self.pt as isize;
-        let lo = (-top).max(0) as usize;
-        let hi = (self.h as isize - top).clamp(0, self.kh as isize) as usize;
-        lo.min(hi)..hi
+        taps_inside(self.h, self.pt, self.kh, self.sh, oy)
     }
 }
 

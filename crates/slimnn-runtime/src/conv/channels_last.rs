@@ -59,9 +59,8 @@ impl ChannelsLast {
 const DIRECT_MAX_C_IN: usize = 4;
 
 thread_local! {
-    /// An image's NHWC input, residual and output when the step converts them, and
-    /// pixel-major im2col columns.
-    static SCRATCH: RefCell<[Vec<f32>; 4]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()]) };
+    /// An image's NHWC input, residual and output when the step converts them.
+    static SCRATCH: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 impl ConvKernel {
@@ -140,7 +139,7 @@ impl ConvKernel {
             // A nested call on this thread (work stolen while waiting) gets its own buffers.
             let mut own = Default::default();
             let mut held = cell.try_borrow_mut();
-            let [xs, rs, os, cols] = held.as_deref_mut().unwrap_or(&mut own);
+            let [xs, rs, os] = held.as_deref_mut().unwrap_or(&mut own);
             let x =
                 if l.input || self.method == ConvMethod::Im2col { x } else { to_nhwc(tier, x, g.c_in, g.h * g.w, xs)? };
             let r = match residual {
@@ -156,7 +155,7 @@ impl ConvKernel {
             match (&self.then, &l.weights) {
                 (Some(dw), Weights::Packed(w)) => self.fused_nhwc(w, dw, x, o, par)?,
                 (None, Weights::Packed(w)) if self.method == ConvMethod::Im2col => {
-                    self.im2col_nhwc(w, x, l.input, r, o, cols, par)?
+                    self.im2col_nhwc(w, x, l.input, r, o, par)?
                 }
                 (None, Weights::Packed(w)) => {
                     let mut ep = Epilogue::NONE.with_activation(self.activation);
@@ -187,10 +186,10 @@ impl ConvKernel {
     }
 
     /// A `group == 1` convolution on pixel-major im2col columns (`NHWC` input when `nhwc`, else
-    /// NCHW). With `par`, each thread takes whole bands of output rows, gathering and
-    /// multiplying its own columns: gathered once and multiplied across threads, the gather ran
-    /// on one core and the stem did not scale (0.37 ms on one thread, 0.35 on two).
-    #[allow(clippy::too_many_arguments)]
+    /// NCHW), in bands of output rows whose columns stay in L2. With `par`, each thread
+    /// gathers and multiplies its own bands: gathered whole and multiplied across threads, the
+    /// gather ran on one core (EfficientNet's stem, then on im2col: 0.37 ms on one thread, 0.35
+    /// on two).
     fn im2col_nhwc(
         &self,
         w: &PackedB,
@@ -198,34 +197,27 @@ impl ConvKernel {
         nhwc: bool,
         residual: Option<&[f32]>,
         out: &mut [f32],
-        cols: &mut Vec<f32>,
         par: bool,
     ) -> Result<()> {
         let g = &self.geom;
-        let row = g.ow * g.c_out;
         let rows = per_task_rows(g.oh, par, (IM2COL_BAND_BYTES / (g.ow * w.k() * 4).max(1)).max(1));
-        let band = |oy0: usize, o: &mut [f32], cols: &mut Vec<f32>| -> Result<()> {
-            let pixels = oy0 * g.ow..oy0 * g.ow + o.len() / g.c_out;
-            im2col_pixel_major(g, x, nhwc, pixels.clone(), cols);
-            let mut ep = Epilogue::NONE.with_activation(self.activation);
-            if let Some(b) = &self.bias {
-                ep = ep.with_bias(b);
-            }
-            if let Some(r) = residual {
-                ep = ep.with_residual(&r[pixels.start * g.c_out..pixels.end * g.c_out], g.c_out);
-            }
-            slimnn_kernels::gemm(pixels.len(), cols, w.k(), w, o, g.c_out, ep, Par::Seq)?;
-            Ok(())
-        };
-        if !par || rows >= g.oh {
-            return out.chunks_mut(rows * row).enumerate().try_for_each(|(i, o)| band(i * rows, o, cols));
-        }
-        out.par_chunks_mut(rows * row).enumerate().try_for_each(|(i, o)| {
+        each_band(out, rows, g.ow * g.c_out, par, |oy0, o| {
             super::COLS.with(|cell| {
-                // The calling thread's own columns may be borrowed already (it runs tasks too).
+                // A nested call on this thread (work stolen while waiting) gets its own columns.
                 let mut own = Vec::new();
                 let mut held = cell.try_borrow_mut();
-                band(i * rows, o, held.as_deref_mut().unwrap_or(&mut own))
+                let cols = held.as_deref_mut().unwrap_or(&mut own);
+                let pixels = oy0 * g.ow..oy0 * g.ow + o.len() / g.c_out;
+                im2col_pixel_major(g, x, nhwc, pixels.clone(), cols);
+                let mut ep = Epilogue::NONE.with_activation(self.activation);
+                if let Some(b) = &self.bias {
+                    ep = ep.with_bias(b);
+                }
+                if let Some(r) = residual {
+                    ep = ep.with_residual(&r[pixels.start * g.c_out..pixels.end * g.c_out], g.c_out);
+                }
+                slimnn_kernels::gemm(pixels.len(), cols, w.k(), w, o, g.c_out, ep, Par::Seq)?;
+                Ok(())
             })
         })
     }
@@ -240,17 +232,12 @@ impl ConvKernel {
         let bias = self.bias.as_deref();
         let tier = slimnn_kernels::cpu::tier();
         let row = ow * c_out;
-        let rows = per_task_rows(oh, par, oh);
-        let band = |oy0: usize, o: &mut [f32]| -> Result<()> {
+        each_band(out, per_task_rows(oh, par, oh), row, par, |oy0, o| {
             let oy1 = oy0 + o.len() / row;
             conv_direct_nhwc(tier, &dg, x, w, bias, clamp, oy0..oy1, o)?;
             finish(o, rest, residual.map(|r| &r[oy0 * row..oy1 * row]));
             Ok(())
-        };
-        if !par || rows >= oh {
-            return out.chunks_mut(rows * row).enumerate().try_for_each(|(i, o)| band(i * rows, o));
-        }
-        out.par_chunks_mut(rows * row).enumerate().try_for_each(|(i, o)| band(i * rows, o))
+        })
     }
 
     /// This pointwise convolution then `dw`, channels-last, in bands of `dw`'s output rows
@@ -270,7 +257,7 @@ impl ConvKernel {
             ep = ep.with_bias(b);
         }
         let rest = split_clamp(dw.activation).1;
-        let band = |oy0: usize, o: &mut [f32]| -> Result<()> {
+        each_band(out, rows, d.ow * d.c_out, par, |oy0, o| {
             let oy1 = oy0 + o.len() / (d.ow * d.c_out);
             super::FUSED.with(|cell| {
                 // A nested call on this thread (work stolen while waiting) gets its own buffer.
@@ -290,18 +277,26 @@ impl ConvKernel {
                 finish(o, rest, None);
                 Ok(())
             })
-        };
-        let chunk = rows * d.ow * d.c_out;
-        if rows >= d.oh || !par {
-            out.chunks_mut(chunk).enumerate().try_for_each(|(i, o)| band(i * rows, o))
-        } else {
-            out.par_chunks_mut(chunk).enumerate().try_for_each(|(i, o)| band(i * rows, o))
-        }
+        })
     }
 }
 
 /// Columns gathered per band of an im2col convolution: they stay in L2 for the GEMM.
 const IM2COL_BAND_BYTES: usize = 256 << 10;
+
+/// `band(first_row, out_rows)` on consecutive bands of `rows` output rows (`row` values each)
+/// of `out`, on the pool's threads when `par` and there is more than one band.
+fn each_band<F>(out: &mut [f32], rows: usize, row: usize, par: bool, band: F) -> Result<()>
+where
+    F: Fn(usize, &mut [f32]) -> Result<()> + Sync,
+{
+    let chunk = (rows * row).max(1);
+    if par && chunk < out.len() {
+        out.par_chunks_mut(chunk).enumerate().try_for_each(|(i, o)| band(i * rows, o))
+    } else {
+        out.chunks_mut(chunk).enumerate().try_for_each(|(i, o)| band(i * rows, o))
+    }
+}
 
 /// Output rows per task when `oh` rows are split into bands of at most `most` rows: with `par`,
 /// as many bands as a multiple of the thread count, so every thread gets the same number.
@@ -323,9 +318,7 @@ fn depthwise(k: &ConvKernel, w: &[f32], g: &DwGeom, x: &[f32], out: &mut [f32], 
         return depthwise_nhwc(tier, g, x, w, bias, clamp, 0..g.oh, out).map_err(RuntimeError::from);
     }
     // One band per thread: with two per thread, 14 rows went 4 + 4 + 4 + 2 and one thread ran 8.
-    let per = per_task_rows(g.oh, true, g.oh);
-    out.par_chunks_mut(per * row).enumerate().try_for_each(|(i, o)| {
-        let r0 = i * per;
+    each_band(out, per_task_rows(g.oh, true, g.oh), row, true, |r0, o| {
         depthwise_nhwc(tier, g, x, w, bias, clamp, r0..r0 + o.len() / row, o).map_err(RuntimeError::from)
     })
 }
