@@ -4,7 +4,8 @@
 //! `[PAD=K] [BF16=1|INT8=1] cargo run --release -p slimnn-kernels --example attention_speed [-- SEQ]`
 //! (the last K keys masked, as padding, default 5; `BF16=1` times the bf16 products, `INT8=1`
 //! the int8 ones, on AMX tiles where granted; `FUSED=1` reads Q, K and V from one fused
-//! projection's rows; `FULL_MASK=1` gives the mask one row per query)
+//! projection's rows; `FULL_MASK=1` gives the mask one row per query; `EVICT=1` writes 8 MB
+//! between calls)
 
 use slimnn_kernels::attention::{mha_strided_as, AttnDims, AttnMask, AttnProducts, Rows};
 use slimnn_kernels::Par;
@@ -31,7 +32,12 @@ fn main() {
     let int8 = std::env::var("INT8").is_ok_and(|v| v == "1");
     let mut out = vec![0f32; len];
     let mut times = Vec::with_capacity(1000);
-    for _ in 0..1000 {
+    // EVICT=1: 8 MB written between calls, so operands and scratch come from L3 as they can
+    // in a model, where other layers' weights pass through the caches in between.
+    let evict = std::env::var("EVICT").is_ok_and(|v| v == "1");
+    let mut junk = vec![0u8; if evict { 8 << 20 } else { 0 }];
+    for i in 0..1000 {
+        junk.iter_mut().step_by(64).for_each(|b| *b = b.wrapping_add(i as u8));
         let t = Instant::now();
         let m = AttnMask { data: &mask, shape: [1, 1, if full { seq } else { 1 }, seq] };
         let (q, k, v) = if fused {

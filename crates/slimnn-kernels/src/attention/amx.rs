@@ -10,10 +10,13 @@
 //!
 //! Layouts, in 32-bit slots each holding a bf16 pair (low half first, as `tdpbf16ps` reads):
 //! - Q block: 32 rows of `dp / 2` slots (`dp` = `head_dim` rounded up to 32, zeros past it);
-//! - Kᵀ: `dp / 2` rows of `skp` slots (`skp` = `seq_k` rounded up to 32), slot `(p, j)` =
-//!   `(K[j][2p], K[j][2p+1])`: the tile B operand of `S = Q·Kᵀ`, zeros past `seq_k`;
+//! - Kᵀ: `dp / 2` rows of `skp` slots (`skp` = the live keys rounded up to 32), slot `(p, j)`
+//!   = `(K[j][2p], K[j][2p+1])`: the tile B operand of `S = Q·Kᵀ`, zeros past the live keys;
 //! - V: `skp / 2` rows of `dp` slots, slot `(r, c)` = `(V[2r][c], V[2r+1][c])`;
-//! - P: 32 rows of `skp / 2` slots, zeros past `seq_k`.
+//! - P: 32 rows of `skp / 2` slots, zeros past the live keys.
+//!
+//! The live keys are `seq_k` less a padding mask's trailing masked keys (`Job::live_keys`),
+//! whose weights are exactly 0.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -68,9 +71,12 @@ pub(super) fn run(job: &Job<'_>, out: &mut [f32], threads: usize) -> Result<(), 
 /// AMX-BF16 tiles granted and AVX-512 BF16 present; `out` as [`Out`] describes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) -> Result<(), KernelError> {
-    let AttnDims { seq_q, seq_k, head_dim: d, .. } = job.dims;
-    let (dp, skp) = (d.next_multiple_of(32), seq_k.next_multiple_of(32));
-    pack(job, b, h, s, dp, skp);
+    let AttnDims { seq_q, head_dim: d, .. } = job.dims;
+    // Trailing padding keys (weight exactly 0) are left out, as on the f32 path, in whole
+    // tiles of 32: a row count that is not a multiple of 32 takes the softmax row by row.
+    let live = job.live_keys(b, h).next_multiple_of(32).min(job.dims.seq_k);
+    let (dp, skp) = (d.next_multiple_of(32), live.next_multiple_of(32));
+    pack(job, b, h, s, dp, live);
     s.q.resize(ROWS * dp / 2);
     s.s.resize(ROWS * skp);
     s.p.resize(ROWS * skp / 2);
@@ -82,7 +88,7 @@ unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) -> 
     amx::configure();
     let mut result = Ok(());
     for i0 in (0..seq_q).step_by(ROWS) {
-        result = block(job, b, h, i0, s, out);
+        result = block(job, b, h, i0, live, s, out);
         if result.is_err() {
             break;
         }
@@ -91,16 +97,24 @@ unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) -> 
     result
 }
 
-/// Query rows `i0..i0 + 32` (or to `seq_q`) of batch `b`, head `h`, with the head packed in
-/// `s` and the tiles configured. (A plain function, not a closure: closures do not inherit
+/// Query rows `i0..i0 + 32` (or to `seq_q`) of batch `b`, head `h`, over its first `live`
+/// keys, with the head packed in `s` and the tiles configured. (A plain function, not a closure: closures do not inherit
 /// the caller's target features.)
 ///
 /// # Safety
 /// As [`head`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, out: Out) -> Result<(), KernelError> {
-    let AttnDims { seq_q, seq_k, head_dim: d, .. } = job.dims;
-    let (dp, skp) = (d.next_multiple_of(32), seq_k.next_multiple_of(32));
+unsafe fn block(
+    job: &Job<'_>,
+    b: usize,
+    h: usize,
+    i0: usize,
+    live: usize,
+    s: &mut Scratch,
+    out: Out,
+) -> Result<(), KernelError> {
+    let AttnDims { seq_q, head_dim: d, .. } = job.dims;
+    let (dp, skp) = (d.next_multiple_of(32), live.next_multiple_of(32));
     let (d2, sk2) = (dp / 2, skp / 2);
     let tier = job.tier;
     let m = ROWS.min(seq_q - i0);
@@ -120,11 +134,11 @@ unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, o
         amx::bf16_block_2x2(dp / 32, qp, d2 * 4, 64, ktp.add(j * 128), skp * 4, sp.add(j * 128), skp * 4);
     }
 
-    softmax(job, b, h, i0, m, s.s.as_mut_slice(), skp, &mut s.inv[..m])?;
+    softmax(job, (b, h, i0, m, live), s.s.as_mut_slice(), skp, &mut s.inv[..m])?;
 
     let (ss, ps) = (s.s.as_slice(), s.p.as_mut_slice());
     for r in 0..m {
-        convert_row(&ss[r * skp..r * skp + seq_k], &mut ps[r * sk2..(r + 1) * sk2], tier);
+        convert_row(&ss[r * skp..r * skp + live], &mut ps[r * sk2..(r + 1) * sk2], tier);
     }
 
     // O = P·V, 32 output columns at a time.
@@ -146,13 +160,15 @@ unsafe fn block(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch, o
     Ok(())
 }
 
-/// Packs head `h` of batch `b`: Kᵀ and V as bf16 pairs (see the module comment).
+/// Packs the first `live` keys of head `h` of batch `b`: Kᵀ and V as bf16 pairs (see the
+/// module comment).
 ///
 /// # Safety
 /// AVX-512 F/BW/VL/DQ present.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, skp: usize) {
+unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, live: usize) {
     let AttnDims { seq_k, head_dim: d, .. } = job.dims;
+    let skp = live.next_multiple_of(32);
     let (k, v, tier) = (job.k, job.v, job.tier);
     let d2 = dp / 2;
     // Kᵀ, 16 keys at a time: their rows as pairs (staged, slots past a row's values and rows
@@ -165,7 +181,7 @@ unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, sk
         for r in 0..16 {
             let row = &mut s.krow[r * d2..r * d2 + d.div_ceil(2)];
             match j0 + r {
-                j if j < seq_k => convert_row(&k.data[(b * seq_k + j) * k.ld + h * d..][..d], row, tier),
+                j if j < live => convert_row(&k.data[(b * seq_k + j) * k.ld + h * d..][..d], row, tier),
                 _ => row.fill(0.0),
             }
         }
@@ -183,7 +199,7 @@ unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, sk
     }
 
     s.v.resize(skp / 2 * dp);
-    let row = |j: usize| (j < seq_k).then(|| &v.data[(b * seq_k + j) * v.ld + h * d..][..d]);
+    let row = |j: usize| (j < live).then(|| &v.data[(b * seq_k + j) * v.ld + h * d..][..d]);
     for (r, dst) in s.v.as_mut_slice().chunks_exact_mut(dp).enumerate() {
         match row(2 * r) {
             Some(lo) => pack_pair_row(tier, lo, row(2 * r + 1), dst),
@@ -192,21 +208,18 @@ unsafe fn pack(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, dp: usize, sk
     }
 }
 
-/// The masked, scaled softmax of score rows `i0..i0 + m` (row stride `skp`, `seq_k` values
-/// each), left unnormalised with `1 / sum` in `inv`.
-#[allow(clippy::too_many_arguments)]
+/// The masked, scaled softmax of score rows `i0..i0 + m` of batch `b`, head `h` (row stride
+/// `skp`, `seq_k` values each: the live keys), left unnormalised with `1 / sum` in `inv`.
 fn softmax(
     job: &Job<'_>,
-    b: usize,
-    h: usize,
-    i0: usize,
-    m: usize,
+    (b, h, i0, m, seq_k): (usize, usize, usize, usize, usize),
     scores: &mut [f32],
     skp: usize,
     inv: &mut [f32],
 ) -> Result<(), KernelError> {
-    let seq_k = job.dims.seq_k;
-    let mask = job.mask_rows(b, h, i0, m);
+    // Fewer live keys than `seq_k` only with one mask row for every query (`live_keys`).
+    let mask =
+        job.mask_rows(b, h, i0, m).map(|(data, stride)| (if stride == 0 { &data[..seq_k] } else { data }, stride));
     if skp == seq_k {
         return softmax_block(job.tier, &mut scores[..m * seq_k], seq_k, job.scale, mask, Some(inv));
     }
