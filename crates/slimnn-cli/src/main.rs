@@ -10,6 +10,10 @@ use slimnn_runtime::{Runnable, RuntimeConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+// Activations start on cache lines (see `slimnn_runtime::alloc`).
+#[global_allocator]
+static ALLOC: slimnn_runtime::alloc::CacheLineAligned = slimnn_runtime::alloc::CacheLineAligned;
+
 #[derive(Parser)]
 #[command(name = "slimnn", version, about = "Make neural networks smaller and faster, and run them")]
 struct Cli {

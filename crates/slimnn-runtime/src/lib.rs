@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod alloc;
 pub mod blockq;
 pub mod conv;
 mod exec;
