@@ -21,6 +21,10 @@
 //! - P: rows of `skp` bytes, zeros past `seq_k`;
 //! - V: `skp / 4` rows of `dv` slots (`dv` = `head_dim` rounded up to 32), slot `(r, c)` =
 //!   `V[4r..4r+4][c]`.
+//!
+//! Here `seq_k` counts the live keys: a padding mask's trailing masked keys (`Job::live_keys`)
+//! are left out in whole steps of 64. Their u8 weights would be 0, and V's column scales are
+//! still taken over every key, so the result is the same value for value.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -88,6 +92,10 @@ pub(super) fn run(job: &Job<'_>, out: &mut [f32], threads: usize) -> Result<(), 
 /// Sizes of one head's buffers.
 #[derive(Clone, Copy)]
 struct Geom {
+    /// Keys in the operands (the row count of K and V per batch).
+    all: usize,
+    /// Keys that can carry weight: `all` less a padding mask's trailing masked keys
+    /// (`Job::live_keys`, rounded up to 64 here), whose u8 weights would be 0.
     seq_k: usize,
     d: usize,
     /// `seq_k` rounded up to 64.
@@ -108,8 +116,9 @@ struct Geom {
 /// AMX-INT8 tiles granted, AVX-512 F/BW present; `out` as [`Out`] describes.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn head(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, out: Out) {
-    let AttnDims { seq_q, seq_k, head_dim: d, .. } = job.dims;
-    let g = Geom { seq_k, d, skp: seq_k.next_multiple_of(64), dv: d.next_multiple_of(32) };
+    let AttnDims { seq_q, seq_k: all, head_dim: d, .. } = job.dims;
+    let seq_k = job.live_keys(b, h).next_multiple_of(64).min(all);
+    let g = Geom { all, seq_k, d, skp: seq_k.next_multiple_of(64), dv: d.next_multiple_of(32) };
     let rows = seq_q.next_multiple_of(ROWS);
     pack_k(job, b, h, s, g);
     pack_v(job, b, h, s, g);
@@ -176,7 +185,7 @@ unsafe fn pack_k(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, g: Geom) {
             _mm512_storeu_ps(row, _mm512_setzero_ps());
             let j = j0 + r;
             s.kf[j] = if j < g.seq_k {
-                let src = k.data.as_ptr().add((b * g.seq_k + j) * k.ld + h * g.d);
+                let src = k.data.as_ptr().add((b * g.all + j) * k.ld + h * g.d);
                 job.scale * quantize_row(src, g.d, row.cast())
             } else {
                 0.0
@@ -194,18 +203,19 @@ unsafe fn pack_k(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, g: Geom) {
     }
 }
 
-/// V of head `h`, batch `b`: each column's scale over the keys, then groups of four keys
-/// quantized and interleaved byte by byte into slots.
+/// V of head `h`, batch `b`: each column's scale over all keys (padding included, so that
+/// leaving padding out changes no value), then groups of four live keys quantized and
+/// interleaved byte by byte into slots.
 ///
 /// # Safety
 /// As [`head`].
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_v(job: &Job<'_>, b: usize, h: usize, s: &mut Scratch, g: Geom) {
     let v = job.v;
-    let row = |j: usize| v.data.as_ptr().add((b * g.seq_k + j) * v.ld + h * g.d);
+    let row = |j: usize| v.data.as_ptr().add((b * g.all + j) * v.ld + h * g.d);
     let nc = g.d / 16;
     let mut amax = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
-    for j in 0..g.seq_k {
+    for j in 0..g.all {
         for (c, m) in amax.iter_mut().enumerate().take(nc) {
             *m = _mm512_max_ps(*m, _mm512_abs_ps(_mm512_loadu_ps(row(j).add(16 * c))));
         }
@@ -291,8 +301,8 @@ unsafe fn context(job: &Job<'_>, b: usize, h: usize, i0: usize, s: &mut Scratch,
 
 /// The block's `m` score rows (stride `skp`): i32 dot products to f32 scores in place
 /// (`acc · kf[j] · qf[r] + mask`), then `round(255 e^(s - max))` as u8 into P's rows; `inv[r]`
-/// gets `1 / sum` of row `r`'s u8 weights (NaN when every key is masked out, as ONNX's
-/// Softmax).
+/// gets `1 / sum` of row `r`'s u8 weights (NaN when every key is masked out or a score is NaN,
+/// as ONNX's Softmax).
 ///
 /// Each pass runs over all rows before the next, and rows keep their maxima and sums as
 /// vectors, reduced sixteen rows at a time by one transpose: reduced row by row, each row's
@@ -324,10 +334,15 @@ unsafe fn softmax_u8(
     let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
     // Per row, a vector of maxima then of sums, reduced sixteen rows at a time.
     let mut lanes = [_mm512_setzero_ps(); ROWS];
+    // Rows with a NaN score (from the mask or the operands): `max` may drop a NaN, so each row
+    // also sums its scores, which NaN (or `+inf` beside `-inf`, where the softmax is NaN too)
+    // turns into NaN; such rows give NaN.
+    let mut nan = [false; ROWS];
     for r in 0..m {
         let row = s.add(r * skp);
         let q = _mm512_set1_ps(qf[r]);
         let mut vmax = ninf;
+        let mut total = _mm512_setzero_ps();
         for v in 0..nv {
             let k = if v + 1 < nv { 0xffff } else { tail };
             let acc = _mm512_cvtepi32_ps(_mm512_loadu_si512(row.add(16 * v).cast()));
@@ -339,8 +354,10 @@ unsafe fn softmax_u8(
             let x = _mm512_mask_mov_ps(ninf, k, x);
             _mm512_storeu_ps(row.add(16 * v), x);
             vmax = _mm512_max_ps(vmax, x);
+            total = _mm512_add_ps(total, x);
         }
         lanes[r] = vmax;
+        nan[r] = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(total, total) != 0;
     }
     let mut max = [0f32; ROWS];
     reduce_rows(&mut lanes, m, &mut max, _mm512_max_ps);
@@ -371,7 +388,7 @@ unsafe fn softmax_u8(
     reduce_rows(&mut lanes, m, &mut sum, _mm512_add_ps);
     for r in 0..m {
         // A row masked entirely has max -inf (its weights are garbage): NaN, as ONNX's Softmax.
-        inv[r] = if max[r] == f32::NEG_INFINITY || max[r].is_nan() { f32::NAN } else { 1.0 / sum[r] };
+        inv[r] = if max[r] == f32::NEG_INFINITY || max[r].is_nan() || nan[r] { f32::NAN } else { 1.0 / sum[r] };
     }
 }
 

@@ -858,6 +858,14 @@ mod tests {
                     assert_close(&out, &want, &format!("{tier} {par:?} masked by {masked}"));
                 }
             }
+            // int8 products (AMX tiles, which skip the padding too): as the scheme's reference
+            // states them, running every key.
+            #[cfg(target_arch = "x86_64")]
+            if int8::native(CpuTier::Amx, dims.head_dim) && supported_tiers().contains(&CpuTier::Amx) {
+                for threads in [1, 2] {
+                    check_int8(&q, &k, &v, mask, dims, 0.25, threads);
+                }
+            }
             // bf16 products (on AMX tiles where granted, which skip the padding too): within
             // bf16 rounding, and NaN where the reference is.
             let rows = |data| Rows { data, ld: 48 };
