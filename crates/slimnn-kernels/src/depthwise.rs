@@ -75,29 +75,47 @@ pub fn depthwise_nhwc(
     if !fits {
         return Err(KernelError::shape(KERNEL, format!("{g:?}, rows {rows:?}, x {}, out {}", x.len(), out.len())));
     }
+    with_job(*g, x, w, bias, g.c, clamp, |job| dw_tiered(tier, job, rows.start, rows.end, out.as_mut_ptr()));
+    Ok(())
+}
+
+/// The checked operands of one depthwise or direct ([`crate::direct`]) convolution call, with
+/// geometry `G`.
+pub(crate) struct ConvJob<G> {
+    pub(crate) g: G,
+    pub(crate) x: *const f32,
+    pub(crate) w: *const f32,
+    /// `channels` biases (zeros when the call has none).
+    pub(crate) b: *const f32,
+    pub(crate) lo: f32,
+    pub(crate) hi: f32,
+    pub(crate) clamp: bool,
+}
+
+type Job = ConvJob<DwGeom>;
+
+/// `body` on the job for checked operands; a missing bias reads as `channels` zeros and a
+/// missing clamp as `(-inf, inf)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn with_job<G, R>(
+    g: G,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    channels: usize,
+    clamp: Option<(f32, f32)>,
+    body: impl FnOnce(&ConvJob<G>) -> R,
+) -> R {
     let zeros;
     let bias = match bias {
         Some(b) => b,
         None => {
-            zeros = vec![0.0; g.c];
+            zeros = vec![0.0; channels];
             &zeros
         }
     };
     let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-    let job = Job { g: *g, x: x.as_ptr(), w: w.as_ptr(), b: bias.as_ptr(), lo, hi, clamp: clamp.is_some() };
-    dw_tiered(tier, &job, rows.start, rows.end, out.as_mut_ptr());
-    Ok(())
-}
-
-/// The checked operands of one call.
-struct Job {
-    g: DwGeom,
-    x: *const f32,
-    w: *const f32,
-    b: *const f32,
-    lo: f32,
-    hi: f32,
-    clamp: bool,
+    body(&ConvJob { g, x: x.as_ptr(), w: w.as_ptr(), b: bias.as_ptr(), lo, hi, clamp: clamp.is_some() })
 }
 
 tiered! {

@@ -10,7 +10,7 @@
 //! each tap.
 
 use crate::cpu::CpuTier;
-use crate::depthwise::{interior_outputs, taps_inside};
+use crate::depthwise::{interior_outputs, taps_inside, with_job, ConvJob};
 use crate::error::{check_tier, KernelError};
 use crate::rows::tiered;
 use crate::simd::Simd;
@@ -80,30 +80,11 @@ pub fn conv_direct_nhwc(
     if !fits {
         return Err(KernelError::shape(KERNEL, format!("{g:?}, rows {rows:?}, x {}, out {}", x.len(), out.len())));
     }
-    let zeros;
-    let bias = match bias {
-        Some(b) => b,
-        None => {
-            zeros = vec![0.0; g.c_out];
-            &zeros
-        }
-    };
-    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-    let job = Job { g: *g, x: x.as_ptr(), w: w.as_ptr(), b: bias.as_ptr(), lo, hi, clamp: clamp.is_some() };
-    direct_tiered(tier, &job, rows.start, rows.end, out.as_mut_ptr());
+    with_job(*g, x, w, bias, g.c_out, clamp, |job| direct_tiered(tier, job, rows.start, rows.end, out.as_mut_ptr()));
     Ok(())
 }
 
-/// The checked operands of one call.
-struct Job {
-    g: DirectGeom,
-    x: *const f32,
-    w: *const f32,
-    b: *const f32,
-    lo: f32,
-    hi: f32,
-    clamp: bool,
-}
+type Job = ConvJob<DirectGeom>;
 
 tiered! {
     /// [`direct_rows`] with the lanes of `tier`.
