@@ -3,7 +3,8 @@
 //!
 //! `[EPILOGUE=bias|gelu|residual] cargo run --release -p slimnn-kernels --example gemm_shape -- M K N`
 //! (`gelu` is bias + erf GELU, as MiniLM's FFN input; `residual` is bias + residual add;
-//! `BF16=1` packs B as bf16 pairs: bf16 products with f32 accumulation, on AMX tiles where granted)
+//! `BF16=1` packs B as bf16 pairs: bf16 products with f32 accumulation, on AMX tiles where granted;
+//! `X6=1` packs B as three bf16 parts per value: f32-accurate products on AMX tiles)
 
 use slimnn_kernels::{gemm, Activation, Epilogue, PackedB, Par};
 use std::time::Instant;
@@ -19,8 +20,14 @@ fn main() {
     if std::env::var("BF16").is_ok_and(|v| v == "1") {
         packed.pack_bf16(&b, k, n, n).expect("pack bf16");
     }
+    if std::env::var("X6").is_ok_and(|v| v == "1") {
+        packed.pack_bf16x6(&b, k, n, n).expect("pack bf16x6");
+    }
     let a: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 * 0.1).collect();
-    let mut c = vec![0f32; m * n];
+    // C on a cache line, as the runtime's activations are (its allocator aligns them).
+    let mut c_buf = vec![0f32; m * n + 16];
+    let off = c_buf.as_ptr().align_offset(64);
+    let c = &mut c_buf[off..off + m * n];
     let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.1 - 0.2).collect();
     let res: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32 * 0.5).collect();
     let what = std::env::var("EPILOGUE").unwrap_or_default();
@@ -40,7 +47,7 @@ fn main() {
     for _ in 0..3 {
         let t = Instant::now();
         for _ in 0..reps {
-            gemm(m, &a, k, &packed, &mut c, n, ep, Par::Seq).expect("gemm");
+            gemm(m, &a, k, &packed, c, n, ep, Par::Seq).expect("gemm");
         }
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }

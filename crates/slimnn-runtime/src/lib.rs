@@ -123,6 +123,13 @@ impl Precision {
     }
 }
 
+/// Whether f32 GEMMs with constant weights may run on AMX-BF16 tiles, each value split into
+/// three bf16 parts with f32 accuracy ([`slimnn_kernels::gemm::bf16x6`]), where the `amx` tier
+/// is active: on unless `SLIMNN_F32_AMX=0` (then every f32 product runs on FMA units).
+pub fn f32_tiles_allowed() -> bool {
+    std::env::var_os("SLIMNN_F32_AMX").is_none_or(|v| v != "0")
+}
+
 /// Physical cores of this machine (hyper-threads do not add FMA throughput).
 pub fn physical_cores() -> usize {
     let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -267,7 +274,7 @@ impl Runnable {
             pool,
             threads,
             plans: Default::default(),
-            packed: lower::PackCache::new(config.precision.uses_bf16()),
+            packed: lower::PackCache::new(config.precision.uses_bf16(), f32_tiles_allowed()),
             int8_attention: config.int8_attention,
             split_batches: std::env::var_os("SLIMNN_SPLIT_BATCH").is_none_or(|v| v != "0"),
             splits: Default::default(),

@@ -17,12 +17,24 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// Weights packed once per runnable, keyed by the addresses of their constant tensors (kept
-/// alive alongside so the addresses stay unique); f32 weights packed as bf16 when `bf16`.
+/// alive alongside so the addresses stay unique) and the packing; f32 weights packed as bf16
+/// when `bf16`, else as bf16 parts for AMX tiles when `f32_tiles` and the GEMM has enough rows.
 #[derive(Default)]
 pub(crate) struct PackCache {
-    f32s: Mutex<HashMap<(Vec<usize>, bool), PackedWeight>>,
+    f32s: Mutex<HashMap<PackKey, PackedWeight>>,
     quant: quant::QPackCache,
     bf16: bool,
+    f32_tiles: bool,
+}
+
+/// The weights' addresses, whether they are transposed, whether packed for AMX tiles.
+type PackKey = (Vec<usize>, bool, bool);
+
+/// Whether an f32 GEMM of `rows` rows runs on AMX tiles ([`slimnn_kernels::gemm::bf16x6`]):
+/// the tile kernel computes 32 rows at a time, so rows that waste more than a fifth of that
+/// (fewer than 32, or e.g. 40) run faster on the FMA kernel.
+fn tiles_pay(rows: usize) -> bool {
+    rows >= 32 && rows.next_multiple_of(32) * 4 <= rows * 5
 }
 
 /// `[w0 | w1 | ...]` row-major with its `(k, n)`: 2-d weights with the same rows, side by side.
@@ -49,18 +61,23 @@ pub(crate) mod matmul;
 type PackedWeight = (Vec<Arc<Tensor>>, Arc<PackedB>);
 
 impl PackCache {
-    pub(crate) fn new(bf16: bool) -> Self {
-        PackCache { bf16, ..Default::default() }
+    /// `f32_tiles`: f32 GEMMs with enough rows may run on AMX-BF16 tiles with f32 accuracy
+    /// (where the `amx` tier is active).
+    pub(crate) fn new(bf16: bool, f32_tiles: bool) -> Self {
+        let f32_tiles = f32_tiles && !bf16 && slimnn_kernels::gemm::bf16x6::native();
+        PackCache { bf16, f32_tiles, ..Default::default() }
     }
 
-    fn get(&self, w: &Arc<Tensor>, transposed: bool) -> Result<Arc<PackedB>> {
-        self.get_concat(std::slice::from_ref(w), transposed)
+    /// `w` packed for a GEMM of `rows` rows (None: unknown).
+    fn get(&self, w: &Arc<Tensor>, transposed: bool, rows: Option<usize>) -> Result<Arc<PackedB>> {
+        self.get_concat(std::slice::from_ref(w), transposed, rows)
     }
 
     /// `[w0 | w1 | ...]`: 2-d weights with the same rows, side by side (`transposed`: the
-    /// weights are `[n, k]`, stacked by rows).
-    fn get_concat(&self, ws: &[Arc<Tensor>], transposed: bool) -> Result<Arc<PackedB>> {
-        let key = (ws.iter().map(|w| Arc::as_ptr(w) as usize).collect(), transposed);
+    /// weights are `[n, k]`, stacked by rows), for a GEMM of `rows` rows.
+    fn get_concat(&self, ws: &[Arc<Tensor>], transposed: bool, rows: Option<usize>) -> Result<Arc<PackedB>> {
+        let tiles = self.f32_tiles && rows.is_some_and(tiles_pay);
+        let key = (ws.iter().map(|w| Arc::as_ptr(w) as usize).collect(), transposed, tiles);
         let mut map = self.f32s.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, p)) = map.get(&key) {
             return Ok(p.clone());
@@ -76,11 +93,13 @@ impl PackCache {
                 (&joined[..], k, n, n, false)
             }
         };
-        match (transposed, self.bf16) {
-            (false, false) => packed.pack(data, k, n, ld)?,
-            (false, true) => packed.pack_bf16(data, k, n, ld)?,
-            (true, false) => packed.pack_transposed(data, k, n, ld)?,
-            (true, true) => packed.pack_transposed_bf16(data, k, n, ld)?,
+        match (transposed, self.bf16, tiles) {
+            (false, true, _) => packed.pack_bf16(data, k, n, ld)?,
+            (true, true, _) => packed.pack_transposed_bf16(data, k, n, ld)?,
+            (false, false, true) => packed.pack_bf16x6(data, k, n, ld)?,
+            (true, false, true) => packed.pack_transposed_bf16x6(data, k, n, ld)?,
+            (false, false, false) => packed.pack(data, k, n, ld)?,
+            (true, false, false) => packed.pack_transposed(data, k, n, ld)?,
         }
         let p = Arc::new(packed);
         map.insert(key, (ws.to_vec(), p.clone()));
@@ -158,6 +177,8 @@ impl Ctx<'_> {
 /// `act(x · W + bias) + residual` starting at a MatMul (or Gemm) with a constant 2-d weight.
 fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
     let node = c.g.node(id);
+    // Rows of the product: every dimension of A but the last.
+    let rows = |a: OutletId| c.shape(a).map(|s| s[..s.len().saturating_sub(1)].iter().product::<usize>());
     let (a, packed, mut bias): (OutletId, Arc<PackedB>, Option<Arc<[f32]>>) = match &node.op {
         Op::MatMul(MatMul) => {
             let (a, w) = (node.inputs[0], node.inputs[1]);
@@ -165,7 +186,7 @@ fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
             if !c.is_f32(a) || wt.dtype() != DType::F32 || wt.rank() != 2 || c.g.fact(a).rank() < 1 {
                 return Ok(None);
             }
-            (a, packs.get(wt, false)?, None)
+            (a, packs.get(wt, false, rows(a))?, None)
         }
         Op::Gemm(Gemm { alpha, beta, trans_a: false, trans_b }) if *alpha == 1.0 => {
             let (a, w) = (node.inputs[0], node.inputs[1]);
@@ -185,7 +206,7 @@ fn match_gemm(c: &Ctx, id: NodeId, packs: &PackCache) -> Result<Option<Group>> {
                     _ => return Ok(None),
                 },
             };
-            (a, packs.get(wt, *trans_b)?, bias)
+            (a, packs.get(wt, *trans_b, rows(a))?, bias)
         }
         _ => return Ok(None),
     };
@@ -498,7 +519,7 @@ fn match_qkv(c: &Ctx, att: &mut Group, packs: &PackCache) -> Result<Option<Group
     let kernel = if quantized == Some(true) {
         quant::row_quant_concat(&weights, row_scales, bias, &packs.quant)?
     } else {
-        let packed = packs.get_concat(&weights, false)?;
+        let packed = packs.get_concat(&weights, false, Some(xs[0] * xs[1]))?;
         Kernel::Gemm { packed, bias: Some(bias), activation: Activation::None, residual: false }
     };
     let out = out0(*members.iter().max().expect("three projections"));

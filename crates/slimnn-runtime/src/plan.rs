@@ -167,7 +167,14 @@ impl Kernel {
         match self {
             Kernel::Ref(op) => format!("ref:{}", slimnn_ir::OpDef::name(op)),
             Kernel::Gemm { packed, bias, activation, residual } => {
-                let mut s = if packed.is_bf16() { "gemm_bf16" } else { "gemm" }.to_string();
+                let mut s = if packed.is_bf16() {
+                    "gemm_bf16"
+                } else if packed.is_bf16x6() {
+                    "gemm_x6"
+                } else {
+                    "gemm"
+                }
+                .to_string();
                 if bias.is_some() {
                     s.push_str("+bias");
                 }

@@ -67,23 +67,46 @@ pub(crate) fn pack_pair_row(tier: CpuTier, lo: &[f32], hi: Option<&[f32]>, out: 
 }
 
 /// Converts `m` rows of A (`k` values each, stride `lda`) to rows of `ceil(k/2)` bf16 pairs in
-/// `out` (stride `ceil(k/2)`), the odd tail paired with zero. With threads, blocks of rows go
-/// over the pool: for large batches the conversion reads tens of MB, too much to leave to the
-/// calling thread alone.
+/// `out` (stride `ceil(k/2)`), the odd tail paired with zero.
 pub(crate) fn convert_a(m: usize, k: usize, a: &[f32], lda: usize, out: &mut [f32], tier: CpuTier, par: Par<'_>) {
-    let k2 = k.div_ceil(2).max(1);
-    let out = &mut out[..m * k2];
-    let convert = |(r, dst): (usize, &mut [f32])| {
-        for (i, row) in dst.chunks_exact_mut(k2).enumerate() {
-            convert_row(&a[(r * ROWS_PER_TASK + i) * lda..][..k], row, tier);
-        }
-    };
+    convert_rows(m, k, a, lda, out, k.div_ceil(2).max(1), par, |row, dst| convert_row(row, dst, tier));
+}
+
+/// Converts `m` rows of A (`k` values each, stride `lda`) with `convert` into rows of `width`
+/// slots in `out`.
+pub(crate) fn convert_rows(
+    m: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    out: &mut [f32],
+    width: usize,
+    par: Par<'_>,
+    convert: impl Fn(&[f32], &mut [f32]) + Sync + Send,
+) {
     const ROWS_PER_TASK: usize = 64;
-    let threads = par.threads().min(m / ROWS_PER_TASK);
+    run_chunks(&mut out[..m * width], ROWS_PER_TASK * width, m, par, |(r, dst)| {
+        for (i, row) in dst.chunks_exact_mut(width).enumerate() {
+            convert(&a[(r * ROWS_PER_TASK + i) * lda..][..k], row);
+        }
+    });
+}
+
+/// Runs `f` on each `chunk`-slot piece of `out` (with its index), over the pool's threads where
+/// there are at least 64 `rows` per thread: for large batches a conversion of A reads tens of
+/// MB, too much to leave to the calling thread alone.
+pub(crate) fn run_chunks(
+    out: &mut [f32],
+    chunk: usize,
+    rows: usize,
+    par: Par<'_>,
+    f: impl Fn((usize, &mut [f32])) + Sync + Send,
+) {
+    let threads = par.threads().min(rows / 64);
     if threads <= 1 {
-        return out.chunks_mut(ROWS_PER_TASK * k2).enumerate().for_each(convert);
+        return out.chunks_mut(chunk).enumerate().for_each(f);
     }
-    let mut run = move || out.par_chunks_mut(ROWS_PER_TASK * k2).enumerate().for_each(convert);
+    let mut run = move || out.par_chunks_mut(chunk).enumerate().for_each(&f);
     match par {
         Par::Pool(pool) => pool.install(run),
         _ => run(),

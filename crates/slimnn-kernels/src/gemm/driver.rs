@@ -2,7 +2,7 @@
 
 use super::kernels::{Generic, Prefetch, TileEpilogue, TileKernel};
 use super::pack::AlignedVec;
-use super::{bf16, Epilogue, PackedB, Par};
+use super::{bf16, bf16x6, Epilogue, PackedB, Par};
 use std::cell::Cell;
 use std::ops::Range;
 
@@ -104,6 +104,9 @@ pub(super) fn run(
     if b.is_bf16() && k > 0 {
         return run_bf16(m, a, lda, b, c, ldc, ep, par);
     }
+    if b.is_bf16x6() && k > 0 {
+        return run_bf16x6(m, a, lda, b, c, ldc, ep, par);
+    }
     let job = Job::new((m, k, n), a.as_ptr(), lda, BSource::Packed(b), c, ldc, ep);
     run_f32(b.tier(), &job, par);
 }
@@ -169,6 +172,36 @@ fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: us
         crate::CpuTier::Generic => run_tasks::<bf16::ScalarBf16<4, 8>>(&job, par),
     }
     SCRATCH_A.with(|s| s.set(Some(pairs)));
+}
+
+/// An f32 GEMM on bf16 parts (B packed by [`PackedB::pack_bf16x6`]): A split per call, then
+/// the f32 driver over the slots, on AMX tiles where the tier has them.
+#[allow(clippy::too_many_arguments)]
+fn run_bf16x6(
+    m: usize,
+    a: &[f32],
+    lda: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    ep: &Epilogue<'_>,
+    par: Par<'_>,
+) {
+    let (k, rows) = (b.k(), b.slot_rows());
+    let mut parts = SCRATCH_A.with(Cell::take).unwrap_or_default();
+    parts.resize(bf16x6::Layout::of(b.tier()).a_len(m, k));
+    bf16x6::convert_a(m, k, a, lda, parts.as_mut_slice(), b.tier(), par);
+    let job = Job::new((m, rows, b.n()), parts.as_slice().as_ptr(), rows, BSource::Packed(b), c, ldc, ep);
+    match b.tier() {
+        #[cfg(target_arch = "x86_64")]
+        crate::CpuTier::Amx => run_tasks::<bf16x6::AmxBf16x6>(&job, par),
+        #[cfg(not(target_arch = "x86_64"))]
+        crate::CpuTier::Amx => run_tasks::<bf16x6::ScalarBf16x6<8, 48>>(&job, par),
+        crate::CpuTier::Avx512 => run_tasks::<bf16x6::ScalarBf16x6<8, 48>>(&job, par),
+        crate::CpuTier::Avx2 => run_tasks::<bf16x6::ScalarBf16x6<6, 16>>(&job, par),
+        crate::CpuTier::Generic => run_tasks::<bf16x6::ScalarBf16x6<4, 8>>(&job, par),
+    }
+    SCRATCH_A.with(|s| s.set(Some(parts)));
 }
 
 /// Splits C into a `tm x tn` grid of tasks (rows in MR multiples, columns in whole panels)
@@ -301,7 +334,7 @@ unsafe fn run_block<T: TileKernel>(job: &Job, rows: Range<usize>, panels: Range<
                             Prefetch { at: bp, lines: 0 }
                         };
                         first_line += per_tile;
-                        let ap = job.a.add(ir * job.lda + pc);
+                        let ap = job.a.add(ir * job.lda + pc * T::A_DEPTH_SCALE);
                         let cp = job.c.add(ir * job.ldc + col0);
                         // Edge panels compute only the vectors that hold valid columns.
                         let width = cols.div_ceil(T::LANES) * T::LANES;

@@ -66,6 +66,10 @@ pub(crate) trait TileKernel {
     const KC: usize;
     /// Panels of B per N block: the `MC x NC_PANELS*NR` block of C stays in L2 across K blocks.
     const NC_PANELS: usize;
+    /// Slots of A per slot row of B: the tile of rows `ir..` at K block `pc` starts at
+    /// `a + ir * lda + pc * A_DEPTH_SCALE`. 1 for A read by rows; 16 where A is laid out in
+    /// groups of 16 rows, one tile after another ([`super::bf16x6`]).
+    const A_DEPTH_SCALE: usize = 1;
 
     /// `C[0..mr][0..width] = (load_c ? C : 0) + A[0..mr][0..kc] * B[0..kc][0..width]`, where B
     /// is a packed panel (rows of NR values), prefetching about `pf.lines` lines from `pf.at`

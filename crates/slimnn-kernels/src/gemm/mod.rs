@@ -13,6 +13,7 @@
 //! AVX-512 BF16's `vdpbf16ps` where present, twice the multiply-adds per instruction.
 
 pub mod bf16;
+pub mod bf16x6;
 pub(crate) mod driver;
 pub(crate) mod kernels;
 mod pack;

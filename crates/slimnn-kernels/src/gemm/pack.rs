@@ -1,5 +1,6 @@
 //! B packed into NR-wide column panels, each `k x NR` row-major, zero-padded and 64-byte aligned
-//! (or, for bf16, `ceil(k/2) x NR` slots holding pairs of rows: see [`super::bf16`]).
+//! (or, for bf16, `ceil(k/2) x NR` slots holding pairs of rows: see [`super::bf16`]; or f32 values
+//! as three bf16 parts each: see [`super::bf16x6`]).
 
 use super::kernels::tile_shape;
 use super::validate::{matrix_extent, KERNEL};
@@ -53,9 +54,18 @@ pub struct PackedB {
     n: usize,
     nr: usize,
     panel_stride: usize,
-    /// Slots hold bf16 pairs of consecutive rows instead of f32 values.
-    bf16: bool,
+    slots: Slots,
     data: AlignedVec,
+}
+
+/// What a panel's 32-bit slots hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slots {
+    F32,
+    /// bf16 pairs of consecutive rows.
+    Bf16,
+    /// Three bf16 parts of each f32 value, in tile steps ([`super::bf16x6`]).
+    Bf16x6,
 }
 
 impl std::fmt::Debug for PackedB {
@@ -65,7 +75,7 @@ impl std::fmt::Debug for PackedB {
             .field("k", &self.k)
             .field("n", &self.n)
             .field("nr", &self.nr)
-            .field("bf16", &self.bf16)
+            .field("slots", &self.slots)
             .finish()
     }
 }
@@ -92,7 +102,7 @@ impl PackedB {
     pub fn empty(tier: CpuTier) -> Result<Self, KernelError> {
         check_tier(tier)?;
         let (_, nr) = tile_shape(tier);
-        Ok(PackedB { tier, k: 0, n: 0, nr, panel_stride: 0, bf16: false, data: AlignedVec::default() })
+        Ok(PackedB { tier, k: 0, n: 0, nr, panel_stride: 0, slots: Slots::F32, data: AlignedVec::default() })
     }
 
     /// Replaces the contents with row-major `b` (`k x n`, row stride `ldb`).
@@ -193,13 +203,59 @@ impl PackedB {
         let k2 = k.div_ceil(2);
         self.layout(k2, n)?;
         self.k = k;
-        self.bf16 = true;
+        self.slots = Slots::Bf16;
         Ok(k2)
+    }
+
+    /// Replaces the contents with row-major `b` (`k x n`, row stride `ldb`) as three bf16 parts
+    /// per value, for [`super::gemm`] to multiply with f32 accuracy on AMX-BF16 tiles (see
+    /// [`super::bf16x6`]; on other tiers a portable kernel runs, far slower than f32: pack this
+    /// way only where [`super::bf16x6::native`] holds).
+    pub fn pack_bf16x6(&mut self, b: &[f32], k: usize, n: usize, ldb: usize) -> Result<(), KernelError> {
+        matrix_extent("B", b.len(), k, n, ldb)?;
+        self.fill_bf16x6(k, n, |kk, j| b[kk * ldb + j])
+    }
+
+    /// Replaces the contents with `B` given transposed (`n x k`, row stride `ldbt`) as three bf16
+    /// parts per value (see [`PackedB::pack_bf16x6`]).
+    pub fn pack_transposed_bf16x6(&mut self, bt: &[f32], k: usize, n: usize, ldbt: usize) -> Result<(), KernelError> {
+        matrix_extent("B transposed", bt.len(), n, k, ldbt)?;
+        self.fill_bf16x6(k, n, |kk, j| bt[j * ldbt + kk])
+    }
+
+    fn fill_bf16x6(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Result<(), KernelError> {
+        use super::bf16x6::{set_half, slot_rows, split3, Layout, TILE_NR};
+        let layout = Layout::of(self.tier);
+        let nr = if layout == Layout::Tiles { TILE_NR } else { tile_shape(self.tier).1 };
+        self.layout_nr(slot_rows(k), n, nr)?;
+        self.k = k;
+        self.slots = Slots::Bf16x6;
+        let stride = self.panel_stride;
+        let dst = self.data.as_mut_slice();
+        for (p, panel) in dst.chunks_exact_mut(stride.max(1)).enumerate().take(n.div_ceil(nr)) {
+            panel.fill(0.0);
+            let j0 = p * nr;
+            for kk in 0..k {
+                for jj in 0..nr.min(n - j0) {
+                    for (q, bits) in split3(at(kk, j0 + jj)).into_iter().enumerate() {
+                        let (slot, high) = layout.b_slot(nr, kk, q, jj);
+                        set_half(&mut panel[slot], high, bits);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sizes the buffer for `k x n` f32 slots.
     fn layout(&mut self, k: usize, n: usize) -> Result<(), KernelError> {
-        self.bf16 = false;
+        self.layout_nr(k, n, tile_shape(self.tier).1)
+    }
+
+    /// Sizes the buffer for `k x n` slots in panels `nr` wide.
+    fn layout_nr(&mut self, k: usize, n: usize, nr: usize) -> Result<(), KernelError> {
+        self.slots = Slots::F32;
+        self.nr = nr;
         let too_big = || KernelError::shape(KERNEL, format!("packed B of {k} x {n} is too large"));
         // Round panels up to whole cache lines so every panel starts 64-byte aligned.
         let panel_stride = k.checked_mul(self.nr).and_then(|s| s.checked_next_multiple_of(16)).ok_or_else(too_big)?;
@@ -226,15 +282,20 @@ impl PackedB {
 
     /// Whether B is held as bf16 (products in bf16, accumulation in f32).
     pub fn is_bf16(&self) -> bool {
-        self.bf16
+        self.slots == Slots::Bf16
     }
 
-    /// Rows of slots in a panel: `k`, or `ceil(k/2)` pairs for bf16.
+    /// Whether B is held as three bf16 parts per value (f32-accurate products on AMX tiles).
+    pub fn is_bf16x6(&self) -> bool {
+        self.slots == Slots::Bf16x6
+    }
+
+    /// Rows of slots in a panel: `k`, `ceil(k/2)` pairs for bf16, whole tile steps for bf16x6.
     pub(crate) fn slot_rows(&self) -> usize {
-        if self.bf16 {
-            self.k.div_ceil(2)
-        } else {
-            self.k
+        match self.slots {
+            Slots::F32 => self.k,
+            Slots::Bf16 => self.k.div_ceil(2),
+            Slots::Bf16x6 => super::bf16x6::slot_rows(self.k),
         }
     }
 
@@ -262,12 +323,22 @@ impl PackedB {
             return None;
         }
         let p = j / self.nr;
-        let row = if self.bf16 { kk / 2 } else { kk };
-        let slot = self.data.as_slice().get(p * self.panel_stride + row * self.nr + j % self.nr).copied()?;
-        Some(match (self.bf16, kk % 2) {
-            (false, _) => slot,
-            (true, 0) => super::bf16::bf16_to_f32(slot.to_bits() as u16),
-            (true, _) => super::bf16::bf16_to_f32((slot.to_bits() >> 16) as u16),
+        let data = self.data.as_slice();
+        let slot = |row: usize| data.get(p * self.panel_stride + row * self.nr + j % self.nr).copied();
+        let half =
+            |slot: f32, high: bool| super::bf16::bf16_to_f32((slot.to_bits() >> if high { 16 } else { 0 }) as u16);
+        Some(match self.slots {
+            Slots::F32 => slot(kk)?,
+            Slots::Bf16 => half(slot(kk / 2)?, kk % 2 == 1),
+            Slots::Bf16x6 => {
+                let layout = super::bf16x6::Layout::of(self.tier);
+                let part = |q: usize| {
+                    let (at, high) = layout.b_slot(self.nr, kk, q, j % self.nr);
+                    data.get(p * self.panel_stride + at).map(|&s| half(s, high))
+                };
+                // hi + (mid + lo): the parts' sum, exact for normal values.
+                part(0)? + (part(1)? + part(2)?)
+            }
         })
     }
 }

@@ -375,3 +375,157 @@ fn bf16_packing_holds_every_rounded_value() {
         }
     }
 }
+
+/// Values over many binades, with the special cases a split must keep.
+fn split_cases(seed: &mut u64, len: usize) -> Vec<f32> {
+    let special = [0.0, -0.0, 1.0, f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 1e-40, f32::INFINITY, -f32::INFINITY];
+    (0..len)
+        .map(|i| match i % 13 {
+            12 => special[(i / 13) % special.len()],
+            b => lcg(seed) * 10f32.powi(b as i32 * 6 - 36),
+        })
+        .collect()
+}
+
+#[test]
+fn bf16x6_split_is_exact_for_normal_values() {
+    let join = |p: [u16; 3]| p.iter().map(|&b| bf16::bf16_to_f32(b) as f64).sum::<f64>();
+    let mut seed = 3;
+    for x in split_cases(&mut seed, 5000) {
+        let parts = bf16x6::split3(x);
+        if x.is_infinite() {
+            assert_eq!(parts, [bf16::round_bf16_bits(x), 0, 0], "{x}");
+        } else if x.abs() >= 2f32.powi(-100) {
+            // Normal with every part normal: the sum is exact.
+            assert_eq!(join(parts), x as f64, "{x}: {parts:?}");
+        } else {
+            // Parts below f32's normal range flush to zero, as the tiles read them.
+            assert!((join(parts) - x as f64).abs() <= 2f64.powi(-126), "{x}: {parts:?}");
+        }
+    }
+    // hi is truncated: f32::MAX stays finite (rounded, it would be infinity).
+    assert!(join(bf16x6::split3(f32::MAX)).is_finite());
+    let nan = bf16x6::split3(f32::from_bits(0x7f80_0001));
+    assert!(bf16::bf16_to_f32(nan[0]).is_nan() && nan[1..] == [0, 0], "NaN keeps a NaN hi part: {nan:?}");
+}
+
+#[test]
+fn bf16x6_conversion_matches_scalar_split_bit_for_bit() {
+    let mut seed = 13u64;
+    for k in [1usize, 2, 15, 16, 17, 31, 32, 33, 63, 64, 100] {
+        let m = 3;
+        let mut a = split_cases(&mut seed, m * (k + 1));
+        a[0] = f32::from_bits(0x7f80_0001); // a NaN with its payload in the low bits
+        let rows = bf16x6::slot_rows(k);
+        for tier in tiers() {
+            let layout = bf16x6::Layout::of(tier);
+            let mut got = vec![f32::NAN; layout.a_len(m, k)];
+            bf16x6::convert_a(m, k, &a, k + 1, &mut got, tier, Par::Seq);
+            let mut want = vec![0.0; layout.a_len(m, k)];
+            for i in 0..m {
+                for kk in 0..k {
+                    for (q, bits) in bf16x6::split3(a[i * (k + 1) + kk]).into_iter().enumerate() {
+                        let (at, high) = layout.a_slot(i, rows, kk, q);
+                        bf16x6::set_half(&mut want[at], high, bits);
+                    }
+                }
+            }
+            if layout == bf16x6::Layout::Rows {
+                // Rows hold exactly their slots; tiles pad to groups of 16 rows with zeros.
+                assert_eq!(got.len(), m * rows);
+            }
+            let (g, w): (Vec<u32>, Vec<u32>) = got.iter().zip(&want).map(|(g, w)| (g.to_bits(), w.to_bits())).unzip();
+            assert_eq!(g, w, "{tier} k={k}");
+        }
+    }
+}
+
+/// Largest `|got - exact| / sum_k |a b|` over C, with `exact` from the f64 reference.
+fn relative_error(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], got: &[f32]) -> f64 {
+    let mut worst = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut mag) = (0f64, 0f64);
+            for kk in 0..k {
+                let p = a[i * k + kk] as f64 * b[kk * n + j] as f64;
+                s += p;
+                mag += p.abs();
+            }
+            worst = worst.max((got[i * n + j] as f64 - s).abs() / mag.max(f64::MIN_POSITIVE));
+        }
+    }
+    worst
+}
+
+#[test]
+fn bf16x6_gemm_is_as_accurate_as_f32() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut seed = 17;
+    // Edge tiles both ways (rows not a multiple of 16, columns of 48), K not a multiple of a
+    // tile step, several K blocks (576 slots = 384 values each), parallel conversion of A.
+    for (m, k, n) in [(1, 1, 1), (7, 3, 5), (17, 31, 50), (77, 300, 211), (16, 1700, 96), (300, 41, 20), (64, 800, 144)]
+    {
+        let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+        let mut bt = vec![0.0; n * k];
+        for kk in 0..k {
+            for j in 0..n {
+                bt[j * k + kk] = b[kk * n + j];
+            }
+        }
+        let mut f32_c = vec![0.0; m * n];
+        sgemm(m, k, n, &a, k, &b, n, &mut f32_c, n, Epilogue::NONE, Par::Seq).unwrap();
+        let f32_err = relative_error(m, k, n, &a, &b, &f32_c);
+        for tier in tiers() {
+            let mut p = PackedB::empty(tier).unwrap();
+            p.pack_bf16x6(&b, k, n, n).unwrap();
+            let mut pt = PackedB::empty(tier).unwrap();
+            pt.pack_transposed_bf16x6(&bt, k, n, k).unwrap();
+            assert!(p.is_bf16x6() && !p.is_bf16() && p.k() == k && p.n() == n);
+            assert_eq!(p.get(k - 1, n - 1), Some(b[k * n - 1]), "the parts add up to the value");
+            for par in [Par::Seq, Par::Pool(&pool)] {
+                for packed in [&p, &pt] {
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(m, &a, k, packed, &mut c, n, Epilogue::NONE, par).unwrap();
+                    let err = relative_error(m, k, n, &a, &b, &c);
+                    // Within a small factor of the f32 kernel's error (measured: 0.5-1.8x).
+                    assert!(
+                        err <= 3.0 * f32_err.max(2f64.powi(-24)),
+                        "{tier} {m}x{k}x{n} {par:?}: {err:e} against f32's {f32_err:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16x6_gemm_epilogue_and_accumulate() {
+    let mut seed = 19;
+    let (m, k, n) = (40, 200, 100);
+    let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+    let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();
+    let bias: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+    let res: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+    let old: Vec<f32> = (0..m * n).map(|_| lcg(&mut seed)).collect();
+    let ep =
+        Epilogue::default().with_bias(&bias).with_activation(Activation::GeluErf).with_residual(&res, n).accumulating();
+    let mut want = old.clone();
+    reference::sgemm(m, k, n, &a, k, &b, n, &mut want, n, ep).unwrap();
+    for tier in tiers() {
+        let mut p = PackedB::empty(tier).unwrap();
+        p.pack_bf16x6(&b, k, n, n).unwrap();
+        let mut c = old.clone();
+        gemm(m, &a, k, &p, &mut c, n, ep, Par::Seq).unwrap();
+        check_close(&c, &want, 1e-5, &format!("bf16x6 {tier}"));
+        // Special values propagate as in f32: an infinite input makes its row infinite or NaN.
+        let mut a2 = a.clone();
+        a2[0] = f32::INFINITY;
+        a2[k] = f32::NAN;
+        let mut c = vec![0.0; m * n];
+        gemm(m, &a2, k, &p, &mut c, n, Epilogue::NONE, Par::Seq).unwrap();
+        assert!(c[..n].iter().all(|x| x.is_infinite() || x.is_nan()), "{tier} inf row");
+        assert!(c[n..2 * n].iter().all(|x| x.is_nan()), "{tier} NaN row");
+        assert!(c[2 * n..].iter().all(|x| x.is_finite()), "{tier} other rows");
+    }
+}
