@@ -130,6 +130,12 @@ pub fn f32_tiles_allowed() -> bool {
     std::env::var_os("SLIMNN_F32_AMX").is_none_or(|v| v != "0")
 }
 
+/// Whether f32 GEMMs with enough rows run on AMX tiles here: allowed
+/// ([`f32_tiles_allowed`]) and the `amx` tier active.
+pub fn f32_tiles_available() -> bool {
+    f32_tiles_allowed() && slimnn_kernels::gemm::bf16x6::native()
+}
+
 /// Physical cores of this machine (hyper-threads do not add FMA throughput).
 pub fn physical_cores() -> usize {
     let logical = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

@@ -30,11 +30,13 @@ pub(crate) struct PackCache {
 /// The weights' addresses, whether they are transposed, whether packed for AMX tiles.
 type PackKey = (Vec<usize>, bool, bool);
 
-/// Whether an f32 GEMM of `rows` rows runs on AMX tiles ([`slimnn_kernels::gemm::bf16x6`]):
-/// the tile kernel computes 32 rows at a time, so rows that waste more than a fifth of that
-/// (fewer than 32, or e.g. 40) run faster on the FMA kernel.
+/// Whether an f32 GEMM of `rows` rows runs on AMX tiles ([`slimnn_kernels::gemm::bf16x6`]).
+/// The parts take 6 bytes per weight against 4: at 128 rows (MiniLM, one sentence) the GEMMs
+/// stream weights from memory either way and were no faster on tiles (2 threads: 9.6 ms against
+/// 8.8), so tiles start at two sentences' rows. The tile kernel computes 32 rows at a time:
+/// counts that would waste more than a fifth of that stay on the FMA kernel too.
 fn tiles_pay(rows: usize) -> bool {
-    rows >= 32 && rows.next_multiple_of(32) * 4 <= rows * 5
+    rows >= 256 && rows.next_multiple_of(32) * 4 <= rows * 5
 }
 
 /// `[w0 | w1 | ...]` row-major with its `(k, n)`: 2-d weights with the same rows, side by side.
