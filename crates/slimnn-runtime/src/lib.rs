@@ -280,7 +280,7 @@ impl Runnable {
             pool,
             threads,
             plans: Default::default(),
-            packed: lower::PackCache::new(config.precision.uses_bf16(), f32_tiles_allowed()),
+            packed: lower::PackCache::new(config.precision.uses_bf16(), f32_tiles_available()),
             int8_attention: config.int8_attention,
             split_batches: std::env::var_os("SLIMNN_SPLIT_BATCH").is_none_or(|v| v != "0"),
             splits: Default::default(),

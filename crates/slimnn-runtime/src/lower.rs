@@ -63,11 +63,10 @@ pub(crate) mod matmul;
 type PackedWeight = (Vec<Arc<Tensor>>, Arc<PackedB>);
 
 impl PackCache {
-    /// `f32_tiles`: f32 GEMMs with enough rows may run on AMX-BF16 tiles with f32 accuracy
-    /// (where the `amx` tier is active).
+    /// `f32_tiles`: f32 GEMMs with enough rows run on AMX-BF16 tiles with f32 accuracy
+    /// ([`crate::f32_tiles_available`]); bf16 products take precedence.
     pub(crate) fn new(bf16: bool, f32_tiles: bool) -> Self {
-        let f32_tiles = f32_tiles && !bf16 && slimnn_kernels::gemm::bf16x6::native();
-        PackCache { bf16, f32_tiles, ..Default::default() }
+        PackCache { bf16, f32_tiles: f32_tiles && !bf16, ..Default::default() }
     }
 
     /// `w` packed for a GEMM of `rows` rows (None: unknown).

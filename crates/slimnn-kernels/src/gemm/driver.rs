@@ -152,26 +152,42 @@ thread_local! {
     static SCRATCH_A: Cell<Option<AlignedVec>> = const { Cell::new(None) };
 }
 
+/// A GEMM whose A is first converted into `len` slots of thread-local scratch (`convert`), then
+/// run by `run` over the job of `slot_rows` slots per row of B (A's row stride).
+#[allow(clippy::too_many_arguments)]
+fn run_converted(
+    (m, len, slot_rows): (usize, usize, usize),
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    ep: &Epilogue<'_>,
+    convert: impl FnOnce(&mut [f32]),
+    run: impl FnOnce(&Job),
+) {
+    let mut scratch = SCRATCH_A.with(Cell::take).unwrap_or_default();
+    scratch.resize(len);
+    convert(scratch.as_mut_slice());
+    let a = scratch.as_slice().as_ptr();
+    run(&Job::new((m, slot_rows, b.n()), a, slot_rows, BSource::Packed(b), c, ldc, ep));
+    SCRATCH_A.with(|s| s.set(Some(scratch)));
+}
+
 /// A bf16 GEMM: A rounded to rows of bf16 pairs, then the f32 driver over `ceil(k/2)` slots.
 #[allow(clippy::too_many_arguments)]
 fn run_bf16(m: usize, a: &[f32], lda: usize, b: &PackedB, c: &mut [f32], ldc: usize, ep: &Epilogue<'_>, par: Par<'_>) {
-    let (k, k2) = (b.k(), b.slot_rows());
-    let mut pairs = SCRATCH_A.with(Cell::take).unwrap_or_default();
-    pairs.resize(m * k2);
-    bf16::convert_a(m, k, a, lda, pairs.as_mut_slice(), b.tier(), par);
-    let job = Job::new((m, k2, b.n()), pairs.as_slice().as_ptr(), k2, BSource::Packed(b), c, ldc, ep);
-    match b.tier() {
+    let (k, k2, tier) = (b.k(), b.slot_rows(), b.tier());
+    let convert = |out: &mut [f32]| bf16::convert_a(m, k, a, lda, out, tier, par);
+    run_converted((m, m * k2, k2), b, c, ldc, ep, convert, |job| match tier {
         #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Amx => run_tasks::<bf16::AmxBf16>(&job, par),
+        crate::CpuTier::Amx => run_tasks::<bf16::AmxBf16>(job, par),
         #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Avx512 if bf16::native_for(b.tier()) => run_tasks::<bf16::Avx512Bf16>(&job, par),
-        crate::CpuTier::Avx512 => run_tasks::<bf16::ScalarBf16<8, 48>>(&job, par),
+        crate::CpuTier::Avx512 if bf16::native_for(tier) => run_tasks::<bf16::Avx512Bf16>(job, par),
+        crate::CpuTier::Avx512 => run_tasks::<bf16::ScalarBf16<8, 48>>(job, par),
         #[cfg(not(target_arch = "x86_64"))]
-        crate::CpuTier::Amx => run_tasks::<bf16::ScalarBf16<8, 48>>(&job, par),
-        crate::CpuTier::Avx2 => run_tasks::<bf16::ScalarBf16<6, 16>>(&job, par),
-        crate::CpuTier::Generic => run_tasks::<bf16::ScalarBf16<4, 8>>(&job, par),
-    }
-    SCRATCH_A.with(|s| s.set(Some(pairs)));
+        crate::CpuTier::Amx => run_tasks::<bf16::ScalarBf16<8, 48>>(job, par),
+        crate::CpuTier::Avx2 => run_tasks::<bf16::ScalarBf16<6, 16>>(job, par),
+        crate::CpuTier::Generic => run_tasks::<bf16::ScalarBf16<4, 8>>(job, par),
+    });
 }
 
 /// An f32 GEMM on bf16 parts (B packed by [`PackedB::pack_bf16x6`]): A split per call, then
@@ -187,21 +203,18 @@ fn run_bf16x6(
     ep: &Epilogue<'_>,
     par: Par<'_>,
 ) {
-    let (k, rows) = (b.k(), b.slot_rows());
-    let mut parts = SCRATCH_A.with(Cell::take).unwrap_or_default();
-    parts.resize(bf16x6::Layout::of(b.tier()).a_len(m, k));
-    bf16x6::convert_a(m, k, a, lda, parts.as_mut_slice(), b.tier(), par);
-    let job = Job::new((m, rows, b.n()), parts.as_slice().as_ptr(), rows, BSource::Packed(b), c, ldc, ep);
-    match b.tier() {
+    let (k, rows, tier) = (b.k(), b.slot_rows(), b.tier());
+    let len = bf16x6::Layout::of(tier).a_len(m, k);
+    let convert = |out: &mut [f32]| bf16x6::convert_a(m, k, a, lda, out, tier, par);
+    run_converted((m, len, rows), b, c, ldc, ep, convert, |job| match tier {
         #[cfg(target_arch = "x86_64")]
-        crate::CpuTier::Amx => run_tasks::<bf16x6::AmxBf16x6>(&job, par),
+        crate::CpuTier::Amx => run_tasks::<bf16x6::AmxBf16x6>(job, par),
         #[cfg(not(target_arch = "x86_64"))]
-        crate::CpuTier::Amx => run_tasks::<bf16x6::ScalarBf16x6<8, 48>>(&job, par),
-        crate::CpuTier::Avx512 => run_tasks::<bf16x6::ScalarBf16x6<8, 48>>(&job, par),
-        crate::CpuTier::Avx2 => run_tasks::<bf16x6::ScalarBf16x6<6, 16>>(&job, par),
-        crate::CpuTier::Generic => run_tasks::<bf16x6::ScalarBf16x6<4, 8>>(&job, par),
-    }
-    SCRATCH_A.with(|s| s.set(Some(parts)));
+        crate::CpuTier::Amx => run_tasks::<bf16x6::ScalarBf16x6<8, 48>>(job, par),
+        crate::CpuTier::Avx512 => run_tasks::<bf16x6::ScalarBf16x6<8, 48>>(job, par),
+        crate::CpuTier::Avx2 => run_tasks::<bf16x6::ScalarBf16x6<6, 16>>(job, par),
+        crate::CpuTier::Generic => run_tasks::<bf16x6::ScalarBf16x6<4, 8>>(job, par),
+    });
 }
 
 /// Splits C into a `tm x tn` grid of tasks (rows in MR multiples, columns in whole panels)
