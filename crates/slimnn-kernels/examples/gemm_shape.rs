@@ -4,7 +4,9 @@
 //! `[EPILOGUE=bias|gelu|residual] cargo run --release -p slimnn-kernels --example gemm_shape -- M K N`
 //! (`gelu` is bias + erf GELU, as MiniLM's FFN input; `residual` is bias + residual add;
 //! `BF16=1` packs B as bf16 pairs: bf16 products with f32 accumulation, on AMX tiles where granted;
-//! `X6=1` packs B as three bf16 parts per value: f32-accurate products on AMX tiles)
+//! `X6=1` packs B as three bf16 parts per value: f32-accurate products on AMX tiles;
+//! `COLD_MB=64` cycles through copies of B filling that many MB, so B comes from L3 or memory as a
+//! model's weights do)
 
 use slimnn_kernels::{gemm, Activation, Epilogue, PackedB, Par};
 use std::time::Instant;
@@ -16,13 +18,19 @@ fn main() {
         std::process::exit(2);
     };
     let b: Vec<f32> = (0..k * n).map(|i| ((i * 7) % 13) as f32 * 0.01).collect();
-    let mut packed = PackedB::new(&b, k, n, n).expect("pack");
-    if std::env::var("BF16").is_ok_and(|v| v == "1") {
-        packed.pack_bf16(&b, k, n, n).expect("pack bf16");
-    }
-    if std::env::var("X6").is_ok_and(|v| v == "1") {
-        packed.pack_bf16x6(&b, k, n, n).expect("pack bf16x6");
-    }
+    let pack = || {
+        let mut packed = PackedB::new(&b, k, n, n).expect("pack");
+        if std::env::var("BF16").is_ok_and(|v| v == "1") {
+            packed.pack_bf16(&b, k, n, n).expect("pack bf16");
+        }
+        if std::env::var("X6").is_ok_and(|v| v == "1") {
+            packed.pack_bf16x6(&b, k, n, n).expect("pack bf16x6");
+        }
+        packed
+    };
+    let cold_mb: usize = std::env::var("COLD_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let copies = (cold_mb << 20).div_ceil(k * n * 4).max(1);
+    let packs: Vec<PackedB> = (0..copies).map(|_| pack()).collect();
     let a: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 * 0.1).collect();
     // C on a cache line, as the runtime's activations are (its allocator aligns them).
     let mut c_buf = vec![0f32; m * n + 16];
@@ -46,8 +54,8 @@ fn main() {
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t = Instant::now();
-        for _ in 0..reps {
-            gemm(m, &a, k, &packed, c, n, ep, Par::Seq).expect("gemm");
+        for r in 0..reps {
+            gemm(m, &a, k, &packs[r % copies], c, n, ep, Par::Seq).expect("gemm");
         }
         best = best.min(t.elapsed().as_secs_f64() / reps as f64);
     }

@@ -308,8 +308,14 @@ mod x86 {
     /// so fewer accumulators (a 1 x 2 or 1 x 3 block, each loading fewer tiles per product)
     /// ran at 25-40% of the tile rate. The pairs go hh, hm, mm, mh, lh, hl, so consecutive
     /// groups share one operand: 16 tile loads a step for 24 products.
+    ///
+    /// After each group, four lines from `pf` go to L2: 96 lines a 4-step K block, the share of
+    /// the next B block for one of four row tiles (a sentence's 128 rows), or twice the share
+    /// of more. Weights stream from L3 or memory, and the hardware prefetchers alone left the
+    /// tiles waiting: 128 x 384 x 1152 with B cycling through 64 MB went from 235 to 295-312
+    /// GFLOP/s. Issued all at a tile's start instead, the lines held the tiles back.
     #[inline(always)]
-    unsafe fn steps_2x2(steps: usize, a: *const u8, a2: *const u8, b: *const u8) {
+    unsafe fn steps_2x2(steps: usize, a: *const u8, a2: *const u8, b: *const u8, pf: *const u8) {
         macro_rules! group {
             () => {
                 concat!(
@@ -317,6 +323,11 @@ mod x86 {
                     "tdpbf16ps tmm1, tmm4, tmm7\n",
                     "tdpbf16ps tmm2, tmm5, tmm6\n",
                     "tdpbf16ps tmm3, tmm5, tmm7\n",
+                    "prefetcht1 [{p}]\n",
+                    "prefetcht1 [{p} + 64]\n",
+                    "prefetcht1 [{p} + 128]\n",
+                    "prefetcht1 [{p} + 192]\n",
+                    "add {p}, 256\n",
                 )
             };
         }
@@ -353,6 +364,7 @@ mod x86 {
             a = inout(reg) a => _,
             a2 = inout(reg) a2 => _,
             b = inout(reg) b => _,
+            p = inout(reg) pf => _,
             s = in(reg) 64usize,
             options(nostack, readonly),
         );
@@ -381,7 +393,7 @@ mod x86 {
     #[cfg(test)]
     pub(super) unsafe fn bench_steps(steps: usize, a: *const u8, a2: *const u8, b: *const u8) {
         init_acc(a, 0, false);
-        steps_2x2(steps, a, a2, b);
+        steps_2x2(steps, a, a2, b, b);
     }
 
     /// # Safety
@@ -402,10 +414,6 @@ mod x86 {
         ep: *const TileEpilogue,
     ) {
         const NR: usize = TILE_NR;
-        // No software prefetch of the next B block: issued at the start of a tile, the ~300
-        // lines of a 576-slot block held the tiles back (128 x 384 x 1536: 220 GFLOP/s with,
-        // 250 without); the hardware prefetchers follow the contiguous panels.
-        let _ = pf;
         let steps = kc / STEP_ROWS;
         amx::configure();
         // Uninitialised: a partial tile's block is written by the tile store before it is read
@@ -426,7 +434,7 @@ mod x86 {
         };
         init_acc(cp, ldc_b, load_c);
         if steps > 0 {
-            steps_2x2(steps, a as *const u8, a.add(16 * lda) as *const u8, b as *const u8);
+            steps_2x2(steps, a as *const u8, a.add(16 * lda) as *const u8, b as *const u8, pf.at as *const u8);
         }
         amx::store_2x2(cp, ldc_b);
         if !direct {
@@ -443,11 +451,10 @@ mod x86 {
         const MR: usize = 32;
         const NR: usize = TILE_NR;
         const LANES: usize = Avx512::LANES;
-        // Four steps per K block: a panel's 24 KB block stays in L1 for every row tile, and
-        // up to 1,024 rows share it, so B is streamed once for a batch of sentences (with MC 128
-        // it was streamed per 128 rows: 10% faster than f32 in MiniLM at batch 8, against 25%).
-        // The 8 panels' C columns (1 MB at 1,024 rows) stay in L2 between K blocks.
-        const MC: usize = 1024;
+        // Four steps per K block: a panel's 24 KB block stays in L1 for every row tile. With B
+        // prefetched, streaming it once per 256 rows costs less than keeping 1,024 rows of A
+        // and C in L2 (1,024 x 384 x 1536 from L3: 209 GFLOP/s at MC 1,024, 277-324 at 256).
+        const MC: usize = 256;
         const KC: usize = 4 * STEP_ROWS;
         const NC_PANELS: usize = 8;
         const A_DEPTH_SCALE: usize = 16;
