@@ -338,8 +338,10 @@ impl Runnable {
         }
         let one: Vec<Vec<usize>> = shapes.iter().map(|s| [&[1], &s[1..]].concat()).collect();
         let one = self.graph.specialized(&one)?;
-        let split =
-            samples::splittable(&self.graph.specialized(shapes)?, &one, n).then(|| samples::samples_per_run(&one));
+        let split = samples::splittable(&self.graph.specialized(shapes)?, &one, n).then(|| {
+            let run_bytes = if self.packed.f32_tiles() { samples::RUN_BYTES_ON_TILES } else { samples::RUN_BYTES };
+            samples::samples_per_run(&one, run_bytes)
+        });
         let mut splits = self.splits.lock().unwrap_or_else(|e| e.into_inner());
         if splits.len() >= PlanCache::CAPACITY {
             splits.clear();

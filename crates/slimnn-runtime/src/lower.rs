@@ -31,12 +31,12 @@ pub(crate) struct PackCache {
 type PackKey = (Vec<usize>, bool, bool);
 
 /// Whether an f32 GEMM of `rows` rows runs on AMX tiles ([`slimnn_kernels::gemm::bf16x6`]).
-/// The parts take 6 bytes per weight against 4: at 128 rows (MiniLM, one sentence) the GEMMs
-/// stream weights from memory either way and were no faster on tiles (2 threads: 9.6 ms against
-/// 8.8), so tiles start at two sentences' rows. The tile kernel computes 32 rows at a time:
+/// The parts take 6 bytes per weight against 4, so below ~96 rows streaming them costs more
+/// than the tiles save (one thread, weights from L3: 64 x 384 x 1536 at 179 GFLOP/s against 193
+/// on FMA units, 96 rows at 226 against 192). The tile kernel computes 32 rows at a time:
 /// counts that would waste more than a fifth of that stay on the FMA kernel too.
 fn tiles_pay(rows: usize) -> bool {
-    rows >= 256 && rows.next_multiple_of(32) * 4 <= rows * 5
+    rows >= 96 && rows.next_multiple_of(32) * 4 <= rows * 5
 }
 
 /// `[w0 | w1 | ...]` row-major with its `(k, n)`: 2-d weights with the same rows, side by side.
@@ -67,6 +67,11 @@ impl PackCache {
     /// ([`crate::f32_tiles_available`]); bf16 products take precedence.
     pub(crate) fn new(bf16: bool, f32_tiles: bool) -> Self {
         PackCache { bf16, f32_tiles: f32_tiles && !bf16, ..Default::default() }
+    }
+
+    /// Whether f32 GEMMs with enough rows run on AMX tiles.
+    pub(crate) fn f32_tiles(&self) -> bool {
+        self.f32_tiles
     }
 
     /// `w` packed for a GEMM of `rows` rows (None: unknown).

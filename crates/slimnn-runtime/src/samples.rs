@@ -305,7 +305,13 @@ pub(crate) fn stack(parts: Vec<Tensor>) -> Result<Tensor> {
 /// f32-equivalent bytes of activations per run of samples: a transformer's samples run this many
 /// at a time (GEMMs of several sentences read each weight once for all of them), a CNN's one
 /// at a time (its activations alone exceed it).
-const RUN_BYTES: usize = 4 << 20;
+pub(crate) const RUN_BYTES: usize = 4 << 20;
+
+/// [`RUN_BYTES`] where f32 GEMMs run on AMX tiles: their kernel prefetches weights, so a run
+/// needs fewer samples to hide them, and a smaller run's activations stay in L2. f32 MiniLM then
+/// runs 2 at a time: batch 8 took 85.8-86.3 ms on one thread and 42.1-42.3 ms on two, against
+/// 89.7-92.7 and 45.1-45.6 in runs of 5.
+pub(crate) const RUN_BYTES_ON_TILES: usize = 2 << 20;
 
 /// Above this many multiply-adds per weight byte a sample alone reads its weights cheaply
 /// enough that larger runs only add activation traffic (int8 MiniLM, 135 per byte: batch 32 in
@@ -314,10 +320,10 @@ const MAX_MACS_PER_WEIGHT_BYTE_FOR_RUNS: f64 = 64.0;
 
 /// Samples per run: one, unless a sample does little work per weight byte
 /// ([`MAX_MACS_PER_WEIGHT_BYTE_FOR_RUNS`]); then as many as keep the largest activation of
-/// `one` (the one-sample graph) within [`RUN_BYTES`]. f32 MiniLM (786 KB at 128 tokens) runs 5
+/// `one` (the one-sample graph) within `run_bytes` ([`RUN_BYTES`] or [`RUN_BYTES_ON_TILES`]). f32 MiniLM (786 KB at 128 tokens) runs 5
 /// at a time: per sentence, runs of 4 took 18.2-18.9 ms on one thread against 20.0 one by one
 /// (`--batch 4`, split off and on).
-pub(crate) fn samples_per_run(one: &Graph) -> usize {
+pub(crate) fn samples_per_run(one: &Graph, run_bytes: usize) -> usize {
     if macs_per_weight_byte(one) > MAX_MACS_PER_WEIGHT_BYTE_FOR_RUNS {
         return 1;
     }
@@ -330,7 +336,7 @@ pub(crate) fn samples_per_run(one: &Graph) -> usize {
         .map(|s| s.iter().product::<usize>() * 4)
         .max()
         .unwrap_or(0);
-    (RUN_BYTES / largest.max(1)).clamp(1, 64)
+    (run_bytes / largest.max(1)).clamp(1, 64)
 }
 
 fn shape_error(msg: String) -> RuntimeError {
