@@ -6,7 +6,9 @@
 //! accumulator chains, no memory traffic). Extra arguments filter benchmarks as usual
 //! (e.g. `-- 128x768x3072`). Under `cargo test` every benchmark runs once and the table is
 //! skipped. Where AVX-512 BF16 exists, bf16 GEMMs (`bf16/<threads>t`: B packed as bf16, A
-//! rounded per call) are timed too, against a `vdpbf16ps` register loop's peak.
+//! rounded per call) are timed too, against a `vdpbf16ps` register loop's peak; where AMX is
+//! granted, so are f32 GEMMs on AMX tiles (`f32-amx/<threads>t`: B packed as three bf16 parts,
+//! f32 accuracy, [`gemm::bf16x6`]), against the FMA peak, since they replace the FMA kernel.
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use slimnn_kernels::{cpu, gemm, CpuTier, Epilogue, PackedB, Par};
@@ -26,10 +28,19 @@ const SHAPES: [(usize, usize, usize); 8] = [
     (128, 128, 32),
 ];
 
+/// What a row's B holds.
+#[derive(Clone, Copy, PartialEq)]
+enum Packing {
+    F32,
+    Bf16,
+    /// f32 products on AMX tiles.
+    Bf16x6,
+}
+
 struct Row {
     shape: (usize, usize, usize),
     tier: CpuTier,
-    bf16: bool,
+    packing: Packing,
     threads: usize,
     best: Duration,
     mean: Duration,
@@ -191,9 +202,17 @@ fn bench_sgemm(c: &mut Criterion, tiers: &[CpuTier], pool2: &rayon::ThreadPool) 
         let b = lcg_vec(k * n, 2);
         let mut out = vec![0.0f32; m * n];
         group.throughput(Throughput::Elements(flops(shape) as u64));
-        let bf16 = slimnn_kernels::gemm::bf16::native().then_some((cpu::tier(), true));
-        for (tier, bf16) in tiers.iter().map(|&t| (t, false)).chain(bf16) {
-            let pack = |mut p: PackedB| if bf16 { p.pack_bf16(&b, k, n, n) } else { p.pack(&b, k, n, n) }.map(|()| p);
+        let bf16 = gemm::bf16::native().then_some((cpu::tier(), Packing::Bf16));
+        let x6 = gemm::bf16x6::native().then_some((cpu::tier(), Packing::Bf16x6));
+        for (tier, packing) in tiers.iter().map(|&t| (t, Packing::F32)).chain(bf16).chain(x6) {
+            let pack = |mut p: PackedB| {
+                match packing {
+                    Packing::F32 => p.pack(&b, k, n, n),
+                    Packing::Bf16 => p.pack_bf16(&b, k, n, n),
+                    Packing::Bf16x6 => p.pack_bf16x6(&b, k, n, n),
+                }
+                .map(|()| p)
+            };
             let packed = match PackedB::empty(tier).and_then(pack) {
                 Ok(p) => p,
                 Err(e) => {
@@ -203,7 +222,11 @@ fn bench_sgemm(c: &mut Criterion, tiers: &[CpuTier], pool2: &rayon::ThreadPool) 
             };
             for threads in [1usize, 2] {
                 let par = if threads == 1 { Par::Seq } else { Par::Pool(pool2) };
-                let label = if bf16 { "bf16".to_string() } else { tier.to_string() };
+                let label = match packing {
+                    Packing::F32 => tier.to_string(),
+                    Packing::Bf16 => "bf16".to_string(),
+                    Packing::Bf16x6 => "f32-amx".to_string(),
+                };
                 let id = BenchmarkId::new(format!("{label}/{threads}t"), format!("{m}x{k}x{n}"));
                 let mut best = Duration::MAX;
                 let mut total = Duration::ZERO;
@@ -228,7 +251,7 @@ fn bench_sgemm(c: &mut Criterion, tiers: &[CpuTier], pool2: &rayon::ThreadPool) 
                     ROWS.lock().expect("bench table lock").push(Row {
                         shape,
                         tier,
-                        bf16,
+                        packing,
                         threads,
                         best,
                         mean: total / count as u32,
@@ -298,7 +321,7 @@ fn main() {
         let per_core =
             |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{:.1}%", 100.0 * gf / (p * r.threads as f64)));
         let tier_peak = match r.tier {
-            _ if r.bf16 => peak_bf16,
+            _ if r.packing == Packing::Bf16 => peak_bf16,
             CpuTier::Avx512 | CpuTier::Amx => peak512,
             CpuTier::Avx2 => peak256,
             CpuTier::Generic => None,
@@ -307,7 +330,11 @@ fn main() {
         println!(
             "{:<16} {:<8} {:>3} {:>10.1} {:>10.1} {:>12} {:>12}",
             format!("{m}x{k}x{n}"),
-            if r.bf16 { "bf16" } else { r.tier.name() },
+            match r.packing {
+                Packing::F32 => r.tier.name(),
+                Packing::Bf16 => "bf16",
+                Packing::Bf16x6 => "f32-amx",
+            },
             r.threads,
             gf,
             gf_mean,
