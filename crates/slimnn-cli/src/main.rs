@@ -238,6 +238,10 @@ enum Command {
         /// error on the calibration data is at most this.
         #[arg(long)]
         error_budget: Option<f64>,
+        /// What the layers --error-budget keeps become: float, or (--mode static) int8 with
+        /// per-token activation scales taken at run time, so every matmul stays on int8 kernels.
+        #[arg(long, value_enum, default_value_t = KeepAs::Float)]
+        fallback: KeepAs,
         /// Also quantize activation-by-activation matmuls (attention), static mode.
         #[arg(long)]
         quantize_attention: bool,
@@ -377,6 +381,12 @@ enum ActType {
     I8,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeepAs {
+    Float,
+    Dynamic,
+}
+
 fn main() -> ExitCode {
     // Die quietly on a closed pipe (`slimnn inspect ... | head`) instead of panicking in println!.
     #[cfg(unix)]
@@ -514,6 +524,7 @@ fn run(cli: Cli) -> Result<()> {
             bias_correction,
             exclude,
             error_budget,
+            fallback,
             quantize_attention,
             quantize_embeddings,
             samples,
@@ -523,7 +534,7 @@ fn run(cli: Cli) -> Result<()> {
             report,
         } => {
             use slimnn_compress::{
-                ActivationGranularity, ActivationType, CalibrationMethod, Granularity, Mode, QuantRecipe,
+                ActivationGranularity, ActivationType, CalibrationMethod, Fallback, Granularity, Mode, QuantRecipe,
             };
             let recipe = QuantRecipe {
                 mode: match mode {
@@ -559,6 +570,10 @@ fn run(cli: Cli) -> Result<()> {
                 bias_correction,
                 exclude,
                 error_budget,
+                fallback: match fallback {
+                    KeepAs::Float => Fallback::Float,
+                    KeepAs::Dynamic => Fallback::Dynamic,
+                },
                 quantize_activation_matmuls: quantize_attention,
                 quantize_embeddings,
                 ..QuantRecipe::default()

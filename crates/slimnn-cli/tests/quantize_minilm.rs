@@ -12,7 +12,7 @@ mod common;
 use common::*;
 use slimnn_cli::tasks::cosine;
 use slimnn_compress::mixed::{agreement, run_all, run_all_with};
-use slimnn_compress::{quantize, ActivationGranularity, CalibrationMethod, Mode, QuantRecipe};
+use slimnn_compress::{quantize, ActivationGranularity, CalibrationMethod, Fallback, Mode, QuantRecipe};
 use slimnn_data::corpus::moby_dick_sentences;
 use slimnn_data::text::TextTokenizer;
 use slimnn_formats::onnx;
@@ -175,6 +175,33 @@ fn int8_dynamic_and_static_keep_embeddings_and_run_in_onnxruntime() {
             assert!((ort_mean - mean).abs() <= 0.003, "ORT runs the export at cosine {ort_mean}, slimnn at {mean}");
         }
     }
+}
+
+/// Static int8 with an error budget whose kept layers fall back to per-token dynamic int8: every
+/// matmul stays on the integer kernels, and the embeddings reach the bar that static
+/// int8 with every layer calibrated misses (minmax: ~0.992 mean). On the 200 sentences of
+/// doc/quantization.md this recipe measured 0.99849 / 0.99665; 64 sentences here measured
+/// 0.99830 / 0.99407, and the bound sits a little below.
+#[test]
+fn static_with_dynamic_fallback_keeps_every_matmul_int8() {
+    let d = setup(64);
+    let recipe =
+        QuantRecipe { mode: Mode::Static, error_budget: Some(0.07), fallback: Fallback::Dynamic, ..Default::default() };
+    let (q, report) = quantize(&d.graph, &recipe, &d.calib, &mut |_| {}).unwrap();
+    let count = |scheme: &str| report.layers.iter().filter(|l| l.scheme == scheme).count();
+    let (stat, dynamic) = (count("int8-qdq"), count("int8-dynamic-per-token"));
+    eprintln!("static {stat} layers, dynamic {dynamic}; {:?}", report.notes);
+    assert_eq!(
+        stat + dynamic,
+        36,
+        "every layer int8: {:?}",
+        report.layers.iter().map(|l| &l.scheme).collect::<Vec<_>>()
+    );
+    assert!(stat > 0 && dynamic > 0, "static {stat}, dynamic {dynamic}");
+    assert_eq!(q.op_histogram().get("DynamicRowQuantMatMul"), Some(&dynamic));
+    let ((mean, min), _) = embedding_cosine(&d, &q);
+    eprintln!("int8 static + dynamic fallback: cosine mean {mean:.5} min {min:.5}");
+    assert!(mean >= 0.9975 && min >= 0.99, "cosine mean {mean} min {min}");
 }
 
 #[test]

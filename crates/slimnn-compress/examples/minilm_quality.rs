@@ -11,7 +11,9 @@
 
 use slimnn_compress::calib::BatchSource;
 use slimnn_compress::mixed::{agreement, run_all, run_all_with};
-use slimnn_compress::{quantize, ActivationGranularity, ActivationType, CalibrationMethod, Mode, QuantRecipe};
+use slimnn_compress::{
+    quantize, ActivationGranularity, ActivationType, CalibrationMethod, Fallback, Mode, QuantRecipe,
+};
 use slimnn_data::corpus::moby_dick_sentences;
 use slimnn_data::text::TextTokenizer;
 use slimnn_runtime::{Precision, RuntimeConfig};
@@ -83,6 +85,14 @@ fn main() {
         ("static-percentile-99.999", QuantRecipe { percentile: 99.999, ..stat(CalibrationMethod::Percentile) }),
         ("static-minmax-sq0.3", QuantRecipe { smoothquant_alpha: Some(0.3), ..stat(CalibrationMethod::Minmax) }),
         ("static-minmax-budget0.05", QuantRecipe { error_budget: Some(0.05), ..stat(CalibrationMethod::Minmax) }),
+        (
+            "static-minmax-budget0.065-dynamic",
+            QuantRecipe { error_budget: Some(0.065), fallback: Fallback::Dynamic, ..stat(CalibrationMethod::Minmax) },
+        ),
+        (
+            "static-minmax-budget0.07-dynamic",
+            QuantRecipe { error_budget: Some(0.07), fallback: Fallback::Dynamic, ..stat(CalibrationMethod::Minmax) },
+        ),
         ("dynamic-budget0.05", QuantRecipe { error_budget: Some(0.05), ..base.clone() }),
         (
             "static-attention-minmax",
@@ -122,7 +132,13 @@ fn main() {
         }
         let t0 = Instant::now();
         let q = match &recipe {
-            Some(recipe) => quantize(&g, recipe, &calib_data, &mut |_| {}).unwrap().0,
+            Some(recipe) => {
+                let (q, report) = quantize(&g, recipe, &calib_data, &mut |_| {}).unwrap();
+                for note in &report.notes {
+                    eprintln!("{name}: {note}");
+                }
+                q
+            }
             None => g.clone(),
         };
         let tq = t0.elapsed().as_secs_f64();

@@ -41,7 +41,7 @@ pub use calib::{calibrate, BatchSource, StatKind, StatPoint, Statistics};
 pub use pipeline::quantize;
 pub use quant::Granularity;
 pub use range::{ActivationType, CalibrationMethod};
-pub use recipe::{ActivationGranularity, Mode, QuantRecipe};
+pub use recipe::{ActivationGranularity, Fallback, Mode, QuantRecipe};
 pub use report::{LayerReport, Report};
 
 use slimnn_ir::Graph;

@@ -4,7 +4,7 @@
 
 use crate::calib::{calibrate, BatchSource, Statistics};
 use crate::mixed::{output_error, run_all};
-use crate::recipe::{ActivationGranularity, Mode, QuantRecipe};
+use crate::recipe::{ActivationGranularity, Fallback, Mode, QuantRecipe};
 use crate::report::{Report, METADATA_KEY};
 use crate::schemes::{Dynamic, EmbeddingBlock, HalfWeights, Selection, StaticQdq, WeightOnly};
 use crate::smoothquant::SmoothQuant;
@@ -127,15 +127,18 @@ pub fn quantize(
         order.sort_by(|&a, &b| sens[b].total_cmp(&sens[a]));
         let build = |kept: usize| -> Result<(Graph, Report)> {
             let skip: HashSet<String> = order[..kept].iter().map(|&i| layers[i].clone()).collect();
-            let (mut gq, mut r) =
-                scheme(recipe, Selection { exclude: recipe.exclude.clone(), skip: skip.clone() }).apply(&g, &stats)?;
-            if recipe.bits == 4 && !skip.is_empty() {
-                // Kept 4-bit layers get int8 weights instead of float.
-                let int8 = QuantRecipe { bits: 8, gptq: false, bias_correction: false, ..recipe.clone() };
-                let (g8, r8) = scheme(&int8, Selection { exclude: recipe.exclude.clone(), skip: HashSet::new() })
+            let (mut gq, mut r) = if kept == layers.len() {
+                // Nothing left for the first scheme.
+                (g.clone(), Report::default())
+            } else {
+                scheme(recipe, Selection { exclude: recipe.exclude.clone(), skip: skip.clone() }).apply(&g, &stats)?
+            };
+            if let Some(second) = fallback_recipe(recipe).filter(|_| !skip.is_empty()) {
+                // The kept layers are the float matmuls left: the second scheme takes those.
+                let (g2, r2) = scheme(&second, Selection { exclude: recipe.exclude.clone(), skip: HashSet::new() })
                     .apply(&gq, &Statistics::default())?;
-                gq = g8;
-                r.merge(r8);
+                gq = g2;
+                r.merge(r2);
             }
             Ok((gq, r))
         };
@@ -159,23 +162,30 @@ pub fn quantize(
                     lo = mid + 1;
                 }
             }
-            chosen = best.unwrap_or((layers.len(), 0.0));
-            let (gq, r) = build(chosen.0)?;
+            let (gq, r) = build(best.map_or(layers.len(), |b| b.0))?;
+            chosen = match best {
+                Some(b) => b,
+                // Every layer kept: float meets any budget; a fallback scheme may not.
+                None if fallback_recipe(recipe).is_some() => (layers.len(), error_of(&gq)?),
+                None => (layers.len(), 0.0),
+            };
             q = gq;
             let kept: HashSet<&String> = order[..chosen.0].iter().map(|&i| &layers[i]).collect();
-            let keep_scheme = if recipe.bits == 4 { "int8-weight" } else { "fp32" };
+            let second = fallback_recipe(recipe).is_some();
             for l in report.layers.iter_mut() {
                 if kept.contains(&l.node) {
                     let rank = order.iter().position(|&i| layers[i] == l.node).unwrap_or(0) + 1;
-                    match r.layers.iter().find(|x| x.node == l.node && recipe.bits == 4) {
+                    match r.layers.iter().rev().find(|x| x.node == l.node && second) {
                         Some(x) => {
                             l.scheme = x.scheme.clone();
                             l.bits = x.bits;
                             l.weight_scale = x.weight_scale;
                             l.weight_sqnr_db = x.weight_sqnr_db;
+                            l.activation = None;
+                            l.activation_sqnr_db = None;
                         }
                         None => {
-                            l.scheme = keep_scheme.into();
+                            l.scheme = "fp32".into();
                             l.bits = 32;
                             l.weight_scale = None;
                             l.weight_sqnr_db = None;
@@ -203,4 +213,24 @@ pub fn quantize(
     q.metadata.insert(METADATA_KEY.into(), serde_json::to_string(&report).unwrap_or_default());
     q.metadata.insert(format!("{METADATA_KEY}.recipe"), serde_json::to_string(recipe).unwrap_or_default());
     Ok((q, report))
+}
+
+/// The scheme the layers an error budget keeps get instead of float: int8 weights for a 4-bit
+/// recipe, int8 with per-token run-time activation scales for a static one with
+/// [`Fallback::Dynamic`]; None where they stay float.
+fn fallback_recipe(recipe: &QuantRecipe) -> Option<QuantRecipe> {
+    if recipe.bits == 4 {
+        Some(QuantRecipe { bits: 8, gptq: false, bias_correction: false, ..recipe.clone() })
+    } else if recipe.mode == Mode::Static && recipe.fallback == Fallback::Dynamic {
+        Some(QuantRecipe {
+            mode: Mode::Dynamic,
+            activation_granularity: Some(ActivationGranularity::PerToken),
+            smoothquant_alpha: None,
+            bias_correction: false,
+            quantize_activation_matmuls: false,
+            ..recipe.clone()
+        })
+    } else {
+        None
+    }
 }

@@ -35,6 +35,19 @@ pub enum ActivationGranularity {
     PerTensor,
 }
 
+/// What the layers an error budget keeps in higher precision become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fallback {
+    /// Float (int8 weights where the recipe is 4-bit weight-only).
+    #[default]
+    Float,
+    /// int8 with activation scales taken per token at run time (static mode): every matmul
+    /// stays on the integer kernels, and only the layers calibrated scales hurt most pay for
+    /// the run-time range.
+    Dynamic,
+}
+
 /// Everything `slimnn quantize` can be asked to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -66,6 +79,8 @@ pub struct QuantRecipe {
     /// Keep the most sensitive layers in higher precision until the mean relative output
     /// error on calibration data is at most this.
     pub error_budget: Option<f64>,
+    /// What the layers the error budget keeps become.
+    pub fallback: Fallback,
     /// Also quantize matmuls whose both operands are activations (attention), static mode only.
     pub quantize_activation_matmuls: bool,
     /// Also store embedding tables (constant `Gather` tables) block-quantized (8-bit, or 4-bit
@@ -90,6 +105,7 @@ impl Default for QuantRecipe {
             bias_correction: false,
             exclude: vec![],
             error_budget: None,
+            fallback: Fallback::Float,
             quantize_activation_matmuls: false,
             quantize_embeddings: false,
         }
@@ -164,6 +180,9 @@ impl QuantRecipe {
                 return bad(format!("--error-budget must be positive, got {b}"));
             }
         }
+        if self.fallback == Fallback::Dynamic && (self.mode != Mode::Static || self.error_budget.is_none()) {
+            return bad("--fallback dynamic applies to --mode static with --error-budget".into());
+        }
         Ok(())
     }
 }
@@ -194,6 +213,11 @@ mod tests {
             ..Default::default()
         };
         assert!(err(per_token_static).contains("--mode dynamic"));
+        let fallback = QuantRecipe { fallback: Fallback::Dynamic, ..Default::default() };
+        assert!(err(fallback.clone()).contains("--fallback dynamic"));
+        let no_budget = QuantRecipe { mode: Mode::Static, ..fallback.clone() };
+        assert!(err(no_budget.clone()).contains("--error-budget"));
+        QuantRecipe { error_budget: Some(0.05), ..no_budget }.validate().unwrap();
         QuantRecipe { mode: Mode::WeightOnly, bits: 4, group_size: 128, ..Default::default() }.validate().unwrap();
     }
 }
