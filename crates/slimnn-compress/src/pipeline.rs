@@ -125,6 +125,7 @@ pub fn quantize(
         }
         let mut order: Vec<usize> = (0..layers.len()).collect();
         order.sort_by(|&a, &b| sens[b].total_cmp(&sens[a]));
+        let fallback = fallback_recipe(recipe);
         let build = |kept: usize| -> Result<(Graph, Report)> {
             let skip: HashSet<String> = order[..kept].iter().map(|&i| layers[i].clone()).collect();
             let (mut gq, mut r) = if kept == layers.len() {
@@ -133,9 +134,9 @@ pub fn quantize(
             } else {
                 scheme(recipe, Selection { exclude: recipe.exclude.clone(), skip: skip.clone() }).apply(&g, &stats)?
             };
-            if let Some(second) = fallback_recipe(recipe).filter(|_| !skip.is_empty()) {
+            if let Some(second) = fallback.as_ref().filter(|_| !skip.is_empty()) {
                 // The kept layers are the float matmuls left: the second scheme takes those.
-                let (g2, r2) = scheme(&second, Selection { exclude: recipe.exclude.clone(), skip: HashSet::new() })
+                let (g2, r2) = scheme(second, Selection { exclude: recipe.exclude.clone(), skip: HashSet::new() })
                     .apply(&gq, &Statistics::default())?;
                 gq = g2;
                 r.merge(r2);
@@ -166,16 +167,15 @@ pub fn quantize(
             chosen = match best {
                 Some(b) => b,
                 // Every layer kept: float meets any budget; a fallback scheme may not.
-                None if fallback_recipe(recipe).is_some() => (layers.len(), error_of(&gq)?),
+                None if fallback.is_some() => (layers.len(), error_of(&gq)?),
                 None => (layers.len(), 0.0),
             };
             q = gq;
             let kept: HashSet<&String> = order[..chosen.0].iter().map(|&i| &layers[i]).collect();
-            let second = fallback_recipe(recipe).is_some();
             for l in report.layers.iter_mut() {
                 if kept.contains(&l.node) {
                     let rank = order.iter().position(|&i| layers[i] == l.node).unwrap_or(0) + 1;
-                    match r.layers.iter().rev().find(|x| x.node == l.node && second) {
+                    match r.layers.iter().rev().find(|x| x.node == l.node && fallback.is_some()) {
                         Some(x) => {
                             l.scheme = x.scheme.clone();
                             l.bits = x.bits;

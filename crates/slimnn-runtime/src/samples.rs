@@ -320,9 +320,9 @@ const MAX_MACS_PER_WEIGHT_BYTE_FOR_RUNS: f64 = 64.0;
 
 /// Samples per run: one, unless a sample does little work per weight byte
 /// ([`MAX_MACS_PER_WEIGHT_BYTE_FOR_RUNS`]); then as many as keep the largest activation of
-/// `one` (the one-sample graph) within `run_bytes` ([`RUN_BYTES`] or [`RUN_BYTES_ON_TILES`]). f32 MiniLM (786 KB at 128 tokens) runs 5
-/// at a time: per sentence, runs of 4 took 18.2-18.9 ms on one thread against 20.0 one by one
-/// (`--batch 4`, split off and on).
+/// `one` (the one-sample graph) within `run_bytes` ([`RUN_BYTES`] or [`RUN_BYTES_ON_TILES`]).
+/// f32 MiniLM (786 KB at 128 tokens) on FMA units runs 5 at a time: per sentence, runs of 4
+/// took 18.2-18.9 ms on one thread against 20.0 one by one (`--batch 4`, split off and on).
 pub(crate) fn samples_per_run(one: &Graph, run_bytes: usize) -> usize {
     if macs_per_weight_byte(one) > MAX_MACS_PER_WEIGHT_BYTE_FOR_RUNS {
         return 1;

@@ -47,6 +47,11 @@ pub fn bf16_to_f32(bits: u16) -> f32 {
     half::bf16::from_bits(bits).to_f32()
 }
 
+/// The bf16 value in the high (`high`) or low half of a 32-bit slot, as f32.
+pub(crate) fn slot_half(slot: f32, high: bool) -> f32 {
+    bf16_to_f32((slot.to_bits() >> if high { 16 } else { 0 }) as u16)
+}
+
 /// Two bf16 values in one 32-bit slot, `lo` first in memory.
 #[inline]
 pub(crate) fn pair(lo: f32, hi: f32) -> f32 {
@@ -154,15 +159,14 @@ impl<const MR: usize, const NR: usize> TileKernel for ScalarBf16<MR, NR> {
         _pf: Prefetch,
         ep: *const TileEpilogue,
     ) {
-        let half = |slot: f32, hi: bool| bf16_to_f32((slot.to_bits() >> if hi { 16 } else { 0 }) as u16);
         for i in 0..mr {
             for j in 0..width {
                 let mut acc = 0.0f32;
                 for p in 0..kc {
                     let (x, y) = (*a.add(i * lda + p), *b.add(p * NR + j));
                     // vdpbf16ps's order: the odd pair first.
-                    acc += half(x, true) * half(y, true);
-                    acc += half(x, false) * half(y, false);
+                    acc += slot_half(x, true) * slot_half(y, true);
+                    acc += slot_half(x, false) * slot_half(y, false);
                 }
                 let cp = c.add(i * ldc + j);
                 *cp = if load_c { *cp + acc } else { acc };

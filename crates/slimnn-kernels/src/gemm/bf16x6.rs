@@ -24,7 +24,7 @@
 
 #![allow(clippy::too_many_arguments)] // kernel signatures: raw pointers and strides, kept flat for speed
 
-use super::bf16::{bf16_to_f32, round_bf16_bits};
+use super::bf16::{bf16_to_f32, round_bf16_bits, slot_half};
 use super::kernels::{epilogue_body, Prefetch, TileEpilogue, TileKernel};
 use super::Par;
 use crate::cpu::{self, CpuTier};
@@ -199,7 +199,6 @@ impl<const MR: usize, const NR: usize> TileKernel for ScalarBf16x6<MR, NR> {
         _pf: Prefetch,
         ep: *const TileEpilogue,
     ) {
-        let half = |slot: f32, hi: bool| bf16_to_f32((slot.to_bits() >> if hi { 16 } else { 0 }) as u16);
         // (A part, B part) of the six products.
         const PAIRS: [(usize, usize); 6] = [(0, 0), (1, 0), (2, 0), (1, 1), (0, 1), (0, 2)];
         for i in 0..mr {
@@ -213,8 +212,8 @@ impl<const MR: usize, const NR: usize> TileKernel for ScalarBf16x6<MR, NR> {
                         for p in 0..16 {
                             let x = *a.add(i * lda + s + 16 * qa + p);
                             let y = *b.add((s + 16 * qb + p) * Self::NR + j);
-                            *acc += half(x, false) * half(y, false);
-                            *acc += half(x, true) * half(y, true);
+                            *acc += slot_half(x, false) * slot_half(y, false);
+                            *acc += slot_half(x, true) * slot_half(y, true);
                         }
                     }
                 }

@@ -325,16 +325,14 @@ impl PackedB {
         let p = j / self.nr;
         let data = self.data.as_slice();
         let slot = |row: usize| data.get(p * self.panel_stride + row * self.nr + j % self.nr).copied();
-        let half =
-            |slot: f32, high: bool| super::bf16::bf16_to_f32((slot.to_bits() >> if high { 16 } else { 0 }) as u16);
         Some(match self.slots {
             Slots::F32 => slot(kk)?,
-            Slots::Bf16 => half(slot(kk / 2)?, kk % 2 == 1),
+            Slots::Bf16 => super::bf16::slot_half(slot(kk / 2)?, kk % 2 == 1),
             Slots::Bf16x6 => {
                 let layout = super::bf16x6::Layout::of(self.tier);
                 let part = |q: usize| {
                     let (at, high) = layout.b_slot(self.nr, kk, q, j % self.nr);
-                    data.get(p * self.panel_stride + at).map(|&s| half(s, high))
+                    data.get(p * self.panel_stride + at).map(|&s| super::bf16::slot_half(s, high))
                 };
                 // hi + (mid + lo): the parts' sum, exact for normal values.
                 part(0)? + (part(1)? + part(2)?)
