@@ -69,6 +69,7 @@ fn main() {
                         bias: Some(&bias[..p.n]),
                         activation: p.act,
                         residual: None,
+                        outliers: None,
                     };
                     if p.residual {
                         ep = ep.with_residual(&res, p.n);

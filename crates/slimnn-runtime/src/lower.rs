@@ -862,11 +862,18 @@ pub(crate) fn lower(g: &Graph, packs: &PackCache, int8_attention: bool) -> Resul
             }
         }
     }
+    // Quantized groups first: one may take a float MatMul that comes earlier in the graph (the
+    // float product of its outlier channels).
     for id in 0..g.nodes().len() {
         if !c.taken.contains(&id) {
             if let Some(grp) = quant::match_group(&c, id, &packs.quant)? {
                 claim(&mut c, grp, &mut groups);
-            } else if let Some(grp) = match_gemm(&c, id, packs)? {
+            }
+        }
+    }
+    for id in 0..g.nodes().len() {
+        if !c.taken.contains(&id) {
+            if let Some(grp) = match_gemm(&c, id, packs)? {
                 claim(&mut c, grp, &mut groups);
             } else if let Some(grp) = match_conv(&c, id)? {
                 claim(&mut c, grp, &mut groups);

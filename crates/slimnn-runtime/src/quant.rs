@@ -25,7 +25,7 @@ use slimnn_ir::ops::{
     Binary, BinaryOp, Cast, DequantizeLinear, GatherBlockQuantized, MatMul, MatMulNBits, QuantizeLinear,
 };
 use slimnn_ir::{NodeId, Op, OutletId};
-use slimnn_kernels::qgemm::{self, PackedQB, PackedWeightOnly, PerRow, QEpilogue, QOutput};
+use slimnn_kernels::qgemm::{self, Outliers, PackedQB, PackedWeightOnly, PerRow, QEpilogue, QOutput};
 use slimnn_kernels::{Activation, Epilogue, KernelError, Par};
 use slimnn_tensor::{DType, Tensor};
 use std::collections::HashMap;
@@ -369,6 +369,9 @@ pub struct QMatMul {
     activation: Activation,
     /// Input index of the residual, if fused.
     residual: Option<usize>,
+    /// Outlier channels added back in float (see [`qgemm::Outliers`]): the input index of
+    /// their values and their weight rows.
+    outliers: Option<(usize, Arc<Tensor>)>,
     /// `QLinearMatMul`: u8 output `saturate(round(acc * b_scale_j) + zero)`, where `b_scale`
     /// holds the multipliers `a_scale * w_scale_j / y_scale` (rounded as ONNX Runtime does).
     requantize: Option<u8>,
@@ -427,6 +430,9 @@ impl QuantKernel {
                 }
                 if q.residual.is_some() {
                     s.push_str("+residual");
+                }
+                if let Some((_, w)) = &q.outliers {
+                    s.push_str(&format!("+outliers{}", w.shape()[0]));
                 }
                 s
             }
@@ -590,9 +596,21 @@ impl QMatMul {
             bias: self.bias.as_deref(),
             activation: self.activation,
             residual: None,
+            outliers: None,
         };
         if let Some(r) = self.residual {
             ep = ep.with_residual(ins[r].as_slice::<f32>()?, n);
+        }
+        if let Some((i, w)) = &self.outliers {
+            let k = w.shape()[0];
+            let x = ins[*i].as_slice::<f32>()?;
+            if x.len() != m * k {
+                return Err(RuntimeError::Kernel(KernelError::Shape {
+                    kernel: "qgemm",
+                    msg: format!("outlier channels: {} values for {m} rows of {k} channels", x.len()),
+                }));
+            }
+            ep = ep.with_outliers(Outliers { x, ld: k, w: w.as_slice::<f32>()?, k });
         }
         if let Some(zero) = self.requantize {
             bytes.resize(m * n, 0);
@@ -660,6 +678,7 @@ impl RowQuantMatMul {
                 bias: self.bias.as_deref(),
                 activation: self.activation,
                 residual: None,
+                outliers: None,
             };
             if self.residual {
                 ep = ep.with_residual(ins[1].as_slice::<f32>()?, n);
@@ -899,6 +918,7 @@ fn match_qlinear(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group
         bias: None,
         activation: Activation::None,
         residual: None,
+        outliers: None,
         requantize: Some(zy),
     };
     Ok(Some(group(c, vec![id], vec![a], mm, vec![])))
@@ -1108,7 +1128,7 @@ fn match_matmul_integer(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Optio
         activation = act;
         residual = res.then_some(before);
     }
-    let mm = QMatMul { packed, a: a_params, b_scale, bias, activation, residual, requantize: None };
+    let mm = QMatMul { packed, a: a_params, b_scale, bias, activation, residual, outliers: None, requantize: None };
     Ok(Some(group(c, members, inputs, mm, notes)))
 }
 
@@ -1134,6 +1154,14 @@ fn match_qdq(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
         members.push(x.node);
     }
     let mut end = out0(id);
+    let mut inputs = vec![xq];
+    let mut outliers = None;
+    if let Some((add, mo, xo, wo)) = outlier_add(c, end, n) {
+        members.extend([mo, add]);
+        end = out0(add);
+        outliers = Some((inputs.len(), wo));
+        inputs.push(xo);
+    }
     let mut bias = None;
     let mut notes = vec![];
     if let Some(r) = c.sole_reader(end) {
@@ -1145,12 +1173,29 @@ fn match_qdq(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
             }
         }
     }
-    let mut inputs = vec![xq];
+    let res_at = inputs.len();
     let (activation, res) = fuse_tail(c, end, &mut members, &mut inputs, &mut notes);
-    let residual = res.then_some(1);
+    let residual = res.then_some(res_at);
     let a = AParams { scale: Param::Const(scale), zero: Param::Const(zero as i32) };
-    let mm = QMatMul { packed, a, b_scale: Some(Arc::from(ws)), bias, activation, residual, requantize: None };
+    let mm =
+        QMatMul { packed, a, b_scale: Some(Arc::from(ws)), bias, activation, residual, outliers, requantize: None };
     Ok(Some(group(c, members, inputs, mm, notes)))
+}
+
+/// `(Add, MatMul, x_o, W_o)` when `end`'s sole reader adds `MatMul(x_o, W_o)` to it, `W_o` a
+/// constant f32 `[k, n]` read only there: outlier channels kept in float beside the integer
+/// product (slimnn's static form with `--outlier-channels`), run in the GEMM's epilogue.
+fn outlier_add(c: &Ctx, end: OutletId, n: usize) -> Option<(NodeId, NodeId, OutletId, Arc<Tensor>)> {
+    let add = c.sole_reader(end)?;
+    let other = c.binary_other(add, end, BinaryOp::Add)?;
+    if c.op(other) != &Op::MatMul(MatMul) || c.sole_reader(other) != Some(add) {
+        return None;
+    }
+    let ins = &c.g.node(other.node).inputs;
+    let w = c.konst(ins[1]).filter(|t| t.dtype() == DType::F32 && t.rank() == 2 && t.shape()[1] == n)?;
+    let k = w.shape()[0];
+    let x_ok = c.g.fact(ins[0]).dtype == DType::F32 && c.shape(ins[0]).is_some_and(|s| s.last() == Some(&k));
+    x_ok.then(|| (add, other.node, ins[0], w.clone()))
 }
 
 fn group(c: &Ctx, members: Vec<NodeId>, inputs: Vec<OutletId>, mm: QMatMul, notes: Vec<String>) -> Group {
@@ -1196,8 +1241,8 @@ mod tests {
 
     use crate::{Runnable, RuntimeConfig};
     use slimnn_ir::ops::{
-        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, MatMul, MatMulInteger,
-        MatMulNBits, QLinearMatMul, QuantizeLinear, Unary, UnaryOp,
+        Binary, BinaryOp, Cast, DequantizeLinear, DynamicQuantizeLinear, DynamicRowQuantMatMul, Gather, MatMul,
+        MatMulInteger, MatMulNBits, QLinearMatMul, QuantizeLinear, Unary, UnaryOp,
     };
     use slimnn_ir::{Fact, Graph, OutletId};
     use slimnn_tensor::{DType, Dim, Tensor};
@@ -1367,6 +1412,52 @@ mod tests {
         assert_eq!(kernels.iter().filter(|k| k.starts_with("qgemm_u8i8")).count(), 1, "{kernels:?}");
         assert!(kernels.contains(&"quantize_u8".to_string()), "{kernels:?}");
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
+    }
+
+    #[test]
+    fn outlier_channels_run_in_the_integer_gemm_epilogue() {
+        // `MatMul(DQ(Q(x)), DQ(Wq)) + MatMul(Gather(x, idx), W_o)`, the float product written
+        // first (an f32 GEMM must not take it), then bias, then (layer 1) GELU.
+        const K: usize = 300;
+        const N: usize = 256;
+        let mut g = Graph::default();
+        let x = input(&mut g, "x", K);
+        let idx = g.add_const("idx", Tensor::from_vec(vec![3], vec![3i64, 17, 250]).unwrap()).unwrap();
+        let xo = g.add_node("gather", Gather { axis: -1 }, vec![x, idx]).unwrap()[0];
+        let s = g.add_const("s", Tensor::scalar(0.02f32)).unwrap();
+        let z = g.add_const("z", Tensor::scalar(120u8)).unwrap();
+        let xq = g.add_node("q", QuantizeLinear { axis: 1 }, vec![x, s, z]).unwrap()[0];
+        let xd = g.add_node("dq", DequantizeLinear { axis: 1 }, vec![xq, s, z]).unwrap()[0];
+        for (i, seed) in [(0, 5u64), (1, 6)] {
+            let wo = g.add_const(&format!("wo{i}"), Tensor::from_vec(vec![3, N], values(3 * N, seed + 9)).unwrap());
+            let yo = g.add_node(&format!("mo{i}"), MatMul, vec![xo, wo.unwrap()]).unwrap()[0];
+            let (wq, ws, wz) = weights(K, N, seed);
+            let wq = g.add_const(&format!("wq{i}"), wq).unwrap();
+            let ws = g.add_const(&format!("ws{i}"), ws).unwrap();
+            let wz = g.add_const(&format!("wz{i}"), wz).unwrap();
+            let w = g.add_node(&format!("dqw{i}"), DequantizeLinear { axis: 1 }, vec![wq, ws, wz]).unwrap()[0];
+            let bias = g.add_const(&format!("b{i}"), Tensor::from_vec(vec![N], values(N, seed)).unwrap()).unwrap();
+            let y = g.add_node(&format!("mm{i}"), MatMul, vec![xd, w]).unwrap()[0];
+            let y = bin(&mut g, &format!("sum{i}"), BinaryOp::Add, y, yo);
+            let mut y = bin(&mut g, &format!("add{i}"), BinaryOp::Add, y, bias);
+            if i == 1 {
+                y = g.add_node("gelu", Unary(UnaryOp::Gelu { tanh: false }), vec![y]).unwrap()[0];
+            }
+            g.add_output(&format!("y{i}"), y);
+        }
+        // The outlier channels' own values far outside the quantization range.
+        let mut xs = values(10 * K, 7);
+        for r in 0..10 {
+            xs[r * K + 3] = 40.0 - r as f32 * 9.0;
+            xs[r * K + 250] = -30.0;
+        }
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, K], xs).unwrap())];
+        let kernels = check(g, feeds, 1e-4);
+        assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+bias+outliers3")), "{kernels:?}");
+        assert!(kernels.iter().any(|k| k.contains("+bias+gelu") && k.ends_with("+outliers3")), "{kernels:?}");
+        // The gather of 3 columns is the only other step.
+        assert_eq!(kernels.len(), 4, "{kernels:?}");
+        assert!(kernels.contains(&"ref:Gather".to_string()), "{kernels:?}");
     }
 
     #[test]

@@ -294,10 +294,17 @@ impl Finish {
             }
             // Multiply, then add: the graph's own order (Cast, Mul, Add), as the reference.
             let sav = _mm512_set1_ps(s);
-            let y0 =
-                _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(x0), _mm512_mul_ps(sav, self.b_scale[0])), self.bias[0]);
-            let y1 =
-                _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(x1), _mm512_mul_ps(sav, self.b_scale[1])), self.bias[1]);
+            let mut y0 = _mm512_mul_ps(_mm512_cvtepi32_ps(x0), _mm512_mul_ps(sav, self.b_scale[0]));
+            let mut y1 = _mm512_mul_ps(_mm512_cvtepi32_ps(x1), _mm512_mul_ps(sav, self.b_scale[1]));
+            if let Some(o) = ep.outliers {
+                let (xr, wr, n) = (o.x.as_ptr().add((ir + i) * o.ld), o.w.as_ptr().add(self.j0), job.b.n);
+                for t in 0..o.k {
+                    let xv = _mm512_set1_ps(*xr.add(t));
+                    y0 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m0, wr.add(t * n)), y0);
+                    y1 = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(m1, wr.add(t * n + 16)), y1);
+                }
+            }
+            let (y0, y1) = (_mm512_add_ps(y0, self.bias[0]), _mm512_add_ps(y1, self.bias[1]));
             let (mut y0, mut y1) = match ep.activation {
                 Activation::None => (y0, y1),
                 act => (crate::math::activate(y0, act), crate::math::activate(y1, act)),

@@ -218,6 +218,11 @@ unsafe fn run_block_fused_f32(job: &Job, rows: Range<usize>, panels: Range<usize
                 bias: ep.bias.map_or(std::ptr::null(), |v| v.as_ptr().add(j0)),
                 res: std::ptr::null(),
                 res_ld: ep.residual.map_or(0, |r| r.ld),
+                ox: std::ptr::null(),
+                ox_ld: ep.outliers.map_or(0, |o| o.ld),
+                ow: ep.outliers.map_or(std::ptr::null(), |o| o.w.as_ptr().add(j0)),
+                ow_ld: b.n,
+                ok: ep.outliers.map_or(0, |o| o.k),
                 za: [0; 8],
                 sa: [0.0; 8],
                 act: ep.activation,
@@ -248,6 +253,7 @@ unsafe fn run_block_fused_f32(job: &Job, rows: Range<usize>, panels: Range<usize
                 f.sa[..mr].copy_from_slice(&sa[o..o + mr]);
                 f.c = c.add(ir * job.ldc + j0);
                 f.res = ep.residual.map_or(std::ptr::null(), |r| r.data.as_ptr().add(ir * r.ld + j0));
+                f.ox = ep.outliers.map_or(std::ptr::null(), |o| o.x.as_ptr().add(ir * o.ld));
                 let tail = if has_tail { tails.as_ptr().add(o) } else { std::ptr::null() };
                 let a = job.a.as_ptr().add(ir * job.lda);
                 kernels::avx512_vnni_qgemm_8x48_f32(mr, kq, a, job.lda, tail, bp, &f);
@@ -308,6 +314,9 @@ unsafe fn stage1(
                     for (((o, &x), &c), &s) in dst.iter_mut().zip(acc).zip(cs).zip(sb) {
                         *o = x.wrapping_sub(za.wrapping_mul(c)) as f32 * (sa * s);
                     }
+                }
+                if let Some(o) = ep.outliers {
+                    o.add_row(ir + i, job.b.n, j0, dst);
                 }
                 if let Some(bias) = ep.bias {
                     for (o, &bv) in dst.iter_mut().zip(&bias[j0..j0 + cols]) {

@@ -75,6 +75,13 @@ pub(crate) struct F32Finish {
     /// Null for none.
     pub res: *const f32,
     pub res_ld: usize,
+    /// Outlier channels ([`super::Outliers`]): the tile's first row of values (null for
+    /// none), and the weight rows from the panel's first column.
+    pub ox: *const f32,
+    pub ox_ld: usize,
+    pub ow: *const f32,
+    pub ow_ld: usize,
+    pub ok: usize,
     pub za: [i32; 8],
     pub sa: [f32; 8],
     pub act: crate::gemm::Activation,
@@ -183,7 +190,14 @@ mod x86 {
                 let corr = _mm512_mullo_epi32(_mm512_set1_epi32(f.za[i]), cs);
                 let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(row[v], corr));
                 // Multiply, then add: the graph's own order (Cast, Mul, Add), so results match it exactly.
-                let mut y = _mm512_add_ps(_mm512_mul_ps(x, _mm512_mul_ps(_mm512_set1_ps(f.sa[i]), sb)), bias);
+                let mut y = _mm512_mul_ps(x, _mm512_mul_ps(_mm512_set1_ps(f.sa[i]), sb));
+                if !f.ox.is_null() {
+                    for t in 0..f.ok {
+                        let w = _mm512_maskz_loadu_ps(mask, f.ow.add(t * f.ow_ld + j));
+                        y = _mm512_fmadd_ps(_mm512_set1_ps(*f.ox.add(i * f.ox_ld + t)), w, y);
+                    }
+                }
+                y = _mm512_add_ps(y, bias);
                 y = crate::math::activate(y, f.act);
                 if !f.res.is_null() {
                     y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, f.res.add(i * f.res_ld + j)));

@@ -297,7 +297,9 @@ impl<T: Copy> PerRow<'_, T> {
 ///
 /// * f32 and u8 outputs: `y = act(acc * (a_scale_i * b_scale_j) + bias_j) + residual_ij`
 ///   (the scale product is rounded to f32 first, as ONNX Runtime's `Mul` of the two scales);
-///   u8 outputs are then `saturate(round_half_even(y / out_scale) + out_zero)`;
+///   u8 outputs are then `saturate(round_half_even(y / out_scale) + out_zero)`; with
+///   [`Outliers`], `acc * (a_scale_i * b_scale_j)` first takes `x_o[i][t] * w_o[t][j]` for
+///   `t = 0, 1, ...` (one fused multiply-add each), then the bias;
 /// * i32 outputs: `acc` (`MatMulInteger` with A's zero point; the rest is ignored).
 #[derive(Clone, Copy, Debug)]
 pub struct QEpilogue<'a> {
@@ -308,6 +310,33 @@ pub struct QEpilogue<'a> {
     pub bias: Option<&'a [f32]>,
     pub activation: Activation,
     pub residual: Option<Residual<'a>>,
+    pub outliers: Option<Outliers<'a>>,
+}
+
+/// Input channels kept out of the integer product (LLM.int8()'s outlier channels: a few
+/// channels whose range would coarsen every other channel's static scale) and added back in
+/// float, before the bias: A's codes there meet zero weights.
+#[derive(Clone, Copy, Debug)]
+pub struct Outliers<'a> {
+    /// Their float values, `m x k` at row stride `ld`.
+    pub x: &'a [f32],
+    pub ld: usize,
+    /// Their weight rows, `k x n` row-major.
+    pub w: &'a [f32],
+    pub k: usize,
+}
+
+impl Outliers<'_> {
+    /// `y[j] += x[i][t] * w[t][j]` for each `t` in order, on a row slice starting at column `j0`.
+    #[inline(always)]
+    pub(crate) fn add_row(&self, i: usize, n: usize, j0: usize, y: &mut [f32]) {
+        for t in 0..self.k {
+            let xv = self.x[i * self.ld + t];
+            for (o, &w) in y.iter_mut().zip(&self.w[t * n + j0..]) {
+                *o = xv.mul_add(w, *o);
+            }
+        }
+    }
 }
 
 impl<'a> QEpilogue<'a> {
@@ -320,6 +349,7 @@ impl<'a> QEpilogue<'a> {
             bias: None,
             activation: Activation::None,
             residual: None,
+            outliers: None,
         }
     }
     pub fn with_bias(mut self, bias: &'a [f32]) -> Self {
@@ -332,6 +362,10 @@ impl<'a> QEpilogue<'a> {
     }
     pub fn with_residual(mut self, data: &'a [f32], ld: usize) -> Self {
         self.residual = Some(Residual { data, ld });
+        self
+    }
+    pub fn with_outliers(mut self, outliers: Outliers<'a>) -> Self {
+        self.outliers = Some(outliers);
         self
     }
 }
@@ -386,6 +420,10 @@ pub(crate) fn check_epilogue(m: usize, n: usize, ep: &QEpilogue<'_>, float_out: 
     }
     if let Some(r) = ep.residual {
         check_matrix("residual", r.data.len(), m, n, r.ld)?;
+    }
+    if let Some(o) = ep.outliers {
+        check_matrix("outlier values", o.x.len(), m, o.k, o.ld)?;
+        check_matrix("outlier weights", o.w.len(), o.k, n, n)?;
     }
     if let Activation::Clip { min, max } = ep.activation {
         if min.is_nan() || max.is_nan() || min > max {
@@ -443,6 +481,11 @@ pub fn reference_qgemm(
             let y = || {
                 let s = ep.a_scale.at(i) * ep.b_scale[if ep.b_scale.len() == 1 { 0 } else { j }];
                 let mut y = acc as f32 * s;
+                if let Some(o) = ep.outliers {
+                    for t in 0..o.k {
+                        y = o.x[i * o.ld + t].mul_add(o.w[t * n + j], y);
+                    }
+                }
                 if let Some(bias) = ep.bias {
                     y += bias[j];
                 }

@@ -19,6 +19,9 @@ struct Case {
     sb: Vec<f32>,
     bias: Vec<f32>,
     res: Vec<f32>,
+    /// Three outlier channels: values `m x 3`, weight rows `3 x n`.
+    ox: Vec<f32>,
+    ow: Vec<f32>,
 }
 
 fn case(m: usize, k: usize, n: usize, seed: u64) -> Case {
@@ -34,6 +37,8 @@ fn case(m: usize, k: usize, n: usize, seed: u64) -> Case {
         sb: (0..n).map(|_| 1e-3 * (1 + lcg(&mut s) % 100) as f32).collect(),
         bias: (0..n).map(|_| (lcg(&mut s) % 200) as f32 / 100.0 - 1.0).collect(),
         res: (0..m * n).map(|_| (lcg(&mut s) % 200) as f32 / 100.0 - 1.0).collect(),
+        ox: (0..m * 3).map(|_| (lcg(&mut s) % 4000) as f32 / 100.0 - 20.0).collect(),
+        ow: (0..3 * n).map(|_| (lcg(&mut s) % 200) as f32 / 1000.0 - 0.1).collect(),
     }
 }
 
@@ -56,8 +61,10 @@ fn check_case(c: &Case, kernel: QKernel, par: Par<'_>) {
             bias: Some(&c.bias),
             activation: Activation::GeluErf,
             residual: Some(Residual { data: &c.res, ld: n }),
+            outliers: Some(Outliers { x: &c.ox, ld: 3, w: &c.ow, k: 3 }),
         },
         QEpilogue::new(c.sa[0], c.za[0], &c.sb).with_bias(&c.bias).with_activation(Activation::Relu),
+        QEpilogue::new(c.sa[0], c.za[0], &c.sb[..1]).with_outliers(Outliers { x: &c.ox[1..], ld: 3, w: &c.ow, k: 2 }),
     ];
     let tag = format!("{kernel} m={m} k={k} n={n}");
     for ep in &eps {
@@ -189,6 +196,10 @@ fn bad_arguments_are_errors() {
     assert!(qgemm(2, &[0; 4], 2, &p, QOutput::F32 { c: &mut c, ldc: 3 }, &bad, Par::Seq).is_err());
     let rows = QEpilogue { a_zero: PerRow::Rows(&[0]), ..ep };
     assert!(qgemm(2, &[0; 4], 2, &p, QOutput::F32 { c: &mut c, ldc: 3 }, &rows, Par::Seq).is_err());
+    let short_x = ep.with_outliers(Outliers { x: &[1.0; 3], ld: 2, w: &[0.5; 6], k: 2 });
+    assert!(qgemm(2, &[0; 4], 2, &p, QOutput::F32 { c: &mut c, ldc: 3 }, &short_x, Par::Seq).is_err());
+    let short_w = ep.with_outliers(Outliers { x: &[1.0; 4], ld: 2, w: &[0.5; 5], k: 2 });
+    assert!(qgemm(2, &[0; 4], 2, &p, QOutput::F32 { c: &mut c, ldc: 3 }, &short_w, Par::Seq).is_err());
     assert!(PackedQB::with_kernel(QKernel::Scalar, &[1; 5], 2, 3, 3, false).is_err());
     let mut q = [0u8; 3];
     assert!(quantize_u8(&[1.0; 3], 0.0, 0, &mut q).is_err());

@@ -256,6 +256,7 @@ pub fn wgemm(
         bias: ep.bias,
         activation: ep.activation,
         residual: ep.residual,
+        outliers: None,
     };
     super::check_epilogue(m, n, &qep, true)?;
     if m == 0 || n == 0 {
