@@ -245,6 +245,10 @@ enum Command {
         /// Also quantize activation-by-activation matmuls (attention), static mode.
         #[arg(long)]
         quantize_attention: bool,
+        /// Static mode: keep this many channels of each matmul activation in float (those of
+        /// largest calibrated magnitude, LLM.int8()-style); the rest get a finer static scale.
+        #[arg(long, value_name = "K", default_value_t = 0)]
+        outlier_channels: usize,
         /// Also store embedding tables (Gather of a constant table) block-quantized: 8-bit in
         /// blocks of 128, or 4-bit in --group-size blocks with --bits 4 (GatherBlockQuantized).
         #[arg(long)]
@@ -526,6 +530,7 @@ fn run(cli: Cli) -> Result<()> {
             error_budget,
             fallback,
             quantize_attention,
+            outlier_channels,
             quantize_embeddings,
             samples,
             batch_size,
@@ -575,6 +580,7 @@ fn run(cli: Cli) -> Result<()> {
                     KeepAs::Dynamic => Fallback::Dynamic,
                 },
                 quantize_activation_matmuls: quantize_attention,
+                outlier_channels,
                 quantize_embeddings,
                 ..QuantRecipe::default()
             };

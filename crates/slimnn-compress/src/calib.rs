@@ -92,6 +92,8 @@ impl Histogram {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Channels {
     pub absmax: Vec<f32>,
+    pub min: Vec<f32>,
+    pub max: Vec<f32>,
     pub sum: Vec<f64>,
     pub rows: u64,
 }
@@ -178,13 +180,17 @@ impl ValueStats {
                 StatKind::Channels => {
                     let c = self.channels.get_or_insert_with(|| Channels {
                         absmax: vec![0.0; k],
+                        min: vec![f32::INFINITY; k],
+                        max: vec![f32::NEG_INFINITY; k],
                         sum: vec![0.0; k],
                         rows: 0,
                     });
                     for row in x.chunks_exact(k) {
-                        for ((m, s), &v) in c.absmax.iter_mut().zip(c.sum.iter_mut()).zip(row) {
-                            *m = m.max(v.abs());
-                            *s += v as f64;
+                        for (j, &v) in row.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+                            c.absmax[j] = c.absmax[j].max(v.abs());
+                            c.min[j] = c.min[j].min(v);
+                            c.max[j] = c.max[j].max(v);
+                            c.sum[j] += v as f64;
                         }
                         c.rows += 1;
                     }

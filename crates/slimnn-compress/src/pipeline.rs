@@ -43,6 +43,7 @@ pub fn scheme(recipe: &QuantRecipe, selection: Selection) -> Box<dyn Algorithm> 
             selection,
             bias_correction: recipe.bias_correction,
             activation_matmuls: recipe.quantize_activation_matmuls,
+            outlier_channels: recipe.outlier_channels,
         }),
         Mode::WeightOnly => Box::new(WeightOnly {
             bits: recipe.bits as usize,

@@ -48,6 +48,9 @@ pub enum Fallback {
     Dynamic,
 }
 
+/// Most outlier channels per activation: each one costs a float multiply-add per output.
+pub const MAX_OUTLIER_CHANNELS: usize = 64;
+
 /// Everything `slimnn quantize` can be asked to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -83,6 +86,9 @@ pub struct QuantRecipe {
     pub fallback: Fallback,
     /// Also quantize matmuls whose both operands are activations (attention), static mode only.
     pub quantize_activation_matmuls: bool,
+    /// Static mode: this many channels of largest calibrated magnitude per weight-matmul
+    /// activation stay out of its range and multiply their weight rows in float (0: none).
+    pub outlier_channels: usize,
     /// Also store embedding tables (constant `Gather` tables) block-quantized (8-bit, or 4-bit
     /// in `group_size` blocks when `bits` is 4).
     pub quantize_embeddings: bool,
@@ -107,6 +113,7 @@ impl Default for QuantRecipe {
             error_budget: None,
             fallback: Fallback::Float,
             quantize_activation_matmuls: false,
+            outlier_channels: 0,
             quantize_embeddings: false,
         }
     }
@@ -183,6 +190,15 @@ impl QuantRecipe {
         if self.fallback == Fallback::Dynamic && (self.mode != Mode::Static || self.error_budget.is_none()) {
             return bad("--fallback dynamic applies to --mode static with --error-budget".into());
         }
+        if self.outlier_channels > 0 && self.mode != Mode::Static {
+            return bad("--outlier-channels applies to --mode static (dynamic scales follow each token already)".into());
+        }
+        if self.outlier_channels > MAX_OUTLIER_CHANNELS {
+            return bad(format!(
+                "--outlier-channels {} is more than {MAX_OUTLIER_CHANNELS}: that many float channels cost more than they save",
+                self.outlier_channels
+            ));
+        }
         Ok(())
     }
 }
@@ -213,6 +229,9 @@ mod tests {
             ..Default::default()
         };
         assert!(err(per_token_static).contains("--mode dynamic"));
+        assert!(err(QuantRecipe { outlier_channels: 8, ..Default::default() }).contains("--outlier-channels"));
+        let many = QuantRecipe { mode: Mode::Static, outlier_channels: 65, ..Default::default() };
+        assert!(err(many).contains("more than 64"));
         let fallback = QuantRecipe { fallback: Fallback::Dynamic, ..Default::default() };
         assert!(err(fallback.clone()).contains("--fallback dynamic"));
         let no_budget = QuantRecipe { mode: Mode::Static, ..fallback.clone() };

@@ -9,7 +9,7 @@
 //! | [`WeightOnly`] 4-bit | `MatMulNBits` (`com.microsoft`) |
 //! | [`HalfWeights`] | bf16 / fp16 weight → `Cast` to f32 → `MatMul` |
 
-use crate::calib::{StatKind, StatPoint, Statistics};
+use crate::calib::{StatKind, StatPoint, Statistics, ValueStats};
 use crate::gptq::{gptq, GptqGrid, GptqOutput};
 use crate::quant::{
     quantize_groups, quantize_int8_conv_weight, quantize_int8_weight, sqnr_db, Granularity, GroupWeight, Int8Weight,
@@ -213,6 +213,71 @@ pub struct StaticQdq {
     pub bias_correction: bool,
     /// Also quantize both operands of activation-by-activation matmuls.
     pub activation_matmuls: bool,
+    /// Channels of each weight matmul's activation kept in float, LLM.int8()-style: the ones
+    /// of largest calibrated magnitude, left out of the activation's range and multiplied by
+    /// their weight rows in float beside the integer product (0: none; at most an eighth of
+    /// the channels).
+    pub outlier_channels: usize,
+}
+
+/// The (at most) `count` channels of `st` with the largest calibrated magnitudes, ascending,
+/// capped at an eighth of the channels; `None` when there are none to take.
+fn outlier_channels(st: &ValueStats, count: usize) -> Option<Vec<usize>> {
+    let ch = st.channels.as_ref()?;
+    let count = count.min(ch.absmax.len() / 8);
+    if count == 0 {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..ch.absmax.len()).collect();
+    order.sort_by(|&a, &b| ch.absmax[b].total_cmp(&ch.absmax[a]));
+    let mut out = order[..count].to_vec();
+    out.sort_unstable();
+    Some(out)
+}
+
+/// How an activation's outlier channels are handled.
+#[derive(Debug, Clone)]
+enum OutlierPlan {
+    /// Kept in float: gathered and multiplied by their weight rows beside the integer product.
+    Float(Vec<usize>),
+    /// Divided by `factors` (1 elsewhere) before quantization, their weight rows multiplied by
+    /// them: SmoothQuant on those channels alone, free at run time (the division joins the
+    /// quantization step), at the cost of a coarser step on those channels.
+    Migrate { channels: Vec<usize>, factors: Vec<f32> },
+}
+
+/// Float outlier channels cost a multiply-add per output each in the GEMM's epilogue: they are
+/// kept where that is at most 1/128 of the integer product's (K at least 128 per channel), and
+/// migrated into the weights elsewhere.
+const FLOAT_OUTLIER_MIN_K: usize = 128;
+
+impl OutlierPlan {
+    /// The plan for `channels` of an activation read by matmuls of reduction length `k`.
+    fn new(st: &ValueStats, channels: Vec<usize>, k: usize) -> OutlierPlan {
+        let Some(ch) = st.channels.as_ref().filter(|_| k < FLOAT_OUTLIER_MIN_K * channels.len()) else {
+            return OutlierPlan::Float(channels);
+        };
+        let kept = (0..ch.absmax.len()).filter(|c| channels.binary_search(c).is_err()).map(|c| ch.absmax[c]);
+        let kept = kept.fold(0f32, f32::max);
+        let mut factors = vec![1f32; ch.absmax.len()];
+        for &c in &channels {
+            if kept > 0.0 {
+                factors[c] = (ch.absmax[c] / kept).max(1.0);
+            }
+        }
+        OutlierPlan::Migrate { channels, factors }
+    }
+}
+
+/// `w` (`k x n`) with rows `rows` set to zero, and those rows.
+fn split_rows(w: &[f32], n: usize, rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let mut rest = w.to_vec();
+    let mut taken = Vec::with_capacity(rows.len() * n);
+    for &r in rows {
+        taken.extend_from_slice(&w[r * n..(r + 1) * n]);
+        rest[r * n..(r + 1) * n].fill(0.0);
+    }
+    (rest, taken)
 }
 
 /// Largest bias code written (2^30): leaves the integer sum the bias adds to room in i32.
@@ -250,6 +315,10 @@ struct QdqBuilder<'a> {
     g: &'a Graph,
     stats: &'a Statistics,
     made: HashMap<OutletId, ActivationQdq>,
+    /// Activations with outlier channels, and how they are handled.
+    outliers: HashMap<OutletId, OutlierPlan>,
+    /// `Gather`s of those channels, one per activation.
+    gathers: HashMap<OutletId, Wire>,
 }
 
 impl QdqBuilder<'_> {
@@ -261,10 +330,39 @@ impl QdqBuilder<'_> {
         }
         let s = self.scheme;
         let st = self.stats.get(o)?;
-        let (lo, hi) = activation_range(st, s.method, s.percentile, s.activation_type);
-        let (scale, zero) = s.activation_type.params(lo, hi);
-        let sqnr = st.hist.as_ref().map(|h| histogram_sqnr_db(h, scale, zero, s.activation_type.qrange()));
+        let (mut lo, mut hi) = activation_range(st, s.method, s.percentile, s.activation_type);
         let base = value_name(self.g, o);
+        let mut source = source;
+        // The range the quantized values span: without the float channels, or with the
+        // migrated ones divided by their factors.
+        let kept = match (self.outliers.get(&o), st.channels.as_ref()) {
+            (Some(OutlierPlan::Float(out)), Some(ch)) => Some(
+                (0..ch.min.len())
+                    .filter(|c| out.binary_search(c).is_err())
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), c| (l.min(ch.min[c]), h.max(ch.max[c]))),
+            ),
+            (Some(OutlierPlan::Migrate { factors, .. }), Some(ch)) => {
+                let inv: Vec<f32> = factors.iter().map(|f| 1.0 / f).collect();
+                let c = konst(p, &format!("{base}_outlier_divisors"), Tensor::from_vec(vec![inv.len()], inv)?);
+                source = Patch::wire(
+                    p.add_node(&format!("{base}_outliers_divided"), Binary(BinaryOp::Mul), vec![source, c]),
+                    0,
+                );
+                Some((0..ch.min.len()).fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), c| {
+                    (l.min(ch.min[c] / factors[c]), h.max(ch.max[c] / factors[c]))
+                }))
+            }
+            _ => None,
+        };
+        if let Some((klo, khi)) = kept.filter(|(l, h)| l <= h) {
+            (lo, hi) = (lo.max(klo), hi.min(khi));
+        }
+        let (scale, zero) = s.activation_type.params(lo, hi);
+        // The histogram holds the outlier channels too, whose clipping never happens.
+        let sqnr = match kept {
+            Some(_) => None,
+            None => st.hist.as_ref().map(|h| histogram_sqnr_db(h, scale, zero, s.activation_type.qrange())),
+        };
         let zero_t = match s.activation_type {
             ActivationType::U8 => Tensor::scalar(zero as u8),
             ActivationType::I8 => Tensor::scalar(zero as i8),
@@ -280,6 +378,19 @@ impl QdqBuilder<'_> {
         let q = (Patch::wire(dn, 0), (scale, zero), sqnr);
         self.made.insert(o, q);
         Ok(q)
+    }
+
+    /// `Gather(o, channels, axis=-1)`: activation `o`'s outlier channels, in float.
+    fn gather(&mut self, p: &mut Patch, o: OutletId, channels: &[usize]) -> Result<Wire> {
+        if let Some(&w) = self.gathers.get(&o) {
+            return Ok(w);
+        }
+        let base = value_name(self.g, o);
+        let ids: Vec<i64> = channels.iter().map(|&c| c as i64).collect();
+        let idx = konst(p, &format!("{base}_outlier_channels"), Tensor::from_vec(vec![ids.len()], ids)?);
+        let w = Patch::wire(p.add_node(&format!("{base}_outliers"), Gather { axis: -1 }, vec![o.into(), idx]), 0);
+        self.gathers.insert(o, w);
+        Ok(w)
     }
 }
 
@@ -300,6 +411,29 @@ impl StaticQdq {
 
     fn activation_points(&self, g: &Graph) -> Result<Vec<OutletId>> {
         let mut v: Vec<OutletId> = self.selection.targets(g)?.iter().map(|t| t.x).collect();
+        v.extend(self.other_points(g)?);
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Weight matmul activations that may keep outlier channels: those no other quantized op
+    /// reads (its range is theirs too).
+    fn outlier_points(&self, g: &Graph) -> Result<Vec<OutletId>> {
+        if self.outlier_channels == 0 {
+            return Ok(vec![]);
+        }
+        let others = self.other_points(g)?;
+        let mut v: Vec<OutletId> =
+            self.selection.targets(g)?.iter().map(|t| t.x).filter(|x| !others.contains(x)).collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// Quantized activations other than the weight matmuls' inputs.
+    fn other_points(&self, g: &Graph) -> Result<Vec<OutletId>> {
+        let mut v = vec![];
         let convs = self.convs(g)?;
         for c in &convs {
             v.push(c.x);
@@ -372,6 +506,7 @@ impl Algorithm for StaticQdq {
         let mut v: Vec<StatPoint> =
             self.activation_points(g)?.into_iter().map(|outlet| StatPoint { outlet, kind }).collect();
         v.extend(bias_points(&self.selection.targets(g)?, self.bias_correction));
+        v.extend(self.outlier_points(g)?.into_iter().map(|outlet| StatPoint { outlet, kind: StatKind::Channels }));
         Ok(v)
     }
 
@@ -381,7 +516,15 @@ impl Algorithm for StaticQdq {
         require_some(&targets, Some(&convs), self.name())?;
         let mut p = Patch::new();
         let mut report = Report::default();
-        let mut qdq = QdqBuilder { scheme: self, g, stats, made: HashMap::new() };
+        let mut outliers = HashMap::new();
+        for o in self.outlier_points(g)? {
+            let st = stats.get(o)?;
+            if let Some(c) = outlier_channels(st, self.outlier_channels) {
+                let k = targets.iter().filter(|t| t.x == o).map(|t| t.k).min().unwrap_or(0);
+                outliers.insert(o, OutlierPlan::new(st, c, k));
+            }
+        }
+        let mut qdq = QdqBuilder { scheme: self, g, stats, made: HashMap::new(), outliers, gathers: HashMap::new() };
         // Convolutions and residual adds in graph order, so each one's quantized output exists
         // before the layers reading it.
         let adds = self.adds(g, &convs);
@@ -407,7 +550,22 @@ impl Algorithm for StaticQdq {
             report.notes.push(format!("{} residual adds read and write quantized activations", adds.len()));
         }
         for t in &targets {
-            let w = t.weight()?;
+            let plan = qdq.outliers.get(&t.x).cloned();
+            // Float outlier rows leave the int8 weight (zero there) for a float one of their
+            // own; migrated ones are multiplied by their factors.
+            let (outlier_rows, split, migrated) = match &plan {
+                Some(OutlierPlan::Float(rows)) => (Some(rows.clone()), Some(split_rows(t.weight()?, t.n, rows)), None),
+                Some(OutlierPlan::Migrate { factors, .. }) => {
+                    let w: Vec<f32> = t.weight()?.iter().enumerate().map(|(i, &v)| v * factors[i / t.n]).collect();
+                    (None, None, Some(w))
+                }
+                None => (None, None, None),
+            };
+            let w = match (&split, &migrated) {
+                (Some((rest, _)), _) => rest.as_slice(),
+                (_, Some(w)) => w.as_slice(),
+                _ => t.weight()?,
+            };
             let mut q = quantize_int8_weight(w, t.n, self.granularity);
             let (xw, act, act_sqnr) = qdq.at(&mut p, t.x, t.x.into())?;
             // The bias add in integer form too (unless bias correction rewrites it), so ONNX
@@ -431,7 +589,20 @@ impl Algorithm for StaticQdq {
                 DequantizeLinear { axis: 1 },
                 vec![wq, ws, wz],
             );
-            let mm = Patch::wire(p.add_node(&t.name, MatMul, vec![xw, Patch::wire(wd, 0)]), 0);
+            let mut mm = Patch::wire(p.add_node(&t.name, MatMul, vec![xw, Patch::wire(wd, 0)]), 0);
+            if let (Some(rows), Some((_, taken))) = (&outlier_rows, &split) {
+                let xo = qdq.gather(&mut p, t.x, rows)?;
+                let wo = konst(
+                    &mut p,
+                    &format!("{}/outlier_weight", t.name),
+                    Tensor::from_vec(vec![rows.len(), t.n], taken.clone())?,
+                );
+                let side = Patch::wire(p.add_node(&format!("{}/outlier_MatMul", t.name), MatMul, vec![xo, wo]), 0);
+                mm = Patch::wire(
+                    p.add_node(&format!("{}/outlier_Add", t.name), Binary(BinaryOp::Add), vec![mm, side]),
+                    0,
+                );
+            }
             p.shunt(OutletId::new(t.node, 0), mm);
             if let Some((add, ix, b)) = bias {
                 let ins = if ix == 0 { vec![b, mm] } else { vec![mm, b] };
@@ -442,7 +613,32 @@ impl Algorithm for StaticQdq {
             r.activation = Some(act);
             r.activation_sqnr_db = act_sqnr;
             if self.bias_correction {
-                r.note = correct_bias(&mut p, g, t, stats, mm, &q.dequantize())?;
+                // The weight as the original activation sees it.
+                let mut wq = q.dequantize();
+                match &plan {
+                    Some(OutlierPlan::Float(rows)) => {
+                        let taken = split.as_ref().map_or(&[][..], |(_, t)| t.as_slice());
+                        for (i, &row) in rows.iter().enumerate() {
+                            wq[row * t.n..(row + 1) * t.n].copy_from_slice(&taken[i * t.n..(i + 1) * t.n]);
+                        }
+                    }
+                    Some(OutlierPlan::Migrate { factors, .. }) => {
+                        wq.iter_mut().enumerate().for_each(|(i, v)| *v /= factors[i / t.n]);
+                    }
+                    None => {}
+                }
+                r.note = correct_bias(&mut p, g, t, stats, mm, &wq)?;
+            }
+            if let Some(plan) = &plan {
+                let note = match plan {
+                    OutlierPlan::Float(c) => format!("{} outlier channels in float", c.len()),
+                    OutlierPlan::Migrate { channels, factors } => format!(
+                        "{} outlier channels migrated into the weight (factors up to {:.1})",
+                        channels.len(),
+                        factors.iter().fold(1f32, |m, &f| m.max(f))
+                    ),
+                };
+                r.note = Some(r.note.map_or(note.clone(), |n| format!("{n}; {note}")));
             }
             report.layers.push(r);
         }

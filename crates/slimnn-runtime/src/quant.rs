@@ -22,7 +22,7 @@ use crate::plan::{Fusion, Kernel};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use slimnn_ir::ops::{
-    Binary, BinaryOp, Cast, DequantizeLinear, GatherBlockQuantized, MatMul, MatMulNBits, QuantizeLinear,
+    Binary, BinaryOp, Cast, DequantizeLinear, Gather, GatherBlockQuantized, MatMul, MatMulNBits, QuantizeLinear,
 };
 use slimnn_ir::{NodeId, Op, OutletId};
 use slimnn_kernels::qgemm::{self, Outliers, PackedQB, PackedWeightOnly, PerRow, QEpilogue, QOutput};
@@ -105,8 +105,9 @@ impl QPackCache {
 pub enum QuantKernel {
     /// `DynamicQuantizeLinear`: f32 -> (u8, scale, zero point), per tensor.
     DynamicQuantize,
-    /// `QuantizeLinear` to u8 with constant per-tensor parameters.
-    Quantize { scale: f32, zero: u8 },
+    /// `QuantizeLinear` to u8 with constant per-tensor parameters, of `x` or (`channel`) of
+    /// `Mul(x, channel)` with a constant per-channel (last axis) multiplier.
+    Quantize { scale: f32, zero: u8, channel: Option<Arc<[f32]>> },
     /// `DequantizeLinear` of u8 with constant per-tensor parameters.
     Dequantize { scale: f32, zero: u8 },
     /// A u8 x i8 GEMM with its fused epilogue.
@@ -359,6 +360,15 @@ pub struct AParams {
     pub zero: Param<i32>,
 }
 
+/// Where a [`QMatMul`]'s outlier channels come from: input `input` holds their values, or
+/// (with `channels`) the whole f32 activation they are picked from; `w` their weight rows.
+#[derive(Debug)]
+pub struct OutlierInput {
+    input: usize,
+    channels: Option<Arc<[usize]>>,
+    w: Arc<Tensor>,
+}
+
 #[derive(Debug)]
 pub struct QMatMul {
     packed: Arc<PackedQB>,
@@ -369,9 +379,8 @@ pub struct QMatMul {
     activation: Activation,
     /// Input index of the residual, if fused.
     residual: Option<usize>,
-    /// Outlier channels added back in float (see [`qgemm::Outliers`]): the input index of
-    /// their values and their weight rows.
-    outliers: Option<(usize, Arc<Tensor>)>,
+    /// Outlier channels added back in float (see [`qgemm::Outliers`]).
+    outliers: Option<OutlierInput>,
     /// `QLinearMatMul`: u8 output `saturate(round(acc * b_scale_j) + zero)`, where `b_scale`
     /// holds the multipliers `a_scale * w_scale_j / y_scale` (rounded as ONNX Runtime does).
     requantize: Option<u8>,
@@ -381,7 +390,8 @@ impl QuantKernel {
     pub fn name(&self) -> String {
         match self {
             QuantKernel::DynamicQuantize => "quantize_dynamic_u8".into(),
-            QuantKernel::Quantize { .. } => "quantize_u8".into(),
+            QuantKernel::Quantize { channel: None, .. } => "quantize_u8".into(),
+            QuantKernel::Quantize { channel: Some(_), .. } => "mul_channels+quantize_u8".into(),
             QuantKernel::Dequantize { .. } => "dequantize_u8".into(),
             QuantKernel::WeightOnly(w) => {
                 let mut s = format!("wgemm_int{}_g{}", w.packed.bits(), w.packed.block());
@@ -431,8 +441,8 @@ impl QuantKernel {
                 if q.residual.is_some() {
                     s.push_str("+residual");
                 }
-                if let Some((_, w)) = &q.outliers {
-                    s.push_str(&format!("+outliers{}", w.shape()[0]));
+                if let Some(o) = &q.outliers {
+                    s.push_str(&format!("+outliers{}", o.w.shape()[0]));
                 }
                 s
             }
@@ -478,10 +488,40 @@ impl QuantKernel {
                 let (scale, zero) = quantize_dynamic(x, &mut bytes, par)?;
                 Ok(vec![Tensor::from_vec(shape, bytes)?, Tensor::scalar(scale), Tensor::scalar(zero)])
             }
-            QuantKernel::Quantize { scale, zero } => {
+            QuantKernel::Quantize { scale, zero, channel: None } => {
                 let x = ins[0].as_slice::<f32>()?;
                 bytes.resize(x.len(), 0);
                 chunked(x, &mut bytes, par, |x, q| qgemm::quantize_u8(x, *scale, *zero, q))?;
+                Ok(vec![Tensor::from_vec(shape, bytes)?])
+            }
+            QuantKernel::Quantize { scale, zero, channel: Some(c) } => {
+                let x = ins[0].as_slice::<f32>()?;
+                let k = c.len();
+                if k == 0 || !x.len().is_multiple_of(k) {
+                    return Err(RuntimeError::Kernel(KernelError::Shape {
+                        kernel: "quantize",
+                        msg: format!("{} values are not rows of {k} channels", x.len()),
+                    }));
+                }
+                bytes.resize(x.len(), 0);
+                // Row by row through a scratch row: the product rounds to f32 as `Mul` does.
+                let rows = |x: &[f32], q: &mut [u8]| -> Result<(), KernelError> {
+                    let mut t = vec![0f32; k];
+                    for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k)) {
+                        for ((t, &v), &m) in t.iter_mut().zip(xr).zip(c.iter()) {
+                            *t = v * m;
+                        }
+                        qgemm::quantize_u8(&t, *scale, *zero, qr)?;
+                    }
+                    Ok(())
+                };
+                let per = x.len() / k;
+                let chunk = per.div_ceil(rayon::current_num_threads().max(1)).max(1) * k;
+                if par && x.len() > chunk {
+                    bytes.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).try_for_each(|(q, x)| rows(x, q))?;
+                } else {
+                    rows(x, &mut bytes)?;
+                }
                 Ok(vec![Tensor::from_vec(shape, bytes)?])
             }
             QuantKernel::Dequantize { scale, zero } => {
@@ -601,16 +641,29 @@ impl QMatMul {
         if let Some(r) = self.residual {
             ep = ep.with_residual(ins[r].as_slice::<f32>()?, n);
         }
-        if let Some((i, w)) = &self.outliers {
-            let k = w.shape()[0];
-            let x = ins[*i].as_slice::<f32>()?;
-            if x.len() != m * k {
+        let picked;
+        if let Some(o) = &self.outliers {
+            let ko = o.w.shape()[0];
+            let x = ins[o.input].as_slice::<f32>()?;
+            let row = match o.channels {
+                Some(_) => k,
+                None => ko,
+            };
+            if x.len() != m * row {
                 return Err(RuntimeError::Kernel(KernelError::Shape {
                     kernel: "qgemm",
-                    msg: format!("outlier channels: {} values for {m} rows of {k} channels", x.len()),
+                    msg: format!("outlier channels: {} values for {m} rows of {row}", x.len()),
                 }));
             }
-            ep = ep.with_outliers(Outliers { x, ld: k, w: w.as_slice::<f32>()?, k });
+            let x = match &o.channels {
+                // A few values per row: picked here rather than in a step of their own.
+                Some(ch) => {
+                    picked = x.chunks_exact(k).flat_map(|r| ch.iter().map(move |&c| r[c])).collect::<Vec<f32>>();
+                    &picked[..]
+                }
+                None => x,
+            };
+            ep = ep.with_outliers(Outliers { x, ld: ko, w: o.w.as_slice::<f32>()?, k: ko });
         }
         if let Some(zero) = self.requantize {
             bytes.resize(m * n, 0);
@@ -755,6 +808,7 @@ pub(super) fn match_group(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Opt
         Op::QLinearConv(op) => match_qlinear_conv(c, id, &op.attrs),
         Op::MatMulNBits(op) => match_nbits(c, id, op, packs),
         Op::DynamicRowQuantMatMul(_) => match_row_quant(c, id, packs),
+        Op::QuantizeLinear(_) => Ok(match_channel_quantize(c, id)),
         Op::GatherBlockQuantized(op) => Ok(match_gather_block(c, id, *op)),
         _ => Ok(None),
     }
@@ -1156,11 +1210,25 @@ fn match_qdq(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
     let mut end = out0(id);
     let mut inputs = vec![xq];
     let mut outliers = None;
-    if let Some((add, mo, xo, wo)) = outlier_add(c, end, n) {
+    if let Some((add, mo, xo, w)) = outlier_add(c, end, n) {
         members.extend([mo, add]);
         end = out0(add);
-        outliers = Some((inputs.len(), wo));
-        inputs.push(xo);
+        let input = inputs.len();
+        let k = wq.shape()[0];
+        match picked_columns(c, xo, k) {
+            Some((gather, x, channels)) => {
+                // The gather runs inside the step; its node with it when only such steps read it.
+                if !c.taken.contains(&gather) && !members.contains(&gather) && only_outlier_products(c, out0(gather)) {
+                    members.push(gather);
+                }
+                outliers = Some(OutlierInput { input, channels: Some(channels), w });
+                inputs.push(x);
+            }
+            None => {
+                outliers = Some(OutlierInput { input, channels: None, w });
+                inputs.push(xo);
+            }
+        }
     }
     let mut bias = None;
     let mut notes = vec![];
@@ -1180,6 +1248,73 @@ fn match_qdq(c: &Ctx, id: NodeId, packs: &QPackCache) -> Result<Option<Group>> {
     let mm =
         QMatMul { packed, a, b_scale: Some(Arc::from(ws)), bias, activation, residual, outliers, requantize: None };
     Ok(Some(group(c, members, inputs, mm, notes)))
+}
+
+/// `QuantizeLinear(Mul(x, m const [k]))` with per-tensor u8 parameters, the Mul read only
+/// there: outlier channels divided before quantization (slimnn's static form), in one step.
+fn match_channel_quantize(c: &Ctx, id: NodeId) -> Option<Group> {
+    let node = c.g.node(id);
+    let ins = &node.inputs;
+    let mul = ins[0];
+    if c.op(mul) != &Op::Binary(Binary(BinaryOp::Mul)) || c.sole_reader(mul) != Some(id) || !c.is_f32(mul) {
+        return None;
+    }
+    let Kernel::Quant(k) = single_kernel(c, id)? else { return None };
+    let QuantKernel::Quantize { scale, zero, .. } = *k else { return None };
+    let k = c.shape(mul)?.last().copied()?;
+    let (x, m) = [0, 1].into_iter().find_map(|i| {
+        let x = c.g.node(mul.node).inputs[i];
+        let m = c.binary_other(mul.node, x, BinaryOp::Mul)?;
+        let t = c.konst(m).filter(|t| t.dtype() == DType::F32 && t.rank() == 1 && t.len() == k)?;
+        (c.konst(x).is_none() && c.shape(x)? == c.shape(mul)?).then(|| (x, t.clone()))
+    })?;
+    let channel: Arc<[f32]> = Arc::from(m.as_slice::<f32>().ok()?);
+    let kernel = QuantKernel::Quantize { scale, zero, channel: Some(channel) };
+    let members = vec![mul.node, id];
+    let fusion = Fusion { kind: kernel.name(), nodes: c.names(&members), note: String::new() };
+    Some(Group { members, kernel: Kernel::Quant(Arc::new(kernel)), inputs: vec![x], fusion, output_shape: None })
+}
+
+/// `(Gather, x, channels)` when `xo` is `Gather(x, channels const, axis = last)` of an f32
+/// activation `x` with `k` values per row.
+fn picked_columns(c: &Ctx, xo: OutletId, k: usize) -> Option<(NodeId, OutletId, Arc<[usize]>)> {
+    let Op::Gather(Gather { axis }) = c.op(xo) else { return None };
+    let ins = &c.g.node(xo.node).inputs;
+    let shape = c.shape(ins[0])?;
+    let last = shape.len() as i64 - 1;
+    if !(*axis == -1 || *axis == last) || shape.last() != Some(&k) || !c.is_f32(ins[0]) {
+        return None;
+    }
+    let idx = c.konst(ins[1]).filter(|t| t.rank() == 1 && t.dtype().is_integer())?;
+    let channels: Option<Vec<usize>> = idx
+        .to_f64_vec()
+        .into_iter()
+        .map(|v| {
+            let v = if v < 0.0 { v + k as f64 } else { v };
+            (v >= 0.0 && v < k as f64).then_some(v as usize)
+        })
+        .collect();
+    Some((xo.node, ins[0], Arc::from(channels?)))
+}
+
+/// Whether every reader of `o` is the float product of outlier channels that a QDQ matmul's
+/// group takes (see [`outlier_add`]), so nothing else needs `o` computed.
+fn only_outlier_products(c: &Ctx, o: OutletId) -> bool {
+    if c.outputs.contains(&o) {
+        return false;
+    }
+    c.readers.get(&o).is_some_and(|rs| {
+        rs.iter().all(|&(r, slot)| {
+            let side = out0(r);
+            slot == 0
+                && c.g.node(r).op == Op::MatMul(MatMul)
+                && c.sole_reader(side).is_some_and(|add| {
+                    let ins = &c.g.node(add).inputs;
+                    c.g.node(add).op == Op::Binary(Binary(BinaryOp::Add))
+                        && ins.iter().any(|&i| i != side && i.slot == 0 && is_qdq_matmul(c, i.node))
+                })
+        })
+    })
 }
 
 /// `(Add, MatMul, x_o, W_o)` when `end`'s sole reader adds `MatMul(x_o, W_o)` to it, `W_o` a
@@ -1221,7 +1356,7 @@ pub(super) fn single_kernel(c: &Ctx, id: NodeId) -> Option<Kernel> {
         Op::DynamicQuantizeLinear(_) if c.is_f32(ins[0]) => QuantKernel::DynamicQuantize,
         Op::QuantizeLinear(QuantizeLinear { .. }) if c.is_f32(ins[0]) => {
             let (scale, zero) = params(ins[1], ins.get(2))?;
-            QuantKernel::Quantize { scale, zero }
+            QuantKernel::Quantize { scale, zero, channel: None }
         }
         Op::DequantizeLinear(_) if c.g.fact(ins[0]).dtype == DType::U8 && c.is_f32(out0(id)) => {
             let (scale, zero) = params(ins[1], ins.get(2))?;
@@ -1455,9 +1590,8 @@ mod tests {
         let kernels = check(g, feeds, 1e-4);
         assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+bias+outliers3")), "{kernels:?}");
         assert!(kernels.iter().any(|k| k.contains("+bias+gelu") && k.ends_with("+outliers3")), "{kernels:?}");
-        // The gather of 3 columns is the only other step.
-        assert_eq!(kernels.len(), 4, "{kernels:?}");
-        assert!(kernels.contains(&"ref:Gather".to_string()), "{kernels:?}");
+        // The gather of the 3 columns runs inside both GEMM steps.
+        assert_eq!(kernels.len(), 3, "{kernels:?}");
     }
 
     #[test]

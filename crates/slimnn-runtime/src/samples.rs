@@ -216,6 +216,8 @@ fn per_sample(g: &Graph, one: &Graph, node: &slimnn_ir::Node, kind_of: &dyn Fn(&
         Op::Softmax(s) => not_batch_axis(s.axis, rank as i64),
         Op::Concat(c) => not_batch_axis(c.axis, rank as i64) && (0..node.inputs.len()).all(operand),
         // A table looked up with each sample's indices.
+        // Fixed channels of each sample (outlier channels kept in float).
+        Op::Gather(ga) if not_batch_axis(ga.axis, in_rank) => kind(0) == Some(Kind::Batched) && same(1),
         Op::Gather(ga) if ga.axis != 0 => false,
         Op::Gather(_) => match (kind(0), kind(1)) {
             (Some(Kind::Same), Some(Kind::Batched)) => true,
