@@ -204,6 +204,46 @@ fn static_with_dynamic_fallback_keeps_every_matmul_int8() {
     assert!(mean >= 0.9975 && min >= 0.99, "cosine mean {mean} min {min}");
 }
 
+/// Static int8 on every matmul, each activation's 8 outlier channels apart (float for the
+/// FFN output projections, migrated into the weights elsewhere): the accuracy bar with
+/// calibrated scales only, a file ONNX Runtime runs to the same outputs, and one integer GEMM
+/// step per matmul in slimnn.
+#[test]
+fn static_with_outlier_channels_meets_the_bar_and_runs_in_onnxruntime() {
+    let d = setup(64);
+    let recipe = QuantRecipe {
+        mode: Mode::Static,
+        outlier_channels: 8,
+        quantize_embeddings: true,
+        ..Default::default()
+    };
+    let (q, report) = quantize(&d.graph, &recipe, &d.calib, &mut |_| {}).unwrap();
+    let notes = |what: &str| report.layers.iter().filter(|l| l.note.as_deref().is_some_and(|n| n.contains(what))).count();
+    let (float, migrated) = (notes("in float"), notes("migrated"));
+    assert_eq!((float, migrated), (6, 30), "FFN output projections float, the rest migrated");
+    assert_eq!(report.layers.iter().filter(|l| l.scheme == "int8-qdq").count(), 36);
+    let gathers = q.nodes().iter().filter(|n| n.name.ends_with("_outliers")).count();
+    assert_eq!(gathers, 6, "one gather of float channels per FFN output projection");
+    let ((mean, min), out) = embedding_cosine(&d, &q);
+    eprintln!("int8 static + 8 outlier channels: cosine mean {mean:.5} min {min:.5}");
+    assert!(mean >= 0.998 && min >= 0.99, "cosine mean {mean} min {min}");
+    let share = file_share(&d, &q);
+    assert!(share <= 0.27, "file {:.1}% of fp32", 100.0 * share);
+    // Every matmul one integer GEMM step: the float channels in its epilogue (their gather
+    // inside it), the divisions in the quantization steps.
+    let r = Runnable::new(q.clone(), RuntimeConfig::default()).unwrap();
+    let shapes: Vec<Vec<usize>> = d.eval[0].iter().map(|(_, t)| t.shape().to_vec()).collect();
+    let kernels = r.plan_for(&shapes).unwrap().summary().kernels;
+    let count = |f: &dyn Fn(&str) -> bool| kernels.iter().filter(|(k, _)| f(k)).map(|(_, n)| *n).sum::<usize>();
+    assert_eq!(count(&|k| k.starts_with("qgemm_u8i8") && k.ends_with("+outliers8")), 6, "{kernels:?}");
+    assert_eq!(count(&|k| k.starts_with("qgemm_u8i8")), 36, "{kernels:?}");
+    assert_eq!(count(&|k| k == "mul_channels+quantize_u8"), 18, "{kernels:?}");
+    assert_eq!(count(&|k| k.contains("Gather") || k.starts_with("gemm")), 0, "{kernels:?}");
+    let (c, cm, m, ort_mean) = ort_agreement_mean(&d, &q, &out, "static-outliers");
+    eprintln!("vs ONNX Runtime: cosine mean {cm:.6} worst {c:.6}, max abs {m:.2e}; ORT's cosine to fp32 {ort_mean:.5}");
+    assert!(cm >= 0.999 && c >= 0.99, "static outlier export vs ORT cosine mean {cm} worst {c}");
+}
+
 #[test]
 fn int4_gptq_beats_round_to_nearest_and_matmulnbits_runs_in_onnxruntime() {
     let d = setup(32);

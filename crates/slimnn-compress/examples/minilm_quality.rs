@@ -93,6 +93,13 @@ fn main() {
             "static-minmax-budget0.07-dynamic",
             QuantRecipe { error_budget: Some(0.07), fallback: Fallback::Dynamic, ..stat(CalibrationMethod::Minmax) },
         ),
+        ("static-minmax-outliers4", QuantRecipe { outlier_channels: 4, ..stat(CalibrationMethod::Minmax) }),
+        ("static-minmax-outliers8", QuantRecipe { outlier_channels: 8, ..stat(CalibrationMethod::Minmax) }),
+        ("static-minmax-outliers16", QuantRecipe { outlier_channels: 16, ..stat(CalibrationMethod::Minmax) }),
+        (
+            "static-percentile-99.999-outliers8",
+            QuantRecipe { outlier_channels: 8, percentile: 99.999, ..stat(CalibrationMethod::Percentile) },
+        ),
         ("dynamic-budget0.05", QuantRecipe { error_budget: Some(0.05), ..base.clone() }),
         (
             "static-attention-minmax",
