@@ -211,14 +211,11 @@ fn static_with_dynamic_fallback_keeps_every_matmul_int8() {
 #[test]
 fn static_with_outlier_channels_meets_the_bar_and_runs_in_onnxruntime() {
     let d = setup(64);
-    let recipe = QuantRecipe {
-        mode: Mode::Static,
-        outlier_channels: 8,
-        quantize_embeddings: true,
-        ..Default::default()
-    };
+    let recipe =
+        QuantRecipe { mode: Mode::Static, outlier_channels: 8, quantize_embeddings: true, ..Default::default() };
     let (q, report) = quantize(&d.graph, &recipe, &d.calib, &mut |_| {}).unwrap();
-    let notes = |what: &str| report.layers.iter().filter(|l| l.note.as_deref().is_some_and(|n| n.contains(what))).count();
+    let notes =
+        |what: &str| report.layers.iter().filter(|l| l.note.as_deref().is_some_and(|n| n.contains(what))).count();
     let (float, migrated) = (notes("in float"), notes("migrated"));
     assert_eq!((float, migrated), (6, 30), "FFN output projections float, the rest migrated");
     assert_eq!(report.layers.iter().filter(|l| l.scheme == "int8-qdq").count(), 36);
@@ -239,6 +236,9 @@ fn static_with_outlier_channels_meets_the_bar_and_runs_in_onnxruntime() {
     assert_eq!(count(&|k| k.starts_with("qgemm_u8i8")), 36, "{kernels:?}");
     assert_eq!(count(&|k| k == "mul_channels+quantize_u8"), 18, "{kernels:?}");
     assert_eq!(count(&|k| k.contains("Gather") || k.starts_with("gemm")), 0, "{kernels:?}");
+    // A batch still runs a few samples at a time (the gather of fixed channels is per sample).
+    let four: Vec<Vec<usize>> = shapes.iter().map(|s| [&[4], &s[1..]].concat()).collect();
+    assert!(r.splits_batch(&four).unwrap(), "batch of 4 runs in sample runs");
     let (c, cm, m, ort_mean) = ort_agreement_mean(&d, &q, &out, "static-outliers");
     eprintln!("vs ONNX Runtime: cosine mean {cm:.6} worst {c:.6}, max abs {m:.2e}; ORT's cosine to fp32 {ort_mean:.5}");
     assert!(cm >= 0.999 && c >= 0.99, "static outlier export vs ORT cosine mean {cm} worst {c}");
@@ -343,6 +343,8 @@ fn cli_refuses_impossible_requests_and_writes_nothing() {
     assert!(!ok && err.contains("no sentences"), "{err}");
     let (ok, err) = slimnn(&["quantize", m, "-o", o, "--mode", "static"]);
     assert!(!ok && err.contains("--calibration"), "{err}");
+    let (ok, err) = slimnn(&["quantize", m, "-o", o, "--outlier-channels", "8"]);
+    assert!(!ok && err.contains("--outlier-channels applies to --mode static"), "{err}");
     let (ok, err) = slimnn(&["quantize", "/no/such/model", "-o", o]);
     assert!(!ok && err.contains("no such file"), "{err}");
     assert!(!out.exists(), "a refused request must not write an output");
