@@ -1515,34 +1515,69 @@ mod tests {
         assert!(!kernels.iter().any(|k| k.starts_with("ref:")), "{kernels:?}");
     }
 
-    #[test]
-    fn qdq_form_runs_on_the_integer_gemm() {
-        // Weights above the constant-folding limit, as in real models (a smaller
-        // DequantizeLinear of a constant folds to an f32 weight before lowering).
-        const K: usize = 300;
-        const N: usize = 256;
-        let mut g = Graph::default();
-        let x = input(&mut g, "x", K);
+    /// Sizes of the QDQ tests' layers: weights above the constant-folding limit, as in real
+    /// models (a smaller DequantizeLinear of a constant folds to an f32 weight before lowering).
+    const QK: usize = 300;
+    const QN: usize = 256;
+
+    /// `DequantizeLinear(QuantizeLinear(x))` at a fixed per-tensor scale and zero point.
+    fn qdq_input(g: &mut Graph, x: OutletId) -> OutletId {
         let s = g.add_const("s", Tensor::scalar(0.02f32)).unwrap();
         let z = g.add_const("z", Tensor::scalar(120u8)).unwrap();
         let xq = g.add_node("q", QuantizeLinear { axis: 1 }, vec![x, s, z]).unwrap()[0];
-        let xd = g.add_node("dq", DequantizeLinear { axis: 1 }, vec![xq, s, z]).unwrap()[0];
+        g.add_node("dq", DequantizeLinear { axis: 1 }, vec![xq, s, z]).unwrap()[0]
+    }
+
+    /// `MatMul(xd, DequantizeLinear(W_i8 [QK, QN] per column))`, layer `i`.
+    fn qdq_matmul(g: &mut Graph, xd: OutletId, i: usize, seed: u64) -> OutletId {
+        let (wq, ws, wz) = weights(QK, QN, seed);
+        let wq = g.add_const(&format!("wq{i}"), wq).unwrap();
+        let ws = g.add_const(&format!("ws{i}"), ws).unwrap();
+        let wz = g.add_const(&format!("wz{i}"), wz).unwrap();
+        let w = g.add_node(&format!("dqw{i}"), DequantizeLinear { axis: 1 }, vec![wq, ws, wz]).unwrap()[0];
+        g.add_node(&format!("mm{i}"), MatMul, vec![xd, w]).unwrap()[0]
+    }
+
+    fn add_bias(g: &mut Graph, y: OutletId, i: usize, seed: u64) -> OutletId {
+        let bias = g.add_const(&format!("b{i}"), Tensor::from_vec(vec![QN], values(QN, seed)).unwrap()).unwrap();
+        bin(g, &format!("add{i}"), BinaryOp::Add, y, bias)
+    }
+
+    #[test]
+    fn divided_channels_quantize_in_one_step() {
+        // `QuantizeLinear(Mul(x, 1/factors))`, migrated outlier channels: one step.
+        let mut g = Graph::default();
+        let x = input(&mut g, "x", QK);
+        let inv: Vec<f32> = (0..QK).map(|c| if c % 97 == 3 { 1.0 / 7.5 } else { 1.0 }).collect();
+        let inv = g.add_const("inv", Tensor::from_vec(vec![QK], inv).unwrap()).unwrap();
+        let xm = bin(&mut g, "divide", BinaryOp::Mul, x, inv);
+        let xd = qdq_input(&mut g, xm);
+        let y = qdq_matmul(&mut g, xd, 0, 5);
+        let y = add_bias(&mut g, y, 0, 5);
+        g.add_output("y", y);
+        let mut xs = values(10 * QK, 7);
+        xs[3] = 30.0;
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, QK], xs).unwrap())];
+        let kernels = check(g, feeds, 1e-4);
+        assert!(kernels.contains(&"mul_channels+quantize_u8".to_string()), "{kernels:?}");
+        assert_eq!(kernels.len(), 2, "{kernels:?}");
+    }
+
+    #[test]
+    fn qdq_form_runs_on_the_integer_gemm() {
+        let mut g = Graph::default();
+        let x = input(&mut g, "x", QK);
+        let xd = qdq_input(&mut g, x);
         for (i, seed) in [(0, 5u64), (1, 6)] {
-            let (wq, ws, wz) = weights(K, N, seed);
-            let wq = g.add_const(&format!("wq{i}"), wq).unwrap();
-            let ws = g.add_const(&format!("ws{i}"), ws).unwrap();
-            let wz = g.add_const(&format!("wz{i}"), wz).unwrap();
-            let w = g.add_node(&format!("dqw{i}"), DequantizeLinear { axis: 1 }, vec![wq, ws, wz]).unwrap()[0];
-            let bias = g.add_const(&format!("b{i}"), Tensor::from_vec(vec![N], values(N, seed)).unwrap()).unwrap();
-            let y = g.add_node(&format!("mm{i}"), MatMul, vec![xd, w]).unwrap()[0];
-            let y = bin(&mut g, &format!("add{i}"), BinaryOp::Add, y, bias);
+            let y = qdq_matmul(&mut g, xd, i, seed);
+            let y = add_bias(&mut g, y, i, seed);
             g.add_output(&format!("y{i}"), y);
         }
         // Values beyond the quantization range saturate.
-        let mut xs = values(10 * K, 7);
+        let mut xs = values(10 * QK, 7);
         xs[3] = 50.0;
         xs[4] = -50.0;
-        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, K], xs).unwrap())];
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, QK], xs).unwrap())];
         let kernels = check(g, feeds, 1e-4);
         assert_eq!(kernels.iter().filter(|k| k.starts_with("qgemm_u8i8")).count(), 1, "{kernels:?}");
         assert!(kernels.contains(&"quantize_u8".to_string()), "{kernels:?}");
@@ -1553,40 +1588,32 @@ mod tests {
     fn outlier_channels_run_in_the_integer_gemm_epilogue() {
         // `MatMul(DQ(Q(x)), DQ(Wq)) + MatMul(Gather(x, idx), W_o)`, the float product written
         // first (an f32 GEMM must not take it), then bias, then (layer 1) GELU.
-        const K: usize = 300;
-        const N: usize = 256;
         let mut g = Graph::default();
-        let x = input(&mut g, "x", K);
+        let x = input(&mut g, "x", QK);
         let idx = g.add_const("idx", Tensor::from_vec(vec![3], vec![3i64, 17, 250]).unwrap()).unwrap();
         let xo = g.add_node("gather", Gather { axis: -1 }, vec![x, idx]).unwrap()[0];
-        let s = g.add_const("s", Tensor::scalar(0.02f32)).unwrap();
-        let z = g.add_const("z", Tensor::scalar(120u8)).unwrap();
-        let xq = g.add_node("q", QuantizeLinear { axis: 1 }, vec![x, s, z]).unwrap()[0];
-        let xd = g.add_node("dq", DequantizeLinear { axis: 1 }, vec![xq, s, z]).unwrap()[0];
+        let mut outliers = vec![];
         for (i, seed) in [(0, 5u64), (1, 6)] {
-            let wo = g.add_const(&format!("wo{i}"), Tensor::from_vec(vec![3, N], values(3 * N, seed + 9)).unwrap());
-            let yo = g.add_node(&format!("mo{i}"), MatMul, vec![xo, wo.unwrap()]).unwrap()[0];
-            let (wq, ws, wz) = weights(K, N, seed);
-            let wq = g.add_const(&format!("wq{i}"), wq).unwrap();
-            let ws = g.add_const(&format!("ws{i}"), ws).unwrap();
-            let wz = g.add_const(&format!("wz{i}"), wz).unwrap();
-            let w = g.add_node(&format!("dqw{i}"), DequantizeLinear { axis: 1 }, vec![wq, ws, wz]).unwrap()[0];
-            let bias = g.add_const(&format!("b{i}"), Tensor::from_vec(vec![N], values(N, seed)).unwrap()).unwrap();
-            let y = g.add_node(&format!("mm{i}"), MatMul, vec![xd, w]).unwrap()[0];
-            let y = bin(&mut g, &format!("sum{i}"), BinaryOp::Add, y, yo);
-            let mut y = bin(&mut g, &format!("add{i}"), BinaryOp::Add, y, bias);
+            let wo = g.add_const(&format!("wo{i}"), Tensor::from_vec(vec![3, QN], values(3 * QN, seed + 9)).unwrap());
+            outliers.push(g.add_node(&format!("mo{i}"), MatMul, vec![xo, wo.unwrap()]).unwrap()[0]);
+        }
+        let xd = qdq_input(&mut g, x);
+        for (i, seed) in [(0, 5u64), (1, 6)] {
+            let y = qdq_matmul(&mut g, xd, i, seed);
+            let y = bin(&mut g, &format!("sum{i}"), BinaryOp::Add, y, outliers[i]);
+            let mut y = add_bias(&mut g, y, i, seed);
             if i == 1 {
                 y = g.add_node("gelu", Unary(UnaryOp::Gelu { tanh: false }), vec![y]).unwrap()[0];
             }
             g.add_output(&format!("y{i}"), y);
         }
         // The outlier channels' own values far outside the quantization range.
-        let mut xs = values(10 * K, 7);
+        let mut xs = values(10 * QK, 7);
         for r in 0..10 {
-            xs[r * K + 3] = 40.0 - r as f32 * 9.0;
-            xs[r * K + 250] = -30.0;
+            xs[r * QK + 3] = 40.0 - r as f32 * 9.0;
+            xs[r * QK + 250] = -30.0;
         }
-        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, K], xs).unwrap())];
+        let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, QK], xs).unwrap())];
         let kernels = check(g, feeds, 1e-4);
         assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+bias+outliers3")), "{kernels:?}");
         assert!(kernels.iter().any(|k| k.contains("+bias+gelu") && k.ends_with("+outliers3")), "{kernels:?}");
