@@ -161,8 +161,10 @@ mod x86 {
     /// The tile finished in registers: zero-point correction, scales, bias, activation and
     /// residual, stored as f32 (storing i32 sums and finishing them in a second pass cost
     /// about a fifth of the time at K = 384).
+    /// `OUTLIERS` compiles the outlier-channel terms in, so the plain epilogue's code stays as
+    /// it was without them.
     #[inline(always)]
-    unsafe fn vnni512_f32_body<const MR: usize>(
+    unsafe fn vnni512_f32_body<const MR: usize, const OUTLIERS: bool>(
         kq: usize,
         a: *const u8,
         lda: usize,
@@ -191,7 +193,7 @@ mod x86 {
                 let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(row[v], corr));
                 // Multiply, then add: the graph's own order (Cast, Mul, Add), so results match it exactly.
                 let mut y = _mm512_mul_ps(x, _mm512_mul_ps(_mm512_set1_ps(f.sa[i]), sb));
-                if !f.ox.is_null() {
+                if OUTLIERS {
                     for t in 0..f.ok {
                         let w = _mm512_maskz_loadu_ps(mask, f.ow.add(t * f.ow_ld + j));
                         y = _mm512_fmadd_ps(_mm512_set1_ps(*f.ox.add(i * f.ox_ld + t)), w, y);
@@ -222,7 +224,33 @@ mod x86 {
         b: *const u8,
         f: &F32Finish,
     ) {
-        by_rows!(vnni512_f32_body, mr, [1, 2, 3, 4, 5, 6, 7, 8], (kq, a, lda, tail, b, f))
+        #[inline(always)]
+        unsafe fn plain<const MR: usize>(
+            kq: usize,
+            a: *const u8,
+            lda: usize,
+            t: *const u32,
+            b: *const u8,
+            f: &F32Finish,
+        ) {
+            vnni512_f32_body::<MR, false>(kq, a, lda, t, b, f)
+        }
+        #[inline(always)]
+        unsafe fn outliers<const MR: usize>(
+            kq: usize,
+            a: *const u8,
+            lda: usize,
+            t: *const u32,
+            b: *const u8,
+            f: &F32Finish,
+        ) {
+            vnni512_f32_body::<MR, true>(kq, a, lda, t, b, f)
+        }
+        if f.ox.is_null() {
+            by_rows!(plain, mr, [1, 2, 3, 4, 5, 6, 7, 8], (kq, a, lda, tail, b, f))
+        } else {
+            by_rows!(outliers, mr, [1, 2, 3, 4, 5, 6, 7, 8], (kq, a, lda, tail, b, f))
+        }
     }
 
     /// AVX-512 VNNI: 8 x 48 (24 zmm accumulators, 3 panel vectors).
