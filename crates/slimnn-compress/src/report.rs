@@ -86,6 +86,10 @@ impl Report {
                 opt(l.activation_sqnr_db, 1),
                 opt(l.sensitivity, 5),
             ));
+            if let Some(n) = &l.note {
+                // Notes follow their row, indented under the layer name.
+                s.push_str(&format!("    {n}\n"));
+            }
         }
         for n in &self.notes {
             s.push_str(&format!("note: {n}\n"));

@@ -213,10 +213,10 @@ pub struct StaticQdq {
     pub bias_correction: bool,
     /// Also quantize both operands of activation-by-activation matmuls.
     pub activation_matmuls: bool,
-    /// Channels of each weight matmul's activation kept in float, LLM.int8()-style: the ones
-    /// of largest calibrated magnitude, left out of the activation's range and multiplied by
-    /// their weight rows in float beside the integer product (0: none; at most an eighth of
-    /// the channels).
+    /// Channels of each weight matmul's activation left out of its range: the ones of largest
+    /// calibrated magnitude, kept in float beside the integer product (LLM.int8()-style) or
+    /// migrated into the weight rows, see [`OutlierPlan`] (0: none; at most an eighth of the
+    /// channels).
     pub outlier_channels: usize,
 }
 
@@ -524,6 +524,15 @@ impl Algorithm for StaticQdq {
                 outliers.insert(o, OutlierPlan::new(st, c, k));
             }
         }
+        if !outliers.is_empty() {
+            let float = outliers.values().filter(|p| matches!(p, OutlierPlan::Float(_))).count();
+            report.notes.push(format!(
+                "outlier channels: {} activations keep up to {} channels out of their range ({float} in float, {} migrated into the weights)",
+                outliers.len(),
+                self.outlier_channels,
+                outliers.len() - float
+            ));
+        }
         let mut qdq = QdqBuilder { scheme: self, g, stats, made: HashMap::new(), outliers, gathers: HashMap::new() };
         // Convolutions and residual adds in graph order, so each one's quantized output exists
         // before the layers reading it.
@@ -553,16 +562,15 @@ impl Algorithm for StaticQdq {
             let plan = qdq.outliers.get(&t.x).cloned();
             // Float outlier rows leave the int8 weight (zero there) for a float one of their
             // own; migrated ones are multiplied by their factors.
-            let (outlier_rows, split, migrated) = match &plan {
-                Some(OutlierPlan::Float(rows)) => (Some(rows.clone()), Some(split_rows(t.weight()?, t.n, rows)), None),
+            let (split, migrated) = match &plan {
+                Some(OutlierPlan::Float(rows)) => (Some((rows, split_rows(t.weight()?, t.n, rows))), None),
                 Some(OutlierPlan::Migrate { factors, .. }) => {
-                    let w: Vec<f32> = t.weight()?.iter().enumerate().map(|(i, &v)| v * factors[i / t.n]).collect();
-                    (None, None, Some(w))
+                    (None, Some(t.weight()?.iter().enumerate().map(|(i, &v)| v * factors[i / t.n]).collect::<Vec<_>>()))
                 }
-                None => (None, None, None),
+                None => (None, None),
             };
             let w = match (&split, &migrated) {
-                (Some((rest, _)), _) => rest.as_slice(),
+                (Some((_, (rest, _))), _) => rest.as_slice(),
                 (_, Some(w)) => w.as_slice(),
                 _ => t.weight()?,
             };
@@ -590,7 +598,7 @@ impl Algorithm for StaticQdq {
                 vec![wq, ws, wz],
             );
             let mut mm = Patch::wire(p.add_node(&t.name, MatMul, vec![xw, Patch::wire(wd, 0)]), 0);
-            if let (Some(rows), Some((_, taken))) = (&outlier_rows, &split) {
+            if let Some((rows, (_, taken))) = &split {
                 let xo = qdq.gather(&mut p, t.x, rows)?;
                 let wo = konst(
                     &mut p,
@@ -615,17 +623,13 @@ impl Algorithm for StaticQdq {
             if self.bias_correction {
                 // The weight as the original activation sees it.
                 let mut wq = q.dequantize();
-                match &plan {
-                    Some(OutlierPlan::Float(rows)) => {
-                        let taken = split.as_ref().map_or(&[][..], |(_, t)| t.as_slice());
-                        for (i, &row) in rows.iter().enumerate() {
-                            wq[row * t.n..(row + 1) * t.n].copy_from_slice(&taken[i * t.n..(i + 1) * t.n]);
-                        }
+                if let Some((rows, (_, taken))) = &split {
+                    for (&row, w) in rows.iter().zip(taken.chunks_exact(t.n)) {
+                        wq[row * t.n..(row + 1) * t.n].copy_from_slice(w);
                     }
-                    Some(OutlierPlan::Migrate { factors, .. }) => {
-                        wq.iter_mut().enumerate().for_each(|(i, v)| *v /= factors[i / t.n]);
-                    }
-                    None => {}
+                }
+                if let Some(OutlierPlan::Migrate { factors, .. }) = &plan {
+                    wq.iter_mut().enumerate().for_each(|(i, v)| *v /= factors[i / t.n]);
                 }
                 r.note = correct_bias(&mut p, g, t, stats, mm, &wq)?;
             }
@@ -638,7 +642,10 @@ impl Algorithm for StaticQdq {
                         factors.iter().fold(1f32, |m, &f| m.max(f))
                     ),
                 };
-                r.note = Some(r.note.map_or(note.clone(), |n| format!("{n}; {note}")));
+                r.note = Some(match r.note {
+                    Some(n) => format!("{n}; {note}"),
+                    None => note,
+                });
             }
             report.layers.push(r);
         }
