@@ -1305,14 +1305,17 @@ fn only_outlier_products(c: &Ctx, o: OutletId) -> bool {
     }
     c.readers.get(&o).is_some_and(|rs| {
         rs.iter().all(|&(r, slot)| {
-            let side = out0(r);
-            slot == 0
-                && c.g.node(r).op == Op::MatMul(MatMul)
-                && c.sole_reader(side).is_some_and(|add| {
-                    let ins = &c.g.node(add).inputs;
-                    c.g.node(add).op == Op::Binary(Binary(BinaryOp::Add))
-                        && ins.iter().any(|&i| i != side && i.slot == 0 && is_qdq_matmul(c, i.node))
-                })
+            let Some(add) = c.sole_reader(out0(r)).filter(|_| slot == 0) else { return false };
+            // The QDQ matmul beside it takes this product into its step (as `match_qdq` will).
+            c.g.node(add).inputs.iter().any(|&q| {
+                let node = c.g.node(q.node);
+                q.slot == 0
+                    && is_qdq_matmul(c, q.node)
+                    && dequantized_activation(c, node.inputs[0]).is_some_and(|(xq, ..)| c.shape(xq).is_some())
+                    && dequantized_weight(c, node.inputs[1])
+                        .and_then(|(w, _)| outlier_add(c, q, w.shape()[1]))
+                        .is_some_and(|(a, mo, ..)| a == add && mo == r)
+            })
         })
     })
 }
@@ -1586,8 +1589,21 @@ mod tests {
 
     #[test]
     fn outlier_channels_run_in_the_integer_gemm_epilogue() {
-        // `MatMul(DQ(Q(x)), DQ(Wq)) + MatMul(Gather(x, idx), W_o)`, the float product written
-        // first (an f32 GEMM must not take it), then bias, then (layer 1) GELU.
+        let kernels = check_outlier_graph(false);
+        assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+bias+outliers3")), "{kernels:?}");
+        assert!(kernels.iter().any(|k| k.contains("+bias+gelu") && k.ends_with("+outliers3")), "{kernels:?}");
+        // The gather of the 3 columns runs inside both GEMM steps.
+        assert_eq!(kernels.len(), 3, "{kernels:?}");
+        // With another reader of the gathered columns (an output), the gather stays a step.
+        let kernels = check_outlier_graph(true);
+        assert!(kernels.iter().any(|k| k.ends_with("+bias+outliers3")), "{kernels:?}");
+        assert!(kernels.contains(&"ref:Gather".to_string()), "{kernels:?}");
+    }
+
+    /// `MatMul(DQ(Q(x)), DQ(Wq)) + MatMul(Gather(x, idx), W_o)`, the float product written first
+    /// (an f32 GEMM must not take it), then bias, then (layer 1) GELU; `gather_out` also makes
+    /// the gathered columns an output. Checked against the reference; returns the kernels.
+    fn check_outlier_graph(gather_out: bool) -> Vec<String> {
         let mut g = Graph::default();
         let x = input(&mut g, "x", QK);
         let idx = g.add_const("idx", Tensor::from_vec(vec![3], vec![3i64, 17, 250]).unwrap()).unwrap();
@@ -1607,6 +1623,9 @@ mod tests {
             }
             g.add_output(&format!("y{i}"), y);
         }
+        if gather_out {
+            g.add_output("xo", xo);
+        }
         // The outlier channels' own values far outside the quantization range.
         let mut xs = values(10 * QK, 7);
         for r in 0..10 {
@@ -1614,11 +1633,7 @@ mod tests {
             xs[r * QK + 250] = -30.0;
         }
         let feeds = vec![("x".to_string(), Tensor::from_vec(vec![2, 5, QK], xs).unwrap())];
-        let kernels = check(g, feeds, 1e-4);
-        assert!(kernels.iter().any(|k| k.starts_with("qgemm_u8i8") && k.ends_with("+bias+outliers3")), "{kernels:?}");
-        assert!(kernels.iter().any(|k| k.contains("+bias+gelu") && k.ends_with("+outliers3")), "{kernels:?}");
-        // The gather of the 3 columns runs inside both GEMM steps.
-        assert_eq!(kernels.len(), 3, "{kernels:?}");
+        check(g, feeds, 1e-4)
     }
 
     #[test]
