@@ -95,8 +95,14 @@ mod x86 {
     use super::{a_group, F32Finish};
     use std::arch::x86_64::*;
 
-    /// Calls `$body::<MR>` for a runtime `mr` in `1..=max`.
+    /// Calls `$body::<MR>` (or `$body::<MR, $extra>`) for a runtime `mr` in `1..=max`.
     macro_rules! by_rows {
+        ($body:ident::<_, $extra:tt>, $mr:expr, [$($m:literal),*], $args:tt) => {
+            match $mr {
+                $( $m => $body::<$m, $extra> $args, )*
+                _ => unreachable!("tile of {} rows", $mr),
+            }
+        };
         ($body:ident, $mr:expr, [$($m:literal),*], $args:tt) => {
             match $mr {
                 $( $m => $body::<$m> $args, )*
@@ -224,32 +230,10 @@ mod x86 {
         b: *const u8,
         f: &F32Finish,
     ) {
-        #[inline(always)]
-        unsafe fn plain<const MR: usize>(
-            kq: usize,
-            a: *const u8,
-            lda: usize,
-            t: *const u32,
-            b: *const u8,
-            f: &F32Finish,
-        ) {
-            vnni512_f32_body::<MR, false>(kq, a, lda, t, b, f)
-        }
-        #[inline(always)]
-        unsafe fn outliers<const MR: usize>(
-            kq: usize,
-            a: *const u8,
-            lda: usize,
-            t: *const u32,
-            b: *const u8,
-            f: &F32Finish,
-        ) {
-            vnni512_f32_body::<MR, true>(kq, a, lda, t, b, f)
-        }
         if f.ox.is_null() {
-            by_rows!(plain, mr, [1, 2, 3, 4, 5, 6, 7, 8], (kq, a, lda, tail, b, f))
+            by_rows!(vnni512_f32_body::<_, false>, mr, [1, 2, 3, 4, 5, 6, 7, 8], (kq, a, lda, tail, b, f))
         } else {
-            by_rows!(outliers, mr, [1, 2, 3, 4, 5, 6, 7, 8], (kq, a, lda, tail, b, f))
+            by_rows!(vnni512_f32_body::<_, true>, mr, [1, 2, 3, 4, 5, 6, 7, 8], (kq, a, lda, tail, b, f))
         }
     }
 
