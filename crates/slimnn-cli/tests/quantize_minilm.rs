@@ -213,7 +213,12 @@ fn static_with_outlier_channels_meets_the_bar_and_runs_in_onnxruntime() {
     let d = setup(64);
     let recipe =
         QuantRecipe { mode: Mode::Static, outlier_channels: 8, quantize_embeddings: true, ..Default::default() };
+    // Without the option, the report says it would help.
+    let plain = QuantRecipe { outlier_channels: 0, ..recipe.clone() };
+    let (_, plain_report) = quantize(&d.graph, &plain, &d.calib, &mut |_| {}).unwrap();
+    assert!(plain_report.notes.iter().any(|n| n.contains("--outlier-channels 8")), "{:?}", plain_report.notes);
     let (q, report) = quantize(&d.graph, &recipe, &d.calib, &mut |_| {}).unwrap();
+    assert!(!report.notes.iter().any(|n| n.contains("--outlier-channels 8")), "{:?}", report.notes);
     let notes =
         |what: &str| report.layers.iter().filter(|l| l.note.as_deref().is_some_and(|n| n.contains(what))).count();
     let (float, migrated) = (notes("in float"), notes("migrated"));

@@ -235,6 +235,34 @@ fn outlier_channels(st: &ValueStats, count: usize) -> Option<Vec<usize>> {
     Some(out)
 }
 
+/// Channels this many times the median channel's max |x| make a static scale coarse for the
+/// rest (MiniLM's LayerNorm and GELU outputs reach 5-15x).
+const OUTLIER_HINT_RATIO: f32 = 4.0;
+
+/// A note when some of `points` have channels far beyond their median channel's range, which
+/// `--outlier-channels` would keep out of the static scale.
+fn outlier_hint(points: &[OutletId], stats: &Statistics) -> Option<String> {
+    let ratios: Vec<f32> = points
+        .iter()
+        .filter_map(|&o| stats.get(o).ok()?.channels.as_ref())
+        .filter_map(|ch| {
+            let mut m = ch.absmax.clone();
+            m.sort_by(f32::total_cmp);
+            let median = *m.get(m.len() / 2)?;
+            (median > 0.0).then(|| m[m.len() - 1] / median)
+        })
+        .filter(|&r| r >= OUTLIER_HINT_RATIO)
+        .collect();
+    let worst = ratios.iter().fold(0f32, |a, &r| a.max(r));
+    (!ratios.is_empty()).then(|| {
+        format!(
+            "{} of {} matmul activations have channels over {OUTLIER_HINT_RATIO}x their median channel's range (up to {worst:.0}x): --outlier-channels 8 keeps such channels out of the static scales",
+            ratios.len(),
+            points.len()
+        )
+    })
+}
+
 /// How an activation's outlier channels are handled.
 #[derive(Debug, Clone)]
 enum OutlierPlan {
@@ -418,11 +446,9 @@ impl StaticQdq {
     }
 
     /// Weight matmul activations that may keep outlier channels: those no other quantized op
-    /// reads (its range is theirs too).
+    /// reads (its range is theirs too). Gathered without `outlier_channels` too, to say when
+    /// they would help.
     fn outlier_points(&self, g: &Graph) -> Result<Vec<OutletId>> {
-        if self.outlier_channels == 0 {
-            return Ok(vec![]);
-        }
         let others = self.other_points(g)?;
         let mut v: Vec<OutletId> =
             self.selection.targets(g)?.iter().map(|t| t.x).filter(|x| !others.contains(x)).collect();
@@ -517,7 +543,11 @@ impl Algorithm for StaticQdq {
         let mut p = Patch::new();
         let mut report = Report::default();
         let mut outliers = HashMap::new();
-        for o in self.outlier_points(g)? {
+        let points = self.outlier_points(g)?;
+        if self.outlier_channels == 0 {
+            report.notes.extend(outlier_hint(&points, stats));
+        }
+        for o in points {
             let st = stats.get(o)?;
             if let Some(c) = outlier_channels(st, self.outlier_channels) {
                 let k = targets.iter().filter(|t| t.x == o).map(|t| t.k).min().unwrap_or(0);
