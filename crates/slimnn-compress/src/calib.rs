@@ -305,6 +305,16 @@ mod tests {
     }
 
     #[test]
+    fn channels_keep_each_last_axis_channel_apart() {
+        let mut st = ValueStats::default();
+        let t = Tensor::from_vec(vec![3, 2], vec![1.0f32, -4.0, -2.0, 0.5, f32::NAN, 3.0]).unwrap();
+        st.add(&t, &[StatKind::Channels]).unwrap();
+        let c = st.channels.unwrap();
+        assert_eq!((&c.min, &c.max, &c.absmax), (&vec![-2.0, -4.0], &vec![1.0, 3.0], &vec![2.0, 4.0]));
+        assert_eq!((c.rows, c.mean()), (3, vec![-1.0 / 3.0, -0.5 / 3.0]), "a NaN is left out of its channel");
+    }
+
+    #[test]
     fn gram_matches_x_transpose_x() {
         let mut g = Gram::default();
         g.add(&[1.0, 2.0, 3.0, 4.0], 2);

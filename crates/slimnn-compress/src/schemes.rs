@@ -961,6 +961,50 @@ impl Algorithm for EmbeddingBlock {
 }
 
 #[cfg(test)]
+mod outlier_tests {
+    use super::{outlier_channels, split_rows, OutlierPlan};
+    use crate::calib::{Channels, ValueStats};
+
+    /// 16 channels: channel 3 reaches 40, channel 9 reaches -12, the rest 2 at most.
+    fn stats() -> ValueStats {
+        let mut min = vec![-2f32; 16];
+        let mut max = vec![2f32; 16];
+        max[3] = 40.0;
+        min[9] = -12.0;
+        let absmax = min.iter().zip(&max).map(|(a, b)| a.abs().max(b.abs())).collect();
+        let channels = Channels { absmax, min, max, sum: vec![0.0; 16], rows: 1 };
+        ValueStats { min: -12.0, max: 40.0, channels: Some(channels), ..Default::default() }
+    }
+
+    #[test]
+    fn largest_channels_are_taken_up_to_an_eighth() {
+        assert_eq!(outlier_channels(&stats(), 2), Some(vec![3, 9]));
+        assert_eq!(outlier_channels(&stats(), 8), Some(vec![3, 9]), "capped at 16 / 8");
+        assert_eq!(outlier_channels(&stats(), 0), None);
+        assert_eq!(outlier_channels(&ValueStats::default(), 2), None, "no per-channel statistics");
+    }
+
+    #[test]
+    fn float_where_k_is_long_enough_else_migrated() {
+        assert!(matches!(OutlierPlan::new(&stats(), vec![3, 9], 256), OutlierPlan::Float(c) if c == [3, 9]));
+        let OutlierPlan::Migrate { channels, factors } = OutlierPlan::new(&stats(), vec![3, 9], 255) else {
+            panic!("K = 255 < 128 x 2 migrates")
+        };
+        assert_eq!(channels, [3, 9]);
+        // Divided down to the other channels' largest magnitude (2); the rest unchanged.
+        assert_eq!((factors[3], factors[9], factors[0]), (20.0, 6.0, 1.0));
+    }
+
+    #[test]
+    fn rows_split_into_zeroed_and_taken() {
+        let w: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let (rest, taken) = split_rows(&w, 3, &[1, 3]);
+        assert_eq!(taken, [3.0, 4.0, 5.0, 9.0, 10.0, 11.0]);
+        assert_eq!(rest, [0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 6.0, 7.0, 8.0, 0.0, 0.0, 0.0]);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use crate::pipeline::quantize;
     use crate::quant::Granularity;
