@@ -491,21 +491,15 @@ impl QuantKernel {
             QuantKernel::Quantize { scale, zero, channel: None } => {
                 let x = ins[0].as_slice::<f32>()?;
                 bytes.resize(x.len(), 0);
-                chunked(x, &mut bytes, par, |x, q| qgemm::quantize_u8(x, *scale, *zero, q))?;
+                chunked(x, &mut bytes, 1, par, |x, q| qgemm::quantize_u8(x, *scale, *zero, q))?;
                 Ok(vec![Tensor::from_vec(shape, bytes)?])
             }
             QuantKernel::Quantize { scale, zero, channel: Some(c) } => {
                 let x = ins[0].as_slice::<f32>()?;
                 let k = c.len();
-                if k == 0 || !x.len().is_multiple_of(k) {
-                    return Err(RuntimeError::Kernel(KernelError::Shape {
-                        kernel: "quantize",
-                        msg: format!("{} values are not rows of {k} channels", x.len()),
-                    }));
-                }
                 bytes.resize(x.len(), 0);
                 // Row by row through a scratch row: the product rounds to f32 as `Mul` does.
-                let rows = |x: &[f32], q: &mut [u8]| -> Result<(), KernelError> {
+                chunked(x, &mut bytes, k, par, |x, q| {
                     let mut t = vec![0f32; k];
                     for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k)) {
                         for ((t, &v), &m) in t.iter_mut().zip(xr).zip(c.iter()) {
@@ -514,19 +508,12 @@ impl QuantKernel {
                         qgemm::quantize_u8(&t, *scale, *zero, qr)?;
                     }
                     Ok(())
-                };
-                let per = x.len() / k;
-                let chunk = per.div_ceil(rayon::current_num_threads().max(1)).max(1) * k;
-                if par && x.len() > chunk {
-                    bytes.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).try_for_each(|(q, x)| rows(x, q))?;
-                } else {
-                    rows(x, &mut bytes)?;
-                }
+                })?;
                 Ok(vec![Tensor::from_vec(shape, bytes)?])
             }
             QuantKernel::Dequantize { scale, zero } => {
                 let q = ins[0].as_slice::<u8>()?;
-                chunked(q, &mut out, par, |q, o| qgemm::dequantize_u8(q, *scale, *zero, o))?;
+                chunked(q, &mut out, 1, par, |q, o| qgemm::dequantize_u8(q, *scale, *zero, o))?;
                 Ok(vec![Tensor::from_vec(shape, out)?])
             }
             QuantKernel::MatMul(mm) => mm.run(ins, shape, out, bytes, par),
@@ -552,21 +539,24 @@ impl QuantKernel {
     }
 }
 
+/// `f` over matching chunks of `x` and `out` made of whole rows of `row` values, one chunk per
+/// thread when `par`.
 fn chunked<A: Sync, B: Send>(
     x: &[A],
     out: &mut [B],
+    row: usize,
     par: bool,
     f: impl Fn(&[A], &mut [B]) -> Result<(), KernelError> + Sync,
 ) -> Result<()> {
-    if x.len() != out.len() {
+    if x.len() != out.len() || row == 0 || !x.len().is_multiple_of(row) {
         return Err(KernelError::Shape {
             kernel: "quantize",
-            msg: format!("{} values in, {} out", x.len(), out.len()),
+            msg: format!("{} values in, {} out, in rows of {row}", x.len(), out.len()),
         }
         .into());
     }
-    // One chunk per thread, lined up with the row-split GEMMs and row ops around it.
-    let chunk = crate::fast::rows_per_task(x.len(), 1);
+    // One chunk of whole rows per thread, lined up with the row-split GEMMs and row ops around it.
+    let chunk = crate::fast::rows_per_task(x.len() / row, row) * row;
     if par && x.len() > chunk {
         out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).try_for_each(|(o, x)| f(x, o))?;
     } else {
@@ -588,7 +578,7 @@ fn quantize_dynamic(x: &[f32], q: &mut [u8], par: bool) -> Result<(f32, u8)> {
         .map(|c| c.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v))))
         .reduce(|| (0.0, 0.0), |a, b| (a.0.min(b.0), a.1.max(b.1)));
     let (scale, zero) = qgemm::quantize::dynamic_params(lo, hi);
-    chunked(x, q, true, |x, q| qgemm::quantize_u8(x, scale, zero, q))?;
+    chunked(x, q, 1, true, |x, q| qgemm::quantize_u8(x, scale, zero, q))?;
     Ok((scale, zero))
 }
 
